@@ -33,6 +33,9 @@ class AIMConfig:
     # Blocks whose raw outputs the attentive probe averages (0-indexed). None: the last 6 blocks.
     probe_layers: Optional[list[int]] = None
     num_classes: int = 1000
+    # Attention used downstream: "bidirectional" after prefix-causal pre-training (AIM's recipe); a model
+    # pre-trained with a plain causal mask only works downstream with "causal" kept.
+    attention: str = "bidirectional"
     # The pre-training pixel head (AIM paper section 3): discarded after pre-training.
     head_width: int = 2048
     head_depth: int = 12
@@ -66,6 +69,8 @@ class AIMConfig:
             raise ValueError(
                 f"config probe_layers {bad} out of range: expected block indices in [0, {self.depth - 1}]"
             )
+        if self.attention not in ("bidirectional", "causal"):
+            raise ValueError(f"config attention={self.attention!r}: expected 'bidirectional' or 'causal'")
         if self.head_width % 4:
             raise ValueError(f"config head_width={self.head_width}: expected a multiple of 4")
 
