@@ -1,0 +1,426 @@
+"""`load` and `convert`: from a preset name, a hub repo, a local folder or checkpoint files to an MLX model.
+
+Sources, resolved in this order:
+- a local MLX model folder (config.json with "model_type": "aim", model.safetensors or shards);
+- a local folder in Apple's hub layout (config.json with img_size/embed_dim/..., model.safetensors or
+  pytorch_model.bin), or a folder of Apple's `.pth` files;
+- checkpoint files: Apple's `apple/AIM` backbone and head `.pth`, `.bin`, `.safetensors`;
+- a preset name (aim-600M, ...): Apple's `apple/AIM` files through huggingface_hub, converted once and cached;
+- a hub repo id (apple/AIM-600M, or an MLX conversion), through huggingface_hub (offline mode and cache
+  settings honoured, as huggingface_hub reads them from the environment).
+
+PyTorch pickles are read by `torch_checkpoint` without torch and without executing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import PRESET_NAMES, AIMConfig, get_config
+from .model import AIM
+from .torch_checkpoint import open_torch_checkpoint
+from .weights import (
+    check_shapes,
+    is_dropped,
+    read_safetensors,
+    sanitize_tensor,
+    sanitized_shape,
+    save_model,
+    weight_files,
+)
+
+APPLE_REPO = "apple/AIM"
+# Preset -> file stem in apple/AIM: {stem}_backbone.pth, {stem}_head_best_layers.pth, ..._head_last_layers.pth
+APPLE_FILE_STEMS = {
+    "aim-600M": "aim_600m_2bimgs_attnprobe",
+    "aim-1B": "aim_1b_5bimgs_attnprobe",
+    "aim-3B": "aim_3b_5bimgs_attnprobe",
+    "aim-7B": "aim_7b_5bimgs_attnprobe",
+}
+HUB_REPOS = {"aim-600M": "apple/AIM-600M", "aim-1B": "apple/AIM-1B", "aim-3B": "apple/AIM-3B", "aim-7B": "apple/AIM-7B"}
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# Trunk linears are quantized. The patch embedding is a conv (and tiny); norms and the probe head stay in
+# float: the head is small (2 d^2 + 1000 d) and is where quantization error would reach the logits directly.
+_QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight")
+
+
+def cache_dir() -> Path:
+    """Where converted presets are kept: $MLX_AIM_CACHE, else <huggingface cache home>/mlx_aim."""
+    if os.environ.get("MLX_AIM_CACHE"):
+        return Path(os.environ["MLX_AIM_CACHE"]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "mlx_aim"
+
+
+def parse_dtype(dtype) -> Optional[mx.Dtype]:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def parse_quantize(quantize, group_size: int = 64) -> Optional[dict]:
+    """None, a bit count (4, 8) or a dict {"bits": b, "group_size": g} -> the config's quantization dict."""
+    if quantize is None or quantize is False:
+        return None
+    if isinstance(quantize, dict):
+        bits, group_size = quantize.get("bits"), quantize.get("group_size", group_size)
+    else:
+        bits = quantize
+    if bits not in (4, 8):
+        raise ValueError(f"quantize bits={bits!r}: expected 4 or 8")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"quantization group size {group_size!r}: expected 32, 64 or 128")
+    return {"bits": int(bits), "group_size": int(group_size)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# A resolved source: its config and its tensors, each read on demand.
+
+@dataclass
+class Tensor:
+    dtype: mx.Dtype
+    shape: tuple
+    read: Callable[[], mx.array]
+
+
+@dataclass
+class Source:
+    config: AIMConfig
+    tensors: dict[str, Tensor]  # in our layout (already sanitized)
+    description: str
+    closers: list
+
+    def close(self):
+        for close in self.closers:
+            close()
+
+
+def _add_safetensors(tensors: dict, path: Path, apple_layout: bool) -> None:
+    for key, value in read_safetensors(path).items():
+        _add(tensors, key, value.dtype, tuple(value.shape), (lambda v=value: v), apple_layout, path)
+
+
+def _add_torch(tensors: dict, path: Path, closers: list) -> None:
+    ckpt = open_torch_checkpoint(path)
+    closers.append(ckpt.close)
+    for key in ckpt.keys():
+        dtype = _DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
+        _add(tensors, key, dtype, tuple(ckpt.shape(key)), (lambda k=key: ckpt.read(k)), True, path)
+
+
+def _add(tensors, key, dtype, shape, read, apple_layout, path):
+    if apple_layout:
+        if is_dropped(key):
+            return
+        shape = sanitized_shape(key, shape)
+        read = (lambda r=read, k=key: sanitize_tensor(k, r()))
+    if key in tensors:
+        raise ValueError(f"{path}: key {key!r} appears in more than one of the source files")
+    tensors[key] = Tensor(dtype, shape, read)
+
+
+def _infer_config(tensors: dict[str, Tensor], probe_layers, files: Sequence[Path]) -> AIMConfig:
+    """Apple's .pth files carry no config: read the architecture off the shapes, heads from the presets."""
+    conv = tensors.get("preprocessor.patchifier.proj.weight")
+    if conv is None:
+        raise ValueError(f"{', '.join(map(str, files))}: no 'preprocessor.patchifier.proj.weight': not an AIM backbone")
+    width, patch, _, channels = conv.shape
+    depth = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
+    preset = next((n for n in PRESET_NAMES if get_config(n).width == width and get_config(n).depth == depth), None)
+    if preset is None:
+        raise ValueError(
+            f"{files[0]}: width {width} and depth {depth} match no preset, so the head count is unknown; "
+            "write a config.json next to the weights"
+        )
+    if probe_layers is None:
+        names = " ".join(p.name for p in files)
+        probe_layers = "best" if "best_layers" in names else "last"
+    num_classes = tensors["head.linear.weight"].shape[0] if "head.linear.weight" in tensors else 1000
+    return get_config(preset, probe_layers=probe_layers, patch_size=patch, num_channels=channels, num_classes=num_classes)
+
+
+def _is_mlx_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("model_type") == "aim"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _apply_probe_layers(config: AIMConfig, probe_layers) -> AIMConfig:
+    if probe_layers is None:
+        return config
+    if probe_layers == "last":
+        return config.replace(probe_layers=list(range(max(config.depth - 6, 0), config.depth)))
+    if probe_layers == "best":
+        if config.name not in PRESET_NAMES:
+            raise ValueError(f"probe_layers='best' needs a released model; {config.name!r} is not one")
+        return config.replace(probe_layers=get_config(config.name, "best").probe_layers)
+    return config.replace(probe_layers=list(probe_layers))
+
+
+def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
+    """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = [str(s) for s in sources]
+    if len(sources) == 1 and not Path(sources[0]).exists():
+        name = sources[0]
+        if name in PRESET_NAMES:
+            return open_source(_download_apple_files(name, probe_layers or "best"), probe_layers or "best")
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            return open_source(_download_repo(name), probe_layers)
+        raise FileNotFoundError(
+            f"{name}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
+        )
+    missing = [s for s in sources if not Path(s).exists()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no such file or folder")
+
+    tensors, closers, files = {}, [], []
+    config = None
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        folder = Path(sources[0])
+        config_path = folder / "config.json"
+        if config_path.exists() and _is_mlx_config(config_path):
+            config = AIMConfig.from_file(config_path)
+            for f in weight_files(folder):
+                _add_safetensors(tensors, f, apple_layout=False)
+            return Source(_apply_probe_layers(config, probe_layers), tensors, f"MLX model folder {folder}", closers)
+        if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
+            config = AIMConfig.from_file(config_path)
+            if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+                files = weight_files(folder)
+            elif (folder / "pytorch_model.bin").exists():
+                files = [folder / "pytorch_model.bin"]
+            else:
+                raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
+        else:
+            files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
+    else:
+        files = [Path(s) for s in sources]
+    try:
+        for f in files:
+            if f.suffix == ".safetensors":
+                _add_safetensors(tensors, f, apple_layout=True)
+            else:
+                _add_torch(tensors, f, closers)
+        if config is None:
+            config = _infer_config(tensors, probe_layers, files)
+        else:
+            config = _apply_probe_layers(config, probe_layers)
+    except BaseException:
+        for close in closers:
+            close()
+        raise
+    return Source(config, tensors, ", ".join(str(f) for f in files), closers)
+
+
+def _download_apple_files(preset: str, probe_layers: str) -> list[str]:
+    from huggingface_hub import hf_hub_download
+
+    if probe_layers not in ("best", "last"):
+        raise ValueError(f"probe_layers={probe_layers!r}: Apple publishes 'best' and 'last' heads only")
+    stem = APPLE_FILE_STEMS[preset]
+    return [
+        hf_hub_download(APPLE_REPO, f"{stem}_backbone.pth"),
+        hf_hub_download(APPLE_REPO, f"{stem}_head_{probe_layers}_layers.pth"),
+    ]
+
+
+def _download_repo(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    if not any(Path(path).glob("*.safetensors")):  # Apple's repos may hold only the pickled .bin
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model.bin"])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion: source tensors -> cast / quantized tensors, produced one at a time.
+
+def _is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
+    return (
+        quantization is not None
+        and key.startswith("trunk.")
+        and key.endswith(_QUANTIZED_SUFFIXES)
+        and shape[-1] % quantization["group_size"] == 0
+    )
+
+
+def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional[dict]):
+    """name -> (dtype, shape, producer) of the converted tensors, planned without reading any tensor."""
+    out = {}
+    for key, t in source.tensors.items():
+        target = dtype if dtype is not None and mx.issubdtype(t.dtype, mx.floating) else t.dtype
+
+        def cast(t=t, target=target):
+            return t.read().astype(target)
+
+        if _is_quantized(key, t.shape, quantization):
+            q = quantization
+            # Shapes of the quantized triple, from a lazy placeholder that is never evaluated.
+            planned = mx.quantize(mx.zeros(t.shape, dtype=target), q["group_size"], q["bits"])
+            stem = key[: -len(".weight")]
+            for i, suffix in enumerate((".weight", ".scales", ".biases")):
+                producer = (lambda cast=cast, i=i: mx.quantize(cast(), q["group_size"], q["bits"])[i])
+                out[stem + suffix] = (planned[i].dtype, tuple(planned[i].shape), producer)
+        else:
+            out[key] = (target, t.shape, cast)
+    return out
+
+
+def _quantize_predicate(quantization: dict):
+    return lambda path, module: (
+        isinstance(module, nn.Linear) and _is_quantized(path + ".weight", module.weight.shape, quantization)
+    )
+
+
+def _build(config: AIMConfig) -> AIM:
+    model = AIM(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(model, q["group_size"], q["bits"], class_predicate=_quantize_predicate(q))
+    return model
+
+
+def _check_source(model: AIM, source: Source, converted: dict) -> None:
+    """Every key and shape against the config, before any tensor is read or written."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    if not any(k.startswith("head.") for k in converted):  # a trunk without a trained probe (pre-training export)
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    check_shapes(expected, {k: shape for k, (_, shape, _) in converted.items()}, source.description)
+
+
+def convert(
+    src,
+    out: str | os.PathLike,
+    *,
+    dtype=None,
+    quantize=None,
+    q_group_size: int = 64,
+    probe_layers=None,
+    force: bool = False,
+    upload_repo: Optional[str] = None,
+    max_shard_bytes: Optional[int] = None,
+) -> Path:
+    """Converts a source (see `open_source`) into an MLX model folder at `out`, one tensor at a time."""
+    dtype = parse_dtype(dtype)
+    quantization = parse_quantize(quantize, q_group_size)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists: pass --force (force=True) to replace it")
+    source = open_source(src, probe_layers)
+    try:
+        config = source.config.replace(quantization=quantization)
+        converted = _converted(source, dtype, quantization)
+        _check_source(_build(config), source, converted)
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.", **kwargs)
+    finally:
+        source.close()
+    if upload_repo:
+        upload(out, upload_repo)
+    return out
+
+
+def upload(folder: str | os.PathLike, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload AIM converted with mlx-aim")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading.
+
+def _cached_conversion(preset: str, probe_layers, dtype, quantization) -> Path:
+    probe = probe_layers or "best"
+    parts = [preset, f"{probe}-layers", str(dtype or mx.float32).split(".")[-1]]
+    if quantization:
+        parts.append(f"q{quantization['bits']}g{quantization['group_size']}")
+    folder = cache_dir() / "-".join(parts)
+    if not folder.exists():
+        convert(preset, folder, dtype=dtype, quantize=quantization, probe_layers=probe)
+    return folder
+
+
+def load(
+    name_or_path,
+    dtype=None,
+    quantize=None,
+    probe_layers=None,
+    head: Optional[str | os.PathLike] = None,
+    q_group_size: int = 64,
+) -> AIM:
+    """Loads an AIM classifier in eval mode from a preset, hub repo id, folder or checkpoint files.
+
+    dtype: "float32", "bfloat16" or "float16" (default: as stored). quantize: 4 or 8 bits for the trunk's
+    linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
+    configs mean the last 6 blocks). head: a probe head file (safetensors with Apple's `head.*` keys) to
+    load over the source's. A source without `head.*` weights (a pre-training export) gets a freshly
+    initialised probe and `model.has_trained_head = False`.
+    """
+    dtype = parse_dtype(dtype)
+    quantization = parse_quantize(quantize, q_group_size)
+    if isinstance(name_or_path, str) and name_or_path in PRESET_NAMES and not Path(name_or_path).exists():
+        name_or_path = _cached_conversion(name_or_path, probe_layers, dtype, quantization)
+        probe_layers = dtype = quantization = None
+    source = open_source(name_or_path, probe_layers)
+    try:
+        stored_q = source.config.quantization
+        if stored_q and quantization and stored_q != quantization:
+            raise ValueError(f"{source.description}: already quantized as {stored_q}; cannot re-quantize")
+        if stored_q:  # stored quantized: the triple is loaded as it is
+            quantization = None
+        config = source.config.replace(quantization=stored_q or quantization)
+        if head is not None:
+            _merge_head(source, Path(head))
+        converted = _converted(source, dtype, quantization)
+        model = _build(config)
+        _check_source(model, source, converted)
+        # Tensor by tensor, so that a cast or quantization never holds two copies of the model.
+        loaded = []
+        for key, (_, _, produce) in converted.items():
+            loaded.append((key, produce()))
+            mx.eval(loaded[-1][1])
+        model.load_weights(loaded, strict=False)  # keys and shapes were checked above
+    finally:
+        source.close()
+    model.has_trained_head = any(k.startswith("head.") for k in converted)
+    if dtype is not None and not model.has_trained_head:
+        model.head.set_dtype(dtype)
+    model.eval()
+    return model
+
+
+def _merge_head(source: Source, path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: probe head file not found")
+    head = {}
+    if path.suffix == ".safetensors":
+        _add_safetensors(head, path, apple_layout=False)
+    else:
+        _add_torch(head, path, source.closers)
+    bad = [k for k in head if not k.startswith("head.")]
+    if bad:
+        raise ValueError(f"{path}: a probe head file holds only head.* keys, found {bad[:4]}")
+    for key in [k for k in source.tensors if k.startswith("head.")]:
+        del source.tensors[key]
+    source.tensors.update(head)
