@@ -178,3 +178,14 @@ def test_load_state_dict_errors_name_the_key(tiny_config):
     wrong = dict(weights, **{"head.k.weight": mx.zeros((64, 32))})
     with pytest.raises(ValueError, match=r"head.k.weight.*\(64, 32\).*\(64, 64\)"):
         load_state_dict(model, wrong)
+
+
+def test_full_aim_600m_architecture_end_to_end():
+    """aim-600M at full size with random weights: every stage matches the reference (float32)."""
+    config = get_config("aim-600M")
+    ref, model = make_pair(config)
+    images = np.random.randn(2, 224, 224, 3).astype(np.float32)
+    ref_out = ref.stages(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    mlx_out = mlx_stages(model, mx.array(images), "bidirectional")
+    assert len([k for k in mlx_out if k.startswith("block_")]) == 20  # stops at the best layers' end, 19
+    assert_stages_match(ref_out, mlx_out)
