@@ -8,8 +8,7 @@ pre-trained trunk should learn to see and a randomly initialised one does not.
 
 Decisions:
 - Stripes, checkerboard and dots fill the whole image at a random angle, period and phase; each is one
-  class (not one class per angle), so telling them apart needs their spatial structure, not an
-  orientation histogram.
+  class whatever its angle (not one class per angle), so the class is the pattern, not its orientation.
 - The plus keeps within 15 degrees of upright and the x within 15 degrees of diagonal: they are separate
   classes that differ by orientation, a harder pair kept out of the first ten.
 - Labels are `index % num_classes` (balanced, and the first n samples are balanced too), and
@@ -321,6 +320,8 @@ def _shading(rng, size) -> np.ndarray:
 
 def render(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
     """One image of class `SHAPE_CLASSES[label]` drawn with `rng`: uint8 (image_size, image_size, 3)."""
+    if not 0 <= label < len(SHAPE_CLASSES):
+        raise ValueError(f"label={label}: expected a class index in [0, {len(SHAPE_CLASSES)})")
     mask = _DRAW[SHAPE_CLASSES[label]](rng, image_size)
     fg, bg = _colours(rng)
     # Composed channels-first: numpy broadcasts over a trailing axis of 3 several times slower.
@@ -384,7 +385,7 @@ class SyntheticShapes:
         return render(self.label(index), self.rng(index), self.image_size)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.array(index), mode="RGB"), self.label(index)
+        return Image.fromarray(self.array(index)), self.label(index)  # uint8 (H, W, 3) is RGB
 
     def _index(self, index) -> int:
         index = operator.index(index)
