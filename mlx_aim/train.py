@@ -1,0 +1,766 @@
+"""Pre-training AIM on an image folder, on one machine or several (AIM section 3 and the released recipe).
+
+    from mlx_aim import get_config
+    from mlx_aim.train import TrainConfig, pretrain
+    summary = pretrain(get_config("aim-tiny"), TrainConfig(steps=2000, batch_size=64), "data/shapes", "runs/tiny")
+    model = mlx_aim.load("runs/tiny/model")  # the pre-trained trunk with a fresh probe head
+
+The output folder:
+
+    out/config.json, out/train_config.json   the run's two configs
+    out/log.jsonl                            one JSON object a line: training and validation records
+    out/checkpoints/step_00001000/           model.safetensors (trunk + pixel head), optimizer.safetensors,
+                                             config.json, state.json (step, data position, configs)
+    out/model/                               the trunk alone, a folder `mlx_aim.load` reads
+
+Decisions where the paper is silent or does not fit a laptop:
+- `batch_size` is the global batch of one optimizer step (all processes, all micro-batches), as the paper's
+  4096. The peak learning rate is not scaled with the batch: the paper's 1e-3 at batch 4096 holds up at the
+  small batches used here (32-256) with warm-up and clipping; pass `lr` to change it.
+- Mixed precision: parameters and optimizer state stay float32; with `dtype="bfloat16"` the forward and
+  backward run on a bfloat16 copy of the weights (gradients flow back to the float32 masters); the loss and
+  its targets are float32. Validation always runs in float32, so its numbers compare across dtypes.
+- Randomness after initialisation comes from explicit seeds, never from MLX's global generator: step s
+  draws its prefix lengths from `np.random.default_rng([PREFIX_STREAM, seed, s])` and the data loader's
+  augmentation from (seed, epoch, sample). Resuming therefore needs only the step and the data position.
+- Weight decay applies to matrices and conv kernels only (`ndim >= 2`): biases and LayerNorm parameters
+  are 1-D; the position embeddings are fixed sin-cos, not parameters.
+
+Several machines (data parallel, `mx.distributed`). Every process builds the same model from the same
+seed, reads its own shard of each global batch (`BatchLoader(rank, world_size)`), and the gradients are
+averaged across processes before clipping. Each process's loss is its share of the global batch's loss
+(divided by the global count of targets), so the result equals single-process training on the same global
+batch. Only rank 0 writes logs and checkpoints. On one machine:
+
+    mlx.launch -n 2 python scripts/pretrain.py --preset aim-tiny --data DIR --out DIR
+
+On several Macs (the ring backend over Ethernet or Thunderbolt; every host needs the same Python
+environment, the repository at the same path, the data at the same path, and passwordless ssh):
+
+    hosts.json: [{"ssh": "mac1.local", "ips": ["192.168.1.10"]}, {"ssh": "mac2.local", "ips": ["192.168.1.11"]}]
+    mlx.launch --hostfile hosts.json --backend ring -- python scripts/pretrain.py --preset aim-small \\
+        --data /data/images --out /data/runs/small
+
+`--resume` on several machines needs the output folder readable at the same path by every host (a shared
+folder, or rank 0's checkpoint copied to the others), since every process loads the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .config import AIMConfig
+from .data import BatchLoader, EvalTransform, TrainTransform, load_splits
+from .model import AIMForPretraining
+from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
+from .weights import save_model
+
+PREFIX_STREAM = 101  # first word of the seed of step s's prefix draws: [PREFIX_STREAM, seed, s]
+VAL_PREFIX_STREAM = 102  # the validation set's fixed prefix draws
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+LOG_NAME = "log.jsonl"
+_CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. `checkpoint` is the last good checkpoint (None if there is none)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (AIM's released config, scaled down) and the run's bookkeeping.
+
+    The first group of fields decides the numbers a run produces; a resumed run must keep them. The
+    second group (intervals, workers) changes only what is written and how fast.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64  # global: all processes and all micro-batches of one optimizer step
+    grad_accum: int = 1  # micro-batches per step on each process
+    lr: float = 1e-3  # peak
+    warmup_init_lr: float = 1e-6
+    warmup_frac: float = 0.025
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    hflip: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    val_ratio: float = 0.1  # of the training folder held out when the data has no val/ folder
+    val_images: int = 512  # at most this many held-out images per validation (a fixed seeded subset)
+
+    log_interval: int = 10
+    val_interval: int = 200  # 0: validate only at the end
+    ckpt_interval: int = 500  # 0: checkpoint only at the end
+    keep_last: int = 2
+    num_workers: int = 2
+    prefetch: int = 4
+
+    RUNTIME_FIELDS = ("log_interval", "val_interval", "ckpt_interval", "keep_last", "num_workers", "prefetch")
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        self.color_jitter = tuple(float(c) for c in self.color_jitter)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "keep_last", "prefetch")
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train config {key}={value!r}: expected a positive integer")
+        for key in ("log_interval", "val_interval", "ckpt_interval", "num_workers", "val_images", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train config {key}={value!r}: expected an integer >= 0")
+        if self.log_interval == 0:
+            raise ValueError("train config log_interval=0: expected a positive integer")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"train config dtype={self.dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if not (self.lr > 0 and self.warmup_init_lr >= 0):
+            raise ValueError(f"train config lr={self.lr}, warmup_init_lr={self.warmup_init_lr}: expected lr > 0")
+        if not 0 <= self.warmup_frac <= 1:
+            raise ValueError(f"train config warmup_frac={self.warmup_frac}: expected a fraction in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train config betas={self.betas}: expected two values in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ValueError("train config: weight_decay and grad_clip must be >= 0, eps > 0")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train config batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+        if not 0 <= self.val_ratio < 1:
+            raise ValueError(f"train config val_ratio={self.val_ratio}: expected a fraction in [0, 1)")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_frac * self.steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"train config: unknown fields {unknown}")
+        return cls(**params)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe's pieces: schedule, optimizer, initialisation
+
+
+def learning_rate(step, config: TrainConfig):
+    """The learning rate of optimizer step `step` (0-based): linear warm-up from `warmup_init_lr` to `lr`
+    over `warmup_steps`, then cosine to 0 at `steps`. Takes and returns an int/float or an mx.array."""
+    as_array = isinstance(step, mx.array)
+    s = step.astype(mx.float32) if as_array else mx.array(float(step))
+    warmup = config.warmup_steps
+    peak, init = config.lr, config.warmup_init_lr
+    warm = init + (peak - init) * s / max(warmup, 1)
+    progress = mx.clip((s - warmup) / max(config.steps - warmup, 1), 0.0, 1.0)
+    cosine = 0.5 * peak * (1.0 + mx.cos(math.pi * progress))
+    lr = mx.where(s < warmup, warm, cosine)
+    return lr if as_array else float(lr)
+
+
+class AdamW(optim.AdamW):
+    """AdamW whose weight decay skips 1-D parameters (biases, LayerNorm scales and shifts)."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        if parameter.ndim < 2:
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
+def make_optimizer(config: TrainConfig) -> AdamW:
+    return AdamW(
+        learning_rate=partial(learning_rate, config=config),
+        betas=list(config.betas),
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        bias_correction=True,  # as PyTorch's AdamW, which the paper's recipe used
+    )
+
+
+def init_pretraining_weights(model: AIMForPretraining) -> AIMForPretraining:
+    """ViT/MAE-style initialisation: xavier-uniform for linear layers and the patch embedding (viewed as a
+    linear layer over a flattened patch), zero biases, LayerNorms at (1, 0). Uses MLX's global generator."""
+    glorot = nn.init.glorot_uniform()
+    updates = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = module.weight
+            flat = glorot(mx.zeros((w.shape[0], int(np.prod(w.shape[1:]))), dtype=w.dtype))
+            updates.append((f"{name}.weight", flat.reshape(w.shape)))
+            if "bias" in module:
+                updates.append((f"{name}.bias", mx.zeros_like(module.bias)))
+    model.load_weights(updates, strict=False)
+    return model
+
+
+def build_pretraining_model(config: AIMConfig, seed: int) -> AIMForPretraining:
+    """A freshly initialised pre-training model, the same on every process for the same seed."""
+    mx.random.seed(seed)
+    model = init_pretraining_weights(AIMForPretraining(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def pretraining_attention(config: AIMConfig) -> str:
+    """AIM pre-trains with the prefix-causal mask for bidirectional use downstream; a model meant to stay
+    causal downstream is pre-trained with the plain causal mask (every target counts)."""
+    return "prefix" if config.attention == "bidirectional" else "causal"
+
+
+def step_prefix_len(seed: int, step: int, batch_size: int, num_patches: int, attention: str) -> np.ndarray:
+    """Prefix lengths of the global batch of optimizer step `step` (1-based), int32 (batch_size,)."""
+    if attention != "prefix":
+        return np.ones(batch_size, np.int32)
+    rng = np.random.default_rng([PREFIX_STREAM, seed, step])
+    return rng.integers(1, num_patches, size=batch_size).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled step
+
+
+def _loss_and_grad(model: nn.Module, compute_dtype: mx.Dtype, attention: str) -> Callable:
+    """(images, prefix_len, num_targets) -> (loss, grads w.r.t. the float32 parameters)."""
+
+    def loss_of(params, images, prefix_len, divisor):
+        if compute_dtype != mx.float32:
+            params = tree_map(lambda p: p.astype(compute_dtype), params)
+        model.update(params)
+        return aim_loss(model, images, prefix_len, divisor, attention)
+
+    value_and_grad = mx.value_and_grad(loss_of)
+
+    def run(images, prefix_len, divisor):
+        params = model.trainable_parameters()
+        loss, grads = value_and_grad(params, images, prefix_len, divisor)
+        model.update(params)  # the float32 masters back in place of the compute-dtype copy
+        return loss, grads
+
+    return run
+
+
+class TrainStep:
+    """One optimizer step on this process's share of a global batch.
+
+    `__call__(images, prefix_len, num_targets)` takes this process's images (batch_size / world_size of
+    them), their prefix lengths and the global batch's count of targets; returns (loss, grad_norm) of the
+    global batch. Gradients of `grad_accum` micro-batches are summed, averaged across processes, clipped
+    and applied. The gradient and update functions are compiled with the model and optimizer state as
+    implicit inputs (and outputs for the update).
+    """
+
+    def __init__(self, model: AIMForPretraining, optimizer: optim.Optimizer, config: TrainConfig,
+                 group: Optional[mx.distributed.Group] = None):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.group = group
+        self.world_size = group.size() if group is not None else 1
+        attention = pretraining_attention(model.config)
+        grad_fn = _loss_and_grad(model, _DTYPES[config.dtype], attention)
+        self._grad = mx.compile(grad_fn, inputs=[model.state])
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(grads, loss):
+            if self.world_size > 1:
+                grads = nn.average_gradients(grads, group=self.group)
+                loss = mx.distributed.all_sum(loss, group=self.group) / self.world_size
+            if config.grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
+            else:
+                norm = mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
+            optimizer.update(model, grads)
+            return loss, norm
+
+        self._update = update
+
+    def __call__(self, images: np.ndarray, prefix_len: np.ndarray, num_targets: int) -> tuple[mx.array, mx.array]:
+        accum = self.config.grad_accum
+        micro = len(images) // accum
+        # Each process divides by its share of the global count, so that the average over processes of
+        # the per-process losses (and gradients) is the global batch's loss.
+        divisor = mx.array(num_targets / self.world_size, dtype=mx.float32)
+        loss, grads = None, None
+        for m in range(accum):
+            part = slice(m * micro, (m + 1) * micro)
+            l, g = self._grad(mx.array(images[part]), mx.array(prefix_len[part]), divisor)
+            if grads is None:
+                loss, grads = l, g
+            else:
+                loss, grads = loss + l, tree_map(mx.add, grads, g)
+            if accum > 1:
+                mx.eval(loss, grads)
+        loss, norm = self._update(grads, loss)
+        mx.eval(loss, norm, self.model.state, self.optimizer.state)
+        return loss, norm
+
+
+def _val_sum_fn(model: AIMForPretraining, attention: str) -> Callable:
+    p = model.config.patch_size
+
+    def val_sum(images, prefix_len):
+        pred = model(images, prefix_len if attention == "prefix" else None, attention=attention)
+        target = norm_pix_target(patchify(images, p))
+        return next_patch_loss(pred, target, prefix_len, num_targets=1.0)  # the sum over counted targets
+
+    return mx.compile(val_sum, inputs=[model.state])
+
+
+class Validator:
+    """The held-out loss: a fixed seeded subset of the validation images, each with a fixed prefix length,
+    token-weighted over the whole subset, so the number compares across steps and runs. Each process
+    evaluates a disjoint slice; the sums are added across processes."""
+
+    def __init__(self, model: AIMForPretraining, samples: Sequence, config: TrainConfig,
+                 group: Optional[mx.distributed.Group] = None):
+        c = model.config
+        self.model, self.group = model, group
+        rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+        self.world_size = world
+        attention = pretraining_attention(c)
+        rng = np.random.default_rng([VAL_PREFIX_STREAM, config.seed])
+        chosen = np.sort(rng.permutation(len(samples))[: config.val_images]) if len(samples) else []
+        if attention == "prefix":
+            prefix = rng.integers(1, c.num_patches, size=len(chosen)).astype(np.int32)
+        else:
+            prefix = np.ones(len(chosen), np.int32)
+        self.size = len(chosen)
+        self.samples = [samples[i] for i in chosen][rank::world]
+        self.prefix = prefix[rank::world]
+        self.batch_size = max(1, config.batch_size // (world * config.grad_accum))
+        self.transform = EvalTransform(c.image_size)
+        self.num_workers, self.prefetch = config.num_workers, config.prefetch
+        self._sum = _val_sum_fn(model, attention)
+        self.num_patches = c.num_patches
+
+    def __call__(self) -> Optional[float]:
+        if self.size == 0:
+            return None
+        total, count = mx.array(0.0), mx.array(0.0)
+        if self.samples:
+            loader = BatchLoader(self.samples, self.batch_size, self.transform, seed=0, shuffle=False,
+                                 drop_last=False, num_workers=self.num_workers, prefetch=self.prefetch)
+            start = 0
+            for images, _, _ in loader:
+                prefix = self.prefix[start : start + len(images)]
+                start += len(images)
+                total = total + self._sum(mx.array(images), mx.array(prefix))
+                count = count + float((self.num_patches - prefix).sum())
+                mx.eval(total)
+        if self.world_size > 1:
+            total = mx.distributed.all_sum(total, group=self.group)
+            count = mx.distributed.all_sum(count, group=self.group)
+        return float(total / count)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def list_checkpoints(out_dir: Union[str, os.PathLike]) -> list[Path]:
+    """Complete checkpoints under `out_dir/checkpoints`, oldest first (only complete ones carry the name)."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """`path` itself if it is a checkpoint folder, else the newest checkpoint of the run folder `path`."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    return found[-1] if found else None
+
+
+def save_checkpoint(out_dir: Path, step: int, model: AIMForPretraining, optimizer: optim.Optimizer,
+                    state: dict, keep_last: int) -> Path:
+    """Writes `out_dir/checkpoints/step_<step>` under a temporary name, renames it, prunes old ones."""
+    root = out_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        model.config.save(tmp / "config.json")
+        _write_json(tmp / "state.json", dict(state, step=step))
+        os.chmod(tmp, 0o755)
+        if final.exists():  # a checkpoint of the same step from an earlier, diverged attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPretraining, dict]:
+    """(model with the pixel head, state dict) from a checkpoint folder or a run folder (its newest
+    checkpoint). The model is float32, in eval mode."""
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: no pre-training checkpoint (expected a run folder with checkpoints/step_*/ or a "
+            "checkpoint folder with state.json); note that an exported model/ folder has no pixel head"
+        )
+    config = AIMConfig.from_file(found / "config.json")
+    model = AIMForPretraining(config)
+    weights = _load_safetensors(found / "model.safetensors")
+    expected = dict(tree_flatten(model.parameters()))
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ValueError(f"{found / 'model.safetensors'}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{found / 'model.safetensors'}: key {key!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(expected[key].shape)}")
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, _read_json(found / "state.json")
+
+
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the checkpoint")
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # MLX's errors do not name the file
+        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
+
+
+def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path) -> None:
+    optimizer.init(model.trainable_parameters())
+    expected = dict(tree_flatten(optimizer.state))
+    saved = _load_safetensors(path)
+    if set(saved) != set(expected):
+        raise ValueError(f"{path}: optimizer state does not match the model "
+                         f"(missing {sorted(set(expected) - set(saved))[:5]}, "
+                         f"unexpected {sorted(set(saved) - set(expected))[:5]})")
+    optimizer.state = tree_unflatten(list(saved.items()))
+    optimizer.init(model.trainable_parameters())  # marks it initialised; keeps the restored entries
+
+
+def export_trunk(folder: Path, model: AIMForPretraining) -> Path:
+    """The pre-trained trunk as an MLX model folder (`preprocessor.*`, `trunk.*`): `mlx_aim.load` reads it."""
+    weights = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(("preprocessor.", "trunk."))}
+    return save_model(folder, weights, model.config, force=True,
+                      source_note="Pre-trained with mlx-aim (scripts/pretrain.py); the probe head is untrained.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Log:
+    """JSON-lines log; rank 0 writes, the others do nothing."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until: Optional[int]):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if keep_until is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            # Records after the resumed checkpoint belong to the interrupted attempt: they are replayed.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if record.get("step", 0) <= keep_until:
+                    kept.append(line)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_log(out_dir: Union[str, os.PathLike]) -> list[dict]:
+    """The records of a run's log.jsonl."""
+    path = Path(out_dir) / LOG_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _resolve_data(data, val_ratio: float, seed: int):
+    if isinstance(data, (str, os.PathLike)):
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"training data {str(data)!r} is not a folder of images")
+        return load_splits(data, val_ratio=val_ratio, seed=seed)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data
+    raise ValueError("data: expected an image folder path or a (train samples, val samples) pair")
+
+
+def _samples(part) -> list:
+    if part is None:
+        return []
+    return list(part.samples) if hasattr(part, "samples") else list(part)
+
+
+def _check_resume_configs(found: Path, state: dict, model_config: AIMConfig, train_config: TrainConfig,
+                          world_size: int) -> None:
+    saved_model = AIMConfig.from_dict(state["model_config"]).to_dict()
+    mine = model_config.to_dict()
+    diff = sorted(k for k in set(saved_model) | set(mine) if saved_model.get(k) != mine.get(k) and k != "name")
+    saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()
+    ours = train_config.to_dict()
+    diff += sorted(k for k in ours if k not in TrainConfig.RUNTIME_FIELDS and saved_train.get(k) != ours[k])
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved_model.get(k, saved_train.get(k))!r}, "
+                            f"now {mine.get(k, ours.get(k))!r}" for k in diff)
+        raise ValueError(f"cannot resume from {found}: settings differ ({details}); resume with the "
+                         "run's settings or start a new run in another folder")
+    if state.get("world_size", 1) != world_size:
+        raise ValueError(f"cannot resume from {found}: it was written by {state.get('world_size')} process(es), "
+                         f"this run has {world_size}; the data order would not continue exactly")
+
+
+def pretrain(
+    model_config: AIMConfig,
+    train_config: TrainConfig,
+    data,
+    out_dir: Union[str, os.PathLike],
+    resume: bool = False,
+    *,
+    stop_at: Optional[int] = None,
+    progress: bool = True,
+    group: Optional[mx.distributed.Group] = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Pre-trains an `AIMForPretraining` and exports its trunk to `out_dir/model`; returns a summary.
+
+    `data` is an image folder (`load_splits`: `train/` and `val/`, or class folders split by
+    `val_ratio`) or a (train, val) pair of sample lists. `resume` continues from the newest complete
+    checkpoint in `out_dir` (or starts afresh when there is none). `stop_at` ends this invocation after
+    that step with a checkpoint, leaving the schedule as for `steps` (to train in slices). `group` is the
+    `mx.distributed` group (default: `mx.distributed.init()`, a single process unless started by
+    `mlx.launch`).
+
+    Raises `TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
+    """
+    tc, mc = train_config, model_config
+    group = group if group is not None else mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    is_main = rank == 0
+    if tc.batch_size % (world * tc.grad_accum):
+        raise ValueError(f"batch_size={tc.batch_size} must be divisible by processes x grad_accum "
+                         f"= {world} x {tc.grad_accum}")
+    if stop_at is not None and not 1 <= stop_at <= tc.steps:
+        raise ValueError(f"stop_at={stop_at}: expected a step in [1, steps={tc.steps}]")
+    out_dir = Path(out_dir)
+    attention = pretraining_attention(mc)
+
+    found = latest_checkpoint(out_dir) if out_dir.is_dir() and (out_dir / CHECKPOINT_DIR).is_dir() else None
+    if found is not None and not resume:
+        raise FileExistsError(f"{out_dir} already holds checkpoints ({found.name}): pass resume=True "
+                              "(--resume) to continue, or choose another output folder")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / CHECKPOINT_DIR).glob(".step_*.tmp-*"):  # left by a kill mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+
+    train_part, val_part = _resolve_data(data, tc.val_ratio, tc.seed)
+    train_samples, val_samples = _samples(train_part), _samples(val_part)
+    local_batch = tc.batch_size // world
+    transform = TrainTransform(mc.image_size, scale=tc.crop_scale, hflip=tc.hflip,
+                               color_jitter=tc.color_jitter, jitter_prob=tc.jitter_prob)
+    loader = BatchLoader(train_samples, local_batch, transform, seed=tc.seed, shuffle=True, drop_last=True,
+                         num_workers=tc.num_workers, prefetch=tc.prefetch, rank=rank, world_size=world, loop=True)
+
+    model = build_pretraining_model(mc, tc.seed)
+    optimizer = make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    start_step, elapsed_before = 0, 0.0
+    if found is not None:
+        state = _read_json(found / "state.json")
+        _check_resume_configs(found, state, mc, tc, world)
+        weights = _load_safetensors(found / "model.safetensors")
+        model.load_weights(list(weights.items()), strict=True)
+        _restore_optimizer(optimizer, model, found / "optimizer.safetensors")
+        mx.eval(model.parameters(), optimizer.state)
+        loader.load_state_dict(state["loader"])
+        start_step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        if is_main:
+            echo(f"resuming from {found} (step {start_step})")
+    elif resume and is_main:
+        echo(f"no checkpoint in {out_dir}: starting from step 0")
+    if is_main:
+        _write_json(out_dir / "config.json", mc.to_dict())
+        _write_json(out_dir / "train_config.json", tc.to_dict())
+
+    train_step = TrainStep(model, optimizer, tc, group)
+    validator = Validator(model, val_samples, tc, group)
+    log = _Log(out_dir / LOG_NAME, is_main, start_step if found is not None else None)
+    end_step = stop_at if stop_at is not None else tc.steps
+    num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trunk_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("pixel_head."))
+    if is_main:
+        echo(f"pre-training {mc.name or 'AIM'}: {trunk_params / 1e6:.2f}M trunk + "
+             f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {len(train_samples)} training images, "
+             f"{validator.size} validation images, global batch {tc.batch_size} ({world} process(es) x "
+             f"{tc.grad_accum} micro-batch(es) of {local_batch // tc.grad_accum}), {tc.dtype}, "
+             f"steps {start_step + 1}-{end_step} of {tc.steps}")
+
+    last_checkpoint = found
+    losses: list[tuple[int, float]] = []
+    val_loss = None
+    timed_images, timed_seconds = 0, 0.0  # throughput, excluding each invocation's first (compiling) step
+    window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+    run_start = time.perf_counter()
+
+    def checkpoint(step: int) -> Path:
+        state = {"loader": loader.state_dict(), "model_config": mc.to_dict(), "train_config": tc.to_dict(),
+                 "world_size": world, "elapsed_s": elapsed_before + time.perf_counter() - run_start,
+                 "loss": losses[-1][1] if losses else None, "val_loss": val_loss}
+        path = save_checkpoint(out_dir, step, model, optimizer, state, tc.keep_last)
+        export_trunk(out_dir / MODEL_DIR, model)
+        return path
+
+    bar = None
+    if is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=end_step, initial=start_step, desc="pre-training", unit="step", dynamic_ncols=True)
+    batches = iter(loader)
+    try:
+        tick = time.perf_counter()
+        for step in range(start_step + 1, end_step + 1):
+            images, _, _ = next(batches)
+            prefix_all = step_prefix_len(tc.seed, step, tc.batch_size, mc.num_patches, attention)
+            count = int((mc.num_patches - prefix_all).sum())
+            # Process r holds entries r, r + world, ... of the global batch (BatchLoader's sharding).
+            loss, grad_norm = train_step(images, prefix_all[rank::world], count)
+            loss = float(loss)
+            now = time.perf_counter()
+            seconds, tick = now - tick, now
+            if not math.isfinite(loss):
+                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+                    "; no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {loss} at step {step}{where}. Resume from it with a lower "
+                    f"learning rate (now {tc.lr}) or a longer warm-up, or check the data.", step, last_checkpoint)
+            losses.append((step, loss))
+            if step > start_step + 1:
+                timed_images, timed_seconds = timed_images + tc.batch_size, timed_seconds + seconds
+            window["loss"] += loss
+            window["steps"] += 1
+            window["images"] += tc.batch_size
+            window["seconds"] += seconds
+            lr = learning_rate(step - 1, tc)  # the rate this step's update used
+            if step % tc.log_interval == 0 or step == end_step:
+                ips = window["images"] / max(window["seconds"], 1e-9)
+                log.write({"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
+                           "grad_norm": float(grad_norm), "images_per_s": ips,
+                           "elapsed_s": elapsed_before + now - run_start})
+                window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            last = step == end_step
+            if (tc.val_interval and step % tc.val_interval == 0) or (last and step == tc.steps):
+                val_loss = validator()
+                if val_loss is not None:
+                    log.write({"step": step, "val_loss": val_loss})
+                    if bar is not None:
+                        bar.write(f"step {step}: validation loss {val_loss:.4f}")
+            if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or last:
+                if is_main:
+                    last_checkpoint = checkpoint(step)
+                tick = time.perf_counter()  # checkpoint and validation time do not count as training time
+            elif tc.val_interval and step % tc.val_interval == 0:
+                tick = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary = {
+        "preset": mc.name,
+        "steps": end_step,
+        "total_steps": tc.steps,
+        "start_step": start_step,
+        "global_batch": tc.batch_size,
+        "processes": world,
+        "dtype": tc.dtype,
+        "first_loss": losses[0][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
+        "end_loss": float(np.mean([l for _, l in losses[-10:]])) if losses else None,
+        "val_loss": val_loss,
+        "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None,
+        "wall_s": time.perf_counter() - run_start,
+        "out_dir": str(out_dir),
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "model_dir": str(out_dir / MODEL_DIR),
+    }
+    if is_main:
+        _write_json(out_dir / "summary.json", summary)
+    return summary
