@@ -99,7 +99,7 @@ class Tensor:
 @dataclass
 class Source:
     config: AIMConfig
-    tensors: dict[str, Tensor]  # in our layout (already sanitized)
+    tensors: dict[str, Tensor]  # in our layout (already sanitized); each is read once
     description: str
     closers: list
 
@@ -109,8 +109,10 @@ class Source:
 
 
 def _add_safetensors(tensors: dict, path: Path, apple_layout: bool) -> None:
-    for key, value in read_safetensors(path).items():
-        _add(tensors, key, value.dtype, tuple(value.shape), (lambda v=value: v), apple_layout, path)
+    arrays = read_safetensors(path)
+    for key, value in arrays.items():
+        # pop: once evaluated, a mapped array would keep its buffer alive as long as it is referenced
+        _add(tensors, key, value.dtype, tuple(value.shape), (lambda k=key: arrays.pop(k)), apple_layout, path)
 
 
 def _add_torch(tensors: dict, path: Path, closers: list) -> None:
@@ -263,6 +265,21 @@ def _is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
     )
 
 
+class _SharedResult:
+    """A tuple computed once (reading its source once) and handed out one element at a time."""
+
+    def __init__(self, compute: Callable[[], tuple]):
+        self.compute, self.values = compute, None
+
+    def take(self, i: int) -> mx.array:
+        if self.values is None:
+            self.values = list(self.compute())
+        value, self.values[i] = self.values[i], None
+        if all(v is None for v in self.values):
+            self.values = None
+        return value
+
+
 def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional[dict]):
     """name -> (dtype, shape, producer) of the converted tensors, planned without reading any tensor."""
     out = {}
@@ -277,9 +294,9 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
             # Shapes of the quantized triple, from a lazy placeholder that is never evaluated.
             planned = mx.quantize(mx.zeros(t.shape, dtype=target), q["group_size"], q["bits"])
             stem = key[: -len(".weight")]
+            triple = _SharedResult(lambda cast=cast, q=q: mx.quantize(cast(), q["group_size"], q["bits"]))
             for i, suffix in enumerate((".weight", ".scales", ".biases")):
-                producer = (lambda cast=cast, i=i: mx.quantize(cast(), q["group_size"], q["bits"])[i])
-                out[stem + suffix] = (planned[i].dtype, tuple(planned[i].shape), producer)
+                out[stem + suffix] = (planned[i].dtype, tuple(planned[i].shape), (lambda t=triple, i=i: t.take(i)))
         else:
             out[key] = (target, t.shape, cast)
     return out
