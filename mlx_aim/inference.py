@@ -1,0 +1,689 @@
+"""Inference over image files: top-k classification and feature extraction, batched, with bad files skipped.
+
+Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/probe.py`:
+
+- `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
+  seeded weights; `class_names` finds the label names that go with a model.
+- `gather_images` and `iter_image_batches` turn command-line inputs into batches of model input; a file
+  that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on.
+- `classify` and `extract_features` are the two jobs; `run_classify` and `run_extract_features` are the
+  command-line entry points (readable report, optional JSON line, exit status).
+- `peak_memory` reports the process's peak resident memory and MLX's peak allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+from .config import PRESET_NAMES, AIMConfig, get_config
+from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
+from .model import AIM
+
+PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
+# Defaults shared by the library functions and the command lines.
+BATCH_SIZE = 32
+TOP_K = 5
+SHARD_SIZE = 1024
+NUM_WORKERS = 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory and reporting
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (ru_maxrss) and MLX's peak allocation, both in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS and in KiB on Linux.
+    rss_bytes = int(rss) if sys.platform == "darwin" else int(rss) * 1024
+    return {"peak_rss_bytes": rss_bytes, "peak_mlx_bytes": int(mx.get_peak_memory())}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def memory_line(memory: dict) -> str:
+    return (f"peak memory: {format_bytes(memory['peak_rss_bytes'])} resident, "
+            f"{format_bytes(memory['peak_mlx_bytes'])} MLX")
+
+
+def print_json(result: dict) -> None:
+    """The machine-readable result: one JSON object on the last line of stdout."""
+    print(json.dumps(result, default=str), flush=True)
+
+
+@dataclass
+class Skipped:
+    """Inputs that could not be used, with the reason for each, in the order they were met."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, source, reason: str, warn: bool = True) -> None:
+        self.items.append((str(source), reason))
+        if warn:
+            tqdm.write(f"skipping {source}: {reason}", file=sys.stderr)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to_list(self) -> list[dict]:
+        return [{"path": path, "reason": reason} for path, reason in self.items]
+
+    def report(self) -> str:
+        if not self.items:
+            return "skipped: none"
+        lines = [f"skipped {len(self.items)} input(s):"]
+        lines += [f"  {path}: {reason}" for path, reason in self.items]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def resolve_config(name_or_path, probe_layers=None) -> AIMConfig:
+    """The architecture of a model source without reading its weights (for `random_init`)."""
+    from .loading import _apply_probe_layers, open_source
+
+    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if text is not None and text in PRESET_NAMES and not Path(text).exists():
+        return get_config(text, probe_layers=probe_layers)
+    if text is not None and Path(text).is_dir() and (Path(text) / "config.json").exists():
+        return _apply_probe_layers(AIMConfig.from_file(Path(text) / "config.json"), probe_layers)
+    source = open_source(name_or_path, probe_layers)  # checkpoint files, or a hub repo (downloads)
+    source.close()
+    return source.config
+
+
+def random_model(config: AIMConfig, seed: int = 0, dtype=None, quantize=None) -> AIM:
+    """`config`'s architecture with fresh random weights drawn from `seed`: the baseline trunk."""
+    from .loading import _quantize_predicate, parse_dtype, parse_quantize
+
+    dtype, quantization = parse_dtype(dtype), parse_quantize(quantize)
+    mx.random.seed(seed)
+    model = AIM(config.replace(quantization=None))
+    if dtype is not None and dtype != mx.float32:
+        model.set_dtype(dtype)
+    if quantization:
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=_quantize_predicate(quantization))
+        model.config = model.config.replace(quantization=quantization)
+    mx.eval(model.parameters())
+    model.has_trained_head = False
+    model.eval()
+    return model
+
+
+def parse_probe_layers(text: Optional[str]):
+    """A command line's --probe-layers: None, "best", "last" or comma-separated block indices."""
+    if text is None or text in ("best", "last"):
+        return text
+    try:
+        layers = [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'best', 'last' or comma-separated block indices such as 14,15,16"
+        ) from None
+    return layers
+
+
+def open_model(
+    model: str | os.PathLike,
+    *,
+    dtype=None,
+    quantize=None,
+    probe_layers=None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> AIM:
+    """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture with seeded random weights."""
+    if random_init:
+        return random_model(resolve_config(model, probe_layers), seed, dtype, quantize)
+    from .loading import load
+
+    return load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+
+
+def class_names(model_source, num_classes: int) -> list[str]:
+    """Label names for a model: a trained probe's classes (its folder's probe.json), else ImageNet's for
+    1000 classes, else the class indices as text."""
+    if isinstance(model_source, (str, os.PathLike)):
+        info_path = Path(model_source) / PROBE_INFO
+        if info_path.is_file():
+            try:
+                classes = json.loads(info_path.read_text()).get("classes")
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{info_path}: cannot read the probe's class list ({e})") from None
+            if isinstance(classes, list) and len(classes) == num_classes:
+                return [str(c) for c in classes]
+            raise ValueError(f"{info_path}: 'classes' should list {num_classes} names, the model's class count")
+    if num_classes == 1000:
+        return imagenet_classes()
+    return [str(i) for i in range(num_classes)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def gather_images(inputs: Sequence, skipped: Skipped) -> list[Path]:
+    """Image files named by `inputs` (files, folders, globs); an input that yields none goes to `skipped`."""
+    found: dict[Path, None] = {}
+    for item in inputs:
+        try:
+            for path in list_images(item):
+                found.setdefault(path)
+        except (FileNotFoundError, ValueError) as e:
+            skipped.add(item, str(e))
+    return list(found)
+
+
+def _load(transform: Callable, path: Path):
+    try:
+        return transform(path), None
+    except ImageLoadError as e:
+        return None, e.reason
+
+
+def iter_image_batches(
+    paths: Sequence[Path],
+    transform: Callable,
+    batch_size: int,
+    skipped: Skipped,
+    *,
+    num_workers: int = NUM_WORKERS,
+    prefetch: int = 2,
+    labels: Optional[Sequence[int]] = None,
+) -> Iterator[tuple[np.ndarray, list, list]]:
+    """(images NHWC float32, paths, labels) in input order, decoded by `num_workers` threads (Pillow releases
+    the GIL); files that fail to load are recorded in `skipped` and left out, so the last batches may be
+    short. `labels` (one per path) ride along; None gives None labels."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+    labels = list(labels) if labels is not None else [None] * len(paths)
+    window = batch_size * (prefetch + 1)
+    pending: deque = deque()
+    items = iter(zip(paths, labels))
+    images, batch_paths, batch_labels = [], [], []
+    with ThreadPoolExecutor(max(num_workers, 1), thread_name_prefix="mlx_aim-infer") as executor:
+        def fill():
+            while len(pending) < window:
+                item = next(items, None)
+                if item is None:
+                    return
+                pending.append((item, executor.submit(_load, transform, item[0])))
+
+        fill()
+        while pending:
+            (path, label), future = pending.popleft()
+            fill()
+            image, reason = future.result()
+            if image is None:
+                skipped.add(path, reason)
+                continue
+            images.append(image)
+            batch_paths.append(path)
+            batch_labels.append(label)
+            if len(images) == batch_size:
+                yield np.stack(images), batch_paths, batch_labels
+                images, batch_paths, batch_labels = [], [], []
+        if images:
+            yield np.stack(images), batch_paths, batch_labels
+
+
+def to_numpy(a: mx.array, dtype=np.float32) -> np.ndarray:
+    """numpy copy of an MLX array; bfloat16 goes through float32 (numpy has no bfloat16)."""
+    if a.dtype == mx.bfloat16:
+        a = a.astype(mx.float32)
+    return np.asarray(a).astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classification
+
+
+@dataclass
+class ClassifyResult:
+    predictions: list[dict]  # {"path", "top_k": [{"index", "label", "probability"}]}
+    skipped: Skipped
+    seconds: float
+    model_seconds: float
+
+    @property
+    def num_images(self) -> int:
+        return len(self.predictions)
+
+    def to_dict(self) -> dict:
+        return {
+            "num_images": self.num_images,
+            "num_skipped": len(self.skipped),
+            "seconds": round(self.seconds, 4),
+            "images_per_second": round(self.num_images / self.seconds, 3) if self.seconds > 0 else None,
+            "model_images_per_second": (round(self.num_images / self.model_seconds, 3)
+                                        if self.model_seconds > 0 else None),
+            "predictions": self.predictions,
+            "skipped": self.skipped.to_list(),
+        }
+
+
+def classify(
+    model: AIM,
+    inputs: Sequence,
+    *,
+    top_k: int = TOP_K,
+    batch_size: int = BATCH_SIZE,
+    labels: Optional[Sequence[str]] = None,
+    num_workers: int = NUM_WORKERS,
+    progress: bool = True,
+) -> ClassifyResult:
+    """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs)."""
+    num_classes = model.config.num_classes
+    labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ValueError(f"labels: {len(labels)} names for a model with {num_classes} classes")
+    if not 1 <= top_k:
+        raise ValueError(f"top_k={top_k}: expected a positive integer")
+    top_k = min(top_k, num_classes)
+    start = time.perf_counter()
+    skipped = Skipped()
+    paths = gather_images(inputs, skipped)
+    transform = EvalTransform(model.config.image_size)
+    predictions, model_seconds = [], 0.0
+    with tqdm(total=len(paths), desc="classify", unit="img", disable=not progress or None) as bar:
+        for images, batch_paths, _ in iter_image_batches(paths, transform, batch_size, skipped,
+                                                         num_workers=num_workers):
+            tick = time.perf_counter()
+            probs = mx.softmax(model(mx.array(images)).astype(mx.float32), axis=-1)
+            order = mx.argsort(-probs, axis=-1)[:, :top_k]
+            top = mx.take_along_axis(probs, order, axis=-1)
+            mx.eval(order, top)
+            model_seconds += time.perf_counter() - tick
+            for path, idx, p in zip(batch_paths, np.asarray(order).tolist(), np.asarray(top).tolist()):
+                predictions.append({
+                    "path": str(path),
+                    "top_k": [{"index": i, "label": labels[i], "probability": q} for i, q in zip(idx, p)],
+                })
+            bar.update(len(batch_paths))
+        bar.update(len(paths) - bar.n)
+    return ClassifyResult(predictions, skipped, time.perf_counter() - start, model_seconds)
+
+
+def run_classify(
+    model: str,
+    inputs: Sequence[str],
+    *,
+    top_k: int = TOP_K,
+    batch_size: int = BATCH_SIZE,
+    dtype=None,
+    quantize=None,
+    probe_layers=None,
+    num_workers: int = NUM_WORKERS,
+    as_json: bool = False,
+) -> int:
+    """`scripts/classify.py`: prints each image's top-k labels; returns the exit status."""
+    try:
+        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    if not getattr(aim, "has_trained_head", True):
+        print(f"error: {model} has no trained classification head (a trunk without head.* weights, e.g. a "
+              "pre-training export); train one with `scripts/probe.py train` and classify with the model "
+              "folder it writes (OUT/model)", file=sys.stderr)
+        return 2
+    names = class_names(model, aim.config.num_classes)
+    result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names,
+                      num_workers=num_workers, progress=not as_json)
+    for pred in result.predictions:
+        tops = ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in pred["top_k"])
+        print(f"{pred['path']}: {tops}")
+    summary = result.to_dict()
+    summary.update(peak_memory(), model=str(model), batch_size=batch_size,
+                   dtype=str(aim.dtype).split(".")[-1], quantization=aim.config.quantization)
+    rate = summary["images_per_second"]
+    print(f"classified {result.num_images} image(s) in {result.seconds:.2f} s"
+          + (f" ({rate:.2f} images/s)" if rate else ""))
+    print(result.skipped.report())
+    print(memory_line(summary))
+    if as_json:
+        print_json(summary)
+    return 0 if result.num_images else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature extraction: shards + index, resumable
+
+
+FEATURES_FORMAT = "mlx-aim-features"
+INDEX_NAME = "index.json"
+RUN_NAME = "run.json"
+_SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
+FEATURE_KINDS = ("embedding", "tokens", "both")
+
+
+def _shard_stem(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")  # MLX wants the suffix
+    mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()}, metadata=metadata)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ExtractResult:
+    out: Path
+    index: dict
+    skipped: Skipped
+    seconds: float
+    model_seconds: float
+    num_new: int  # images processed in this run (finished shards of an earlier run excluded)
+    shards_reused: int
+
+    def to_dict(self) -> dict:
+        n = self.num_new
+        return {
+            "out": str(self.out),
+            "index": str(self.out / INDEX_NAME),
+            "num_images": self.index["num_rows"],
+            "num_processed_now": n,
+            "num_skipped": len(self.skipped),
+            "num_shards": len(self.index["shards"]),
+            "shards_reused": self.shards_reused,
+            "seconds": round(self.seconds, 4),
+            "images_per_second": round(n / self.seconds, 3) if n and self.seconds > 0 else None,
+            "model_images_per_second": round(n / self.model_seconds, 3) if n and self.model_seconds > 0 else None,
+            "skipped": self.skipped.to_list(),
+        }
+
+
+def _relative(path: Path, roots: list[Path]) -> str:
+    for root in roots:
+        try:
+            return path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
+def extract_features(
+    model: AIM,
+    inputs: Sequence,
+    out: str | os.PathLike,
+    *,
+    features: str = "embedding",
+    shard_size: int = SHARD_SIZE,
+    file_format: str = "npy",
+    save_dtype: str = "float32",
+    batch_size: int = BATCH_SIZE,
+    num_workers: int = NUM_WORKERS,
+    model_name: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Features of every image under `inputs` (folders, files, globs), written to `out` in shards.
+
+    `features`: "embedding" (the probe's attention-pooled vector, (D,)), "tokens" (the probe layers'
+    averaged patch tokens, (N, D)) or "both". Shard k holds the images k * shard_size ... in sorted path
+    order (fewer rows where files were skipped); `file_format` "npy" writes `shard-k.embedding.npy` /
+    `shard-k.tokens.npy`, "safetensors" one `shard-k.safetensors` with keys "embedding" / "tokens". Each
+    shard's `shard-k.json` (paths of its rows, skipped files) is written last and marks it finished, so a
+    re-run with the same settings skips finished shards. `index.json`, written at the end, lists every shard
+    with its first global row and its rows' paths (relative to the input folder).
+    """
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features={features!r}: expected one of {', '.join(FEATURE_KINDS)}")
+    if file_format not in ("npy", "safetensors"):
+        raise ValueError(f"file_format={file_format!r}: expected 'npy' or 'safetensors'")
+    if save_dtype not in _SAVE_DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(_SAVE_DTYPES)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}: expected a positive integer")
+    if features != "tokens" and not getattr(model, "has_trained_head", True):
+        raise ValueError(
+            f"{model_name or 'the model'} has no trained probe head, so its pooled embedding would come from a "
+            "random attention probe; extract the probe-layer tokens only (features='tokens', --features tokens) "
+            "or train a probe first"
+        )
+    kinds = ("embedding", "tokens") if features == "both" else (features,)
+    start = time.perf_counter()
+    out = Path(out)
+    skipped = Skipped()
+    paths = gather_images(inputs, skipped)
+    roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
+    relative = [_relative(p, roots) for p in paths]
+    c = model.config
+    run = {
+        "format": FEATURES_FORMAT,
+        "version": 1,
+        "model": model_name,
+        "model_config": c.to_dict(),
+        "model_dtype": str(model.dtype).split(".")[-1],
+        "features": list(kinds),
+        "file_format": file_format,
+        "dtype": save_dtype,
+        "shard_size": shard_size,
+        "image_size": c.image_size,
+        "num_files": len(paths),
+        "files_sha256": hashlib.sha256("\n".join(relative).encode()).hexdigest(),
+    }
+    _prepare_output(out, run, overwrite)
+    num_shards = math.ceil(len(paths) / shard_size)
+    transform = EvalTransform(c.image_size)
+    shards, shards_reused, num_new, model_seconds = [], 0, 0, 0.0
+    dtype = _SAVE_DTYPES[save_dtype]
+    with tqdm(total=len(paths), desc="features", unit="img", disable=not progress or None) as bar:
+        for k in range(num_shards):
+            lo, hi = k * shard_size, min((k + 1) * shard_size, len(paths))
+            stem = _shard_stem(k)
+            done = _read_shard(out, stem, kinds, file_format)
+            if done is not None:
+                for item in done["skipped"]:
+                    skipped.add(item["path"], item["reason"], warn=False)
+                shards.append(done)
+                shards_reused += 1
+                bar.update(hi - lo)
+                continue
+            shard_skipped = Skipped()
+            rows: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
+            rows_paths = []
+            batches = iter_image_batches(paths[lo:hi], transform, batch_size, shard_skipped,
+                                         num_workers=num_workers, labels=relative[lo:hi])
+            for images, batch_paths, batch_relative in batches:
+                tick = time.perf_counter()
+                tokens = model.probe_features(mx.array(images))
+                outputs = {"tokens": tokens}
+                if "embedding" in kinds:
+                    outputs["embedding"] = model.head.pool(tokens)
+                outputs = {kind: outputs[kind] for kind in kinds}
+                mx.eval(outputs)
+                model_seconds += time.perf_counter() - tick
+                for kind in kinds:
+                    rows[kind].append(to_numpy(outputs[kind], dtype))
+                rows_paths += batch_relative
+                num_new += len(batch_paths)
+                bar.update(len(batch_paths))
+            bar.update(len(shard_skipped))
+            shard = _write_shard(out, stem, kinds, file_format, rows, rows_paths, shard_skipped, c, dtype)
+            for path, reason in shard_skipped.items:
+                skipped.add(path, reason, warn=False)
+            shards.append(shard)
+    row = 0
+    for shard in shards:
+        shard["start"] = row
+        row += shard["rows"]
+    index = dict(run, num_rows=row, num_skipped=len(skipped), shards=shards, skipped=skipped.to_list(),
+                 roots=[str(r) for r in roots])
+    if "embedding" in kinds:
+        index["embedding_shape"] = [c.width]
+    if "tokens" in kinds:
+        index["tokens_shape"] = [c.num_patches, c.width]
+    _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return ExtractResult(out, index, skipped, time.perf_counter() - start, model_seconds, num_new, shards_reused)
+
+
+def _prepare_output(out: Path, run: dict, overwrite: bool) -> None:
+    run_path = out / RUN_NAME
+    if out.exists() and overwrite:
+        if run_path.exists() or not any(out.iterdir()):
+            shutil.rmtree(out)
+        else:
+            raise ValueError(f"{out}: not a feature folder written by mlx-aim (no {RUN_NAME}); refusing to delete it")
+    if out.exists() and any(out.iterdir()):
+        if not run_path.exists():
+            raise ValueError(f"{out}: exists and is not a feature folder (no {RUN_NAME}); choose an empty or new folder")
+        try:
+            previous = json.loads(run_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{run_path}: unreadable ({e}); pass --overwrite to start again") from None
+        changed = sorted(k for k in set(run) | set(previous) if run.get(k) != previous.get(k))
+        if changed:
+            raise ValueError(
+                f"{out}: holds features written with other settings or inputs (differs in {', '.join(changed)}); "
+                "pass --overwrite to replace them, or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_path, json.dumps(run, indent=1) + "\n")
+
+
+def _shard_files(stem: str, kinds: Sequence[str], file_format: str) -> dict[str, str]:
+    if file_format == "npy":
+        return {kind: f"{stem}.{kind}.npy" for kind in kinds}
+    return {kind: f"{stem}.safetensors" for kind in kinds}
+
+
+def _read_shard(out: Path, stem: str, kinds, file_format) -> Optional[dict]:
+    """A finished shard's record, or None when it has to be (re)computed."""
+    marker = out / f"{stem}.json"
+    if not marker.exists():
+        return None
+    try:
+        shard = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if shard.get("rows", 0) and not all((out / name).exists() for name in shard.get("files", {}).values()):
+        return None
+    return shard
+
+
+def _write_shard(out, stem, kinds, file_format, rows, rows_paths, skipped: Skipped, config, dtype) -> dict:
+    shapes = {"embedding": (config.width,), "tokens": (config.num_patches, config.width)}
+    arrays = {kind: (np.concatenate(rows[kind]) if rows[kind] else np.zeros((0, *shapes[kind]), dtype))
+              for kind in kinds}
+    files = _shard_files(stem, kinds, file_format) if rows_paths else {}
+    if rows_paths:
+        if file_format == "npy":
+            for kind in kinds:
+                _save_npy(out / files[kind], arrays[kind])
+        else:
+            _save_safetensors(out / files[kinds[0]], arrays, {"format": FEATURES_FORMAT})
+    shard = {"name": stem, "rows": len(rows_paths), "files": files, "paths": rows_paths,
+             "skipped": skipped.to_list()}
+    _atomic_write_text(out / f"{stem}.json", json.dumps(shard, indent=1) + "\n")  # last: marks it finished
+    return shard
+
+
+def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[np.ndarray, list[str]]:
+    """All rows of one feature kind from an `extract_features` folder, with each row's path."""
+    folder = Path(folder)
+    index_path = folder / INDEX_NAME
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path}: no feature index (is the extraction finished?)")
+    index = json.loads(index_path.read_text())
+    if kind not in index["features"]:
+        raise ValueError(f"{folder}: holds {index['features']}, not {kind!r}")
+    parts, paths = [], []
+    for shard in index["shards"]:
+        if not shard["rows"]:
+            continue
+        file = folder / shard["files"][kind]
+        parts.append(np.load(file) if index["file_format"] == "npy" else np.asarray(mx.load(str(file))[kind]))
+        paths += shard["paths"]
+    if not parts:
+        shape = index.get(f"{kind}_shape", [0])
+        return np.zeros((0, *shape), np.float32), []
+    return np.concatenate(parts), paths
+
+
+def run_extract_features(
+    model: str,
+    inputs: Sequence[str],
+    out: str,
+    *,
+    features: str = "embedding",
+    shard_size: int = SHARD_SIZE,
+    file_format: str = "npy",
+    save_dtype: str = "float32",
+    batch_size: int = BATCH_SIZE,
+    dtype=None,
+    quantize=None,
+    probe_layers=None,
+    num_workers: int = NUM_WORKERS,
+    overwrite: bool = False,
+    as_json: bool = False,
+) -> int:
+    """`scripts/extract_features.py`: writes the shards and index; returns the exit status."""
+    try:
+        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = extract_features(aim, inputs, out, features=features, shard_size=shard_size,
+                                  file_format=file_format, save_dtype=save_dtype, batch_size=batch_size,
+                                  num_workers=num_workers, model_name=str(model), overwrite=overwrite,
+                                  progress=not as_json)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = result.to_dict()
+    summary.update(peak_memory(), model=str(model), batch_size=batch_size, features=result.index["features"],
+                   dtype=str(aim.dtype).split(".")[-1], quantization=aim.config.quantization)
+    rate = summary["images_per_second"]
+    print(f"features of {summary['num_images']} image(s) in {summary['num_shards']} shard(s) under {result.out} "
+          f"({summary['shards_reused']} shard(s) reused; {result.num_new} image(s) processed in "
+          f"{result.seconds:.2f} s" + (f", {rate:.2f} images/s" if rate else "") + ")")
+    print(f"index: {summary['index']}")
+    print(result.skipped.report())
+    print(memory_line(summary))
+    if as_json:
+        print_json(summary)
+    return 0 if summary["num_images"] else 1

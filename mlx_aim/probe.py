@@ -1,0 +1,873 @@
+"""Attentive probing of a frozen trunk (AIM section 4): train and evaluate the probe head on an image folder.
+
+    import mlx_aim
+    from mlx_aim.probe import ProbeConfig, train_probe
+    trunk = mlx_aim.load("runs/tiny/model")                 # any source `mlx_aim.load` accepts
+    result = train_probe(trunk, "data/shapes", "runs/probe", ProbeConfig(epochs=10))
+    print(result.metrics["val"]["top1"])
+    model = mlx_aim.load("runs/probe/model")               # trunk + trained head, classifies directly
+
+The probe reads the mean of the chosen blocks' raw outputs, normalises it with BatchNorm (no affine),
+pools it with one learned query (multi-head attention) and classifies the pooled vector with a bias-free
+linear layer (`layers.AttentionProbe`). The trunk is frozen and in eval mode throughout; the probe's
+BatchNorm trains on batch statistics (updating its running statistics with MLX's momentum 0.1) and is
+evaluated on its running statistics.
+
+The output folder:
+
+    out/head.safetensors   the trained head with Apple's keys (head.k.weight, head.v.weight, head.cls_token,
+                           head.linear.weight, head.bn.running_mean, head.bn.running_var)
+    out/probe.json         classes, probe layers, the trunk it was trained on, the settings, metrics
+    out/model/             trunk + trained head (config num_classes = len(classes)), with probe.json, a
+                           folder `mlx_aim.load` and the scripts read directly
+    out/checkpoint/        the latest checkpoint: head, optimizer state, step, data position
+    out/cache/             cached trunk features (train.npy, val.npy and their .json), when not augmenting
+
+Decisions where the paper is silent:
+- Without augmentation the trunk runs once over the data and its probe features are cached (float16 by
+  default, refused if a value does not fit); with `augment` the trunk runs on every augmented batch
+  (random resized crop + horizontal flip, no colour jitter) and only the validation features are cached.
+- Step-based: `steps` (or `epochs` x batches per epoch) optimizer steps on batches drawn without
+  replacement from a per-epoch permutation seeded by (seed, epoch), the last incomplete batch dropped.
+  The data order is a function of (seed, step), so resuming needs only the step (and, with augmentation,
+  the loader position, which is checkpointed).
+- The schedule (`train.learning_rate`: linear warm-up, cosine to 0) and the optimizer (`train.AdamW`,
+  weight decay on matrices only) are the pre-training ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from .data import BatchLoader, EvalTransform, ImageFolder, TrainTransform, load_splits
+from .inference import (
+    PROBE_INFO,
+    Skipped,
+    iter_image_batches,
+    memory_line,
+    open_model,
+    peak_memory,
+    print_json,
+    to_numpy,
+)
+from .layers import AttentionProbe
+from .model import AIM
+from .train import AdamW, learning_rate
+from .weights import save_model
+
+PROBE_FORMAT = "mlx-aim-probe"
+HEAD_FILE = "head.safetensors"
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoint"
+CACHE_DIR = "cache"
+HEAD_KEYS = ("k.weight", "v.weight", "cls_token", "linear.weight", "bn.running_mean", "bn.running_var")
+_CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class ProbeConfig:
+    """The probe's optimisation recipe and the run's bookkeeping.
+
+    The first group decides the numbers a run produces (a resumed run must keep them); the second
+    (`RUNTIME_FIELDS`) changes only what is written and how fast.
+    """
+
+    epochs: int = 20
+    steps: int = 0  # optimizer steps; 0: epochs x batches per epoch
+    batch_size: int = 128
+    lr: float = 1e-3  # peak
+    warmup_init_lr: float = 1e-6
+    warmup_frac: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    augment: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    seed: int = 0
+    val_ratio: float = 0.2  # of the data held out when it has no val/ folder
+    cache_dtype: str = "float16"
+
+    eval_batch_size: int = 128
+    ckpt_interval: int = 0  # steps between checkpoints; 0: at the end only
+    log_interval: int = 20
+    num_workers: int = 2
+    cache: str = "disk"  # "disk": out/cache/ (reused on resume); "memory"
+
+    RUNTIME_FIELDS = ("eval_batch_size", "ckpt_interval", "log_interval", "num_workers", "cache")
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        for key in ("epochs", "steps", "ckpt_interval", "num_workers", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"probe config {key}={value!r}: expected an integer >= 0")
+        for key in ("batch_size", "eval_batch_size", "log_interval"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"probe config {key}={value!r}: expected a positive integer")
+        if self.steps == 0 and self.epochs == 0:
+            raise ValueError("probe config: epochs=0 and steps=0; expected a number of epochs or of steps")
+        if not self.lr > 0 or self.warmup_init_lr < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError("probe config: expected lr > 0, warmup_init_lr >= 0, weight_decay >= 0, eps > 0")
+        if not 0 <= self.warmup_frac <= 1:
+            raise ValueError(f"probe config warmup_frac={self.warmup_frac}: expected a fraction in [0, 1]")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"probe config label_smoothing={self.label_smoothing}: expected a value in [0, 1)")
+        if not 0 <= self.val_ratio < 1:
+            raise ValueError(f"probe config val_ratio={self.val_ratio}: expected a fraction in [0, 1)")
+        if self.cache_dtype not in _CACHE_DTYPES:
+            raise ValueError(f"probe config cache_dtype={self.cache_dtype!r}: expected float16 or float32")
+        if self.cache not in ("disk", "memory"):
+            raise ValueError(f"probe config cache={self.cache!r}: expected 'disk' or 'memory'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ProbeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"probe config: unknown fields {unknown}")
+        return cls(**params)
+
+    def recipe(self) -> dict:
+        """The fields that decide the numbers (all but the runtime ones)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+
+
+@dataclass
+class _Schedule:
+    """What `train.learning_rate` reads: the warm-up + cosine schedule over this run's step count."""
+
+    steps: int
+    lr: float
+    warmup_init_lr: float
+    warmup_steps: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trunk features, cached
+
+
+@dataclass
+class FeatureSet:
+    """The probe's inputs for a set of images: features (n, N, D) (a numpy array or a read-only memmap),
+    labels (n,), each row's path, and the files that could not be used."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    skipped: Skipped = field(default_factory=Skipped)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _samples_key(samples: Sequence) -> str:
+    text = "\n".join(f"{path}\t{label}" for path, label in samples)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compute_features(
+    model: AIM,
+    samples: Sequence[tuple],
+    *,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    num_workers: int = 2,
+    cache_file: Optional[Union[str, os.PathLike]] = None,
+    cache_key: Optional[dict] = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> FeatureSet:
+    """`model.probe_features` of every (path, label) sample (evaluation transform), in sample order.
+
+    Files that fail to load are skipped and listed. With `cache_file` (a .npy path) the features are written
+    there (under a temporary name, renamed when complete, with a `.json` beside it naming the samples, the
+    trunk and `cache_key`) and read back memory-mapped when a later call asks for the same.
+    """
+    c = model.config
+    np_dtype = _CACHE_DTYPES[dtype]
+    samples = [(Path(p), int(label)) for p, label in samples]
+    meta = {"samples_sha256": _samples_key(samples), "num_samples": len(samples), "dtype": dtype,
+            "image_size": c.image_size, "probe_layers": c.probe_layers, "trunk": cache_key or {}}
+    if cache_file is not None:
+        cache_file = Path(cache_file)
+        found = _read_cached(cache_file, meta)
+        if found is not None:
+            return found
+    shape = (len(samples), c.num_patches, c.width)
+    tmp = None
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+        features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+    else:
+        features = np.empty(shape, np_dtype)
+    skipped = Skipped()
+    labels, paths, row = [], [], 0
+    transform = EvalTransform(c.image_size)
+    try:
+        with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
+            batches = iter_image_batches([p for p, _ in samples], transform, batch_size, skipped,
+                                         num_workers=num_workers, labels=[l for _, l in samples])
+            for images, batch_paths, batch_labels in batches:
+                feats = to_numpy(model.probe_features(mx.array(images)), np.float32)
+                if np_dtype == np.float16 and np.abs(feats).max() > _FLOAT16_MAX:
+                    raise ValueError(
+                        f"trunk features reach {np.abs(feats).max():.3g}, past float16's range; cache them in "
+                        "float32 (cache_dtype='float32', --cache-dtype float32)"
+                    )
+                features[row : row + len(feats)] = feats
+                row += len(feats)
+                labels += batch_labels
+                paths += [str(p) for p in batch_paths]
+                bar.update(len(batch_paths))
+            bar.update(len(samples) - bar.n)
+        if tmp is not None:
+            features.flush()
+            del features
+            os.replace(tmp, cache_file)
+            _write_json(cache_file.with_suffix(".json"),
+                        dict(meta, rows=row, labels=labels, paths=paths, skipped=skipped.to_list()))
+            return _read_cached(cache_file, meta)
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, skipped)
+
+
+def _read_cached(cache_file: Path, meta: dict) -> Optional[FeatureSet]:
+    info_path = cache_file.with_suffix(".json")
+    if not (cache_file.exists() and info_path.exists()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(info.get(k) != v for k, v in meta.items()):
+        return None
+    features = np.load(cache_file, mmap_mode="r")
+    skipped = Skipped()
+    for item in info["skipped"]:
+        skipped.add(item["path"], item["reason"], warn=False)
+    return FeatureSet(features[: info["rows"]], np.asarray(info["labels"], np.int64), info["paths"], skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The head, its evaluation, its files
+
+
+def new_head(model: AIM, num_classes: int, seed: int) -> AttentionProbe:
+    """A freshly initialised float32 probe for `model`'s width and heads, drawn from `seed`."""
+    c = model.config
+    mx.random.seed(seed)
+    head = AttentionProbe(c.width, c.num_heads, num_classes, c.norm_eps)
+    mx.eval(head.parameters())
+    return head
+
+
+def head_weights(head: AttentionProbe) -> dict[str, mx.array]:
+    """The head's tensors under Apple's key names (`head.k.weight`, ...)."""
+    return {f"head.{k}": v for k, v in tree_flatten(head.parameters())}
+
+
+def save_head(path: Union[str, os.PathLike], head: AttentionProbe) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
+    mx.save_safetensors(str(tmp), head_weights(head), metadata={"format": "mlx"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
+    """A probe head file (Apple's `head.*` keys) as an eval-mode `AttentionProbe` for `model`'s trunk."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: probe head file not found")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:  # MLX's message does not name the file
+        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
+    expected = {f"head.{k}" for k in HEAD_KEYS}
+    if set(weights) != expected:
+        raise ValueError(f"{path}: expected the keys {sorted(expected)}, found {sorted(weights)}")
+    c = model.config
+    rows, width = weights["head.linear.weight"].shape
+    if width != c.width:
+        raise ValueError(f"{path}: head width {width} does not match the trunk's width {c.width}")
+    head = AttentionProbe(c.width, c.num_heads, rows, c.norm_eps)
+    head.load_weights([(k[len("head."):], v.astype(mx.float32)) for k, v in weights.items()], strict=True)
+    mx.eval(head.parameters())
+    head.eval()
+    return head
+
+
+def attach_head(model: AIM, head: AttentionProbe) -> AIM:
+    """Puts a trained head on `model`: it then classifies into the head's classes."""
+    model.head = head
+    model.config = model.config.replace(num_classes=head.linear.weight.shape[0])
+    model.has_trained_head = True
+    model.eval()
+    return model
+
+
+def evaluate(
+    head: AttentionProbe, data: FeatureSet, classes: Sequence[str], batch_size: int = 128
+) -> dict:
+    """Top-1, top-5 (top-min(5, classes)), per-class accuracy and mean loss of `head` (eval mode) on `data`."""
+    was_training = head.training
+    head.eval()
+    num_classes = len(classes)
+    k = min(5, num_classes)
+    correct1 = np.zeros(num_classes, np.int64)
+    count = np.zeros(num_classes, np.int64)
+    correct5, loss_sum = 0, 0.0
+    for lo in range(0, len(data), batch_size):
+        x = mx.array(np.asarray(data.features[lo : lo + batch_size])).astype(mx.float32)
+        y = data.labels[lo : lo + batch_size]
+        logits, _ = head(x)
+        loss = nn.losses.cross_entropy(logits, mx.array(y), reduction="sum")
+        top = mx.argsort(-logits, axis=-1)[:, :k]
+        mx.eval(loss, top)
+        top = np.asarray(top)
+        loss_sum += float(loss)
+        np.add.at(count, y, 1)
+        np.add.at(correct1, y, top[:, 0] == y)
+        correct5 += int((top == y[:, None]).any(axis=1).sum())
+    if was_training:
+        head.train()
+    n = int(count.sum())
+    per_class = {name: {"accuracy": (float(correct1[i] / count[i]) if count[i] else None), "count": int(count[i])}
+                 for i, name in enumerate(classes)}
+    present = [v["accuracy"] for v in per_class.values() if v["accuracy"] is not None]
+    return {
+        "num_images": n,
+        "top1": float(correct1.sum() / n) if n else None,
+        "top5": float(correct5 / n) if n else None,
+        "top5_k": k,
+        "loss": loss_sum / n if n else None,
+        "mean_per_class_accuracy": float(np.mean(present)) if present else None,
+        "per_class": per_class,
+    }
+
+
+def format_metrics(name: str, metrics: Optional[dict]) -> str:
+    if not metrics or not metrics.get("num_images"):
+        return f"{name}: no images"
+    lines = [f"{name}: top-1 {100 * metrics['top1']:.2f}%, top-{metrics['top5_k']} {100 * metrics['top5']:.2f}%, "
+             f"loss {metrics['loss']:.4f}, mean per-class {100 * metrics['mean_per_class_accuracy']:.2f}% "
+             f"({metrics['num_images']} images)"]
+    per = metrics["per_class"]
+    if len(per) <= 30:
+        for cls, v in per.items():
+            accuracy = "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f}%"
+            lines.append(f"  {cls}: {accuracy} of {v['count']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class ProbeResult:
+    head: AttentionProbe
+    classes: list[str]
+    metrics: dict  # {"train": ..., "val": ...}; train only when the features were cached
+    losses: list[float]  # the training loss of every step run in this call, in order
+    steps: int  # the step reached
+    total_steps: int
+    seconds: float
+    skipped: Skipped
+    out: Optional[Path] = None
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.steps,
+            "total_steps": self.total_steps,
+            "classes": self.classes,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "train": self.metrics.get("train"),
+            "val": self.metrics.get("val"),
+            "seconds": round(self.seconds, 3),
+            "num_skipped": len(self.skipped),
+            "skipped": self.skipped.to_list(),
+            "out": str(self.out) if self.out else None,
+        }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _resolve_data(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[ImageFolder]]:
+    if isinstance(data, (str, os.PathLike)):
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"probe data {str(data)!r} is not a folder (expected class sub-folders, "
+                                    "or train/ and val/ folders of them)")
+        return load_splits(data, val_ratio=val_ratio, seed=seed)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], ImageFolder):
+        return data[0], data[1]
+    raise ValueError("data: expected an image folder path or a (train ImageFolder, val ImageFolder) pair")
+
+
+def trunk_description(model: AIM, source: Any = None, random_init: bool = False, seed: int = 0) -> dict:
+    """What identifies a trunk's features: its source, weights' origin, dtype and architecture."""
+    return {"source": None if source is None else str(source), "random_init": bool(random_init),
+            "seed": int(seed) if random_init else None, "dtype": str(model.dtype).split(".")[-1],
+            "quantization": model.config.quantization, "probe_layers": model.config.probe_layers,
+            "config": model.config.to_dict()}
+
+
+def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
+    """One optimizer step on a batch of probe features. Not `mx.compile`d: on the CPU backend compiling
+    this step costs ~25 s (MLX builds its fused kernels with the system compiler) to save ~1 ms a step."""
+
+    def loss_fn(head, x, y):
+        logits, _ = head(x)
+        return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
+
+    loss_and_grad = nn.value_and_grad(head, loss_fn)
+
+    def step(x, y):
+        # In train mode the BatchNorm updates its running statistics, part of head.state, as a side effect.
+        loss, grads = loss_and_grad(head, x.astype(mx.float32), y)
+        optimizer.update(head, grads)
+        return loss
+
+    return step
+
+
+def _save_checkpoint(out: Path, head, optimizer, state: dict) -> Path:
+    final = out / CHECKPOINT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=out))
+    try:
+        save_head(tmp / HEAD_FILE, head)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        _write_json(tmp / "state.json", state)
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            old = out / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _restore(found: Path, head: AttentionProbe, optimizer) -> dict:
+    state = _read_json(found / "state.json")
+    weights = mx.load(str(found / HEAD_FILE))
+    head.load_weights([(k[len("head."):], v) for k, v in weights.items()], strict=True)
+    optimizer.init(head.trainable_parameters())
+    expected = dict(tree_flatten(optimizer.state))
+    saved = mx.load(str(found / "optimizer.safetensors"))
+    if set(saved) != set(expected):
+        raise ValueError(f"{found}: optimizer state does not match the probe head")
+    optimizer.state = tree_unflatten(list(saved.items()))
+    optimizer.init(head.trainable_parameters())
+    mx.eval(head.parameters(), optimizer.state)
+    return state
+
+
+def _check_resume(found: Path, state: dict, expected: dict) -> None:
+    expected = json.loads(json.dumps(expected, default=str))  # tuples as the checkpoint's JSON lists
+    diff = []
+    for key, value in expected.items():
+        saved = state.get(key)
+        if isinstance(value, dict) and isinstance(saved, dict):
+            diff += [f"{key}.{k}: checkpoint {saved.get(k)!r}, now {value.get(k)!r}"
+                     for k in sorted(set(value) | set(saved)) if saved.get(k) != value.get(k)]
+        elif saved != value:
+            diff.append(f"{key}: checkpoint {saved!r}, now {value!r}")
+    if diff:
+        raise ValueError(f"cannot resume from {found}: {'; '.join(diff[:6])}. Resume with the run's settings, or "
+                         "start again (force=True, --force) or in another folder")
+
+
+def train_probe(
+    model: AIM,
+    data,
+    out: Optional[Union[str, os.PathLike]] = None,
+    config: Optional[ProbeConfig] = None,
+    *,
+    trunk: Optional[dict] = None,
+    resume: bool = False,
+    force: bool = False,
+    stop_at: Optional[int] = None,
+    save_model_folder: bool = True,
+    progress: bool = True,
+    echo=print,
+) -> ProbeResult:
+    """Trains an attentive probe on `model`'s frozen trunk over an image folder; returns the result.
+
+    `data`: a folder with class sub-folders (split by `config.val_ratio`), or with `train/` and `val/`
+    folders of them, or a (train, val) pair of `ImageFolder`s. `out` (optional): where the head, probe.json,
+    the model folder, checkpoints and the feature cache go (see the module docstring). `trunk`: what
+    identifies the trunk (`trunk_description`), stored in probe.json and checked on resume. `resume`
+    continues from out/checkpoint; `force` discards an existing one. `stop_at` ends this call after that
+    step with a checkpoint, leaving the schedule as for the full run (to train in slices).
+    """
+    config = config or ProbeConfig()
+    trunk = trunk or trunk_description(model)
+    start_time = time.perf_counter()
+    out = Path(out) if out is not None else None
+    found = None
+    if out is not None:
+        if (out / CHECKPOINT_DIR).is_dir():
+            if force:
+                shutil.rmtree(out / CHECKPOINT_DIR)
+            elif not resume:
+                raise FileExistsError(f"{out} already holds a probe checkpoint: pass resume=True (--resume) to "
+                                      "continue it, force=True (--force) to start again, or another folder")
+            else:
+                found = out / CHECKPOINT_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f".{CHECKPOINT_DIR}.tmp-*"):  # left by a kill mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+
+    model.eval()
+    train_part, val_part = _resolve_data(data, config.val_ratio, config.seed)
+    classes = list(train_part.classes)
+    if len(classes) < 2:
+        raise ValueError(f"probe data has {len(classes)} class(es) ({classes}): expected at least 2")
+    use_disk = out is not None and config.cache == "disk"
+
+    def features_of(part, name):
+        cache_file = out / CACHE_DIR / f"{name}.npy" if use_disk else None
+        return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
+                                num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
+                                progress=progress, desc=f"{name} features")
+
+    skipped = Skipped()
+    train_set = None
+    if not config.augment:
+        train_set = features_of(train_part, "train")
+        skipped.items += train_set.skipped.items
+        num_train = len(train_set)
+    else:
+        num_train = len(train_part)
+    val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
+    if val_set is not None:
+        skipped.items += val_set.skipped.items
+    if num_train < 2:
+        raise ValueError(f"probe data: {num_train} usable training image(s); expected at least 2"
+                         + (f" ({len(skipped)} skipped)" if len(skipped) else ""))
+
+    batch_size = min(config.batch_size, num_train)
+    steps_per_epoch = num_train // batch_size
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    if stop_at is not None and not 1 <= stop_at <= total_steps:
+        raise ValueError(f"stop_at={stop_at}: expected a step in [1, {total_steps}]")
+    end_step = stop_at or total_steps
+    schedule = _Schedule(total_steps, config.lr, config.warmup_init_lr,
+                         int(round(config.warmup_frac * total_steps)))
+    head = new_head(model, len(classes), config.seed)
+    head.train()
+    optimizer = AdamW(learning_rate=partial(learning_rate, config=schedule), betas=list(config.betas),
+                      eps=config.eps, weight_decay=config.weight_decay, bias_correction=True)
+    optimizer.init(head.trainable_parameters())
+
+    loader = None
+    if config.augment:
+        transform = TrainTransform(model.config.image_size, scale=config.crop_scale, hflip=config.hflip,
+                                   color_jitter=(0, 0, 0, 0), jitter_prob=0.0)
+        loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
+                             num_workers=config.num_workers, loop=True)
+    data_key = {"classes": classes, "num_train": num_train,
+                "train_sha256": _samples_key(train_part.samples)}
+    expected = {"recipe": config.recipe(), "data": data_key, "trunk": trunk, "total_steps": total_steps}
+    start_step, losses_before = 0, []
+    if found is not None:
+        state = _restore(found, head, optimizer)
+        _check_resume(found, state, expected)
+        start_step, losses_before = int(state["step"]), list(state["losses"])
+        if loader is not None:
+            loader.load_state_dict(state["loader"])
+        echo(f"resuming from {found} at step {start_step} of {total_steps}")
+
+    step_fn = _make_step(head, optimizer, config.label_smoothing)
+    losses: list[float] = []
+
+    def checkpoint(step: int) -> None:
+        _save_checkpoint(out, head, optimizer, dict(
+            expected, step=step, losses=losses_before + losses,
+            loader=loader.state_dict() if loader is not None else None,
+        ))
+
+    order, order_epoch = None, None
+    batches = iter(loader) if loader is not None else None
+    with tqdm(total=end_step, initial=start_step, desc="probe", unit="step",
+              disable=not progress or None, dynamic_ncols=True) as bar:
+        for step in range(start_step, end_step):
+            if batches is not None:
+                images, labels, _ = next(batches)
+                x = model.probe_features(mx.array(images))  # the frozen trunk: no gradient reaches it
+                y = mx.array(labels)
+            else:
+                epoch, position = divmod(step, steps_per_epoch)
+                if order_epoch != epoch:
+                    order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
+                    order_epoch = epoch
+                idx = order[position * batch_size : (position + 1) * batch_size]
+                x = mx.array(np.asarray(train_set.features[idx]))
+                y = mx.array(train_set.labels[idx])
+            loss = step_fn(x, y)
+            mx.eval(loss, head.state, optimizer.state)
+            losses.append(float(loss))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"probe training diverged: loss {losses[-1]} at step {step + 1}; "
+                                         f"try a lower learning rate (now {config.lr})")
+            if (step + 1) % config.log_interval == 0 or step + 1 == end_step:
+                window = losses[-config.log_interval:]
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}",
+                                lr=f"{learning_rate(step, schedule):.2e}", refresh=False)
+            bar.update(1)
+            if out is not None and ((config.ckpt_interval and (step + 1) % config.ckpt_interval == 0)
+                                    or step + 1 == end_step):
+                checkpoint(step + 1)
+
+    head.eval()
+    metrics = {}
+    if train_set is not None:
+        metrics["train"] = evaluate(head, train_set, classes, config.eval_batch_size)
+    if val_set is not None:
+        metrics["val"] = evaluate(head, val_set, classes, config.eval_batch_size)
+    if loader is not None:
+        for path, reason in loader.skipped:
+            skipped.add(path, reason, warn=False)
+    all_losses = losses_before + losses
+    info = {
+        "format": PROBE_FORMAT,
+        "classes": classes,
+        "num_classes": len(classes),
+        "probe_layers": model.config.probe_layers,
+        "trunk": trunk,
+        "config": config.to_dict(),
+        "steps": end_step,
+        "total_steps": total_steps,
+        "batch_size": batch_size,
+        "num_train": num_train,
+        "num_val": len(val_set) if val_set is not None else 0,
+        "metrics": metrics,
+        "loss_curve": [{"step": s, "loss": float(np.mean(all_losses[max(0, s - config.log_interval):s]))}
+                       for s in range(config.log_interval, len(all_losses) + 1, config.log_interval)],
+        "skipped": skipped.to_list(),
+    }
+    if out is not None and end_step == total_steps:
+        _write_outputs(out, model, head, info, save_model_folder)
+    return ProbeResult(head, classes, metrics, losses, end_step, total_steps, time.perf_counter() - start_time,
+                       skipped, out, info)
+
+
+def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool) -> None:
+    save_head(out / HEAD_FILE, head)
+    if save_model_folder:
+        weights = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
+        weights.update(head_weights(head))
+        config = model.config.replace(num_classes=len(info["classes"]))
+        note = (f"A trunk ({info['trunk'].get('source')}) with an attentive probe trained by mlx-aim "
+                f"(scripts/probe.py) on {info['num_classes']} classes.")
+        folder = save_model(out / MODEL_DIR, weights, config, force=True, source_note=note)
+        _write_json(folder / PROBE_INFO, info)
+    _write_json(out / PROBE_INFO, info)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluating a saved probe
+
+
+def load_probe_info(head_dir: Union[str, os.PathLike]) -> dict:
+    """probe.json of a probe output folder (or of its model/ folder)."""
+    path = Path(head_dir) / PROBE_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected a folder written by probe training "
+                                "(scripts/probe.py train --out DIR)")
+    info = _read_json(path)
+    if info.get("format") != PROBE_FORMAT:
+        raise ValueError(f"{path}: not a probe description (format {info.get('format')!r}, expected {PROBE_FORMAT!r})")
+    return info
+
+
+def eval_split(data, split: str, classes: Sequence[str], val_ratio: float, seed: int) -> ImageFolder:
+    """The images of `split` ("val" or "train") of an image folder, labelled in the probe's class order."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split={split!r}: expected 'val' or 'train'")
+    train_part, val_part = _resolve_data(data, val_ratio, seed)
+    part = val_part if split == "val" else train_part
+    if part is None or not len(part):
+        raise ValueError(f"{data}: the {split} split holds no images")
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({part.classes[label] for _, label in part.samples} - set(index))
+    if unknown:
+        raise ValueError(f"{data}: classes {unknown[:8]} are not among the probe's {len(classes)} classes")
+    relabelled = copy.copy(part)
+    relabelled.classes = list(classes)
+    relabelled.class_to_idx = dict(index)
+    relabelled.samples = [(path, index[part.classes[label]]) for path, label in part.samples]
+    return relabelled
+
+
+def evaluate_probe(
+    model: AIM,
+    data,
+    classes: Sequence[str],
+    *,
+    split: str = "val",
+    val_ratio: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[dict, Skipped]:
+    """Metrics of `model` (with its trained head attached) on a split of an image folder."""
+    part = eval_split(data, split, classes, val_ratio, seed)
+    features = compute_features(model, part.samples, batch_size=batch_size, dtype="float32",
+                                num_workers=num_workers, progress=progress, desc=f"{split} features")
+    return evaluate(model.head, features, classes, batch_size), features.skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line entry points
+
+
+def run_probe_train(
+    model: str,
+    data: str,
+    out: str,
+    config: ProbeConfig,
+    *,
+    random_init: bool = False,
+    init_seed: int = 0,
+    probe_layers=None,
+    dtype=None,
+    quantize=None,
+    resume: bool = False,
+    force: bool = False,
+    save_model_folder: bool = True,
+    as_json: bool = False,
+) -> int:
+    """`scripts/probe.py train`: prints the metrics; returns the exit status."""
+    try:
+        trunk_model = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers,
+                                 random_init=random_init, seed=init_seed)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    trunk = trunk_description(trunk_model, model, random_init, init_seed)
+    say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if as_json else print
+    try:
+        result = train_probe(trunk_model, data, out, config, trunk=trunk, resume=resume, force=force,
+                             save_model_folder=save_model_folder, progress=not as_json, echo=say)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if "usable training image" in str(e) else 2
+    summary = result.summary()
+    summary.update(peak_memory(), model=model, random_init=random_init)
+    print(f"probe on {'a random-init ' if random_init else ''}{model} "
+          f"(layers {trunk_model.config.probe_layers}): {result.steps} steps, "
+          f"loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
+    for name in ("train", "val"):
+        if name in result.metrics:
+            print(format_metrics(name, result.metrics[name]))
+    print(f"saved to {out}: {HEAD_FILE}, {PROBE_INFO}" + (f", {MODEL_DIR}/" if save_model_folder else ""))
+    print(result.skipped.report())
+    print(memory_line(summary))
+    if as_json:
+        print_json(summary)
+    return 0
+
+
+def run_probe_eval(
+    head_dir: str,
+    data: str,
+    *,
+    model: Optional[str] = None,
+    split: str = "val",
+    dtype=None,
+    quantize=None,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    as_json: bool = False,
+) -> int:
+    """`scripts/probe.py eval`: the saved head on its trunk over a split of `data`; returns the exit status."""
+    try:
+        info = load_probe_info(head_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if model is None:
+        model = str(Path(head_dir) / MODEL_DIR) if (Path(head_dir) / MODEL_DIR).is_dir() else info["trunk"]["source"]
+        if model is None:
+            print(f"error: {head_dir} names no trunk and has no {MODEL_DIR}/ folder: pass --model", file=sys.stderr)
+            return 2
+    head_path = Path(head_dir) / HEAD_FILE
+    try:
+        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=info["probe_layers"])
+        attach_head(aim, load_head(head_path, aim))
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model and head: {e}", file=sys.stderr)
+        return 2
+    config = info.get("config", {})
+    try:
+        metrics, skipped = evaluate_probe(aim, data, info["classes"], split=split,
+                                          val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),
+                                          batch_size=batch_size, num_workers=num_workers, progress=not as_json)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"probe {head_path} on {model} (layers {aim.config.probe_layers}), {split} split of {data}")
+    print(format_metrics(split, metrics))
+    print(skipped.report())
+    summary = {"split": split, split: metrics, "model": str(model), "head": str(head_path),
+               "num_skipped": len(skipped), "skipped": skipped.to_list()}
+    summary.update(peak_memory())
+    print(memory_line(summary))
+    if as_json:
+        print_json(summary)
+    return 0 if metrics["num_images"] else 1

@@ -1,0 +1,43 @@
+"""Features of every image under a folder tree, in shards with an index:
+
+    python scripts/extract_features.py --model M --out DIR IMAGE_DIR [--features embedding|tokens|both]
+
+"embedding" is the probe's attention-pooled vector (width,); "tokens" the probe layers' averaged patch
+tokens (patches, width). Shards of --shard-size images are written as .npy (or one .safetensors each);
+DIR/index.json maps every row to its image. A re-run with the same settings skips finished shards.
+"""
+
+import argparse
+import sys
+
+import mlx_aim  # noqa: F401  (before mlx: loads the optimized BLAS where there is one)
+from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, SHARD_SIZE, parse_probe_layers, run_extract_features
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR", help="folders (searched recursively), files or globs")
+    p.add_argument("--model", required=True, help="preset name, hub repo id, MLX model folder or checkpoint file")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--features", choices=["embedding", "tokens", "both"], default="embedding")
+    p.add_argument("--format", choices=["npy", "safetensors"], default="npy", dest="file_format")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32", help="dtype on disk")
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per shard")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers to 4 or 8 bits")
+    p.add_argument("--probe-layers", type=parse_probe_layers, help="'best', 'last' or comma-separated block indices")
+    p.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image decoding threads")
+    p.add_argument("--overwrite", action="store_true", help="replace features written with other settings")
+    p.add_argument("--json", action="store_true", help="also print one JSON object with the results, last")
+    args = p.parse_args(argv)
+    return run_extract_features(
+        args.model, args.inputs, args.out, features=args.features, shard_size=args.shard_size,
+        file_format=args.file_format, save_dtype=args.save_dtype, batch_size=args.batch_size, dtype=args.dtype,
+        quantize=args.quantize, probe_layers=args.probe_layers, num_workers=args.num_workers,
+        overwrite=args.overwrite, as_json=args.json,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
