@@ -28,6 +28,7 @@ import collections
 import math
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 import zlib
@@ -170,38 +171,43 @@ class _TensorRef(_Inert):
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
 
 
+def _short(value) -> str:
+    """repr() of an untrusted value, cut short so a hostile file cannot flood the error message."""
+    return reprlib.repr(value)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_tuple(value, what: str) -> tuple:
     if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v >= 0 for v in value):
-        raise _RecordError(f"{what} must be a tuple of non-negative integers, got {value!r}")
+        raise _RecordError(f"{what} must be a tuple of non-negative integers, got {_short(value)}")
     return tuple(value)
 
 
 def _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata, dtype):
     """Validate `_rebuild_tensor_v2/v3`'s arguments (all of them came from the untrusted pickle)."""
     if not isinstance(storage, _StorageRef):
-        raise _RecordError(f"tensor storage must come from a storage record, got {type(storage).__name__}")
+        raise _RecordError(f"tensor storage must be a storage record, got {type(storage).__name__}")
     if not _is_int(storage_offset) or storage_offset < 0:
-        raise _RecordError(f"storage offset must be a non-negative integer, got {storage_offset!r}")
+        raise _RecordError(f"storage offset must be a non-negative int, got {_short(storage_offset)}")
     shape = _int_tuple(size, "tensor size")
     strides = _int_tuple(stride, "tensor stride")
     if len(shape) != len(strides):
         raise _RecordError(f"tensor size {shape} and stride {strides} differ in length")
     if not isinstance(requires_grad, bool):
-        raise _RecordError(f"requires_grad must be a bool, got {requires_grad!r}")
+        raise _RecordError(f"requires_grad must be a bool, got {_short(requires_grad)}")
     # PyTorch never saves hooks (an empty OrderedDict stands in); anything else is not a state dict.
     if not isinstance(backward_hooks, dict) or backward_hooks:
-        raise _RecordError(f"backward hooks must be an empty dict, got {backward_hooks!r}")
+        raise _RecordError(f"backward hooks must be an empty dict, got {_short(backward_hooks)}")
     if metadata is None:
         metadata = {}
     # torch._utils.get_tensor_metadata: only the lazy "conj" and "neg" bits.
     if not isinstance(metadata, dict) or not all(
         k in ("conj", "neg") and isinstance(v, bool) for k, v in metadata.items()
     ):
-        raise _RecordError(f"unsupported tensor metadata {metadata!r}")
+        raise _RecordError(f"unsupported tensor metadata {_short(metadata)}")
     return _TensorRef(
         storage,
         storage_offset,
@@ -213,9 +219,13 @@ def _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_h
     )
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
+):
     dtype = storage.dtype if isinstance(storage, _StorageRef) else None
-    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata, dtype)
+    return _tensor_ref(
+        storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata, dtype
+    )
 
 
 def _rebuild_tensor_v3(
@@ -224,7 +234,7 @@ def _rebuild_tensor_v3(
     # torch.save 2.x writes this for dtypes without a typed storage class (uint16/32/64, float8):
     # the storage is untyped bytes and the dtype comes separately.
     if not isinstance(dtype, _TorchDtype):
-        raise _RecordError(f"tensor dtype must be a torch dtype, got {dtype!r}")
+        raise _RecordError(f"tensor dtype must be a torch dtype, got {_short(dtype)}")
     return _tensor_ref(
         storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata, dtype.name
     )
@@ -277,7 +287,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if self._load_storage is None:
-            raise UnsafeCheckpointError(f"{self._path}: unexpected persistent id {pid!r} in a header pickle")
+            raise UnsafeCheckpointError(
+                f"{self._path}: unexpected persistent id {_short(pid)} in a header pickle"
+            )
         return self._load_storage(pid)
 
 
@@ -307,27 +319,27 @@ class _StorageTable:
     def __call__(self, pid) -> _StorageRef:
         # Zip: ('storage', type, key, location, numel); legacy adds view_metadata.
         if not isinstance(pid, tuple) or len(pid) != (6 if self.legacy else 5):
-            raise _RecordError(f"malformed storage record {pid!r}")
+            raise _RecordError(f"malformed storage record {_short(pid)}")
         typename, storage_type, key, location = pid[:4]
         numel = pid[4]
         if isinstance(typename, bytes):  # written by Python 2
             typename = typename.decode("ascii", "replace")
         if typename != "storage":
-            raise _RecordError(f"unsupported persistent record type {typename!r}")
+            raise _RecordError(f"unsupported persistent record type {_short(typename)}")
         if not isinstance(storage_type, _StorageType):
-            raise _RecordError(f"storage record names {storage_type!r}, not a storage class")
+            raise _RecordError(f"storage record names {_short(storage_type)}, not a storage class")
         if not isinstance(key, str) or not key or "/" in key or "\\" in key or key in (".", ".."):
-            raise _RecordError(f"storage key {key!r} is not a plain name")
+            raise _RecordError(f"storage key {_short(key)} is not a plain name")
         if not isinstance(location, (str, bytes)):
-            raise _RecordError(f"storage location {location!r} is not a device name")
+            raise _RecordError(f"storage location {_short(location)} is not a device name")
         if not _is_int(numel) or numel < 0:
-            raise _RecordError(f"storage {key!r} size {numel!r} is not a non-negative integer")
+            raise _RecordError(f"storage {_short(key)} size {_short(numel)} is not a non-negative int")
         if self.legacy and pid[5] is not None:
-            raise _RecordError(f"storage {key!r} is a storage view (PyTorch < 0.4 files): unsupported")
+            raise _RecordError(f"storage {_short(key)} is a view (PyTorch < 0.4 files): unsupported")
         ref = _StorageRef(key, storage_type.dtype, numel)
         seen = self.refs.setdefault(key, ref)
         if seen != ref:
-            raise _RecordError(f"storage {key!r} is described twice differently: {seen} and {ref}")
+            raise _RecordError(f"storage {_short(key)} is described twice differently: {seen} and {ref}")
         return ref
 
 
@@ -359,7 +371,7 @@ def _key_name(key, path: str) -> str:
         return key
     if _is_int(key):  # e.g. an optimizer's per-parameter state
         return str(key)
-    raise CheckpointError(f"{path}: dict key {key!r} is not a string or an integer")
+    raise CheckpointError(f"{path}: dict key {_short(key)} is not a string or an integer")
 
 
 def _flatten(obj, prefix: str, path: str, depth: int = 0) -> dict[str, _TensorRef]:
@@ -409,6 +421,8 @@ class TorchCheckpoint:
 
     Opening unpickles only the (small) pickle and locates every storage; `read` maps one tensor's
     bytes and copies them into an MLX array. Use as a context manager, or call `close()`.
+    Attributes: `path`; `format`, "zip" or "legacy"; `root_key`, the key of the wrapper dict the
+    tensors were taken from (e.g. "model"), or None.
     """
 
     def __init__(self, path: PathLike):
@@ -430,7 +444,8 @@ class TorchCheckpoint:
                 obj = self._open_zip()
             elif head[257:262] == b"ustar":
                 raise CheckpointError(
-                    f"{self.path}: a tar checkpoint (PyTorch < 0.4): unsupported; re-save it with torch.save"
+                    f"{self.path}: a tar checkpoint (PyTorch < 0.4): unsupported; "
+                    "re-save it with a newer torch.save"
                 )
             elif head[:1] == b"\x80":  # pickle PROTO opcode
                 self.format = "legacy"
@@ -495,9 +510,13 @@ class TorchCheckpoint:
         if f"{top}/data.pkl" not in by_name:
             raise CheckpointError(f"{path}: zip archive without '{top}/data.pkl': not a torch.save file")
         if f"{top}/byteorder" in by_name:
+            if by_name[f"{top}/byteorder"].file_size > 16:
+                raise CheckpointError(f"{path}: '{top}/byteorder' is not a byte order name")
             byteorder = archive.read(f"{top}/byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: unknown byte order {byteorder!r} in '{top}/byteorder'")
+                raise CheckpointError(
+                    f"{path}: unknown byte order {_short(byteorder)} in '{top}/byteorder'"
+                )
             self._byteorder = byteorder
         table = _StorageTable(legacy=False)
         with archive.open(f"{top}/data.pkl") as pickle_file:
@@ -508,7 +527,9 @@ class TorchCheckpoint:
     def _zip_member_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes start: after its local header, which must agree."""
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise CheckpointError(f"{self.path}: storage '{info.filename}' is compressed; expected stored")
+            raise CheckpointError(
+                f"{self.path}: storage '{info.filename}' is compressed; expected stored"
+            )
         if info.flag_bits & 0x1:
             raise CheckpointError(f"{self.path}: storage '{info.filename}' is encrypted")
         self._file.seek(info.header_offset)
@@ -533,10 +554,12 @@ class TorchCheckpoint:
         reader = _CappedReader(self._file, self._size)
         magic = _unpickle(reader, path, "magic number pickle")
         if magic != _LEGACY_MAGIC_NUMBER:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (a pickle without torch's magic number)")
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (a pickle without torch's magic number)"
+            )
         version = _unpickle(reader, path, "protocol version pickle")
         if version != _LEGACY_PROTOCOL_VERSION:
-            raise CheckpointError(f"{path}: unsupported legacy protocol version {version!r}")
+            raise CheckpointError(f"{path}: unsupported legacy protocol version {_short(version)}")
         sys_info = _unpickle(reader, path, "sys info pickle")
         if not isinstance(sys_info, dict):
             raise CheckpointError(f"{path}: corrupt sys info pickle ({type(sys_info).__name__})")
@@ -552,7 +575,8 @@ class TorchCheckpoint:
             ref = table.refs.get(key)
             if ref is None or key in self._storage_bytes:
                 raise CheckpointError(
-                    f"{path}: storage key {key!r} is listed but not (or twice) described by the pickle"
+                    f"{path}: storage key {_short(key)} is listed but not (or twice) described "
+                    "by the pickle"
                 )
             self._file.seek(offset)
             count = self._file.read(8)
@@ -567,7 +591,8 @@ class TorchCheckpoint:
             offset = start + ref.nbytes
             if offset > self._size:
                 raise CheckpointError(
-                    f"{path}: truncated: storage {key!r} needs bytes up to {offset}, file has {self._size}"
+                    f"{path}: truncated: storage {key!r} needs bytes up to {offset}, "
+                    f"file has {self._size}"
                 )
             self._storage_bytes[key] = (start, ref.nbytes)
         self._storage_members = {key: f"storage {key!r}" for key in table.refs}
@@ -626,7 +651,9 @@ class TorchCheckpoint:
             raise CheckpointError(f"{self.path}: checkpoint is closed")
         dt = _DTYPES[ref.dtype]
         if dt.mlx is None:
-            raise CheckpointError(f"{self.path}: tensor '{key}' has dtype {dt.name}, which MLX cannot hold")
+            raise CheckpointError(
+                f"{self.path}: tensor '{key}' has dtype {dt.name}, which MLX cannot hold"
+            )
         if ref.numel == 0:
             return mx.zeros(ref.shape, dtype=dt.mlx)
         # "<" or "|" -> ">" for files saved on a big-endian machine (zip format only).
