@@ -1,0 +1,224 @@
+"""Attentive probe training and evaluation on a frozen tiny trunk: accuracy on a separable generated task,
+exact resume, the saved head's layout, metrics, bad inputs, and the command line end to end."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_aim
+from mlx_aim.data import eval_transform
+from mlx_aim.inference import random_model
+from mlx_aim.probe import (
+    FeatureSet,
+    ProbeConfig,
+    compute_features,
+    evaluate,
+    new_head,
+    train_probe,
+)
+from probe_helpers import (
+    COLOURS,
+    last_json,
+    make_colour_folder,
+    make_model_folder,
+    run_script,
+    save_image,
+    tiny_config,
+)
+
+APPLE_HEAD_KEYS = {"head.k.weight", "head.v.weight", "head.cls_token", "head.linear.weight",
+                   "head.bn.running_mean", "head.bn.running_var"}
+FAST = dict(batch_size=16, lr=3e-3, eval_batch_size=32, log_interval=5)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_colour_folder(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="module")
+def trunk():
+    return random_model(tiny_config(), seed=0)
+
+
+def test_probe_reaches_full_train_accuracy_on_a_separable_task(trunk, colours):
+    result = train_probe(trunk, colours, config=ProbeConfig(epochs=20, cache="memory", **FAST), progress=False)
+    assert result.steps == 20 * (4 * 12 // 16)
+    assert result.metrics["train"]["top1"] >= 0.98 and result.metrics["val"]["top1"] >= 0.9
+    assert np.mean(result.losses[-5:]) < 0.2 * result.losses[0]
+    per_class = result.metrics["val"]["per_class"]
+    assert list(per_class) == sorted(COLOURS) and all(v["count"] == 4 for v in per_class.values())
+    # BatchNorm: trained on batch statistics, its running statistics now track the features' moments.
+    features = compute_features(trunk, _samples(colours), dtype="float32", progress=False).features
+    scale = features.std(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(result.head.bn.running_mean), features.mean(axis=(0, 1)), atol=0.2 * scale.max())
+    np.testing.assert_allclose(np.asarray(result.head.bn.running_var), features.var(axis=(0, 1)), rtol=0.3)
+    assert not result.head.training
+
+
+def _samples(root):
+    from mlx_aim.data import ImageFolder
+
+    return ImageFolder(root / "train").samples
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_resumed_run_continues_exactly(trunk, colours, tmp_path, augment):
+    config = ProbeConfig(epochs=3, augment=augment, ckpt_interval=4, **FAST)
+    full = train_probe(trunk, colours, tmp_path / "full", config, progress=False)
+    first = train_probe(trunk, colours, tmp_path / "parts", config, stop_at=5, progress=False)
+    assert first.steps == 5 and not (tmp_path / "parts" / "head.safetensors").exists()  # not finished yet
+    state = json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 5 and len(state["losses"]) == 5
+    rest = train_probe(trunk, colours, tmp_path / "parts", config, resume=True, progress=False)
+    assert full.losses == first.losses + rest.losses  # bitwise: same data order, optimizer state, BN stats
+    for key in ("k.weight", "cls_token", "linear.weight", "bn.running_var"):
+        a = dict(_flat(full.head))[key]
+        b = dict(_flat(rest.head))[key]
+        assert np.array_equal(np.asarray(a), np.asarray(b)), key
+    assert full.metrics["val"] == rest.metrics["val"]
+    info = json.loads((tmp_path / "parts" / "probe.json").read_text())
+    assert info["steps"] == info["total_steps"] == full.steps
+
+
+def _flat(head):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(head.parameters())
+
+
+def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, colours, tmp_path):
+    config = ProbeConfig(epochs=1, **FAST)
+    train_probe(trunk, colours, tmp_path, config, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        train_probe(trunk, colours, tmp_path, config, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train_probe(trunk, colours, tmp_path, ProbeConfig(epochs=1, **dict(FAST, lr=1e-2)), resume=True,
+                    progress=False)
+    other_trunk = random_model(tiny_config(), seed=5)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_probe(other_trunk, colours, tmp_path, config, resume=True,
+                    trunk={"source": "elsewhere"}, progress=False)
+    # Runtime settings (intervals, workers) may change; a finished run resumes to its outputs.
+    done = train_probe(trunk, colours, tmp_path, ProbeConfig(epochs=1, **dict(FAST, log_interval=3)), resume=True,
+                       progress=False)
+    assert done.losses == [] and done.steps == done.total_steps
+    train_probe(trunk, colours, tmp_path, config, force=True, progress=False)
+
+
+def test_evaluate_metrics_match_numpy(trunk):
+    rng = np.random.default_rng(0)
+    classes = [f"c{i}" for i in range(7)]
+    data = FeatureSet(rng.normal(size=(50, 16, 64)).astype(np.float32), rng.integers(0, 6, 50), [""] * 50)
+    head = new_head(trunk, len(classes), seed=3)
+    head.eval()
+    metrics = evaluate(head, data, classes, batch_size=8)
+    logits = np.asarray(head(mx.array(data.features))[0])
+    top = np.argsort(-logits, axis=1)
+    y = data.labels
+    assert metrics["top1"] == pytest.approx(np.mean(top[:, 0] == y))
+    assert metrics["top5"] == pytest.approx(np.mean((top[:, :5] == y[:, None]).any(axis=1)))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    nll = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(50), y]
+    assert metrics["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    for i, name in enumerate(classes):
+        members = y == i
+        got = metrics["per_class"][name]
+        assert got["count"] == members.sum()
+        if members.any():
+            assert got["accuracy"] == pytest.approx(np.mean(top[members, 0] == i))
+        else:
+            assert got["accuracy"] is None  # class 6 has no images: left out of the mean
+    present = [np.mean(top[y == i, 0] == i) for i in range(6) if (y == i).any()]
+    assert metrics["mean_per_class_accuracy"] == pytest.approx(np.mean(present))
+
+
+def test_bad_training_files_are_skipped_and_listed(trunk, colours, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(colours, data)
+    (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    save_image(data / "val" / "blue" / "dot.png", np.zeros((1, 1, 3), np.uint8))
+    result = train_probe(trunk, data, tmp_path / "out", ProbeConfig(epochs=1, **FAST), progress=False)
+    assert {p for p, _ in result.skipped.items} == {str(data / "train" / "red" / "broken.png"),
+                                                     str(data / "val" / "blue" / "dot.png")}
+    assert result.metrics["train"]["num_images"] == 48 and result.metrics["val"]["num_images"] == 16
+    info = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert len(info["skipped"]) == 2
+
+
+def test_feature_cache_on_disk_is_reused_and_float16_overflow_is_refused(trunk, colours, tmp_path):
+    samples = _samples(colours)[:6]
+    first = compute_features(trunk, samples, cache_file=tmp_path / "c.npy", progress=False)
+    stamp = (tmp_path / "c.npy").stat().st_mtime_ns
+    again = compute_features(trunk, samples, cache_file=tmp_path / "c.npy", progress=False)
+    assert (tmp_path / "c.npy").stat().st_mtime_ns == stamp and np.array_equal(first.features, again.features)
+    x = mx.array(np.stack([eval_transform(p, 16) for p, _ in samples]))
+    np.testing.assert_allclose(first.features, np.asarray(trunk.probe_features(x)), rtol=2e-3, atol=2e-3)
+    other = compute_features(trunk, samples[:5], cache_file=tmp_path / "c.npy", progress=False)  # other samples
+    assert len(other) == 5 and (tmp_path / "c.npy").stat().st_mtime_ns != stamp
+    loud = random_model(tiny_config(), seed=0)
+    loud.trunk.blocks[0].mlp.fc2.weight = loud.trunk.blocks[0].mlp.fc2.weight * 1e6
+    with pytest.raises(ValueError, match="float16"):
+        compute_features(loud, samples, progress=False)
+
+
+def test_probe_cli_train_eval_classify(tmp_path, colours):
+    trunk_dir = make_model_folder(tmp_path / "trunk", with_head=False)  # a pre-training export
+    out = tmp_path / "probe"
+    result = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+                        "--epochs", 15, "--batch-size", 16, "--lr", "3e-3", "--json", check_rc=0)
+    summary = last_json(result.stdout)
+    assert summary["train"]["top1"] >= 0.95 and summary["classes"] == sorted(COLOURS)
+    assert "val: top-1" in result.stdout and "peak memory:" in result.stdout and summary["peak_rss_bytes"] > 0
+
+    # The head file holds exactly Apple's head keys; it and the model folder load back.
+    head = mx.load(str(out / "head.safetensors"))
+    assert set(head) == APPLE_HEAD_KEYS and head["head.linear.weight"].shape == (4, 64)
+    info = json.loads((out / "probe.json").read_text())
+    assert info["probe_layers"] == [1, 2] and info["trunk"]["source"] == str(trunk_dir)
+    model = mlx_aim.load(out / "model")
+    assert model.has_trained_head and model.config.num_classes == 4
+    trunk = mlx_aim.load(trunk_dir)
+    x = mx.array(np.stack([eval_transform(p, 16) for p in sorted((colours / "val" / "red").iterdir())]))
+    from mlx_aim.probe import attach_head, load_head
+
+    with_head = attach_head(trunk, load_head(out / "head.safetensors", trunk))
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
+
+    evaluated = run_script("probe.py", "eval", "--head", out, "--data", colours, "--json", check_rc=0)
+    val = last_json(evaluated.stdout)["val"]  # float32 features here, float16-cached ones in training
+    assert val["top1"] == summary["val"]["top1"] and val["per_class"] == summary["val"]["per_class"]
+    assert val["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-3)
+
+    # classify reads the probe's classes from the model folder.
+    classified = run_script("classify.py", "--model", out / "model", "--top-k", 2, "--json",
+                            colours / "val" / "red", check_rc=0)
+    predictions = last_json(classified.stdout)["predictions"]
+    assert len(predictions) == 4 and all(p["top_k"][0]["label"] == "red" for p in predictions)
+
+
+def test_probe_cli_random_init_baseline_and_errors(tmp_path, colours):
+    trunk_dir = make_model_folder(tmp_path / "trunk", with_head=False)
+    out = tmp_path / "random"
+    result = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+                        "--random-init", "--seed", 4, "--epochs", 2, "--batch-size", 16, "--json", check_rc=0)
+    assert last_json(result.stdout)["random_init"] is True
+    info = json.loads((out / "probe.json").read_text())
+    assert info["trunk"]["random_init"] and info["trunk"]["seed"] == 4
+    # The random trunk is saved with the head, so the baseline can be evaluated and reproduced.
+    saved = mlx_aim.load(out / "model")
+    fresh = random_model(saved.config, seed=4)
+    assert np.array_equal(np.asarray(saved.trunk.blocks[0].attn.qkv.weight),
+                          np.asarray(fresh.trunk.blocks[0].attn.qkv.weight))
+    again = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+                       "--random-init", "--seed", 4, "--epochs", 2, "--batch-size", 16, check_rc=2)
+    assert "--resume" in again.stderr
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    failed = run_script("probe.py", "train", "--model", trunk_dir, "--data", empty, "--out", tmp_path / "x",
+                        check_rc=2)
+    assert str(empty / "a") in failed.stderr
