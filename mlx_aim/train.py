@@ -625,8 +625,11 @@ def pretrain(
                               "(--resume) to continue, or choose another output folder")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (out_dir / CHECKPOINT_DIR).glob(".step_*.tmp-*"):  # left by a kill mid-write
-            shutil.rmtree(stale, ignore_errors=True)
+        # Left by a kill mid-write: checkpoint temporaries, and save_model's temporary or replaced model/.
+        stale = [*(out_dir / CHECKPOINT_DIR).glob(".step_*.tmp-*"), *out_dir.glob(f".{MODEL_DIR}.tmp-*"),
+                 *out_dir.glob(f".{MODEL_DIR}.old-*")]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
 
     train_part, val_part = _resolve_data(data, tc.val_ratio, tc.seed)
     train_samples, val_samples = _samples(train_part), _samples(val_part)
@@ -764,3 +767,49 @@ def pretrain(
     if is_main:
         _write_json(out_dir / "summary.json", summary)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line's entry (scripts/pretrain.py)
+
+
+def format_summary(summary: dict) -> str:
+    s = summary
+    lines = [
+        f"pre-trained {s['preset'] or 'AIM'}: steps {s['start_step'] + 1}-{s['steps']} of {s['total_steps']}, "
+        f"global batch {s['global_batch']}, {s['processes']} process(es), {s['dtype']}",
+    ]
+    if s["first_loss"] is not None:
+        val = f"; validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
+        lines.append(f"loss {s['first_loss']:.4f} (step {s['start_step'] + 1}) -> {s['end_loss']:.4f} "
+                     f"(mean of the last {min(10, s['steps'] - s['start_step'])} steps){val}")
+    if s["images_per_s"] is not None:
+        lines.append(f"throughput {s['images_per_s']:.1f} images/s; wall time {s['wall_s']:.1f} s")
+    lines.append(f"checkpoint: {s['checkpoint']}")
+    lines.append(f"pre-trained trunk: {s['model_dir']} (mlx_aim.load, scripts/probe.py --model)")
+    return "\n".join(lines)
+
+
+def run_pretrain(model_config: AIMConfig, train_config: TrainConfig, data, out_dir, *, resume: bool = False,
+                 stop_at: Optional[int] = None, progress: bool = True, as_json: bool = False) -> int:
+    """Runs `pretrain` and prints its summary (rank 0 only); with `as_json`, one JSON object last.
+    Returns the exit status: 0, or 1 when the loss diverged."""
+    import sys
+
+    group = mx.distributed.init()
+    is_main = group.rank() == 0
+    try:
+        summary = pretrain(model_config, train_config, data, out_dir, resume, stop_at=stop_at,
+                           progress=progress, group=group)
+    except TrainingDiverged as error:
+        if is_main:
+            print(str(error), file=sys.stderr)
+            if as_json:
+                print(json.dumps({"error": "diverged", "step": error.step,
+                                  "checkpoint": str(error.checkpoint) if error.checkpoint else None}))
+        return 1
+    if is_main:
+        print(format_summary(summary))
+        if as_json:
+            print(json.dumps(summary))
+    return 0

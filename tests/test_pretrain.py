@@ -1,0 +1,227 @@
+"""The pre-training loop end to end on a tiny model and a small generated dataset: the loss falls, resuming
+after a stop or a kill reproduces the uninterrupted run, a NaN stops the run, the trunk exports, and the
+visualisation un-normalises predictions with the true patches' statistics."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx_aim
+from mlx.utils import tree_flatten
+from mlx_aim.config import AIMConfig
+from mlx_aim.objective import norm_pix_target, patchify
+from mlx_aim.synthetic import write_image_folder
+from mlx_aim.train import (
+    TrainConfig,
+    TrainingDiverged,
+    list_checkpoints,
+    load_pretraining_checkpoint,
+    pretrain,
+    read_log,
+)
+from mlx_aim.visualize import next_patch_predictions, to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+def tiny_config() -> AIMConfig:
+    return AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, head_width=32, head_depth=1,
+                     probe_layers=[0, 1], num_classes=10)
+
+
+def recipe(**changes) -> TrainConfig:
+    base = dict(steps=STEPS, batch_size=8, lr=2e-3, warmup_frac=0.1, log_interval=1, val_interval=12,
+                ckpt_interval=5, keep_last=3, val_images=16, num_workers=2)
+    return TrainConfig(**dict(base, **changes))
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+def checkpoint_weights(path: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(path / "model.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("shapes") / "data", num_train=64, num_val=16, image_size=16)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted run that the other tests compare against."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    summary = pretrain(tiny_config(), recipe(), data, out, progress=False, echo=lambda _: None)
+    return out, summary
+
+
+def test_loss_falls_clearly_on_generated_images(reference):
+    out, summary = reference
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in range(STEPS - 2, STEPS + 1)])
+    assert last < 0.6 * first, losses
+    val = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+    assert summary["first_loss"] == losses[1] and summary["val_loss"] == val[1]
+    assert summary["images_per_s"] > 0
+    record = read_log(out)[0]
+    assert set(record) == {"step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"}
+    # Checkpoints every 5 steps and at the end, the last 3 kept, all complete.
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000015", "step_00000020", "step_00000024"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_exported_trunk_loads_as_a_classifier(reference):
+    out, _ = reference
+    model = mlx_aim.load(out / "model")
+    assert model.has_trained_head is False and model.config.attention == "bidirectional"
+    saved = checkpoint_weights(list_checkpoints(out)[-1])
+    np.testing.assert_array_equal(np.array(model.trunk.blocks[1].mlp.fc2.weight), saved["trunk.blocks.1.mlp.fc2.weight"])
+    assert model(mx.zeros((2, 16, 16, 3))).shape == (2, 10)
+    pretrained, state = load_pretraining_checkpoint(out)
+    assert state["step"] == STEPS and "pixel_head.out_proj.weight" in dict(tree_flatten(pretrained.parameters()))
+
+
+def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, data, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    pretrain(tiny_config(), recipe(), data, out, stop_at=12, progress=False, echo=lambda _: None)
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000005", "step_00000010", "step_00000012"]
+    # As if killed after step 12's checkpoint began: it never completed, and its temporary folder remains.
+    os.rename(out / "checkpoints" / "step_00000012", out / "checkpoints" / ".step_00000012.tmp-dead")
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(tiny_config(), recipe(), data, out, progress=False, echo=lambda _: None)
+    with pytest.raises(ValueError, match="lr"):
+        pretrain(tiny_config(), recipe(lr=1e-3), data, out, resume=True, progress=False, echo=lambda _: None)
+    messages = []
+    summary = pretrain(tiny_config(), recipe(log_interval=1, num_workers=1), data, out, resume=True,
+                       progress=False, echo=messages.append)
+    assert summary["start_step"] == 10 and "step_00000010" in messages[0]
+    assert not list((out / "checkpoints").glob(".step_*"))
+    ref, ours = train_losses(ref_out), train_losses(out)
+    assert sorted(ours) == list(range(1, STEPS + 1))  # the replayed steps replaced the interrupted ones
+    np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=1e-5)
+    final, ref_final = checkpoint_weights(list_checkpoints(out)[-1]), checkpoint_weights(list_checkpoints(ref_out)[-1])
+    for key, value in ref_final.items():
+        np.testing.assert_allclose(final[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    config_file = tmp_path / "tiny.json"
+    config_file.write_text(json.dumps(tiny_config().to_dict()))
+    c = recipe()
+    command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_file), "--data",
+               str(data), "--out", str(out), "--no-progress", "--steps", str(c.steps), "--batch-size",
+               str(c.batch_size), "--lr", str(c.lr), "--warmup-frac", str(c.warmup_frac), "--log-interval", "1",
+               "--val-interval", str(c.val_interval), "--ckpt-interval", str(c.ckpt_interval),
+               "--keep-last", str(c.keep_last), "--val-images", str(c.val_images)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        # Kill somewhere after the first checkpoint: mid-step, mid-checkpoint or mid-export alike.
+        while time.monotonic() < deadline and process.poll() is None:
+            log = out / "log.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= 7:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, process.stderr.read().decode()
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    killed_at = max(train_losses(out))
+    assert killed_at < STEPS
+    pretrain(tiny_config(), c, data, out, resume=True, progress=False, echo=lambda _: None)
+    ref, ours = train_losses(ref_out), train_losses(out)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=1e-5)
+    assert mlx_aim.load(out / "model").config.width == 32
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    import mlx_aim.train as train_module
+
+    calls = {"n": 0}
+    real = train_module.TrainTransform
+
+    class PoisonAfter(real):
+        def __call__(self, image, rng):
+            calls["n"] += 1
+            out = super().__call__(image, rng)
+            return out * np.nan if calls["n"] > 8 * 7 else out  # from the 8th batch on
+
+    monkeypatch.setattr(train_module, "TrainTransform", PoisonAfter)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 8") as caught:
+        pretrain(tiny_config(), recipe(num_workers=0, ckpt_interval=3, val_interval=0), data, out,
+                 progress=False, echo=lambda _: None)
+    assert caught.value.step == 8 and caught.value.checkpoint.name == "step_00000006"
+    assert "step_00000006" in str(caught.value) and "lower learning rate" in str(caught.value)
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
+    weights = checkpoint_weights(list_checkpoints(out)[-1])
+    assert all(np.isfinite(v).all() for v in weights.values())
+    assert max(train_losses(out)) == 7  # the diverged step is not logged as a loss
+    assert np.isfinite(np.array(mlx_aim.load(out / "model").trunk.blocks[0].attn.qkv.weight)).all()
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32(data, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        pretrain(tiny_config(), recipe(steps=3, dtype=dtype, val_interval=0, num_workers=1), data, out,
+                 progress=False, echo=lambda _: None)
+        runs[dtype] = train_losses(out)
+        weights = mx.load(str(list_checkpoints(out)[-1] / "model.safetensors"))
+        assert {v.dtype for v in weights.values()} == {mx.float32}
+    for step in (1, 2, 3):
+        assert runs["bfloat16"][step] == pytest.approx(runs["float32"][step], rel=0.03)
+
+
+class _Oracle:
+    """Stands in for a model that predicts every next patch perfectly (in normalised pixels)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __call__(self, images, prefix_len=None, attention="prefix"):
+        target = norm_pix_target(patchify(images, self.config.patch_size))
+        return mx.concatenate([target[:, 1:], mx.zeros_like(target[:, :1])], axis=1)
+
+
+def test_visualisation_unnormalises_with_the_true_patch_statistics():
+    images = mx.array(np.random.randn(2, 16, 16, 3).astype(np.float32))
+    predicted = next_patch_predictions(_Oracle(tiny_config()), images)
+    np.testing.assert_allclose(np.array(predicted), np.array(images), atol=1e-4)
+    pixels = np.random.randint(0, 256, (1, 4, 4, 3)).astype(np.float32) / 255
+    normalised = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_array_equal(to_uint8(normalised), np.round(pixels * 255).astype(np.uint8))
+
+
+def test_visualize_script_writes_a_grid(reference, data, tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import visualize
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out, _ = reference
+    images = sorted((data / "val").rglob("*.png"))[:3]
+    grid = tmp_path / "grid.png"
+    assert visualize.main(["--model", str(out), "--out", str(grid), *map(str, images)]) == 0
+    picture = Image.open(grid)
+    assert picture.size[1] > 3 * 128 and picture.size[0] > 2 * 128
+    assert visualize.main(["--model", str(out / "model"), "--out", str(grid), str(images[0])]) == 2  # no pixel head
