@@ -1,0 +1,221 @@
+"""mlx_aim._blas: which CBLAS MLX's CPU backend ends up calling, checked in fresh processes.
+
+Each case starts a new interpreter (the choice is made once, before mlx.core loads) and asks glibc's loader
+(LD_DEBUG=bindings) which library satisfied libmlx.so's `cblas_sgemm`: the evidence that the swap took, with
+no timing involved. What is expected follows from what this machine has: MKL, OpenBLAS or neither.
+"""
+
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_aim import _blas
+
+ROOT = Path(__file__).resolve().parents[1]
+LINUX = sys.platform.startswith("linux")
+GLIBC = LINUX and platform.libc_ver()[0] == "glibc"
+
+CHILD = """
+import json, sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if {mlx_first}:
+        import mlx.core
+    import mlx_aim
+    from mlx_aim._blas import BlasWarning, blas_info, preload_blas
+    again = preload_blas()
+import mlx.core as mx
+import numpy as np
+
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((96, 80), dtype=np.float32), rng.standard_normal((80, 72), dtype=np.float32)
+m = rng.standard_normal((24, 24)) + 24 * np.eye(24)
+with mx.stream(mx.cpu):
+    product = np.array(mx.array(a) @ mx.array(b))
+    inverse = np.array(mx.linalg.inv(mx.array(m, dtype=mx.float32)))
+    singular = np.array(mx.linalg.svd(mx.array(m, dtype=mx.float32), compute_uv=False))
+libs = sorted({{line.split()[-1] for line in open("/proc/self/maps") if "/" in line}}) if sys.platform.startswith("linux") else []
+print(json.dumps({{
+    "info": blas_info(), "again": again,
+    "warnings": [str(w.message) for w in caught if issubclass(w.category, BlasWarning)],
+    "matmul_err": float(np.abs(product - a.astype(np.float64) @ b).max()),
+    "inv_err": float(np.abs(inverse - np.linalg.inv(m)).max()),
+    "svd_err": float(np.abs(singular - np.linalg.svd(m, compute_uv=False)).max()),
+    "libs": libs,
+}}))
+"""
+
+
+def run_child(tmp_path, blas=None, mlx_first=False, extra_env=None):
+    """Run CHILD in a fresh interpreter; returns its report plus `sgemm_from`: the library libmlx.so's
+    cblas_sgemm was bound to (None where glibc's LD_DEBUG is unavailable)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_AIM_BLAS", "LD_DEBUG", "LD_DEBUG_OUTPUT")}
+    if blas is not None:
+        env["MLX_AIM_BLAS"] = blas
+    env.update(extra_env or {})
+    debug = tmp_path / "ld"
+    if GLIBC:
+        env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug))
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(mlx_first=mlx_first)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["sgemm_from"] = None
+    for path in glob.glob(f"{debug}.*"):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if "libmlx" in line and "`cblas_sgemm'" in line:
+                    report["sgemm_from"] = os.path.realpath(line.split(" to ", 1)[1].split(" [", 1)[0])
+    # Correct results whichever BLAS and LAPACK MLX got (float32 against float64).
+    assert report["matmul_err"] < 1e-3 and report["inv_err"] < 1e-5 and report["svd_err"] < 1e-3, report
+    return report
+
+
+def real(path):
+    return os.path.realpath(path)
+
+
+def loaded_blas_libraries(report):
+    names = ("libmkl_rt.so", "libopenblas")
+    return [p for p in report["libs"] if os.path.basename(p).startswith(names)]
+
+
+@pytest.fixture(scope="module")
+def present():
+    """(name, path) of the optimized CBLAS libraries this machine has, best first, and MLX's bundled one."""
+    if not LINUX:
+        return [], None
+    return _blas._candidates(), _blas._bundled_reference_blas()
+
+
+def test_disabled_loads_nothing(tmp_path, present):
+    report = run_child(tmp_path, blas="0")
+    assert report["info"]["loaded"] is False
+    assert report["info"]["reason"] == "disabled by MLX_AIM_BLAS=0"
+    assert report["warnings"] == []
+    assert loaded_blas_libraries(report) == []
+    _, bundled = present
+    if GLIBC and bundled:
+        assert report["sgemm_from"] == real(bundled)
+
+
+def test_automatic_choice_follows_what_is_installed(tmp_path, present):
+    report = run_child(tmp_path)
+    info = report["info"]
+    assert report["again"] == info  # a second preload_blas() changes nothing and does not warn again
+    candidates, bundled = present
+    if not LINUX:
+        assert info["loaded"] is False and "not needed" in info["reason"] and report["warnings"] == []
+    elif bundled is None:
+        assert info["loaded"] is False and "nothing to replace" in info["reason"] and report["warnings"] == []
+    elif candidates:
+        name, path = candidates[0]
+        assert info["loaded"] is True and info["name"] == name and info["path"] == real(path)
+        assert report["warnings"] == []
+        assert real(path) in map(real, report["libs"])
+        if GLIBC:
+            assert report["sgemm_from"] == real(path)
+    else:
+        assert info["loaded"] is False
+        assert len(report["warnings"]) == 1 and "pip install mkl" in report["warnings"][0]
+        assert loaded_blas_libraries(report) == []
+        if GLIBC:
+            assert report["sgemm_from"] == real(bundled)
+
+
+@pytest.mark.skipif(not LINUX, reason="the preload acts on Linux only")
+def test_named_library_is_loaded(tmp_path, present):
+    candidates, _ = present
+    if candidates:
+        path = candidates[-1][1]  # the one the automatic order would not pick, where there are two
+        report = run_child(tmp_path, blas=path)
+        assert report["info"]["loaded"] is True and report["info"]["name"] == "custom"
+        assert report["info"]["path"] == real(path) and report["warnings"] == []
+        if GLIBC:
+            assert report["sgemm_from"] == real(path)
+    else:  # nothing optimized here: naming a missing library must say so, once
+        report = run_child(tmp_path, blas="/nonexistent/libopenblas.so.0")
+        assert report["info"]["loaded"] is False
+        assert len(report["warnings"]) == 1 and "/nonexistent/libopenblas.so.0" in report["warnings"][0]
+
+
+@pytest.mark.skipif(not GLIBC, reason="needs glibc's libm.so.6 as a library without CBLAS")
+def test_named_library_without_cblas_is_refused(tmp_path, present):
+    report = run_child(tmp_path, blas="libm.so.6")
+    assert report["info"]["loaded"] is False
+    assert len(report["warnings"]) == 1 and "does not export cblas_sgemm" in report["warnings"][0]
+    _, bundled = present
+    if bundled:
+        assert report["sgemm_from"] == real(bundled)
+
+
+def test_mlx_imported_first_warns_once(tmp_path, present):
+    report = run_child(tmp_path, mlx_first=True)
+    candidates, bundled = present
+    info = report["info"]
+    assert info["loaded"] is False and report["again"] == info
+    assert loaded_blas_libraries(report) == []
+    if LINUX and bundled:
+        assert len(report["warnings"]) == 1 and "imported before mlx_aim" in report["warnings"][0]
+        if GLIBC:
+            assert report["sgemm_from"] == real(bundled)
+    else:
+        assert report["warnings"] == []
+
+
+@pytest.mark.skipif(not LINUX, reason="the preload acts on Linux only")
+def test_users_openblas_coretype_is_kept(tmp_path, present):
+    candidates, _ = present
+    report = run_child(tmp_path, extra_env={"OPENBLAS_CORETYPE": "Haswell"})
+    info = report["info"]
+    assert "coretype_set" not in info
+    if info["name"] == "openblas":
+        assert info["core"] == "Haswell"
+
+
+def test_coretype_from_cpu_flags():
+    avx2 = {"sse4_2", "avx", "avx2", "fma"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+    assert _blas._coretype_for("x86_64", "AuthenticAMD", avx2) == "Zen"
+    assert _blas._coretype_for("x86_64", "GenuineIntel", avx2) == "Haswell"
+    assert _blas._coretype_for("x86_64", "GenuineIntel", avx512) == "SkylakeX"
+    assert _blas._coretype_for("x86_64", "GenuineIntel", {"sse4_2", "avx"}) is None  # leave detection alone
+    assert _blas._coretype_for("aarch64", "", set()) is None
+
+
+def test_amd_prefers_openblas_intel_prefers_mkl(monkeypatch):
+    monkeypatch.setattr(_blas, "_find_mkl", lambda: "/x/libmkl_rt.so.2")
+    monkeypatch.setattr(_blas, "_find_openblas", lambda: "/y/libopenblas.so.0")
+    monkeypatch.setattr(_blas, "_cpuinfo", lambda: ("GenuineIntel", set()))
+    assert [n for n, _ in _blas._candidates()] == ["mkl", "openblas"]
+    monkeypatch.setattr(_blas, "_cpuinfo", lambda: ("AuthenticAMD", set()))
+    assert [n for n, _ in _blas._candidates()] == ["openblas", "mkl"]
+    monkeypatch.setattr(_blas, "_find_openblas", lambda: None)
+    assert _blas._candidates() == [("mkl", "/x/libmkl_rt.so.2")]
+
+
+def test_finds_mkl_in_the_environment_lib_dir(tmp_path, monkeypatch):
+    lib = tmp_path / "env" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libmkl_rt.so.3").write_bytes(b"")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
+    assert str(lib) in _blas._lib_dirs()
+    monkeypatch.setattr(_blas, "_lib_dirs", lambda: [str(tmp_path / "empty"), str(lib)])
+    assert _blas._find_mkl() == str(lib / "libmkl_rt.so.3")
+
+
+def test_bundled_reference_blas_is_recognised(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    (site / "mlx" / "lib").mkdir(parents=True)
+    (site / "mlx" / "lib" / "libmlx.so").write_bytes(b"")
+    monkeypatch.setattr(_blas, "_mlx_package_dirs", lambda: [str(site / "mlx")])
+    assert _blas._bundled_reference_blas() is None  # a source build linked to whatever BLAS it chose
+    (site / "mlx_cpu.libs").mkdir()
+    (site / "mlx_cpu.libs" / "libblas-0123abcd.so.3.10.0").write_bytes(b"")
+    assert _blas._bundled_reference_blas() == str(site / "mlx_cpu.libs" / "libblas-0123abcd.so.3.10.0")
