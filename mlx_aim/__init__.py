@@ -1,7 +1,16 @@
 """mlx-aim: AIM (Autoregressive Image Models) in MLX."""
 
-from .config import AIMConfig, PRESET_NAMES, get_config
-from .model import AIM, AIMForPretraining, build_model
-from .loading import convert, load
+# First, before anything imports mlx.core: on Linux, bind MLX's matmul to an optimized CBLAS.
+from ._blas import blas_info, preload_blas
+
+preload_blas()
+
+from .config import AIMConfig, PRESET_NAMES, get_config  # noqa: E402
+from .loading import convert, load  # noqa: E402
+from .model import AIM, AIMForPretraining, build_model  # noqa: E402
 
 __version__ = "0.1.0"
+__all__ = [
+    "AIM", "AIMConfig", "AIMForPretraining", "PRESET_NAMES", "blas_info", "build_model", "convert",
+    "get_config", "load",
+]

@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .ops import gelu
+
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
 # broadcastable to (batch, heads, queries, keys) where True means "may attend".
@@ -124,7 +126,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
