@@ -292,15 +292,39 @@ def new_head(model: AIM, num_classes: int, seed: int) -> AttentionProbe:
     return head
 
 
+def probe_forward(head: AttentionProbe, x: mx.array) -> tuple[mx.array, mx.array]:
+    """`head(x)` -> (logits, pooled) computed without projecting every token to keys and values.
+
+    The probe has a single query, so per head h the scores q_h . (W_k x_n)_h equal x_n . (W_k,h^T q_h),
+    and the pooled value sum_n a_n (W_v x_n)_h equals W_v,h (sum_n a_n x_n): O(N D H + D^2) per image
+    instead of O(N D^2). The same parameters and the same maths as `AttentionProbe` (equal to float
+    rounding); for aim-600M's width a training step on cached features runs ~6x faster.
+    """
+    B, N, D = x.shape
+    H = head.num_heads
+    d = D // H
+    x = head.bn(x)
+    q = head.cls_token.reshape(H, d).astype(x.dtype)
+    u = mx.einsum("hj,hjc->hc", q, head.k.weight.reshape(H, d, D)) * (d**-0.5)  # (H, D)
+    weights = mx.softmax(x @ u.T, axis=1, precise=True)  # (B, N, H): attention of each head over tokens
+    mixed = mx.einsum("bnh,bnc->bhc", weights, x)  # (B, H, D)
+    pooled = mx.einsum("bhc,hjc->bhj", mixed, head.v.weight.reshape(H, d, D)).reshape(B, D)
+    return head.linear(pooled), pooled
+
+
 def head_weights(head: AttentionProbe) -> dict[str, mx.array]:
     """The head's tensors under Apple's key names (`head.k.weight`, ...)."""
     return {f"head.{k}": v for k, v in tree_flatten(head.parameters())}
 
 
-def save_head(path: Union[str, os.PathLike], head: AttentionProbe) -> Path:
+def save_head(path: Union[str, os.PathLike], head: AttentionProbe, probe_layers: Optional[Sequence[int]] = None) -> Path:
+    """Writes the head with Apple's keys; the metadata also names its class count and probe layers."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), head_weights(head), metadata={"format": "mlx"})
+    metadata = {"format": "mlx", "num_classes": str(head.linear.weight.shape[0])}
+    if probe_layers is not None:
+        metadata["probe_layers"] = json.dumps(list(probe_layers))
+    mx.save_safetensors(str(tmp), head_weights(head), metadata=metadata)
     os.replace(tmp, path)
     return path
 
@@ -351,7 +375,7 @@ def evaluate(
     for lo in range(0, len(data), batch_size):
         x = mx.array(np.asarray(data.features[lo : lo + batch_size])).astype(mx.float32)
         y = data.labels[lo : lo + batch_size]
-        logits, _ = head(x)
+        logits, _ = probe_forward(head, x)
         loss = nn.losses.cross_entropy(logits, mx.array(y), reduction="sum")
         top = mx.argsort(-logits, axis=-1)[:, :k]
         mx.eval(loss, top)
@@ -465,7 +489,7 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
     this step costs ~25 s (MLX builds its fused kernels with the system compiler) to save ~1 ms a step."""
 
     def loss_fn(head, x, y):
-        logits, _ = head(x)
+        logits, _ = probe_forward(head, x)
         return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
 
     loss_and_grad = nn.value_and_grad(head, loss_fn)
@@ -706,7 +730,7 @@ def train_probe(
 
 
 def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool) -> None:
-    save_head(out / HEAD_FILE, head)
+    save_head(out / HEAD_FILE, head, info["probe_layers"])
     if save_model_folder:
         weights = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
         weights.update(head_weights(head))

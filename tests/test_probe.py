@@ -16,6 +16,7 @@ from mlx_aim.probe import (
     compute_features,
     evaluate,
     new_head,
+    probe_forward,
     train_probe,
 )
 from probe_helpers import (
@@ -106,6 +107,29 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
                        progress=False)
     assert done.losses == [] and done.steps == done.total_steps
     train_probe(trunk, colours, tmp_path, config, force=True, progress=False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_probe_forward_equals_the_attention_probe(trunk, training):
+    import mlx.nn as nn
+
+    head = new_head(trunk, 5, seed=1)
+    head.bn.running_mean = mx.random.normal((64,))
+    head.bn.running_var = mx.random.uniform(0.5, 2.0, (64,))
+    head.train(training)
+    x = mx.random.normal((6, 16, 64)) * 3 + 1
+    for fast, layer in zip(probe_forward(head, x), head(x)):
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(layer), rtol=1e-5, atol=1e-5)
+    grads = [nn.value_and_grad(head, lambda h, x: (f(h, x)[0] ** 2).sum())(head, x)[1]
+             for f in (probe_forward, lambda h, x: h(x))]
+    for (key, a), (_, b) in zip(_flat_tree(grads[0]), _flat_tree(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def _flat_tree(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
 
 
 def test_evaluate_metrics_match_numpy(trunk):
