@@ -67,13 +67,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import AIMConfig
-from .data import BatchLoader, EvalTransform, TrainTransform, load_splits
+from .data import BatchLoader, EvalTransform, TrainTransform, list_images
 from .model import AIMForPretraining
 from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .weights import save_model
 
 PREFIX_STREAM = 101  # first word of the seed of step s's prefix draws: [PREFIX_STREAM, seed, s]
 VAL_PREFIX_STREAM = 102  # the validation set's fixed prefix draws
+VAL_SPLIT_STREAM = 103  # which images of a folder without val/ are held out
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 LOG_NAME = "log.jsonl"
@@ -550,20 +551,37 @@ def read_log(out_dir: Union[str, os.PathLike]) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _resolve_data(data, val_ratio: float, seed: int):
+def pretraining_splits(root: Union[str, os.PathLike], val_ratio: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(training images, validation images) of a folder; labels play no part in pre-training.
+
+    With `root/train/`, its images (searched recursively) are the training set and those of `root/val/`,
+    if present, the validation set. Otherwise every image under `root` counts, and a seeded random
+    `val_ratio` of them (at least one image stays for training) is held out.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training data {str(root)!r} is not a folder of images")
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir():
+        train = list_images(train_dir)
+        if val_dir.is_dir():
+            return train, list_images(val_dir)
+    elif val_dir.is_dir():
+        raise ValueError(f"{str(root)!r} has a val/ folder but no train/ folder")
+    else:
+        train = list_images(root)
+    order = np.random.default_rng([VAL_SPLIT_STREAM, seed]).permutation(len(train))
+    num_val = min(int(round(len(train) * val_ratio)), len(train) - 1)
+    held_out = set(order[:num_val].tolist())
+    return [p for i, p in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)]
+
+
+def _resolve_data(data, val_ratio: float, seed: int) -> tuple[list, list]:
     if isinstance(data, (str, os.PathLike)):
-        if not Path(data).is_dir():
-            raise FileNotFoundError(f"training data {str(data)!r} is not a folder of images")
-        return load_splits(data, val_ratio=val_ratio, seed=seed)
+        return pretraining_splits(data, val_ratio, seed)
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data
+        return tuple(list(part.samples) if hasattr(part, "samples") else list(part or []) for part in data)
     raise ValueError("data: expected an image folder path or a (train samples, val samples) pair")
-
-
-def _samples(part) -> list:
-    if part is None:
-        return []
-    return list(part.samples) if hasattr(part, "samples") else list(part)
 
 
 def _check_resume_configs(found: Path, state: dict, model_config: AIMConfig, train_config: TrainConfig,
@@ -598,8 +616,8 @@ def pretrain(
 ) -> dict:
     """Pre-trains an `AIMForPretraining` and exports its trunk to `out_dir/model`; returns a summary.
 
-    `data` is an image folder (`load_splits`: `train/` and `val/`, or class folders split by
-    `val_ratio`) or a (train, val) pair of sample lists. `resume` continues from the newest complete
+    `data` is an image folder (`pretraining_splits`: `train/` and `val/`, or any images under it, of which
+    `val_ratio` is held out) or a (train, val) pair of sample lists or image folders. `resume` continues from the newest complete
     checkpoint in `out_dir` (or starts afresh when there is none). `stop_at` ends this invocation after
     that step with a checkpoint, leaving the schedule as for `steps` (to train in slices). `group` is the
     `mx.distributed` group (default: `mx.distributed.init()`, a single process unless started by
@@ -631,8 +649,7 @@ def pretrain(
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
 
-    train_part, val_part = _resolve_data(data, tc.val_ratio, tc.seed)
-    train_samples, val_samples = _samples(train_part), _samples(val_part)
+    train_samples, val_samples = _resolve_data(data, tc.val_ratio, tc.seed)
     local_batch = tc.batch_size // world
     transform = TrainTransform(mc.image_size, scale=tc.crop_scale, hflip=tc.hflip,
                                color_jitter=tc.color_jitter, jitter_prob=tc.jitter_prob)
@@ -656,6 +673,14 @@ def pretrain(
             echo(f"resuming from {found} (step {start_step})")
     elif resume and is_main:
         echo(f"no checkpoint in {out_dir}: starting from step 0")
+    if world > 1:  # every process must continue from the same step (e.g. each one found the checkpoint)
+        steps = np.array(mx.distributed.all_gather(mx.array([start_step]), group=group)).tolist()
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"processes start from different steps {steps}: every host needs the same "
+                               f"checkpoints in {out_dir} to resume (a shared folder, or copies)")
+    if start_step >= tc.steps:
+        raise ValueError(f"{found} is the end of the run (step {start_step} of {tc.steps}): nothing to resume; "
+                         "use its model/ folder, or start a longer run in another folder")
     if is_main:
         _write_json(out_dir / "config.json", mc.to_dict())
         _write_json(out_dir / "train_config.json", tc.to_dict())

@@ -22,6 +22,7 @@ from mlx_aim.objective import norm_pix_target, patchify
 from mlx_aim.synthetic import write_image_folder
 from mlx_aim.train import (
     TrainConfig,
+    pretraining_splits,
     TrainingDiverged,
     list_checkpoints,
     load_pretraining_checkpoint,
@@ -116,6 +117,8 @@ def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, 
     final, ref_final = checkpoint_weights(list_checkpoints(out)[-1]), checkpoint_weights(list_checkpoints(ref_out)[-1])
     for key, value in ref_final.items():
         np.testing.assert_allclose(final[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        pretrain(tiny_config(), recipe(), data, out, resume=True, progress=False, echo=lambda _: None)
 
 
 def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_path):
@@ -225,3 +228,21 @@ def test_visualize_script_writes_a_grid(reference, data, tmp_path):
     picture = Image.open(grid)
     assert picture.size[1] > 3 * 128 and picture.size[0] > 2 * 128
     assert visualize.main(["--model", str(out / "model"), "--out", str(grid), str(images[0])]) == 2  # no pixel head
+
+
+def test_any_folder_of_images_is_training_data(data, tmp_path):
+    flat = tmp_path / "photos"
+    for i, path in enumerate(sorted((data / "train").rglob("*.png"))[:10]):
+        target = flat / ("nested/deeper" if i % 2 else "") / f"img{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    train, val = pretraining_splits(flat, val_ratio=0.2, seed=0)
+    assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
+    assert (train, val) == pretraining_splits(flat, val_ratio=0.2, seed=0)
+    train, val = pretraining_splits(data, val_ratio=0.2, seed=0)  # train/ and val/ are taken as they are
+    assert len(train) == 64 and len(val) == 16
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        pretraining_splits(tmp_path / "missing", 0.1, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        pretraining_splits(tmp_path / "empty", 0.1, 0)
