@@ -768,6 +768,7 @@ def pretrain(
             elif tc.val_interval and step % tc.val_interval == 0:
                 tick = time.perf_counter()
     finally:
+        batches.close()  # stops the loader's prefetching threads
         if bar is not None:
             bar.close()
 
