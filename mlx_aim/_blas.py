@@ -7,6 +7,9 @@ optimized CBLAS opened with RTLD_GLOBAL before `mlx.core` loads is the one MLX c
 2-core AMD EPYC VM, 1024x1024 float32: 2.5 GFLOP/s -> 60 with MKL, 120 with OpenBLAS).
 
 `preload_blas()` must run before anything imports `mlx.core`; `mlx_aim/__init__.py` calls it first.
+A global library also serves every library loaded after it: PyTorch imported later calls its BLAS and
+LAPACK too (correct either way; MKL keeps torch fast, OpenBLAS slows torch's threaded attention ~15x), so
+tests and benchmarks that time torch next to MLX import torch before mlx_aim.
 Environment variable MLX_AIM_BLAS: `0`/`off` loads nothing, a path (or soname) names the library to load,
 unset/`auto` searches. It does nothing off Linux, where MLX uses Accelerate and Metal.
 """
