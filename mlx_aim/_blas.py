@@ -94,11 +94,12 @@ def _preload():
         loaded, detail = _load(name, path)
         if loaded is not None:
             return loaded
-        failures.append(f"{path}: {detail}")
+        failures.append((path, detail))
     if explicit:
-        reason = f"{ENV_VAR}={setting} could not be used ({failures[0].split(': ', 1)[1]})"
+        reason = f"{ENV_VAR}={setting} could not be used ({failures[0][1]})"
     elif failures:
-        reason = "no usable optimized CBLAS (" + "; ".join(failures) + f"); install one: {_INSTALL_HINT}"
+        tried = "; ".join(f"{path}: {detail}" for path, detail in failures)
+        reason = f"no usable optimized CBLAS ({tried}); install one: {_INSTALL_HINT}"
     else:
         reason = f"no optimized CBLAS found; MLX keeps its reference BLAS (~4 GFLOP/s). Install one: {_INSTALL_HINT}"
     _warn(reason)
