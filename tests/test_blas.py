@@ -40,7 +40,9 @@ with mx.stream(mx.cpu):
     product = np.array(mx.array(a) @ mx.array(b))
     inverse = np.array(mx.linalg.inv(mx.array(m, dtype=mx.float32)))
     singular = np.array(mx.linalg.svd(mx.array(m, dtype=mx.float32), compute_uv=False))
-libs = sorted({{line.split()[-1] for line in open("/proc/self/maps") if "/" in line}}) if sys.platform.startswith("linux") else []
+libs = []
+if sys.platform.startswith("linux"):
+    libs = sorted({{line.split()[-1] for line in open("/proc/self/maps") if "/" in line}})
 print(json.dumps({{
     "info": blas_info(), "again": again,
     "warnings": [str(w.message) for w in caught if issubclass(w.category, BlasWarning)],
