@@ -524,8 +524,7 @@ def _save_checkpoint(out: Path, head, optimizer, state: dict) -> Path:
     return final
 
 
-def _restore(found: Path, head: AttentionProbe, optimizer) -> dict:
-    state = _read_json(found / "state.json")
+def _restore(found: Path, head: AttentionProbe, optimizer) -> None:
     weights = mx.load(str(found / HEAD_FILE))
     head.load_weights([(k[len("head."):], v) for k, v in weights.items()], strict=True)
     optimizer.init(head.trainable_parameters())
@@ -536,7 +535,6 @@ def _restore(found: Path, head: AttentionProbe, optimizer) -> dict:
     optimizer.state = tree_unflatten(list(saved.items()))
     optimizer.init(head.trainable_parameters())
     mx.eval(head.parameters(), optimizer.state)
-    return state
 
 
 def _check_resume(found: Path, state: dict, expected: dict) -> None:
@@ -648,8 +646,9 @@ def train_probe(
     expected = {"recipe": config.recipe(), "data": data_key, "trunk": trunk, "total_steps": total_steps}
     start_step, losses_before = 0, []
     if found is not None:
-        state = _restore(found, head, optimizer)
-        _check_resume(found, state, expected)
+        state = _read_json(found / "state.json")
+        _check_resume(found, state, expected)  # before reading tensors whose shapes may not fit
+        _restore(found, head, optimizer)
         start_step, losses_before = int(state["step"]), list(state["losses"])
         if loader is not None:
             loader.load_state_dict(state["loader"])
