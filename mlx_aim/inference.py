@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -356,7 +356,7 @@ def run_classify(
         return 2
     names = class_names(model, aim.config.num_classes)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names,
-                      num_workers=num_workers, progress=not as_json)
+                      num_workers=num_workers, progress=True)
     for pred in result.predictions:
         tops = ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in pred["top_k"])
         print(f"{pred['path']}: {tops}")
@@ -568,7 +568,9 @@ def _prepare_output(out: Path, run: dict, overwrite: bool) -> None:
             raise ValueError(f"{out}: not a feature folder written by mlx-aim (no {RUN_NAME}); refusing to delete it")
     if out.exists() and any(out.iterdir()):
         if not run_path.exists():
-            raise ValueError(f"{out}: exists and is not a feature folder (no {RUN_NAME}); choose an empty or new folder")
+            raise ValueError(
+                f"{out}: exists and is not a feature folder (no {RUN_NAME}); choose an empty or new folder"
+            )
         try:
             previous = json.loads(run_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -670,7 +672,7 @@ def run_extract_features(
         result = extract_features(aim, inputs, out, features=features, shard_size=shard_size,
                                   file_format=file_format, save_dtype=save_dtype, batch_size=batch_size,
                                   num_workers=num_workers, model_name=str(model), overwrite=overwrite,
-                                  progress=not as_json)
+                                  progress=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

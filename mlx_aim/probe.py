@@ -317,7 +317,9 @@ def head_weights(head: AttentionProbe) -> dict[str, mx.array]:
     return {f"head.{k}": v for k, v in tree_flatten(head.parameters())}
 
 
-def save_head(path: Union[str, os.PathLike], head: AttentionProbe, probe_layers: Optional[Sequence[int]] = None) -> Path:
+def save_head(
+    path: Union[str, os.PathLike], head: AttentionProbe, probe_layers: Optional[Sequence[int]] = None
+) -> Path:
     """Writes the head with Apple's keys; the metadata also names its class count and probe layers."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
@@ -826,7 +828,7 @@ def run_probe_train(
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if as_json else print
     try:
         result = train_probe(trunk_model, data, out, config, trunk=trunk, resume=resume, force=force,
-                             save_model_folder=save_model_folder, progress=not as_json, echo=say)
+                             save_model_folder=save_model_folder, progress=True, echo=say)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if "usable training image" in str(e) else 2
@@ -880,7 +882,7 @@ def run_probe_eval(
     try:
         metrics, skipped = evaluate_probe(aim, data, info["classes"], split=split,
                                           val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),
-                                          batch_size=batch_size, num_workers=num_workers, progress=not as_json)
+                                          batch_size=batch_size, num_workers=num_workers, progress=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,6 @@ listed at the end, and make the exit status non-zero only when no image could be
 import argparse
 import sys
 
-import mlx_aim  # noqa: F401  (before mlx: loads the optimized BLAS where there is one)
 from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, TOP_K, parse_probe_layers, run_classify
 
 

@@ -10,7 +10,6 @@ DIR/index.json maps every row to its image. A re-run with the same settings skip
 import argparse
 import sys
 
-import mlx_aim  # noqa: F401  (before mlx: loads the optimized BLAS where there is one)
 from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, SHARD_SIZE, parse_probe_layers, run_extract_features
 
 

@@ -12,7 +12,6 @@ classify.py and extract_features.py read), the latest checkpoint and the cached 
 import argparse
 import sys
 
-import mlx_aim  # noqa: F401  (before mlx: loads the optimized BLAS where there is one)
 from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, parse_probe_layers
 from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
 

@@ -3,18 +3,24 @@ exact resume, the saved head's layout, metrics, bad inputs, and the command line
 
 import json
 
+import shutil
+
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import mlx_aim
-from mlx_aim.data import eval_transform
+from mlx_aim.data import ImageFolder, eval_transform
 from mlx_aim.inference import random_model
 from mlx_aim.probe import (
     FeatureSet,
     ProbeConfig,
     compute_features,
     evaluate,
+    attach_head,
+    load_head,
     new_head,
     probe_forward,
     train_probe,
@@ -32,6 +38,10 @@ from probe_helpers import (
 APPLE_HEAD_KEYS = {"head.k.weight", "head.v.weight", "head.cls_token", "head.linear.weight",
                    "head.bn.running_mean", "head.bn.running_var"}
 FAST = dict(batch_size=16, lr=3e-3, eval_batch_size=32, log_interval=5)
+
+
+def _samples(root):
+    return ImageFolder(root / "train").samples
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +64,10 @@ def test_probe_reaches_full_train_accuracy_on_a_separable_task(trunk, colours):
     # BatchNorm: trained on batch statistics, its running statistics now track the features' moments.
     features = compute_features(trunk, _samples(colours), dtype="float32", progress=False).features
     scale = features.std(axis=(0, 1))
-    np.testing.assert_allclose(np.asarray(result.head.bn.running_mean), features.mean(axis=(0, 1)), atol=0.2 * scale.max())
+    np.testing.assert_allclose(np.asarray(result.head.bn.running_mean), features.mean(axis=(0, 1)),
+                               atol=0.2 * scale.max())
     np.testing.assert_allclose(np.asarray(result.head.bn.running_var), features.var(axis=(0, 1)), rtol=0.3)
     assert not result.head.training
-
-
-def _samples(root):
-    from mlx_aim.data import ImageFolder
-
-    return ImageFolder(root / "train").samples
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -76,18 +81,12 @@ def test_resumed_run_continues_exactly(trunk, colours, tmp_path, augment):
     rest = train_probe(trunk, colours, tmp_path / "parts", config, resume=True, progress=False)
     assert full.losses == first.losses + rest.losses  # bitwise: same data order, optimizer state, BN stats
     for key in ("k.weight", "cls_token", "linear.weight", "bn.running_var"):
-        a = dict(_flat(full.head))[key]
-        b = dict(_flat(rest.head))[key]
+        a = dict(tree_flatten(full.head.parameters()))[key]
+        b = dict(tree_flatten(rest.head.parameters()))[key]
         assert np.array_equal(np.asarray(a), np.asarray(b)), key
     assert full.metrics["val"] == rest.metrics["val"]
     info = json.loads((tmp_path / "parts" / "probe.json").read_text())
     assert info["steps"] == info["total_steps"] == full.steps
-
-
-def _flat(head):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(head.parameters())
 
 
 def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, colours, tmp_path):
@@ -111,8 +110,6 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
 
 @pytest.mark.parametrize("training", [False, True])
 def test_probe_forward_equals_the_attention_probe(trunk, training):
-    import mlx.nn as nn
-
     head = new_head(trunk, 5, seed=1)
     head.bn.running_mean = mx.random.normal((64,))
     head.bn.running_var = mx.random.uniform(0.5, 2.0, (64,))
@@ -122,14 +119,8 @@ def test_probe_forward_equals_the_attention_probe(trunk, training):
         np.testing.assert_allclose(np.asarray(fast), np.asarray(layer), rtol=1e-5, atol=1e-5)
     grads = [nn.value_and_grad(head, lambda h, x: (f(h, x)[0] ** 2).sum())(head, x)[1]
              for f in (probe_forward, lambda h, x: h(x))]
-    for (key, a), (_, b) in zip(_flat_tree(grads[0]), _flat_tree(grads[1])):
+    for (key, a), (_, b) in zip(tree_flatten(grads[0]), tree_flatten(grads[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=key)
-
-
-def _flat_tree(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def test_evaluate_metrics_match_numpy(trunk):
@@ -160,8 +151,6 @@ def test_evaluate_metrics_match_numpy(trunk):
 
 
 def test_bad_training_files_are_skipped_and_listed(trunk, colours, tmp_path):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(colours, data)
     (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -208,8 +197,6 @@ def test_probe_cli_train_eval_classify(tmp_path, colours):
     assert model.has_trained_head and model.config.num_classes == 4
     trunk = mlx_aim.load(trunk_dir)
     x = mx.array(np.stack([eval_transform(p, 16) for p in sorted((colours / "val" / "red").iterdir())]))
-    from mlx_aim.probe import attach_head, load_head
-
     with_head = attach_head(trunk, load_head(out / "head.safetensors", trunk))
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
 
