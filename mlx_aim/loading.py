@@ -408,7 +408,7 @@ def load(
             quantization = None
         config = source.config.replace(quantization=stored_q or quantization)
         if head is not None:
-            _merge_head(source, Path(head))
+            config = _merge_head(source, Path(head), config, probe_layers)
         converted = _converted(source, dtype, quantization)
         model = _build(config)
         _check_source(model, source, converted)
@@ -427,17 +427,30 @@ def load(
     return model
 
 
-def _merge_head(source: Source, path: Path) -> None:
+def _merge_head(source: Source, path: Path, config: AIMConfig, probe_layers) -> AIMConfig:
+    """Puts a probe head file's `head.*` tensors over the source's; returns the config the head implies.
+
+    The class count comes from the head's classifier rows; the probe layers from the file's metadata
+    (written by `mlx_aim.probe`) unless the caller named them.
+    """
     if not path.exists():
         raise FileNotFoundError(f"{path}: probe head file not found")
-    head = {}
+    head, metadata = {}, {}
     if path.suffix == ".safetensors":
         _add_safetensors(head, path, apple_layout=False)
+        metadata = mx.load(str(path), return_metadata=True)[1]
     else:
         _add_torch(head, path, source.closers)
     bad = [k for k in head if not k.startswith("head.")]
-    if bad:
-        raise ValueError(f"{path}: a probe head file holds only head.* keys, found {bad[:4]}")
+    if bad or "head.linear.weight" not in head:
+        raise ValueError(f"{path}: a probe head file holds Apple's head.* keys (head.linear.weight, ...), found {sorted(head)[:4]}")
     for key in [k for k in source.tensors if k.startswith("head.")]:
         del source.tensors[key]
     source.tensors.update(head)
+    config = config.replace(num_classes=head["head.linear.weight"].shape[0])
+    if probe_layers is None and "probe_layers" in metadata:
+        try:
+            config = config.replace(probe_layers=[int(i) for i in json.loads(metadata["probe_layers"])])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: metadata probe_layers={metadata['probe_layers']!r} is not a list of block indices") from e
+    return config

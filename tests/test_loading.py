@@ -216,3 +216,22 @@ def test_offline_hub_cache(tmp_path, monkeypatch):
 def test_unknown_source_names_it():
     with pytest.raises(FileNotFoundError, match="no-such-thing"):
         open_source("no-such-thing")
+
+
+def test_probe_head_file_sets_classes_and_layers(tiny_apple, tmp_path):
+    """A trained head with 7 classes, saved with Apple's head keys, loads over a trunk whose config says 1000."""
+    folder, ref, config = tiny_apple
+    trunk = mlx_aim.convert([str(folder / "aim_tiny_attnprobe_backbone.pth")], tmp_path / "trunk")
+    assert not mlx_aim.load(trunk).has_trained_head
+    d = config.width
+    head = {"head.k.weight": mx.random.normal((d, d)), "head.v.weight": mx.random.normal((d, d)),
+            "head.cls_token": mx.random.normal((1, 1, d)), "head.linear.weight": mx.random.normal((7, d)),
+            "head.bn.running_mean": mx.zeros((d,)), "head.bn.running_var": mx.ones((d,))}
+    mx.save_safetensors(str(tmp_path / "head.safetensors"), head, metadata={"probe_layers": "[4, 7]"})
+    model = mlx_aim.load(trunk, head=tmp_path / "head.safetensors")
+    assert model.has_trained_head and model.config.num_classes == 7 and model.config.probe_layers == [4, 7]
+    assert model(mx.random.normal((2, 64, 64, 3))).shape == (2, 7)
+    np.testing.assert_array_equal(np.array(model.head.linear.weight), np.array(head["head.linear.weight"]))
+    with pytest.raises(ValueError, match="head.\\* keys"):
+        mx.save_safetensors(str(tmp_path / "bad.safetensors"), {"trunk.x": mx.zeros((1,))})
+        mlx_aim.load(trunk, head=tmp_path / "bad.safetensors")
