@@ -1,0 +1,114 @@
+"""Writing files and folders so that a reader never sees half of one: build under a temporary name in the
+same folder, then rename over the final name (a rename within a file system is atomic).
+
+Temporary names are `.NAME.tmp-...` (a file keeps NAME's suffix after it: MLX's and numpy's save functions
+pick the format from it). Replacing a folder first renames the old one aside to `.NAME.old-...`, so a kill
+at any moment leaves the old or the new one in place; `remove_stale_temporaries` clears what a kill left.
+
+    with atomic_file(folder / "head.safetensors") as tmp:
+        mx.save_safetensors(str(tmp), weights)
+    with atomic_directory(out / "checkpoint", replace=True) as tmp:
+        write_json(tmp / "state.json", state)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def temporary_glob(name: str) -> str:
+    """The glob that matches the temporaries of a file or folder named `name` (itself a glob or a name)."""
+    return f".{name}.tmp-*"
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`, with the same suffix, for the caller to write; renames it
+    over `path` when the block ends normally, deletes it when the block raises. The folder must exist."""
+    path = Path(path)
+    # Unique per process and call; not created here, so the writer creates it with the usual permissions.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Writes `text` to `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: PathLike, obj: Any, *, indent: int = 2, default=None) -> None:
+    """Writes `obj` as JSON (with a final newline) to `path` atomically; `default` as in `json.dumps`."""
+    write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+@contextmanager
+def atomic_directory(final: PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary folder next to `final` for the caller to fill; renames it to `final` when
+    the block ends normally, deletes it when the block raises.
+
+    An existing `final` raises FileExistsError (on entry, before any work, and again before the rename),
+    unless `replace`: then the old folder is renamed aside, the new one renamed in, and the old one deleted.
+    The parent folder must exist.
+    """
+    final = Path(final)
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private to the user; the finished folder is not
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        if not replace:
+            raise FileExistsError(f"{final} appeared while it was being written")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)  # the rename failed: the old folder goes back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: PathLike, name: str = "*") -> None:
+    """Clears what killed atomic writes of `name` (a name or a glob) left in `folder`.
+
+    Temporaries (`.NAME.tmp-*`) are deleted. A folder set aside for replacement (`.NAME.old-*`) is deleted
+    when NAME is in place, and renamed back to NAME when the kill came between the two renames.
+    """
+    folder = Path(folder)
+    for stale in folder.glob(temporary_glob(name)):
+        _remove(stale)
+    for stale in folder.glob(f".{name}.old-*"):
+        final = folder / stale.name[1:].rpartition(".old-")[0]
+        if final.exists():
+            _remove(stale)
+        else:
+            os.replace(stale, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
