@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+from .fileio import write_json
 
 # Apple's hub `config.json` (huggingface_hub's PyTorch mixin) names only these, under other names.
 _APPLE_HUB_KEYS = {
@@ -123,11 +125,7 @@ class AIMConfig:
         return cls.from_dict(params)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
 
 def _span(first: int, last: int) -> list[int]:
@@ -173,3 +171,24 @@ def get_config(name: str, probe_layers: str | Sequence[int] | None = None, **ove
     else:
         params["probe_layers"] = list(probe_layers)
     return AIMConfig(**params)
+
+
+# Shared by the recipe dataclasses (train.TrainConfig, probe.ProbeConfig), which unlike AIMConfig refuse unknown keys.
+
+
+def strict_from_dict(cls, params: dict, what: str):
+    """`cls(**params)` for a dataclass `cls`, refusing keys that are not its fields (the error names them)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {unknown}")
+    return cls(**params)
+
+
+def check_int_fields(config, keys: Sequence[str], minimum: int, what: str) -> None:
+    """Each field in `keys` of `config` is an int (not a bool) of at least `minimum` (0 or 1)."""
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    for key in keys:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{what} {key}={value!r}: expected {expected}")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .config import PRESET_NAMES, AIMConfig, get_config
 from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
+from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .model import AIM
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
@@ -388,25 +389,6 @@ def _shard_stem(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def _save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")  # MLX wants the suffix
-    mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()}, metadata=metadata)
-    os.replace(tmp, path)
-
-
 @dataclass
 class ExtractResult:
     out: Path
@@ -555,7 +537,7 @@ def extract_features(
         index["embedding_shape"] = [c.width]
     if "tokens" in kinds:
         index["tokens_shape"] = [c.num_patches, c.width]
-    _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    write_json(out / INDEX_NAME, index, indent=1)
     return ExtractResult(out, index, skipped, time.perf_counter() - start, model_seconds, num_new, shards_reused)
 
 
@@ -581,9 +563,10 @@ def _prepare_output(out: Path, run: dict, overwrite: bool) -> None:
                 f"{out}: holds features written with other settings or inputs (differs in {', '.join(changed)}); "
                 "pass --overwrite to replace them, or choose another --out"
             )
+        remove_stale_temporaries(out)  # shard files of an earlier run that was killed mid-write
         return
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_path, json.dumps(run, indent=1) + "\n")
+    write_json(run_path, run, indent=1)
 
 
 def _shard_files(stem: str, kinds: Sequence[str], file_format: str) -> dict[str, str]:
@@ -614,12 +597,15 @@ def _write_shard(out, stem, kinds, file_format, rows, rows_paths, skipped: Skipp
     if rows_paths:
         if file_format == "npy":
             for kind in kinds:
-                _save_npy(out / files[kind], arrays[kind])
+                with atomic_file(out / files[kind]) as tmp:
+                    np.save(tmp, arrays[kind])
         else:
-            _save_safetensors(out / files[kinds[0]], arrays, {"format": FEATURES_FORMAT})
+            with atomic_file(out / files[kinds[0]]) as tmp:
+                mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()},
+                                    metadata={"format": FEATURES_FORMAT})
     shard = {"name": stem, "rows": len(rows_paths), "files": files, "paths": rows_paths,
              "skipped": skipped.to_list()}
-    _atomic_write_text(out / f"{stem}.json", json.dumps(shard, indent=1) + "\n")  # last: marks it finished
+    write_json(out / f"{stem}.json", shard, indent=1)  # last: marks it finished
     return shard
 
 

@@ -24,6 +24,7 @@ Decisions:
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import math
@@ -36,6 +37,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from .fileio import remove_stale_temporaries, temporary_glob, write_json
 
 # The first ten are the default task; the rest add harder pairs (plus/x, disc/hexagon/ellipse, square/frame).
 SHAPE_CLASSES: tuple[str, ...] = (
@@ -429,9 +432,9 @@ def _check_only_ours(root: Path) -> None:
     """Refuses to delete a folder unless it holds nothing but what `write_image_folder` writes."""
     if not root.is_dir():
         raise ValueError(f"{root}: exists and is not a folder; expected a folder for the synthetic images")
-    allowed_top = {*SPLITS, MANIFEST_NAME, MANIFEST_NAME + ".tmp"}
+    allowed_top = {*SPLITS, MANIFEST_NAME, MANIFEST_NAME + ".tmp"}  # ".tmp": the manifest's old temporary name
     for entry in root.iterdir():
-        if entry.name not in allowed_top:
+        if entry.name not in allowed_top and not fnmatch.fnmatch(entry.name, temporary_glob(MANIFEST_NAME)):
             raise ValueError(
                 f"{root}: holds {entry.name!r}, which is not part of a synthetic-shapes folder; refusing to "
                 f"overwrite it (pick an empty or new folder)"
@@ -478,6 +481,8 @@ def write_image_folder(
     if root.exists():
         _check_only_ours(root)
         manifest_path.unlink(missing_ok=True)  # the folder is incomplete from here until the end
+        remove_stale_temporaries(root, MANIFEST_NAME)
+        (root / (MANIFEST_NAME + ".tmp")).unlink(missing_ok=True)
         for split in SPLITS:
             shutil.rmtree(root / split, ignore_errors=True)
     for split, dataset in splits.items():
@@ -492,9 +497,5 @@ def write_image_folder(
                 image.save(root / split / dataset.classes[label] / f"{i}.png", format="PNG", compress_level=1)
                 progress.update()
 
-    tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, manifest_path)
+    write_json(manifest_path, manifest)
     return root

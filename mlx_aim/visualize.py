@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .fileio import atomic_file
 from .objective import patchify, unpatchify
 
 _EPS = 1e-6  # the target normalisation's eps (norm_pix_target)
@@ -92,7 +93,6 @@ def save_prediction_grid(
     grid = prediction_grid(model, batch, prefix_len, cell)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
     return out

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -18,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import AIMConfig
+from .fileio import atomic_directory
 
 # PyTorch bookkeeping that MLX's BatchNorm has no use for.
 _DROPPED_SUFFIXES = ("num_batches_tracked",)
@@ -189,8 +188,7 @@ def save_model(
         else:
             source[name] = value
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_directory(folder, replace=force) as tmp:
         shards = _plan_shards(source, max_shard_bytes)
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -210,17 +208,6 @@ def save_model(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.save(tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(config, source_note))
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
