@@ -37,6 +37,7 @@ Decisions where the paper is silent:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -45,7 +46,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,7 +58,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
+from .config import check_int_fields, strict_from_dict
 from .data import BatchLoader, EvalTransform, ImageFolder, TrainTransform, load_splits
+from .fileio import atomic_directory, atomic_file, read_json, remove_stale_temporaries, write_json
 from .inference import (
     PROBE_INFO,
     Skipped,
@@ -120,14 +122,8 @@ class ProbeConfig:
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         self.crop_scale = tuple(float(s) for s in self.crop_scale)
-        for key in ("epochs", "steps", "ckpt_interval", "num_workers", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"probe config {key}={value!r}: expected an integer >= 0")
-        for key in ("batch_size", "eval_batch_size", "log_interval"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"probe config {key}={value!r}: expected a positive integer")
+        check_int_fields(self, ("epochs", "steps", "ckpt_interval", "num_workers", "seed"), 0, "probe config")
+        check_int_fields(self, ("batch_size", "eval_batch_size", "log_interval"), 1, "probe config")
         if self.steps == 0 and self.epochs == 0:
             raise ValueError("probe config: epochs=0 and steps=0; expected a number of epochs or of steps")
         if not self.lr > 0 or self.warmup_init_lr < 0 or self.weight_decay < 0 or self.eps <= 0:
@@ -148,11 +144,7 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, params: dict) -> "ProbeConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"probe config: unknown fields {unknown}")
-        return cls(**params)
+        return strict_from_dict(cls, params, "probe config")
 
     def recipe(self) -> dict:
         """The fields that decide the numbers (all but the runtime ones)."""
@@ -221,17 +213,17 @@ def compute_features(
         if found is not None:
             return found
     shape = (len(samples), c.num_patches, c.width)
-    tmp = None
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-        features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
-    else:
-        features = np.empty(shape, np_dtype)
-    skipped = Skipped()
-    labels, paths, row = [], [], 0
-    transform = EvalTransform(c.image_size)
-    try:
+    writing = atomic_file(cache_file) if cache_file is not None else contextlib.nullcontext()
+    with writing as tmp:
+        if tmp is not None:  # written in place through a memory map, renamed when complete
+            features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+        else:
+            features = np.empty(shape, np_dtype)
+        skipped = Skipped()
+        labels, paths, row = [], [], 0
+        transform = EvalTransform(c.image_size)
         with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
             batches = iter_image_batches([p for p, _ in samples], transform, batch_size, skipped,
                                          num_workers=num_workers, labels=[l for _, l in samples])
@@ -250,16 +242,12 @@ def compute_features(
             bar.update(len(samples) - bar.n)
         if tmp is not None:
             features.flush()
-            del features
-            os.replace(tmp, cache_file)
-            _write_json(cache_file.with_suffix(".json"),
-                        dict(meta, rows=row, labels=labels, paths=paths, skipped=skipped.to_list()))
-            return _read_cached(cache_file, meta)
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, skipped)
+            del features  # closes the map before the rename
+    if cache_file is None:
+        return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, skipped)
+    _write_json(cache_file.with_suffix(".json"),
+                dict(meta, rows=row, labels=labels, paths=paths, skipped=skipped.to_list()))
+    return _read_cached(cache_file, meta)
 
 
 def _read_cached(cache_file: Path, meta: dict) -> Optional[FeatureSet]:
@@ -322,12 +310,11 @@ def save_head(
 ) -> Path:
     """Writes the head with Apple's keys; the metadata also names its class count and probe layers."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.safetensors")
     metadata = {"format": "mlx", "num_classes": str(head.linear.weight.shape[0])}
     if probe_layers is not None:
         metadata["probe_layers"] = json.dumps(list(probe_layers))
-    mx.save_safetensors(str(tmp), head_weights(head), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), head_weights(head), metadata=metadata)
     return path
 
 
@@ -451,20 +438,7 @@ class ProbeResult:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    write_json(path, obj, indent=1, default=str)
 
 
 def _resolve_data(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[ImageFolder]]:
@@ -507,22 +481,10 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
 
 def _save_checkpoint(out: Path, head, optimizer, state: dict) -> Path:
     final = out / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.tmp-", dir=out))
-    try:
+    with atomic_directory(final, replace=True) as tmp:
         save_head(tmp / HEAD_FILE, head)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         _write_json(tmp / "state.json", state)
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            old = out / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -583,6 +545,9 @@ def train_probe(
     out = Path(out) if out is not None else None
     found = None
     if out is not None:
+        # Left by a kill mid-write; a checkpoint set aside for its replacement is put back first.
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(out / CACHE_DIR)
         if (out / CHECKPOINT_DIR).is_dir():
             if force:
                 shutil.rmtree(out / CHECKPOINT_DIR)
@@ -592,8 +557,6 @@ def train_probe(
             else:
                 found = out / CHECKPOINT_DIR
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(f".{CHECKPOINT_DIR}.tmp-*"):  # left by a kill mid-write
-            shutil.rmtree(stale, ignore_errors=True)
 
     model.eval()
     train_part, val_part = _resolve_data(data, config.val_ratio, config.seed)
@@ -648,7 +611,7 @@ def train_probe(
     expected = {"recipe": config.recipe(), "data": data_key, "trunk": trunk, "total_steps": total_steps}
     start_step, losses_before = 0, []
     if found is not None:
-        state = _read_json(found / "state.json")
+        state = read_json(found / "state.json")
         _check_resume(found, state, expected)  # before reading tensors whose shapes may not fit
         _restore(found, head, optimizer)
         start_step, losses_before = int(state["step"]), list(state["losses"])
@@ -753,7 +716,7 @@ def load_probe_info(head_dir: Union[str, os.PathLike]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected a folder written by probe training "
                                 "(scripts/probe.py train --out DIR)")
-    info = _read_json(path)
+    info = read_json(path)
     if info.get("format") != PROBE_FORMAT:
         raise ValueError(f"{path}: not a probe description (format {info.get('format')!r}, expected {PROBE_FORMAT!r})")
     return info

@@ -53,12 +53,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,8 +65,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .config import AIMConfig
+from .config import AIMConfig, check_int_fields, strict_from_dict
 from .data import BatchLoader, EvalTransform, TrainTransform, list_images
+from .fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
 from .model import AIMForPretraining
 from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .weights import save_model
@@ -134,15 +134,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "keep_last", "prefetch")
-        for key in positive:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train config {key}={value!r}: expected a positive integer")
-        for key in ("log_interval", "val_interval", "ckpt_interval", "num_workers", "val_images", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"train config {key}={value!r}: expected an integer >= 0")
+        check_int_fields(self, ("steps", "batch_size", "grad_accum", "keep_last", "prefetch"), 1, "train config")
+        check_int_fields(self, ("log_interval", "val_interval", "ckpt_interval", "num_workers", "val_images", "seed"),
+                         0, "train config")
         if self.log_interval == 0:
             raise ValueError("train config log_interval=0: expected a positive integer")
         if self.dtype not in _DTYPES:
@@ -171,11 +165,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, params: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"train config: unknown fields {unknown}")
-        return cls(**params)
+        return strict_from_dict(cls, params, "train config")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -397,24 +387,6 @@ class Validator:
 # Checkpoints
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def list_checkpoints(out_dir: Union[str, os.PathLike]) -> list[Path]:
     """Complete checkpoints under `out_dir/checkpoints`, oldest first (only complete ones carry the name)."""
     root = Path(out_dir) / CHECKPOINT_DIR
@@ -439,20 +411,13 @@ def save_checkpoint(out_dir: Path, step: int, model: AIMForPretraining, optimize
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    # replace: a checkpoint of the same step from an earlier, diverged attempt.
+    with atomic_directory(final, replace=True) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
                             metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         model.config.save(tmp / "config.json")
-        _write_json(tmp / "state.json", dict(state, step=step))
-        os.chmod(tmp, 0o755)
-        if final.exists():  # a checkpoint of the same step from an earlier, diverged attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "state.json", dict(state, step=step))
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -481,7 +446,7 @@ def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPr
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    return model, _read_json(found / "state.json")
+    return model, read_json(found / "state.json")
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
@@ -535,9 +500,7 @@ class _Log:
                     continue  # a line cut short by a kill
                 if record.get("step", 0) <= keep_until:
                     kept.append(line)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -643,11 +606,9 @@ def pretrain(
                               "(--resume) to continue, or choose another output folder")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Left by a kill mid-write: checkpoint temporaries, and save_model's temporary or replaced model/.
-        stale = [*(out_dir / CHECKPOINT_DIR).glob(".step_*.tmp-*"), *out_dir.glob(f".{MODEL_DIR}.tmp-*"),
-                 *out_dir.glob(f".{MODEL_DIR}.old-*")]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+        # Left by a kill mid-write: checkpoint temporaries, save_model's temporary or set-aside model/, logs.
+        remove_stale_temporaries(out_dir / CHECKPOINT_DIR)
+        remove_stale_temporaries(out_dir)
 
     train_samples, val_samples = _resolve_data(data, tc.val_ratio, tc.seed)
     local_batch = tc.batch_size // world
@@ -661,7 +622,7 @@ def pretrain(
     optimizer.init(model.trainable_parameters())
     start_step, elapsed_before = 0, 0.0
     if found is not None:
-        state = _read_json(found / "state.json")
+        state = read_json(found / "state.json")
         _check_resume_configs(found, state, mc, tc, world)
         weights = _load_safetensors(found / "model.safetensors")
         model.load_weights(list(weights.items()), strict=True)
@@ -682,8 +643,8 @@ def pretrain(
         raise ValueError(f"{found} is the end of the run (step {start_step} of {tc.steps}): nothing to resume; "
                          "use its model/ folder, or start a longer run in another folder")
     if is_main:
-        _write_json(out_dir / "config.json", mc.to_dict())
-        _write_json(out_dir / "train_config.json", tc.to_dict())
+        write_json(out_dir / "config.json", mc.to_dict())
+        write_json(out_dir / "train_config.json", tc.to_dict())
 
     train_step = TrainStep(model, optimizer, tc, group)
     validator = Validator(model, val_samples, tc, group)
@@ -791,7 +752,7 @@ def pretrain(
         "model_dir": str(out_dir / MODEL_DIR),
     }
     if is_main:
-        _write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 
