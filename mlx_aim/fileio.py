@@ -56,6 +56,16 @@ def write_json(path: PathLike, obj: Any, *, indent: int = 2, default=None) -> No
     write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
 
 
+def read_json(path: PathLike) -> Any:
+    """The JSON in `path`; a missing file or invalid JSON raises an error that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 @contextmanager
 def atomic_directory(final: PathLike, replace: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary folder next to `final` for the caller to fill; renames it to `final` when
@@ -112,3 +122,4 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+

@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_aim.fileio import (
     atomic_directory,
     atomic_file,
+    read_json,
     remove_stale_temporaries,
     temporary_glob,
     write_json,
@@ -123,3 +124,14 @@ def test_remove_stale_temporaries_deletes_leftovers_and_restores_a_folder_set_as
     remove_stale_temporaries(tmp_path)
     assert names(tmp_path) == [".keep.txt", "checkpoint", "step_2"]
     assert (tmp_path / "checkpoint" / "state.json").read_text() == "{}"
+
+
+def test_read_json_names_the_file_when_missing_or_invalid(tmp_path):
+    path = tmp_path / "state.json"
+    with pytest.raises(FileNotFoundError, match="state.json: missing"):
+        read_json(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="state.json: not valid JSON"):
+        read_json(path)
+    write_json(path, {"a": [1]})
+    assert read_json(path) == {"a": [1]}
