@@ -7,7 +7,8 @@ listed at the end, and make the exit status non-zero only when no image could be
 import argparse
 import sys
 
-from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, TOP_K, parse_probe_layers, run_classify
+from mlx_aim.cli import add_inference_options
+from mlx_aim.inference import TOP_K, run_classify
 
 
 def main(argv=None) -> int:
@@ -16,11 +17,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True,
                    help="preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model) or checkpoint file")
     p.add_argument("--top-k", type=int, default=TOP_K)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers to 4 or 8 bits")
-    p.add_argument("--probe-layers", type=parse_probe_layers, help="'best', 'last' or comma-separated block indices")
-    p.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image decoding threads")
+    add_inference_options(p)
     p.add_argument("--json", action="store_true", help="also print one JSON object with the results, last")
     args = p.parse_args(argv)
     return run_classify(args.model, args.paths, top_k=args.top_k, batch_size=args.batch_size, dtype=args.dtype,

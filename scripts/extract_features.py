@@ -10,7 +10,8 @@ DIR/index.json maps every row to its image. A re-run with the same settings skip
 import argparse
 import sys
 
-from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, SHARD_SIZE, parse_probe_layers, run_extract_features
+from mlx_aim.cli import add_inference_options
+from mlx_aim.inference import SHARD_SIZE, run_extract_features
 
 
 def main(argv=None) -> int:
@@ -22,11 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=["npy", "safetensors"], default="npy", dest="file_format")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32", help="dtype on disk")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers to 4 or 8 bits")
-    p.add_argument("--probe-layers", type=parse_probe_layers, help="'best', 'last' or comma-separated block indices")
-    p.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image decoding threads")
+    add_inference_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace features written with other settings")
     p.add_argument("--json", action="store_true", help="also print one JSON object with the results, last")
     args = p.parse_args(argv)

@@ -14,17 +14,9 @@ import argparse
 import sys
 
 import mlx_aim  # noqa: F401  (before mlx: loads the optimized BLAS where there is one)
+from mlx_aim.cli import add_config_options, pair
 from mlx_aim.config import PRESET_NAMES, AIMConfig, get_config
 from mlx_aim.train import TrainConfig, run_pretrain
-
-
-def pair(kind):
-    def parse(text):
-        values = [kind(v) for v in text.split(",")]
-        if len(values) != 2:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected two comma-separated values")
-        return tuple(values)
-    return parse
 
 
 # TrainConfig fields exposed as options; unset options keep TrainConfig's defaults (the one place they live).
@@ -58,9 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-size", type=int, help="override the preset's image size")
     p.add_argument("--patch-size", type=int, help="override the preset's patch size")
-    for flag, kind, text in RECIPE_OPTIONS:
-        name = flag[2:].replace("-", "_")
-        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {getattr(TrainConfig, name)})")
+    recipe = add_config_options(p, RECIPE_OPTIONS, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--stop-at", type=int, help="stop after this step (with a checkpoint); --resume continues")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,7 +58,6 @@ def main(argv=None) -> int:
     args = vars(p.parse_args(argv))
 
     overrides = {k: args[k] for k in ("image_size", "patch_size") if args[k] is not None}
-    recipe = {f[2:].replace("-", "_") for f, _, _ in RECIPE_OPTIONS}
     try:
         if args["preset"]:
             model_config = get_config(args["preset"], **overrides)

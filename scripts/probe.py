@@ -12,17 +12,9 @@ classify.py and extract_features.py read), the latest checkpoint and the cached 
 import argparse
 import sys
 
+from mlx_aim.cli import add_config_options, pair
 from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, parse_probe_layers
 from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
-
-
-def pair(kind):
-    def parse(text):
-        values = [kind(v) for v in text.split(",")]
-        if len(values) != 2:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected two comma-separated values")
-        return tuple(values)
-    return parse
 
 
 # ProbeConfig fields exposed as options; unset options keep ProbeConfig's defaults (the one place they live).
@@ -58,10 +50,7 @@ def main(argv=None) -> int:
     t.add_argument("--random-init", action="store_true", help="the model's architecture with random weights")
     t.add_argument("--augment", action="store_true", default=argparse.SUPPRESS,
                    help="random resized crop + flip (the trunk then runs on every batch; no feature cache)")
-    for flag, kind, text in RECIPE_OPTIONS:
-        name = flag[2:].replace("-", "_")
-        t.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                       help=f"{text} (default {getattr(ProbeConfig, name)})")
+    recipe = add_config_options(t, RECIPE_OPTIONS, ProbeConfig) | {"augment"}
     t.add_argument("--probe-layers", type=parse_probe_layers, help="'best', 'last' or comma-separated indices")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="trunk dtype (the probe is float32)")
     t.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers")
@@ -87,7 +76,6 @@ def main(argv=None) -> int:
         return run_probe_eval(args["head"], args["data"], model=args["model"], split=args["split"],
                               dtype=args["dtype"], quantize=args["quantize"], batch_size=args["batch_size"],
                               num_workers=args["num_workers"], as_json=args["json"])
-    recipe = {f[2:].replace("-", "_") for f, _, _ in RECIPE_OPTIONS} | {"augment"}
     try:
         config = ProbeConfig(**{k: v for k, v in args.items() if k in recipe})
     except ValueError as error:
