@@ -73,6 +73,46 @@ def attention_mask(mode: str, num_tokens: int, prefix_len: Optional[mx.array] = 
     raise ValueError(f"unknown attention mode {mode!r}: expected 'bidirectional', 'causal' or 'prefix'")
 
 
+def _cpu_matmul_in_float32(dtype: mx.Dtype) -> bool:
+    # MLX's CPU backend multiplies half-precision and quantized matrices with its own loops, 10-20x slower
+    # than its float32 BLAS; Metal and CUDA have fast kernels for both.
+    return dtype != mx.float32 and mx.default_device() == mx.cpu
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose half-precision matmul runs in float32 on the CPU backend (rounded back to the input
+    dtype), and whose `nn.quantize` conversion is `QuantizedLinear`. Same parameters, same results up to
+    the order of float32 accumulation."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _cpu_matmul_in_float32(self.weight.dtype):
+            return super().__call__(x)
+        y = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        if "bias" in self:
+            y = y + self.bias.astype(mx.float32)
+        return y.astype(x.dtype)
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input or mode != "affine":
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear that, on the CPU backend, dequantizes its weight and multiplies with the float32
+    BLAS: the same values (the dequantized weight is what the quantized kernel multiplies by), ~15x faster
+    there than MLX's CPU quantized matmul. Other backends use the quantized kernel."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+        y = x.astype(mx.float32) @ w.astype(mx.float32).T
+        if "bias" in self:
+            y = y + self.bias.astype(mx.float32)
+        return y.astype(x.dtype)
+
+
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch size, then LayerNorm: (B, H, W, C) -> (B, H/p * W/p, D)."""
 
@@ -106,8 +146,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array, mask: AttentionMask = None) -> mx.array:
         B, N, D = x.shape
@@ -122,8 +162,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc1 = Linear(dim, hidden, bias=bias)
+        self.fc2 = Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(gelu(self.fc1(x)))
@@ -175,10 +215,10 @@ class AttentionProbe(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.bn = nn.BatchNorm(dim, eps=eps, affine=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
+        self.k = Linear(dim, dim, bias=False)
+        self.v = Linear(dim, dim, bias=False)
         self.cls_token = mx.random.normal((1, 1, dim)) * 0.02
-        self.linear = nn.Linear(dim, num_classes, bias=False)
+        self.linear = Linear(dim, num_classes, bias=False)
 
     def pool(self, x: mx.array) -> mx.array:
         B, N, D = x.shape
@@ -204,11 +244,11 @@ class PixelHead(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, depth: int, out_dim: int, mlp_ratio: float, eps: float):
         super().__init__()
-        self.in_proj = nn.Linear(in_dim, dim)
+        self.in_proj = Linear(in_dim, dim)
         self.norms = [nn.LayerNorm(dim, eps=eps) for _ in range(depth)]
         self.mlps = [MLP(dim, int(dim * mlp_ratio), bias=True) for _ in range(depth)]
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.out_proj = nn.Linear(dim, out_dim)
+        self.out_proj = Linear(dim, out_dim)
 
     def __call__(self, x: mx.array, grid: tuple[int, int]) -> mx.array:
         x = self.in_proj(x)
