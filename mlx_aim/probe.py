@@ -438,7 +438,7 @@ class ProbeResult:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    write_json(path, obj, indent=1, default=str)
+    write_json(path, obj, indent=1, default=str)  # the probe's files: compact, paths and the like as text
 
 
 def _resolve_data(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[ImageFolder]]:
