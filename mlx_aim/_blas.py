@@ -60,6 +60,22 @@ def preload_blas() -> dict:
     return blas_info()
 
 
+def set_num_threads(threads: int) -> bool:
+    """Sets the preloaded library's thread count (OpenBLAS or MKL) for the calls that follow; False when no
+    library was preloaded or it has no such function. On a machine shared with other busy processes, one
+    thread can beat several: each multithreaded call waits at its barriers for descheduled threads."""
+    if threads < 1:
+        raise ValueError(f"threads={threads}: expected a positive integer")
+    for lib in _handles:
+        for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(threads))
+                if _info is not None:
+                    _info["threads"] = threads
+                return True
+    return False
+
+
 def _result(reason, name=None, path=None, **extra):
     return {"loaded": name is not None, "name": name, "path": path, "reason": reason, **extra}
 
@@ -206,6 +222,23 @@ def _find_openblas():
     for p in patterns:
         if os.path.exists(p):
             return p
+    return _find_pip_openblas()
+
+
+def _find_pip_openblas():
+    """OpenBLAS from PyPI with unprefixed CBLAS names: the `ngsolve-openblas` wheel (a DYNAMIC_ARCH build;
+    it links the system's libgfortran.so.5, so loading it can fail where that is missing, and then the next
+    candidate is tried). scipy-openblas32/64 prefix their symbols and cannot stand in."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("ngsolve_openblas")
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(glob.glob(os.path.join(d, "libopenblas*.so*")))
+        if found:
+            return found[0]
     return None
 
 

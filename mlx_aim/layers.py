@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .ops import gelu
+from .ops import additive_mask, attention, gelu
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
@@ -155,7 +155,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
             mask = mask.astype(q.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
 
 
@@ -198,6 +198,8 @@ class Trunk(nn.Module):
         With `max_block_id` set, the final LayerNorm is applied to that block's output.
         """
         last = len(self.blocks) - 1 if max_block_id is None else max_block_id
+        if mask is not None and mx.default_device() == mx.cpu:
+            mask = additive_mask(mask, x.shape[1])  # once, not in every block (CPU attention adds it)
         features = []
         for block in self.blocks[: last + 1]:
             x = block(x, mask)

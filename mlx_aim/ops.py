@@ -2,8 +2,9 @@
 
 MLX's CPU `erf` (and `exp`, `tanh`) is evaluated one element at a time, so `nn.gelu` spends ~100x longer
 than a multiply on the same tensor. `gelu` here computes erf as a rational polynomial (the float32
-approximation Eigen and XLA use) from multiply, add, divide and clip only, which the CPU backend
-vectorises and `mx.compile` fuses into a few kernels.
+approximation Eigen and XLA use) from multiply, add, divide, abs and two clamps only, which the CPU
+backend vectorises and `mx.compile` fuses into a few kernels. `attention` does the same for the softmax's
+exp on the CPU backend.
 """
 
 import math
@@ -48,20 +49,29 @@ def _horner(s, coeffs):
     return acc
 
 
+def _clip_unit(p):
+    """clip(p, 0, 1) for finite p, exactly, with clip's zero slope at both ends, from compare-and-multiply:
+    MLX's CPU minimum, maximum and where are scalar loops (they test for nan per element) and clip is two
+    of them; a multiply by a 0/1 mask vectorises. `+ 0.0` turns the -0 of a negative p into +0."""
+    p = p * (p > 0.0) + 0.0
+    over = p - 1.0
+    return p - over * (over >= 0.0)  # exactly 1 above: p - (p - 1) has no rounding for p just above 1
+
+
 def _gelu_float32(x):
     # Below -_X_CLAMP, Phi is exactly 0 here, so flooring x there changes nothing but gelu(-inf): -0, not nan.
     x_floor = mx.maximum(x, -_X_CLAMP)
     xc = mx.minimum(x_floor, _X_CLAMP)
     s = xc * xc
     # The rational erf overshoots 1 by ~2e-7 near the clamp; clipping keeps Phi a probability.
-    phi = mx.clip(0.5 + xc * _horner(s, _PHI_NUM) / _horner(s, _PHI_DEN), 0.0, 1.0)
+    phi = _clip_unit(0.5 + xc * _horner(s, _PHI_NUM) / _horner(s, _PHI_DEN))
     return x_floor * phi
 
 
 def _gelu_slope_float32(x):
     """d gelu / dx = Phi(x) + x Phi'(x), Phi' from the same rational fit, in closed form: one fused kernel
     instead of autodiff's backward through every Horner step (2-3x faster, no saved intermediates)."""
-    xc = mx.clip(x, -_X_CLAMP, _X_CLAMP)
+    xc = mx.minimum(mx.maximum(x, -_X_CLAMP), _X_CLAMP)
     s = xc * xc
     num, den = _horner(s, _PHI_NUM), _horner(s, _PHI_DEN)
     phi = 0.5 + xc * num / den
@@ -70,7 +80,9 @@ def _gelu_slope_float32(x):
     num_slope, den_slope = _horner(s, _PHI_NUM_SLOPE), _horner(s, _PHI_DEN_SLOPE)
     dphi = ((num + 2.0 * s * num_slope) * den - 2.0 * s * num * den_slope) / (den * den)
     inside = (mx.abs(x) < _X_CLAMP) & (phi > 0.0) & (phi < 1.0)
-    return mx.clip(phi, 0.0, 1.0) + mx.where(inside, x * dphi, 0.0)
+    # x = xc inside; outside, xc keeps the product finite, so multiplying by the 0/1 mask is a select (which,
+    # like minimum, is a scalar loop on the CPU backend).
+    return _clip_unit(phi) + inside.astype(x.dtype) * (xc * dphi)
 
 
 # Shape-specialised, not shapeless: a shapeless trace broadcasts every scalar both ways, which hits MLX's
@@ -106,3 +118,96 @@ def gelu(x: mx.array) -> mx.array:
     if mx.issubdtype(dtype, mx.integer) or dtype == mx.bool_:
         return _gelu_f32(x.astype(mx.float32))
     raise ValueError(f"gelu expects a real-valued array, got dtype {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention on the CPU backend
+
+_LOG2E = 1.4426950408889634
+# 2^f = exp(f ln 2) for f in [-1/2, 1/2]: Taylor to degree 7 (truncation < 6e-9, below float32 rounding).
+_EXP2_TAYLOR = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(8))[::-1]
+
+
+def _exp_nonpositive(y):
+    """exp(y) for float32 y <= 0 (-inf gives 0, nan stays nan) from multiply, add and integer ops, which the
+    CPU backend vectorises (its own exp is evaluated one element at a time). exp(y) = 2^n * 2^f with n the
+    integer nearest y log2(e): 2^f from a polynomial, 2^n written straight into a float's exponent bits.
+    Below 2^-127 the result is 0 (float32's normal range ends at 2^-126)."""
+    t = mx.maximum(y * _LOG2E, -127.0)
+    n = (t - 0.5).astype(mx.int32)  # t <= 0: truncation rounds t - 1/2 up, so f = t - n lies in [-1/2, 1/2]
+    f = t - n.astype(mx.float32)
+    return _horner(f, _EXP2_TAYLOR) * ((n + 127) << 23).view(mx.float32)
+
+
+@mx.compile
+def _softmax_numerator(scores, row_max, scale):
+    return _exp_nonpositive((scores - row_max) * scale)
+
+
+@mx.compile
+def _softmax_input_grad(probs, d_probs, delta, scale):
+    return probs * (d_probs - delta) * scale
+
+
+def _probabilities(q, k, mask, scale):
+    """Softmax over keys of scale * q k^T + mask, unnormalised, with each row's sum."""
+    scores = q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask / scale  # the scale is applied in the exp, and the mask is added after it
+    e = _softmax_numerator(scores, scores.max(axis=-1, keepdims=True), scale)
+    return e, e.sum(axis=-1, keepdims=True)
+
+
+@mx.custom_function
+def _attention_float32(q, k, v, mask, scale):
+    e, total = _probabilities(q, k, mask, scale)
+    return (e @ v) / total  # normalising the (.., N, head_dim) output: fewer elements than the (.., N, N) weights
+
+
+@_attention_float32.vjp
+def _attention_float32_vjp(primals, d_out, out):
+    # The standard attention backward (as flash attention computes it), the weights recomputed, not stored.
+    q, k, v, mask, scale = primals
+    e, total = _probabilities(q, k, mask, scale)
+    probs = e / total
+    d_v = probs.swapaxes(-1, -2) @ d_out
+    delta = (d_out * out).sum(axis=-1, keepdims=True)  # = rowsum(probs * d_probs)
+    d_scores = _softmax_input_grad(probs, d_out @ v.swapaxes(-1, -2), delta, scale)
+    d_mask = mx.zeros_like(mask) if mask is not None else None
+    return d_scores @ k, d_scores.swapaxes(-1, -2) @ q, d_v, d_mask, mx.zeros_like(scale)
+
+
+def additive_mask(mask, num_keys: int, dtype=mx.float32):
+    """An attention mask as a float array to add to the scores: None stays None, "causal" and boolean masks
+    (True: may attend) become 0 where allowed and -inf elsewhere."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"attention mask {mask!r}: expected None, 'causal' or an array")
+        idx = mx.arange(num_keys)
+        mask = idx[:, None] >= idx[None, :]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+    return mask.astype(dtype)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """softmax(scale * q k^T + mask) v over (batch, heads, tokens, head_dim), as
+    `mx.fast.scaled_dot_product_attention` computes it (same mask forms: None, "causal", boolean where True
+    means "may attend", or additive).
+
+    On the CPU backend MLX's fused attention falls back to separate steps with a scalar exp (~4x slower than
+    PyTorch's); there the softmax's exp is `_exp_nonpositive`, the normalisation is applied to the output, the
+    scale is folded into the exp, and the backward is written out (the weights recomputed rather than kept).
+    Half-precision input is computed in float32 there (MLX's CPU half matmul is slow) and rounded back.
+    The mask is a constant there: it gets no gradient.
+    Elsewhere it is `mx.fast.scaled_dot_product_attention`.
+    """
+    if mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    dtype = q.dtype
+    if dtype != mx.float32:
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    out = _attention_float32(q, k, v, additive_mask(mask, k.shape[-2]), mx.array(scale, mx.float32))
+    return out.astype(dtype)
