@@ -50,21 +50,32 @@ def _horner(s, coeffs):
 
 
 def _clip_unit(p):
-    """clip(p, 0, 1) for finite p, exactly, with clip's zero slope at both ends, from compare-and-multiply:
-    MLX's CPU minimum, maximum and where are scalar loops (they test for nan per element) and clip is two
-    of them; a multiply by a 0/1 mask vectorises. `+ 0.0` turns the -0 of a negative p into +0."""
+    """clip(p, 0, 1) for finite p, exactly, with clip's zero slope at both ends, from compare-and-multiply
+    (mx.clip is a minimum and a maximum, each testing for nan per element on the CPU backend). `+ 0.0`
+    turns the -0 of a negative p into +0."""
     p = p * (p > 0.0) + 0.0
     over = p - 1.0
     return p - over * (over >= 0.0)  # exactly 1 above: p - (p - 1) has no rounding for p just above 1
 
 
-def _gelu_float32(x):
+def _clip_unit_by_abs(p):
+    """The same exact clip(p, 0, 1) from add, abs and halving (y + |y| is 0 or 2y, without rounding). Its
+    autodiff slope is 1/2 where p is exactly 0 or 1, so only the forward kernel uses it (the custom VJP and
+    JVP give the derivative), where it measured
+    faster (GELU forward over 512x6144 float32, CPU time: 31 -> 21 ms; MLX's fused CPU kernels vectorise
+    or not depending on the mix of ops, and the compare-to-float casts are one that does not)."""
+    p = 0.5 * (p + mx.abs(p))
+    over = p - 1.0
+    return p - 0.5 * (over + mx.abs(over))
+
+
+def _gelu_float32(x, clip_unit=_clip_unit):
     # Below -_X_CLAMP, Phi is exactly 0 here, so flooring x there changes nothing but gelu(-inf): -0, not nan.
     x_floor = mx.maximum(x, -_X_CLAMP)
     xc = mx.minimum(x_floor, _X_CLAMP)
     s = xc * xc
     # The rational erf overshoots 1 by ~2e-7 near the clamp; clipping keeps Phi a probability.
-    phi = _clip_unit(0.5 + xc * _horner(s, _PHI_NUM) / _horner(s, _PHI_DEN))
+    phi = clip_unit(0.5 + xc * _horner(s, _PHI_NUM) / _horner(s, _PHI_DEN))
     return x_floor * phi
 
 
@@ -87,7 +98,7 @@ def _gelu_slope_float32(x):
 
 # Shape-specialised, not shapeless: a shapeless trace broadcasts every scalar both ways, which hits MLX's
 # fusion depth limit twice as often (6 kernels instead of 3, about 2x slower on CPU).
-_gelu_forward_compiled = mx.compile(_gelu_float32)
+_gelu_forward_compiled = mx.compile(lambda x: _gelu_float32(x, _clip_unit_by_abs))  # equal values, see above
 _gelu_slope_compiled = mx.compile(_gelu_slope_float32)
 
 
@@ -99,6 +110,11 @@ def _gelu_f32(x):
 @_gelu_f32.vjp
 def _gelu_f32_vjp(x, cotangent, output):
     return cotangent * _gelu_slope_compiled(x)
+
+
+@_gelu_f32.jvp
+def _gelu_f32_jvp(x, tangent):  # one input: MLX passes the arrays themselves
+    return tangent * _gelu_slope_compiled(x)
 
 
 def gelu(x: mx.array) -> mx.array:

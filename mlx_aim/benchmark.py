@@ -1,0 +1,480 @@
+"""Speed and memory of mlx-aim on this machine, and PyTorch on the same model and weights in the same run.
+
+    python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
+    python scripts/benchmark.py --preset aim-small --train --batch-size 4 --compare-torch
+    python scripts/benchmark.py --preset aim-600M --quantize 4 --json
+    python scripts/benchmark.py --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
+
+What is measured:
+- inference: `model(images)` of the classifier (trunk up to the deepest probe layer, then the probe), random
+  weights (or `--weights FOLDER`, loaded with `mlx_aim.load`), random normalised images;
+- `--train`: one pre-training step (`mlx_aim.train.TrainStep`: forward, prefix-causal next-patch loss,
+  backward, gradient clipping, AdamW), the preset's pixel head included;
+- the first call (compilation, first-touch allocation) apart, then `--warmup` more untimed calls, then
+  `--repeats` timed calls; medians are reported. With `--compare-torch` the MLX and PyTorch calls alternate
+  (A B, B A, ...), so that a change in the machine's load hits both alike;
+- achieved GFLOP/s: the matmul FLOPs of the call (dense attention counted whole) over its median time,
+  against this machine's float32 matmul peak, measured here on a 2048^3 product;
+- peak memory: the process's peak resident set (`ru_maxrss`; includes PyTorch when compared) and MLX's
+  peak allocation. `--memory-suite` measures load + one forward per model in a fresh process each, from a
+  random-weight folder written tensor by tensor (aim-7B in float32 would not fit in memory).
+
+PyTorch is imported only with `--compare-torch` (`mlx_aim.benchmark_torch`), and before MLX binds its BLAS
+(see `scripts/benchmark.py`), so it runs with its own kernels, as its users have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import __version__
+from ._blas import blas_info, set_num_threads
+from .config import PRESET_NAMES, AIMConfig, get_config
+from .inference import format_bytes, peak_memory, random_model
+from .loading import _quantize_predicate, load, parse_dtype, parse_quantize
+from .model import AIM
+from .weights import save_model
+
+PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
+MEMORY_SUITE = (("aim-1B", "float32", None), ("aim-1B", "bfloat16", None), ("aim-1B", "float32", 4),
+                ("aim-7B", "float32", 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs of one call (matmuls only: element-wise work is small next to them and not what BLAS peak measures)
+
+
+def _block_flops(tokens: int, width: int, hidden: int) -> int:
+    linears = 2 * tokens * width * (3 * width + width + 2 * hidden)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * tokens * tokens * width  # q k^T and the weighted sum of v, all heads together
+    return linears + attention
+
+
+def inference_flops(config: AIMConfig, batch_size: int) -> int:
+    """Matmul FLOPs of `AIM.__call__` on a batch: patch embedding, blocks up to the deepest probe layer, probe."""
+    c, n = config, config.num_patches
+    hidden = int(c.width * c.mlp_ratio)
+    per_image = 2 * n * c.patch_dim * c.width
+    per_image += (c.max_block_id + 1) * _block_flops(n, c.width, hidden)
+    per_image += 2 * 2 * n * c.width * c.width + 2 * 2 * n * c.width + 2 * c.width * c.num_classes  # probe
+    return batch_size * per_image
+
+
+def pretraining_flops(config: AIMConfig, batch_size: int) -> int:
+    """Matmul FLOPs of one pre-training step: forward of every block and the pixel head, backward twice that."""
+    c, n = config, config.num_patches
+    hidden, head_hidden = int(c.width * c.mlp_ratio), int(c.head_width * c.mlp_ratio)
+    forward = 2 * n * c.patch_dim * c.width + c.depth * _block_flops(n, c.width, hidden)
+    forward += 2 * n * c.width * c.head_width + c.head_depth * 2 * 2 * n * c.head_width * head_hidden
+    forward += 2 * n * c.head_width * c.patch_dim
+    return 3 * batch_size * forward
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Times each zero-argument call: its first call alone, `warmup` - 1 more untimed ones, then `repeats`
+    timed rounds in which the calls alternate, reversing the order every round. Returns, per name,
+    {"first_s", "times_s", "median_s", "min_s"}; with warmup 0 the first call is the only timing."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        for _ in range(max(warmup - 1, 0)):
+            fn()
+    times = {name: [] for name in fns}
+    if warmup == 0:
+        times = {name: [first[name]] for name in fns}
+        repeats -= 1
+    names = list(fns)
+    for r in range(max(repeats, 0)):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"first_s": first[name], "times_s": times[name], "median_s": float(np.median(times[name])),
+                   "min_s": float(np.min(times[name]))} for name in fns}
+
+
+def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False) -> dict:
+    """float32 GFLOP/s of a size^3 matmul (median over repeats): MLX, and PyTorch with `torch_too`."""
+    rng = np.random.default_rng(0)
+    a_np, b_np = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    a, b = mx.array(a_np), mx.array(b_np)
+    fns = {"mlx": lambda: mx.eval(a @ b)}
+    if torch_too:
+        import torch
+
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        fns["torch"] = lambda: ta @ tb
+    timed = time_calls(fns, warmup=1, repeats=repeats)
+    return {name: 2 * size**3 / t["median_s"] / 1e9 for name, t in timed.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def float_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as float32 numpy arrays, quantized linears dequantized (what they multiply by)."""
+    flat = dict(tree_flatten(model.parameters()))
+    for key in [k for k in flat if k.endswith(".scales")]:
+        stem = key[: -len(".scales")]
+        module = model
+        for part in stem.split("."):
+            module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+        flat[stem + ".weight"] = mx.dequantize(flat[stem + ".weight"], flat.pop(key), flat.pop(stem + ".biases"),
+                                               module.group_size, module.bits)
+    return {k: np.array(v.astype(mx.float32)) for k, v in flat.items()}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def random_images(config: AIMConfig, batch_size: int, seed: int = 0) -> np.ndarray:
+    """Random NHWC images, normalised pixel scale."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch_size, config.image_size, config.image_size, config.num_channels),
+                               dtype=np.float32)
+
+
+def write_random_model(folder: str | os.PathLike, config: AIMConfig, dtype=None, quantize=None,
+                       seed: int = 0, force: bool = False) -> Path:
+    """An MLX model folder with random weights, written one tensor at a time (`mlx_aim.weights.save_model`),
+    so that a model much larger than memory in float32 (aim-7B) can be written in its quantized form.
+
+    The model is built lazily: each tensor's random initialisation, cast and quantization run only when it
+    is written, and it is dropped right after. Quantized like `mlx_aim.convert` (trunk linears only)."""
+    dtype, quantization = parse_dtype(dtype), parse_quantize(quantize)
+    mx.random.seed(seed)
+    model = AIM(config.replace(quantization=None))  # parameters are lazy until written
+    if dtype is not None and dtype != mx.float32:
+        model.set_dtype(dtype)
+    if quantization:
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=_quantize_predicate(quantization))
+    flat = dict(tree_flatten(model.parameters()))
+    del model  # the dict now holds the only references: each tensor is freed once written
+    producers = {k: (v.dtype, tuple(v.shape), (lambda k=k: flat.pop(k))) for k, v in flat.items()}
+    note = f"Random weights (seed {seed}) written by mlx_aim.benchmark for speed and memory measurements."
+    return save_model(folder, producers, config.replace(quantization=quantization), force=force,
+                      source_note=note)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two measurements
+
+
+def _load_model(config: AIMConfig, dtype, quantize, weights: Optional[str]) -> tuple[AIM, dict]:
+    info = {}
+    start = time.perf_counter()
+    if weights is not None:
+        model = load(weights, dtype=dtype, quantize=quantize)
+        info["weights"] = str(weights)
+    else:
+        model = random_model(config, seed=0, dtype=dtype, quantize=quantize)
+        info["weights"] = "random"
+    mx.eval(model.parameters())
+    info["load_s"] = time.perf_counter() - start
+    info["rss_after_load_bytes"] = peak_memory()["peak_rss_bytes"]
+    return model, info
+
+
+def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=None, weights: Optional[str] = None,
+                    compare_torch: bool = False, warmup: int = 2, repeats: int = 5, compile: bool = False) -> dict:
+    model, info = _load_model(config, dtype, quantize, weights)
+    config = model.config
+    images_np = random_images(config, batch_size)
+    images = mx.array(images_np)
+    # Compiled: the whole forward traced once per input shape, weights captured as constants.
+    forward = mx.compile(model.__call__) if compile else model
+    fns = {"mlx": lambda: mx.eval(forward(images))}
+    result = {"task": "inference", "config": config.name or "custom", "image_size": config.image_size,
+              "batch_size": batch_size, "dtype": str(model.dtype).split(".")[-1],
+              "quantization": config.quantization, "compiled": compile, "weight_bytes": weight_bytes(model), **info,
+              "flops": inference_flops(config, batch_size)}
+    if compare_torch:
+        import torch
+
+        from .benchmark_torch import AIMReference, load_mlx_weights
+
+        torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
+        ref = AIMReference.from_config(config).eval()
+        load_mlx_weights(ref, float_weights(model)).to(torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+
+        def torch_call():
+            with torch.inference_mode():
+                return ref(images_t)
+
+        fns["torch"] = torch_call
+        result["torch_dtype"] = str(torch_dtype).split(".")[-1]
+        ours = np.array(model(images).astype(mx.float32))
+        theirs = torch_call().float().numpy()
+        result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+    result["timings"] = time_calls(fns, warmup, repeats)
+    return result
+
+
+def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
+                      warmup: int = 2, repeats: int = 5) -> dict:
+    from .train import TrainConfig, TrainStep, build_pretraining_model, make_optimizer, step_prefix_len
+
+    model = build_pretraining_model(config, seed=0)
+    train_config = TrainConfig(steps=1000, batch_size=batch_size, dtype=dtype)
+    optimizer = make_optimizer(train_config)
+    optimizer.init(model.trainable_parameters())
+    step = TrainStep(model, optimizer, train_config)
+    images_np = random_images(config, batch_size)
+    prefix = step_prefix_len(0, 1, batch_size, config.num_patches, "prefix")
+    num_targets = int((config.num_patches - prefix).sum())
+    fns = {"mlx": lambda: step(images_np, prefix, num_targets)}
+    result = {"task": "pretraining step", "config": config.name or "custom", "image_size": config.image_size,
+              "batch_size": batch_size, "dtype": dtype, "quantization": None,
+              "head": f"{config.head_depth} blocks x {config.head_width}",
+              "weight_bytes": weight_bytes(model), "flops": pretraining_flops(config, batch_size)}
+    if compare_torch:
+        import torch
+
+        from .benchmark_torch import AIMPretrainingReference, PretrainStep, load_mlx_weights
+
+        ref = load_mlx_weights(AIMPretrainingReference(config), float_weights(model))
+        torch_step = PretrainStep(ref, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
+        prefix_t = torch.from_numpy(prefix.astype(np.int64))
+        fns["torch"] = lambda: torch_step(images_t, prefix_t)
+        # The same step on the same weights: the first losses agree (both computed before any update).
+        ours, _ = step(images_np, prefix, num_targets)
+        theirs, _ = torch_step(images_t, prefix_t)
+        result["first_losses"] = {"mlx": float(ours), "torch": float(theirs)}
+        result["torch_dtype"] = "bfloat16 autocast" if dtype == "bfloat16" else "float32"
+    result["timings"] = time_calls(fns, warmup, repeats)
+    return result
+
+
+def _rows(result: dict, peak: dict) -> None:
+    for name, t in result["timings"].items():
+        t["images_per_s"] = result["batch_size"] / t["median_s"]
+        t["gflops"] = result["flops"] / t["median_s"] / 1e9
+        t["percent_of_peak"] = 100 * t["gflops"] / peak["mlx"]
+    if "torch" in result["timings"]:
+        result["ratio_mlx_over_torch"] = result["timings"]["mlx"]["images_per_s"] / result["timings"]["torch"]["images_per_s"]
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "mlx": mx.__version__, "mlx_aim": __version__,
+            "device": str(mx.default_device())}
+    blas = blas_info()
+    info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = os.getloadavg()[0]
+    for var in ("MLX_AIM_BLAS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+        if os.environ.get(var):
+            info.setdefault("env", {})[var] = os.environ[var]
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The benchmark the command line asks for, as one JSON-ready dict."""
+    if args.weights is None:
+        config = get_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+    else:
+        config = None
+    result = {"machine": machine_info()}
+    if args.compare_torch:
+        from .benchmark_torch import torch_info
+
+        result["machine"]["torch"] = torch_info()
+    if args.threads:
+        set_num_threads(args.threads)
+        if args.compare_torch:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result["machine"]["threads"] = args.threads
+        result["machine"]["blas"]["threads"] = args.threads
+        if args.compare_torch:
+            result["machine"]["torch"]["threads"] = args.threads
+    peak = matmul_peak(repeats=args.repeats, torch_too=args.compare_torch)
+    result["matmul_peak_gflops"] = peak
+    runs = []
+    if not args.train_only:
+        runs.append(bench_inference(config, args.batch_size, args.dtype, args.quantize, args.weights,
+                                    args.compare_torch, args.warmup, args.repeats, args.compile))
+    if args.train or args.train_only:
+        runs.append(bench_pretraining(config, args.train_batch_size or args.batch_size, args.dtype or "float32",
+                                      args.compare_torch, args.warmup, args.repeats))
+    for r in runs:
+        _rows(r, peak)
+    result["runs"] = runs
+    result["memory"] = peak_memory()
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_1min_after"] = os.getloadavg()[0]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory: load + one forward, each model in a fresh process
+
+
+def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE, work_dir: Optional[str] = None,
+                 batch_size: int = 1) -> list[dict]:
+    """For each (preset, dtype, bits): write a random-weight folder, then in a fresh process load it with
+    `mlx_aim.load` and run one forward; report its peak resident memory against the weight bytes on disk.
+    Each folder is deleted once measured."""
+    rows = []
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="mlx_aim_memory-") as tmp:
+        for preset, dtype, bits in specs:
+            folder = Path(tmp) / f"{preset}-{dtype}-q{bits or 0}"
+            start = time.perf_counter()
+            # Written in a child too, so that writing leaves nothing behind in this process's memory.
+            code = ("import sys, mlx_aim; from mlx_aim.benchmark import write_random_model; "
+                    "write_random_model(sys.argv[1], mlx_aim.get_config(sys.argv[2]), sys.argv[3], "
+                    "int(sys.argv[4]) or None)")
+            subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
+            write_s = time.perf_counter() - start
+            disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            cmd = [sys.executable, str(script), "--weights", str(folder), "--batch-size", str(batch_size),
+                   "--warmup", "0", "--repeats", "1", "--json"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory run for {folder.name} failed:\n{proc.stderr[-2000:]}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            run_ = child["runs"][0]
+            rows.append({"preset": preset, "dtype": dtype, "bits": bits, "weight_bytes_on_disk": disk,
+                         "weight_bytes_in_memory": run_["weight_bytes"], "write_s": write_s,
+                         "load_s": run_["load_s"], "rss_after_load_bytes": run_["rss_after_load_bytes"],
+                         "forward_s": run_["timings"]["mlx"]["median_s"], "batch_size": batch_size,
+                         "peak_rss_bytes": child["memory"]["peak_rss_bytes"],
+                         "peak_mlx_bytes": child["memory"]["peak_mlx_bytes"]})
+            shutil.rmtree(folder)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    blas = m["blas"]
+    blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
+                 + (f", {blas['threads']} threads" if blas.get("threads") else "")) if blas.get("loaded") else "MLX's own"
+    lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']}, {m['cpu_count']} CPUs, "
+             f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
+    if "torch" in m:
+        lines.append(f"torch {m['torch']['version']} ({m['torch']['threads']} threads, BLAS {m['torch']['blas']})")
+    peak = result["matmul_peak_gflops"]
+    lines.append("float32 matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+    header = ("task", "model", "framework", "dtype", "batch", "images/s", "latency ms", "min ms", "GFLOP/s",
+              "% peak", "first s")
+    table = [header]
+    for r in result["runs"]:
+        for name, t in r["timings"].items():
+            dtype = r["dtype"] if name == "mlx" else r.get("torch_dtype", r["dtype"])
+            if name == "mlx" and r.get("quantization"):
+                dtype = f"{dtype} q{r['quantization']['bits']}"
+            table.append((r["task"], f"{r['config']} {r['image_size']}px", name, dtype, str(r["batch_size"]),
+                          f"{t['images_per_s']:.3g}", f"{t['median_s'] * 1e3:.0f}", f"{t['min_s'] * 1e3:.0f}",
+                          f"{t['gflops']:.1f}", f"{t['percent_of_peak']:.0f}", f"{t['first_s']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in result["runs"]:
+        notes = []
+        if "ratio_mlx_over_torch" in r:
+            notes.append(f"MLX / torch images/s = {r['ratio_mlx_over_torch']:.2f}x")
+        if "max_rel_diff" in r:
+            notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
+        if "first_losses" in r:
+            notes.append("first losses mlx {mlx:.5f} torch {torch:.5f}".format(**r["first_losses"]))
+        if "load_s" in r:
+            notes.append(f"load {r['load_s']:.1f} s ({r['weights']})")
+        notes.append(f"weights {format_bytes(r['weight_bytes'])}")
+        lines.append(f"{r['task']}: " + "; ".join(notes))
+    mem = result["memory"]
+    lines.append(f"peak memory: {format_bytes(mem['peak_rss_bytes'])} resident (whole process"
+                 + (", torch included" if "torch" in m else "") + f"), {format_bytes(mem['peak_mlx_bytes'])} MLX")
+    return "\n".join(lines)
+
+
+def format_memory(rows: list[dict]) -> str:
+    header = ("model", "weights", "on disk", "load s", "forward s", "peak resident", "peak / weights")
+    table = [header]
+    for r in rows:
+        what = f"{r['bits']}-bit" if r["bits"] else r["dtype"]
+        table.append((r["preset"], what, format_bytes(r["weight_bytes_on_disk"]), f"{r['load_s']:.1f}",
+                      f"{r['forward_s']:.1f}", format_bytes(r["peak_rss_bytes"]),
+                      f"{r['peak_rss_bytes'] / r['weight_bytes_on_disk']:.2f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"load + one forward (batch {rows[0]['batch_size'] if rows else 1}), each in a fresh process"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="See mlx_aim/benchmark.py for what is measured and how.")
+    p.add_argument("--preset", default="aim-600M", choices=PRESET_NAMES)
+    p.add_argument("--weights", help="an MLX model folder to load instead of random weights (times the load too)")
+    p.add_argument("--image-size", type=int, help="override the preset's image size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
+    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers (inference)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--train", action="store_true", help="also time one pre-training step")
+    p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
+    p.add_argument("--train-batch-size", type=int, help="batch of the pre-training step (default: --batch-size)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="time PyTorch on the same model and weights in the same run, alternating")
+    p.add_argument("--threads", type=int,
+                   help="BLAS threads for MLX's matmuls and torch's thread count (default: the libraries' own, "
+                        "all cores); on a machine busy with other work, 1 can be fastest")
+    p.add_argument("--compile", action="store_true", help="time the inference forward under mx.compile")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls, the first (compiling) one included")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
+    p.add_argument("--memory-suite", action="store_true",
+                   help="peak memory of load + forward: aim-1B float32/bfloat16/4-bit and aim-7B 4-bit")
+    p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of the table")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("--threads must be at least 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be 0 or more")
+    if (args.train or args.train_only) and (args.quantize or args.weights):
+        raise SystemExit("--train times pre-training a fresh float model: drop --quantize and --weights")
+    if args.memory_suite:
+        rows = memory_suite(work_dir=args.work_dir)
+        print(json.dumps({"machine": machine_info(), "memory_suite": rows}) if args.json else format_memory(rows))
+        return 0
+    result = run(args)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0

@@ -1,0 +1,117 @@
+"""scripts/benchmark.py and mlx_aim.benchmark: what the benchmark reports and how it counts, never how fast.
+
+The command line runs on a tiny custom-sized preset (aim-tiny at 32 px) so each case takes seconds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_aim
+from mlx_aim import benchmark
+from mlx_aim.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+TINY = ["--preset", "aim-tiny", "--image-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
+
+
+def run_script(*args, check=True):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_json_report_with_torch_and_training():
+    proc = run_script(*TINY, "--train", "--compare-torch", "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["machine"]["torch"]["version"]
+    assert set(result["matmul_peak_gflops"]) == {"mlx", "torch"}
+    inference, training = result["runs"]
+    assert inference["task"] == "inference" and training["task"] == "pretraining step"
+    for run in (inference, training):
+        assert set(run["timings"]) == {"mlx", "torch"}
+        for t in run["timings"].values():
+            assert len(t["times_s"]) == 2 and t["median_s"] > 0 and t["images_per_s"] == pytest.approx(2 / t["median_s"])
+        assert run["ratio_mlx_over_torch"] == pytest.approx(
+            run["timings"]["mlx"]["images_per_s"] / run["timings"]["torch"]["images_per_s"])
+    # Same model, same weights: the two frameworks agree on the output and on the first loss.
+    assert inference["max_rel_diff"] < 1e-4
+    assert training["first_losses"]["mlx"] == pytest.approx(training["first_losses"]["torch"], rel=1e-4)
+    config = get_config("aim-tiny", image_size=32)
+    assert inference["flops"] == benchmark.inference_flops(config, 2)
+    assert training["flops"] == benchmark.pretraining_flops(config, 2)
+    assert result["memory"]["peak_rss_bytes"] > result["memory"]["peak_mlx_bytes"] > 0
+
+
+def test_table_for_a_quantized_model_without_torch():
+    proc = run_script(*TINY, "--quantize", "4", "--threads", "1")
+    out = proc.stdout
+    assert "float32 matmul peak (2048^3): mlx" in out and "torch" not in out
+    assert "inference  aim-tiny 32px  mlx" in out and "float32 q4" in out
+    assert "peak memory:" in out
+
+
+def test_bad_arguments_are_refused():
+    proc = run_script(*TINY, "--train", "--quantize", "4", check=False)
+    assert proc.returncode != 0 and "drop --quantize" in proc.stderr
+    proc = run_script("--preset", "aim-huge", check=False)
+    assert proc.returncode != 0 and "aim-huge" in proc.stderr
+    proc = run_script(*TINY, "--threads", "0", check=False)
+    assert proc.returncode != 0 and "--threads" in proc.stderr
+
+
+def test_inference_flops_by_hand():
+    c = get_config("aim-600M")
+    n, d, h = 256, 1536, 6144
+    block = 2 * n * d * (4 * d + 2 * h) + 4 * n * n * d
+    probe = 4 * n * d * d + 4 * n * d + 2 * d * 1000
+    assert benchmark.inference_flops(c, 3) == 3 * (2 * n * 588 * d + 20 * block + probe)  # blocks 0..19
+    small = get_config("aim-small")
+    head = 2 * n * 384 * 512 + 12 * 4 * n * 512 * 2048 + 2 * n * 512 * 588
+    trunk = 2 * n * 588 * 384 + 12 * (2 * n * 384 * (4 * 384 + 2 * 1536) + 4 * n * n * 384)
+    assert benchmark.pretraining_flops(small, 2) == 3 * 2 * (trunk + head)
+
+
+def test_time_calls_alternates_and_reports_medians():
+    calls = []
+    timed = benchmark.time_calls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3)
+    # first call of each, one more warm-up each, then rounds a b / b a / a b
+    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
+    assert all(len(t["times_s"]) == 3 and t["min_s"] <= t["median_s"] for t in timed.values())
+    calls.clear()
+    timed = benchmark.time_calls({"a": lambda: calls.append("a")}, warmup=0, repeats=1)
+    assert calls == ["a"] and timed["a"]["times_s"] == [timed["a"]["first_s"]]
+
+
+def test_random_folder_is_written_tensor_by_tensor_and_loads(tmp_path):
+    config = get_config("aim-tiny", image_size=32)
+    folder = benchmark.write_random_model(tmp_path / "q4", config, quantize=4)
+    model = mlx_aim.load(folder)
+    assert model.config.quantization == {"bits": 4, "group_size": 64}
+    assert model.trunk.blocks[0].mlp.fc1.weight.dtype == mx.uint32
+    logits = model(mx.array(benchmark.random_images(config, 2)))
+    assert logits.shape == (2, 1000) and np.isfinite(np.array(logits)).all()
+    # The same seed writes the same weights; float_weights dequantizes what the quantized layers hold.
+    again = mlx_aim.load(benchmark.write_random_model(tmp_path / "again", config, quantize=4))
+    a, b = benchmark.float_weights(model), benchmark.float_weights(again)
+    assert a.keys() == b.keys() and "trunk.blocks.0.mlp.fc1.weight" in a and not any(k.endswith(".scales") for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileExistsError):
+        benchmark.write_random_model(tmp_path / "q4", config, quantize=4)
+
+
+def test_memory_suite_row(tmp_path):
+    rows = benchmark.memory_suite([("aim-tiny", "bfloat16", None)], work_dir=str(tmp_path))
+    (row,) = rows
+    assert row["preset"] == "aim-tiny" and row["dtype"] == "bfloat16"
+    assert row["weight_bytes_on_disk"] >= row["weight_bytes_in_memory"] > 0
+    assert row["peak_rss_bytes"] > row["weight_bytes_on_disk"]
+    assert list(tmp_path.iterdir()) == []  # folders are removed once measured
+    assert "aim-tiny" in benchmark.format_memory(rows)
