@@ -98,6 +98,22 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
+@functools.lru_cache(maxsize=None)
+def _dequantizer(bits: int, group_size: int):
+    """Affine dequantization (the values `mx.dequantize` gives, bit for bit) from shifts, masks and a
+    multiply-add that `mx.compile` fuses into one kernel: 1.5-2x faster than MLX's CPU dequantize."""
+    per_word = 32 // bits
+    shifts = mx.array([bits * i for i in range(per_word)], dtype=mx.uint32)
+
+    def dequantize(packed, scales, biases):
+        rows = packed.shape[0]
+        q = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, words, values per word), low bits first
+        q = q.reshape(rows, -1, group_size).astype(scales.dtype)
+        return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
+
+    return mx.compile(dequantize)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear that, on the CPU backend, dequantizes its weight and multiplies with the float32
     BLAS: the same values (the dequantized weight is what the quantized kernel multiplies by), ~15x faster
@@ -106,7 +122,11 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+        if self.mode == "affine" and 32 % self.bits == 0:
+            w = _dequantizer(self.bits, self.group_size)(self.weight, self.scales, self.biases)
+        else:
+            w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
+                              mode=self.mode)
         y = x.astype(mx.float32) @ w.astype(mx.float32).T
         if "bias" in self:
             y = y + self.bias.astype(mx.float32)

@@ -101,3 +101,16 @@ def test_set_num_threads():
     if changed:
         assert blas_info()["threads"] == 1
         set_num_threads(max(1, math.floor(len(__import__("os").sched_getaffinity(0)))))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_compiled_dequantizer_is_mx_dequantize_bit_for_bit(bits, dtype):
+    from mlx_aim.layers import _dequantizer
+
+    for group_size in (32, 64, 128):
+        w = mx.random.normal((48, 256)).astype(dtype)
+        packed = mx.quantize(w, group_size, bits)
+        ref, ours = mx.dequantize(*packed, group_size, bits), _dequantizer(bits, group_size)(*packed)
+        assert ours.dtype == ref.dtype
+        assert np.array_equal(np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32)))
