@@ -1,0 +1,542 @@
+"""The main job on a built-in default, with nothing to download: pre-train a small AIM, probe it, compare.
+
+    python scripts/demo.py                  # ~minutes on a laptop CPU: data, pre-training, two probes, figure
+    python scripts/demo.py --model aim-600M # classify the bundled sample images with a released model instead
+
+The run (`run_demo`):
+1. draws the built-in synthetic shapes dataset (`mlx_aim.synthetic`: 10 classes that differ in shape, not
+   in colour) into an image folder, once (a folder already complete is reused);
+2. pre-trains a small AIM on its training images for a fixed budget (`mlx_aim.train.pretrain`: the AIM
+   objective, prefix attention, the released recipe's optimiser and augmentation);
+3. trains the same attentive probe (`mlx_aim.probe.train_probe`, cached frozen features) on the
+   pre-trained trunk and on the trunk as it was before pre-training (the same seeded initialisation), and
+   reports both top-1 accuracies on held-out images: the difference is what pre-training learned;
+4. writes a PNG with the pre-training loss curve and the model's next-patch predictions on a few
+   held-out images.
+
+Decisions where the brief left room (numbers measured on a 2-core x86 CPU, see `DEFAULT`):
+- The model is aim-tiny's shape scaled down to fit minutes on a CPU: 32x32 images in 4x4 patches (64 tokens,
+  as aim-tiny's 64 px / 8), width 128, depth 6, 4 heads, a 2-block pixel head. aim-tiny itself (width 192,
+  depth 12, 64 px) runs ~8x fewer images/s on such a CPU and would need far longer to beat a random trunk.
+- The baseline is the pre-training run's own initialisation (seeded, xavier-uniform), so the comparison
+  isolates what the pre-training steps added.
+- The run folder is named by seed and budget and pre-training resumes there: an interrupted demo
+  continues where it stopped, and a finished one is reused (`force` starts over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from PIL import Image, ImageDraw, ImageFont
+
+from .config import AIMConfig, get_config
+from .data import ImageFolder, eval_transform, load_splits
+from .model import AIM
+from .probe import ProbeConfig, train_probe, trunk_description
+from .synthetic import SHAPE_CLASSES, render, write_image_folder
+from .train import MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain, read_log
+
+ASSETS = Path(__file__).parent / "assets"
+# The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
+SAMPLE_CLASSES = ("disc", "ring", "star", "stripes", "checkerboard", "dots")
+SAMPLE_SIZE = 128
+SAMPLE_SEED = 7
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the demo's numbers: data, model, pre-training and probe budgets."""
+
+    # Data: the synthetic shapes (`mlx_aim.synthetic`), drawn once into an image folder.
+    image_size: int = 32
+    num_classes: int = 10
+    num_train: int = 4000  # pre-training images (also the pool the probe's training images come from)
+    num_val: int = 1000  # held-out images: the probe's top-1 and the pre-training validation loss
+    probe_train: int = 2000  # the probe trains on training images 0 .. probe_train - 1 (balanced classes)
+    # Model: aim-tiny's layout, scaled down (see the module docstring).
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 6
+    num_heads: int = 4
+    head_width: int = 128
+    head_depth: int = 2
+    probe_layers: Optional[tuple[int, ...]] = None  # None: every block (the last min(6, depth))
+    # Pre-training (the rest of the recipe is `TrainConfig`'s: AdamW (0.9, 0.95), wd 0.05, clip 1.0).
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    val_images: int = 256
+    # The attentive probe (the rest is `ProbeConfig`'s).
+    probe_epochs: int = 20
+    probe_batch_size: int = 128
+    probe_lr: float = 1e-3
+
+    def model_config(self) -> AIMConfig:
+        layers = list(self.probe_layers) if self.probe_layers is not None else "last"
+        return get_config(
+            "aim-tiny", probe_layers=layers, image_size=self.image_size, patch_size=self.patch_size,
+            width=self.width, depth=self.depth, num_heads=self.num_heads, head_width=self.head_width,
+            head_depth=self.head_depth, num_classes=self.num_classes,
+        ).replace(name="aim-demo")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_frac=self.warmup_frac,
+            crop_scale=self.crop_scale, seed=seed, val_images=self.val_images, log_interval=1,
+            val_interval=0, ckpt_interval=max(self.steps // 4, 1), keep_last=1,
+        )
+
+    def probe_config(self, seed: int) -> ProbeConfig:
+        return ProbeConfig(epochs=self.probe_epochs, batch_size=self.probe_batch_size, lr=self.probe_lr,
+                           seed=seed, eval_batch_size=256)
+
+    def replace(self, **changes) -> "DemoConfig":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT = DemoConfig()
+# A much smaller budget with the same pieces, for tests: seconds, not minutes; numbers not meaningful.
+QUICK = DemoConfig(
+    image_size=16, num_classes=4, num_train=96, num_val=32, probe_train=64, patch_size=4, width=32, depth=2,
+    num_heads=2, head_width=32, head_depth=1, steps=6, batch_size=16, val_images=32, probe_epochs=3,
+    probe_batch_size=32,
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pieces
+
+
+def run_name(seed: int, quick: bool, steps: Optional[int], config: Optional[DemoConfig] = None) -> str:
+    """The run folder's name: one folder per seed and budget, so a re-run resumes or reuses its own."""
+    name = f"seed{seed}" + ("-quick" if quick else "") + (f"-steps{steps}" if steps is not None else "")
+    if config is not None and config not in (DEFAULT, QUICK):
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
+        name += f"-custom{digest[:8]}"
+    return name
+
+
+def probe_splits(data_root: Path, probe_train: int) -> tuple[ImageFolder, ImageFolder]:
+    """The probe's (train, val) image folders: training images with index < `probe_train` (file `<i>.png`,
+    label i % classes, so balanced), and all held-out images."""
+    train, val = load_splits(data_root)
+    chosen = [k for k, (path, _) in enumerate(train.samples) if int(path.stem) < probe_train]
+    return train.subset(chosen), val
+
+
+def initial_trunk(config: AIMConfig, seed: int) -> AIM:
+    """The trunk exactly as pre-training with `seed` starts (`train.build_pretraining_model`), as a
+    classifier in eval mode: the random baseline."""
+    start = build_pretraining_model(config, seed)
+    model = AIM(config)
+    weights = [(k, v) for k, v in tree_flatten(start.parameters()) if k.startswith(("preprocessor.", "trunk."))]
+    model.load_weights(weights, strict=False)  # the probe head is trained afresh by train_probe
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _file_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def probe_trunk(model: AIM, trunk: dict, data: tuple[ImageFolder, ImageFolder], out: Path, cfg: DemoConfig,
+                seed: int, progress: bool, echo: Callable) -> dict:
+    """Trains the attentive probe on `model`'s frozen features; returns its validation metrics."""
+    result = train_probe(model, data, out, cfg.probe_config(seed), trunk=trunk, force=True,
+                         save_model_folder=False, progress=progress, echo=echo)
+    return {"val": result.metrics["val"], "train": result.metrics.get("train"),
+            "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+
+
+def finished_pretraining(pre_dir: Path, model_config: AIMConfig, train_config: TrainConfig) -> Optional[dict]:
+    """The summary of a pre-training run in `pre_dir` that already reached its last step with these settings
+    (so the demo reuses it); None when there is none, or it is unfinished (`pretrain` resumes it)."""
+    found = latest_checkpoint(pre_dir)
+    if found is None or not (pre_dir / MODEL_DIR).is_dir():
+        return None
+    state = json.loads((found / "state.json").read_text())
+    if int(state.get("step", -1)) != train_config.steps:
+        return None
+    saved_model = AIMConfig.from_dict(state["model_config"]).to_dict()
+    saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()
+    if saved_model != model_config.to_dict() or saved_train != train_config.to_dict():
+        raise ValueError(f"{pre_dir} holds a finished pre-training run with other settings; run the demo with "
+                         "--force to start this seed over, or choose another --out")
+    summary_path = pre_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return dict(summary, checkpoint=str(found))
+
+
+def loss_records(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, training loss) and (step, validation loss) pairs from a pre-training run's log."""
+    train, val = [], []
+    for record in read_log(run_dir):
+        if "loss" in record:
+            train.append((int(record["step"]), float(record["loss"])))
+        if "val_loss" in record:
+            val.append((int(record["step"]), float(record["val_loss"])))
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------
+# The figure: loss curve (drawn with Pillow) next to the next-patch prediction grid
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def draw_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
+                    size: tuple[int, int] = (520, 360), title: str = "pre-training loss") -> Image.Image:
+    """A line plot of the training loss per step (and validation points), as an RGB PIL image."""
+    if not train:
+        raise ValueError("draw_loss_curve: no training loss records to plot")
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    left, right, top, bottom = 62, width - 16, 34, height - 44
+    steps = [s for s, _ in train] + [s for s, _ in val]
+    values = [v for _, v in train] + [v for _, v in val]
+    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+    y_lo, y_hi = min(values), max(values)
+    pad = 0.05 * (y_hi - y_lo or 1.0)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def to_xy(step, value):
+        x = left + (step - x_lo) / (x_hi - x_lo) * (right - left)
+        y = bottom - (value - y_lo) / (y_hi - y_lo) * (bottom - top)
+        return x, y
+
+    draw.text((left, 8), title, fill="black", font=font)
+    for tick in _nice_ticks(y_lo, y_hi):
+        _, y = to_xy(x_lo, tick)
+        draw.line([(left, y), (right, y)], fill=(228, 228, 228))
+        draw.text((left - 6, y), f"{tick:g}", fill="black", font=small, anchor="rm")
+    for tick in _nice_ticks(x_lo, x_hi):
+        x, _ = to_xy(tick, y_lo)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x, bottom + 6), f"{tick:g}", fill="black", font=small, anchor="mt")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) / 2, height - 16), "step", fill="black", font=small, anchor="mm")
+    if len(train) > 1:
+        draw.line([to_xy(s, v) for s, v in train], fill=(31, 119, 180), width=2)
+    else:
+        x, y = to_xy(*train[0])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    for s, v in val:
+        x, y = to_xy(s, v)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(214, 39, 40))
+    legend = [("training (per step)", (31, 119, 180))] + ([("validation", (214, 39, 40))] if val else [])
+    lx, ly = right - 150, top + 8
+    for text, colour in legend:
+        draw.line([(lx, ly + 6), (lx + 18, ly + 6)], fill=colour, width=3)
+        draw.text((lx + 24, ly), text, fill="black", font=small)
+        ly += 18
+    return image
+
+
+def compose_figure(panels: Sequence[Image.Image], caption: str = "", gap: int = 16) -> Image.Image:
+    """Panels side by side on a white canvas, tops aligned, with an optional caption below."""
+    panels = [p.convert("RGB") for p in panels]
+    width = sum(p.width for p in panels) + gap * (len(panels) + 1)
+    height = max(p.height for p in panels) + 2 * gap + (24 if caption else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = gap
+    for panel in panels:
+        canvas.paste(panel, (x, gap))
+        x += panel.width + gap
+    if caption:
+        ImageDraw.Draw(canvas).text((gap, height - gap - 14), caption, fill="black", font=_font(13))
+    return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Writes a PNG under a temporary name, then renames it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def format_table(result: dict) -> str:
+    """The demo's small table: pre-training loss at start and end, probe top-1 for both trunks."""
+    pre = result["pretraining"]
+    probes = result["probe"]
+    chance = 100.0 / result["num_classes"]
+    rows = [
+        ("pre-training loss, step 1", f"{pre['loss_start']:.4f}"),
+        (f"pre-training loss, step {pre['steps']} (mean of last {min(10, pre['steps'])})", f"{pre['loss_end']:.4f}"),
+    ]
+    if pre.get("val_loss") is not None:
+        rows.append(("validation loss (held-out images), end", f"{pre['val_loss']:.4f}"))
+    rows += [
+        ("probe top-1, random-init trunk", f"{100 * probes['random']['top1']:.1f}%"),
+        ("probe top-1, pre-trained trunk", f"{100 * probes['pretrained']['top1']:.1f}%"),
+        ("pre-training gain", f"{100 * (probes['pretrained']['top1'] - probes['random']['top1']):+.1f} points"),
+    ]
+    key_width = max(len(k) for k, _ in rows)
+    value_width = max(len(v) for _, v in rows)
+    rule = "-" * (key_width + value_width + 3)
+    lines = [rule] + [f"{k:<{key_width}}   {v:>{value_width}}" for k, v in rows] + [rule]
+    lines.append(f"{result['num_classes']} classes (chance {chance:.1f}%), probe trained on "
+                 f"{result['probe_train']} images, top-1 on {probes['pretrained']['num_images']} held-out images")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: Union[str, os.PathLike] = "mlx_aim_demo",
+    seed: int = 0,
+    *,
+    quick: bool = False,
+    steps: Optional[int] = None,
+    config: Optional[DemoConfig] = None,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Runs the whole demo under `out`; returns its figures (what `--json` prints).
+
+    `quick` uses `QUICK` (a tiny budget for tests) instead of `DEFAULT`, `config` any other `DemoConfig`;
+    `steps` overrides the pre-training steps; `force` discards this seed's earlier run folder (the image
+    folder is kept: it is deterministic).
+    """
+    start_time = time.perf_counter()
+    cfg = config if config is not None else QUICK if quick else DEFAULT
+    name = run_name(seed, quick, steps, cfg)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps={steps}: expected a positive number of pre-training steps")
+        cfg = cfg.replace(steps=steps)
+    if seed < 0:
+        raise ValueError(f"seed={seed}: expected an integer >= 0")
+    out = Path(out)
+    data_root = out / "data" / f"shapes-{cfg.image_size}px-{cfg.num_classes}cls-{cfg.num_train}-{cfg.num_val}-seed{seed}"
+    run_dir = out / name
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    model_config = cfg.model_config()
+    train_config = cfg.train_config(seed)
+
+    echo(f"[1/4] synthetic shapes: {cfg.num_train} training + {cfg.num_val} held-out images, "
+         f"{cfg.image_size}x{cfg.image_size}, {cfg.num_classes} classes -> {data_root}")
+    tick = time.perf_counter()
+    write_image_folder(data_root, cfg.num_train, cfg.num_val, cfg.image_size, seed, cfg.num_classes)
+    seconds = {"data": time.perf_counter() - tick}
+
+    echo(f"[2/4] pre-training: {cfg.steps} steps of {cfg.batch_size} images (width {cfg.width}, depth "
+         f"{cfg.depth}, {cfg.image_size // cfg.patch_size}x{cfg.image_size // cfg.patch_size} patches) -> {run_dir}")
+    tick = time.perf_counter()
+    pre_dir = run_dir / "pretrain"
+    summary = finished_pretraining(pre_dir, model_config, train_config)
+    if summary is not None:
+        echo(f"  reusing the finished run in {pre_dir} (--force starts it over)")
+    else:
+        summary = pretrain(model_config, train_config, data_root, pre_dir, resume=True, progress=progress,
+                           echo=echo)
+    seconds["pretrain"] = time.perf_counter() - tick
+    train_losses, val_losses = loss_records(pre_dir)
+    if not train_losses:
+        raise RuntimeError(f"{pre_dir}: the pre-training log holds no loss records")
+    last = [v for _, v in train_losses[-10:]]
+
+    echo(f"[3/4] attentive probes on frozen features: {cfg.probe_train} training images, "
+         f"{cfg.num_val} held-out images, {cfg.probe_epochs} epochs each")
+    tick = time.perf_counter()
+    data = probe_splits(data_root, cfg.probe_train)
+    import mlx_aim  # the package's loader: the exported trunk is an ordinary model folder
+
+    model_dir = pre_dir / MODEL_DIR
+    pretrained = mlx_aim.load(model_dir)
+    random_trunk = initial_trunk(model_config, seed)
+    trunks = {
+        "random": (random_trunk, trunk_description(random_trunk, f"pre-training initialisation (seed {seed})",
+                                                   random_init=True, seed=seed)),
+        "pretrained": (pretrained, dict(trunk_description(pretrained, str(model_dir)),
+                                        weights_sha256=_file_sha256(model_dir))),
+    }
+    probes = {}
+    for name, (model, trunk) in trunks.items():
+        echo(f"  probe on the {'randomly initialised' if name == 'random' else 'pre-trained'} trunk")
+        probes[name] = probe_trunk(model, trunk, data, run_dir / f"probe-{name}", cfg, seed, progress, echo)
+    seconds["probe"] = time.perf_counter() - tick
+
+    echo("[4/4] figure: loss curve and next-patch predictions")
+    tick = time.perf_counter()
+    figure_path = run_dir / "demo.png"
+    grid = prediction_panel(pre_dir, data[1], count=4)
+    panels = [draw_loss_curve(train_losses, val_losses, size=(560, grid.height),
+                              title=f"pre-training loss ({cfg.steps} steps of {cfg.batch_size} images)"),
+              grid]
+    caption = (f"probe top-1: pre-trained {100 * probes['pretrained']['val']['top1']:.1f}%, "
+               f"random init {100 * probes['random']['val']['top1']:.1f}%")
+    save_png(compose_figure(panels, caption), figure_path)
+    seconds["figure"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - start_time
+
+    result = {
+        "seed": seed,
+        "quick": quick,
+        "num_classes": cfg.num_classes,
+        "probe_train": len(data[0]),
+        "model": {k: v for k, v in model_config.to_dict().items()
+                  if k in ("image_size", "patch_size", "width", "depth", "num_heads", "head_width",
+                           "head_depth", "probe_layers")},
+        "pretraining": {
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "loss_start": train_losses[0][1],
+            "loss_end": float(np.mean(last)),
+            "val_loss": val_losses[-1][1] if val_losses else None,
+            "images_per_s": summary.get("images_per_s"),
+        },
+        "probe": {name: {"top1": p["val"]["top1"], "top5": p["val"]["top5"], "num_images": p["val"]["num_images"],
+                         "train_top1": p["train"]["top1"] if p["train"] else None}
+                  for name, p in probes.items()},
+        "gain_points": 100 * (probes["pretrained"]["val"]["top1"] - probes["random"]["val"]["top1"]),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "run_dir": str(run_dir),
+        "checkpoint": summary.get("checkpoint"),
+        "model_dir": str(model_dir),
+        "figure": str(figure_path),
+    }
+    _write_json(run_dir / "demo.json", result)
+    return result
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def prediction_panel(pre_dir: Path, val: ImageFolder, count: int = 4, cell: int = 128) -> Image.Image:
+    """The next-patch prediction grid (`mlx_aim.visualize`) of the pre-trained model with its pixel head, on
+    the first held-out image of each of the first `count` classes."""
+    from .train import load_pretraining_checkpoint
+    from .visualize import prediction_grid
+
+    model, _ = load_pretraining_checkpoint(pre_dir)
+    firsts: dict[int, Path] = {}
+    for path, label in val.samples:
+        firsts.setdefault(label, path)
+    chosen = [firsts[label] for label in sorted(firsts)[:count]]
+    batch = np.stack([eval_transform(path, model.config.image_size) for path in chosen])
+    return Image.fromarray(prediction_grid(model, batch, prefix_len=1, cell=cell))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `--model`: the bundled sample images through a released (or any) model
+
+
+def sample_images() -> list[Path]:
+    """The bundled sample images (`mlx_aim/assets/sample_*.png`)."""
+    found = sorted(ASSETS.glob("sample_*.png"))
+    if not found:
+        raise FileNotFoundError(f"{ASSETS}: no sample_*.png images; the package data is incomplete "
+                                "(reinstall mlx-aim, or regenerate them with mlx_aim.demo.write_sample_images)")
+    return found
+
+
+def draw_sample(name: str) -> np.ndarray:
+    """The bundled sample image of class `name`, uint8 (SAMPLE_SIZE, SAMPLE_SIZE, 3), deterministic."""
+    label = SHAPE_CLASSES.index(name)
+    rng = np.random.default_rng(np.random.SeedSequence([SAMPLE_SEED, label]))
+    return render(label, rng, SAMPLE_SIZE)
+
+
+def write_sample_images(folder: Union[str, os.PathLike] = ASSETS) -> list[Path]:
+    """(Re)draws the bundled sample images into `folder` as `sample_<class>.png`."""
+    folder = Path(folder)
+    return [save_png(Image.fromarray(draw_sample(name)), folder / f"sample_{name}.png") for name in SAMPLE_CLASSES]
+
+
+def classify_samples(model: str, *, top_k: int = 5, as_json: bool = False) -> int:
+    """`--model M`: top-k labels of the bundled sample images with `M` (anything `mlx_aim.load` takes)."""
+    from .inference import run_classify
+
+    return run_classify(model, [str(p) for p in sample_images()], top_k=top_k, as_json=as_json)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line (scripts/demo.py)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="demo.py",
+        description="Pre-train a small AIM on built-in synthetic shapes, then compare attentive probes on the "
+                    "pre-trained and a randomly initialised trunk. Nothing to download. With --model, classify "
+                    "the bundled sample images with a released AIM instead.",
+    )
+    p.add_argument("--out", default="mlx_aim_demo", help="working folder: data, runs, figure (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default: 0)")
+    p.add_argument("--steps", type=int, default=None, help=f"pre-training steps (default: {DEFAULT.steps})")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for tests: numbers not meaningful")
+    p.add_argument("--force", action="store_true", help="discard this seed's earlier run folder and start over")
+    p.add_argument("--model", default=None,
+                   help="instead of pre-training: classify the bundled sample images with this model "
+                        "(aim-600M, a hub repo id, or a local model folder)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image with --model (default: 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures on the last line")
+    args = p.parse_args(argv)
+    if args.model is not None:
+        return classify_samples(args.model, top_k=args.top_k, as_json=args.json)
+    try:
+        result = run_demo(args.out, args.seed, quick=args.quick, steps=args.steps, force=args.force)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(result))
+    print(f"figure: {result['figure']}")
+    print(f"pre-trained trunk: {result['model_dir']} (mlx_aim.load); checkpoint: {result['checkpoint']}")
+    print(f"wall time: {result['seconds']['total']:.0f} s (data {result['seconds']['data']:.0f}, pre-training "
+          f"{result['seconds']['pretrain']:.0f}, probes {result['seconds']['probe']:.0f})")
+    if args.json:
+        print(json.dumps(result))
+    return 0

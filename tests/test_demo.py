@@ -1,0 +1,148 @@
+"""The demo end to end from the command line (its --quick budget) and its --model path, offline."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_aim import demo
+from mlx_aim.config import AIMConfig
+from mlx_aim.data import imagenet_classes
+from mlx_aim.model import AIM
+from mlx_aim.weights import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "demo.py"
+
+
+def run_script(*args, timeout=300):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def table_value(stdout: str, key: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith(key)]
+    assert len(lines) == 1, f"expected one table row {key!r} in:\n{stdout}"
+    return lines[0][len(key):].split()[0]
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    stdout = run_script("--quick", "--out", str(out), "--seed", "3", "--json")
+    result = json.loads(stdout.strip().splitlines()[-1])
+
+    # The table shows the JSON's figures.
+    pre, probe = result["pretraining"], result["probe"]
+    assert table_value(stdout, "pre-training loss, step 1") == f"{pre['loss_start']:.4f}"
+    assert table_value(stdout, "probe top-1, random-init trunk") == f"{100 * probe['random']['top1']:.1f}%"
+    assert table_value(stdout, "probe top-1, pre-trained trunk") == f"{100 * probe['pretrained']['top1']:.1f}%"
+    assert math.isfinite(pre["loss_start"]) and math.isfinite(pre["loss_end"])
+    assert pre["steps"] == demo.QUICK.steps and result["seed"] == 3 and result["quick"] is True
+    for name in ("random", "pretrained"):
+        assert 0.0 <= probe[name]["top1"] <= probe[name]["top5"] <= 1.0
+        assert probe[name]["num_images"] == demo.QUICK.num_val
+    assert result["probe_train"] == demo.QUICK.probe_train
+
+    # What it wrote: the figure, a checkpoint that continues exactly, a trunk folder mlx_aim.load reads.
+    figure = Path(result["figure"])
+    assert figure.parent.parent == out
+    with Image.open(figure) as image:
+        image.load()
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert image.width > 500 and image.height > 300
+        pixels = np.asarray(image)
+    assert (pixels != 255).any(axis=-1).mean() > 0.05  # drawn on, not a blank canvas
+    assert (Path(result["checkpoint"]) / "optimizer.safetensors").is_file()
+    import mlx_aim
+
+    trunk = mlx_aim.load(result["model_dir"])
+    assert trunk.config.width == demo.QUICK.width and trunk.config.depth == demo.QUICK.depth
+    assert json.loads((Path(result["run_dir"]) / "demo.json").read_text())["probe"] == probe
+
+
+def test_rerun_reuses_the_finished_pretraining(tmp_path):
+    """A second run in the same folder does not pre-train again; its figures are the first run's."""
+    first = demo.run_demo(tmp_path, seed=1, quick=True, progress=False, echo=lambda *a: None)
+    log = Path(first["run_dir"]) / "pretrain" / "log.jsonl"
+    before = log.read_text()
+    second = demo.run_demo(tmp_path, seed=1, quick=True, progress=False, echo=lambda *a: None)
+    assert log.read_text() == before
+    assert second["pretraining"]["loss_start"] == first["pretraining"]["loss_start"]
+    assert second["pretraining"]["loss_end"] == first["pretraining"]["loss_end"]
+    assert second["probe"] == first["probe"]
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    assert demo.main(["--quick", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "steps=0" in capsys.readouterr().err
+    assert demo.main(["--quick", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert "seed=-1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def tiny_imagenet_model(folder: Path) -> Path:
+    config = AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, num_classes=1000,
+                       probe_layers=[0, 1], head_width=32, head_depth=1)
+    mx.random.seed(0)
+    model = AIM(config)
+    weights = dict(tree_flatten(model.parameters()))
+    # Spread the classifier so that the top-5 differ from image to image.
+    weights["head.linear.weight"] = mx.random.normal(weights["head.linear.weight"].shape) * 3.0
+    return save_model(folder, weights, config)
+
+
+def test_model_option_classifies_the_bundled_samples(tmp_path):
+    folder = tiny_imagenet_model(tmp_path / "tiny-1000")
+    stdout = run_script("--model", str(folder), "--json", timeout=120)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    samples = demo.sample_images()
+    assert [Path(p["path"]).name for p in result["predictions"]] == [p.name for p in samples]
+    names = imagenet_classes()
+    for pred in result["predictions"]:
+        top = pred["top_k"]
+        assert len(top) == 5
+        assert [t["label"] for t in top] == [names[t["index"]] for t in top]
+        probs = [t["probability"] for t in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+        assert f"{Path(pred['path']).name}: {top[0]['label']} ({top[0]['probability']:.3f})" in stdout
+
+
+def test_model_option_reports_a_missing_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "nowhere")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "nowhere" in proc.stderr
+
+
+def test_bundled_samples_are_the_generator_output(tmp_path):
+    shipped = demo.sample_images()
+    assert [p.name for p in shipped] == sorted(f"sample_{n}.png" for n in demo.SAMPLE_CLASSES)
+    redrawn = demo.write_sample_images(tmp_path)
+    for path in redrawn:
+        with Image.open(path) as new, Image.open(demo.ASSETS / path.name) as old:
+            assert np.array_equal(np.asarray(new), np.asarray(old)), path.name
+            assert old.size == (demo.SAMPLE_SIZE, demo.SAMPLE_SIZE)
+
+
+def test_loss_curve_plots_its_points():
+    train = [(s, 2.0 / s) for s in range(1, 51)]
+    image = demo.draw_loss_curve(train, [(50, 0.1)], size=(400, 300))
+    assert image.size == (400, 300)
+    pixels = np.asarray(image).astype(int)
+    blue = (np.abs(pixels - [31, 119, 180]).sum(-1) < 30)
+    red = (np.abs(pixels - [214, 39, 40]).sum(-1) < 30)
+    rows, cols = np.nonzero(blue)
+    assert blue.sum() > 100 and red.sum() > 10
+    # A falling curve: its leftmost points lie higher on the image (smaller row) than its rightmost ones.
+    assert rows[cols < cols.min() + 20].mean() < rows[cols > cols.max() - 20].mean()
+    with pytest.raises(ValueError, match="no training loss"):
+        demo.draw_loss_curve([])
