@@ -6,6 +6,17 @@ loader resolves a library's imports from the global scope before that library's 
 optimized CBLAS opened with RTLD_GLOBAL before `mlx.core` loads is the one MLX calls (measured on a
 2-core AMD EPYC VM, 1024x1024 float32: 2.5 GFLOP/s -> 60 with MKL, 120 with OpenBLAS).
 
+Measured here again (2-core AMD EPYC Zen 3 VM, one BLAS thread, 512x1536 @ 1536x6144 float32, GFLOP/s):
+reference 2.3, MKL 41 (MKL takes its generic code path on AMD CPUs), OpenBLAS with its Zen kernels 69.
+OpenBLAS from PyPI: the `ngsolve-openblas` wheel (DYNAMIC_ARCH, unprefixed CBLAS names; it needs the
+system's libgfortran.so.5); it is found too, and preferred over MKL on AMD CPUs.
+
+Threads: each library uses all cores by default. On a machine busy with other processes, a multithreaded
+call waits at its barriers for descheduled threads: OpenBLAS then lost 80x on attention's many small
+batched products (2 threads 566 ms, 1 thread 7 ms for 24 products of 256x128 @ 128x256), and aim-600M ran
+2.3x slower than with one thread. Set OPENBLAS_NUM_THREADS=1 (or MKL_NUM_THREADS=1) there, or call
+`set_num_threads(1)`.
+
 `preload_blas()` must run before anything imports `mlx.core`; `mlx_aim/__init__.py` calls it first.
 A global library also serves every library loaded after it: PyTorch imported later calls its BLAS and
 LAPACK too (correct either way; MKL keeps torch fast, OpenBLAS slows torch's threaded attention ~15x), so
@@ -25,8 +36,8 @@ import warnings
 ENV_VAR = "MLX_AIM_BLAS"
 _OFF = {"0", "off", "false", "no", "none"}
 _AUTO = {"", "1", "on", "auto", "true", "yes"}
-_INSTALL_HINT = ("`pip install mkl` (Linux x86-64) or your distribution's OpenBLAS "
-                 "(Debian/Ubuntu: `apt-get install libopenblas0-pthread`)")
+_INSTALL_HINT = ("`pip install mkl` (Linux x86-64), `pip install ngsolve-openblas` (faster on AMD CPUs) or "
+                 "your distribution's OpenBLAS (Debian/Ubuntu: `apt-get install libopenblas0-pthread`)")
 
 
 class BlasWarning(RuntimeWarning):

@@ -14,7 +14,7 @@ What is measured:
   `--repeats` timed calls; medians are reported. With `--compare-torch` the MLX and PyTorch calls alternate
   (A B, B A, ...), so that a change in the machine's load hits both alike;
 - achieved GFLOP/s: the matmul FLOPs of the call (dense attention counted whole) over its median time,
-  against this machine's float32 matmul peak, measured here on a 2048^3 product;
+  against this machine's float32 matmul peak, measured here: the best of several 2048^3 products;
 - peak memory: the process's peak resident set (`ru_maxrss`; includes PyTorch when compared) and MLX's
   peak allocation. `--memory-suite` measures load + one forward per model in a fresh process each, from a
   random-weight folder written tensor by tensor (aim-7B in float32 would not fit in memory).
@@ -115,7 +115,8 @@ def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) ->
 
 
 def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False) -> dict:
-    """float32 GFLOP/s of a size^3 matmul (median over repeats): MLX, and PyTorch with `torch_too`."""
+    """float32 GFLOP/s of a size^3 matmul, the best of the repeats (a peak: the least disturbed by other
+    load): MLX, and PyTorch with `torch_too`."""
     rng = np.random.default_rng(0)
     a_np, b_np = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     a, b = mx.array(a_np), mx.array(b_np)
@@ -126,7 +127,7 @@ def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False
         ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
         fns["torch"] = lambda: ta @ tb
     timed = time_calls(fns, warmup=1, repeats=repeats)
-    return {name: 2 * size**3 / t["median_s"] / 1e9 for name, t in timed.items()}
+    return {name: 2 * size**3 / t["min_s"] / 1e9 for name, t in timed.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +278,8 @@ def _rows(result: dict, peak: dict) -> None:
         t["gflops"] = result["flops"] / t["median_s"] / 1e9
         t["percent_of_peak"] = 100 * t["gflops"] / peak["mlx"]
     if "torch" in result["timings"]:
-        result["ratio_mlx_over_torch"] = result["timings"]["mlx"]["images_per_s"] / result["timings"]["torch"]["images_per_s"]
+        t = result["timings"]
+        result["ratio_mlx_over_torch"] = t["mlx"]["images_per_s"] / t["torch"]["images_per_s"]
 
 
 def machine_info() -> dict:
@@ -343,7 +345,6 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
     `mlx_aim.load` and run one forward; report its peak resident memory against the weight bytes on disk.
     Each folder is deleted once measured."""
     rows = []
-    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="mlx_aim_memory-") as tmp:
         for preset, dtype, bits in specs:
             folder = Path(tmp) / f"{preset}-{dtype}-q{bits or 0}"
@@ -355,7 +356,7 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
             subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
             write_s = time.perf_counter() - start
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            cmd = [sys.executable, str(script), "--weights", str(folder), "--batch-size", str(batch_size),
+            cmd = [sys.executable, "-m", "mlx_aim.benchmark", "--weights", str(folder), "--batch-size", str(batch_size),
                    "--warmup", "0", "--repeats", "1", "--json"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -379,8 +380,10 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
 def format_table(result: dict) -> str:
     m = result["machine"]
     blas = m["blas"]
-    blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
-                 + (f", {blas['threads']} threads" if blas.get("threads") else "")) if blas.get("loaded") else "MLX's own"
+    blas_text = "MLX's own"
+    if blas.get("loaded"):
+        blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
+                     + (f", {blas['threads']} threads" if blas.get("threads") else ""))
     lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']}, {m['cpu_count']} CPUs, "
              f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
     if "torch" in m:
@@ -478,3 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(args)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,7 +62,8 @@ def test_attention_keeps_half_precision_dtype():
 def test_additive_mask_forms():
     assert additive_mask(None, 4) is None
     causal = np.array(additive_mask("causal", 3))
-    assert np.array_equal(causal == 0, np.tril(np.ones((3, 3), bool))) and np.all(np.isneginf(causal[np.triu_indices(3, 1)]))
+    assert np.array_equal(causal == 0, np.tril(np.ones((3, 3), bool)))
+    assert np.all(np.isneginf(causal[np.triu_indices(3, 1)]))
     with pytest.raises(ValueError, match="'diagonal'"):
         additive_mask("diagonal", 3)
 
