@@ -8,10 +8,15 @@ optimized CBLAS opened with RTLD_GLOBAL before `mlx.core` loads is the one MLX c
 
 Measured here again (2-core AMD EPYC Zen 3 VM, one BLAS thread, 512x1536 @ 1536x6144 float32, GFLOP/s):
 reference 2.3, MKL 41 (MKL takes its generic code path on AMD CPUs), OpenBLAS with its Zen kernels 69.
-OpenBLAS from PyPI: the `ngsolve-openblas` wheel (DYNAMIC_ARCH, unprefixed CBLAS names; it needs the
-system's libgfortran.so.5); it is found too, and preferred over MKL on AMD CPUs.
+aim-600M float32 inference, batch 2, against PyTorch in the same run (`scripts/benchmark.py --preset
+aim-600M --batch-size 2 --compare-torch`, quiet machine): OpenBLAS 0.98x (1 thread) and 1.02x (2 threads),
+MKL 0.72x and 0.68x.
+Both are dependencies on Linux x86-64 (pyproject.toml): OpenBLAS from the `ngsolve-openblas` wheel
+(DYNAMIC_ARCH, unprefixed CBLAS names; it needs the system's libgfortran.so.5) is preferred on AMD CPUs,
+MKL on Intel CPUs; when the first cannot load, the next is used and `blas_info()["skipped"]` says why.
 
-Threads: each library uses all cores by default. On a machine busy with other processes, a multithreaded
+Threads: each library uses all cores by default, which is fastest on a quiet machine (above: 2 threads
+1.6x one). On a machine busy with other processes, a multithreaded
 call waits at its barriers for descheduled threads: OpenBLAS then lost 80x on attention's many small
 batched products (2 threads 566 ms, 1 thread 7 ms for 24 products of 256x128 @ 128x256), and aim-600M ran
 2.3x slower than with one thread. Set OPENBLAS_NUM_THREADS=1 (or MKL_NUM_THREADS=1) there, or call
@@ -120,6 +125,8 @@ def _preload():
     for name, path in candidates:
         loaded, detail = _load(name, path)
         if loaded is not None:
+            if failures:  # e.g. OpenBLAS without the system's libgfortran.so.5, then MKL
+                loaded["skipped"] = [f"{path}: {detail}" for path, detail in failures]
             return loaded
         failures.append((path, detail))
     if explicit:

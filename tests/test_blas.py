@@ -221,3 +221,27 @@ def test_bundled_reference_blas_is_recognised(tmp_path, monkeypatch):
     (site / "mlx_cpu.libs").mkdir()
     (site / "mlx_cpu.libs" / "libblas-0123abcd.so.3.10.0").write_bytes(b"")
     assert _blas._bundled_reference_blas() == str(site / "mlx_cpu.libs" / "libblas-0123abcd.so.3.10.0")
+
+
+def test_a_candidate_that_cannot_load_is_skipped_and_reported(monkeypatch):
+    """OpenBLAS without the system's libgfortran (say) does not cost the fast path: the next library loads,
+    and blas_info() says what was skipped and why."""
+    tried = []
+
+    def fake_load(name, path):
+        tried.append(name)
+        if name == "openblas":
+            return None, "libgfortran.so.5: cannot open shared object file"
+        return _blas._result(f"found: {path}", name=name, path=path), ""
+
+    monkeypatch.setattr(_blas, "_load", fake_load)
+    candidates = [("openblas", "/x/libopenblas.so.0"), ("mkl", "/x/libmkl_rt.so.2")]
+    monkeypatch.setattr(_blas, "_candidates", lambda: candidates)
+    monkeypatch.setattr(_blas, "_bundled_reference_blas", lambda: "/x/libblas.so.3")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "mlx.core")  # restored after the test
+    monkeypatch.delenv(_blas.ENV_VAR, raising=False)
+    info = _blas._preload()
+    assert tried == ["openblas", "mkl"]
+    assert info["loaded"] is True and info["name"] == "mkl" and info["path"] == "/x/libmkl_rt.so.2"
+    assert info["skipped"] == ["/x/libopenblas.so.0: libgfortran.so.5: cannot open shared object file"]
