@@ -5,8 +5,13 @@ MLX_AIM_BLAS: `0` keeps MLX's bundled reference BLAS, `auto` lets mlx_aim pick, 
 Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.ops.gelu,
 forward and compiled forward+backward), mx.fast.layer_norm, and mx.fast.scaled_dot_product_attention.
 With --torch, PyTorch's CPU kernels are timed in the same processes for reference (reference tool only).
+With --block, one pre-norm block's forward+backward (compiled, prefix mask) at aim-small's pre-training
+shapes (batch 4 x 256 tokens; the trunk's width 384 and the pixel head's 512), whole and with its GELU or
+its attention core (softmax(q k^T) v) replaced by the identity, next to the same linears' matmuls alone:
+where a training step's time goes.
 
     python scripts/bench_kernels.py --torch
+    python scripts/bench_kernels.py --blas auto --block --torch
     python scripts/bench_kernels.py --blas 0 auto /usr/lib/x86_64-linux-gnu/libopenblas.so.0 --reps 20
 
 Times are the best of wall-clock repeats. On a busy machine threaded kernels wait for descheduled
@@ -40,7 +45,7 @@ def best_seconds(fn, reps: int, budget_s: float = 4.0) -> float:
     return min(times)
 
 
-def child(reps: int, sizes: list[int], with_torch: bool) -> dict:
+def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = False) -> dict:
     if with_torch:
         # Before mlx_aim: torch then keeps its own BLAS instead of calling the library preloaded for MLX.
         import torch  # noqa: F401
@@ -114,7 +119,86 @@ def child(reps: int, sizes: list[int], with_torch: bool) -> dict:
             F.gelu(tx).sum().backward()
 
         record("gelu torch F.gelu fwd+bwd", "512x6144", best_seconds(torch_gelu_fwd_bwd, reps))
+    if with_block:
+        block_profile(record, reps, with_torch)
     return results
+
+
+BLOCK_SHAPES = [(384, 6), (512, 8)]  # (width, heads): aim-small's trunk and its pixel head
+BLOCK_BATCH, BLOCK_TOKENS = 4, 256
+
+
+def block_profile(record, reps: int, with_torch: bool) -> None:
+    """One block's compiled forward+backward, whole and without each of its element-wise-heavy parts."""
+    import numpy as np
+
+    import mlx.core as mx
+
+    from mlx_aim import layers
+
+    B, N = BLOCK_BATCH, BLOCK_TOKENS
+    prefix = np.random.default_rng(0).integers(1, N, B)
+    for dim, heads in BLOCK_SHAPES:
+        label = f"{B}x{N}x{dim}"
+        block = layers.Block(dim, heads, 4.0, 1e-6)
+        x, r = mx.random.normal((B, N, dim)), mx.random.normal((B, N, dim))
+        mask = layers.prefix_causal_mask(mx.array(prefix.astype(np.int32)), N)
+        mx.eval(block.parameters(), x, r, mask)
+
+        def loss(params, x):
+            block.update(params)
+            return (block(x, mask) * r).sum()
+
+        def timed(what):
+            grad = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)), inputs=[block.state])
+
+            def step():
+                params = block.trainable_parameters()
+                value, grads = grad(params, x)
+                block.update(params)  # the arrays themselves back in place of the traced ones
+                mx.eval(value, grads)
+
+            record("block fwd+bwd", f"{label} {what}", best_seconds(step, reps))
+
+        timed("whole")
+        gelu, attention = layers.gelu, layers.attention
+        try:
+            layers.gelu = lambda z: z
+            timed("without GELU")
+            layers.gelu = gelu
+            layers.attention = lambda q, k, v, scale, mask=None: v
+            timed("without attention core")
+        finally:
+            layers.gelu, layers.attention = gelu, attention
+        # The block's four linears: forward, input gradient and weight gradient.
+        mats = [(mx.random.normal((B * N, i)), mx.random.normal((o, i))) for o, i in
+                [(3 * dim, dim), (dim, dim), (4 * dim, dim), (dim, 4 * dim)]]
+        mx.eval(mats)
+
+        def matmuls():
+            out = []
+            for a, w in mats:
+                y = a @ w.T
+                out += [y, y @ w, y.T @ a]
+            mx.eval(out)
+
+        record("block fwd+bwd", f"{label} linears' matmuls only", best_seconds(matmuls, reps))
+        if with_torch:
+            import torch
+
+            from mlx_aim.benchmark_torch import Block, torch_mask
+
+            tblock = Block(dim, heads)
+            tx = torch.randn(B, N, dim, requires_grad=True)
+            tr = torch.randn(B, N, dim)
+            tmask = torch_mask("prefix", N, prefix)
+
+            def torch_step():
+                tblock.zero_grad(set_to_none=True)
+                tx.grad = None
+                (tblock(tx, tmask) * tr).sum().backward()
+
+            record("block fwd+bwd torch", f"{label} whole", best_seconds(torch_step, reps))
 
 
 def main():
@@ -126,12 +210,14 @@ def main():
     parser.add_argument("--reps", type=int, default=10, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch's CPU kernels for reference")
     parser.add_argument("--threads", type=int, help="BLAS / OpenMP / torch threads (default: theirs, all cores)")
+    parser.add_argument("--block", action="store_true",
+                        help="also profile one block's forward+backward at aim-small's pre-training shapes")
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(child(args.reps, args.sizes, args.torch)))
+        print(json.dumps(child(args.reps, args.sizes, args.torch, args.block)))
         return
 
     runs = {}
@@ -141,7 +227,8 @@ def main():
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--reps", str(args.reps),
-               "--sizes", *map(str, args.sizes)] + (["--torch"] if args.torch else [])
+               "--sizes", *map(str, args.sizes)] + (["--torch"] if args.torch else []) \
+            + (["--block"] if args.block else [])
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"MLX_AIM_BLAS={setting}: benchmark process failed:\n{proc.stderr[-3000:]}")
