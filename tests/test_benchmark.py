@@ -116,3 +116,22 @@ def test_memory_suite_row(tmp_path):
     assert row["peak_rss_bytes"] > row["weight_bytes_on_disk"]
     assert list(tmp_path.iterdir()) == []  # folders are removed once measured
     assert "aim-tiny" in benchmark.format_memory(rows)
+
+
+def test_block_profile_times_every_variant_and_restores_the_layers():
+    import importlib.util
+
+    from mlx_aim import layers
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
+    bench_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernels)
+    rows = []
+    gelu, attention = layers.gelu, layers.attention
+    bench_kernels.block_profile(lambda kind, what, seconds: rows.append((kind, what, seconds)), reps=1,
+                                with_torch=False)
+    assert layers.gelu is gelu and layers.attention is attention
+    variants = ["whole", "without GELU", "without attention core", "linears' matmuls only"]
+    expected = [f"4x256x{dim} {v}" for dim, _ in bench_kernels.BLOCK_SHAPES for v in variants]
+    assert [what for _, what, _ in rows] == expected
+    assert all(kind == "block fwd+bwd" and seconds > 0 for kind, _, seconds in rows)
