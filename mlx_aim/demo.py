@@ -55,7 +55,8 @@ from .fileio import atomic_file, read_json, write_json
 from .model import AIM
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .train import MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain, read_log
+from .train import (MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain, read_log,
+                    settings_differences)
 
 ASSETS = Path(__file__).parent / "assets"
 # The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
@@ -184,11 +185,10 @@ def finished_pretraining(pre_dir: Path, model_config: AIMConfig, train_config: T
     state = read_json(found / "state.json")
     if int(state.get("step", -1)) != train_config.steps:
         return None
-    saved_model = AIMConfig.from_dict(state["model_config"]).to_dict()
-    saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()
-    if saved_model != model_config.to_dict() or saved_train != train_config.to_dict():
-        raise ValueError(f"{pre_dir} holds a finished pre-training run with other settings; run the demo with "
-                         "--force to start this seed over, or choose another --out")
+    details = settings_differences(state, model_config, train_config)
+    if details:
+        raise ValueError(f"{pre_dir} holds a finished pre-training run with other settings ({details}); run the "
+                         "demo with --force to start this seed over, or choose another --out")
     summary_path = pre_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else {}
     return dict(summary, checkpoint=str(found))

@@ -547,17 +547,23 @@ def _resolve_data(data, val_ratio: float, seed: int) -> tuple[list, list]:
     raise ValueError("data: expected an image folder path or a (train samples, val samples) pair")
 
 
-def _check_resume_configs(found: Path, state: dict, model_config: AIMConfig, train_config: TrainConfig,
-                          world_size: int) -> None:
+def settings_differences(state: dict, model_config: AIMConfig, train_config: TrainConfig) -> str:
+    """How a checkpoint's `state.json` settings differ from these ("key: checkpoint X, now Y, ..."), the
+    model's name and the runtime fields (`TrainConfig.RUNTIME_FIELDS`) aside; empty when they match."""
     saved_model = AIMConfig.from_dict(state["model_config"]).to_dict()
     mine = model_config.to_dict()
     diff = sorted(k for k in set(saved_model) | set(mine) if saved_model.get(k) != mine.get(k) and k != "name")
     saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()
     ours = train_config.to_dict()
     diff += sorted(k for k in ours if k not in TrainConfig.RUNTIME_FIELDS and saved_train.get(k) != ours[k])
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {saved_model.get(k, saved_train.get(k))!r}, "
-                            f"now {mine.get(k, ours.get(k))!r}" for k in diff)
+    return ", ".join(f"{k}: checkpoint {saved_model.get(k, saved_train.get(k))!r}, "
+                     f"now {mine.get(k, ours.get(k))!r}" for k in diff)
+
+
+def _check_resume_configs(found: Path, state: dict, model_config: AIMConfig, train_config: TrainConfig,
+                          world_size: int) -> None:
+    details = settings_differences(state, model_config, train_config)
+    if details:
         raise ValueError(f"cannot resume from {found}: settings differ ({details}); resume with the "
                          "run's settings or start a new run in another folder")
     if state.get("world_size", 1) != world_size:

@@ -171,3 +171,15 @@ def test_moving_average():
     np.testing.assert_allclose(demo.moving_average(values, 2), [4, 3, 4, 3, 4])
     np.testing.assert_allclose(demo.moving_average(values, 3), [4, 3, 4, 8 / 3, 14 / 3])
     np.testing.assert_allclose(demo.moving_average(values, 10), np.cumsum(values) / np.arange(1, 6))
+
+
+def test_a_finished_run_with_other_settings_is_refused_by_name(tmp_path):
+    first = demo.run_demo(tmp_path, seed=2, quick=True, progress=False, echo=lambda *a: None)
+    pre_dir = Path(first["run_dir"]) / "pretrain"
+    cfg = demo.QUICK
+    assert demo.finished_pretraining(pre_dir, cfg.model_config(), cfg.train_config(2)) is not None
+    with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.002, now 0.005\).*--force"):
+        demo.finished_pretraining(pre_dir, cfg.model_config(), cfg.replace(lr=5e-3).train_config(2))
+    # Runtime fields (how often to log, how many checkpoints to keep) do not make a run another one.
+    assert demo.finished_pretraining(pre_dir, cfg.model_config(),
+                                     cfg.train_config(2).replace(num_workers=1)) is not None
