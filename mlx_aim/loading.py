@@ -443,7 +443,8 @@ def _merge_head(source: Source, path: Path, config: AIMConfig, probe_layers) -> 
         _add_torch(head, path, source.closers)
     bad = [k for k in head if not k.startswith("head.")]
     if bad or "head.linear.weight" not in head:
-        raise ValueError(f"{path}: a probe head file holds Apple's head.* keys (head.linear.weight, ...), found {sorted(head)[:4]}")
+        raise ValueError(f"{path}: a probe head file holds Apple's head.* keys (head.linear.weight, ...), "
+                         f"found {sorted(head)[:4]}")
     for key in [k for k in source.tensors if k.startswith("head.")]:
         del source.tensors[key]
     source.tensors.update(head)
@@ -452,5 +453,6 @@ def _merge_head(source: Source, path: Path, config: AIMConfig, probe_layers) -> 
         try:
             config = config.replace(probe_layers=[int(i) for i in json.loads(metadata["probe_layers"])])
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: metadata probe_layers={metadata['probe_layers']!r} is not a list of block indices") from e
+            raise ValueError(f"{path}: metadata probe_layers={metadata['probe_layers']!r} is not a list of "
+                             "block indices") from e
     return config

@@ -586,10 +586,10 @@ def pretrain(
     """Pre-trains an `AIMForPretraining` and exports its trunk to `out_dir/model`; returns a summary.
 
     `data` is an image folder (`pretraining_splits`: `train/` and `val/`, or any images under it, of which
-    `val_ratio` is held out) or a (train, val) pair of sample lists or image folders. `resume` continues from the newest complete
-    checkpoint in `out_dir` (or starts afresh when there is none). `stop_at` ends this invocation after
-    that step with a checkpoint, leaving the schedule as for `steps` (to train in slices). `group` is the
-    `mx.distributed` group (default: `mx.distributed.init()`, a single process unless started by
+    `val_ratio` is held out) or a (train, val) pair of sample lists or image folders. `resume` continues
+    from the newest complete checkpoint in `out_dir` (or starts afresh when there is none). `stop_at` ends
+    this invocation after that step with a checkpoint, leaving the schedule as for `steps` (to train in
+    slices). `group` is the `mx.distributed` group (default: `mx.distributed.init()`, a single process unless started by
     `mlx.launch`).
 
     Raises `TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
