@@ -12,8 +12,25 @@ aim-600M float32 inference, batch 2, against PyTorch in the same run (`scripts/b
 aim-600M --batch-size 2 --compare-torch`, quiet machine): OpenBLAS 0.98x (1 thread) and 1.02x (2 threads),
 MKL 0.72x and 0.68x.
 Both are dependencies on Linux x86-64 (pyproject.toml): OpenBLAS from the `ngsolve-openblas` wheel
-(DYNAMIC_ARCH, unprefixed CBLAS names; it needs the system's libgfortran.so.5) is preferred on AMD CPUs,
-MKL on Intel CPUs; when the first cannot load, the next is used and `blas_info()["skipped"]` says why.
+(DYNAMIC_ARCH, unprefixed CBLAS names) is preferred on AMD CPUs, MKL on Intel CPUs; when the first cannot
+load, the next is used and `blas_info()["skipped"]` says why.
+
+The pip OpenBLAS and libgfortran: that wheel's library lists `libgfortran.so.5` as a dependency
+(DT_NEEDED) and searches only its own folder for it (DT_RPATH `$ORIGIN/.`), and the wheel does not ship one,
+so on a machine without the system's libgfortran (a fresh one, or a slim container) it cannot load by
+itself. The wheels installed next to it do ship a libgfortran.so.5 build, under a hashed auditwheel name
+(`mlx_cpu.libs/libgfortran-<hash>.so.5.0.0`, which MLX's own LAPACK links; then `numpy.libs/`). So for the
+pip OpenBLAS this module always does the same thing, whatever the system has: it loads that libgfortran
+from its own folder (its RPATH finds its hashed libquadmath), makes a private temporary folder holding two
+symlinks, `libgfortran.so.5` to it and the OpenBLAS under its own name, opens the OpenBLAS through the
+folder (its `$ORIGIN/.` is now that folder, where `libgfortran.so.5` resolves to a file glibc already has
+mapped, which it reuses: it matches loaded objects by device and inode), and removes the folder: the
+mappings outlive it. `blas_info()["libgfortran"]` names the file used. Rejected: requiring
+`apt-get install libgfortran5` (pip-only users, as CI is, never get OpenBLAS); scipy-openblas32/64 from
+PyPI (they prefix their symbols, `scipy_cblas_sgemm`, so they cannot stand in for `cblas_sgemm`); copying
+or patching the binary (patchelf, an edited RPATH or NEEDED: fragile, and writes a second copy of a 30 MB
+library); setting LD_LIBRARY_PATH (glibc reads it once, at process start). System OpenBLAS builds (Debian's
+`/usr/lib/...`, conda's) bring their own libgfortran and load as they are.
 
 Threads: each library uses all cores by default, which is fastest on a quiet machine (above: 2 threads
 1.6x one). On a machine busy with other processes, a multithreaded
@@ -33,9 +50,11 @@ unset/`auto` searches. It does nothing off Linux, where MLX uses Accelerate and 
 import ctypes
 import glob
 import os
+import shutil
 import site
 import sys
 import sysconfig
+import tempfile
 import warnings
 
 ENV_VAR = "MLX_AIM_BLAS"
@@ -57,7 +76,8 @@ def blas_info() -> dict:
     """What `preload_blas()` did: {"loaded", "name", "path", "reason", ...}.
 
     `name` is "mkl", "openblas" or "custom" (a library named by MLX_AIM_BLAS) when `loaded`; `reason` says
-    why in words either way. OpenBLAS also reports the `core` its kernels were chosen for and `threads`.
+    why in words either way. OpenBLAS also reports the `core` its kernels were chosen for and `threads`;
+    the pip OpenBLAS also `libgfortran`, the wheel-shipped libgfortran.so.5 it was given.
     """
     if _info is None:
         return {"loaded": False, "name": None, "path": None, "reason": "preload_blas() has not run"}
@@ -125,7 +145,7 @@ def _preload():
     for name, path in candidates:
         loaded, detail = _load(name, path)
         if loaded is not None:
-            if failures:  # e.g. OpenBLAS without the system's libgfortran.so.5, then MKL
+            if failures:  # e.g. an OpenBLAS whose dependencies are missing, then MKL
                 loaded["skipped"] = [f"{path}: {detail}" for path, detail in failures]
             return loaded
         failures.append((path, detail))
@@ -150,18 +170,17 @@ def _load(name, path):
         coretype = _openblas_coretype()
         if coretype:
             os.environ["OPENBLAS_CORETYPE"] = coretype
+    extra = {}
     try:
-        # RTLD_LOCAL first: a library without cblas_sgemm must not interpose anything MLX imports.
-        lib = ctypes.CDLL(path, mode=os.RTLD_LAZY | os.RTLD_LOCAL)
-        if not hasattr(lib, "cblas_sgemm"):
-            raise OSError("does not export cblas_sgemm (a symbol-prefixed build cannot stand in)")
-        lib = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        if _is_pip_openblas(path):
+            lib, extra["libgfortran"] = _open_with_shipped_libgfortran(path)
+        else:
+            lib = _open_global(path)
     except OSError as err:
         if coretype:
             os.environ.pop("OPENBLAS_CORETYPE", None)
         return None, str(err)
     _handles.append(lib)
-    extra = {}
     if hasattr(lib, "openblas_get_corename"):
         lib.openblas_get_corename.restype = ctypes.c_char_p
         extra["core"] = lib.openblas_get_corename().decode()
@@ -171,6 +190,45 @@ def _load(name, path):
     how = f"named by {ENV_VAR}" if name == "custom" else "found"
     return _result(f"{how}: {path}", name=name, path=os.path.realpath(path) if os.path.exists(path) else path,
                    **extra), ""
+
+
+def _open_global(path):
+    # RTLD_LOCAL first: a library without cblas_sgemm must not interpose anything MLX imports.
+    lib = ctypes.CDLL(path, mode=os.RTLD_LAZY | os.RTLD_LOCAL)
+    if not hasattr(lib, "cblas_sgemm"):
+        raise OSError("does not export cblas_sgemm (a symbol-prefixed build cannot stand in)")
+    return ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+
+
+def _open_with_shipped_libgfortran(path):
+    """Open the pip OpenBLAS against a wheel-shipped libgfortran (see the module doc); returns (the library,
+    that libgfortran's path). Used whether or not the system has a libgfortran, so every machine gets the
+    same build. Raises OSError saying what was tried."""
+    shipped = _shipped_libgfortran()
+    if not shipped:
+        raise OSError("needs libgfortran.so.5, and neither the mlx[cpu] nor the numpy wheel ships one")
+    real = os.path.realpath(path)
+    errors = []
+    for gfortran in shipped:
+        try:
+            # From its own folder, so that its RPATH ($ORIGIN) finds the hashed libquadmath next to it;
+            # local: what the OpenBLAS then needs from it becomes global only with the OpenBLAS.
+            ctypes.CDLL(gfortran, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        except OSError as err:  # e.g. numpy's build also needs the system's libz.so.1
+            errors.append(f"{gfortran}: {err}")
+            continue
+        # Symlinks only, so the files mapped are the installed ones (and a noexec /tmp does not matter).
+        folder = tempfile.mkdtemp(prefix="mlx_aim_blas-")
+        try:
+            os.symlink(gfortran, os.path.join(folder, "libgfortran.so.5"))
+            link = os.path.join(folder, os.path.basename(real))
+            os.symlink(real, link)
+            return _open_global(link), gfortran
+        except OSError as err:
+            errors.append(f"with {gfortran}: {err}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    raise OSError("; ".join(errors))
 
 
 def _mlx_package_dirs():
@@ -243,21 +301,47 @@ def _find_openblas():
     return _find_pip_openblas()
 
 
-def _find_pip_openblas():
-    """OpenBLAS from PyPI with unprefixed CBLAS names: the `ngsolve-openblas` wheel (a DYNAMIC_ARCH build;
-    it links the system's libgfortran.so.5, so loading it can fail where that is missing, and then the next
-    candidate is tried). scipy-openblas32/64 prefix their symbols and cannot stand in."""
+def _package_dirs(name):
+    """Folders of an installed top-level package, found without importing it."""
     import importlib.util
 
     try:
-        spec = importlib.util.find_spec("ngsolve_openblas")
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
-        return None
-    for d in (spec.submodule_search_locations or []) if spec else []:
+        return []
+    return list(spec.submodule_search_locations or []) if spec else []
+
+
+def _find_pip_openblas():
+    """OpenBLAS from PyPI with unprefixed CBLAS names: the `ngsolve-openblas` wheel (a DYNAMIC_ARCH build
+    that needs a libgfortran.so.5 it does not ship; `_load` gives it one from another wheel).
+    scipy-openblas32/64 prefix their symbols and cannot stand in."""
+    for d in _package_dirs("ngsolve_openblas"):
         found = sorted(glob.glob(os.path.join(d, "libopenblas*.so*")))
         if found:
             return found[0]
     return None
+
+
+def _is_pip_openblas(path):
+    pip = _find_pip_openblas()
+    return pip is not None and os.path.realpath(pip) == os.path.realpath(path)
+
+
+def _shipped_libgfortran():
+    """libgfortran.so.5 builds that installed wheels ship under hashed auditwheel names, in the order to try:
+    MLX's (`mlx*.libs/`, the one its LAPACK already links, so nothing new is mapped), then NumPy's."""
+    site_dirs = [os.path.dirname(os.path.abspath(d)) for d in _mlx_package_dirs()]
+    patterns = [os.path.join(s, "mlx*.libs", "libgfortran*.so*") for s in site_dirs]
+    patterns += [os.path.join(os.path.dirname(os.path.abspath(d)), "numpy.libs", "libgfortran*.so*")
+                 for d in _package_dirs("numpy")]
+    found = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            path = os.path.realpath(path)
+            if path not in found:
+                found.append(path)
+    return found
 
 
 def _cpuinfo():
