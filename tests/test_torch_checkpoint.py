@@ -439,8 +439,23 @@ def test_records_cannot_be_modified_after_validation(tmp_path):
     args = (_float_storage("0", 4), 0, (2,), (1,), False, collections.OrderedDict())
     record = _CallThenBuild(torch._utils._rebuild_tensor_v2, args, {"shape": (10**9,)})
     _crafted_zip(path, {"w": record}, {"0": bytes(16)})
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pth: .*modify a TensorRef"):
+    # The scan refuses it before unpickling; the record itself would refuse too (below).
+    with pytest.raises(UnsafeCheckpointError, match=r"checkpoint\.pth: .*BUILD sets the state of a tensor"):
         open_torch_checkpoint(path)
+
+
+def test_stand_ins_are_new_for_every_pickle_and_refuse_build():
+    from mlx_aim import torch_checkpoint as tc
+
+    first, second = tc._fresh_globals(), tc._fresh_globals()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key] is not second[key], key
+        with pytest.raises(tc._RecordError, match="tries to modify"):
+            first[key].__setstate__({"__defaults__": (None,)})
+    rebuild = first[("torch._utils", "_rebuild_tensor_v2")]
+    with pytest.raises(AttributeError):
+        rebuild.__defaults__ = (None,)  # slots: no attribute to set on the stand-in
 
 
 @pytest.mark.parametrize(
