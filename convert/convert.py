@@ -38,9 +38,9 @@ def main(argv=None) -> int:
             quantize=args.q_bits if args.quantize else None, q_group_size=args.q_group_size,
             probe_layers=args.probe_layers, force=args.force, upload_repo=args.upload_repo,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; the output folder is atomic
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1024**2
