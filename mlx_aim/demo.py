@@ -63,6 +63,7 @@ ASSETS = Path(__file__).parent / "assets"
 SAMPLE_CLASSES = ("disc", "ring", "star", "stripes", "checkerboard", "dots")
 SAMPLE_SIZE = 128
 SAMPLE_SEED = 7
+PRETRAIN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`mlx_aim.load` looks there)
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,7 @@ def run_demo(
     echo(f"[2/4] pre-training: {cfg.steps} steps of {cfg.batch_size} images (width {cfg.width}, depth "
          f"{cfg.depth}, {cfg.image_size // cfg.patch_size}x{cfg.image_size // cfg.patch_size} patches) -> {run_dir}")
     tick = time.perf_counter()
-    pre_dir = run_dir / "pretrain"
+    pre_dir = run_dir / PRETRAIN_DIR
     summary = finished_pretraining(pre_dir, model_config, train_config)
     if summary is not None:
         echo(f"  reusing the finished run in {pre_dir} (--force starts it over)")

@@ -1,6 +1,8 @@
 """`load` and `convert`: from a preset name, a hub repo, a local folder or checkpoint files to an MLX model.
 
 Sources, resolved in this order:
+- a pre-training run folder (what `scripts/pretrain.py --out RUN` writes): its exported trunk `RUN/model/`;
+  likewise a demo run folder (`mlx_aim_demo/seed0`): the trunk of the pre-training run inside it;
 - a local MLX model folder (config.json with "model_type": "aim", model.safetensors or shards);
 - a local folder in Apple's hub layout (config.json with img_size/embed_dim/..., model.safetensors or
   pytorch_model.bin), or a folder of Apple's `.pth` files;
@@ -173,6 +175,70 @@ def _apply_probe_layers(config: AIMConfig, probe_layers) -> AIMConfig:
     return config.replace(probe_layers=list(probe_layers))
 
 
+def _has_own_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+
+
+def _is_pretraining_run(folder: Path) -> bool:
+    """A run folder of `train.pretrain`: train_config.json or checkpoints/step_*/ (written there and nowhere
+    else), and no weights of its own (a folder with model.safetensors is a model folder, whatever else it
+    holds)."""
+    from .train import TRAIN_CONFIG_NAME, list_checkpoints
+
+    if not folder.is_dir() or _has_own_weights(folder):
+        return False
+    return (folder / TRAIN_CONFIG_NAME).is_file() or bool(list_checkpoints(folder))
+
+
+def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
+    from .train import MODEL_DIR, TRAIN_CONFIG_NAME, latest_checkpoint
+
+    found = latest_checkpoint(run)
+    where = f"{run}: a pre-training run folder, but its exported trunk {run / MODEL_DIR} is missing"
+    again = ("scripts/demo.py with the demo's --out and --seed" if demo else
+             f"scripts/pretrain.py --out {run} --resume with the run's settings")
+    if found is None:
+        return ValueError(f"{where}, and so is any checkpoint: the run stopped (or is still running) before its "
+                          f"first checkpoint. Run it again ({again}; it starts from step 0): {MODEL_DIR}/ is "
+                          "written at every checkpoint")
+    try:
+        step = int(json.loads((found / "state.json").read_text())["step"])
+        steps = int(json.loads((run / TRAIN_CONFIG_NAME).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = steps = None
+    export = (f'python -c "from mlx_aim.train import export_trunk, load_pretraining_checkpoint as c; '
+              f"export_trunk('{run / MODEL_DIR}', c('{found}')[0])\"")
+    if step is not None and step < steps:
+        return ValueError(f"{where}. Its newest checkpoint is {found} (step {step} of {steps}): continue the run "
+                          f"({again}; {MODEL_DIR}/ is written at its next checkpoint), or export that "
+                          f"checkpoint's trunk now: {export}")
+    return ValueError(f"{where}. Export it from the newest checkpoint, {found}: {export}")
+
+
+def _demo_run(folder: Path) -> Optional[Path]:
+    from .demo import PRETRAIN_DIR
+
+    return folder / PRETRAIN_DIR if _is_pretraining_run(folder / PRETRAIN_DIR) else None
+
+
+def resolve_folder(folder: str | os.PathLike) -> Path:
+    """The model folder a local folder stands for: a pre-training run folder `RUN` stands for its exported
+    trunk `RUN/model/`, a demo run folder (`mlx_aim_demo/seed0`, no config.json of its own) for that of its
+    pre-training run; any other folder for itself. A run folder without `model/` (a run stopped before its
+    first checkpoint, or whose export was removed) raises a ValueError that says how to get it."""
+    from .train import MODEL_DIR
+
+    folder = Path(folder)
+    run = folder if _is_pretraining_run(folder) else None
+    if run is None and not (folder / "config.json").exists():
+        run = _demo_run(folder)
+    if run is None:
+        return folder
+    if not (run / MODEL_DIR).is_dir():
+        raise _missing_trunk_error(run, demo=run != folder)
+    return run / MODEL_DIR
+
+
 def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
     """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors."""
     if isinstance(sources, (str, os.PathLike)):
@@ -194,7 +260,7 @@ def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Sou
     tensors, closers, files = {}, [], []
     config = None
     if len(sources) == 1 and Path(sources[0]).is_dir():
-        folder = Path(sources[0])
+        folder = resolve_folder(sources[0])
         config_path = folder / "config.json"
         if config_path.exists() and _is_mlx_config(config_path):
             config = AIMConfig.from_file(config_path)

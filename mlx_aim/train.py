@@ -77,6 +77,7 @@ VAL_PREFIX_STREAM = 102  # the validation set's fixed prefix draws
 VAL_SPLIT_STREAM = 103  # which images of a folder without val/ are held out
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
+TRAIN_CONFIG_NAME = "train_config.json"  # with config.json, what marks a run folder (`loading` reads it)
 LOG_NAME = "log.jsonl"
 _CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
@@ -650,7 +651,7 @@ def pretrain(
                          "use its model/ folder, or start a longer run in another folder")
     if is_main:
         write_json(out_dir / "config.json", mc.to_dict())
-        write_json(out_dir / "train_config.json", tc.to_dict())
+        write_json(out_dir / TRAIN_CONFIG_NAME, tc.to_dict())
 
     train_step = TrainStep(model, optimizer, tc, group)
     validator = Validator(model, val_samples, tc, group)

@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--model", required=True,
-                   help="preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model) or checkpoint file")
+                   help="preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model), pre-training run "
+                        "folder (its model/) or checkpoint file")
     p.add_argument("--top-k", type=int, default=TOP_K)
     add_inference_options(p)
     p.add_argument("--json", action="store_true", help="also print one JSON object with the results, last")

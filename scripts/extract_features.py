@@ -17,7 +17,9 @@ from mlx_aim.inference import SHARD_SIZE, run_extract_features
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_DIR", help="folders (searched recursively), files or globs")
-    p.add_argument("--model", required=True, help="preset name, hub repo id, MLX model folder or checkpoint file")
+    p.add_argument("--model", required=True,
+                   help="preset name, hub repo id, MLX model folder, pre-training run folder (its model/) or "
+                        "checkpoint file")
     p.add_argument("--out", required=True, help="output folder for the shards and index.json")
     p.add_argument("--features", choices=["embedding", "tokens", "both"], default="embedding")
     p.add_argument("--format", choices=["npy", "safetensors"], default="npy", dest="file_format")

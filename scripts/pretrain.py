@@ -5,9 +5,9 @@
 
 DIR holds images in any sub-folders (class folders, or train/ and val/ of them; otherwise --val-ratio of it
 is held out for the validation loss). OUT receives checkpoints/ (with the pixel head, for --resume and
-scripts/visualize.py), model/ (the trunk alone: mlx_aim.load, scripts/probe.py --model OUT/model),
-log.jsonl and summary.json. --batch-size is the global batch of one optimizer step. Several Macs: see the
-docstring of mlx_aim/train.py (hostfile and mlx.launch command).
+scripts/visualize.py), model/ (the trunk alone, which mlx_aim.load and the scripts' --model read when given
+OUT or OUT/model), log.jsonl and summary.json. --batch-size is the global batch of one optimizer step.
+Several Macs: see the docstring of mlx_aim/train.py (hostfile and mlx.launch command).
 """
 
 import argparse

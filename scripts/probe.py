@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a probe on a frozen trunk")
-    t.add_argument("--model", required=True, help="preset name, hub repo id, MLX model folder or checkpoint file")
+    t.add_argument("--model", required=True,
+                   help="preset name, hub repo id, MLX model folder, pre-training run folder (its model/) or "
+                        "checkpoint file")
     t.add_argument("--data", required=True, help="image folder: class sub-folders, or train/ and val/ of them")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--random-init", action="store_true", help="the model's architecture with random weights")

@@ -235,3 +235,30 @@ def test_probe_head_file_sets_classes_and_layers(tiny_apple, tmp_path):
     with pytest.raises(ValueError, match="head.\\* keys"):
         mx.save_safetensors(str(tmp_path / "bad.safetensors"), {"trunk.x": mx.zeros((1,))})
         mlx_aim.load(trunk, head=tmp_path / "bad.safetensors")
+
+
+def test_folders_that_are_not_runs_keep_their_errors(tmp_path):
+    """Only a folder with a pre-training run's markers (train_config.json or checkpoints/step_*/, and no
+    weights of its own) stands for its model/: other folders resolve, or fail, as before."""
+    from mlx_aim.weights import save_model
+
+    stray = tmp_path / "stray"  # neither a model nor a run
+    (stray / "checkpoints" / "notes").mkdir(parents=True)
+    (stray / "pretrain").mkdir()
+    (stray / "readme.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match="no config.json and no checkpoint files"):
+        open_source(stray)
+    config = AIMConfig(image_size=16, patch_size=4, width=64, depth=2, num_heads=4, probe_layers=[0, 1])
+    half = tmp_path / "half"  # a model folder without its weights
+    half.mkdir()
+    config.save(half / "config.json")
+    (half / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="weight file missing from the model folder"):
+        open_source(half)
+    # A model folder with a stray train_config.json is still a model folder (its weights, not model/'s).
+    from mlx.utils import tree_flatten
+
+    folder = save_model(tmp_path / "model-folder", dict(tree_flatten(mlx_aim.build_model(config).parameters())),
+                        config)
+    (folder / "train_config.json").write_text("{}")
+    assert open_source(folder).description == f"MLX model folder {folder}"

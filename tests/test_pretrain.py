@@ -246,3 +246,79 @@ def test_any_folder_of_images_is_training_data(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         pretraining_splits(tmp_path / "empty", 0.1, 0)
+
+
+def trunk_weights(model) -> dict[str, np.ndarray]:
+    """The pre-trained parameters (the probe head of a trunk-only source is freshly initialised)."""
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
+
+
+def assert_same_trunk(a, b) -> None:
+    wa, wb = trunk_weights(a), trunk_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+
+
+def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, capsys):
+    """`mlx_aim.load(RUN)`, `convert(RUN)` and the scripts' --model RUN read RUN/model; so does a demo run
+    folder (its pre-training run under pretrain/)."""
+    from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
+
+    out, _ = reference
+    exported = mlx_aim.load(out / "model")
+    from_run = mlx_aim.load(out)
+    assert from_run.has_trained_head is False and from_run.config == exported.config
+    assert_same_trunk(from_run, exported)
+    converted = mlx_aim.convert(out, tmp_path / "converted")
+    assert_same_trunk(mlx_aim.load(converted), exported)
+
+    # scripts/probe.py train --model RUN (its library entry), then eval against the same RUN.
+    probe = tmp_path / "probe"
+    config = ProbeConfig(epochs=1, batch_size=16, eval_batch_size=32, num_workers=1)
+    assert run_probe_train(str(out), str(data), str(probe), config, as_json=True) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == str(out)
+    assert json.loads((probe / "probe.json").read_text())["trunk"]["source"] == str(out)
+    assert run_probe_eval(str(probe), str(data), model=str(out)) == 0
+
+    demo_run = tmp_path / "demo" / "seed0"  # what scripts/demo.py writes: pretrain/, probes, demo.json
+    demo_run.mkdir(parents=True)
+    (demo_run / "pretrain").symlink_to(out, target_is_directory=True)
+    (demo_run / "probe-pretrained").mkdir()
+    assert_same_trunk(mlx_aim.load(demo_run), exported)
+
+
+def test_run_folder_without_its_model_says_how_to_get_it(reference, tmp_path):
+    out, _ = reference
+    # Killed before the first checkpoint: the two configs (and perhaps a log), nothing else.
+    early = tmp_path / "early"
+    early.mkdir()
+    for name in ("config.json", "train_config.json"):
+        shutil.copy(out / name, early / name)
+    with pytest.raises(ValueError) as error:
+        mlx_aim.load(early)
+    message = str(error.value)
+    assert str(early) in message and str(early / "model") in message and "first checkpoint" in message
+    assert "--resume" in message
+    demo_run = tmp_path / "demo" / "seed0"  # the same inside a demo run: re-running the demo resumes it
+    shutil.copytree(early, demo_run / "pretrain")
+    with pytest.raises(ValueError, match="scripts/demo.py") as error:
+        mlx_aim.load(demo_run)
+    assert str(demo_run / "pretrain" / "model") in str(error.value)
+
+    # Stopped mid-run after a checkpoint whose export was lost: continue it, or export that checkpoint.
+    middle = tmp_path / "middle"
+    shutil.copytree(out, middle, ignore=shutil.ignore_patterns("model", "step_00000020", "step_00000024"))
+    with pytest.raises(ValueError, match="step 15 of 24") as error:
+        mlx_aim.load(middle)
+    assert "--resume" in str(error.value) and "step_00000015" in str(error.value)
+
+    # A finished run without model/: the export command the message gives writes it.
+    finished = tmp_path / "finished"
+    shutil.copytree(out, finished, ignore=shutil.ignore_patterns("model"))
+    with pytest.raises(ValueError, match="Export it from the newest checkpoint") as error:
+        mlx_aim.convert(finished, tmp_path / "converted")
+    assert str(finished / "checkpoints" / "step_00000024") in str(error.value)
+    command = str(error.value).split('python -c "', 1)[1].rsplit('"', 1)[0]
+    exec(command, {})
+    assert_same_trunk(mlx_aim.load(finished), mlx_aim.load(out / "model"))
