@@ -66,6 +66,12 @@ def test_quick_demo_end_to_end(tmp_path):
 
     trunk = mlx_aim.load(result["model_dir"])
     assert trunk.config.width == demo.QUICK.width and trunk.config.depth == demo.QUICK.depth
+    # The run folder (e.g. --model mlx_aim_demo/seed0) stands for the same trunk.
+    from_run = mlx_aim.load(result["run_dir"])
+    np.testing.assert_array_equal(np.array(from_run.trunk.blocks[-1].mlp.fc2.weight),
+                                  np.array(trunk.trunk.blocks[-1].mlp.fc2.weight))
+    # Patch size in pixels and the grid it makes, not a bare "4x4 patches".
+    assert "4x4-pixel patches, a 4x4 grid of 16 patches" in stdout
     assert json.loads((Path(result["run_dir"]) / "demo.json").read_text())["probe"] == probe
 
 
