@@ -55,15 +55,14 @@ from .fileio import atomic_file, read_json, write_json
 from .model import AIM
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .train import (MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain, read_log,
-                    settings_differences)
+from .train import (DEMO_RUN_DIR, MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain,
+                    read_log, settings_differences)
 
 ASSETS = Path(__file__).parent / "assets"
 # The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
 SAMPLE_CLASSES = ("disc", "ring", "star", "stripes", "checkerboard", "dots")
 SAMPLE_SIZE = 128
 SAMPLE_SEED = 7
-PRETRAIN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`mlx_aim.load` looks there)
 
 
 @dataclass(frozen=True)
@@ -393,7 +392,7 @@ def run_demo(
          f"{cfg.patch_size}x{cfg.patch_size}-pixel patches, a {grid}x{grid} grid of {grid * grid} patches) "
          f"-> {run_dir}")
     tick = time.perf_counter()
-    pre_dir = run_dir / PRETRAIN_DIR
+    pre_dir = run_dir / DEMO_RUN_DIR
     summary = finished_pretraining(pre_dir, model_config, train_config)
     if summary is not None:
         echo(f"  reusing the finished run in {pre_dir} (--force starts it over)")

@@ -216,9 +216,9 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
 
 
 def _demo_run(folder: Path) -> Optional[Path]:
-    from .demo import PRETRAIN_DIR
+    from .train import DEMO_RUN_DIR
 
-    return folder / PRETRAIN_DIR if _is_pretraining_run(folder / PRETRAIN_DIR) else None
+    return folder / DEMO_RUN_DIR if _is_pretraining_run(folder / DEMO_RUN_DIR) else None
 
 
 def resolve_folder(folder: str | os.PathLike) -> Path:

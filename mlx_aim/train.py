@@ -78,6 +78,7 @@ VAL_SPLIT_STREAM = 103  # which images of a folder without val/ are held out
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 TRAIN_CONFIG_NAME = "train_config.json"  # with config.json, what marks a run folder (`loading` reads it)
+DEMO_RUN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`loading` looks there too)
 LOG_NAME = "log.jsonl"
 _CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}

@@ -187,7 +187,7 @@ def test_convert_cli(tiny_apple, tmp_path):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["peak_rss_mb"] > 0 and Path(figures["out"]).exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_offline_hub_cache(tmp_path, monkeypatch):
