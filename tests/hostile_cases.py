@@ -118,7 +118,7 @@ def _attempt(request: dict) -> dict:
     from mlx_aim.torch_checkpoint import CheckpointError, open_torch_checkpoint
 
     action, path = request["action"], request["path"]
-    stage = "open"
+    stage = "load" if action == "load" else "open"
     try:
         if action == "open":
             with open_torch_checkpoint(path) as ckpt:
