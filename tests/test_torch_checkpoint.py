@@ -647,3 +647,31 @@ def test_reading_one_tensor_reads_only_that_tensor(tmp_path):
     assert after_small - start < 25, result.stdout
     # ...while the same measurement does see a real read (the test can fail).
     assert after_big - after_small > big_mb * 0.9, result.stdout
+
+
+def _aim_backbone_keys(depth: int) -> list[str]:
+    block = ("attn.qkv.weight", "attn.proj.weight", "norm_1.weight", "norm_1.bias", "norm_2.weight", "norm_2.bias",
+             "mlp.fc1.weight", "mlp.fc2.weight")
+    keys = [f"preprocessor.patchifier.{name}" for name in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")]
+    keys += [f"trunk.blocks.{i}.{name}" for i in range(depth) for name in block]
+    return keys + ["trunk.post_trunk_norm.weight", "trunk.post_trunk_norm.bias"]
+
+
+@pytest.mark.parametrize("what, keys", [
+    ("aim-7B backbone keys", _aim_backbone_keys(32)),
+    ("20,000 tensors, wrapped as a training checkpoint", [f"layers.{i}.weight" for i in range(20000)]),
+])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_honest_checkpoints_fit_the_scan_budgets(tmp_path, what, keys, legacy):
+    """The hostile-input budgets (opcodes, memo, nesting, names) leave honest files of this size alone."""
+    generator = torch.Generator().manual_seed(0)
+    state = collections.OrderedDict((key, torch.randn(2, 3, generator=generator)) for key in keys)
+    wrapped = len(keys) > 1000
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "step": 7} if wrapped else state, path,
+               _use_new_zipfile_serialization=not legacy)
+    with open_torch_checkpoint(path) as checkpoint:
+        assert checkpoint.keys() == keys
+        assert checkpoint.root_key == ("model" if wrapped else None)
+        for key in (keys[0], keys[len(keys) // 2], keys[-1]):
+            _assert_same(checkpoint.read(key), state[key])
