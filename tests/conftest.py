@@ -1,9 +1,17 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
 from mlx_aim.config import AIMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 
 def rel_err(a, b) -> float:

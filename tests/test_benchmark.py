@@ -68,6 +68,13 @@ def test_bad_arguments_are_refused():
     assert proc.returncode != 0 and "--threads" in proc.stderr
 
 
+def test_compare_torch_outside_a_clone_names_what_it_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "REFERENCE_DIR", tmp_path)  # as installed from a wheel: no benchmarks/ folder
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main([*TINY, "--compare-torch"])
+    assert "benchmarks/torch_reference.py" in str(refused.value) and "clone" in str(refused.value)
+
+
 def test_inference_flops_by_hand():
     c = get_config("aim-600M")
     n, d, h = 256, 1536, 6144
@@ -119,13 +126,10 @@ def test_memory_suite_row(tmp_path):
 
 
 def test_block_profile_times_every_variant_and_restores_the_layers():
-    import importlib.util
+    import bench_kernels  # benchmarks/bench_kernels.py (conftest puts benchmarks/ on sys.path)
 
     from mlx_aim import layers
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
-    bench_kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kernels)
     rows = []
     gelu, attention = layers.gelu, layers.attention
     bench_kernels.block_profile(lambda kind, what, seconds: rows.append((kind, what, seconds)), reps=1,
