@@ -19,8 +19,10 @@ What is measured:
   peak allocation. `--memory-suite` measures load + one forward per model in a fresh process each, from a
   random-weight folder written tensor by tensor (aim-7B in float32 would not fit in memory).
 
-PyTorch is imported only with `--compare-torch` (`mlx_aim.benchmark_torch`), and before MLX binds its BLAS
-(see `scripts/benchmark.py`), so it runs with its own kernels, as its users have it.
+PyTorch is imported only with `--compare-torch`, and before MLX binds its BLAS (see `scripts/benchmark.py`), so
+it runs with its own kernels, as its users have it. The PyTorch model is the repository's reference,
+`benchmarks/torch_reference.py`: `--compare-torch` works from a source checkout (a clone, or `pip install -e`),
+not from an installed wheel, which does not ship it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,25 @@ from .weights import save_model
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
 MEMORY_SUITE = (("aim-1B", "float32", None), ("aim-1B", "bfloat16", None), ("aim-1B", "float32", 4),
                 ("aim-7B", "float32", 4))
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "benchmarks"  # next to mlx_aim/ in a source checkout
+
+
+class TorchReferenceUnavailable(RuntimeError):
+    """`--compare-torch` cannot run here: the repository's PyTorch reference is not next to the package."""
+
+
+def torch_reference():
+    """The repository's PyTorch reference of AIM, `benchmarks/torch_reference.py`, imported from the source
+    checkout this package runs from (it is not part of the installed package)."""
+    if not (REFERENCE_DIR / "torch_reference.py").is_file():
+        raise TorchReferenceUnavailable(
+            f"--compare-torch needs the PyTorch reference benchmarks/torch_reference.py, which is not in an "
+            f"installed package: run it from a clone of the mlx-aim repository (looked in {REFERENCE_DIR})")
+    if str(REFERENCE_DIR) not in sys.path:
+        sys.path.insert(0, str(REFERENCE_DIR))
+    import torch_reference
+
+    return torch_reference
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,11 +237,10 @@ def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=Non
     if compare_torch:
         import torch
 
-        from .benchmark_torch import AIMReference, load_mlx_weights
-
+        reference = torch_reference()
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
-        ref = AIMReference.from_config(config).eval()
-        load_mlx_weights(ref, float_weights(model)).to(torch_dtype)
+        ref = reference.AIMReference.from_config(config).eval()
+        reference.load_mlx_weights(ref, float_weights(model)).to(torch_dtype)
         images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
 
         def torch_call():
@@ -256,10 +276,9 @@ def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32"
     if compare_torch:
         import torch
 
-        from .benchmark_torch import AIMPretrainingReference, PretrainStep, load_mlx_weights
-
-        ref = load_mlx_weights(AIMPretrainingReference(config), float_weights(model))
-        torch_step = PretrainStep(ref, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        reference = torch_reference()
+        ref = reference.load_mlx_weights(reference.AIMPretrainingReference(config), float_weights(model))
+        torch_step = reference.PretrainStep(ref, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
         images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
         prefix_t = torch.from_numpy(prefix.astype(np.int64))
         fns["torch"] = lambda: torch_step(images_t, prefix_t)
@@ -304,9 +323,7 @@ def run(args: argparse.Namespace) -> dict:
         config = None
     result = {"machine": machine_info()}
     if args.compare_torch:
-        from .benchmark_torch import torch_info
-
-        result["machine"]["torch"] = torch_info()
+        result["machine"]["torch"] = torch_reference().torch_info()
     if args.threads:
         set_num_threads(args.threads)
         if args.compare_torch:
@@ -474,6 +491,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--warmup must be 0 or more")
     if (args.train or args.train_only) and (args.quantize or args.weights):
         raise SystemExit("--train times pre-training a fresh float model: drop --quantize and --weights")
+    if args.compare_torch:
+        try:
+            torch_reference()  # a missing reference is one line on stderr, not a traceback
+        except TorchReferenceUnavailable as error:
+            raise SystemExit(str(error)) from None
     if args.memory_suite:
         rows = memory_suite(work_dir=args.work_dir)
         print(json.dumps({"machine": machine_info(), "memory_suite": rows}) if args.json else format_memory(rows))

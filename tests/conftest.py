@@ -1,9 +1,46 @@
+"""What every test module shares: the tiny config, running a command-line script, reading its JSON, and the
+PyTorch reference (`benchmarks/torch_reference.py`, imported as `torch_reference`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
 from mlx_aim.config import AIMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+
+
+def tiny_config(**overrides) -> AIMConfig:
+    """A tiny AIM: 16-pixel images in 4x4-pixel patches (16 tokens), width 64, depth 4, 10 classes. Tests that
+    need other sizes say which fields differ."""
+    fields = dict(image_size=16, patch_size=4, width=64, depth=4, num_heads=4, num_classes=10, probe_layers=[1, 2],
+                  head_width=32, head_depth=2)
+    return AIMConfig(**{**fields, **overrides})
+
+
+def run_script(path: str, *args, check_rc=0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `path` (relative to the repository root) with this interpreter and environment, from the repository
+    root, capturing its output as text. Asserts the exit status is `check_rc`, unless that is None."""
+    result = subprocess.run([sys.executable, str(ROOT / path), *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=timeout)
+    if check_rc is not None:
+        assert result.returncode == check_rc, (f"{path} exited {result.returncode}, expected {check_rc}\n"
+                                               f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a script prints on its last line (with --json)."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def rel_err(a, b) -> float:
@@ -13,10 +50,9 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-@pytest.fixture
-def tiny_config() -> AIMConfig:
-    return AIMConfig(image_size=16, patch_size=4, width=64, depth=4, num_heads=4, num_classes=10,
-                     probe_layers=[1, 2], head_width=32, head_depth=2)
+@pytest.fixture(name="tiny_config")
+def tiny_config_fixture() -> AIMConfig:
+    return tiny_config()
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,6 @@
-"""Shared by test_inference.py and test_probe.py: tiny random-weight model folders, generated image
-folders, and running the command-line scripts."""
+"""Shared by test_inference.py and test_probe.py: tiny random-weight model folders and generated image
+folders."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,25 +8,24 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from conftest import tiny_config
 from mlx_aim.config import AIMConfig
 from mlx_aim.model import build_model
 from mlx_aim.weights import save_model
 
-ROOT = Path(__file__).resolve().parents[1]
-# Width 64 so that the trunk's linear layers can be quantized (group size 64).
-TINY = dict(image_size=16, patch_size=4, width=64, depth=3, num_heads=2, probe_layers=[1, 2],
-            head_width=32, head_depth=1, name="tiny-test")
 COLOURS = {"blue": (20, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30), "white": (230, 230, 230)}
 
 
-def tiny_config(num_classes: int = 1000) -> AIMConfig:
-    return AIMConfig(num_classes=num_classes, **TINY)
+def probe_config(num_classes: int = 1000) -> AIMConfig:
+    """The tiny config these tests classify with: width 64, so that the trunk's linear layers can be quantized
+    (group size 64)."""
+    return tiny_config(depth=3, num_heads=2, num_classes=num_classes, name="tiny-test")
 
 
 def make_model_folder(folder: Path, num_classes: int = 1000, seed: int = 0, with_head: bool = True) -> Path:
     """A random-weight tiny model saved as an MLX model folder (without head.* keys: a trunk export)."""
     mx.random.seed(seed)
-    model = build_model(tiny_config(num_classes))
+    model = build_model(probe_config(num_classes))
     weights = {k: v for k, v in tree_flatten(model.parameters()) if with_head or not k.startswith("head.")}
     return save_model(folder, weights, model.config)
 
@@ -50,15 +46,3 @@ def make_colour_folder(root: Path, num_train: int = 12, num_val: int = 4, seed: 
                 pixels = np.clip(np.array(colour) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
                 save_image(root / split / name / f"{i}.png", pixels)
     return root
-
-
-def run_script(name: str, *args, check_rc=None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    if check_rc is not None:
-        assert result.returncode == check_rc, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])

@@ -2,35 +2,25 @@
 
 The command line runs on a tiny custom-sized preset (aim-tiny at 32 px) so each case takes seconds."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_aim
+from conftest import last_json, run_script
 from mlx_aim import benchmark
 from mlx_aim.config import get_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "benchmark.py"
 TINY = ["--preset", "aim-tiny", "--image-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
 
 
-def run_script(*args, check=True):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run_benchmark(*args, check_rc=0):
+    return run_script("scripts/benchmark.py", *args, check_rc=check_rc, timeout=600)
 
 
 def test_json_report_with_torch_and_training():
-    proc = run_script(*TINY, "--train", "--compare-torch", "--json")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = run_benchmark(*TINY, "--train", "--compare-torch", "--json")
+    result = last_json(proc.stdout)
     assert result["machine"]["torch"]["version"]
     assert set(result["matmul_peak_gflops"]) == {"mlx", "torch"}
     inference, training = result["runs"]
@@ -52,7 +42,7 @@ def test_json_report_with_torch_and_training():
 
 
 def test_table_for_a_quantized_model_without_torch():
-    proc = run_script(*TINY, "--quantize", "4", "--threads", "1")
+    proc = run_benchmark(*TINY, "--quantize", "4", "--threads", "1")
     out = proc.stdout
     assert "float32 matmul peak (2048^3): mlx" in out and "torch" not in out
     assert "inference  aim-tiny 32px  mlx" in out and "float32 q4" in out
@@ -60,12 +50,19 @@ def test_table_for_a_quantized_model_without_torch():
 
 
 def test_bad_arguments_are_refused():
-    proc = run_script(*TINY, "--train", "--quantize", "4", check=False)
+    proc = run_benchmark(*TINY, "--train", "--quantize", "4", check_rc=None)
     assert proc.returncode != 0 and "drop --quantize" in proc.stderr
-    proc = run_script("--preset", "aim-huge", check=False)
+    proc = run_benchmark("--preset", "aim-huge", check_rc=None)
     assert proc.returncode != 0 and "aim-huge" in proc.stderr
-    proc = run_script(*TINY, "--threads", "0", check=False)
+    proc = run_benchmark(*TINY, "--threads", "0", check_rc=None)
     assert proc.returncode != 0 and "--threads" in proc.stderr
+
+
+def test_compare_torch_outside_a_clone_names_what_it_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "REFERENCE_DIR", tmp_path)  # as installed from a wheel: no benchmarks/ folder
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main([*TINY, "--compare-torch"])
+    assert "benchmarks/torch_reference.py" in str(refused.value) and "clone" in str(refused.value)
 
 
 def test_inference_flops_by_hand():
@@ -119,13 +116,10 @@ def test_memory_suite_row(tmp_path):
 
 
 def test_block_profile_times_every_variant_and_restores_the_layers():
-    import importlib.util
+    import bench_kernels  # benchmarks/bench_kernels.py (conftest puts benchmarks/ on sys.path)
 
     from mlx_aim import layers
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
-    bench_kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kernels)
     rows = []
     gelu, attention = layers.gelu, layers.attention
     bench_kernels.block_profile(lambda kind, what, seconds: rows.append((kind, what, seconds)), reps=1,

@@ -8,7 +8,6 @@ test depends on what the system happens to have besides (a system libgfortran, a
 """
 
 import glob
-import json
 import os
 import platform
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import last_json
 from mlx_aim import _blas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def run_child(tmp_path, blas=None, mlx_first=False, extra_env=None):
     proc = subprocess.run([sys.executable, "-c", CHILD.format(mlx_first=mlx_first)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(proc.stdout)
     report["sgemm_from"] = report["sgemm_via"] = None
     for path in glob.glob(f"{debug}.*"):
         with open(path, errors="replace") as f:

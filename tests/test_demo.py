@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +9,12 @@ import pytest
 from PIL import Image
 
 import mlx.core as mx
+from conftest import last_json, run_script, tiny_config
 from mlx.utils import tree_flatten
 from mlx_aim import demo
-from mlx_aim.config import AIMConfig
 from mlx_aim.data import imagenet_classes
 from mlx_aim.model import AIM
 from mlx_aim.weights import save_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "demo.py"
-
-
-def run_script(*args, timeout=300):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc.stdout
 
 
 def table_value(stdout: str, key: str) -> str:
@@ -37,8 +25,8 @@ def table_value(stdout: str, key: str) -> str:
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    stdout = run_script("--quick", "--out", str(out), "--seed", "3", "--json")
-    result = json.loads(stdout.strip().splitlines()[-1])
+    stdout = run_script("scripts/demo.py", "--quick", "--out", out, "--seed", 3, "--json").stdout
+    result = last_json(stdout)
 
     # The table shows the JSON's figures.
     pre, probe = result["pretraining"], result["probe"]
@@ -96,8 +84,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
 
 
 def tiny_imagenet_model(folder: Path) -> Path:
-    config = AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, num_classes=1000,
-                       probe_layers=[0, 1], head_width=32, head_depth=1)
+    config = tiny_config(width=32, depth=2, num_heads=2, num_classes=1000, probe_layers=[0, 1])
     mx.random.seed(0)
     model = AIM(config)
     weights = dict(tree_flatten(model.parameters()))
@@ -108,8 +95,8 @@ def tiny_imagenet_model(folder: Path) -> Path:
 
 def test_model_option_classifies_the_bundled_samples(tmp_path):
     folder = tiny_imagenet_model(tmp_path / "tiny-1000")
-    stdout = run_script("--model", str(folder), "--json", timeout=120)
-    result = json.loads(stdout.strip().splitlines()[-1])
+    stdout = run_script("scripts/demo.py", "--model", folder, "--json", timeout=120).stdout
+    result = last_json(stdout)
     samples = demo.sample_images()
     assert [Path(p["path"]).name for p in result["predictions"]] == [p.name for p in samples]
     names = imagenet_classes()
@@ -123,9 +110,7 @@ def test_model_option_classifies_the_bundled_samples(tmp_path):
 
 
 def test_model_option_reports_a_missing_model(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "nowhere")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    proc = run_script("scripts/demo.py", "--model", tmp_path / "nowhere", check_rc=2, timeout=120)
     assert "nowhere" in proc.stderr
 
 

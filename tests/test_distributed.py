@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
-from mlx_aim.config import AIMConfig
+from conftest import ROOT, last_json, tiny_config
 from mlx_aim.synthetic import write_image_folder
 from mlx_aim.train import TrainConfig, list_checkpoints, pretrain, read_log
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 6, 8
 
 
-def tiny_config() -> AIMConfig:
-    return AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, head_width=32, head_depth=1,
-                     probe_layers=[1], num_classes=10)
+def small_config():
+    """The tiny config at width 32, depth 2, with a one-block pixel head: quick to pre-train three times."""
+    return tiny_config(width=32, depth=2, num_heads=2, head_depth=1, probe_layers=[1])
 
 
 def launcher() -> list[str]:
@@ -68,7 +67,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     # 41 validation images: the 2 processes' validation slices differ in size (21 and 20).
     data = write_image_folder(tmp_path / "data", num_train=48, num_val=41, image_size=16)
     config_file = tmp_path / "tiny.json"
-    config_file.write_text(json.dumps(tiny_config().to_dict()))
+    config_file.write_text(json.dumps(small_config().to_dict()))
     recipe = dict(steps=STEPS, batch_size=BATCH, lr=2e-3, warmup_frac=0.2, log_interval=1, val_interval=STEPS,
                   ckpt_interval=0, val_images=41, num_workers=1)
 
@@ -81,14 +80,14 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
                             "--num-workers", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = last_json(done.stdout)
     assert summary["processes"] == 2 and summary["global_batch"] == BATCH
     assert done.stdout.count("pre-trained AIM") == 1  # only rank 0 reports
 
     out1 = tmp_path / "one"
-    pretrain(tiny_config(), TrainConfig(**recipe), data, out1, progress=False, echo=lambda _: None)
+    pretrain(small_config(), TrainConfig(**recipe), data, out1, progress=False, echo=lambda _: None)
     out_accum = tmp_path / "accum"
-    pretrain(tiny_config(), TrainConfig(**dict(recipe, grad_accum=2)), data, out_accum, progress=False,
+    pretrain(small_config(), TrainConfig(**dict(recipe, grad_accum=2)), data, out_accum, progress=False,
              echo=lambda _: None)
 
     reference = losses(out1)

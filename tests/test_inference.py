@@ -20,7 +20,8 @@ from mlx_aim.inference import (
     open_model,
     peak_memory,
 )
-from probe_helpers import last_json, make_model_folder, run_script, save_image
+from conftest import last_json, run_script
+from probe_helpers import make_model_folder, save_image
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,7 @@ def reference_top_k(model, paths, k):
 
 
 def test_classify_cli_matches_the_model(model_dir, images):
-    result = run_script("classify.py", "--model", model_dir, "--top-k", 3, "--batch-size", 2, "--json", images,
-                        check_rc=0)
+    result = run_script("scripts/classify.py", "--model", model_dir, "--top-k", 3, "--batch-size", 2, "--json", images)
     summary = last_json(result.stdout)
     paths = sorted(p for p in images.rglob("*.png"))
     assert summary["num_images"] == 3 and summary["num_skipped"] == 0
@@ -90,7 +90,7 @@ def test_classify_and_extract_skip_bad_inputs(model_dir, images, tmp_path):
     empty.mkdir()
     missing = tmp_path / "missing.png"
     inputs = [images, tmp_path / "bad", empty, missing]
-    result = run_script("classify.py", "--model", model_dir, "--json", *inputs, check_rc=0)
+    result = run_script("scripts/classify.py", "--model", model_dir, "--json", *inputs)
     summary = last_json(result.stdout)
     assert summary["num_images"] == 3
     skipped = {item["path"]: item["reason"] for item in summary["skipped"]}
@@ -103,26 +103,26 @@ def test_classify_and_extract_skip_bad_inputs(model_dir, images, tmp_path):
     for path in skipped:
         assert f"  {path}: " in result.stdout
     # The same inputs through extract_features: the good images are kept, the rest listed.
-    result = run_script("extract_features.py", "--model", model_dir, "--out", tmp_path / "feats", "--json",
-                        *inputs, check_rc=0)
+    result = run_script("scripts/extract_features.py", "--model", model_dir, "--out", tmp_path / "feats", "--json",
+                        *inputs)
     summary = last_json(result.stdout)
     assert summary["num_images"] == 3 and {s["path"] for s in summary["skipped"]} == set(skipped)
     # Nothing usable: a non-zero exit, with every input still named.
-    result = run_script("classify.py", "--model", model_dir, "--json", tmp_path / "bad", missing, check_rc=1)
+    result = run_script("scripts/classify.py", "--model", model_dir, "--json", tmp_path / "bad", missing, check_rc=1)
     assert last_json(result.stdout)["num_images"] == 0 and str(missing) in result.stdout
 
 
 def test_classify_refuses_a_model_without_trained_head(tmp_path, images):
     trunk = make_model_folder(tmp_path / "trunk", with_head=False)
-    result = run_script("classify.py", "--model", trunk, images, check_rc=2)
+    result = run_script("scripts/classify.py", "--model", trunk, images, check_rc=2)
     assert "no trained classification head" in result.stderr and "probe.py train" in result.stderr
-    result = run_script("classify.py", "--model", tmp_path / "nowhere", images, check_rc=2)
+    result = run_script("scripts/classify.py", "--model", tmp_path / "nowhere", images, check_rc=2)
     assert "nowhere" in result.stderr
 
 
 def test_dtype_and_quantize_pass_through(model_dir, images):
-    result = run_script("classify.py", "--model", model_dir, "--dtype", "bfloat16", "--quantize", "4", "--json",
-                        images, check_rc=0)
+    result = run_script("scripts/classify.py", "--model", model_dir, "--dtype", "bfloat16", "--quantize", "4", "--json",
+                        images)
     summary = last_json(result.stdout)
     assert summary["dtype"] == "bfloat16" and summary["quantization"] == {"bits": 4, "group_size": 64}
     model = open_model(model_dir, quantize=8)
@@ -144,7 +144,7 @@ def test_random_init_is_seeded_and_keeps_the_architecture(model_dir):
 def test_extract_features_cli_rows_match_the_model_and_resume(model_dir, images, tmp_path):
     out = tmp_path / "feats"
     args = ["--model", model_dir, "--out", out, "--features", "both", "--shard-size", 2, "--batch-size", 2, "--json"]
-    summary = last_json(run_script("extract_features.py", *args, images, check_rc=0).stdout)
+    summary = last_json(run_script("scripts/extract_features.py", *args, images).stdout)
     assert summary["num_images"] == 3 and summary["num_shards"] == 2 and summary["shards_reused"] == 0
     index = json.loads((out / "index.json").read_text())
     assert [s["start"] for s in index["shards"]] == [0, 2]
@@ -162,12 +162,12 @@ def test_extract_features_cli_rows_match_the_model_and_resume(model_dir, images,
     before = first.stat().st_mtime_ns
     (out / "shard-00001.json").unlink()
     os.remove(out / "shard-00001.tokens.npy")
-    summary = last_json(run_script("extract_features.py", *args, images, check_rc=0).stdout)
+    summary = last_json(run_script("scripts/extract_features.py", *args, images).stdout)
     assert summary["shards_reused"] == 1 and summary["num_processed_now"] == 1 and summary["num_images"] == 3
     assert first.stat().st_mtime_ns == before
     np.testing.assert_array_equal(load_features(out, "tokens")[0], tokens)
     # Other settings into the same folder: refused, naming what differs.
-    result = run_script("extract_features.py", *args[:-1], "--save-dtype", "float16", images, check_rc=2)
+    result = run_script("scripts/extract_features.py", *args[:-1], "--save-dtype", "float16", images, check_rc=2)
     assert "dtype" in result.stderr and "--overwrite" in result.stderr
 
 

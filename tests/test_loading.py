@@ -13,12 +13,11 @@ import torch
 
 import mlx.core as mx
 import mlx_aim
-from conftest import rel_err
+from conftest import last_json, rel_err, run_script, tiny_config
 from mlx_aim.config import AIMConfig, get_config
 from mlx_aim.loading import open_source
 from torch_reference import AIMReference
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_HUB = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "num_blocks": 4, "num_heads": 4}
 
 
@@ -181,13 +180,11 @@ def test_hostile_pickle_runs_nothing_and_leaves_no_output(tmp_path):
 def test_convert_cli(tiny_apple, tmp_path):
     folder, _, _ = tiny_apple
     files = sorted(str(p) for p in folder.iterdir())
-    cmd = [sys.executable, str(ROOT / "convert" / "convert.py"), *files, "--out", str(tmp_path / "m"), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    args = [*files, "--out", tmp_path / "m", "--json"]
+    figures = last_json(run_script("convert/convert.py", *args).stdout)
     assert figures["peak_rss_mb"] > 0 and Path(figures["out"]).exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    again = run_script("convert/convert.py", *args, check_rc=2)
+    assert "already exists" in again.stderr
 
 
 def test_offline_hub_cache(tmp_path, monkeypatch):
@@ -199,7 +196,8 @@ def test_offline_hub_cache(tmp_path, monkeypatch):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
     (snapshot / "config.json").write_text(json.dumps(TINY_HUB))
-    mx.save_safetensors(str(snapshot / "model.safetensors"), {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()})
+    mx.save_safetensors(str(snapshot / "model.safetensors"),
+                        {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()})
     script = (
         "import numpy as np, mlx.core as mx, mlx_aim;"
         "m = mlx_aim.load('someone/aim-tiny');"
@@ -208,7 +206,8 @@ def test_offline_hub_cache(tmp_path, monkeypatch):
     images = np.random.randn(2, 16, 16, 3).astype(np.float32)
     np.save(tmp_path / "in.npy", images)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert rel_err(np.load(tmp_path / "out.npy"), ref_logits(ref, images)) < 1e-5
 
@@ -248,7 +247,7 @@ def test_folders_that_are_not_runs_keep_their_errors(tmp_path):
     (stray / "readme.txt").write_text("hello")
     with pytest.raises(FileNotFoundError, match="no config.json and no checkpoint files"):
         open_source(stray)
-    config = AIMConfig(image_size=16, patch_size=4, width=64, depth=2, num_heads=4, probe_layers=[0, 1])
+    config = tiny_config(depth=2, probe_layers=[0, 1])
     half = tmp_path / "half"  # a model folder without its weights
     half.mkdir()
     config.save(half / "config.json")

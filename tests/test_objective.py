@@ -9,8 +9,7 @@ import torch
 
 import mlx.core as mx
 import mlx.nn as nn
-from conftest import rel_err
-from mlx_aim.config import AIMConfig
+from conftest import rel_err, tiny_config
 from mlx_aim.model import AIMForPretraining
 from mlx_aim.objective import (
     aim_loss,
@@ -135,8 +134,7 @@ def test_gradient_of_prefix_targets_is_exactly_zero():
 
 @pytest.fixture
 def pretrain_config():
-    return AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, head_width=32, head_depth=1,
-                     probe_layers=[1])
+    return tiny_config(width=32, depth=2, num_heads=2, head_depth=1, probe_layers=[1])
 
 
 def test_prefix_token_never_sees_a_later_token_outside_the_prefix(pretrain_config):

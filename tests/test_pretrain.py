@@ -16,8 +16,8 @@ import pytest
 
 import mlx.core as mx
 import mlx_aim
+from conftest import ROOT, last_json, tiny_config
 from mlx.utils import tree_flatten
-from mlx_aim.config import AIMConfig
 from mlx_aim.objective import norm_pix_target, patchify
 from mlx_aim.synthetic import write_image_folder
 from mlx_aim.train import (
@@ -31,13 +31,12 @@ from mlx_aim.train import (
 )
 from mlx_aim.visualize import next_patch_predictions, to_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
 
 
-def tiny_config() -> AIMConfig:
-    return AIMConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, head_width=32, head_depth=1,
-                     probe_layers=[0, 1], num_classes=10)
+def small_config():
+    """The tiny config at width 32, depth 2, with a one-block pixel head: quick to pre-train many times."""
+    return tiny_config(width=32, depth=2, num_heads=2, head_depth=1, probe_layers=[0, 1])
 
 
 def recipe(**changes) -> TrainConfig:
@@ -63,7 +62,7 @@ def data(tmp_path_factory) -> Path:
 def reference(data, tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted run that the other tests compare against."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    summary = pretrain(tiny_config(), recipe(), data, out, progress=False, echo=lambda _: None)
+    summary = pretrain(small_config(), recipe(), data, out, progress=False, echo=lambda _: None)
     return out, summary
 
 
@@ -89,7 +88,8 @@ def test_exported_trunk_loads_as_a_classifier(reference):
     model = mlx_aim.load(out / "model")
     assert model.has_trained_head is False and model.config.attention == "bidirectional"
     saved = checkpoint_weights(list_checkpoints(out)[-1])
-    np.testing.assert_array_equal(np.array(model.trunk.blocks[1].mlp.fc2.weight), saved["trunk.blocks.1.mlp.fc2.weight"])
+    np.testing.assert_array_equal(np.array(model.trunk.blocks[1].mlp.fc2.weight),
+                                  saved["trunk.blocks.1.mlp.fc2.weight"])
     assert model(mx.zeros((2, 16, 16, 3))).shape == (2, 10)
     pretrained, state = load_pretraining_checkpoint(out)
     assert state["step"] == STEPS and "pixel_head.out_proj.weight" in dict(tree_flatten(pretrained.parameters()))
@@ -98,16 +98,16 @@ def test_exported_trunk_loads_as_a_classifier(reference):
 def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, data, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
-    pretrain(tiny_config(), recipe(), data, out, stop_at=12, progress=False, echo=lambda _: None)
+    pretrain(small_config(), recipe(), data, out, stop_at=12, progress=False, echo=lambda _: None)
     assert [p.name for p in list_checkpoints(out)] == ["step_00000005", "step_00000010", "step_00000012"]
     # As if killed after step 12's checkpoint began: it never completed, and its temporary folder remains.
     os.rename(out / "checkpoints" / "step_00000012", out / "checkpoints" / ".step_00000012.tmp-dead")
     with pytest.raises(FileExistsError, match="--resume"):
-        pretrain(tiny_config(), recipe(), data, out, progress=False, echo=lambda _: None)
+        pretrain(small_config(), recipe(), data, out, progress=False, echo=lambda _: None)
     with pytest.raises(ValueError, match="lr"):
-        pretrain(tiny_config(), recipe(lr=1e-3), data, out, resume=True, progress=False, echo=lambda _: None)
+        pretrain(small_config(), recipe(lr=1e-3), data, out, resume=True, progress=False, echo=lambda _: None)
     messages = []
-    summary = pretrain(tiny_config(), recipe(log_interval=1, num_workers=1), data, out, resume=True,
+    summary = pretrain(small_config(), recipe(log_interval=1, num_workers=1), data, out, resume=True,
                        progress=False, echo=messages.append)
     assert summary["start_step"] == 10 and "step_00000010" in messages[0]
     assert not list((out / "checkpoints").glob(".step_*"))
@@ -118,14 +118,14 @@ def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, 
     for key, value in ref_final.items():
         np.testing.assert_allclose(final[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     with pytest.raises(ValueError, match="nothing to resume"):
-        pretrain(tiny_config(), recipe(), data, out, resume=True, progress=False, echo=lambda _: None)
+        pretrain(small_config(), recipe(), data, out, resume=True, progress=False, echo=lambda _: None)
 
 
 def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
     config_file = tmp_path / "tiny.json"
-    config_file.write_text(json.dumps(tiny_config().to_dict()))
+    config_file.write_text(json.dumps(small_config().to_dict()))
     c = recipe()
     command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_file), "--data",
                str(data), "--out", str(out), "--no-progress", "--steps", str(c.steps), "--batch-size",
@@ -147,7 +147,7 @@ def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_
         process.wait()
     killed_at = max(train_losses(out))
     assert killed_at < STEPS
-    pretrain(tiny_config(), c, data, out, resume=True, progress=False, echo=lambda _: None)
+    pretrain(small_config(), c, data, out, resume=True, progress=False, echo=lambda _: None)
     ref, ours = train_losses(ref_out), train_losses(out)
     assert sorted(ours) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=1e-5)
@@ -169,7 +169,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
     monkeypatch.setattr(train_module, "TrainTransform", PoisonAfter)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="step 8") as caught:
-        pretrain(tiny_config(), recipe(num_workers=0, ckpt_interval=3, val_interval=0), data, out,
+        pretrain(small_config(), recipe(num_workers=0, ckpt_interval=3, val_interval=0), data, out,
                  progress=False, echo=lambda _: None)
     assert caught.value.step == 8 and caught.value.checkpoint.name == "step_00000006"
     assert "step_00000006" in str(caught.value) and "lower learning rate" in str(caught.value)
@@ -184,7 +184,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32(data, tmp_pat
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        pretrain(tiny_config(), recipe(steps=3, dtype=dtype, val_interval=0, num_workers=1), data, out,
+        pretrain(small_config(), recipe(steps=3, dtype=dtype, val_interval=0, num_workers=1), data, out,
                  progress=False, echo=lambda _: None)
         runs[dtype] = train_losses(out)
         weights = mx.load(str(list_checkpoints(out)[-1] / "model.safetensors"))
@@ -206,7 +206,7 @@ class _Oracle:
 
 def test_visualisation_unnormalises_with_the_true_patch_statistics():
     images = mx.array(np.random.randn(2, 16, 16, 3).astype(np.float32))
-    predicted = next_patch_predictions(_Oracle(tiny_config()), images)
+    predicted = next_patch_predictions(_Oracle(small_config()), images)
     np.testing.assert_allclose(np.array(predicted), np.array(images), atol=1e-4)
     pixels = np.random.randint(0, 256, (1, 4, 4, 3)).astype(np.float32) / 255
     normalised = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
@@ -277,7 +277,7 @@ def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, cap
     probe = tmp_path / "probe"
     config = ProbeConfig(epochs=1, batch_size=16, eval_batch_size=32, num_workers=1)
     assert run_probe_train(str(out), str(data), str(probe), config, as_json=True) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == str(out)
+    assert last_json(capsys.readouterr().out)["model"] == str(out)
     assert json.loads((probe / "probe.json").read_text())["trunk"]["source"] == str(out)
     assert run_probe_eval(str(probe), str(data), model=str(out)) == 0
 

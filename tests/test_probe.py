@@ -25,15 +25,8 @@ from mlx_aim.probe import (
     probe_forward,
     train_probe,
 )
-from probe_helpers import (
-    COLOURS,
-    last_json,
-    make_colour_folder,
-    make_model_folder,
-    run_script,
-    save_image,
-    tiny_config,
-)
+from conftest import last_json, run_script
+from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
 
 APPLE_HEAD_KEYS = {"head.k.weight", "head.v.weight", "head.cls_token", "head.linear.weight",
                    "head.bn.running_mean", "head.bn.running_var"}
@@ -51,7 +44,7 @@ def colours(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trunk():
-    return random_model(tiny_config(), seed=0)
+    return random_model(probe_config(), seed=0)
 
 
 def test_probe_reaches_full_train_accuracy_on_a_separable_task(trunk, colours):
@@ -97,7 +90,7 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
     with pytest.raises(ValueError, match="lr"):
         train_probe(trunk, colours, tmp_path, ProbeConfig(epochs=1, **dict(FAST, lr=1e-2)), resume=True,
                     progress=False)
-    other_trunk = random_model(tiny_config(), seed=5)
+    other_trunk = random_model(probe_config(), seed=5)
     with pytest.raises(ValueError, match="cannot resume"):
         train_probe(other_trunk, colours, tmp_path, config, resume=True,
                     trunk={"source": "elsewhere"}, progress=False)
@@ -173,7 +166,7 @@ def test_feature_cache_on_disk_is_reused_and_float16_overflow_is_refused(trunk, 
     np.testing.assert_allclose(first.features, np.asarray(trunk.probe_features(x)), rtol=2e-3, atol=2e-3)
     other = compute_features(trunk, samples[:5], cache_file=tmp_path / "c.npy", progress=False)  # other samples
     assert len(other) == 5 and (tmp_path / "c.npy").stat().st_mtime_ns != stamp
-    loud = random_model(tiny_config(), seed=0)
+    loud = random_model(probe_config(), seed=0)
     loud.trunk.blocks[0].mlp.fc2.weight = loud.trunk.blocks[0].mlp.fc2.weight * 1e6
     with pytest.raises(ValueError, match="float16"):
         compute_features(loud, samples, progress=False)
@@ -182,8 +175,8 @@ def test_feature_cache_on_disk_is_reused_and_float16_overflow_is_refused(trunk, 
 def test_probe_cli_train_eval_classify(tmp_path, colours):
     trunk_dir = make_model_folder(tmp_path / "trunk", with_head=False)  # a pre-training export
     out = tmp_path / "probe"
-    result = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
-                        "--epochs", 15, "--batch-size", 16, "--lr", "3e-3", "--json", check_rc=0)
+    result = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+                        "--epochs", 15, "--batch-size", 16, "--lr", "3e-3", "--json")
     summary = last_json(result.stdout)
     assert summary["train"]["top1"] >= 0.95 and summary["classes"] == sorted(COLOURS)
     assert "val: top-1" in result.stdout and "peak memory:" in result.stdout and summary["peak_rss_bytes"] > 0
@@ -200,14 +193,14 @@ def test_probe_cli_train_eval_classify(tmp_path, colours):
     with_head = attach_head(trunk, load_head(out / "head.safetensors", trunk))
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
 
-    evaluated = run_script("probe.py", "eval", "--head", out, "--data", colours, "--json", check_rc=0)
+    evaluated = run_script("scripts/probe.py", "eval", "--head", out, "--data", colours, "--json")
     val = last_json(evaluated.stdout)["val"]  # float32 features here, float16-cached ones in training
     assert val["top1"] == summary["val"]["top1"] and val["per_class"] == summary["val"]["per_class"]
     assert val["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-3)
 
     # classify reads the probe's classes from the model folder.
-    classified = run_script("classify.py", "--model", out / "model", "--top-k", 2, "--json",
-                            colours / "val" / "red", check_rc=0)
+    classified = run_script("scripts/classify.py", "--model", out / "model", "--top-k", 2, "--json",
+                            colours / "val" / "red")
     predictions = last_json(classified.stdout)["predictions"]
     assert len(predictions) == 4 and all(p["top_k"][0]["label"] == "red" for p in predictions)
 
@@ -215,8 +208,8 @@ def test_probe_cli_train_eval_classify(tmp_path, colours):
 def test_probe_cli_random_init_baseline_and_errors(tmp_path, colours):
     trunk_dir = make_model_folder(tmp_path / "trunk", with_head=False)
     out = tmp_path / "random"
-    result = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
-                        "--random-init", "--seed", 4, "--epochs", 2, "--batch-size", 16, "--json", check_rc=0)
+    result = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+                        "--random-init", "--seed", 4, "--epochs", 2, "--batch-size", 16, "--json")
     assert last_json(result.stdout)["random_init"] is True
     info = json.loads((out / "probe.json").read_text())
     assert info["trunk"]["random_init"] and info["trunk"]["seed"] == 4
@@ -225,11 +218,11 @@ def test_probe_cli_random_init_baseline_and_errors(tmp_path, colours):
     fresh = random_model(saved.config, seed=4)
     assert np.array_equal(np.asarray(saved.trunk.blocks[0].attn.qkv.weight),
                           np.asarray(fresh.trunk.blocks[0].attn.qkv.weight))
-    again = run_script("probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
+    again = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
                        "--random-init", "--seed", 4, "--epochs", 2, "--batch-size", 16, check_rc=2)
     assert "--resume" in again.stderr
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
-    failed = run_script("probe.py", "train", "--model", trunk_dir, "--data", empty, "--out", tmp_path / "x",
+    failed = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", empty, "--out", tmp_path / "x",
                         check_rc=2)
     assert str(empty / "a") in failed.stderr

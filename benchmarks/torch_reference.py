@@ -1,12 +1,13 @@
 """AIM in PyTorch, written from AIM-REFERENCE.md with Apple's key names: the tests' reference and the
 benchmark's opponent.
 
-The parity tests (`tests/torch_reference.py` re-exports this module) compare the MLX model with it stage by
-stage; `scripts/benchmark.py --compare-torch` times it against MLX on the same weights. It follows the paper
-and Apple's checkpoints independently of the MLX code, in the usual eager PyTorch style (fused
-`F.scaled_dot_product_attention`, `F.layer_norm`, `F.gelu`). Input is NCHW, as Apple's PyTorch backend takes.
+The parity tests (`tests/conftest.py` puts this folder on `sys.path`) compare the MLX model with it stage by
+stage; `scripts/benchmark.py --compare-torch` times it against MLX on the same weights, and the tools next to
+it (`parity.py`, `bench_kernels.py --torch`) use it too. It follows the paper and Apple's checkpoints
+independently of the MLX code, in the usual eager PyTorch style (fused `F.scaled_dot_product_attention`,
+`F.layer_norm`, `F.gelu`). Input is NCHW, as Apple's PyTorch backend takes.
 
-Imported only by tests and by the benchmark under `--compare-torch`: mlx-aim never needs torch at run time.
+It lives outside the `mlx_aim` package, in a source checkout only: mlx-aim never needs torch at run time.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ backbone/head files; needs PyTorch, as a reference tool only), converts it with 
 loads the result in float32, bfloat16 and 4-bit, each in a fresh process so that `ru_maxrss` (which also
 counts touched pages of memory-mapped files) is the peak of that step alone.
 
-    python scripts/bench_checkpoints.py --preset aim-600M aim-1B --workdir /tmp/aimbench
+    python benchmarks/bench_checkpoints.py --preset aim-600M aim-1B --workdir /tmp/aimbench
 """
 
 import argparse
@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +84,8 @@ def main(argv=None):
     p.add_argument("--write-checkpoint", nargs=2, metavar=("PRESET", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.write_checkpoint:
-        print(json.dumps([str(f) for f in write_random_checkpoint(args.write_checkpoint[0], Path(args.write_checkpoint[1]))]))
+        preset, folder = args.write_checkpoint
+        print(json.dumps([str(f) for f in write_random_checkpoint(preset, Path(folder))]))
         return
 
     rows = []

@@ -10,9 +10,9 @@ shapes (batch 4 x 256 tokens; the trunk's width 384 and the pixel head's 512), w
 its attention core (softmax(q k^T) v) replaced by the identity, next to the same linears' matmuls alone:
 where a training step's time goes.
 
-    python scripts/bench_kernels.py --torch
-    python scripts/bench_kernels.py --blas auto --block --torch
-    python scripts/bench_kernels.py --blas 0 auto /usr/lib/x86_64-linux-gnu/libopenblas.so.0 --reps 20
+    python benchmarks/bench_kernels.py --torch
+    python benchmarks/bench_kernels.py --blas auto --block --torch
+    python benchmarks/bench_kernels.py --blas 0 auto /usr/lib/x86_64-linux-gnu/libopenblas.so.0 --reps 20
 
 Times are the best of wall-clock repeats. On a busy machine threaded kernels wait for descheduled
 threads at every barrier; `--threads 1` gives steadier numbers there (it sets OMP_NUM_THREADS,
@@ -50,8 +50,7 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
         # Before mlx_aim: torch then keeps its own BLAS instead of calling the library preloaded for MLX.
         import torch  # noqa: F401
 
-    import mlx_aim  # noqa: F401  (before mlx.core: it loads the optimized BLAS MLX binds to)
-    from mlx_aim._blas import blas_info
+    from mlx_aim import blas_info  # before mlx.core: importing mlx_aim loads the optimized BLAS MLX binds to
 
     import mlx.core as mx
     import mlx.nn as nn
@@ -186,7 +185,7 @@ def block_profile(record, reps: int, with_torch: bool) -> None:
         if with_torch:
             import torch
 
-            from mlx_aim.benchmark_torch import Block, torch_mask
+            from torch_reference import Block, torch_mask
 
             tblock = Block(dim, heads)
             tx = torch.randn(B, N, dim, requires_grad=True)

@@ -1,11 +1,11 @@
 """Training throughput of the compiled pre-training step (images/s), without data loading.
 
-    python tests/pretrain_bench.py --preset aim-tiny --batch-size 64 --steps 6 --dtype float32 [--json]
+    python benchmarks/pretrain_bench.py --preset aim-tiny --batch-size 64 --steps 6 --dtype float32 [--json]
 
 Random normalised images stand in for data, so this measures the model and optimizer step alone (the
 loader's own speed shows in scripts/pretrain.py's images/s). The first step compiles and is not timed.
 `import mlx_aim` comes first, so that on Linux MLX uses an optimized BLAS where one is installed
-(MLX_AIM_BLAS=off measures MLX's bundled reference BLAS). Not collected by pytest.
+(MLX_AIM_BLAS=off measures MLX's bundled reference BLAS).
 """
 
 import argparse
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_aim._blas import blas_info
+    from mlx_aim import blas_info
     from mlx_aim.config import get_config
     from mlx_aim.train import TrainConfig, TrainStep, build_pretraining_model, make_optimizer, step_prefix_len
 

@@ -1,6 +1,6 @@
 """Print the MLX model's error against the PyTorch reference of AIM, stage by stage (needs PyTorch).
 
-    python scripts/parity.py --preset aim-600M --batch-size 2
+    python benchmarks/parity.py --preset aim-600M --batch-size 2
 
 Random weights at the preset's full architecture (non-trivial norms and BatchNorm statistics), copied into
 the MLX model through the same `load_state_dict` a checkpoint goes through. Each figure is
@@ -16,10 +16,10 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from mlx_aim.benchmark_torch import AIMReference, state_dict_numpy
 from mlx_aim.config import PRESET_NAMES, get_config
 from mlx_aim.model import build_model
 from mlx_aim.weights import load_state_dict
+from torch_reference import AIMReference, state_dict_numpy  # benchmarks/, this script's folder
 
 
 def main(argv=None):
@@ -42,12 +42,14 @@ def main(argv=None):
 
     x = mx.array(images)
     start = time.perf_counter()
-    normed, feats = model.extract_features(x, config.max_block_id, args.attention, None if prefix is None else mx.array(prefix))
+    prefix_len = None if prefix is None else mx.array(prefix)
+    normed, feats = model.extract_features(x, config.max_block_id, args.attention, prefix_len)
     probe_in = mx.stack([feats[i] for i in config.probe_layers]).mean(axis=0)
     logits, pooled = model.head(probe_in)
     mx.eval(normed, logits, pooled)
     seconds = time.perf_counter() - start
-    ours = {"preprocessor": model.preprocessor(x), "trunk": normed, "probe_input": probe_in, "logits": logits, "pooled": pooled}
+    ours = {"preprocessor": model.preprocessor(x), "trunk": normed, "probe_input": probe_in, "logits": logits,
+            "pooled": pooled}
     ours.update({f"block_{i}": f for i, f in enumerate(feats)})
 
     def err(k):
