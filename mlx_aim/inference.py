@@ -3,7 +3,7 @@
 Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/probe.py`:
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
-  seeded weights; `class_names` finds the label names that go with a model.
+  seeded weights (`build_model`); `class_names` finds the label names that go with a model.
 - `gather_images` and `iter_image_batches` turn command-line inputs into batches of model input; a file
   that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on.
 - `classify` and `extract_features` are the two jobs; `run_classify` and `run_extract_features` are the
@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
 from .config import PRESET_NAMES, AIMConfig, get_config
 from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
 from .fileio import atomic_file, remove_stale_temporaries, write_json
-from .model import AIM
+from .loading import load
+from .model import AIM, build_model
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -119,25 +119,6 @@ def resolve_config(name_or_path, probe_layers=None) -> AIMConfig:
     return source.config
 
 
-def random_model(config: AIMConfig, seed: int = 0, dtype=None, quantize=None) -> AIM:
-    """`config`'s architecture with fresh random weights drawn from `seed`: the baseline trunk."""
-    from .loading import _quantize_predicate, parse_dtype, parse_quantize
-
-    dtype, quantization = parse_dtype(dtype), parse_quantize(quantize)
-    mx.random.seed(seed)
-    model = AIM(config.replace(quantization=None))
-    if dtype is not None and dtype != mx.float32:
-        model.set_dtype(dtype)
-    if quantization:
-        nn.quantize(model, quantization["group_size"], quantization["bits"],
-                    class_predicate=_quantize_predicate(quantization))
-        model.config = model.config.replace(quantization=quantization)
-    mx.eval(model.parameters())
-    model.has_trained_head = False
-    model.eval()
-    return model
-
-
 def parse_probe_layers(text: Optional[str]):
     """A command line's --probe-layers: None, "best", "last" or comma-separated block indices."""
     if text is None or text in ("best", "last"):
@@ -160,11 +141,11 @@ def open_model(
     random_init: bool = False,
     seed: int = 0,
 ) -> AIM:
-    """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture with seeded random weights."""
+    """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline."""
     if random_init:
-        return random_model(resolve_config(model, probe_layers), seed, dtype, quantize)
-    from .loading import load
-
+        config = resolve_config(model, probe_layers).replace(quantization=None)
+        return build_model(config, dtype, quantize, seed=seed)
     return load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
 
 
@@ -350,7 +331,7 @@ def run_classify(
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    if not getattr(aim, "has_trained_head", True):
+    if not aim.has_trained_head:
         print(f"error: {model} has no trained classification head (a trunk without head.* weights, e.g. a "
               "pre-training export); train one with `scripts/probe.py train` and classify with the model "
               "folder it writes (OUT/model)", file=sys.stderr)
@@ -458,7 +439,7 @@ def extract_features(
         raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(_SAVE_DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive integer")
-    if features != "tokens" and not getattr(model, "has_trained_head", True):
+    if features != "tokens" and not model.has_trained_head:
         raise ValueError(
             f"{model_name or 'the model'} has no trained probe head, so its pooled embedding would come from a "
             "random attention probe; extract the probe-layer tokens only (features='tokens', --features tokens) "

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import PRESET_NAMES, AIMConfig, get_config
-from .model import AIM
+from .model import AIM, DTYPES, build_model, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     check_shapes,
@@ -50,10 +49,6 @@ APPLE_FILE_STEMS = {
 }
 HUB_REPOS = {"aim-600M": "apple/AIM-600M", "aim-1B": "apple/AIM-1B", "aim-3B": "apple/AIM-3B", "aim-7B": "apple/AIM-7B"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# Trunk linears are quantized. The patch embedding is a conv (and tiny); norms and the probe head stay in
-# float: the head is small (2 d^2 + 1000 d) and is where quantization error would reach the logits directly.
-_QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight")
 
 
 def cache_dir() -> Path:
@@ -63,29 +58,6 @@ def cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME) / "mlx_aim"
-
-
-def parse_dtype(dtype) -> Optional[mx.Dtype]:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def parse_quantize(quantize, group_size: int = 64) -> Optional[dict]:
-    """None, a bit count (4, 8) or a dict {"bits": b, "group_size": g} -> the config's quantization dict."""
-    if quantize is None or quantize is False:
-        return None
-    if isinstance(quantize, dict):
-        bits, group_size = quantize.get("bits"), quantize.get("group_size", group_size)
-    else:
-        bits = quantize
-    if bits not in (4, 8):
-        raise ValueError(f"quantize bits={bits!r}: expected 4 or 8")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"quantization group size {group_size!r}: expected 32, 64 or 128")
-    return {"bits": int(bits), "group_size": int(group_size)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +93,7 @@ def _add_torch(tensors: dict, path: Path, closers: list) -> None:
     ckpt = open_torch_checkpoint(path)
     closers.append(ckpt.close)
     for key in ckpt.keys():
-        dtype = _DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
+        dtype = DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
         _add(tensors, key, dtype, tuple(ckpt.shape(key)), (lambda k=key: ckpt.read(k)), True, path)
 
 
@@ -322,15 +294,6 @@ def _download_repo(repo_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Conversion: source tensors -> cast / quantized tensors, produced one at a time.
 
-def _is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
-    return (
-        quantization is not None
-        and key.startswith("trunk.")
-        and key.endswith(_QUANTIZED_SUFFIXES)
-        and shape[-1] % quantization["group_size"] == 0
-    )
-
-
 class _SharedResult:
     """A tuple computed once (reading its source once) and handed out one element at a time."""
 
@@ -355,7 +318,7 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
         def cast(t=t, target=target):
             return t.read().astype(target)
 
-        if _is_quantized(key, t.shape, quantization):
+        if is_quantized(key, t.shape, quantization):
             q = quantization
             # Shapes of the quantized triple, from a lazy placeholder that is never evaluated.
             planned = mx.quantize(mx.zeros(t.shape, dtype=target), q["group_size"], q["bits"])
@@ -366,20 +329,6 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
         else:
             out[key] = (target, t.shape, cast)
     return out
-
-
-def _quantize_predicate(quantization: dict):
-    return lambda path, module: (
-        isinstance(module, nn.Linear) and _is_quantized(path + ".weight", module.weight.shape, quantization)
-    )
-
-
-def _build(config: AIMConfig) -> AIM:
-    model = AIM(config)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(model, q["group_size"], q["bits"], class_predicate=_quantize_predicate(q))
-    return model
 
 
 def _check_source(model: AIM, source: Source, converted: dict) -> None:
@@ -412,7 +361,7 @@ def convert(
     try:
         config = source.config.replace(quantization=quantization)
         converted = _converted(source, dtype, quantization)
-        _check_source(_build(config), source, converted)
+        _check_source(build_model(config), source, converted)
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.", **kwargs)
     finally:
@@ -458,7 +407,7 @@ def load(
     linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
     configs mean the last 6 blocks). head: a probe head file (safetensors with Apple's `head.*` keys) to
     load over the source's. A source without `head.*` weights (a pre-training export) gets a freshly
-    initialised probe and `model.has_trained_head = False`.
+    initialised probe, and `model.has_trained_head` is False.
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
@@ -476,7 +425,7 @@ def load(
         if head is not None:
             config = _merge_head(source, Path(head), config, probe_layers)
         converted = _converted(source, dtype, quantization)
-        model = _build(config)
+        model = build_model(config, dtype)  # a fresh probe head, where the source has none, in `dtype` too
         _check_source(model, source, converted)
         # Tensor by tensor, so that a cast or quantization never holds two copies of the model.
         loaded = []
@@ -486,10 +435,8 @@ def load(
         model.load_weights(loaded, strict=False)  # keys and shapes were checked above
     finally:
         source.close()
-    model.has_trained_head = any(k.startswith("head.") for k in converted)
-    if dtype is not None and not model.has_trained_head:
-        model.head.set_dtype(dtype)
-    model.eval()
+    if any(k.startswith("head.") for k in converted):
+        model.attach_head(model.head)  # its weights, just loaded, are a trained probe
     return model
 
 
