@@ -13,7 +13,6 @@ Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/prob
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -107,29 +106,16 @@ class Skipped:
 
 def resolve_config(name_or_path, probe_layers=None) -> AIMConfig:
     """The architecture of a model source without reading its weights (for `random_init`)."""
-    from .loading import _apply_probe_layers, open_source
+    from .loading import open_source
 
     text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
     if text is not None and text in PRESET_NAMES and not Path(text).exists():
         return get_config(text, probe_layers=probe_layers)
     if text is not None and Path(text).is_dir() and (Path(text) / "config.json").exists():
-        return _apply_probe_layers(AIMConfig.from_file(Path(text) / "config.json"), probe_layers)
+        return AIMConfig.from_file(Path(text) / "config.json").with_probe_layers(probe_layers)
     source = open_source(name_or_path, probe_layers)  # checkpoint files, or a hub repo (downloads)
     source.close()
     return source.config
-
-
-def parse_probe_layers(text: Optional[str]):
-    """A command line's --probe-layers: None, "best", "last" or comma-separated block indices."""
-    if text is None or text in ("best", "last"):
-        return text
-    try:
-        layers = [int(i) for i in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected 'best', 'last' or comma-separated block indices such as 14,15,16"
-        ) from None
-    return layers
 
 
 def open_model(

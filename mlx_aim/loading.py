@@ -135,18 +135,6 @@ def _is_mlx_config(path: Path) -> bool:
         return False
 
 
-def _apply_probe_layers(config: AIMConfig, probe_layers) -> AIMConfig:
-    if probe_layers is None:
-        return config
-    if probe_layers == "last":
-        return config.replace(probe_layers=list(range(max(config.depth - 6, 0), config.depth)))
-    if probe_layers == "best":
-        if config.name not in PRESET_NAMES:
-            raise ValueError(f"probe_layers='best' needs a released model; {config.name!r} is not one")
-        return config.replace(probe_layers=get_config(config.name, "best").probe_layers)
-    return config.replace(probe_layers=list(probe_layers))
-
-
 def _has_own_weights(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
@@ -238,7 +226,7 @@ def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Sou
             config = AIMConfig.from_file(config_path)
             for f in weight_files(folder):
                 _add_safetensors(tensors, f, apple_layout=False)
-            return Source(_apply_probe_layers(config, probe_layers), tensors, f"MLX model folder {folder}", closers)
+            return Source(config.with_probe_layers(probe_layers), tensors, f"MLX model folder {folder}", closers)
         if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
             config = AIMConfig.from_file(config_path)
             if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
@@ -262,7 +250,7 @@ def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Sou
         if config is None:
             config = _infer_config(tensors, probe_layers, files)
         else:
-            config = _apply_probe_layers(config, probe_layers)
+            config = config.with_probe_layers(probe_layers)
     except BaseException:
         for close in closers:
             close()

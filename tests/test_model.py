@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from conftest import rel_err
-from mlx_aim.config import AIMConfig, get_config
+from mlx_aim.config import AIMConfig, get_config, parse_probe_layers
 from mlx_aim.layers import prefix_causal_mask, sincos_pos_embed
 from mlx_aim.model import AIM, build_model, is_quantized, parse_quantize
 from mlx_aim.weights import load_state_dict
@@ -249,3 +249,23 @@ def test_attach_head_marks_a_trained_head(tiny_config):
     assert model.has_trained_head and model.config.num_classes == 3 and not model.head.training
     assert model(mx.zeros((1, 16, 16, 3))).shape == (1, 3)
 
+
+def test_probe_layers_best_last_and_indices():
+    c = get_config("aim-600M")
+    assert c.probe_layers == list(range(14, 20))
+    assert c.with_probe_layers("last").probe_layers == list(range(18, 24))
+    assert c.with_probe_layers("last").with_probe_layers("best").probe_layers == list(range(14, 20))
+    assert c.with_probe_layers([3, 5]).probe_layers == [3, 5] and c.with_probe_layers(None) is c
+    # Presets without best layers, and shallow trunks: the last 6 blocks, or all of them.
+    assert get_config("aim-tiny").probe_layers == list(range(6, 12))
+    assert get_config("aim-tiny", depth=4).with_probe_layers("best").probe_layers == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="preset"):
+        AIMConfig(depth=8).with_probe_layers("best")
+    with pytest.raises(ValueError, match="'best', 'last'"):
+        c.with_probe_layers("first")
+    with pytest.raises(ValueError, match="out of range"):
+        c.with_probe_layers([24])
+    assert parse_probe_layers(None) is None and parse_probe_layers("best") == "best"
+    assert parse_probe_layers("14,15,16") == [14, 15, 16]
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_probe_layers("14-19")
