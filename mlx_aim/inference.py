@@ -31,10 +31,9 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .config import PRESET_NAMES, AIMConfig, get_config
 from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
 from .fileio import atomic_file, remove_stale_temporaries, write_json
-from .loading import load
+from .loading import load, source_config
 from .model import AIM, build_model
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
@@ -104,20 +103,6 @@ class Skipped:
 # Models
 
 
-def resolve_config(name_or_path, probe_layers=None) -> AIMConfig:
-    """The architecture of a model source without reading its weights (for `random_init`)."""
-    from .loading import open_source
-
-    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
-    if text is not None and text in PRESET_NAMES and not Path(text).exists():
-        return get_config(text, probe_layers=probe_layers)
-    if text is not None and Path(text).is_dir() and (Path(text) / "config.json").exists():
-        return AIMConfig.from_file(Path(text) / "config.json").with_probe_layers(probe_layers)
-    source = open_source(name_or_path, probe_layers)  # checkpoint files, or a hub repo (downloads)
-    source.close()
-    return source.config
-
-
 def open_model(
     model: str | os.PathLike,
     *,
@@ -130,7 +115,7 @@ def open_model(
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
     the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline."""
     if random_init:
-        config = resolve_config(model, probe_layers).replace(quantization=None)
+        config = source_config(model, probe_layers).replace(quantization=None)
         return build_model(config, dtype, quantize, seed=seed)
     return load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
 

@@ -199,63 +199,104 @@ def resolve_folder(folder: str | os.PathLike) -> Path:
     return run / MODEL_DIR
 
 
-def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
-    """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors."""
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    sources = [str(s) for s in sources]
+def _as_list(sources) -> list[str]:
+    return [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
+
+
+def _preset_name(sources) -> Optional[str]:
+    """The preset a source names (a preset name that is no local path), else None."""
+    sources = _as_list(sources)
+    if len(sources) == 1 and sources[0] in PRESET_NAMES and not Path(sources[0]).exists():
+        return sources[0]
+    return None
+
+
+@dataclass
+class _Located:
+    """Where a source's weights are, before any of them is opened."""
+
+    files: list[Path]
+    config: Optional[AIMConfig]  # from its config.json; None: to be read off the tensors' shapes
+    mlx_layout: bool  # keys and layouts already ours (an MLX model folder), else Apple's
+    description: str
+
+
+def _locate(sources, probe_layers) -> _Located:
+    """The dispatch over the kinds of source: presets and hub ids are downloaded, run folders stand for their
+    model/, a folder's config.json is read; no weight file is opened."""
+    sources = _as_list(sources)
+    preset = _preset_name(sources)
+    if preset is not None:
+        return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
     if len(sources) == 1 and not Path(sources[0]).exists():
-        name = sources[0]
-        if name in PRESET_NAMES:
-            return open_source(_download_apple_files(name, probe_layers or "best"), probe_layers or "best")
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            return open_source(_download_repo(name), probe_layers)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", sources[0]):
+            return _locate(_download_repo(sources[0]), probe_layers)
         raise FileNotFoundError(
-            f"{name}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
+            f"{sources[0]}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
         )
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such file or folder")
-
-    tensors, closers, files = {}, [], []
-    config = None
-    if len(sources) == 1 and Path(sources[0]).is_dir():
-        folder = resolve_folder(sources[0])
-        config_path = folder / "config.json"
-        if config_path.exists() and _is_mlx_config(config_path):
-            config = AIMConfig.from_file(config_path)
-            for f in weight_files(folder):
-                _add_safetensors(tensors, f, apple_layout=False)
-            return Source(config.with_probe_layers(probe_layers), tensors, f"MLX model folder {folder}", closers)
-        if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
-            config = AIMConfig.from_file(config_path)
-            if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
-                files = weight_files(folder)
-            elif (folder / "pytorch_model.bin").exists():
-                files = [folder / "pytorch_model.bin"]
-            else:
-                raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
-        else:
-            files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
-            if not files:
-                raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
-    else:
+    if not (len(sources) == 1 and Path(sources[0]).is_dir()):
         files = [Path(s) for s in sources]
+        return _Located(files, None, False, ", ".join(str(f) for f in files))
+    folder = resolve_folder(sources[0])
+    config_path = folder / "config.json"
+    if config_path.exists() and _is_mlx_config(config_path):
+        return _Located(weight_files(folder), AIMConfig.from_file(config_path), True, f"MLX model folder {folder}")
+    if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
+        config = AIMConfig.from_file(config_path)
+        if _has_own_weights(folder):
+            files = weight_files(folder)
+        elif (folder / "pytorch_model.bin").exists():
+            files = [folder / "pytorch_model.bin"]
+        else:
+            raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
+        return _Located(files, config, False, ", ".join(str(f) for f in files))
+    files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
+    return _Located(files, None, False, ", ".join(str(f) for f in files))
+
+
+def _open(located: _Located, probe_layers) -> Source:
+    tensors, closers = {}, []
     try:
-        for f in files:
+        for f in located.files:
             if f.suffix == ".safetensors":
-                _add_safetensors(tensors, f, apple_layout=True)
+                _add_safetensors(tensors, f, apple_layout=not located.mlx_layout)
             else:
                 _add_torch(tensors, f, closers)
-        if config is None:
-            config = _infer_config(tensors, probe_layers, files)
+        if located.config is None:
+            config = _infer_config(tensors, probe_layers, located.files)
         else:
-            config = config.with_probe_layers(probe_layers)
+            config = located.config.with_probe_layers(probe_layers)
     except BaseException:
         for close in closers:
             close()
         raise
-    return Source(config, tensors, ", ".join(str(f) for f in files), closers)
+    return Source(config, tensors, located.description, closers)
+
+
+def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
+    """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors.
+    `probe_layers` ("best", "last" or indices; `AIMConfig.with_probe_layers`) overrides the source's."""
+    return _open(_locate(sources, probe_layers), probe_layers)
+
+
+def source_config(sources: str | os.PathLike | Sequence, probe_layers=None) -> AIMConfig:
+    """The config of a source (anything `open_source` takes) without reading its weights: a preset's from the
+    registry (nothing downloaded), a folder's from its config.json, checkpoint files' from their tensors'
+    shapes (their headers)."""
+    preset = _preset_name(sources)
+    if preset is not None:
+        return get_config(preset, probe_layers=probe_layers)
+    located = _locate(sources, probe_layers)
+    if located.config is not None:
+        return located.config.with_probe_layers(probe_layers)
+    source = _open(located, probe_layers)
+    source.close()
+    return source.config
 
 
 def _download_apple_files(preset: str, probe_layers: str) -> list[str]:
@@ -399,8 +440,9 @@ def load(
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
-    if isinstance(name_or_path, str) and name_or_path in PRESET_NAMES and not Path(name_or_path).exists():
-        name_or_path = _cached_conversion(name_or_path, probe_layers, dtype, quantization)
+    preset = _preset_name(name_or_path)
+    if preset is not None:
+        name_or_path = _cached_conversion(preset, probe_layers, dtype, quantization)
         probe_layers = dtype = quantization = None
     source = open_source(name_or_path, probe_layers)
     try:
