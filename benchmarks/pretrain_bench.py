@@ -33,12 +33,14 @@ def main(argv=None) -> int:
 
     from mlx_aim import blas_info
     from mlx_aim.config import get_config
-    from mlx_aim.train import TrainConfig, TrainStep, build_pretraining_model, make_optimizer, step_prefix_len
+    from mlx_aim.model import build_model
+    from mlx_aim.train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     overrides = {"image_size": args.image_size} if args.image_size else {}
     mc = get_config(args.preset, **overrides)
     tc = TrainConfig(steps=1000, batch_size=args.batch_size, grad_accum=args.grad_accum, dtype=args.dtype)
-    model = build_pretraining_model(mc, seed=0)
+    model = build_model(mc, seed=0, pretraining=True)
+    mx.eval(model.parameters())
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     step = TrainStep(model, optimizer, tc)

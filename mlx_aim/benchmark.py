@@ -47,9 +47,9 @@ from mlx.utils import tree_flatten
 from . import __version__
 from ._blas import blas_info, set_num_threads
 from .config import PRESET_NAMES, AIMConfig, get_config
-from .inference import format_bytes, peak_memory, random_model
-from .loading import _quantize_predicate, load, parse_dtype, parse_quantize
-from .model import AIM
+from .inference import format_bytes, peak_memory
+from .loading import load
+from .model import AIM, build_model
 from .weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
@@ -186,20 +186,13 @@ def write_random_model(folder: str | os.PathLike, config: AIMConfig, dtype=None,
 
     The model is built lazily: each tensor's random initialisation, cast and quantization run only when it
     is written, and it is dropped right after. Quantized like `mlx_aim.convert` (trunk linears only)."""
-    dtype, quantization = parse_dtype(dtype), parse_quantize(quantize)
-    mx.random.seed(seed)
-    model = AIM(config.replace(quantization=None))  # parameters are lazy until written
-    if dtype is not None and dtype != mx.float32:
-        model.set_dtype(dtype)
-    if quantization:
-        nn.quantize(model, quantization["group_size"], quantization["bits"],
-                    class_predicate=_quantize_predicate(quantization))
+    model = build_model(config.replace(quantization=None), dtype, quantize, seed=seed)  # lazy until written
+    config = model.config
     flat = dict(tree_flatten(model.parameters()))
     del model  # the dict now holds the only references: each tensor is freed once written
     producers = {k: (v.dtype, tuple(v.shape), (lambda k=k: flat.pop(k))) for k, v in flat.items()}
     note = f"Random weights (seed {seed}) written by mlx_aim.benchmark for speed and memory measurements."
-    return save_model(folder, producers, config.replace(quantization=quantization), force=force,
-                      source_note=note)
+    return save_model(folder, producers, config, force=force, source_note=note)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def _load_model(config: AIMConfig, dtype, quantize, weights: Optional[str]) -> t
         model = load(weights, dtype=dtype, quantize=quantize)
         info["weights"] = str(weights)
     else:
-        model = random_model(config, seed=0, dtype=dtype, quantize=quantize)
+        model = build_model(config, dtype, quantize, seed=0)
         info["weights"] = "random"
     mx.eval(model.parameters())
     info["load_s"] = time.perf_counter() - start
@@ -258,9 +251,10 @@ def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=Non
 
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
                       warmup: int = 2, repeats: int = 5) -> dict:
-    from .train import TrainConfig, TrainStep, build_pretraining_model, make_optimizer, step_prefix_len
+    from .train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
-    model = build_pretraining_model(config, seed=0)
+    model = build_model(config, seed=0, pretraining=True)
+    mx.eval(model.parameters())  # initialised here, not in the first timed call
     train_config = TrainConfig(steps=1000, batch_size=batch_size, dtype=dtype)
     optimizer = make_optimizer(train_config)
     optimizer.init(model.trainable_parameters())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
-from .inference import BATCH_SIZE, NUM_WORKERS, parse_probe_layers
+from .config import parse_probe_layers
+from .inference import BATCH_SIZE, NUM_WORKERS
 
 
 def pair(kind: Callable) -> Callable[[str], tuple]:
@@ -18,6 +19,15 @@ def pair(kind: Callable) -> Callable[[str], tuple]:
         return tuple(values)
 
     return parse
+
+
+def probe_layers(text: str):
+    """The argparse type of --probe-layers: "best", "last" or comma-separated block indices
+    (`config.parse_probe_layers`), a bad value reported as argparse reports errors."""
+    try:
+        return parse_probe_layers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_config_options(parser: argparse.ArgumentParser, options: Sequence[tuple], config_cls) -> set[str]:
@@ -40,6 +50,6 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: as stored)")
     parser.add_argument("--quantize", type=int, choices=[4, 8],
                         help="quantize the trunk's linear layers to 4 or 8 bits")
-    parser.add_argument("--probe-layers", type=parse_probe_layers,
+    parser.add_argument("--probe-layers", type=probe_layers,
                         help="'best', 'last' or comma-separated block indices")
     parser.add_argument("--num-workers", type=int, default=NUM_WORKERS, help="image decoding threads")

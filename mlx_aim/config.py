@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from .fileio import write_json
 
@@ -18,6 +18,27 @@ _APPLE_HUB_KEYS = {
     "num_blocks": "depth",
     "num_heads": "num_heads",
 }
+
+
+# What `AIMConfig.with_probe_layers` and `get_config` take: "best", "last", block indices, or None (keep).
+ProbeLayers = Union[str, Sequence[int], None]
+
+
+def _last_layers(depth: int) -> list[int]:
+    """The "last" probe layers: the final 6 blocks (AIM section 4), all of them in a shallower trunk."""
+    return list(range(max(depth - 6, 0), depth))
+
+
+def parse_probe_layers(text: Optional[str]) -> ProbeLayers:
+    """The command-line form of probe layers: None, "best", "last" or comma-separated block indices."""
+    if text is None or text in ("best", "last"):
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: expected 'best', 'last' or comma-separated block indices such as 14,15,16"
+        ) from None
 
 
 @dataclass
@@ -33,6 +54,7 @@ class AIMConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     # Blocks whose raw outputs the attentive probe averages (0-indexed). None: the last 6 blocks.
+    # `with_probe_layers` turns "best" / "last" / indices into this list.
     probe_layers: Optional[list[int]] = None
     num_classes: int = 1000
     # Attention used downstream: "bidirectional" after prefix-causal pre-training (AIM's recipe); a model
@@ -47,7 +69,7 @@ class AIMConfig:
 
     def __post_init__(self):
         if self.probe_layers is None:
-            self.probe_layers = list(range(max(self.depth - 6, 0), self.depth))
+            self.probe_layers = _last_layers(self.depth)
         self.probe_layers = [int(i) for i in self.probe_layers]
         self.validate()
 
@@ -96,6 +118,23 @@ class AIMConfig:
 
     def replace(self, **changes) -> "AIMConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_probe_layers(self, probe_layers: ProbeLayers) -> "AIMConfig":
+        """This config reading other blocks: "last" (the final 6), "best" (a released model's best layers,
+        AIM-REFERENCE.md; the final 6 for a preset that names none) or block indices; None keeps them."""
+        if probe_layers is None:
+            return self
+        if probe_layers == "last":
+            return self.replace(probe_layers=_last_layers(self.depth))
+        if probe_layers == "best":
+            if self.name not in _PRESETS:
+                raise ValueError(f"probe_layers='best' needs a preset's model; {self.name!r} is not one "
+                                 f"({', '.join(PRESET_NAMES)})")
+            best = _PRESETS[self.name][1]
+            return self.replace(probe_layers=list(best) if best is not None else _last_layers(self.depth))
+        if isinstance(probe_layers, str):
+            raise ValueError(f"probe_layers={probe_layers!r}: expected 'best', 'last' or a list of block indices")
+        return self.replace(probe_layers=list(probe_layers))
 
     # Round trips through dicts and config.json.
     def to_dict(self) -> dict:
@@ -153,24 +192,14 @@ _PRESETS: dict[str, tuple[dict[str, Any], Optional[list[int]]]] = {
 PRESET_NAMES: Sequence[str] = tuple(_PRESETS)
 
 
-def get_config(name: str, probe_layers: str | Sequence[int] | None = None, **overrides) -> AIMConfig:
-    """A named preset. `probe_layers` is "best", "last" or explicit indices; `overrides` change fields."""
+def get_config(name: str, probe_layers: ProbeLayers = None, **overrides) -> AIMConfig:
+    """A named preset. `probe_layers` is "best" (the default), "last" or explicit indices (see
+    `AIMConfig.with_probe_layers`); `overrides` change fields."""
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESET_NAMES)}")
-    fields, best = _PRESETS[name]
-    params = dict(fields, name=name, **overrides)
-    depth = params["depth"]
-    if probe_layers is None:
-        probe_layers = "best" if best is not None else "last"
-    if probe_layers == "best":
-        params["probe_layers"] = list(best) if best is not None else None
-    elif probe_layers == "last":
-        params["probe_layers"] = list(range(max(depth - 6, 0), depth))
-    elif isinstance(probe_layers, str):
-        raise ValueError(f"probe_layers={probe_layers!r}: expected 'best', 'last' or a list of block indices")
-    else:
-        params["probe_layers"] = list(probe_layers)
-    return AIMConfig(**params)
+    fields, _ = _PRESETS[name]
+    config = AIMConfig(**dict(fields, name=name, **overrides))
+    return config.with_probe_layers("best" if probe_layers is None else probe_layers)
 
 
 # Shared by the recipe dataclasses (train.TrainConfig, probe.ProbeConfig), which unlike AIMConfig refuse unknown keys.

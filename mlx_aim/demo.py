@@ -44,19 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import AIMConfig, get_config
 from .data import ImageFolder, eval_transform, load_splits
 from .fileio import atomic_file, read_json, write_json
-from .model import AIM
+from .model import AIM, build_model
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .train import (DEMO_RUN_DIR, MODEL_DIR, TrainConfig, build_pretraining_model, latest_checkpoint, pretrain,
-                    read_log, settings_differences)
+from .train import DEMO_RUN_DIR, MODEL_DIR, TrainConfig, latest_checkpoint, pretrain, read_log, settings_differences
 
 ASSETS = Path(__file__).parent / "assets"
 # The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
@@ -146,18 +143,6 @@ def probe_splits(data_root: Path, probe_train: int) -> tuple[ImageFolder, ImageF
     train, val = load_splits(data_root)
     chosen = [k for k, (path, _) in enumerate(train.samples) if int(path.stem) < probe_train]
     return train.subset(chosen), val
-
-
-def initial_trunk(config: AIMConfig, seed: int) -> AIM:
-    """The trunk exactly as pre-training with `seed` starts (`train.build_pretraining_model`), as a
-    classifier in eval mode: the random baseline."""
-    start = build_pretraining_model(config, seed)
-    model = AIM(config)
-    weights = [(k, v) for k, v in tree_flatten(start.parameters()) if k.startswith(("preprocessor.", "trunk."))]
-    model.load_weights(weights, strict=False)  # the probe head is trained afresh by train_probe
-    mx.eval(model.parameters())
-    model.eval()
-    return model
 
 
 def _file_sha256(folder: Path) -> str:
@@ -413,7 +398,7 @@ def run_demo(
 
     model_dir = pre_dir / MODEL_DIR
     pretrained = mlx_aim.load(model_dir)
-    random_trunk = initial_trunk(model_config, seed)
+    random_trunk = build_model(model_config, seed=seed)  # the trunk exactly as pre-training with `seed` started
     trunks = {
         "random": (random_trunk, trunk_description(random_trunk, f"pre-training initialisation (seed {seed})",
                                                    random_init=True, seed=seed)),

@@ -3,7 +3,7 @@
 Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/probe.py`:
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
-  seeded weights; `class_names` finds the label names that go with a model.
+  seeded weights (`build_model`); `class_names` finds the label names that go with a model.
 - `gather_images` and `iter_image_batches` turn command-line inputs into batches of model input; a file
   that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on.
 - `classify` and `extract_features` are the two jobs; `run_classify` and `run_extract_features` are the
@@ -13,7 +13,6 @@ Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/prob
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,14 +28,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .config import PRESET_NAMES, AIMConfig, get_config
 from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
 from .fileio import atomic_file, remove_stale_temporaries, write_json
-from .model import AIM
+from .loading import load, source_config
+from .model import AIM, build_model
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -105,52 +103,6 @@ class Skipped:
 # Models
 
 
-def resolve_config(name_or_path, probe_layers=None) -> AIMConfig:
-    """The architecture of a model source without reading its weights (for `random_init`)."""
-    from .loading import _apply_probe_layers, open_source
-
-    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
-    if text is not None and text in PRESET_NAMES and not Path(text).exists():
-        return get_config(text, probe_layers=probe_layers)
-    if text is not None and Path(text).is_dir() and (Path(text) / "config.json").exists():
-        return _apply_probe_layers(AIMConfig.from_file(Path(text) / "config.json"), probe_layers)
-    source = open_source(name_or_path, probe_layers)  # checkpoint files, or a hub repo (downloads)
-    source.close()
-    return source.config
-
-
-def random_model(config: AIMConfig, seed: int = 0, dtype=None, quantize=None) -> AIM:
-    """`config`'s architecture with fresh random weights drawn from `seed`: the baseline trunk."""
-    from .loading import _quantize_predicate, parse_dtype, parse_quantize
-
-    dtype, quantization = parse_dtype(dtype), parse_quantize(quantize)
-    mx.random.seed(seed)
-    model = AIM(config.replace(quantization=None))
-    if dtype is not None and dtype != mx.float32:
-        model.set_dtype(dtype)
-    if quantization:
-        nn.quantize(model, quantization["group_size"], quantization["bits"],
-                    class_predicate=_quantize_predicate(quantization))
-        model.config = model.config.replace(quantization=quantization)
-    mx.eval(model.parameters())
-    model.has_trained_head = False
-    model.eval()
-    return model
-
-
-def parse_probe_layers(text: Optional[str]):
-    """A command line's --probe-layers: None, "best", "last" or comma-separated block indices."""
-    if text is None or text in ("best", "last"):
-        return text
-    try:
-        layers = [int(i) for i in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected 'best', 'last' or comma-separated block indices such as 14,15,16"
-        ) from None
-    return layers
-
-
 def open_model(
     model: str | os.PathLike,
     *,
@@ -160,11 +112,11 @@ def open_model(
     random_init: bool = False,
     seed: int = 0,
 ) -> AIM:
-    """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture with seeded random weights."""
+    """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline."""
     if random_init:
-        return random_model(resolve_config(model, probe_layers), seed, dtype, quantize)
-    from .loading import load
-
+        config = source_config(model, probe_layers).replace(quantization=None)
+        return build_model(config, dtype, quantize, seed=seed)
     return load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
 
 
@@ -350,7 +302,7 @@ def run_classify(
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    if not getattr(aim, "has_trained_head", True):
+    if not aim.has_trained_head:
         print(f"error: {model} has no trained classification head (a trunk without head.* weights, e.g. a "
               "pre-training export); train one with `scripts/probe.py train` and classify with the model "
               "folder it writes (OUT/model)", file=sys.stderr)
@@ -458,7 +410,7 @@ def extract_features(
         raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(_SAVE_DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive integer")
-    if features != "tokens" and not getattr(model, "has_trained_head", True):
+    if features != "tokens" and not model.has_trained_head:
         raise ValueError(
             f"{model_name or 'the model'} has no trained probe head, so its pooled embedding would come from a "
             "random attention probe; extract the probe-layer tokens only (features='tokens', --features tokens) "

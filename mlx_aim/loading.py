@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import PRESET_NAMES, AIMConfig, get_config
-from .model import AIM
+from .model import AIM, DTYPES, build_model, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     check_shapes,
@@ -50,10 +49,6 @@ APPLE_FILE_STEMS = {
 }
 HUB_REPOS = {"aim-600M": "apple/AIM-600M", "aim-1B": "apple/AIM-1B", "aim-3B": "apple/AIM-3B", "aim-7B": "apple/AIM-7B"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# Trunk linears are quantized. The patch embedding is a conv (and tiny); norms and the probe head stay in
-# float: the head is small (2 d^2 + 1000 d) and is where quantization error would reach the logits directly.
-_QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight")
 
 
 def cache_dir() -> Path:
@@ -63,29 +58,6 @@ def cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME) / "mlx_aim"
-
-
-def parse_dtype(dtype) -> Optional[mx.Dtype]:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def parse_quantize(quantize, group_size: int = 64) -> Optional[dict]:
-    """None, a bit count (4, 8) or a dict {"bits": b, "group_size": g} -> the config's quantization dict."""
-    if quantize is None or quantize is False:
-        return None
-    if isinstance(quantize, dict):
-        bits, group_size = quantize.get("bits"), quantize.get("group_size", group_size)
-    else:
-        bits = quantize
-    if bits not in (4, 8):
-        raise ValueError(f"quantize bits={bits!r}: expected 4 or 8")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"quantization group size {group_size!r}: expected 32, 64 or 128")
-    return {"bits": int(bits), "group_size": int(group_size)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +93,7 @@ def _add_torch(tensors: dict, path: Path, closers: list) -> None:
     ckpt = open_torch_checkpoint(path)
     closers.append(ckpt.close)
     for key in ckpt.keys():
-        dtype = _DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
+        dtype = DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
         _add(tensors, key, dtype, tuple(ckpt.shape(key)), (lambda k=key: ckpt.read(k)), True, path)
 
 
@@ -161,18 +133,6 @@ def _is_mlx_config(path: Path) -> bool:
         return json.loads(path.read_text()).get("model_type") == "aim"
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
-
-
-def _apply_probe_layers(config: AIMConfig, probe_layers) -> AIMConfig:
-    if probe_layers is None:
-        return config
-    if probe_layers == "last":
-        return config.replace(probe_layers=list(range(max(config.depth - 6, 0), config.depth)))
-    if probe_layers == "best":
-        if config.name not in PRESET_NAMES:
-            raise ValueError(f"probe_layers='best' needs a released model; {config.name!r} is not one")
-        return config.replace(probe_layers=get_config(config.name, "best").probe_layers)
-    return config.replace(probe_layers=list(probe_layers))
 
 
 def _has_own_weights(folder: Path) -> bool:
@@ -239,63 +199,104 @@ def resolve_folder(folder: str | os.PathLike) -> Path:
     return run / MODEL_DIR
 
 
-def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
-    """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors."""
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    sources = [str(s) for s in sources]
+def _as_list(sources) -> list[str]:
+    return [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
+
+
+def _preset_name(sources) -> Optional[str]:
+    """The preset a source names (a preset name that is no local path), else None."""
+    sources = _as_list(sources)
+    if len(sources) == 1 and sources[0] in PRESET_NAMES and not Path(sources[0]).exists():
+        return sources[0]
+    return None
+
+
+@dataclass
+class _Located:
+    """Where a source's weights are, before any of them is opened."""
+
+    files: list[Path]
+    config: Optional[AIMConfig]  # from its config.json; None: to be read off the tensors' shapes
+    mlx_layout: bool  # keys and layouts already ours (an MLX model folder), else Apple's
+    description: str
+
+
+def _locate(sources, probe_layers) -> _Located:
+    """The dispatch over the kinds of source: presets and hub ids are downloaded, run folders stand for their
+    model/, a folder's config.json is read; no weight file is opened."""
+    sources = _as_list(sources)
+    preset = _preset_name(sources)
+    if preset is not None:
+        return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
     if len(sources) == 1 and not Path(sources[0]).exists():
-        name = sources[0]
-        if name in PRESET_NAMES:
-            return open_source(_download_apple_files(name, probe_layers or "best"), probe_layers or "best")
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            return open_source(_download_repo(name), probe_layers)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", sources[0]):
+            return _locate(_download_repo(sources[0]), probe_layers)
         raise FileNotFoundError(
-            f"{name}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
+            f"{sources[0]}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
         )
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such file or folder")
-
-    tensors, closers, files = {}, [], []
-    config = None
-    if len(sources) == 1 and Path(sources[0]).is_dir():
-        folder = resolve_folder(sources[0])
-        config_path = folder / "config.json"
-        if config_path.exists() and _is_mlx_config(config_path):
-            config = AIMConfig.from_file(config_path)
-            for f in weight_files(folder):
-                _add_safetensors(tensors, f, apple_layout=False)
-            return Source(_apply_probe_layers(config, probe_layers), tensors, f"MLX model folder {folder}", closers)
-        if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
-            config = AIMConfig.from_file(config_path)
-            if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
-                files = weight_files(folder)
-            elif (folder / "pytorch_model.bin").exists():
-                files = [folder / "pytorch_model.bin"]
-            else:
-                raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
-        else:
-            files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
-            if not files:
-                raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
-    else:
+    if not (len(sources) == 1 and Path(sources[0]).is_dir()):
         files = [Path(s) for s in sources]
+        return _Located(files, None, False, ", ".join(str(f) for f in files))
+    folder = resolve_folder(sources[0])
+    config_path = folder / "config.json"
+    if config_path.exists() and _is_mlx_config(config_path):
+        return _Located(weight_files(folder), AIMConfig.from_file(config_path), True, f"MLX model folder {folder}")
+    if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
+        config = AIMConfig.from_file(config_path)
+        if _has_own_weights(folder):
+            files = weight_files(folder)
+        elif (folder / "pytorch_model.bin").exists():
+            files = [folder / "pytorch_model.bin"]
+        else:
+            raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
+        return _Located(files, config, False, ", ".join(str(f) for f in files))
+    files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
+    return _Located(files, None, False, ", ".join(str(f) for f in files))
+
+
+def _open(located: _Located, probe_layers) -> Source:
+    tensors, closers = {}, []
     try:
-        for f in files:
+        for f in located.files:
             if f.suffix == ".safetensors":
-                _add_safetensors(tensors, f, apple_layout=True)
+                _add_safetensors(tensors, f, apple_layout=not located.mlx_layout)
             else:
                 _add_torch(tensors, f, closers)
-        if config is None:
-            config = _infer_config(tensors, probe_layers, files)
+        if located.config is None:
+            config = _infer_config(tensors, probe_layers, located.files)
         else:
-            config = _apply_probe_layers(config, probe_layers)
+            config = located.config.with_probe_layers(probe_layers)
     except BaseException:
         for close in closers:
             close()
         raise
-    return Source(config, tensors, ", ".join(str(f) for f in files), closers)
+    return Source(config, tensors, located.description, closers)
+
+
+def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
+    """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors.
+    `probe_layers` ("best", "last" or indices; `AIMConfig.with_probe_layers`) overrides the source's."""
+    return _open(_locate(sources, probe_layers), probe_layers)
+
+
+def source_config(sources: str | os.PathLike | Sequence, probe_layers=None) -> AIMConfig:
+    """The config of a source (anything `open_source` takes) without reading its weights: a preset's from the
+    registry (nothing downloaded), a folder's from its config.json, checkpoint files' from their tensors'
+    shapes (their headers)."""
+    preset = _preset_name(sources)
+    if preset is not None:
+        return get_config(preset, probe_layers=probe_layers)
+    located = _locate(sources, probe_layers)
+    if located.config is not None:
+        return located.config.with_probe_layers(probe_layers)
+    source = _open(located, probe_layers)
+    source.close()
+    return source.config
 
 
 def _download_apple_files(preset: str, probe_layers: str) -> list[str]:
@@ -322,15 +323,6 @@ def _download_repo(repo_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Conversion: source tensors -> cast / quantized tensors, produced one at a time.
 
-def _is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
-    return (
-        quantization is not None
-        and key.startswith("trunk.")
-        and key.endswith(_QUANTIZED_SUFFIXES)
-        and shape[-1] % quantization["group_size"] == 0
-    )
-
-
 class _SharedResult:
     """A tuple computed once (reading its source once) and handed out one element at a time."""
 
@@ -355,7 +347,7 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
         def cast(t=t, target=target):
             return t.read().astype(target)
 
-        if _is_quantized(key, t.shape, quantization):
+        if is_quantized(key, t.shape, quantization):
             q = quantization
             # Shapes of the quantized triple, from a lazy placeholder that is never evaluated.
             planned = mx.quantize(mx.zeros(t.shape, dtype=target), q["group_size"], q["bits"])
@@ -366,20 +358,6 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
         else:
             out[key] = (target, t.shape, cast)
     return out
-
-
-def _quantize_predicate(quantization: dict):
-    return lambda path, module: (
-        isinstance(module, nn.Linear) and _is_quantized(path + ".weight", module.weight.shape, quantization)
-    )
-
-
-def _build(config: AIMConfig) -> AIM:
-    model = AIM(config)
-    if config.quantization:
-        q = config.quantization
-        nn.quantize(model, q["group_size"], q["bits"], class_predicate=_quantize_predicate(q))
-    return model
 
 
 def _check_source(model: AIM, source: Source, converted: dict) -> None:
@@ -412,7 +390,7 @@ def convert(
     try:
         config = source.config.replace(quantization=quantization)
         converted = _converted(source, dtype, quantization)
-        _check_source(_build(config), source, converted)
+        _check_source(build_model(config), source, converted)
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.", **kwargs)
     finally:
@@ -458,12 +436,13 @@ def load(
     linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
     configs mean the last 6 blocks). head: a probe head file (safetensors with Apple's `head.*` keys) to
     load over the source's. A source without `head.*` weights (a pre-training export) gets a freshly
-    initialised probe and `model.has_trained_head = False`.
+    initialised probe, and `model.has_trained_head` is False.
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
-    if isinstance(name_or_path, str) and name_or_path in PRESET_NAMES and not Path(name_or_path).exists():
-        name_or_path = _cached_conversion(name_or_path, probe_layers, dtype, quantization)
+    preset = _preset_name(name_or_path)
+    if preset is not None:
+        name_or_path = _cached_conversion(preset, probe_layers, dtype, quantization)
         probe_layers = dtype = quantization = None
     source = open_source(name_or_path, probe_layers)
     try:
@@ -476,7 +455,7 @@ def load(
         if head is not None:
             config = _merge_head(source, Path(head), config, probe_layers)
         converted = _converted(source, dtype, quantization)
-        model = _build(config)
+        model = build_model(config, dtype)  # a fresh probe head, where the source has none, in `dtype` too
         _check_source(model, source, converted)
         # Tensor by tensor, so that a cast or quantization never holds two copies of the model.
         loaded = []
@@ -486,10 +465,8 @@ def load(
         model.load_weights(loaded, strict=False)  # keys and shapes were checked above
     finally:
         source.close()
-    model.has_trained_head = any(k.startswith("head.") for k in converted)
-    if dtype is not None and not model.has_trained_head:
-        model.head.set_dtype(dtype)
-    model.eval()
+    if any(k.startswith("head.") for k in converted):
+        model.attach_head(model.head)  # its weights, just loaded, are a trained probe
     return model
 
 

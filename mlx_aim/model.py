@@ -1,4 +1,5 @@
-"""AIM models: the classifier (trunk + attentive probe) and the pre-training model (trunk + pixel head).
+"""AIM models: the classifier (trunk + attentive probe) and the pre-training model (trunk + pixel head),
+their one constructor `build_model` (initialisation, dtype, quantization) and the quantization policy.
 
 Input layout: NHWC float images, (batch, height, width, channels), normalised as in `mlx_aim.data`.
 NHWC is MLX's native convolution layout; NCHW input is rejected with an error that says how to transpose.
@@ -6,10 +7,11 @@ NHWC is MLX's native convolution layout; NCHW input is rejected with an error th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import AIMConfig
 from .layers import AttentionMask, AttentionProbe, PixelHead, Preprocessor, Trunk, attention_mask
@@ -77,11 +79,25 @@ class _AIMBase(nn.Module):
 
 
 class AIM(_AIMBase):
-    """Trunk plus attentive probe: `model(images)` returns ImageNet (or `num_classes`) logits."""
+    """Trunk plus attentive probe: `model(images)` returns ImageNet (or `num_classes`) logits.
+
+    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`): a fresh head's
+    logits and pooled embeddings mean nothing, its probe features (`probe_features`) do.
+    """
 
     def __init__(self, config: AIMConfig):
         super().__init__(config)
         self.head = AttentionProbe(config.width, config.num_heads, config.num_classes, config.norm_eps)
+        self.has_trained_head = False
+
+    def attach_head(self, head: AttentionProbe) -> "AIM":
+        """Marks `head` as the model's trained probe: it replaces the current head (pass `model.head` when its
+        trained weights were loaded in place), the config takes its class count, it follows the model's mode."""
+        self.head = head
+        self.config = self.config.replace(num_classes=head.linear.weight.shape[0])
+        self.has_trained_head = True
+        head.train(self.training)
+        return self
 
     def probe_features(self, images: mx.array, attention: Optional[str] = None) -> mx.array:
         """The probe's input: the mean of the probe layers' raw outputs, (B, N, D)."""
@@ -115,10 +131,126 @@ class AIMForPretraining(_AIMBase):
         return self.pixel_head(x, grid)
 
 
-def build_model(config: AIMConfig, dtype: mx.Dtype = mx.float32) -> AIM:
-    """An AIM classifier with random weights in `dtype`, in eval mode."""
+# ---------------------------------------------------------------------------------------------------
+# Precision and quantization policy
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# Trunk linears are quantized. The patch embedding is a conv (and tiny); norms and the probe head stay in
+# float: the head is small (2 d^2 + 1000 d) and is where quantization error would reach the logits directly.
+QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight")
+QUANTIZED_BITS = (4, 8)
+QUANTIZED_GROUP_SIZES = (32, 64, 128)
+
+
+def parse_dtype(dtype) -> Optional[mx.Dtype]:
+    """None, an mx.Dtype or one of the names in `DTYPES` -> an mx.Dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_quantize(quantize, group_size: int = 64) -> Optional[dict]:
+    """None, a bit count (4, 8) or a dict {"bits": b, "group_size": g} -> the config's quantization dict."""
+    if quantize is None or quantize is False:
+        return None
+    if isinstance(quantize, dict):
+        bits, group_size = quantize.get("bits"), quantize.get("group_size", group_size)
+    else:
+        bits = quantize
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"quantize bits={bits!r}: expected one of {QUANTIZED_BITS}")
+    if group_size not in QUANTIZED_GROUP_SIZES:
+        raise ValueError(f"quantization group size {group_size!r}: expected one of {QUANTIZED_GROUP_SIZES}")
+    return {"bits": int(bits), "group_size": int(group_size)}
+
+
+def is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
+    """Whether the parameter `key` (of `shape`) is stored quantized under `quantization`."""
+    return (
+        quantization is not None
+        and key.startswith("trunk.")
+        and key.endswith(QUANTIZED_SUFFIXES)
+        and shape[-1] % quantization["group_size"] == 0
+    )
+
+
+def quantize_predicate(quantization: dict):
+    """`nn.quantize`'s class_predicate for `quantization`: the linear layers `is_quantized` names."""
+    return lambda path, module: (
+        isinstance(module, nn.Linear) and is_quantized(path + ".weight", module.weight.shape, quantization)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Construction
+
+
+def _init_weights(module: nn.Module) -> nn.Module:
+    """ViT/MAE-style initialisation: xavier-uniform for linear layers and the patch embedding (viewed as a
+    linear layer over a flattened patch), zero biases, LayerNorms at (1, 0). Uses MLX's global generator."""
+    glorot = nn.init.glorot_uniform()
+    updates = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            w = sub.weight
+            flat = glorot(mx.zeros((w.shape[0], int(np.prod(w.shape[1:]))), dtype=w.dtype))
+            updates.append((f"{name}.weight", flat.reshape(w.shape)))
+            if "bias" in sub:
+                updates.append((f"{name}.bias", mx.zeros_like(sub.bias)))
+    module.load_weights(updates, strict=False)
+    return module
+
+
+def _seeded(config: AIMConfig, seed: int, pretraining: bool) -> _AIMBase:
+    mx.random.seed(seed)
+    start = _init_weights(AIMForPretraining(config))
+    if pretraining:
+        return start
     model = AIM(config)
-    if dtype != mx.float32:
+    _init_weights(model.head)
+    # The pre-training model's own modules: a seeded classifier starts where pre-training with `seed` does.
+    model.preprocessor, model.trunk = start.preprocessor, start.trunk
+    return model
+
+
+def build_model(
+    config: AIMConfig,
+    dtype=None,
+    quantization=None,
+    seed: Optional[int] = None,
+    *,
+    pretraining: bool = False,
+) -> Union[AIM, AIMForPretraining]:
+    """The one constructor of a model: the classifier `AIM` of `config`, or with `pretraining` the
+    `AIMForPretraining` (in training mode; the classifier is in eval mode). Parameters stay lazy until first
+    used, so a model about to be loaded never materialises its random weights.
+
+    dtype: an mx.Dtype or a name in `DTYPES` (default float32). quantization: 4 or 8 bits or a dict
+    (`parse_quantize`) for the trunk's linear layers (`is_quantized`), recorded in the model's config
+    (default: what `config.quantization` says). seed: None keeps MLX's default initialisation, drawn from MLX's
+    global generator as it stands; an int seeds that generator and draws the paper's initialisation (xavier-
+    uniform linears and patch embedding, zero biases). A seeded classifier's preprocessor and trunk are exactly
+    those the pre-training model of the same seed starts from: the random baseline of that pre-training run.
+    """
+    dtype = parse_dtype(dtype)
+    quantization = config.quantization if quantization is None else parse_quantize(quantization)
+    if config.quantization and quantization != config.quantization:
+        raise ValueError(f"config is quantized as {config.quantization}; cannot build it as {quantization}")
+    if pretraining and quantization:
+        raise ValueError("the pre-training model is trained in float: build it without quantization")
+    config = config.replace(quantization=None)
+    if seed is not None:
+        model = _seeded(config, seed, pretraining)
+    else:
+        model = AIMForPretraining(config) if pretraining else AIM(config)
+    if dtype is not None and dtype != mx.float32:
         model.set_dtype(dtype)
-    model.eval()
+    if quantization:
+        nn.quantize(model, quantization["group_size"], quantization["bits"],
+                    class_predicate=quantize_predicate(quantization))
+        model.config = config.replace(quantization=quantization)
+    if not pretraining:
+        model.eval()
     return model

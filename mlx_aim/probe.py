@@ -341,15 +341,6 @@ def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
     return head
 
 
-def attach_head(model: AIM, head: AttentionProbe) -> AIM:
-    """Puts a trained head on `model`: it then classifies into the head's classes."""
-    model.head = head
-    model.config = model.config.replace(num_classes=head.linear.weight.shape[0])
-    model.has_trained_head = True
-    model.eval()
-    return model
-
-
 def evaluate(
     head: AttentionProbe, data: FeatureSet, classes: Sequence[str], batch_size: int = 128
 ) -> dict:
@@ -837,7 +828,7 @@ def run_probe_eval(
     head_path = Path(head_dir) / HEAD_FILE
     try:
         aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=info["probe_layers"])
-        attach_head(aim, load_head(head_path, aim))
+        aim.attach_head(load_head(head_path, aim))
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model and head: {e}", file=sys.stderr)
         return 2

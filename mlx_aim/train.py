@@ -68,7 +68,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .config import AIMConfig, check_int_fields, strict_from_dict
 from .data import BatchLoader, EvalTransform, TrainTransform, list_images
 from .fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
-from .model import AIMForPretraining
+from .model import AIMForPretraining, build_model
 from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .weights import save_model
 
@@ -174,7 +174,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The recipe's pieces: schedule, optimizer, initialisation
+# The recipe's pieces: schedule, optimizer (the initialisation is `model.build_model`'s, seeded)
 
 
 def learning_rate(step, config: TrainConfig):
@@ -208,30 +208,6 @@ def make_optimizer(config: TrainConfig) -> AdamW:
         weight_decay=config.weight_decay,
         bias_correction=True,  # as PyTorch's AdamW, which the paper's recipe used
     )
-
-
-def init_pretraining_weights(model: AIMForPretraining) -> AIMForPretraining:
-    """ViT/MAE-style initialisation: xavier-uniform for linear layers and the patch embedding (viewed as a
-    linear layer over a flattened patch), zero biases, LayerNorms at (1, 0). Uses MLX's global generator."""
-    glorot = nn.init.glorot_uniform()
-    updates = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            w = module.weight
-            flat = glorot(mx.zeros((w.shape[0], int(np.prod(w.shape[1:]))), dtype=w.dtype))
-            updates.append((f"{name}.weight", flat.reshape(w.shape)))
-            if "bias" in module:
-                updates.append((f"{name}.bias", mx.zeros_like(module.bias)))
-    model.load_weights(updates, strict=False)
-    return model
-
-
-def build_pretraining_model(config: AIMConfig, seed: int) -> AIMForPretraining:
-    """A freshly initialised pre-training model, the same on every process for the same seed."""
-    mx.random.seed(seed)
-    model = init_pretraining_weights(AIMForPretraining(config))
-    mx.eval(model.parameters())
-    return model
 
 
 def pretraining_attention(config: AIMConfig) -> str:
@@ -435,7 +411,7 @@ def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPr
             "checkpoint folder with state.json); note that an exported model/ folder has no pixel head"
         )
     config = AIMConfig.from_file(found / "config.json")
-    model = AIMForPretraining(config)
+    model = build_model(config, pretraining=True)
     weights = _load_safetensors(found / "model.safetensors")
     expected = dict(tree_flatten(model.parameters()))
     if set(weights) != set(expected):
@@ -625,7 +601,9 @@ def pretrain(
     loader = BatchLoader(train_samples, local_batch, transform, seed=tc.seed, shuffle=True, drop_last=True,
                          num_workers=tc.num_workers, prefetch=tc.prefetch, rank=rank, world_size=world, loop=True)
 
-    model = build_pretraining_model(mc, tc.seed)
+    # The same on every process: the paper's initialisation drawn from the run's seed.
+    model = build_model(mc, seed=tc.seed, pretraining=True)
+    mx.eval(model.parameters())
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     start_step, elapsed_before = 0, 0.0

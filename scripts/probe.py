@@ -12,8 +12,8 @@ classify.py and extract_features.py read), the latest checkpoint and the cached 
 import argparse
 import sys
 
-from mlx_aim.cli import add_config_options, pair
-from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS, parse_probe_layers
+from mlx_aim.cli import add_config_options, pair, probe_layers
+from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS
 from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     t.add_argument("--augment", action="store_true", default=argparse.SUPPRESS,
                    help="random resized crop + flip (the trunk then runs on every batch; no feature cache)")
     recipe = add_config_options(t, RECIPE_OPTIONS, ProbeConfig) | {"augment"}
-    t.add_argument("--probe-layers", type=parse_probe_layers, help="'best', 'last' or comma-separated indices")
+    t.add_argument("--probe-layers", type=probe_layers, help="'best', 'last' or comma-separated indices")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="trunk dtype (the probe is float32)")
     t.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

@@ -13,7 +13,7 @@ from conftest import last_json, run_script, tiny_config
 from mlx.utils import tree_flatten
 from mlx_aim import demo
 from mlx_aim.data import imagenet_classes
-from mlx_aim.model import AIM
+from mlx_aim.model import AIM, AIMForPretraining, build_model
 from mlx_aim.weights import save_model
 
 
@@ -174,3 +174,29 @@ def test_a_finished_run_with_other_settings_is_refused_by_name(tmp_path):
     # Runtime fields (how often to log, how many checkpoints to keep) do not make a run another one.
     assert demo.finished_pretraining(pre_dir, cfg.model_config(),
                                      cfg.train_config(2).replace(num_workers=1)) is not None
+
+
+def _params(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_random_baseline_is_the_pretraining_start_and_pinned():
+    """A seeded classifier's trunk is the one pre-training with that seed starts from (the demo's random
+    baseline), and the draws keep their order: values pinned from the builders this one replaced."""
+    config = demo.DEFAULT.model_config()
+    start = build_model(config, seed=0, pretraining=True)
+    classifier = build_model(config, seed=0)
+    assert isinstance(start, AIMForPretraining) and start.training
+    assert isinstance(classifier, AIM) and not classifier.training and not classifier.has_trained_head
+    pre, cls = _params(start), _params(classifier)
+    trunk = [k for k in cls if k.startswith(("preprocessor.", "trunk."))]
+    assert trunk and all(np.array_equal(pre[k], cls[k]) for k in trunk)
+    pinned = {
+        "preprocessor.patchifier.proj.weight": [0.1324264258146286, -0.0035040676593780518, -0.0594465434551239],
+        "trunk.blocks.0.attn.qkv.weight": [-0.09452246874570847, -0.027792692184448242, 0.0060606300830841064],
+        "trunk.blocks.3.mlp.fc2.weight": [0.1257433295249939, -0.08936615288257599, 0.12415504455566406],
+        "pixel_head.out_proj.weight": [0.008997440338134766, 0.1442563384771347, 0.11687816679477692],
+    }
+    for key, values in pinned.items():
+        np.testing.assert_allclose(pre[key].reshape(-1)[:3], values, rtol=1e-6, err_msg=key)
+    assert not np.array_equal(_params(build_model(config, seed=1))[trunk[0]], cls[trunk[0]])

@@ -205,3 +205,17 @@ def test_peak_memory_is_in_bytes():
     # This process holds Python, numpy and MLX: tens of MiB. Reading KiB as bytes would give ~100 KB.
     assert 20 * 2**20 < memory["peak_rss_bytes"] < 64 * 2**30
     assert memory["peak_mlx_bytes"] >= 0
+
+
+def test_probe_layers_option_parses_and_explains(capsys):
+    import argparse
+
+    from mlx_aim.cli import add_inference_options
+
+    parser = argparse.ArgumentParser()
+    add_inference_options(parser)
+    assert parser.parse_args(["--probe-layers", "1,2"]).probe_layers == [1, 2]
+    assert parser.parse_args(["--probe-layers", "last"]).probe_layers == "last"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--probe-layers", "1-2"])
+    assert "comma-separated block indices" in capsys.readouterr().err

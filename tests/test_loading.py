@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx_aim
 from conftest import last_json, rel_err, run_script, tiny_config
 from mlx_aim.config import AIMConfig, get_config
-from mlx_aim.loading import open_source
+from mlx_aim.loading import open_source, source_config
 from torch_reference import AIMReference
 
 TINY_HUB = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "num_blocks": 4, "num_heads": 4}
@@ -261,3 +261,18 @@ def test_folders_that_are_not_runs_keep_their_errors(tmp_path):
                         config)
     (folder / "train_config.json").write_text("{}")
     assert open_source(folder).description == f"MLX model folder {folder}"
+
+
+def test_source_config_reads_no_weights(tiny_apple, tmp_path, monkeypatch):
+    """A source's config through load's own dispatch, without reading a tensor (nor downloading a preset)."""
+    folder, _, config = tiny_apple
+    files = sorted(str(p) for p in folder.iterdir())
+    assert source_config(files) == open_source(files).config == config  # from the shapes and the file names
+    assert source_config(files, probe_layers="last").probe_layers == list(range(6, 12))
+    out = mlx_aim.convert(files, tmp_path / "mlx")
+    (out / "model.safetensors").write_bytes(b"not read")
+    assert source_config(out, probe_layers=[2, 3]) == config.replace(probe_layers=[2, 3])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert source_config("aim-600M", probe_layers="last") == get_config("aim-600M", probe_layers="last")
+    with pytest.raises(FileNotFoundError, match="no-such-thing"):
+        source_config("no-such-thing")

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 from conftest import rel_err
-from mlx_aim.config import AIMConfig, get_config
+from mlx_aim.config import AIMConfig, get_config, parse_probe_layers
 from mlx_aim.layers import prefix_causal_mask, sincos_pos_embed
-from mlx_aim.model import AIM, build_model
+from mlx_aim.model import AIM, build_model, is_quantized, parse_quantize
 from mlx_aim.weights import load_state_dict
 from torch_reference import AIMReference, sincos_2d, state_dict_numpy
 
@@ -189,3 +191,81 @@ def test_full_aim_600m_architecture_end_to_end():
     mlx_out = mlx_stages(model, mx.array(images), "bidirectional")
     assert len([k for k in mlx_out if k.startswith("block_")]) == 20  # stops at the best layers' end, 19
     assert_stages_match(ref_out, mlx_out)
+
+
+def _flat(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_unseeded_build_keeps_mlx_default_init(tiny_config):
+    mx.random.seed(3)
+    a = _flat(build_model(tiny_config))
+    mx.random.seed(3)
+    b = _flat(build_model(tiny_config))
+    seeded = _flat(build_model(tiny_config, seed=3))
+    key = "trunk.blocks.0.mlp.fc1.weight"  # (256, 64): MLX's default bound is 1/sqrt(64), xavier's sqrt(6/320)
+    assert np.array_equal(a[key], b[key]) and not np.array_equal(a[key], seeded[key])
+    assert np.abs(a[key]).max() <= 1 / 8 and np.abs(seeded[key]).max() > 1 / 8
+
+
+def test_build_dtype_and_quantization(tiny_config):
+    model = build_model(tiny_config, dtype="bfloat16", quantization=4)
+    assert model.config.quantization == {"bits": 4, "group_size": 64}
+    assert isinstance(model.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
+    assert not isinstance(model.head.linear, nn.QuantizedLinear)  # the probe head stays in float
+    assert model.head.linear.weight.dtype == mx.bfloat16
+    # A config that says it is quantized builds that way, and refuses another quantization.
+    stored = build_model(model.config)
+    assert isinstance(stored.trunk.blocks[1].mlp.fc2, nn.QuantizedLinear)
+    with pytest.raises(ValueError, match="quantized"):
+        build_model(model.config, quantization=8)
+    with pytest.raises(ValueError, match="float"):
+        build_model(tiny_config, quantization=4, pretraining=True)
+    with pytest.raises(ValueError, match="dtype"):
+        build_model(tiny_config, dtype="float64")
+
+
+def test_quantization_policy():
+    q = parse_quantize(4)
+    assert q == {"bits": 4, "group_size": 64} and parse_quantize({"bits": 8, "group_size": 32})["group_size"] == 32
+    assert parse_quantize(None) is None
+    with pytest.raises(ValueError, match="bits"):
+        parse_quantize(3)
+    with pytest.raises(ValueError, match="group size"):
+        parse_quantize(4, group_size=48)
+    assert is_quantized("trunk.blocks.3.mlp.fc1.weight", (256, 64), q)
+    assert not is_quantized("trunk.blocks.3.mlp.fc1.weight", (256, 96), q)  # rows not a multiple of the group
+    assert not is_quantized("head.linear.weight", (1000, 64), q)
+    assert not is_quantized("trunk.blocks.3.norm_1.weight", (64,), q)
+    assert not is_quantized("trunk.blocks.3.mlp.fc1.weight", (256, 64), None)
+
+
+def test_attach_head_marks_a_trained_head(tiny_config):
+    model = build_model(tiny_config)
+    assert model.has_trained_head is False
+    head = build_model(tiny_config.replace(num_classes=3)).head
+    head.train()
+    assert model.attach_head(head) is model
+    assert model.has_trained_head and model.config.num_classes == 3 and not model.head.training
+    assert model(mx.zeros((1, 16, 16, 3))).shape == (1, 3)
+
+
+def test_probe_layers_best_last_and_indices():
+    c = get_config("aim-600M")
+    assert c.probe_layers == list(range(14, 20))
+    assert c.with_probe_layers("last").probe_layers == list(range(18, 24))
+    assert c.with_probe_layers("last").with_probe_layers("best").probe_layers == list(range(14, 20))
+    assert c.with_probe_layers([3, 5]).probe_layers == [3, 5] and c.with_probe_layers(None) is c
+    # Presets without best layers, and shallow trunks: the last 6 blocks, or all of them.
+    assert get_config("aim-tiny").probe_layers == list(range(6, 12))
+    assert get_config("aim-tiny", depth=4).with_probe_layers("best").probe_layers == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="preset"):
+        AIMConfig(depth=8).with_probe_layers("best")
+    with pytest.raises(ValueError, match="'best', 'last'"):
+        c.with_probe_layers("first")
+    with pytest.raises(ValueError, match="out of range"):
+        c.with_probe_layers([24])
+    assert parse_probe_layers(None) is None and parse_probe_layers("best") == "best"
+    assert parse_probe_layers("14,15,16") == [14, 15, 16]
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_probe_layers("14-19")

@@ -10,7 +10,7 @@ import torch
 import mlx.core as mx
 import mlx.nn as nn
 from conftest import rel_err, tiny_config
-from mlx_aim.model import AIMForPretraining
+from mlx_aim.model import build_model
 from mlx_aim.objective import (
     aim_loss,
     next_patch_loss,
@@ -24,8 +24,6 @@ from mlx_aim.objective import (
 from mlx_aim.train import (
     AdamW,
     TrainConfig,
-    build_pretraining_model,
-    init_pretraining_weights,
     learning_rate,
     step_prefix_len,
 )
@@ -138,7 +136,7 @@ def pretrain_config():
 
 
 def test_prefix_token_never_sees_a_later_token_outside_the_prefix(pretrain_config):
-    model = build_pretraining_model(pretrain_config, seed=0)
+    model = build_model(pretrain_config, seed=0, pretraining=True)
     images = np.random.randn(1, 16, 16, 3).astype(np.float32)
     prefix = mx.array([5])  # tokens 0..4 are the prefix
 
@@ -160,7 +158,7 @@ def test_prefix_token_never_sees_a_later_token_outside_the_prefix(pretrain_confi
 
 
 def test_aim_loss_is_the_objective_on_the_model_output(pretrain_config):
-    model = build_pretraining_model(pretrain_config, seed=1)
+    model = build_model(pretrain_config, seed=1, pretraining=True)
     images = mx.array(np.random.randn(2, 16, 16, 3).astype(np.float32))
     prefix = mx.array([2, 9])
     pred = np.array(model(images, prefix))
@@ -209,8 +207,7 @@ def test_adamw_matches_torch_and_skips_decay_on_1d_parameters():
 
 
 def test_init_is_xavier_uniform_with_zero_biases(pretrain_config):
-    mx.random.seed(0)
-    model = init_pretraining_weights(AIMForPretraining(pretrain_config))
+    model = build_model(pretrain_config, seed=0, pretraining=True)
     fc1 = np.array(model.trunk.blocks[0].mlp.fc1.weight)  # (128, 32)
     bound = math.sqrt(6 / (128 + 32))
     assert np.abs(fc1).max() <= bound and np.abs(fc1).max() > 0.9 * bound
@@ -221,7 +218,7 @@ def test_init_is_xavier_uniform_with_zero_biases(pretrain_config):
     assert np.all(np.array(model.pixel_head.in_proj.bias) == 0)
     assert np.all(np.array(model.trunk.post_trunk_norm.weight) == 1)
     # The same seed gives the same model: every data-parallel process starts identical.
-    again = build_pretraining_model(pretrain_config, seed=5)
-    other = build_pretraining_model(pretrain_config, seed=5)
+    again = build_model(pretrain_config, seed=5, pretraining=True)
+    other = build_model(pretrain_config, seed=5, pretraining=True)
     np.testing.assert_array_equal(np.array(again.trunk.blocks[1].attn.qkv.weight),
                                   np.array(other.trunk.blocks[1].attn.qkv.weight))

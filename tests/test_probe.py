@@ -13,13 +13,12 @@ from mlx.utils import tree_flatten
 
 import mlx_aim
 from mlx_aim.data import ImageFolder, eval_transform
-from mlx_aim.inference import random_model
+from mlx_aim.model import build_model
 from mlx_aim.probe import (
     FeatureSet,
     ProbeConfig,
     compute_features,
     evaluate,
-    attach_head,
     load_head,
     new_head,
     probe_forward,
@@ -44,7 +43,7 @@ def colours(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trunk():
-    return random_model(probe_config(), seed=0)
+    return build_model(probe_config(), seed=0)
 
 
 def test_probe_reaches_full_train_accuracy_on_a_separable_task(trunk, colours):
@@ -90,7 +89,7 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
     with pytest.raises(ValueError, match="lr"):
         train_probe(trunk, colours, tmp_path, ProbeConfig(epochs=1, **dict(FAST, lr=1e-2)), resume=True,
                     progress=False)
-    other_trunk = random_model(probe_config(), seed=5)
+    other_trunk = build_model(probe_config(), seed=5)
     with pytest.raises(ValueError, match="cannot resume"):
         train_probe(other_trunk, colours, tmp_path, config, resume=True,
                     trunk={"source": "elsewhere"}, progress=False)
@@ -166,7 +165,7 @@ def test_feature_cache_on_disk_is_reused_and_float16_overflow_is_refused(trunk, 
     np.testing.assert_allclose(first.features, np.asarray(trunk.probe_features(x)), rtol=2e-3, atol=2e-3)
     other = compute_features(trunk, samples[:5], cache_file=tmp_path / "c.npy", progress=False)  # other samples
     assert len(other) == 5 and (tmp_path / "c.npy").stat().st_mtime_ns != stamp
-    loud = random_model(probe_config(), seed=0)
+    loud = build_model(probe_config(), seed=0)
     loud.trunk.blocks[0].mlp.fc2.weight = loud.trunk.blocks[0].mlp.fc2.weight * 1e6
     with pytest.raises(ValueError, match="float16"):
         compute_features(loud, samples, progress=False)
@@ -190,7 +189,7 @@ def test_probe_cli_train_eval_classify(tmp_path, colours):
     assert model.has_trained_head and model.config.num_classes == 4
     trunk = mlx_aim.load(trunk_dir)
     x = mx.array(np.stack([eval_transform(p, 16) for p in sorted((colours / "val" / "red").iterdir())]))
-    with_head = attach_head(trunk, load_head(out / "head.safetensors", trunk))
+    with_head = trunk.attach_head(load_head(out / "head.safetensors", trunk))
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
 
     evaluated = run_script("scripts/probe.py", "eval", "--head", out, "--data", colours, "--json")
@@ -215,7 +214,7 @@ def test_probe_cli_random_init_baseline_and_errors(tmp_path, colours):
     assert info["trunk"]["random_init"] and info["trunk"]["seed"] == 4
     # The random trunk is saved with the head, so the baseline can be evaluated and reproduced.
     saved = mlx_aim.load(out / "model")
-    fresh = random_model(saved.config, seed=4)
+    fresh = build_model(saved.config, seed=4)
     assert np.array_equal(np.asarray(saved.trunk.blocks[0].attn.qkv.weight),
                           np.asarray(fresh.trunk.blocks[0].attn.qkv.weight))
     again = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", colours, "--out", out,
