@@ -6,7 +6,8 @@ import argparse
 from typing import Callable, Sequence
 
 from .config import parse_probe_layers
-from .inference import BATCH_SIZE, NUM_WORKERS
+from .data import NUM_WORKERS
+from .inference import BATCH_SIZE
 
 
 def pair(kind: Callable) -> Callable[[str], tuple]:

@@ -4,8 +4,9 @@ Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/prob
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
   seeded weights (`build_model`); `class_names` finds the label names that go with a model.
-- `gather_images` and `iter_image_batches` turn command-line inputs into batches of model input; a file
-  that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on.
+- The data layer's `gather_images` and `iter_image_batches` (`mlx_aim.data`) turn command-line inputs into
+  batches of model input; a file that cannot be used is recorded in a `Skipped` list with its reason, and
+  the run goes on.
 - `classify` and `extract_features` are the two jobs; `run_classify` and `run_extract_features` are the
   command-line entry points (readable report, optional JSON line, exit status).
 - `peak_memory` reports the process's peak resident memory and MLX's peak allocation.
@@ -21,17 +22,15 @@ import resource
 import shutil
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .data import EvalTransform, ImageLoadError, imagenet_classes, list_images
+from .data import NUM_WORKERS, EvalTransform, Skipped, gather_images, imagenet_classes, iter_image_batches
 from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model
@@ -41,7 +40,6 @@ PROBE_INFO = "probe.json"  # written by probe training next to a trained head (c
 BATCH_SIZE = 32
 TOP_K = 5
 SHARD_SIZE = 1024
-NUM_WORKERS = 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,31 +70,6 @@ def memory_line(memory: dict) -> str:
 def print_json(result: dict) -> None:
     """The machine-readable result: one JSON object on the last line of stdout."""
     print(json.dumps(result, default=str), flush=True)
-
-
-@dataclass
-class Skipped:
-    """Inputs that could not be used, with the reason for each, in the order they were met."""
-
-    items: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, source, reason: str, warn: bool = True) -> None:
-        self.items.append((str(source), reason))
-        if warn:
-            tqdm.write(f"skipping {source}: {reason}", file=sys.stderr)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def to_list(self) -> list[dict]:
-        return [{"path": path, "reason": reason} for path, reason in self.items]
-
-    def report(self) -> str:
-        if not self.items:
-            return "skipped: none"
-        lines = [f"skipped {len(self.items)} input(s):"]
-        lines += [f"  {path}: {reason}" for path, reason in self.items]
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,75 +109,6 @@ def class_names(model_source, num_classes: int) -> list[str]:
     if num_classes == 1000:
         return imagenet_classes()
     return [str(i) for i in range(num_classes)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def gather_images(inputs: Sequence, skipped: Skipped) -> list[Path]:
-    """Image files named by `inputs` (files, folders, globs); an input that yields none goes to `skipped`."""
-    found: dict[Path, None] = {}
-    for item in inputs:
-        try:
-            for path in list_images(item):
-                found.setdefault(path)
-        except (FileNotFoundError, ValueError) as e:
-            skipped.add(item, str(e))
-    return list(found)
-
-
-def _load(transform: Callable, path: Path):
-    try:
-        return transform(path), None
-    except ImageLoadError as e:
-        return None, e.reason
-
-
-def iter_image_batches(
-    paths: Sequence[Path],
-    transform: Callable,
-    batch_size: int,
-    skipped: Skipped,
-    *,
-    num_workers: int = NUM_WORKERS,
-    prefetch: int = 2,
-    labels: Optional[Sequence[int]] = None,
-) -> Iterator[tuple[np.ndarray, list, list]]:
-    """(images NHWC float32, paths, labels) in input order, decoded by `num_workers` threads (Pillow releases
-    the GIL); files that fail to load are recorded in `skipped` and left out, so the last batches may be
-    short. `labels` (one per path) ride along; None gives None labels."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected a positive integer")
-    labels = list(labels) if labels is not None else [None] * len(paths)
-    window = batch_size * (prefetch + 1)
-    pending: deque = deque()
-    items = iter(zip(paths, labels))
-    images, batch_paths, batch_labels = [], [], []
-    with ThreadPoolExecutor(max(num_workers, 1), thread_name_prefix="mlx_aim-infer") as executor:
-        def fill():
-            while len(pending) < window:
-                item = next(items, None)
-                if item is None:
-                    return
-                pending.append((item, executor.submit(_load, transform, item[0])))
-
-        fill()
-        while pending:
-            (path, label), future = pending.popleft()
-            fill()
-            image, reason = future.result()
-            if image is None:
-                skipped.add(path, reason)
-                continue
-            images.append(image)
-            batch_paths.append(path)
-            batch_labels.append(label)
-            if len(images) == batch_size:
-                yield np.stack(images), batch_paths, batch_labels
-                images, batch_paths, batch_labels = [], [], []
-        if images:
-            yield np.stack(images), batch_paths, batch_labels
 
 
 def to_numpy(a: mx.array, dtype=np.float32) -> np.ndarray:

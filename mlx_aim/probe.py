@@ -59,18 +59,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from .config import check_int_fields, strict_from_dict
-from .data import BatchLoader, EvalTransform, ImageFolder, TrainTransform, load_splits
+from .data import BatchLoader, EvalTransform, ImageFolder, Skipped, TrainTransform, iter_image_batches, load_splits
 from .fileio import atomic_directory, atomic_file, read_json, remove_stale_temporaries, write_json
-from .inference import (
-    PROBE_INFO,
-    Skipped,
-    iter_image_batches,
-    memory_line,
-    open_model,
-    peak_memory,
-    print_json,
-    to_numpy,
-)
+from .inference import PROBE_INFO, memory_line, open_model, peak_memory, print_json, to_numpy
 from .layers import AttentionProbe
 from .model import AIM
 from .train import AdamW, learning_rate

@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from mlx_aim.cli import add_config_options, pair, probe_layers
-from mlx_aim.inference import BATCH_SIZE, NUM_WORKERS
+from mlx_aim.data import NUM_WORKERS
+from mlx_aim.inference import BATCH_SIZE
 from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
 
 

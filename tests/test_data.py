@@ -1,6 +1,8 @@
-"""Image loading, transforms, image folders and the batch loader (mlx_aim/data.py). Offline: every image
+"""Image loading, transforms, image folders and the batchers (the mlx_aim/data package). Offline: every image
 is generated here with numpy and Pillow."""
 
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from mlx_aim.data import (
     EvalTransform,
     ImageFolder,
     ImageLoadError,
+    Skipped,
     TrainTransform,
     center_crop_box,
     color_jitter,
     eval_transform,
     imagenet_classes,
+    iter_image_batches,
     list_images,
     load_image,
     load_splits,
@@ -599,3 +603,51 @@ def test_loader_skips_and_lists_broken_files(small_set, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="3 samples in a row"):
             collect(everything_broken)
+
+
+class CountingTransform:
+    """Records the paths it is called on (from any thread) and returns a blank image; "boom" raises."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, path, rng=None):
+        if Path(path).name == "boom":
+            raise RuntimeError("boom: not an ImageLoadError")
+        with self.lock:
+            self.calls.append(Path(path))
+        return np.zeros((4, 4, 3), np.float32)
+
+
+def test_batchers_read_ahead_by_at_most_their_prefetch():
+    """Both batchers run on one engine: while a batch is in use, workers decode `prefetch` batches past it
+    (`prefetch + 1` for `iter_image_batches`) and no more; with 0 workers nothing is read ahead."""
+    paths = [Path(f"{i:02d}.png") for i in range(40)]
+    for workers in (0, 2):
+        batchers = {  # (iterator, the most samples it may have decoded when its first batch is handed out)
+            "iter_image_batches": (lambda t: iter_image_batches(paths, t, 2, Skipped(), num_workers=workers,
+                                                                prefetch=1), 2 * (1 + 2)),
+            "BatchLoader": (lambda t: iter(BatchLoader(paths, 2, t, seed=0, num_workers=workers, prefetch=1)),
+                            2 * (1 + 1)),
+        }
+        for name, (make, bound) in batchers.items():
+            bound = bound if workers else 2
+            transform = CountingTransform()
+            batches = make(transform)
+            assert len(next(batches)[0]) == 2, name
+            deadline = time.monotonic() + 10  # let the workers finish what was handed to them
+            while len(transform.calls) < bound and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            assert len(transform.calls) == bound, (name, workers, len(transform.calls))
+            batches.close()
+
+
+def test_batchers_pass_on_errors_other_than_image_load_errors():
+    paths = [Path("a.png"), Path("boom"), Path("c.png")]
+    for workers in (0, 2):
+        with pytest.raises(RuntimeError, match="boom"):
+            list(iter_image_batches(paths, CountingTransform(), 2, Skipped(), num_workers=workers))
+        with pytest.raises(RuntimeError, match="boom"):
+            list(BatchLoader(paths, 1, CountingTransform(), seed=0, shuffle=False, num_workers=workers))

@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 
 import mlx_aim
-from mlx_aim.data import eval_transform, imagenet_classes
-from mlx_aim.inference import (
-    Skipped,
-    extract_features,
-    gather_images,
-    iter_image_batches,
-    load_features,
-    open_model,
-    peak_memory,
-)
+from mlx_aim.data import Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches
+from mlx_aim.inference import extract_features, load_features, open_model, peak_memory
 from conftest import last_json, run_script
 from probe_helpers import make_model_folder, save_image
 

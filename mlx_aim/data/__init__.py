@@ -1,0 +1,66 @@
+"""The data layer: images in, batches of float32 NHWC arrays out. numpy + Pillow only (no MLX).
+
+- `images`: loading (`load_image`, `ImageLoadError`) and the transforms (`eval_transform`, `EvalTransform`,
+  `TrainTransform`).
+- `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`), labelled image folders
+  (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names (`imagenet_classes`).
+- `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference.
+"""
+
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    ImageFolder,
+    PathInput,
+    Skipped,
+    gather_images,
+    imagenet_classes,
+    list_images,
+    load_splits,
+    split_image_folder,
+)
+from .images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_IMAGE_SIDE,
+    EvalTransform,
+    ImageInput,
+    ImageLoadError,
+    TrainTransform,
+    center_crop_box,
+    color_jitter,
+    eval_transform,
+    load_image,
+    resize_short_side,
+    sample_crop_box,
+    shift_hue,
+)
+from .loader import NUM_WORKERS, BatchLoader, iter_image_batches
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MIN_IMAGE_SIDE",
+    "NUM_WORKERS",
+    "BatchLoader",
+    "EvalTransform",
+    "ImageFolder",
+    "ImageInput",
+    "ImageLoadError",
+    "PathInput",
+    "Skipped",
+    "TrainTransform",
+    "center_crop_box",
+    "color_jitter",
+    "eval_transform",
+    "gather_images",
+    "imagenet_classes",
+    "iter_image_batches",
+    "list_images",
+    "load_image",
+    "load_splits",
+    "resize_short_side",
+    "sample_crop_box",
+    "shift_hue",
+    "split_image_folder",
+]
