@@ -1,4 +1,5 @@
-"""What a pre-trained AIM predicts: each image next to its next-patch predictions, as a PNG grid.
+"""Pictures of training runs, drawn with Pillow: next-patch prediction grids, loss curves, and figures of several
+panels, saved as PNG.
 
 The pixel head predicts normalised patches (zero mean, unit variance per patch), so a prediction is shown
 un-normalised with the true patch's mean and standard deviation: the picture shows the structure the model
@@ -7,25 +8,31 @@ by default only patch 0, which nothing predicts) are shown as they are.
 
     model, _ = load_pretraining_checkpoint("runs/tiny")      # needs the pixel head: a run or checkpoint folder
     save_prediction_grid(model, ["a.jpg", "b.png"], "grid.png")
+    save_png(compose_figure([draw_loss_curve(train_losses, val_losses), prediction_panel(model, val)]), "fig.png")
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, eval_transform
 from .fileio import atomic_file
 from .objective import patchify, unpatchify
 
 _EPS = 1e-6  # the target normalisation's eps (norm_pix_target)
 _GAP = 4  # pixels between cells
 _HEADER = 16  # pixels of the column titles
+
+
+# ---------------------------------------------------------------------------------------------------
+# Next-patch predictions
 
 
 def next_patch_predictions(model, images: mx.array, prefix_len: int = 1) -> mx.array:
@@ -90,9 +97,130 @@ def save_prediction_grid(
     if not images:
         raise ValueError("save_prediction_grid: no images given")
     batch = np.stack([eval_transform(path, model.config.image_size) for path in images])
-    grid = prediction_grid(model, batch, prefix_len, cell)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
-    return out
+    return save_png(Image.fromarray(prediction_grid(model, batch, prefix_len, cell)), out)
+
+
+def prediction_panel(model, folder: ImageFolder, count: int = 4, cell: int = 128) -> Image.Image:
+    """The next-patch prediction grid of `model` (with its pixel head) on the first image of each of the first
+    `count` classes of `folder`, as an RGB PIL image."""
+    firsts: dict[int, Path] = {}
+    for path, label in folder.samples:
+        firsts.setdefault(label, path)
+    chosen = [firsts[label] for label in sorted(firsts)[:count]]
+    batch = np.stack([eval_transform(path, model.config.image_size) for path in chosen])
+    return Image.fromarray(prediction_grid(model, batch, prefix_len=1, cell=cell))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss curves and figures
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable where Pillow has FreeType (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+# The loss curve's colours: training loss per step (light), its moving average (dark), validation.
+RAW_LOSS_COLOUR, SMOOTH_LOSS_COLOUR, VAL_LOSS_COLOUR = (174, 199, 232), (31, 119, 180), (214, 39, 40)
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """The mean of each value and the up to `window - 1` values before it (same length as `values`)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def draw_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
+                    size: tuple[int, int] = (520, 360), title: str = "pre-training loss") -> Image.Image:
+    """A line plot of the training loss per step (light), its moving average over ~2% of the steps (dark)
+    and the validation losses (dots), as an RGB PIL image."""
+    if not train:
+        raise ValueError("draw_loss_curve: no training loss records to plot")
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    left, right, top, bottom = 62, width - 16, 34, height - 44
+    steps = [s for s, _ in train] + [s for s, _ in val]
+    values = [v for _, v in train] + [v for _, v in val]
+    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+    y_lo, y_hi = min(values), max(values)
+    pad = 0.05 * (y_hi - y_lo or 1.0)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def to_xy(step, value):
+        x = left + (step - x_lo) / (x_hi - x_lo) * (right - left)
+        y = bottom - (value - y_lo) / (y_hi - y_lo) * (bottom - top)
+        return x, y
+
+    draw.text((left, 8), title, fill="black", font=font)
+    for tick in _nice_ticks(y_lo, y_hi):
+        _, y = to_xy(x_lo, tick)
+        draw.line([(left, y), (right, y)], fill=(228, 228, 228))
+        draw.text((left - 6, y), f"{tick:g}", fill="black", font=small, anchor="rm")
+    for tick in _nice_ticks(x_lo, x_hi):
+        x, _ = to_xy(tick, y_lo)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x, bottom + 6), f"{tick:g}", fill="black", font=small, anchor="mt")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) / 2, height - 16), "step", fill="black", font=small, anchor="mm")
+    window = max(1, len(train) // 50)
+    smooth = moving_average([v for _, v in train], window)
+    if len(train) > 1:
+        if window > 1:
+            draw.line([to_xy(s, v) for s, v in train], fill=RAW_LOSS_COLOUR, width=1)
+        draw.line([to_xy(s, v) for (s, _), v in zip(train, smooth)], fill=SMOOTH_LOSS_COLOUR, width=2)
+    else:
+        x, y = to_xy(*train[0])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=SMOOTH_LOSS_COLOUR)
+    for s, v in val:
+        x, y = to_xy(s, v)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=VAL_LOSS_COLOUR)
+    legend = [("training, per step", RAW_LOSS_COLOUR)] if window > 1 else []
+    legend += [(f"training, mean of {window} steps" if window > 1 else "training", SMOOTH_LOSS_COLOUR)]
+    legend += [("validation (held-out images)", VAL_LOSS_COLOUR)] if val else []
+    lx, ly = right - 200, top + 8
+    for text, colour in legend:
+        draw.line([(lx, ly + 6), (lx + 18, ly + 6)], fill=colour, width=3)
+        draw.text((lx + 24, ly), text, fill="black", font=small)
+        ly += 18
+    return image
+
+
+def compose_figure(panels: Sequence[Image.Image], caption: str = "", gap: int = 16) -> Image.Image:
+    """Panels side by side on a white canvas, tops aligned, with an optional caption below."""
+    panels = [p.convert("RGB") for p in panels]
+    width = sum(p.width for p in panels) + gap * (len(panels) + 1)
+    height = max(p.height for p in panels) + 2 * gap + (24 if caption else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = gap
+    for panel in panels:
+        canvas.paste(panel, (x, gap))
+        x += panel.width + gap
+    if caption:
+        ImageDraw.Draw(canvas).text((gap, height - gap - 14), caption, fill="black", font=_font(13))
+    return canvas
+
+
+def save_png(image: Image.Image, path: Union[str, os.PathLike]) -> Path:
+    """Writes a PNG under a temporary name, then renames it; creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,48 @@
+"""The plots of mlx_aim/visualize.py that need no model: the loss curve and its moving average. (Next-patch
+predictions and the grid script are tested in test_pretrain.py, the demo's whole figure in test_demo.py.)"""
+
+import numpy as np
+import pytest
+
+from mlx_aim import visualize
+
+
+def colour_mask(image, rgb, tolerance=30):
+    return np.abs(np.asarray(image).astype(int) - list(rgb)).sum(-1) < tolerance
+
+
+def test_loss_curve_plots_raw_and_smoothed_loss():
+    """Noisy falling losses: a light line for every step, a dark moving average that stays within it, red
+    validation dots."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 501)
+    train = [(int(s), float(2.0 / np.sqrt(s) * (1 + 0.3 * rng.standard_normal()))) for s in steps]
+    image = visualize.draw_loss_curve(train, [(250, 0.2), (500, 0.1)], size=(400, 300))
+    assert image.size == (400, 300)
+    colours = (visualize.RAW_LOSS_COLOUR, visualize.SMOOTH_LOSS_COLOUR, visualize.VAL_LOSS_COLOUR)
+    raw, smooth, val = (colour_mask(image, c) for c in colours)
+    assert raw.sum() > 200 and smooth.sum() > 200 and val.sum() > 20
+    plot = np.zeros_like(smooth)
+    plot[:, 60:300] = True  # the plot area, left of the legend
+    rows, cols = np.nonzero(smooth & plot)
+    # A falling curve: its leftmost points lie higher on the image (smaller row) than its rightmost ones.
+    assert rows[cols < cols.min() + 20].mean() < rows[cols > cols.max() - 20].mean()
+    # The noise spreads the raw line over more rows than the average at the same columns.
+    raw_rows, raw_cols = np.nonzero(raw & plot)
+    middle = (cols > 150) & (cols < 250)
+    assert np.ptp(raw_rows[(raw_cols > 150) & (raw_cols < 250)]) > np.ptp(rows[middle])
+    with pytest.raises(ValueError, match="no training loss"):
+        visualize.draw_loss_curve([])
+
+
+def test_loss_curve_of_one_step_is_a_dot():
+    image = visualize.draw_loss_curve([(1, 1.5)], size=(300, 200))
+    assert colour_mask(image, visualize.SMOOTH_LOSS_COLOUR).sum() > 10
+
+
+def test_moving_average():
+    values = [4.0, 2.0, 6.0, 0.0, 8.0]
+    np.testing.assert_allclose(visualize.moving_average(values, 1), values)
+    np.testing.assert_allclose(visualize.moving_average(values, 2), [4, 3, 4, 3, 4])
+    np.testing.assert_allclose(visualize.moving_average(values, 3), [4, 3, 4, 8 / 3, 14 / 3])
+    np.testing.assert_allclose(visualize.moving_average(values, 10), np.cumsum(values) / np.arange(1, 6))
