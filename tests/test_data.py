@@ -644,10 +644,12 @@ def test_batchers_read_ahead_by_at_most_their_prefetch():
             batches.close()
 
 
-def test_batchers_pass_on_errors_other_than_image_load_errors():
+def test_batchers_pass_on_other_errors_and_refuse_negative_workers():
     paths = [Path("a.png"), Path("boom"), Path("c.png")]
     for workers in (0, 2):
         with pytest.raises(RuntimeError, match="boom"):
             list(iter_image_batches(paths, CountingTransform(), 2, Skipped(), num_workers=workers))
         with pytest.raises(RuntimeError, match="boom"):
             list(BatchLoader(paths, 1, CountingTransform(), seed=0, shuffle=False, num_workers=workers))
+    with pytest.raises(ValueError, match="num_workers=-1"):
+        list(iter_image_batches(paths, CountingTransform(), 2, Skipped(), num_workers=-1))

@@ -76,8 +76,8 @@ def _as_samples(samples: Any) -> list[tuple[Path, int]]:
 
 class BatchLoader:
     """Batches of `(images, labels, paths)`: float32 NHWC images, int32 labels (-1 for unlabelled samples)
-    and the list of paths, decoded and transformed by `num_workers` threads with up to `prefetch` batches
-    in flight.
+    and the list of paths, decoded and transformed by `num_workers` threads (0: in the caller's thread) with
+    up to `prefetch` batches in flight.
 
     `samples` is a list of (path, label) pairs, a list of paths, or an `ImageFolder`. `transform(path, rng)`
     returns one float32 HWC array (`TrainTransform`, `EvalTransform`); it should load with `load_image`, so
@@ -264,11 +264,13 @@ def iter_image_batches(
     labels: Optional[Sequence] = None,
 ) -> Iterator[tuple[np.ndarray, list, list]]:
     """(images NHWC float32, paths, labels) in input order, `transform(path)` run by `num_workers` threads
-    (0: in the caller's thread) up to `prefetch` batches ahead; files that fail to load are recorded in
-    `skipped` and left out, so the last batches may be short. `labels` (one per path, of any kind) ride
-    along; None gives None labels."""
+    (0: in the caller's thread) on up to `(prefetch + 1) * batch_size` files past the one being handed out;
+    files that fail to load are recorded in `skipped` and left out, so the last batches may be short.
+    `labels` (one per path, of any kind) ride along; None gives None labels."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: expected an integer >= 0")
     labels = list(labels) if labels is not None else [None] * len(paths)
     loads = _in_order(lambda item: _try_transform(transform, item), zip(paths, labels), num_workers,
                       batch_size * (prefetch + 1))
