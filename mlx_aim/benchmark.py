@@ -46,6 +46,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from ._blas import blas_info, set_num_threads
+from .backend import use_cpu_workarounds
 from .config import PRESET_NAMES, AIMConfig, get_config
 from .inference import format_bytes, peak_memory
 from .loading import load
@@ -298,12 +299,14 @@ def _rows(result: dict, peak: dict) -> None:
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "mlx": mx.__version__, "mlx_aim": __version__,
-            "device": str(mx.default_device())}
+            "device": str(mx.default_device()),
+            "backend_path": "cpu-workarounds" if use_cpu_workarounds() else "portable"}
     blas = blas_info()
     info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
-    for var in ("MLX_AIM_BLAS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(var):
             info.setdefault("env", {})[var] = os.environ[var]
     return info
@@ -395,7 +398,8 @@ def format_table(result: dict) -> str:
     if blas.get("loaded"):
         blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
                      + (f", {blas['threads']} threads" if blas.get("threads") else ""))
-    lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']}, {m['cpu_count']} CPUs, "
+    lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']} ({m['backend_path']} path), "
+             f"{m['cpu_count']} CPUs, "
              f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
     if "torch" in m:
         lines.append(f"torch {m['torch']['version']} ({m['torch']['threads']} threads, BLAS {m['torch']['blas']})")

@@ -1,7 +1,8 @@
 """The building blocks of AIM: patch embedding, position embedding, attention masks, transformer blocks.
 
 Parameter names follow Apple's checkpoints (AIM-REFERENCE.md) so that their state dicts load with
-`strict=True`. Images are NHWC, MLX's native layout.
+`strict=True`. Images are NHWC, MLX's native layout. Linear layers, the attention core and GELU come from
+`mlx_aim.backend`, which picks each one's implementation for the device.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .ops import additive_mask, attention, gelu
+from .backend import Linear, attention, gelu, prepare_mask
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
@@ -73,66 +74,6 @@ def attention_mask(mode: str, num_tokens: int, prefix_len: Optional[mx.array] = 
     raise ValueError(f"unknown attention mode {mode!r}: expected 'bidirectional', 'causal' or 'prefix'")
 
 
-def _cpu_matmul_in_float32(dtype: mx.Dtype) -> bool:
-    # MLX's CPU backend multiplies half-precision and quantized matrices with its own loops, 10-20x slower
-    # than its float32 BLAS; Metal and CUDA have fast kernels for both.
-    return dtype != mx.float32 and mx.default_device() == mx.cpu
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose half-precision matmul runs in float32 on the CPU backend (rounded back to the input
-    dtype), and whose `nn.quantize` conversion is `QuantizedLinear`. Same parameters, same results up to
-    the order of float32 accumulation."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not _cpu_matmul_in_float32(self.weight.dtype):
-            return super().__call__(x)
-        y = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        if "bias" in self:
-            y = y + self.bias.astype(mx.float32)
-        return y.astype(x.dtype)
-
-    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
-        if quantize_input or mode != "affine":
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
-
-
-@functools.lru_cache(maxsize=None)
-def _dequantizer(bits: int, group_size: int):
-    """Affine dequantization (the values `mx.dequantize` gives, bit for bit) from shifts, masks and a
-    multiply-add that `mx.compile` fuses into one kernel: 1.5-2x faster than MLX's CPU dequantize."""
-    per_word = 32 // bits
-    shifts = mx.array([bits * i for i in range(per_word)], dtype=mx.uint32)
-
-    def dequantize(packed, scales, biases):
-        rows = packed.shape[0]
-        q = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, words, values per word), low bits first
-        q = q.reshape(rows, -1, group_size).astype(scales.dtype)
-        return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
-
-    return mx.compile(dequantize)
-
-
-class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear that, on the CPU backend, dequantizes its weight and multiplies with the float32
-    BLAS: the same values (the dequantized weight is what the quantized kernel multiplies by), ~15x faster
-    there than MLX's CPU quantized matmul. Other backends use the quantized kernel."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        if self.mode == "affine" and 32 % self.bits == 0:
-            w = _dequantizer(self.bits, self.group_size)(self.weight, self.scales, self.biases)
-        else:
-            w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
-                              mode=self.mode)
-        y = x.astype(mx.float32) @ w.astype(mx.float32).T
-        if "bias" in self:
-            y = y + self.bias.astype(mx.float32)
-        return y.astype(x.dtype)
-
-
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch size, then LayerNorm: (B, H, W, C) -> (B, H/p * W/p, D)."""
 
@@ -173,8 +114,6 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-            mask = mask.astype(q.dtype)
         out = attention(q, k, v, self.scale, mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
 
@@ -218,8 +157,7 @@ class Trunk(nn.Module):
         With `max_block_id` set, the final LayerNorm is applied to that block's output.
         """
         last = len(self.blocks) - 1 if max_block_id is None else max_block_id
-        if mask is not None and mx.default_device() == mx.cpu:
-            mask = additive_mask(mask, x.shape[1])  # once, not in every block (CPU attention adds it)
+        mask = prepare_mask(mask, x.shape[1])  # once, not in every block
         features = []
         for block in self.blocks[: last + 1]:
             x = block(x, mask)
@@ -249,6 +187,7 @@ class AttentionProbe(nn.Module):
         q = mx.broadcast_to(self.cls_token.astype(x.dtype), (B, 1, D)).reshape(B, 1, H, D // H).transpose(0, 2, 1, 3)
         k = self.k(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
         v = self.v(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+        # One query over the patches: too small for the backend's choice to matter, MLX's fused attention.
         pooled = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // H) ** -0.5)
         return pooled.transpose(0, 2, 1, 3).reshape(B, -1, D).mean(axis=1)
 

@@ -1,12 +1,16 @@
-"""Element-wise ops that are fast on MLX's CPU backend as well as on Metal.
+"""Kernels written for MLX's CPU backend: GELU, softmax attention and affine dequantization.
 
 MLX's CPU `erf` (and `exp`, `tanh`) is evaluated one element at a time, so `nn.gelu` spends ~100x longer
 than a multiply on the same tensor. `gelu` here computes erf as a rational polynomial (the float32
 approximation Eigen and XLA use) from multiply, add, divide, abs and two clamps only, which the CPU
 backend vectorises and `mx.compile` fuses into a few kernels. `attention` does the same for the softmax's
-exp on the CPU backend.
+exp, and `dequantizer` unpacks quantized weights for the float32 BLAS.
+
+They compute the same values as MLX's own ops on any device; nothing here looks at the device.
+`mlx_aim.backend` decides where they run (on the CPU backend, unless its workarounds are turned off).
 """
 
+import functools
 import math
 
 import mlx.core as mx
@@ -69,7 +73,9 @@ def _clip_unit_by_abs(p):
     return p - 0.5 * (over + mx.abs(over))
 
 
-def _gelu_float32(x, clip_unit=_clip_unit):
+def gelu_polynomial(x: mx.array, clip_unit=_clip_unit) -> mx.array:
+    """`gelu`'s float32 forward as plain ops, uncompiled and without the closed-form slope: autodiff
+    differentiates it (the yardstick for the slope `gelu` uses)."""
     # Below -_X_CLAMP, Phi is exactly 0 here, so flooring x there changes nothing but gelu(-inf): -0, not nan.
     x_floor = mx.maximum(x, -_X_CLAMP)
     xc = mx.minimum(x_floor, _X_CLAMP)
@@ -98,7 +104,7 @@ def _gelu_slope_float32(x):
 
 # Shape-specialised, not shapeless: a shapeless trace broadcasts every scalar both ways, which hits MLX's
 # fusion depth limit twice as often (6 kernels instead of 3, about 2x slower on CPU).
-_gelu_forward_compiled = mx.compile(lambda x: _gelu_float32(x, _clip_unit_by_abs))  # equal values, see above
+_gelu_forward_compiled = mx.compile(lambda x: gelu_polynomial(x, _clip_unit_by_abs))  # equal values, see above
 _gelu_slope_compiled = mx.compile(_gelu_slope_float32)
 
 
@@ -137,14 +143,14 @@ def gelu(x: mx.array) -> mx.array:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention on the CPU backend
+# Softmax attention
 
 _LOG2E = 1.4426950408889634
 # 2^f = exp(f ln 2) for f in [-1/2, 1/2]: Taylor to degree 7 (truncation < 6e-9, below float32 rounding).
 _EXP2_TAYLOR = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(8))[::-1]
 
 
-def _exp_nonpositive(y):
+def exp_nonpositive(y: mx.array) -> mx.array:
     """exp(y) for float32 y <= 0 (-inf gives 0, nan stays nan) from multiply, add and integer ops, which the
     CPU backend vectorises (its own exp is evaluated one element at a time). exp(y) = 2^n * 2^f with n the
     integer nearest y log2(e): 2^f from a polynomial, 2^n written straight into a float's exponent bits.
@@ -157,7 +163,7 @@ def _exp_nonpositive(y):
 
 @mx.compile
 def _softmax_numerator(scores, row_max, scale):
-    return _exp_nonpositive((scores - row_max) * scale)
+    return exp_nonpositive((scores - row_max) * scale)
 
 
 @mx.compile
@@ -214,16 +220,36 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     means "may attend", or additive).
 
     On the CPU backend MLX's fused attention falls back to separate steps with a scalar exp (~4x slower than
-    PyTorch's); there the softmax's exp is `_exp_nonpositive`, the normalisation is applied to the output, the
+    PyTorch's); here the softmax's exp is `exp_nonpositive`, the normalisation is applied to the output, the
     scale is folded into the exp, and the backward is written out (the weights recomputed rather than kept).
-    Half-precision input is computed in float32 there (MLX's CPU half matmul is slow) and rounded back.
-    The mask is a constant there: it gets no gradient.
-    Elsewhere it is `mx.fast.scaled_dot_product_attention`.
+    Half-precision input is computed in float32 (MLX's CPU half matmul is slow) and rounded back.
+    The mask is a constant: it gets no gradient.
     """
-    if mx.default_device() != mx.cpu:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     dtype = q.dtype
     if dtype != mx.float32:
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
     out = _attention_float32(q, k, v, additive_mask(mask, k.shape[-2]), mx.array(scale, mx.float32))
     return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Affine dequantization
+
+
+@functools.lru_cache(maxsize=None)
+def dequantizer(bits: int, group_size: int):
+    """A compiled `dequantize(packed, scales, biases)` for affine quantization: the values `mx.dequantize`
+    gives, bit for bit, from shifts, masks and a multiply-add that `mx.compile` fuses into one kernel,
+    which the CPU backend runs faster than its own dequantize. `bits` must divide 32."""
+    if 32 % bits:
+        raise ValueError(f"dequantizer: bits must divide 32, got {bits}")
+    per_word = 32 // bits
+    shifts = mx.array([bits * i for i in range(per_word)], dtype=mx.uint32)
+
+    def dequantize(packed, scales, biases):
+        rows = packed.shape[0]
+        q = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, words, values per word), low bits first
+        q = q.reshape(rows, -1, group_size).astype(scales.dtype)
+        return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
+
+    return mx.compile(dequantize)

@@ -1,4 +1,5 @@
-"""Parity of the MLX model with a PyTorch reference of AIM, stage by stage, and input validation."""
+"""Parity of the MLX model with a PyTorch reference of AIM, stage by stage, and input validation. Tests that take
+the `backend_path` fixture run twice: with mlx_aim.backend's CPU workarounds and on the portable path."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from backend_paths import backend_path  # noqa: F401  (a fixture)
 from conftest import rel_err
 from mlx_aim.config import AIMConfig, get_config, parse_probe_layers
 from mlx_aim.layers import prefix_causal_mask, sincos_pos_embed
@@ -57,7 +59,7 @@ def test_sincos_matches_reference_and_layout():
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "causal", "prefix"])
-def test_parity_stage_by_stage(tiny_config, attention):
+def test_parity_stage_by_stage(tiny_config, attention, backend_path):
     ref, model = make_pair(tiny_config)
     images = np.random.randn(3, 16, 16, 3).astype(np.float32)
     prefix = np.array([1, 7, 15]) if attention == "prefix" else None
@@ -69,7 +71,7 @@ def test_parity_stage_by_stage(tiny_config, attention):
         np.testing.assert_allclose(np.array(model.embed(mx.array(images))), ref_out["pooled"].numpy(), atol=1e-5)
 
 
-def test_parity_non_square_and_max_block_id(tiny_config):
+def test_parity_non_square_and_max_block_id(tiny_config, backend_path):
     ref, model = make_pair(tiny_config, seed=1)
     images = np.random.randn(2, 12, 24, 3).astype(np.float32)
     ref_out = ref.stages(torch.from_numpy(images.transpose(0, 3, 1, 2)), max_block_id=2)
@@ -88,7 +90,7 @@ def test_trunk_stops_at_max_block_id(tiny_config):
     np.testing.assert_allclose(np.array(feats[1]), np.array(all_feats[1]), atol=1e-6)
 
 
-def test_batch_elements_are_independent_in_eval_mode(tiny_config):
+def test_batch_elements_are_independent_in_eval_mode(tiny_config, backend_path):
     _, model = make_pair(tiny_config)
     images = mx.random.normal((4, 16, 16, 3))
     together = np.array(model(images))
@@ -106,7 +108,7 @@ def test_prefix_mask_semantics():
     np.testing.assert_array_equal(mask[1, 0], np.tril(np.ones((6, 6), bool)))  # prefix 1 == causal
 
 
-def test_causal_attention_ignores_the_future(tiny_config):
+def test_causal_attention_ignores_the_future(tiny_config, backend_path):
     model = build_model(tiny_config)
     a = np.random.randn(1, 16, 16, 3).astype(np.float32)
     b = a.copy()
@@ -118,7 +120,7 @@ def test_causal_attention_ignores_the_future(tiny_config):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_half_precision_inference(tiny_config, dtype):
+def test_half_precision_inference(tiny_config, dtype, backend_path):
     ref, model32 = make_pair(tiny_config)
     weights = {k: mx.array(v) for k, v in state_dict_numpy(ref).items()}
     model = build_model(tiny_config, dtype)

@@ -1,4 +1,5 @@
-"""mlx_aim.ops.gelu: exact (erf) GELU to float32 accuracy, for every dtype, with a usable gradient."""
+"""mlx_aim.ops.gelu: exact (erf) GELU to float32 accuracy, for every dtype, with a usable gradient; and the GELU
+mlx_aim.backend picks, on both its paths."""
 
 import math
 
@@ -7,7 +8,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_aim.ops import gelu
+from backend_paths import backend_path  # noqa: F401  (a fixture)
+from mlx_aim import backend
+from mlx_aim.ops import gelu, gelu_polynomial
 
 EPS32 = float(np.finfo(np.float32).eps)
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
@@ -122,11 +125,9 @@ def test_gradient_matches_analytic_derivative_and_nn_gelu():
 
 def test_closed_form_gradient_is_the_derivative_of_the_forward():
     """The custom VJP's closed form equals autodiff through the forward's own ops, and jvp agrees."""
-    from mlx_aim.ops import _gelu_float32
-
     x = mx.array(np.linspace(-7.0, 7.0, 14_001, dtype=np.float32))
     ours = mx.grad(lambda v: gelu(v).sum())(x)
-    autodiff = mx.grad(lambda v: _gelu_float32(v).sum())(x)
+    autodiff = mx.grad(lambda v: gelu_polynomial(v).sum())(x)
     # Both are float32 evaluations of one derivative; they part by rounding, most where |x| > 5.
     np.testing.assert_allclose(np.array(ours), np.array(autodiff), rtol=0, atol=2e-6)
     _, (tangent,) = mx.jvp(gelu, [x], [mx.ones_like(x)])
@@ -168,3 +169,15 @@ def test_works_in_a_training_step():
     for g_ours, g_ref in zip(ours[1], ref[1]):
         for key in ("weight", "bias"):
             np.testing.assert_allclose(np.array(g_ours[key]), np.array(g_ref[key]), rtol=0, atol=1e-5)
+
+
+def test_backend_gelu_is_exact_gelu_on_both_paths(backend_path):
+    """ops.gelu with the CPU workarounds, nn.gelu on the portable path: the same function to float32 accuracy."""
+    x = dense_grid()
+    out = backend.gelu(mx.array(x))
+    assert out.dtype == mx.float32
+    err = np.abs(np.array(out, dtype=np.float64) - gelu64(x))
+    assert np.max(err / (EPS32 * np.maximum(np.abs(x), 1.0))) <= 4.0
+    x = np.linspace(-10.0, 10.0, 40_001, dtype=np.float32)
+    grad = np.array(mx.grad(lambda v: backend.gelu(v).sum())(mx.array(x)), dtype=np.float64)
+    assert np.abs(grad - gelu_grad64(x)).max() <= 1e-5
