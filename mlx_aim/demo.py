@@ -53,7 +53,8 @@ from .fileio import atomic_file, read_json, write_json
 from .model import AIM, build_model
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .train import DEMO_RUN_DIR, MODEL_DIR, TrainConfig, latest_checkpoint, pretrain, read_log, settings_differences
+from .runs import read_log
+from .train import DEMO_RUN_DIR, MODEL_DIR, TrainConfig, latest_checkpoint, pretrain, settings_differences
 
 ASSETS = Path(__file__).parent / "assets"
 # The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
