@@ -461,6 +461,27 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
     return step
 
 
+def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolder], config: ProbeConfig,
+              cache_dir: Optional[Path], trunk: dict, progress: bool
+              ) -> tuple[Optional[FeatureSet], Optional[FeatureSet], Skipped]:
+    """The trunk features of the training images (None with `augment`: the trunk then runs on every
+    augmented batch) and of the validation images, cached in `cache_dir` when given; the unusable files."""
+
+    def features_of(part, name):
+        cache_file = cache_dir / f"{name}.npy" if cache_dir is not None else None
+        return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
+                                num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
+                                progress=progress, desc=f"{name} features")
+
+    train_set = None if config.augment else features_of(train_part, "train")
+    val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
+    skipped = Skipped()
+    for part in (train_set, val_set):
+        if part is not None:
+            skipped.items += part.skipped.items
+    return train_set, val_set, skipped
+
+
 def _batches(model: AIM, train_set: Optional[FeatureSet], loader: Optional[BatchLoader], batch_size: int,
              seed: int, start_step: int) -> Iterator[tuple[mx.array, mx.array]]:
     """(probe features, labels) of the steps after `start_step`: augmented images through the frozen trunk
@@ -519,20 +540,8 @@ def train_probe(
     classes = list(train_part.classes)
     if len(classes) < 2:
         raise ValueError(f"probe data has {len(classes)} class(es) ({classes}): expected at least 2")
-    use_disk = run is not None and config.cache == "disk"
-
-    def features_of(part, name):
-        cache_file = run.path / CACHE_DIR / f"{name}.npy" if use_disk else None
-        return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
-                                num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
-                                progress=progress, desc=f"{name} features")
-
-    skipped = Skipped()
-    train_set = None if config.augment else features_of(train_part, "train")
-    val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
-    for part in (train_set, val_set):
-        if part is not None:
-            skipped.items += part.skipped.items
+    cache_dir = run.path / CACHE_DIR if run is not None and config.cache == "disk" else None
+    train_set, val_set, skipped = _features(model, train_part, val_part, config, cache_dir, trunk, progress)
     num_train = len(train_part) if config.augment else len(train_set)
     if num_train < 2:
         raise ValueError(f"probe data: {num_train} usable training image(s); expected at least 2"

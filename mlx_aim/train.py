@@ -419,6 +419,12 @@ def _resolve_data(data, val_ratio: float, seed: int) -> tuple[list, list]:
     raise ValueError("data: expected an image folder path or a (train samples, val samples) pair")
 
 
+def _parameter_counts(model: AIMForPretraining) -> str:
+    num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trunk_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("pixel_head."))
+    return f"{trunk_params / 1e6:.2f}M trunk + {(num_params - trunk_params) / 1e6:.2f}M head parameters"
+
+
 def _resume(run: RunFolder, found: Path, model: AIMForPretraining, optimizer: optim.Optimizer,
             loader: BatchLoader, settings: dict, world_size: int) -> dict:
     """Continues from checkpoint `found`: checks it was written by this run's settings and as many processes,
@@ -506,10 +512,7 @@ def pretrain(
     log = RunLog(out_dir, start_step if found is not None else None, enabled=is_main)
     attention = pretraining_attention(mc)
     if is_main:
-        num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        trunk_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("pixel_head."))
-        echo(f"pre-training {mc.name or 'AIM'}: {trunk_params / 1e6:.2f}M trunk + "
-             f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {len(train_samples)} training images, "
+        echo(f"pre-training {mc.name or 'AIM'}: {_parameter_counts(model)}, {len(train_samples)} training images, "
              f"{validator.size} validation images, global batch {tc.batch_size} ({world} process(es) x "
              f"{tc.grad_accum} micro-batch(es) of {local_batch // tc.grad_accum}), {tc.dtype}, "
              f"steps {start_step + 1}-{end_step} of {tc.steps}")
