@@ -50,7 +50,7 @@ from .backend import use_cpu_workarounds
 from .config import PRESET_NAMES, AIMConfig, get_config
 from .inference import format_bytes, peak_memory
 from .loading import load
-from .model import AIM, build_model
+from .model import AIM, build_model, dtype_name
 from .weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
@@ -225,7 +225,7 @@ def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=Non
     forward = mx.compile(model.__call__) if compile else model
     fns = {"mlx": lambda: mx.eval(forward(images))}
     result = {"task": "inference", "config": config.name or "custom", "image_size": config.image_size,
-              "batch_size": batch_size, "dtype": str(model.dtype).split(".")[-1],
+              "batch_size": batch_size, "dtype": dtype_name(model.dtype),
               "quantization": config.quantization, "compiled": compile, "weight_bytes": weight_bytes(model), **info,
               "flops": inference_flops(config, batch_size)}
     if compare_torch:
@@ -242,7 +242,7 @@ def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=Non
                 return ref(images_t)
 
         fns["torch"] = torch_call
-        result["torch_dtype"] = str(torch_dtype).split(".")[-1]
+        result["torch_dtype"] = dtype_name(torch_dtype)
         ours = np.array(model(images).astype(mx.float32))
         theirs = torch_call().float().numpy()
         result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))

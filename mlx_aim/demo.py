@@ -52,6 +52,7 @@ from .fileio import read_json, write_json
 from .model import AIM, build_model
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
+from .runs import read_log
 from .train import (
     DEMO_RUN_DIR,
     MODEL_DIR,
@@ -59,7 +60,6 @@ from .train import (
     latest_checkpoint,
     load_pretraining_checkpoint,
     pretrain,
-    read_log,
     settings_differences,
 )
 from .visualize import compose_figure, draw_loss_curve, prediction_panel, save_png

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .data import NUM_WORKERS, EvalTransform, Skipped, gather_images, imagenet_classes, iter_image_batches
 from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .loading import load, source_config
-from .model import AIM, build_model
+from .model import AIM, build_model, dtype_name
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -219,7 +219,7 @@ def run_classify(
         print(f"{pred['path']}: {tops}")
     summary = result.to_dict()
     summary.update(peak_memory(), model=str(model), batch_size=batch_size,
-                   dtype=str(aim.dtype).split(".")[-1], quantization=aim.config.quantization)
+                   dtype=dtype_name(aim.dtype), quantization=aim.config.quantization)
     rate = summary["images_per_second"]
     print(f"classified {result.num_images} image(s) in {result.seconds:.2f} s"
           + (f" ({rate:.2f} images/s)" if rate else ""))
@@ -333,7 +333,7 @@ def extract_features(
         "version": 1,
         "model": model_name,
         "model_config": c.to_dict(),
-        "model_dtype": str(model.dtype).split(".")[-1],
+        "model_dtype": dtype_name(model.dtype),
         "features": list(kinds),
         "file_format": file_format,
         "dtype": save_dtype,
@@ -520,7 +520,7 @@ def run_extract_features(
         return 2
     summary = result.to_dict()
     summary.update(peak_memory(), model=str(model), batch_size=batch_size, features=result.index["features"],
-                   dtype=str(aim.dtype).split(".")[-1], quantization=aim.config.quantization)
+                   dtype=dtype_name(aim.dtype), quantization=aim.config.quantization)
     rate = summary["images_per_second"]
     print(f"features of {summary['num_images']} image(s) in {summary['num_shards']} shard(s) under {result.out} "
           f"({summary['shards_reused']} shard(s) reused; {result.num_new} image(s) processed in "

@@ -27,7 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import PRESET_NAMES, AIMConfig, get_config
-from .model import AIM, DTYPES, build_model, is_quantized, parse_dtype, parse_quantize
+from .model import AIM, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     check_shapes,
@@ -413,7 +413,7 @@ def upload(folder: str | os.PathLike, repo_id: str) -> None:
 
 def _cached_conversion(preset: str, probe_layers, dtype, quantization) -> Path:
     probe = probe_layers or "best"
-    parts = [preset, f"{probe}-layers", str(dtype or mx.float32).split(".")[-1]]
+    parts = [preset, f"{probe}-layers", dtype_name(dtype or mx.float32)]
     if quantization:
         parts.append(f"q{quantization['bits']}g{quantization['group_size']}")
     folder = cache_dir() / "-".join(parts)

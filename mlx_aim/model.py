@@ -151,6 +151,11 @@ def parse_dtype(dtype) -> Optional[mx.Dtype]:
     return DTYPES[dtype]
 
 
+def dtype_name(dtype) -> str:
+    """A dtype's short name, as `DTYPES` keys it: mx.bfloat16 (or torch.bfloat16, or "bfloat16") -> "bfloat16"."""
+    return str(dtype).split(".")[-1]
+
+
 def parse_quantize(quantize, group_size: int = 64) -> Optional[dict]:
     """None, a bit count (4, 8) or a dict {"bits": b, "group_size": g} -> the config's quantization dict."""
     if quantize is None or quantize is False:

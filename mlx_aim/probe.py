@@ -21,6 +21,7 @@ The output folder:
     out/model/             trunk + trained head (config num_classes = len(classes)), with probe.json, a
                            folder `mlx_aim.load` and the scripts read directly
     out/checkpoint/        the latest checkpoint: head, optimizer state, step, data position
+    out/log.jsonl          the training loss and learning rate every `log_interval` steps
     out/cache/             cached trunk features (train.npy, val.npy and their .json), when not augmenting
 
 Decisions where the paper is silent:
@@ -31,8 +32,9 @@ Decisions where the paper is silent:
   replacement from a per-epoch permutation seeded by (seed, epoch), the last incomplete batch dropped.
   The data order is a function of (seed, step), so resuming needs only the step (and, with augmentation,
   the loader position, which is checkpointed).
-- The schedule (`train.learning_rate`: linear warm-up, cosine to 0) and the optimizer (`train.AdamW`,
-  weight decay on matrices only) are the pre-training ones.
+- The schedule (`runs.Schedule`: linear warm-up, cosine to 0) and the optimizer (`runs.adamw`, weight
+  decay on matrices only) are the pre-training ones; so are the checkpoints, resume rules and divergence
+  check (`runs`).
 """
 
 from __future__ import annotations
@@ -41,34 +43,33 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .config import check_int_fields, strict_from_dict
 from .data import BatchLoader, EvalTransform, ImageFolder, Skipped, TrainTransform, iter_image_batches, load_splits
-from .fileio import atomic_directory, atomic_file, read_json, remove_stale_temporaries, write_json
+from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
 from .inference import PROBE_INFO, memory_line, open_model, peak_memory, print_json, to_numpy
 from .layers import AttentionProbe
-from .model import AIM
-from .train import AdamW, learning_rate
-from .weights import save_model
+from .model import AIM, dtype_name
+from .runs import LossWindow, RunFolder, RunLog, Schedule, TrainingDiverged, adamw, check_finite, last_step
+from .weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
 HEAD_FILE = "head.safetensors"
+HEAD_PREFIX = "head."  # Apple's head keys: head.k.weight, ...
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "cache"
@@ -140,16 +141,6 @@ class ProbeConfig:
     def recipe(self) -> dict:
         """The fields that decide the numbers (all but the runtime ones)."""
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
-
-
-@dataclass
-class _Schedule:
-    """What `train.learning_rate` reads: the warm-up + cosine schedule over this run's step count."""
-
-    steps: int
-    lr: float
-    warmup_init_lr: float
-    warmup_steps: int
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,7 +284,7 @@ def probe_forward(head: AttentionProbe, x: mx.array) -> tuple[mx.array, mx.array
 
 def head_weights(head: AttentionProbe) -> dict[str, mx.array]:
     """The head's tensors under Apple's key names (`head.k.weight`, ...)."""
-    return {f"head.{k}": v for k, v in tree_flatten(head.parameters())}
+    return {HEAD_PREFIX + k: v for k, v in tree_flatten(head.parameters())}
 
 
 def save_head(
@@ -314,11 +305,8 @@ def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: probe head file not found")
-    try:
-        weights = mx.load(str(path))
-    except Exception as e:  # MLX's message does not name the file
-        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
-    expected = {f"head.{k}" for k in HEAD_KEYS}
+    weights = read_safetensors(path)
+    expected = {HEAD_PREFIX + k for k in HEAD_KEYS}
     if set(weights) != expected:
         raise ValueError(f"{path}: expected the keys {sorted(expected)}, found {sorted(weights)}")
     c = model.config
@@ -326,7 +314,7 @@ def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
     if width != c.width:
         raise ValueError(f"{path}: head width {width} does not match the trunk's width {c.width}")
     head = AttentionProbe(c.width, c.num_heads, rows, c.norm_eps)
-    head.load_weights([(k[len("head."):], v.astype(mx.float32)) for k, v in weights.items()], strict=True)
+    head.load_weights([(k.removeprefix(HEAD_PREFIX), v.astype(mx.float32)) for k, v in weights.items()], strict=True)
     mx.eval(head.parameters())
     head.eval()
     return head
@@ -423,11 +411,8 @@ def _write_json(path: Path, obj: Any) -> None:
     write_json(path, obj, indent=1, default=str)  # the probe's files: compact, paths and the like as text
 
 
-def _resolve_data(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[ImageFolder]]:
+def _splits(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[ImageFolder]]:
     if isinstance(data, (str, os.PathLike)):
-        if not Path(data).is_dir():
-            raise FileNotFoundError(f"probe data {str(data)!r} is not a folder (expected class sub-folders, "
-                                    "or train/ and val/ folders of them)")
         return load_splits(data, val_ratio=val_ratio, seed=seed)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], ImageFolder):
         return data[0], data[1]
@@ -437,9 +422,15 @@ def _resolve_data(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optio
 def trunk_description(model: AIM, source: Any = None, random_init: bool = False, seed: int = 0) -> dict:
     """What identifies a trunk's features: its source, weights' origin, dtype and architecture."""
     return {"source": None if source is None else str(source), "random_init": bool(random_init),
-            "seed": int(seed) if random_init else None, "dtype": str(model.dtype).split(".")[-1],
+            "seed": int(seed) if random_init else None, "dtype": dtype_name(model.dtype),
             "quantization": model.config.quantization, "probe_layers": model.config.probe_layers,
             "config": model.config.to_dict()}
+
+
+def probe_run(out: Union[str, os.PathLike]) -> RunFolder:
+    """A probe output folder: one checkpoint, `checkpoint/`, with the head (Apple's keys), the optimizer
+    state and state.json, replaced at each save."""
+    return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
 
 
 def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
@@ -461,41 +452,44 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
     return step
 
 
-def _save_checkpoint(out: Path, head, optimizer, state: dict) -> Path:
-    final = out / CHECKPOINT_DIR
-    with atomic_directory(final, replace=True) as tmp:
-        save_head(tmp / HEAD_FILE, head)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        _write_json(tmp / "state.json", state)
-    return final
+def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolder], config: ProbeConfig,
+              cache_dir: Optional[Path], trunk: dict, progress: bool
+              ) -> tuple[Optional[FeatureSet], Optional[FeatureSet], Skipped]:
+    """The trunk features of the training images (None with `augment`: the trunk then runs on every
+    augmented batch) and of the validation images, cached in `cache_dir` when given; the unusable files."""
+
+    def features_of(part, name):
+        cache_file = cache_dir / f"{name}.npy" if cache_dir is not None else None
+        return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
+                                num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
+                                progress=progress, desc=f"{name} features")
+
+    train_set = None if config.augment else features_of(train_part, "train")
+    val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
+    skipped = Skipped()
+    for part in (train_set, val_set):
+        if part is not None:
+            skipped.items += part.skipped.items
+    return train_set, val_set, skipped
 
 
-def _restore(found: Path, head: AttentionProbe, optimizer) -> None:
-    weights = mx.load(str(found / HEAD_FILE))
-    head.load_weights([(k[len("head."):], v) for k, v in weights.items()], strict=True)
-    optimizer.init(head.trainable_parameters())
-    expected = dict(tree_flatten(optimizer.state))
-    saved = mx.load(str(found / "optimizer.safetensors"))
-    if set(saved) != set(expected):
-        raise ValueError(f"{found}: optimizer state does not match the probe head")
-    optimizer.state = tree_unflatten(list(saved.items()))
-    optimizer.init(head.trainable_parameters())
-    mx.eval(head.parameters(), optimizer.state)
-
-
-def _check_resume(found: Path, state: dict, expected: dict) -> None:
-    expected = json.loads(json.dumps(expected, default=str))  # tuples as the checkpoint's JSON lists
-    diff = []
-    for key, value in expected.items():
-        saved = state.get(key)
-        if isinstance(value, dict) and isinstance(saved, dict):
-            diff += [f"{key}.{k}: checkpoint {saved.get(k)!r}, now {value.get(k)!r}"
-                     for k in sorted(set(value) | set(saved)) if saved.get(k) != value.get(k)]
-        elif saved != value:
-            diff.append(f"{key}: checkpoint {saved!r}, now {value!r}")
-    if diff:
-        raise ValueError(f"cannot resume from {found}: {'; '.join(diff[:6])}. Resume with the run's settings, or "
-                         "start again (force=True, --force) or in another folder")
+def _batches(model: AIM, train_set: Optional[FeatureSet], loader: Optional[BatchLoader], batch_size: int,
+             seed: int, start_step: int) -> Iterator[tuple[mx.array, mx.array]]:
+    """(probe features, labels) of the steps after `start_step`: augmented images through the frozen trunk
+    (no gradient reaches it), or cached features, batch k of epoch e taken from a permutation seeded by
+    (seed, e)."""
+    if loader is not None:
+        for images, labels, _ in loader:
+            yield model.probe_features(mx.array(images)), mx.array(labels)
+        return
+    steps_per_epoch = len(train_set) // batch_size
+    order, order_epoch = None, None
+    for step in itertools.count(start_step):
+        epoch, position = divmod(step, steps_per_epoch)
+        if order_epoch != epoch:
+            order, order_epoch = np.random.default_rng([seed, epoch]).permutation(len(train_set)), epoch
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        yield mx.array(np.asarray(train_set.features[idx])), mx.array(train_set.labels[idx])
 
 
 def train_probe(
@@ -516,141 +510,100 @@ def train_probe(
 
     `data`: a folder with class sub-folders (split by `config.val_ratio`), or with `train/` and `val/`
     folders of them, or a (train, val) pair of `ImageFolder`s. `out` (optional): where the head, probe.json,
-    the model folder, checkpoints and the feature cache go (see the module docstring). `trunk`: what
-    identifies the trunk (`trunk_description`), stored in probe.json and checked on resume. `resume`
+    the model folder, checkpoints, the log and the feature cache go (see the module docstring). `trunk`:
+    what identifies the trunk (`trunk_description`), stored in probe.json and checked on resume. `resume`
     continues from out/checkpoint; `force` discards an existing one. `stop_at` ends this call after that
     step with a checkpoint, leaving the schedule as for the full run (to train in slices).
+
+    Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
     config = config or ProbeConfig()
     trunk = trunk or trunk_description(model)
     start_time = time.perf_counter()
-    out = Path(out) if out is not None else None
-    found = None
-    if out is not None:
-        # Left by a kill mid-write; a checkpoint set aside for its replacement is put back first.
-        remove_stale_temporaries(out)
-        remove_stale_temporaries(out / CACHE_DIR)
-        if (out / CHECKPOINT_DIR).is_dir():
-            if force:
-                shutil.rmtree(out / CHECKPOINT_DIR)
-            elif not resume:
-                raise FileExistsError(f"{out} already holds a probe checkpoint: pass resume=True (--resume) to "
-                                      "continue it, force=True (--force) to start again, or another folder")
-            else:
-                found = out / CHECKPOINT_DIR
-        out.mkdir(parents=True, exist_ok=True)
+    run = probe_run(out) if out is not None else None
+    found = run.prepare(resume=resume, force=force) if run is not None else None
+    if run is not None:
+        remove_stale_temporaries(run.path / CACHE_DIR)
 
+    # The data: trunk features, cached unless augmenting.
     model.eval()
-    train_part, val_part = _resolve_data(data, config.val_ratio, config.seed)
+    train_part, val_part = _splits(data, config.val_ratio, config.seed)
     classes = list(train_part.classes)
     if len(classes) < 2:
         raise ValueError(f"probe data has {len(classes)} class(es) ({classes}): expected at least 2")
-    use_disk = out is not None and config.cache == "disk"
-
-    def features_of(part, name):
-        cache_file = out / CACHE_DIR / f"{name}.npy" if use_disk else None
-        return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
-                                num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
-                                progress=progress, desc=f"{name} features")
-
-    skipped = Skipped()
-    train_set = None
-    if not config.augment:
-        train_set = features_of(train_part, "train")
-        skipped.items += train_set.skipped.items
-        num_train = len(train_set)
-    else:
-        num_train = len(train_part)
-    val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
-    if val_set is not None:
-        skipped.items += val_set.skipped.items
+    cache_dir = run.path / CACHE_DIR if run is not None and config.cache == "disk" else None
+    train_set, val_set, skipped = _features(model, train_part, val_part, config, cache_dir, trunk, progress)
+    num_train = len(train_part) if config.augment else len(train_set)
     if num_train < 2:
         raise ValueError(f"probe data: {num_train} usable training image(s); expected at least 2"
                          + (f" ({len(skipped)} skipped)" if len(skipped) else ""))
 
+    # The run: head, optimizer, schedule over this data's step count, then the checkpoint's state over them.
     batch_size = min(config.batch_size, num_train)
-    steps_per_epoch = num_train // batch_size
-    total_steps = config.steps or config.epochs * steps_per_epoch
-    if stop_at is not None and not 1 <= stop_at <= total_steps:
-        raise ValueError(f"stop_at={stop_at}: expected a step in [1, {total_steps}]")
-    end_step = stop_at or total_steps
-    schedule = _Schedule(total_steps, config.lr, config.warmup_init_lr,
-                         int(round(config.warmup_frac * total_steps)))
+    total_steps = config.steps or config.epochs * (num_train // batch_size)
+    end_step = last_step(stop_at, total_steps)
+    schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
     head = new_head(model, len(classes), config.seed)
     head.train()
-    optimizer = AdamW(learning_rate=partial(learning_rate, config=schedule), betas=list(config.betas),
-                      eps=config.eps, weight_decay=config.weight_decay, bias_correction=True)
+    optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
     optimizer.init(head.trainable_parameters())
-
     loader = None
     if config.augment:
         transform = TrainTransform(model.config.image_size, scale=config.crop_scale, hflip=config.hflip,
                                    color_jitter=(0, 0, 0, 0), jitter_prob=0.0)
         loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
                              num_workers=config.num_workers, loop=True)
-    data_key = {"classes": classes, "num_train": num_train,
-                "train_sha256": _samples_key(train_part.samples)}
-    expected = {"recipe": config.recipe(), "data": data_key, "trunk": trunk, "total_steps": total_steps}
+    settings = {"recipe": config.recipe(), "trunk": trunk, "total_steps": total_steps,
+                "data": {"classes": classes, "num_train": num_train, "train_sha256": _samples_key(train_part.samples)}}
     start_step, losses_before = 0, []
     if found is not None:
-        state = read_json(found / "state.json")
-        _check_resume(found, state, expected)  # before reading tensors whose shapes may not fit
-        _restore(found, head, optimizer)
+        state = run.read_state(found)
+        run.check_settings(found, {k: state.get(k) for k in settings}, settings)  # before shapes can clash
+        run.restore(found, head, optimizer, prefix=HEAD_PREFIX)
         start_step, losses_before = int(state["step"]), list(state["losses"])
         if loader is not None:
             loader.load_state_dict(state["loader"])
         echo(f"resuming from {found} at step {start_step} of {total_steps}")
 
+    # The loop.
     step_fn = _make_step(head, optimizer, config.label_smoothing)
+    log = RunLog(run.path, start_step if found is not None else None) if run is not None else None
     losses: list[float] = []
-
-    def checkpoint(step: int) -> None:
-        _save_checkpoint(out, head, optimizer, dict(
-            expected, step=step, losses=losses_before + losses,
-            loader=loader.state_dict() if loader is not None else None,
-        ))
-
-    order, order_epoch = None, None
-    batches = iter(loader) if loader is not None else None
-    with tqdm(total=end_step, initial=start_step, desc="probe", unit="step",
-              disable=not progress or None, dynamic_ncols=True) as bar:
-        for step in range(start_step, end_step):
-            if batches is not None:
-                images, labels, _ = next(batches)
-                x = model.probe_features(mx.array(images))  # the frozen trunk: no gradient reaches it
-                y = mx.array(labels)
-            else:
-                epoch, position = divmod(step, steps_per_epoch)
-                if order_epoch != epoch:
-                    order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
-                    order_epoch = epoch
-                idx = order[position * batch_size : (position + 1) * batch_size]
-                x = mx.array(np.asarray(train_set.features[idx]))
-                y = mx.array(train_set.labels[idx])
+    last_checkpoint = found
+    window = LossWindow()  # since the last log record
+    batches = _batches(model, train_set, loader, batch_size, config.seed, start_step)
+    with contextlib.closing(batches), tqdm(total=end_step, initial=start_step, desc="probe", unit="step",
+                                           disable=not progress or None, dynamic_ncols=True) as bar:
+        for step in range(start_step + 1, end_step + 1):
+            x, y = next(batches)
             loss = step_fn(x, y)
             mx.eval(loss, head.state, optimizer.state)
-            losses.append(float(loss))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"probe training diverged: loss {losses[-1]} at step {step + 1}; "
-                                         f"try a lower learning rate (now {config.lr})")
-            if (step + 1) % config.log_interval == 0 or step + 1 == end_step:
-                window = losses[-config.log_interval:]
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}",
-                                lr=f"{learning_rate(step, schedule):.2e}", refresh=False)
+            loss = float(loss)
+            check_finite(loss, step, last_checkpoint, config.lr)
+            losses.append(loss)
+            window.add(loss)
+            if step % config.log_interval == 0 or step == end_step:
+                lr = schedule(step - 1)
+                if log is not None:
+                    log.write({"step": step, "loss": window.mean_loss, "lr": lr})
+                bar.set_postfix(loss=f"{window.mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                window = LossWindow()
             bar.update(1)
-            if out is not None and ((config.ckpt_interval and (step + 1) % config.ckpt_interval == 0)
-                                    or step + 1 == end_step):
-                checkpoint(step + 1)
+            if run is not None and ((config.ckpt_interval and step % config.ckpt_interval == 0) or step == end_step):
+                state = dict(settings, losses=losses_before + losses,
+                             loader=loader.state_dict() if loader is not None else None)
+                last_checkpoint = run.save(step, head, optimizer, state, prefix=HEAD_PREFIX)
+        if loader is not None:
+            for path, reason in loader.skipped:
+                skipped.add(path, reason, warn=False)
 
+    # The outcome: metrics, probe.json, the head and model folder once the run is complete.
     head.eval()
     metrics = {}
     if train_set is not None:
         metrics["train"] = evaluate(head, train_set, classes, config.eval_batch_size)
     if val_set is not None:
         metrics["val"] = evaluate(head, val_set, classes, config.eval_batch_size)
-    if loader is not None:
-        for path, reason in loader.skipped:
-            skipped.add(path, reason, warn=False)
     all_losses = losses_before + losses
     info = {
         "format": PROBE_FORMAT,
@@ -669,10 +622,10 @@ def train_probe(
                        for s in range(config.log_interval, len(all_losses) + 1, config.log_interval)],
         "skipped": skipped.to_list(),
     }
-    if out is not None and end_step == total_steps:
-        _write_outputs(out, model, head, info, save_model_folder)
+    if run is not None and end_step == total_steps:
+        _write_outputs(run.path, model, head, info, save_model_folder)
     return ProbeResult(head, classes, metrics, losses, end_step, total_steps, time.perf_counter() - start_time,
-                       skipped, out, info)
+                       skipped, run.path if run is not None else None, info)
 
 
 def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool) -> None:
@@ -708,7 +661,7 @@ def eval_split(data, split: str, classes: Sequence[str], val_ratio: float, seed:
     """The images of `split` ("val" or "train") of an image folder, labelled in the probe's class order."""
     if split not in ("val", "train"):
         raise ValueError(f"split={split!r}: expected 'val' or 'train'")
-    train_part, val_part = _resolve_data(data, val_ratio, seed)
+    train_part, val_part = _splits(data, val_ratio, seed)
     part = val_part if split == "val" else train_part
     if part is None or not len(part):
         raise ValueError(f"{data}: the {split} split holds no images")
@@ -774,6 +727,9 @@ def run_probe_train(
     try:
         result = train_probe(trunk_model, data, out, config, trunk=trunk, resume=resume, force=force,
                              save_model_folder=save_model_folder, progress=True, echo=say)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if "usable training image" in str(e) else 2

@@ -49,10 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -63,34 +60,37 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
+from tqdm import tqdm
 
 from .config import AIMConfig, check_int_fields, strict_from_dict
-from .data import BatchLoader, EvalTransform, TrainTransform, list_images
-from .fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
-from .model import AIMForPretraining, build_model
+from .data import BatchLoader, EvalTransform, TrainTransform, load_splits
+from .fileio import write_json
+from .model import AIMForPretraining, build_model, parse_dtype
 from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
-from .weights import save_model
+from .runs import (
+    STATE_FILE,
+    AdamW,
+    LossWindow,
+    RunFolder,
+    RunLog,
+    Schedule,
+    TrainingDiverged,
+    adamw,
+    check_finite,
+    compare_settings,
+    last_step,
+)
+from .weights import check_weights, read_safetensors, save_model
 
 PREFIX_STREAM = 101  # first word of the seed of step s's prefix draws: [PREFIX_STREAM, seed, s]
 VAL_PREFIX_STREAM = 102  # the validation set's fixed prefix draws
-VAL_SPLIT_STREAM = 103  # which images of a folder without val/ are held out
 CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"  # in a checkpoint: the trunk and the pixel head
 MODEL_DIR = "model"
 TRAIN_CONFIG_NAME = "train_config.json"  # with config.json, what marks a run folder (`loading` reads it)
 DEMO_RUN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`loading` looks there too)
-LOG_NAME = "log.jsonl"
-_CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite. `checkpoint` is the last good checkpoint (None if there is none)."""
-
-    def __init__(self, message: str, step: int, checkpoint: Optional[Path]):
-        super().__init__(message)
-        self.step = step
-        self.checkpoint = checkpoint
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -141,8 +141,8 @@ class TrainConfig:
                          0, "train config")
         if self.log_interval == 0:
             raise ValueError("train config log_interval=0: expected a positive integer")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"train config dtype={self.dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"train config dtype={self.dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
         if not (self.lr > 0 and self.warmup_init_lr >= 0):
             raise ValueError(f"train config lr={self.lr}, warmup_init_lr={self.warmup_init_lr}: expected lr > 0")
         if not 0 <= self.warmup_frac <= 1:
@@ -159,11 +159,19 @@ class TrainConfig:
             raise ValueError(f"train config val_ratio={self.val_ratio}: expected a fraction in [0, 1)")
 
     @property
+    def schedule(self) -> Schedule:
+        return Schedule.warmup_cosine(self.steps, self.lr, self.warmup_init_lr, self.warmup_frac)
+
+    @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_frac * self.steps))
+        return self.schedule.warmup_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recipe(self) -> dict:
+        """The fields that decide the numbers (all but the runtime ones)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, params: dict) -> "TrainConfig":
@@ -174,40 +182,11 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The recipe's pieces: schedule, optimizer (the initialisation is `model.build_model`'s, seeded)
-
-
-def learning_rate(step, config: TrainConfig):
-    """The learning rate of optimizer step `step` (0-based): linear warm-up from `warmup_init_lr` to `lr`
-    over `warmup_steps`, then cosine to 0 at `steps`. Takes and returns an int/float or an mx.array."""
-    as_array = isinstance(step, mx.array)
-    s = step.astype(mx.float32) if as_array else mx.array(float(step))
-    warmup = config.warmup_steps
-    peak, init = config.lr, config.warmup_init_lr
-    warm = init + (peak - init) * s / max(warmup, 1)
-    progress = mx.clip((s - warmup) / max(config.steps - warmup, 1), 0.0, 1.0)
-    cosine = 0.5 * peak * (1.0 + mx.cos(math.pi * progress))
-    lr = mx.where(s < warmup, warm, cosine)
-    return lr if as_array else float(lr)
-
-
-class AdamW(optim.AdamW):
-    """AdamW whose weight decay skips 1-D parameters (biases, LayerNorm scales and shifts)."""
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        if parameter.ndim < 2:
-            return optim.Adam.apply_single(self, gradient, parameter, state)
-        return super().apply_single(gradient, parameter, state)
+# The recipe's pieces: optimizer (`runs`: schedule and AdamW; the initialisation is `model.build_model`'s)
 
 
 def make_optimizer(config: TrainConfig) -> AdamW:
-    return AdamW(
-        learning_rate=partial(learning_rate, config=config),
-        betas=list(config.betas),
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        bias_correction=True,  # as PyTorch's AdamW, which the paper's recipe used
-    )
+    return adamw(config.schedule, config.betas, config.eps, config.weight_decay)
 
 
 def pretraining_attention(config: AIMConfig) -> str:
@@ -264,7 +243,7 @@ class TrainStep:
         self.group = group
         self.world_size = group.size() if group is not None else 1
         attention = pretraining_attention(model.config)
-        grad_fn = _loss_and_grad(model, _DTYPES[config.dtype], attention)
+        grad_fn = _loss_and_grad(model, parse_dtype(config.dtype), attention)
         self._grad = mx.compile(grad_fn, inputs=[model.state])
         state = [model.state, optimizer.state]
 
@@ -362,43 +341,27 @@ class Validator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# The run folder and its checkpoints (`runs.RunFolder`)
+
+
+def pretraining_run(out_dir: Union[str, os.PathLike], keep_last: int = 1) -> RunFolder:
+    """A pre-training run folder: numbered checkpoints `checkpoints/step_00001000/` with the model and its
+    pixel head (model.safetensors), the optimizer state, config.json and state.json."""
+    return RunFolder(out_dir, checkpoint_dir=CHECKPOINT_DIR, weights_file=WEIGHTS_FILE, numbered=True,
+                     keep_last=keep_last)
 
 
 def list_checkpoints(out_dir: Union[str, os.PathLike]) -> list[Path]:
     """Complete checkpoints under `out_dir/checkpoints`, oldest first (only complete ones carry the name)."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return pretraining_run(out_dir).checkpoints()
 
 
 def latest_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
     """`path` itself if it is a checkpoint folder, else the newest checkpoint of the run folder `path`."""
     path = Path(path)
-    if (path / "state.json").is_file():
+    if (path / STATE_FILE).is_file():
         return path
-    found = list_checkpoints(path)
-    return found[-1] if found else None
-
-
-def save_checkpoint(out_dir: Path, step: int, model: AIMForPretraining, optimizer: optim.Optimizer,
-                    state: dict, keep_last: int) -> Path:
-    """Writes `out_dir/checkpoints/step_<step>` under a temporary name, renames it, prunes old ones."""
-    root = out_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    # replace: a checkpoint of the same step from an earlier, diverged attempt.
-    with atomic_directory(final, replace=True) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                            metadata={"format": "mlx"})
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        model.config.save(tmp / "config.json")
-        write_json(tmp / "state.json", dict(state, step=step))
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return pretraining_run(path).latest()
 
 
 def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPretraining, dict]:
@@ -412,40 +375,12 @@ def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPr
         )
     config = AIMConfig.from_file(found / "config.json")
     model = build_model(config, pretraining=True)
-    weights = _load_safetensors(found / "model.safetensors")
-    expected = dict(tree_flatten(model.parameters()))
-    if set(weights) != set(expected):
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise ValueError(f"{found / 'model.safetensors'}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{found / 'model.safetensors'}: key {key!r} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(expected[key].shape)}")
+    weights = read_safetensors(found / WEIGHTS_FILE)
+    check_weights(model, weights, str(found / WEIGHTS_FILE))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    return model, read_json(found / "state.json")
-
-
-def _load_safetensors(path: Path) -> dict[str, mx.array]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the checkpoint")
-    try:
-        return mx.load(str(path))
-    except Exception as e:  # MLX's errors do not name the file
-        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
-
-
-def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, path: Path) -> None:
-    optimizer.init(model.trainable_parameters())
-    expected = dict(tree_flatten(optimizer.state))
-    saved = _load_safetensors(path)
-    if set(saved) != set(expected):
-        raise ValueError(f"{path}: optimizer state does not match the model "
-                         f"(missing {sorted(set(expected) - set(saved))[:5]}, "
-                         f"unexpected {sorted(set(saved) - set(expected))[:5]})")
-    optimizer.state = tree_unflatten(list(saved.items()))
-    optimizer.init(model.trainable_parameters())  # marks it initialised; keeps the restored entries
+    return model, RunFolder.read_state(found)
 
 
 def export_trunk(folder: Path, model: AIMForPretraining) -> Path:
@@ -455,98 +390,53 @@ def export_trunk(folder: Path, model: AIMForPretraining) -> Path:
                       source_note="Pre-trained with mlx-aim (scripts/pretrain.py); the probe head is untrained.")
 
 
+def run_settings(model_config: AIMConfig, train_config: TrainConfig) -> dict:
+    """What decides a run's numbers: the model config (its name aside) and the recipe (`TrainConfig.recipe`)."""
+    model = {k: v for k, v in model_config.to_dict().items() if k != "name"}
+    return {**model, **train_config.recipe()}
+
+
+def saved_settings(state: dict) -> dict:
+    """`run_settings` of the run that wrote a checkpoint's state.json."""
+    return run_settings(AIMConfig.from_dict(state["model_config"]), TrainConfig.from_dict(state["train_config"]))
+
+
+def settings_differences(state: dict, model_config: AIMConfig, train_config: TrainConfig) -> str:
+    """How a checkpoint's `state.json` settings differ from these ("key: checkpoint X, now Y; ..."), the
+    model's name and the runtime fields (`TrainConfig.RUNTIME_FIELDS`) aside; empty when they match."""
+    return "; ".join(compare_settings(saved_settings(state), run_settings(model_config, train_config)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
 
-class _Log:
-    """JSON-lines log; rank 0 writes, the others do nothing."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until: Optional[int]):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if keep_until is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            # Records after the resumed checkpoint belong to the interrupted attempt: they are replayed.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if record.get("step", 0) <= keep_until:
-                    kept.append(line)
-            write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_log(out_dir: Union[str, os.PathLike]) -> list[dict]:
-    """The records of a run's log.jsonl."""
-    path = Path(out_dir) / LOG_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pretraining_splits(root: Union[str, os.PathLike], val_ratio: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """(training images, validation images) of a folder; labels play no part in pre-training.
-
-    With `root/train/`, its images (searched recursively) are the training set and those of `root/val/`,
-    if present, the validation set. Otherwise every image under `root` counts, and a seeded random
-    `val_ratio` of them (at least one image stays for training) is held out.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data {str(root)!r} is not a folder of images")
-    train_dir, val_dir = root / "train", root / "val"
-    if train_dir.is_dir():
-        train = list_images(train_dir)
-        if val_dir.is_dir():
-            return train, list_images(val_dir)
-    elif val_dir.is_dir():
-        raise ValueError(f"{str(root)!r} has a val/ folder but no train/ folder")
-    else:
-        train = list_images(root)
-    order = np.random.default_rng([VAL_SPLIT_STREAM, seed]).permutation(len(train))
-    num_val = min(int(round(len(train) * val_ratio)), len(train) - 1)
-    held_out = set(order[:num_val].tolist())
-    return [p for i, p in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)]
-
-
 def _resolve_data(data, val_ratio: float, seed: int) -> tuple[list, list]:
     if isinstance(data, (str, os.PathLike)):
-        return pretraining_splits(data, val_ratio, seed)
+        return load_splits(data, val_ratio, seed, labelled=False)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return tuple(list(part.samples) if hasattr(part, "samples") else list(part or []) for part in data)
     raise ValueError("data: expected an image folder path or a (train samples, val samples) pair")
 
 
-def settings_differences(state: dict, model_config: AIMConfig, train_config: TrainConfig) -> str:
-    """How a checkpoint's `state.json` settings differ from these ("key: checkpoint X, now Y, ..."), the
-    model's name and the runtime fields (`TrainConfig.RUNTIME_FIELDS`) aside; empty when they match."""
-    saved_model = AIMConfig.from_dict(state["model_config"]).to_dict()
-    mine = model_config.to_dict()
-    diff = sorted(k for k in set(saved_model) | set(mine) if saved_model.get(k) != mine.get(k) and k != "name")
-    saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()
-    ours = train_config.to_dict()
-    diff += sorted(k for k in ours if k not in TrainConfig.RUNTIME_FIELDS and saved_train.get(k) != ours[k])
-    return ", ".join(f"{k}: checkpoint {saved_model.get(k, saved_train.get(k))!r}, "
-                     f"now {mine.get(k, ours.get(k))!r}" for k in diff)
+def _parameter_counts(model: AIMForPretraining) -> str:
+    num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trunk_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("pixel_head."))
+    return f"{trunk_params / 1e6:.2f}M trunk + {(num_params - trunk_params) / 1e6:.2f}M head parameters"
 
 
-def _check_resume_configs(found: Path, state: dict, model_config: AIMConfig, train_config: TrainConfig,
-                          world_size: int) -> None:
-    details = settings_differences(state, model_config, train_config)
-    if details:
-        raise ValueError(f"cannot resume from {found}: settings differ ({details}); resume with the "
-                         "run's settings or start a new run in another folder")
+def _resume(run: RunFolder, found: Path, model: AIMForPretraining, optimizer: optim.Optimizer,
+            loader: BatchLoader, settings: dict, world_size: int) -> dict:
+    """Continues from checkpoint `found`: checks it was written by this run's settings and as many processes,
+    restores the model, the optimizer and the data position; returns its state.json."""
+    state = run.read_state(found)
+    run.check_settings(found, saved_settings(state), settings)
     if state.get("world_size", 1) != world_size:
         raise ValueError(f"cannot resume from {found}: it was written by {state.get('world_size')} process(es), "
                          f"this run has {world_size}; the data order would not continue exactly")
+    run.restore(found, model, optimizer)
+    loader.load_state_dict(state["loader"])
+    return state
 
 
 def pretrain(
@@ -563,14 +453,14 @@ def pretrain(
 ) -> dict:
     """Pre-trains an `AIMForPretraining` and exports its trunk to `out_dir/model`; returns a summary.
 
-    `data` is an image folder (`pretraining_splits`: `train/` and `val/`, or any images under it, of which
-    `val_ratio` is held out) or a (train, val) pair of sample lists or image folders. `resume` continues
-    from the newest complete checkpoint in `out_dir` (or starts afresh when there is none). `stop_at` ends
-    this invocation after that step with a checkpoint, leaving the schedule as for `steps` (to train in
-    slices). `group` is the `mx.distributed` group (default: `mx.distributed.init()`, a single process unless started by
-    `mlx.launch`).
+    `data` is an image folder (`data.load_splits(labelled=False)`: `train/` and `val/`, or any images under
+    it, of which `val_ratio` is held out) or a (train, val) pair of sample lists or image folders. `resume`
+    continues from the newest complete checkpoint in `out_dir` (or starts afresh when there is none).
+    `stop_at` ends this invocation after that step with a checkpoint, leaving the schedule as for `steps`
+    (to train in slices). `group` is the `mx.distributed` group (default: `mx.distributed.init()`, a single
+    process unless started by `mlx.launch`).
 
-    Raises `TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
+    Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
     """
     tc, mc = train_config, model_config
     group = group if group is not None else mx.distributed.init()
@@ -579,42 +469,26 @@ def pretrain(
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size={tc.batch_size} must be divisible by processes x grad_accum "
                          f"= {world} x {tc.grad_accum}")
-    if stop_at is not None and not 1 <= stop_at <= tc.steps:
-        raise ValueError(f"stop_at={stop_at}: expected a step in [1, steps={tc.steps}]")
+    end_step = last_step(stop_at, tc.steps)
     out_dir = Path(out_dir)
-    attention = pretraining_attention(mc)
+    run = pretraining_run(out_dir, tc.keep_last)
+    found = run.prepare(resume=resume, writer=is_main)
 
-    found = latest_checkpoint(out_dir) if out_dir.is_dir() and (out_dir / CHECKPOINT_DIR).is_dir() else None
-    if found is not None and not resume:
-        raise FileExistsError(f"{out_dir} already holds checkpoints ({found.name}): pass resume=True "
-                              "(--resume) to continue, or choose another output folder")
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Left by a kill mid-write: checkpoint temporaries, save_model's temporary or set-aside model/, logs.
-        remove_stale_temporaries(out_dir / CHECKPOINT_DIR)
-        remove_stale_temporaries(out_dir)
-
+    # The run: data, model (the paper's initialisation drawn from the run's seed, the same on every
+    # process), optimizer, then the checkpoint's state over them when resuming.
     train_samples, val_samples = _resolve_data(data, tc.val_ratio, tc.seed)
     local_batch = tc.batch_size // world
     transform = TrainTransform(mc.image_size, scale=tc.crop_scale, hflip=tc.hflip,
                                color_jitter=tc.color_jitter, jitter_prob=tc.jitter_prob)
     loader = BatchLoader(train_samples, local_batch, transform, seed=tc.seed, shuffle=True, drop_last=True,
                          num_workers=tc.num_workers, prefetch=tc.prefetch, rank=rank, world_size=world, loop=True)
-
-    # The same on every process: the paper's initialisation drawn from the run's seed.
     model = build_model(mc, seed=tc.seed, pretraining=True)
     mx.eval(model.parameters())
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     start_step, elapsed_before = 0, 0.0
     if found is not None:
-        state = read_json(found / "state.json")
-        _check_resume_configs(found, state, mc, tc, world)
-        weights = _load_safetensors(found / "model.safetensors")
-        model.load_weights(list(weights.items()), strict=True)
-        _restore_optimizer(optimizer, model, found / "optimizer.safetensors")
-        mx.eval(model.parameters(), optimizer.state)
-        loader.load_state_dict(state["loader"])
+        state = _resume(run, found, model, optimizer, loader, run_settings(mc, tc), world)
         start_step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
         if is_main:
             echo(f"resuming from {found} (step {start_step})")
@@ -632,39 +506,32 @@ def pretrain(
         write_json(out_dir / "config.json", mc.to_dict())
         write_json(out_dir / TRAIN_CONFIG_NAME, tc.to_dict())
 
+    # The step, the validation, the log.
     train_step = TrainStep(model, optimizer, tc, group)
     validator = Validator(model, val_samples, tc, group)
-    log = _Log(out_dir / LOG_NAME, is_main, start_step if found is not None else None)
-    end_step = stop_at if stop_at is not None else tc.steps
-    num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    trunk_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("pixel_head."))
+    log = RunLog(out_dir, start_step if found is not None else None, enabled=is_main)
+    attention = pretraining_attention(mc)
     if is_main:
-        echo(f"pre-training {mc.name or 'AIM'}: {trunk_params / 1e6:.2f}M trunk + "
-             f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {len(train_samples)} training images, "
+        echo(f"pre-training {mc.name or 'AIM'}: {_parameter_counts(model)}, {len(train_samples)} training images, "
              f"{validator.size} validation images, global batch {tc.batch_size} ({world} process(es) x "
              f"{tc.grad_accum} micro-batch(es) of {local_batch // tc.grad_accum}), {tc.dtype}, "
              f"steps {start_step + 1}-{end_step} of {tc.steps}")
 
-    last_checkpoint = found
-    losses: list[tuple[int, float]] = []
-    val_loss = None
-    timed_images, timed_seconds = 0, 0.0  # throughput, excluding each invocation's first (compiling) step
-    window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
+    last_checkpoint, val_loss = found, None
+    losses: list[float] = []
+    window, timed = LossWindow(), LossWindow()  # since the last record; all but this call's first (compiling) step
     run_start = time.perf_counter()
 
     def checkpoint(step: int) -> Path:
         state = {"loader": loader.state_dict(), "model_config": mc.to_dict(), "train_config": tc.to_dict(),
                  "world_size": world, "elapsed_s": elapsed_before + time.perf_counter() - run_start,
-                 "loss": losses[-1][1] if losses else None, "val_loss": val_loss}
-        path = save_checkpoint(out_dir, step, model, optimizer, state, tc.keep_last)
+                 "loss": losses[-1] if losses else None, "val_loss": val_loss}
+        path = run.save(step, model, optimizer, state, json_files={"config.json": mc.to_dict()})
         export_trunk(out_dir / MODEL_DIR, model)
         return path
 
-    bar = None
-    if is_main and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=end_step, initial=start_step, desc="pre-training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=end_step, initial=start_step, desc="pre-training", unit="step", dynamic_ncols=True,
+               disable=not (is_main and progress))
     batches = iter(loader)
     try:
         tick = time.perf_counter()
@@ -677,47 +544,36 @@ def pretrain(
             loss = float(loss)
             now = time.perf_counter()
             seconds, tick = now - tick, now
-            if not math.isfinite(loss):
-                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-                    "; no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"training diverged: the loss is {loss} at step {step}{where}. Resume from it with a lower "
-                    f"learning rate (now {tc.lr}) or a longer warm-up, or check the data.", step, last_checkpoint)
-            losses.append((step, loss))
+            check_finite(loss, step, last_checkpoint, tc.lr)
+            losses.append(loss)
+            window.add(loss, tc.batch_size, seconds)
             if step > start_step + 1:
-                timed_images, timed_seconds = timed_images + tc.batch_size, timed_seconds + seconds
-            window["loss"] += loss
-            window["steps"] += 1
-            window["images"] += tc.batch_size
-            window["seconds"] += seconds
-            lr = learning_rate(step - 1, tc)  # the rate this step's update used
+                timed.add(loss, tc.batch_size, seconds)
+            lr = tc.schedule(step - 1)  # the rate this step's update used
             if step % tc.log_interval == 0 or step == end_step:
-                ips = window["images"] / max(window["seconds"], 1e-9)
-                log.write({"step": step, "loss": window["loss"] / window["steps"], "lr": lr,
-                           "grad_norm": float(grad_norm), "images_per_s": ips,
-                           "elapsed_s": elapsed_before + now - run_start})
-                window = {"loss": 0.0, "steps": 0, "images": 0, "seconds": 0.0}
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
+                log.write({"step": step, "loss": window.mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                           "images_per_s": window.images_per_s, "elapsed_s": elapsed_before + now - run_start})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{window.images_per_s:.1f}",
+                                refresh=False)
+                window = LossWindow()
+            bar.update(1)
             last = step == end_step
-            if (tc.val_interval and step % tc.val_interval == 0) or (last and step == tc.steps):
+            validating = bool(tc.val_interval and step % tc.val_interval == 0)
+            if validating or (last and step == tc.steps):
                 val_loss = validator()
                 if val_loss is not None:
                     log.write({"step": step, "val_loss": val_loss})
-                    if bar is not None:
+                    if not bar.disable:
                         bar.write(f"step {step}: validation loss {val_loss:.4f}")
             if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or last:
                 if is_main:
                     last_checkpoint = checkpoint(step)
                 tick = time.perf_counter()  # checkpoint and validation time do not count as training time
-            elif tc.val_interval and step % tc.val_interval == 0:
+            elif validating:
                 tick = time.perf_counter()
     finally:
         batches.close()  # stops the loader's prefetching threads
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     summary = {
         "preset": mc.name,
@@ -727,11 +583,11 @@ def pretrain(
         "global_batch": tc.batch_size,
         "processes": world,
         "dtype": tc.dtype,
-        "first_loss": losses[0][1] if losses else None,
-        "last_loss": losses[-1][1] if losses else None,
-        "end_loss": float(np.mean([l for _, l in losses[-10:]])) if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "end_loss": float(np.mean(losses[-10:])) if losses else None,
         "val_loss": val_loss,
-        "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None,
+        "images_per_s": timed.images_per_s if timed.seconds > 0 else None,
         "wall_s": time.perf_counter() - run_start,
         "out_dir": str(out_dir),
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,

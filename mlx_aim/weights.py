@@ -228,8 +228,11 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    """Lazily maps a safetensors file: tensors are read when evaluated."""
+def read_safetensors(path: str | os.PathLike) -> dict[str, mx.array]:
+    """Lazily maps a safetensors file: tensors are read when evaluated. A missing file raises
+    FileNotFoundError, one that is not safetensors ValueError; both name the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX raises RuntimeError/ValueError with no file name

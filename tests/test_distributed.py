@@ -15,7 +15,8 @@ import pytest
 import mlx.core as mx
 from conftest import ROOT, last_json, tiny_config
 from mlx_aim.synthetic import write_image_folder
-from mlx_aim.train import TrainConfig, list_checkpoints, pretrain, read_log
+from mlx_aim.runs import read_log
+from mlx_aim.train import TrainConfig, list_checkpoints, pretrain
 
 STEPS, BATCH = 6, 8
 

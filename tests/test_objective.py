@@ -21,12 +21,8 @@ from mlx_aim.objective import (
     target_mask,
     unpatchify,
 )
-from mlx_aim.train import (
-    AdamW,
-    TrainConfig,
-    learning_rate,
-    step_prefix_len,
-)
+from mlx_aim.runs import AdamW, learning_rate
+from mlx_aim.train import TrainConfig, step_prefix_len
 
 
 def torch_patchify(images_nhwc: np.ndarray, p: int) -> np.ndarray:

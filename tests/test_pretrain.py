@@ -18,17 +18,11 @@ import mlx.core as mx
 import mlx_aim
 from conftest import ROOT, last_json, tiny_config
 from mlx.utils import tree_flatten
+from mlx_aim.data import load_splits
 from mlx_aim.objective import norm_pix_target, patchify
+from mlx_aim.runs import TrainingDiverged, read_log
 from mlx_aim.synthetic import write_image_folder
-from mlx_aim.train import (
-    TrainConfig,
-    pretraining_splits,
-    TrainingDiverged,
-    list_checkpoints,
-    load_pretraining_checkpoint,
-    pretrain,
-    read_log,
-)
+from mlx_aim.train import TrainConfig, list_checkpoints, load_pretraining_checkpoint, pretrain
 from mlx_aim.visualize import next_patch_predictions, to_uint8
 
 STEPS = 24
@@ -172,6 +166,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
         pretrain(small_config(), recipe(num_workers=0, ckpt_interval=3, val_interval=0), data, out,
                  progress=False, echo=lambda _: None)
     assert caught.value.step == 8 and caught.value.checkpoint.name == "step_00000006"
+    assert np.isnan(caught.value.value)
     assert "step_00000006" in str(caught.value) and "lower learning rate" in str(caught.value)
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
     weights = checkpoint_weights(list_checkpoints(out)[-1])
@@ -236,16 +231,16 @@ def test_any_folder_of_images_is_training_data(data, tmp_path):
         target = flat / ("nested/deeper" if i % 2 else "") / f"img{i}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
-    train, val = pretraining_splits(flat, val_ratio=0.2, seed=0)
+    train, val = load_splits(flat, val_ratio=0.2, seed=0, labelled=False)
     assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
-    assert (train, val) == pretraining_splits(flat, val_ratio=0.2, seed=0)
-    train, val = pretraining_splits(data, val_ratio=0.2, seed=0)  # train/ and val/ are taken as they are
+    assert (train, val) == load_splits(flat, val_ratio=0.2, seed=0, labelled=False)
+    train, val = load_splits(data, val_ratio=0.2, seed=0, labelled=False)  # train/ and val/ are taken as they are
     assert len(train) == 64 and len(val) == 16
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        pretraining_splits(tmp_path / "missing", 0.1, 0)
+        load_splits(tmp_path / "missing", 0.1, 0, labelled=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        pretraining_splits(tmp_path / "empty", 0.1, 0)
+        load_splits(tmp_path / "empty", 0.1, 0, labelled=False)
 
 
 def trunk_weights(model) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 exact resume, the saved head's layout, metrics, bad inputs, and the command line end to end."""
 
 import json
-
+import math
 import shutil
 
 import mlx.core as mx
@@ -24,6 +24,7 @@ from mlx_aim.probe import (
     probe_forward,
     train_probe,
 )
+from mlx_aim.runs import TrainingDiverged, read_log
 from conftest import last_json, run_script
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
 
@@ -79,6 +80,7 @@ def test_resumed_run_continues_exactly(trunk, colours, tmp_path, augment):
     assert full.metrics["val"] == rest.metrics["val"]
     info = json.loads((tmp_path / "parts" / "probe.json").read_text())
     assert info["steps"] == info["total_steps"] == full.steps
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "full")  # steps 5 and 9: a slice ends on a record
 
 
 def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, colours, tmp_path):
@@ -98,6 +100,28 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
                        progress=False)
     assert done.losses == [] and done.steps == done.total_steps
     train_probe(trunk, colours, tmp_path, config, force=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trunk, colours, tmp_path, monkeypatch):
+    import mlx_aim.probe as probe_module
+
+    calls = {"n": 0}
+    real = probe_module.TrainTransform
+
+    class PoisonAfter(real):
+        def __call__(self, image, rng):
+            calls["n"] += 1
+            out = super().__call__(image, rng)
+            return out * np.nan if calls["n"] > 4 * 16 else out  # from the 5th batch on
+
+    monkeypatch.setattr(probe_module, "TrainTransform", PoisonAfter)
+    config = ProbeConfig(epochs=3, augment=True, ckpt_interval=2, num_workers=0, **FAST)
+    with pytest.raises(TrainingDiverged, match="step 5") as caught:
+        train_probe(trunk, colours, tmp_path, config, progress=False)
+    assert caught.value.step == 5 and math.isnan(caught.value.value)
+    assert caught.value.checkpoint == tmp_path / "checkpoint" and str(tmp_path / "checkpoint") in str(caught.value)
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (tmp_path / "head.safetensors").exists()
 
 
 @pytest.mark.parametrize("training", [False, True])

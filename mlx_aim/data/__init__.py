@@ -17,6 +17,7 @@ from .datasets import (
     list_images,
     load_splits,
     split_image_folder,
+    split_images,
 )
 from .images import (
     IMAGENET_MEAN,
@@ -63,4 +64,5 @@ __all__ = [
     "sample_crop_box",
     "shift_hue",
     "split_image_folder",
+    "split_images",
 ]

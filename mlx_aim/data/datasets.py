@@ -5,7 +5,7 @@ class names. No image is decoded here (that is `images.py`).
 - `gather_images`: the same over command-line inputs, recording an input that yields no image in `Skipped`
   instead of raising, so a run goes on with the rest.
 - `ImageFolder`, `split_image_folder`, `load_splits`: labelled images laid out one sub-folder per class, and
-  their (train, val) splits.
+  their (train, val) splits; `split_images` and `load_splits(labelled=False)` split unlabelled images.
 - `imagenet_classes`: the 1000 ImageNet-1k class names.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+UNLABELLED_SPLIT_STREAM = 103  # first word of the seed that picks the held-out images of `split_images`
 
 PathInput = Union[str, os.PathLike]
 
@@ -220,23 +221,46 @@ def split_image_folder(
     return folder.subset(sorted(train)), folder.subset(sorted(val))
 
 
+def split_images(paths: Sequence[Path], val_ratio: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded split of unlabelled images into (train, val): `round(n * val_ratio)` of them, drawn by a
+    generator seeded from (UNLABELLED_SPLIT_STREAM, seed), are held out, but at least one stays in train. Both
+    parts keep the list's order."""
+    if not 0 <= val_ratio < 1:
+        raise ValueError(f"val_ratio={val_ratio}: expected a value in [0, 1)")
+    order = np.random.default_rng([UNLABELLED_SPLIT_STREAM, int(seed)]).permutation(len(paths))
+    num_val = min(int(round(len(paths) * val_ratio)), len(paths) - 1)
+    held_out = set(order[:num_val].tolist())
+    return [p for i, p in enumerate(paths) if i not in held_out], [paths[i] for i in sorted(held_out)]
+
+
 def load_splits(
-    root: PathInput, val_ratio: float = 0.2, seed: int = 0
-) -> tuple[ImageFolder, ImageFolder]:
-    """(train, val) image folders from `root`.
+    root: PathInput, val_ratio: float = 0.2, seed: int = 0, *, labelled: bool = True
+) -> Union[tuple[ImageFolder, ImageFolder], tuple[list[Path], list[Path]]]:
+    """(train, val) from `root`: image folders, or with `labelled=False` sorted lists of image paths (for
+    pre-training, where labels play no part).
 
     If `root/train/` and `root/val/` both exist they are the splits (val takes train's class list);
-    if only `root/train/` exists it is split with `split_image_folder`; otherwise `root` itself holds the
-    class folders and is split. A `root/val/` without `root/train/` raises ValueError.
+    if only `root/train/` exists it is split; otherwise `root` itself is. Labelled, the folder split holds
+    class folders and is split by `split_image_folder` (stratified); unlabelled, every image under it
+    counts (searched recursively) and `split_images` splits them. A `root/val/` without `root/train/`
+    raises ValueError.
     """
     root = Path(root)
+    if not root.is_dir():
+        expected = "class sub-folders, or train/ and val/ folders of them" if labelled else "images"
+        raise FileNotFoundError(f"data {str(root)!r} is not a folder (expected {expected})")
     train_dir, val_dir = root / "train", root / "val"
-    if train_dir.is_dir() and val_dir.is_dir():
-        train = ImageFolder(train_dir)
-        return train, ImageFolder(val_dir, classes=train.classes)
-    if val_dir.is_dir():
+    if val_dir.is_dir() and not train_dir.is_dir():
         raise ValueError(f"{str(root)!r} has a val/ folder but no train/ folder")
-    return split_image_folder(train_dir if train_dir.is_dir() else root, val_ratio, seed)
+    source = train_dir if train_dir.is_dir() else root
+    if labelled:
+        if val_dir.is_dir():
+            train = ImageFolder(train_dir)
+            return train, ImageFolder(val_dir, classes=train.classes)
+        return split_image_folder(source, val_ratio, seed)
+    if val_dir.is_dir():
+        return list_images(train_dir), list_images(val_dir)
+    return split_images(list_images(source), val_ratio, seed)
 
 
 # ----------------------------------------------------------------------------------------------------
