@@ -1,5 +1,7 @@
 """mlx-aim: AIM (Autoregressive Image Models) in MLX."""
 
+import logging
+
 # First, before anything imports mlx.core: on Linux, bind MLX's matmul to an optimized CBLAS.
 from ._blas import blas_info, preload_blas
 
@@ -8,6 +10,10 @@ preload_blas()
 from .config import AIMConfig, PRESET_NAMES, get_config  # noqa: E402
 from .loading import convert, load  # noqa: E402
 from .model import AIM, AIMForPretraining, build_model  # noqa: E402
+
+# A library logs (skipped images, ...) and leaves showing the records to its application: the command lines
+# (`mlx_aim.cli`) print them; without a handler here Python's last-resort handler would print them anyway.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [

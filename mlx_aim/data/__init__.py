@@ -2,14 +2,16 @@
 
 - `images`: loading (`load_image`, `ImageLoadError`) and the transforms (`eval_transform`, `EvalTransform`,
   `TrainTransform`).
-- `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`), labelled image folders
-  (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names (`imagenet_classes`).
+- `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`, `NoUsableImages`), labelled
+  image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names
+  (`imagenet_classes`).
 - `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference.
 """
 
 from .datasets import (
     IMAGE_EXTENSIONS,
     ImageFolder,
+    NoUsableImages,
     PathInput,
     Skipped,
     gather_images,
@@ -48,6 +50,7 @@ __all__ = [
     "ImageFolder",
     "ImageInput",
     "ImageLoadError",
+    "NoUsableImages",
     "PathInput",
     "Skipped",
     "TrainTransform",

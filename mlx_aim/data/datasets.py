@@ -3,7 +3,9 @@ class names. No image is decoded here (that is `images.py`).
 
 - `list_images`: the image files named by files, folders and glob patterns, sorted.
 - `gather_images`: the same over command-line inputs, recording an input that yields no image in `Skipped`
-  instead of raising, so a run goes on with the rest.
+  instead of raising, so a run goes on with the rest. A skip is also logged (logger `mlx_aim.data.datasets`,
+  level WARNING); the command lines print those records, the library prints nothing.
+- `NoUsableImages`: raised where a job needs images and too few of its inputs could be used.
 - `ImageFolder`, `split_image_folder`, `load_splits`: labelled images laid out one sub-folder per class, and
   their (train, val) splits; `split_images` and `load_splits(labelled=False)` split unlabelled images.
 - `imagenet_classes`: the 1000 ImageNet-1k class names.
@@ -14,8 +16,8 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import logging
 import os
-import sys
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,12 +25,18 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from tqdm import tqdm
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 UNLABELLED_SPLIT_STREAM = 103  # first word of the seed that picks the held-out images of `split_images`
 
 PathInput = Union[str, os.PathLike]
+
+log = logging.getLogger(__name__)
+
+
+class NoUsableImages(ValueError):
+    """A job found too few usable images among its inputs (every one skipped, say): it ran and produced
+    nothing. A ValueError, so code that catches bad input catches it; the command lines exit 1 on it."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,9 +113,11 @@ class Skipped:
     items: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, source, reason: str, warn: bool = True) -> None:
+        """Records `source` as skipped; with `warn` (an input met now, not one read back from a record of an
+        earlier run) also logs it, as the command lines show each skip when it happens."""
         self.items.append((str(source), reason))
         if warn:
-            tqdm.write(f"skipping {source}: {reason}", file=sys.stderr)
+            log.warning("skipping %s: %s", source, reason)
 
     def __len__(self) -> int:
         return len(self.items)
