@@ -1,9 +1,11 @@
 """Speed and memory of mlx-aim on this machine, and PyTorch on the same model and weights in the same run.
 
+    mlx-aim benchmark --preset aim-600M --quantize 4 --json
     python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
     python scripts/benchmark.py --preset aim-small --train --batch-size 4 --compare-torch
-    python scripts/benchmark.py --preset aim-600M --quantize 4 --json
     python scripts/benchmark.py --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
+
+`measure` and `memory_suite` return the figures; the command line (`mlx_aim.cli.benchmark`) prints them.
 
 What is measured:
 - inference: `model(images)` of the classifier (trunk up to the deepest probe layer, then the probe), random
@@ -19,7 +21,7 @@ What is measured:
   peak allocation. `--memory-suite` measures load + one forward per model in a fresh process each, from a
   random-weight folder written tensor by tensor (aim-7B in float32 would not fit in memory).
 
-PyTorch is imported only with `--compare-torch`, and before MLX binds its BLAS (see `scripts/benchmark.py`), so
+PyTorch is imported only with `--compare-torch`; `scripts/benchmark.py` imports it before MLX binds its BLAS, so
 it runs with its own kernels, as its users have it. The PyTorch model is the repository's reference,
 `benchmarks/torch_reference.py`: `--compare-torch` works from a source checkout (a clone, or `pip install -e`),
 not from an installed wheel, which does not ship it.
@@ -27,7 +29,6 @@ not from an installed wheel, which does not ship it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -47,8 +48,8 @@ from mlx.utils import tree_flatten
 from . import __version__
 from ._blas import blas_info, set_num_threads
 from .backend import use_cpu_workarounds
-from .config import PRESET_NAMES, AIMConfig, get_config
-from .inference import format_bytes, peak_memory
+from .config import AIMConfig, get_config
+from .inference import peak_memory
 from .loading import load
 from .model import AIM, build_model, dtype_name
 from .weights import save_model
@@ -312,34 +313,59 @@ def machine_info() -> dict:
     return info
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The benchmark the command line asks for, as one JSON-ready dict."""
-    if args.weights is None:
-        config = get_config(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+def measure(
+    *,
+    preset: str = "aim-600M",
+    weights: Optional[str] = None,
+    image_size: Optional[int] = None,
+    dtype=None,
+    quantize=None,
+    batch_size: int = 2,
+    train: bool = False,
+    train_only: bool = False,
+    train_batch_size: Optional[int] = None,
+    compare_torch: bool = False,
+    threads: Optional[int] = None,
+    compile: bool = False,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> dict:
+    """The benchmark as one JSON-ready dict: the machine, its matmul peak, one run per measurement
+    (inference unless `train_only`; one pre-training step with `train` or `train_only`), peak memory.
+
+    `weights`: an MLX model folder (or anything `mlx_aim.load` takes) instead of `preset`'s random weights;
+    `quantize`: 4 or 8 bits, or a quantization dict, for inference; `threads`: BLAS (and torch) threads."""
+    if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise ValueError(f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}: "
+                         "expected batch_size, repeats and threads >= 1, warmup >= 0")
+    if (train or train_only) and (quantize or weights):
+        raise ValueError("train=True times pre-training a fresh float model: pass no quantize and no weights")
+    if weights is None:
+        config = get_config(preset, **({"image_size": image_size} if image_size else {}))
     else:
         config = None
     result = {"machine": machine_info()}
-    if args.compare_torch:
+    if compare_torch:
         result["machine"]["torch"] = torch_reference().torch_info()
-    if args.threads:
-        set_num_threads(args.threads)
-        if args.compare_torch:
+    if threads:
+        set_num_threads(threads)
+        if compare_torch:
             import torch
 
-            torch.set_num_threads(args.threads)
-        result["machine"]["threads"] = args.threads
-        result["machine"]["blas"]["threads"] = args.threads
-        if args.compare_torch:
-            result["machine"]["torch"]["threads"] = args.threads
-    peak = matmul_peak(repeats=args.repeats, torch_too=args.compare_torch)
+            torch.set_num_threads(threads)
+        result["machine"]["threads"] = threads
+        result["machine"]["blas"]["threads"] = threads
+        if compare_torch:
+            result["machine"]["torch"]["threads"] = threads
+    peak = matmul_peak(repeats=repeats, torch_too=compare_torch)
     result["matmul_peak_gflops"] = peak
     runs = []
-    if not args.train_only:
-        runs.append(bench_inference(config, args.batch_size, args.dtype, args.quantize, args.weights,
-                                    args.compare_torch, args.warmup, args.repeats, args.compile))
-    if args.train or args.train_only:
-        runs.append(bench_pretraining(config, args.train_batch_size or args.batch_size, args.dtype or "float32",
-                                      args.compare_torch, args.warmup, args.repeats))
+    if not train_only:
+        runs.append(bench_inference(config, batch_size, dtype, quantize, weights, compare_torch, warmup, repeats,
+                                    compile))
+    if train or train_only:
+        runs.append(bench_pretraining(config, train_batch_size or batch_size, dtype or "float32", compare_torch,
+                                      warmup, repeats))
     for r in runs:
         _rows(r, peak)
     result["runs"] = runs
@@ -370,8 +396,8 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
             subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
             write_s = time.perf_counter() - start
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-            cmd = [sys.executable, "-m", "mlx_aim.benchmark", "--weights", str(folder), "--batch-size", str(batch_size),
-                   "--warmup", "0", "--repeats", "1", "--json"]
+            cmd = [sys.executable, "-m", "mlx_aim.cli.benchmark", "--weights", str(folder), "--batch-size",
+                   str(batch_size), "--warmup", "0", "--repeats", "1", "--json"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory run for {folder.name} failed:\n{proc.stderr[-2000:]}")
@@ -385,123 +411,3 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
                          "peak_mlx_bytes": child["memory"]["peak_mlx_bytes"]})
             shutil.rmtree(folder)
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report
-
-
-def format_table(result: dict) -> str:
-    m = result["machine"]
-    blas = m["blas"]
-    blas_text = "MLX's own"
-    if blas.get("loaded"):
-        blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
-                     + (f", {blas['threads']} threads" if blas.get("threads") else ""))
-    lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']} ({m['backend_path']} path), "
-             f"{m['cpu_count']} CPUs, "
-             f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
-    if "torch" in m:
-        lines.append(f"torch {m['torch']['version']} ({m['torch']['threads']} threads, BLAS {m['torch']['blas']})")
-    peak = result["matmul_peak_gflops"]
-    lines.append("float32 matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
-    header = ("task", "model", "framework", "dtype", "batch", "images/s", "latency ms", "min ms", "GFLOP/s",
-              "% peak", "first s")
-    table = [header]
-    for r in result["runs"]:
-        for name, t in r["timings"].items():
-            dtype = r["dtype"] if name == "mlx" else r.get("torch_dtype", r["dtype"])
-            if name == "mlx" and r.get("quantization"):
-                dtype = f"{dtype} q{r['quantization']['bits']}"
-            table.append((r["task"], f"{r['config']} {r['image_size']}px", name, dtype, str(r["batch_size"]),
-                          f"{t['images_per_s']:.3g}", f"{t['median_s'] * 1e3:.0f}", f"{t['min_s'] * 1e3:.0f}",
-                          f"{t['gflops']:.1f}", f"{t['percent_of_peak']:.0f}", f"{t['first_s']:.1f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for r in result["runs"]:
-        notes = []
-        if "ratio_mlx_over_torch" in r:
-            notes.append(f"MLX / torch images/s = {r['ratio_mlx_over_torch']:.2f}x")
-        if "max_rel_diff" in r:
-            notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
-        if "first_losses" in r:
-            notes.append("first losses mlx {mlx:.5f} torch {torch:.5f}".format(**r["first_losses"]))
-        if "load_s" in r:
-            notes.append(f"load {r['load_s']:.1f} s ({r['weights']})")
-        notes.append(f"weights {format_bytes(r['weight_bytes'])}")
-        lines.append(f"{r['task']}: " + "; ".join(notes))
-    mem = result["memory"]
-    lines.append(f"peak memory: {format_bytes(mem['peak_rss_bytes'])} resident (whole process"
-                 + (", torch included" if "torch" in m else "") + f"), {format_bytes(mem['peak_mlx_bytes'])} MLX")
-    return "\n".join(lines)
-
-
-def format_memory(rows: list[dict]) -> str:
-    header = ("model", "weights", "on disk", "load s", "forward s", "peak resident", "peak / weights")
-    table = [header]
-    for r in rows:
-        what = f"{r['bits']}-bit" if r["bits"] else r["dtype"]
-        table.append((r["preset"], what, format_bytes(r["weight_bytes_on_disk"]), f"{r['load_s']:.1f}",
-                      f"{r['forward_s']:.1f}", format_bytes(r["peak_rss_bytes"]),
-                      f"{r['peak_rss_bytes'] / r['weight_bytes_on_disk']:.2f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = [f"load + one forward (batch {rows[0]['batch_size'] if rows else 1}), each in a fresh process"]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="See mlx_aim/benchmark.py for what is measured and how.")
-    p.add_argument("--preset", default="aim-600M", choices=PRESET_NAMES)
-    p.add_argument("--weights", help="an MLX model folder to load instead of random weights (times the load too)")
-    p.add_argument("--image-size", type=int, help="override the preset's image size")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
-    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the trunk's linear layers (inference)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--train", action="store_true", help="also time one pre-training step")
-    p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
-    p.add_argument("--train-batch-size", type=int, help="batch of the pre-training step (default: --batch-size)")
-    p.add_argument("--compare-torch", action="store_true",
-                   help="time PyTorch on the same model and weights in the same run, alternating")
-    p.add_argument("--threads", type=int,
-                   help="BLAS threads for MLX's matmuls and torch's thread count (default: the libraries' own, "
-                        "all cores); on a machine busy with other work, 1 can be fastest")
-    p.add_argument("--compile", action="store_true", help="time the inference forward under mx.compile")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls, the first (compiling) one included")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
-    p.add_argument("--memory-suite", action="store_true",
-                   help="peak memory of load + forward: aim-1B float32/bfloat16/4-bit and aim-7B 4-bit")
-    p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of the table")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit("--threads must be at least 1")
-    if args.warmup < 0:
-        raise SystemExit("--warmup must be 0 or more")
-    if (args.train or args.train_only) and (args.quantize or args.weights):
-        raise SystemExit("--train times pre-training a fresh float model: drop --quantize and --weights")
-    if args.compare_torch:
-        try:
-            torch_reference()  # a missing reference is one line on stderr, not a traceback
-        except TorchReferenceUnavailable as error:
-            raise SystemExit(str(error)) from None
-    if args.memory_suite:
-        rows = memory_suite(work_dir=args.work_dir)
-        print(json.dumps({"machine": machine_info(), "memory_suite": rows}) if args.json else format_memory(rows))
-        return 0
-    result = run(args)
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

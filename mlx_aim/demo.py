@@ -1,7 +1,9 @@
 """The main job on a built-in default, with nothing to download: pre-train a small AIM, probe it, compare.
 
-    python scripts/demo.py                  # ~minutes on a laptop CPU: data, pre-training, two probes, figure
-    python scripts/demo.py --model aim-600M # classify the bundled sample images with a released model instead
+    mlx-aim demo                  # ~minutes on a laptop CPU: data, pre-training, two probes, figure
+    mlx-aim demo --model aim-600M # classify the bundled sample images with a released model instead
+
+(or `python scripts/demo.py`; the command line is `mlx_aim.cli.demo`, which prints what `run_demo` returns.)
 
 The run (`run_demo`):
 1. draws the built-in synthetic shapes dataset (`mlx_aim.synthetic`: 10 classes that differ in shape, not
@@ -37,11 +39,10 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -203,29 +204,8 @@ def loss_records(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
 # The run
 
 
-def format_table(result: dict) -> str:
-    """The demo's small table: pre-training loss at start and end, probe top-1 for both trunks."""
-    pre = result["pretraining"]
-    probes = result["probe"]
-    chance = 100.0 / result["num_classes"]
-    rows = [
-        ("pre-training loss, step 1", f"{pre['loss_start']:.4f}"),
-        (f"pre-training loss, step {pre['steps']} (mean of last {min(10, pre['steps'])})", f"{pre['loss_end']:.4f}"),
-    ]
-    if pre.get("val_loss") is not None:
-        rows.append(("validation loss (held-out images), end", f"{pre['val_loss']:.4f}"))
-    rows += [
-        ("probe top-1, random-init trunk", f"{100 * probes['random']['top1']:.1f}%"),
-        ("probe top-1, pre-trained trunk", f"{100 * probes['pretrained']['top1']:.1f}%"),
-        ("pre-training gain", f"{100 * (probes['pretrained']['top1'] - probes['random']['top1']):+.1f} points"),
-    ]
-    key_width = max(len(k) for k, _ in rows)
-    value_width = max(len(v) for _, v in rows)
-    rule = "-" * (key_width + value_width + 3)
-    lines = [rule] + [f"{k:<{key_width}}   {v:>{value_width}}" for k, v in rows] + [rule]
-    lines.append(f"{result['num_classes']} classes (chance {chance:.1f}%), probe trained on "
-                 f"{result['probe_train']} images, top-1 on {probes['pretrained']['num_images']} held-out images")
-    return "\n".join(lines)
+def _silent(_line: str) -> None:
+    pass
 
 
 def run_demo(
@@ -237,14 +217,16 @@ def run_demo(
     config: Optional[DemoConfig] = None,
     force: bool = False,
     progress: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Runs the whole demo under `out`; returns its figures (what `--json` prints).
 
     `quick` uses `QUICK` (a tiny budget for tests) instead of `DEFAULT`, `config` any other `DemoConfig`;
     `steps` overrides the pre-training steps; `force` discards this seed's earlier run folder (the image
-    folder is kept: it is deterministic).
+    folder is kept: it is deterministic). `echo` receives a line per stage (the command line prints them);
+    by default they go nowhere.
     """
+    echo = echo or _silent
     start_time = time.perf_counter()
     cfg = config if config is not None else QUICK if quick else DEFAULT
     name = run_name(seed, quick, steps, cfg)
@@ -375,52 +357,3 @@ def write_sample_images(folder: Union[str, os.PathLike] = ASSETS) -> list[Path]:
     """(Re)draws the bundled sample images into `folder` as `sample_<class>.png`."""
     folder = Path(folder)
     return [save_png(Image.fromarray(draw_sample(name)), folder / f"sample_{name}.png") for name in SAMPLE_CLASSES]
-
-
-def classify_samples(model: str, *, top_k: int = 5, as_json: bool = False) -> int:
-    """`--model M`: top-k labels of the bundled sample images with `M` (anything `mlx_aim.load` takes)."""
-    from .inference import run_classify
-
-    return run_classify(model, [str(p) for p in sample_images()], top_k=top_k, as_json=as_json)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The command line (scripts/demo.py)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="demo.py",
-        description="Pre-train a small AIM on built-in synthetic shapes, then compare attentive probes on the "
-                    "pre-trained and a randomly initialised trunk. Nothing to download. With --model, classify "
-                    "the bundled sample images with a released AIM instead.",
-    )
-    p.add_argument("--out", default="mlx_aim_demo", help="working folder: data, runs, figure (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default: 0)")
-    p.add_argument("--steps", type=int, default=None, help=f"pre-training steps (default: {DEFAULT.steps})")
-    p.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for tests: numbers not meaningful")
-    p.add_argument("--force", action="store_true", help="discard this seed's earlier run folder and start over")
-    p.add_argument("--model", default=None,
-                   help="instead of pre-training: classify the bundled sample images with this model "
-                        "(aim-600M, a hub repo id, or a local model folder)")
-    p.add_argument("--top-k", type=int, default=5, help="labels per image with --model (default: 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the figures on the last line")
-    args = p.parse_args(argv)
-    if args.model is not None:
-        return classify_samples(args.model, top_k=args.top_k, as_json=args.json)
-    try:
-        result = run_demo(args.out, args.seed, quick=args.quick, steps=args.steps, force=args.force)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print()
-    print(format_table(result))
-    print(f"figure: {result['figure']}")
-    print(f"pre-trained trunk: {result['model_dir']} (mlx_aim.load); checkpoint: {result['checkpoint']}")
-    print(f"wall time: {result['seconds']['total']:.0f} s (data {result['seconds']['data']:.0f}, pre-training "
-          f"{result['seconds']['pretrain']:.0f}, probes {result['seconds']['probe']:.0f})")
-    if args.json:
-        print(json.dumps(result))
-    return 0

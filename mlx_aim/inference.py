@@ -1,14 +1,13 @@
 """Inference over image files: top-k classification and feature extraction, batched, with bad files skipped.
 
-Shared by `scripts/classify.py`, `scripts/extract_features.py` and `scripts/probe.py`:
+Used by the `classify`, `extract-features` and `probe` commands (`mlx_aim.cli`), which print what these return:
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
   seeded weights (`build_model`); `class_names` finds the label names that go with a model.
 - The data layer's `gather_images` and `iter_image_batches` (`mlx_aim.data`) turn command-line inputs into
   batches of model input; a file that cannot be used is recorded in a `Skipped` list with its reason, and
   the run goes on.
-- `classify` and `extract_features` are the two jobs; `run_classify` and `run_extract_features` are the
-  command-line entry points (readable report, optional JSON line, exit status).
+- `classify` and `extract_features` are the two jobs; they return `ClassifyResult` and `ExtractResult`.
 - `peak_memory` reports the process's peak resident memory and MLX's peak allocation.
 """
 
@@ -43,7 +42,7 @@ SHARD_SIZE = 1024
 
 
 # ---------------------------------------------------------------------------------------------------
-# Memory and reporting
+# Memory
 
 
 def peak_memory() -> dict:
@@ -52,24 +51,6 @@ def peak_memory() -> dict:
     # ru_maxrss is in bytes on macOS and in KiB on Linux.
     rss_bytes = int(rss) if sys.platform == "darwin" else int(rss) * 1024
     return {"peak_rss_bytes": rss_bytes, "peak_mlx_bytes": int(mx.get_peak_memory())}
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
-def memory_line(memory: dict) -> str:
-    return (f"peak memory: {format_bytes(memory['peak_rss_bytes'])} resident, "
-            f"{format_bytes(memory['peak_mlx_bytes'])} MLX")
-
-
-def print_json(result: dict) -> None:
-    """The machine-readable result: one JSON object on the last line of stdout."""
-    print(json.dumps(result, default=str), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,9 +135,17 @@ def classify(
     batch_size: int = BATCH_SIZE,
     labels: Optional[Sequence[str]] = None,
     num_workers: int = NUM_WORKERS,
+    model_name: str = "",
     progress: bool = True,
 ) -> ClassifyResult:
-    """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs)."""
+    """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs).
+    A model without a trained probe head (a pre-training export) is refused: its classes would be noise."""
+    if not model.has_trained_head:
+        raise ValueError(
+            f"{model_name or 'the model'} has no trained classification head (a trunk without head.* weights, "
+            "e.g. a pre-training export); train one with `mlx-aim probe train` (scripts/probe.py train) and "
+            "classify with the model folder it writes (OUT/model)"
+        )
     num_classes = model.config.num_classes
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
@@ -186,48 +175,6 @@ def classify(
             bar.update(len(batch_paths))
         bar.update(len(paths) - bar.n)
     return ClassifyResult(predictions, skipped, time.perf_counter() - start, model_seconds)
-
-
-def run_classify(
-    model: str,
-    inputs: Sequence[str],
-    *,
-    top_k: int = TOP_K,
-    batch_size: int = BATCH_SIZE,
-    dtype=None,
-    quantize=None,
-    probe_layers=None,
-    num_workers: int = NUM_WORKERS,
-    as_json: bool = False,
-) -> int:
-    """`scripts/classify.py`: prints each image's top-k labels; returns the exit status."""
-    try:
-        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    if not aim.has_trained_head:
-        print(f"error: {model} has no trained classification head (a trunk without head.* weights, e.g. a "
-              "pre-training export); train one with `scripts/probe.py train` and classify with the model "
-              "folder it writes (OUT/model)", file=sys.stderr)
-        return 2
-    names = class_names(model, aim.config.num_classes)
-    result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names,
-                      num_workers=num_workers, progress=True)
-    for pred in result.predictions:
-        tops = ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in pred["top_k"])
-        print(f"{pred['path']}: {tops}")
-    summary = result.to_dict()
-    summary.update(peak_memory(), model=str(model), batch_size=batch_size,
-                   dtype=dtype_name(aim.dtype), quantization=aim.config.quantization)
-    rate = summary["images_per_second"]
-    print(f"classified {result.num_images} image(s) in {result.seconds:.2f} s"
-          + (f" ({rate:.2f} images/s)" if rate else ""))
-    print(result.skipped.report())
-    print(memory_line(summary))
-    if as_json:
-        print_json(summary)
-    return 0 if result.num_images else 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,49 +432,3 @@ def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[n
         shape = index.get(f"{kind}_shape", [0])
         return np.zeros((0, *shape), np.float32), []
     return np.concatenate(parts), paths
-
-
-def run_extract_features(
-    model: str,
-    inputs: Sequence[str],
-    out: str,
-    *,
-    features: str = "embedding",
-    shard_size: int = SHARD_SIZE,
-    file_format: str = "npy",
-    save_dtype: str = "float32",
-    batch_size: int = BATCH_SIZE,
-    dtype=None,
-    quantize=None,
-    probe_layers=None,
-    num_workers: int = NUM_WORKERS,
-    overwrite: bool = False,
-    as_json: bool = False,
-) -> int:
-    """`scripts/extract_features.py`: writes the shards and index; returns the exit status."""
-    try:
-        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = extract_features(aim, inputs, out, features=features, shard_size=shard_size,
-                                  file_format=file_format, save_dtype=save_dtype, batch_size=batch_size,
-                                  num_workers=num_workers, model_name=str(model), overwrite=overwrite,
-                                  progress=True)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = result.to_dict()
-    summary.update(peak_memory(), model=str(model), batch_size=batch_size, features=result.index["features"],
-                   dtype=dtype_name(aim.dtype), quantization=aim.config.quantization)
-    rate = summary["images_per_second"]
-    print(f"features of {summary['num_images']} image(s) in {summary['num_shards']} shard(s) under {result.out} "
-          f"({summary['shards_reused']} shard(s) reused; {result.num_new} image(s) processed in "
-          f"{result.seconds:.2f} s" + (f", {rate:.2f} images/s" if rate else "") + ")")
-    print(f"index: {summary['index']}")
-    print(result.skipped.report())
-    print(memory_line(summary))
-    if as_json:
-        print_json(summary)
-    return 0 if summary["num_images"] else 1

@@ -46,7 +46,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +58,13 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .config import check_int_fields, strict_from_dict
-from .data import BatchLoader, EvalTransform, ImageFolder, Skipped, TrainTransform, iter_image_batches, load_splits
+from .data import (BatchLoader, EvalTransform, ImageFolder, NoUsableImages, Skipped, TrainTransform, iter_image_batches,
+                   load_splits)
 from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
-from .inference import PROBE_INFO, memory_line, open_model, peak_memory, print_json, to_numpy
+from .inference import PROBE_INFO, to_numpy
 from .layers import AttentionProbe
 from .model import AIM, dtype_name
-from .runs import LossWindow, RunFolder, RunLog, Schedule, TrainingDiverged, adamw, check_finite, last_step
+from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step
 from .weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
@@ -360,20 +360,6 @@ def evaluate(
     }
 
 
-def format_metrics(name: str, metrics: Optional[dict]) -> str:
-    if not metrics or not metrics.get("num_images"):
-        return f"{name}: no images"
-    lines = [f"{name}: top-1 {100 * metrics['top1']:.2f}%, top-{metrics['top5_k']} {100 * metrics['top5']:.2f}%, "
-             f"loss {metrics['loss']:.4f}, mean per-class {100 * metrics['mean_per_class_accuracy']:.2f}% "
-             f"({metrics['num_images']} images)"]
-    per = metrics["per_class"]
-    if len(per) <= 30:
-        for cls, v in per.items():
-            accuracy = "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.1f}%"
-            lines.append(f"  {cls}: {accuracy} of {v['count']}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Training
 
@@ -535,8 +521,8 @@ def train_probe(
     train_set, val_set, skipped = _features(model, train_part, val_part, config, cache_dir, trunk, progress)
     num_train = len(train_part) if config.augment else len(train_set)
     if num_train < 2:
-        raise ValueError(f"probe data: {num_train} usable training image(s); expected at least 2"
-                         + (f" ({len(skipped)} skipped)" if len(skipped) else ""))
+        raise NoUsableImages(f"probe data: {num_train} usable training image(s); expected at least 2"
+                             + (f" ({len(skipped)} skipped)" if len(skipped) else ""))
 
     # The run: head, optimizer, schedule over this data's step count, then the checkpoint's state over them.
     batch_size = min(config.batch_size, num_train)
@@ -693,107 +679,3 @@ def evaluate_probe(
     features = compute_features(model, part.samples, batch_size=batch_size, dtype="float32",
                                 num_workers=num_workers, progress=progress, desc=f"{split} features")
     return evaluate(model.head, features, classes, batch_size), features.skipped
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command-line entry points
-
-
-def run_probe_train(
-    model: str,
-    data: str,
-    out: str,
-    config: ProbeConfig,
-    *,
-    random_init: bool = False,
-    init_seed: int = 0,
-    probe_layers=None,
-    dtype=None,
-    quantize=None,
-    resume: bool = False,
-    force: bool = False,
-    save_model_folder: bool = True,
-    as_json: bool = False,
-) -> int:
-    """`scripts/probe.py train`: prints the metrics; returns the exit status."""
-    try:
-        trunk_model = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers,
-                                 random_init=random_init, seed=init_seed)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-    trunk = trunk_description(trunk_model, model, random_init, init_seed)
-    say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if as_json else print
-    try:
-        result = train_probe(trunk_model, data, out, config, trunk=trunk, resume=resume, force=force,
-                             save_model_folder=save_model_folder, progress=True, echo=say)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if "usable training image" in str(e) else 2
-    summary = result.summary()
-    summary.update(peak_memory(), model=model, random_init=random_init)
-    print(f"probe on {'a random-init ' if random_init else ''}{model} "
-          f"(layers {trunk_model.config.probe_layers}): {result.steps} steps, "
-          f"loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
-    for name in ("train", "val"):
-        if name in result.metrics:
-            print(format_metrics(name, result.metrics[name]))
-    print(f"saved to {out}: {HEAD_FILE}, {PROBE_INFO}" + (f", {MODEL_DIR}/" if save_model_folder else ""))
-    print(result.skipped.report())
-    print(memory_line(summary))
-    if as_json:
-        print_json(summary)
-    return 0
-
-
-def run_probe_eval(
-    head_dir: str,
-    data: str,
-    *,
-    model: Optional[str] = None,
-    split: str = "val",
-    dtype=None,
-    quantize=None,
-    batch_size: int = 128,
-    num_workers: int = 2,
-    as_json: bool = False,
-) -> int:
-    """`scripts/probe.py eval`: the saved head on its trunk over a split of `data`; returns the exit status."""
-    try:
-        info = load_probe_info(head_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if model is None:
-        model = str(Path(head_dir) / MODEL_DIR) if (Path(head_dir) / MODEL_DIR).is_dir() else info["trunk"]["source"]
-        if model is None:
-            print(f"error: {head_dir} names no trunk and has no {MODEL_DIR}/ folder: pass --model", file=sys.stderr)
-            return 2
-    head_path = Path(head_dir) / HEAD_FILE
-    try:
-        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=info["probe_layers"])
-        aim.attach_head(load_head(head_path, aim))
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model and head: {e}", file=sys.stderr)
-        return 2
-    config = info.get("config", {})
-    try:
-        metrics, skipped = evaluate_probe(aim, data, info["classes"], split=split,
-                                          val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),
-                                          batch_size=batch_size, num_workers=num_workers, progress=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"probe {head_path} on {model} (layers {aim.config.probe_layers}), {split} split of {data}")
-    print(format_metrics(split, metrics))
-    print(skipped.report())
-    summary = {"split": split, split: metrics, "model": str(model), "head": str(head_path),
-               "num_skipped": len(skipped), "skipped": skipped.to_list()}
-    summary.update(peak_memory())
-    print(memory_line(summary))
-    if as_json:
-        print_json(summary)
-    return 0 if metrics["num_images"] else 1

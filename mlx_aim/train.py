@@ -48,7 +48,6 @@ folder, or rank 0's checkpoint copied to the others), since every process loads 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -75,7 +74,6 @@ from .runs import (
     RunFolder,
     RunLog,
     Schedule,
-    TrainingDiverged,
     adamw,
     check_finite,
     compare_settings,
@@ -596,49 +594,3 @@ def pretrain(
     if is_main:
         write_json(out_dir / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# The command line's entry (scripts/pretrain.py)
-
-
-def format_summary(summary: dict) -> str:
-    s = summary
-    lines = [
-        f"pre-trained {s['preset'] or 'AIM'}: steps {s['start_step'] + 1}-{s['steps']} of {s['total_steps']}, "
-        f"global batch {s['global_batch']}, {s['processes']} process(es), {s['dtype']}",
-    ]
-    if s["first_loss"] is not None:
-        val = f"; validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
-        lines.append(f"loss {s['first_loss']:.4f} (step {s['start_step'] + 1}) -> {s['end_loss']:.4f} "
-                     f"(mean of the last {min(10, s['steps'] - s['start_step'])} steps){val}")
-    if s["images_per_s"] is not None:
-        lines.append(f"throughput {s['images_per_s']:.1f} images/s; wall time {s['wall_s']:.1f} s")
-    lines.append(f"checkpoint: {s['checkpoint']}")
-    lines.append(f"pre-trained trunk: {s['model_dir']} (mlx_aim.load, scripts/probe.py --model)")
-    return "\n".join(lines)
-
-
-def run_pretrain(model_config: AIMConfig, train_config: TrainConfig, data, out_dir, *, resume: bool = False,
-                 stop_at: Optional[int] = None, progress: bool = True, as_json: bool = False) -> int:
-    """Runs `pretrain` and prints its summary (rank 0 only); with `as_json`, one JSON object last.
-    Returns the exit status: 0, or 1 when the loss diverged."""
-    import sys
-
-    group = mx.distributed.init()
-    is_main = group.rank() == 0
-    try:
-        summary = pretrain(model_config, train_config, data, out_dir, resume, stop_at=stop_at,
-                           progress=progress, group=group)
-    except TrainingDiverged as error:
-        if is_main:
-            print(str(error), file=sys.stderr)
-            if as_json:
-                print(json.dumps({"error": "diverged", "step": error.step,
-                                  "checkpoint": str(error.checkpoint) if error.checkpoint else None}))
-        return 1
-    if is_main:
-        print(format_summary(summary))
-        if as_json:
-            print(json.dumps(summary))
-    return 0

@@ -1,8 +1,6 @@
-"""Speed and memory of mlx-aim, optionally against PyTorch in the same run (see mlx_aim/benchmark.py).
+"""`mlx-aim benchmark` from a clone (`--help` for its options); the command line is mlx_aim/cli/benchmark.py.
 
-    python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
-    python scripts/benchmark.py --preset aim-small --train-only --batch-size 4 --compare-torch
-    python scripts/benchmark.py --memory-suite
+This shim is the way to run --compare-torch: it imports PyTorch first.
 """
 
 import sys
@@ -12,7 +10,7 @@ if "--compare-torch" in sys.argv[1:]:
     # that library instead of its own. Imported first, torch runs as its users have it.
     import torch  # noqa: F401
 
-from mlx_aim.benchmark import main  # noqa: E402
+from mlx_aim.cli.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

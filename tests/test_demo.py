@@ -12,6 +12,7 @@ import mlx.core as mx
 from conftest import last_json, run_script, tiny_config
 from mlx.utils import tree_flatten
 from mlx_aim import demo
+from mlx_aim.cli import demo as demo_cli
 from mlx_aim.data import imagenet_classes
 from mlx_aim.model import AIM, AIMForPretraining, build_model
 from mlx_aim.weights import save_model
@@ -76,9 +77,9 @@ def test_rerun_reuses_the_finished_pretraining(tmp_path):
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
-    assert demo.main(["--quick", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert demo_cli.main(["--quick", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert "steps=0" in capsys.readouterr().err
-    assert demo.main(["--quick", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert demo_cli.main(["--quick", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
     assert "seed=-1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 

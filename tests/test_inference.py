@@ -202,7 +202,7 @@ def test_peak_memory_is_in_bytes():
 def test_probe_layers_option_parses_and_explains(capsys):
     import argparse
 
-    from mlx_aim.cli import add_inference_options
+    from mlx_aim.cli.options import add_inference_options
 
     parser = argparse.ArgumentParser()
     add_inference_options(parser)

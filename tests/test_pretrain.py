@@ -258,7 +258,7 @@ def assert_same_trunk(a, b) -> None:
 def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, capsys):
     """`mlx_aim.load(RUN)`, `convert(RUN)` and the scripts' --model RUN read RUN/model; so does a demo run
     folder (its pre-training run under pretrain/)."""
-    from mlx_aim.probe import ProbeConfig, run_probe_eval, run_probe_train
+    from mlx_aim.cli import probe as probe_cli
 
     out, _ = reference
     exported = mlx_aim.load(out / "model")
@@ -268,13 +268,14 @@ def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, cap
     converted = mlx_aim.convert(out, tmp_path / "converted")
     assert_same_trunk(mlx_aim.load(converted), exported)
 
-    # scripts/probe.py train --model RUN (its library entry), then eval against the same RUN.
+    # mlx-aim probe train --model RUN (in-process), then eval against the same RUN.
     probe = tmp_path / "probe"
-    config = ProbeConfig(epochs=1, batch_size=16, eval_batch_size=32, num_workers=1)
-    assert run_probe_train(str(out), str(data), str(probe), config, as_json=True) == 0
+    recipe = ["--epochs", "1", "--batch-size", "16", "--eval-batch-size", "32", "--num-workers", "1"]
+    assert probe_cli.main(["train", "--model", str(out), "--data", str(data), "--out", str(probe), *recipe,
+                           "--json"]) == 0
     assert last_json(capsys.readouterr().out)["model"] == str(out)
     assert json.loads((probe / "probe.json").read_text())["trunk"]["source"] == str(out)
-    assert run_probe_eval(str(probe), str(data), model=str(out)) == 0
+    assert probe_cli.main(["eval", "--head", str(probe), "--data", str(data), "--model", str(out)]) == 0
 
     demo_run = tmp_path / "demo" / "seed0"  # what scripts/demo.py writes: pretrain/, probes, demo.json
     demo_run.mkdir(parents=True)

@@ -1,0 +1,152 @@
+"""Speed and memory of mlx-aim on this machine, and PyTorch on the same model and weights in the same run.
+
+    mlx-aim benchmark --preset aim-600M --quantize 4 --json
+    python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
+    python scripts/benchmark.py --preset aim-small --train-only --batch-size 4 --compare-torch
+    mlx-aim benchmark --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
+
+--compare-torch runs from a clone of the repository (the PyTorch reference is not installed with the
+package); run it as `python scripts/benchmark.py`, which imports PyTorch before MLX binds its BLAS, so that
+PyTorch runs with its own kernels. See mlx_aim/benchmark.py for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .. import benchmark, blas_info
+from ..config import PRESET_NAMES
+from .options import add_model_options, add_output_options, non_negative_int, positive_int, quantization
+from .output import EXIT_OK, CommandError, format_bytes, print_json, run_command
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="aim-600M", choices=PRESET_NAMES)
+    p.add_argument("--weights", help="an MLX model folder to load instead of random weights (times the load too)")
+    p.add_argument("--image-size", type=int, help="override the preset's image size")
+    add_model_options(p, dtype_help="default: float32")
+    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--train", action="store_true", help="also time one pre-training step")
+    p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
+    p.add_argument("--train-batch-size", type=positive_int,
+                   help="batch of the pre-training step (default: --batch-size)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="time PyTorch on the same model and weights in the same run, alternating")
+    p.add_argument("--threads", type=positive_int,
+                   help="BLAS threads for MLX's matmuls and torch's thread count (default: the libraries' own, "
+                        "all cores); on a machine busy with other work, 1 can be fastest")
+    p.add_argument("--compile", action="store_true", help="time the inference forward under mx.compile")
+    p.add_argument("--warmup", type=non_negative_int, default=2,
+                   help="untimed calls, the first (compiling) one included")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
+    p.add_argument("--memory-suite", action="store_true",
+                   help="peak memory of load + forward: aim-1B float32/bfloat16/4-bit and aim-7B 4-bit")
+    p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
+    add_output_options(p, json_help="print one JSON object (last line) instead of the table")
+    return p
+
+
+def format_table(result: dict) -> str:
+    """`benchmark.measure`'s result as a table: one row per framework and measurement, then notes."""
+    m = result["machine"]
+    blas = m["blas"]
+    blas_text = "MLX's own"
+    if blas.get("loaded"):
+        blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
+                     + (f", {blas['threads']} threads" if blas.get("threads") else ""))
+    lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']} ({m['backend_path']} path), "
+             f"{m['cpu_count']} CPUs, "
+             f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
+    if "torch" in m:
+        lines.append(f"torch {m['torch']['version']} ({m['torch']['threads']} threads, BLAS {m['torch']['blas']})")
+    peak = result["matmul_peak_gflops"]
+    lines.append("float32 matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+    header = ("task", "model", "framework", "dtype", "batch", "images/s", "latency ms", "min ms", "GFLOP/s",
+              "% peak", "first s")
+    table = [header]
+    for r in result["runs"]:
+        for name, t in r["timings"].items():
+            dtype = r["dtype"] if name == "mlx" else r.get("torch_dtype", r["dtype"])
+            if name == "mlx" and r.get("quantization"):
+                dtype = f"{dtype} q{r['quantization']['bits']}"
+            table.append((r["task"], f"{r['config']} {r['image_size']}px", name, dtype, str(r["batch_size"]),
+                          f"{t['images_per_s']:.3g}", f"{t['median_s'] * 1e3:.0f}", f"{t['min_s'] * 1e3:.0f}",
+                          f"{t['gflops']:.1f}", f"{t['percent_of_peak']:.0f}", f"{t['first_s']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in result["runs"]:
+        notes = []
+        if "ratio_mlx_over_torch" in r:
+            notes.append(f"MLX / torch images/s = {r['ratio_mlx_over_torch']:.2f}x")
+        if "max_rel_diff" in r:
+            notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
+        if "first_losses" in r:
+            notes.append("first losses mlx {mlx:.5f} torch {torch:.5f}".format(**r["first_losses"]))
+        if "load_s" in r:
+            notes.append(f"load {r['load_s']:.1f} s ({r['weights']})")
+        notes.append(f"weights {format_bytes(r['weight_bytes'])}")
+        lines.append(f"{r['task']}: " + "; ".join(notes))
+    mem = result["memory"]
+    lines.append(f"peak memory: {format_bytes(mem['peak_rss_bytes'])} resident (whole process"
+                 + (", torch included" if "torch" in m else "") + f"), {format_bytes(mem['peak_mlx_bytes'])} MLX")
+    return "\n".join(lines)
+
+
+def format_memory(rows: list[dict]) -> str:
+    """`benchmark.memory_suite`'s rows as a table."""
+    header = ("model", "weights", "on disk", "load s", "forward s", "peak resident", "peak / weights")
+    table = [header]
+    for r in rows:
+        what = f"{r['bits']}-bit" if r["bits"] else r["dtype"]
+        table.append((r["preset"], what, format_bytes(r["weight_bytes_on_disk"]), f"{r['load_s']:.1f}",
+                      f"{r['forward_s']:.1f}", format_bytes(r["peak_rss_bytes"]),
+                      f"{r['peak_rss_bytes'] / r['weight_bytes_on_disk']:.2f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [f"load + one forward (batch {rows[0]['batch_size'] if rows else 1}), each in a fresh process"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare_torch:
+        try:
+            benchmark.torch_reference()  # a missing reference is one line on stderr, before any work
+        except benchmark.TorchReferenceUnavailable as error:
+            raise CommandError(str(error)) from None
+        if "torch" not in sys.modules and blas_info().get("loaded"):
+            print("note: PyTorch is imported after mlx_aim bound MLX's BLAS, and calls that BLAS too; for PyTorch "
+                  "as its users have it, run python scripts/benchmark.py", file=sys.stderr)
+    if args.memory_suite:
+        rows = benchmark.memory_suite(work_dir=args.work_dir)
+        if args.json:
+            print_json({"machine": benchmark.machine_info(), "memory_suite": rows})
+        else:
+            print(format_memory(rows))
+        return EXIT_OK
+    result = benchmark.measure(
+        preset=args.preset, weights=args.weights, image_size=args.image_size, dtype=args.dtype,
+        quantize=quantization(args), batch_size=args.batch_size, train=args.train, train_only=args.train_only,
+        train_batch_size=args.train_batch_size, compare_torch=args.compare_torch, threads=args.threads,
+        compile=args.compile, warmup=args.warmup, repeats=args.repeats,
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(format_table(result))
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if (args.train or args.train_only) and (args.quantize or args.weights):
+        parser.error("--train times pre-training a fresh float model: drop --quantize and --weights")
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Top-k labels for images: mlx-aim classify --model aim-600M [--top-k 5] [--json] PATH...
+
+PATH: image files, folders (searched recursively) or glob patterns. Files that cannot be read are skipped,
+listed at the end, and make the exit status 1 only when no image could be classified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..data import NUM_WORKERS
+from ..inference import BATCH_SIZE, TOP_K, class_names, classify, open_model, peak_memory
+from ..model import dtype_name
+from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
+from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--top-k", type=positive_int, default=TOP_K)
+    add_inference_options(p)
+    add_output_options(p)
+    return p
+
+
+def classify_and_report(
+    model: str,
+    inputs: Sequence[str],
+    *,
+    top_k: int = TOP_K,
+    batch_size: int = BATCH_SIZE,
+    dtype: Optional[str] = None,
+    quantize: Optional[dict] = None,
+    probe_layers=None,
+    num_workers: int = NUM_WORKERS,
+    progress: bool = True,
+    as_json: bool = False,
+) -> int:
+    """Loads `model`, classifies `inputs` and prints each image's top-k labels, the skipped inputs and the
+    figures (with `as_json`, also one JSON object last); returns the exit status."""
+    with reported_as("cannot load the model"):
+        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+    names = class_names(model, aim.config.num_classes)
+    result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
+                      model_name=str(model), progress=progress)
+    for pred in result.predictions:
+        tops = ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in pred["top_k"])
+        print(f"{pred['path']}: {tops}")
+    summary = result.to_dict()
+    summary.update(peak_memory(), model=str(model), batch_size=batch_size,
+                   dtype=dtype_name(aim.dtype), quantization=aim.config.quantization)
+    rate = summary["images_per_second"]
+    print(f"classified {result.num_images} image(s) in {result.seconds:.2f} s"
+          + (f" ({rate:.2f} images/s)" if rate else ""))
+    print(result.skipped.report())
+    print(memory_line(summary))
+    if as_json:
+        print_json(summary)
+    return EXIT_OK if result.num_images else EXIT_EMPTY
+
+
+def run(args: argparse.Namespace) -> int:
+    return classify_and_report(args.model, args.paths, top_k=args.top_k, batch_size=args.batch_size,
+                               dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
+                               num_workers=args.num_workers, progress=not args.no_progress, as_json=args.json)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    return run_command(run, build_parser(prog).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
