@@ -1,6 +1,6 @@
 """Inference over image files: top-k classification and feature extraction, batched, with bad files skipped.
 
-Used by the `classify`, `extract-features` and `probe` commands (`mlx_aim.cli`), which print what these return:
+Used by the `classify`, `extract-features` and `probe` commands (`mlx_aim.cli`), which print the results:
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
   seeded weights (`build_model`); `class_names` finds the label names that go with a model.

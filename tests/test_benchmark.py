@@ -1,4 +1,5 @@
-"""scripts/benchmark.py (mlx_aim.cli.benchmark) and mlx_aim.benchmark: what the benchmark reports and how it counts, never how fast.
+"""scripts/benchmark.py (mlx_aim.cli.benchmark) and mlx_aim.benchmark: what the benchmark reports and how it
+counts, never how fast.
 
 The command line runs on a tiny custom-sized preset (aim-tiny at 32 px) so each case takes seconds."""
 
