@@ -237,7 +237,8 @@ def run_demo(
     if seed < 0:
         raise ValueError(f"seed={seed}: expected an integer >= 0")
     out = Path(out)
-    data_root = out / "data" / f"shapes-{cfg.image_size}px-{cfg.num_classes}cls-{cfg.num_train}-{cfg.num_val}-seed{seed}"
+    shapes = f"shapes-{cfg.image_size}px-{cfg.num_classes}cls-{cfg.num_train}-{cfg.num_val}-seed{seed}"
+    data_root = out / "data" / shapes
     run_dir = out / name
     if force and run_dir.exists():
         shutil.rmtree(run_dir)

@@ -49,7 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,8 +58,8 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .config import check_int_fields, strict_from_dict
-from .data import (BatchLoader, EvalTransform, ImageFolder, NoUsableImages, Skipped, TrainTransform, iter_image_batches,
-                   load_splits)
+from .data import (NUM_WORKERS, BatchLoader, EvalTransform, ImageFolder, NoUsableImages, Skipped, TrainTransform,
+                   iter_image_batches, load_splits)
 from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
 from .inference import PROBE_INFO, to_numpy
 from .layers import AttentionProbe
@@ -106,7 +106,7 @@ class ProbeConfig:
     eval_batch_size: int = 128
     ckpt_interval: int = 0  # steps between checkpoints; 0: at the end only
     log_interval: int = 20
-    num_workers: int = 2
+    num_workers: int = NUM_WORKERS
     cache: str = "disk"  # "disk": out/cache/ (reused on resume); "memory"
 
     RUNTIME_FIELDS = ("eval_batch_size", "ckpt_interval", "log_interval", "num_workers", "cache")
@@ -172,7 +172,7 @@ def compute_features(
     *,
     batch_size: int = 64,
     dtype: str = "float16",
-    num_workers: int = 2,
+    num_workers: int = NUM_WORKERS,
     cache_file: Optional[Union[str, os.PathLike]] = None,
     cache_key: Optional[dict] = None,
     progress: bool = True,
@@ -490,7 +490,7 @@ def train_probe(
     stop_at: Optional[int] = None,
     save_model_folder: bool = True,
     progress: bool = True,
-    echo=print,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> ProbeResult:
     """Trains an attentive probe on `model`'s frozen trunk over an image folder; returns the result.
 
@@ -503,6 +503,7 @@ def train_probe(
 
     Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
+    echo = echo or (lambda _line: None)  # the library prints nothing unless asked
     config = config or ProbeConfig()
     trunk = trunk or trunk_description(model)
     start_time = time.perf_counter()
@@ -671,7 +672,7 @@ def evaluate_probe(
     val_ratio: float = 0.2,
     seed: int = 0,
     batch_size: int = 128,
-    num_workers: int = 2,
+    num_workers: int = NUM_WORKERS,
     progress: bool = True,
 ) -> tuple[dict, Skipped]:
     """Metrics of `model` (with its trained head attached) on a split of an image folder."""

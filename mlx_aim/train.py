@@ -91,6 +91,10 @@ DEMO_RUN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`loa
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def _silent(_line: str) -> None:
+    pass
+
+
 @dataclass
 class TrainConfig:
     """The optimisation recipe (AIM's released config, scaled down) and the run's bookkeeping.
@@ -447,7 +451,7 @@ def pretrain(
     stop_at: Optional[int] = None,
     progress: bool = True,
     group: Optional[mx.distributed.Group] = None,
-    echo: Callable[[str], None] = print,
+    echo: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Pre-trains an `AIMForPretraining` and exports its trunk to `out_dir/model`; returns a summary.
 
@@ -460,6 +464,7 @@ def pretrain(
 
     Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
     """
+    echo = echo or _silent  # the library prints nothing unless asked: the command line passes print
     tc, mc = train_config, model_config
     group = group if group is not None else mx.distributed.init()
     rank, world = group.rank(), group.size()

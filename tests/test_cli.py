@@ -149,6 +149,17 @@ def test_only_unreadable_images_exit_1(unreadable, model_dir, tmp_path, capsys):
                        "--no-progress"]) == 1
     assert "0 usable training image(s)" in only_error_line(capsys.readouterr().err)
 
+    # Pre-training: the loader's typed error once every draw for a batch slot failed.
+    from mlx_aim.cli import pretrain
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config(width=32, depth=1, num_heads=2, head_depth=1,
+                                             probe_layers=[0]).to_dict()))
+    assert pretrain.main(["--config", str(config), "--data", str(unreadable), "--out", str(tmp_path / "run"),
+                          "--steps", "2", "--batch-size", "2", "--val-ratio", "0", "--num-workers", "0",
+                          "--no-progress"]) == 1
+    assert "samples in a row failed to load" in only_error_line(capsys.readouterr().err)
+
 
 def test_library_logs_skips_and_prints_nothing(tmp_path, capsys, caplog):
     missing = tmp_path / "missing.png"

@@ -17,6 +17,7 @@ from mlx_aim.data import (
     EvalTransform,
     ImageFolder,
     ImageLoadError,
+    NoUsableImages,
     Skipped,
     TrainTransform,
     center_crop_box,
@@ -601,7 +602,7 @@ def test_loader_skips_and_lists_broken_files(small_set, tmp_path):
     everything_broken = BatchLoader([broken] * 4, 2, transform, seed=0, num_workers=0, max_attempts=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="3 samples in a row"):
+        with pytest.raises(NoUsableImages, match="3 samples in a row"):
             collect(everything_broken)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .datasets import Skipped
+from .datasets import NoUsableImages, Skipped
 from .images import ImageLoadError
 
 NUM_WORKERS = 2  # decoding threads: the default of both batchers and of the command lines
@@ -93,7 +93,7 @@ class BatchLoader:
     attempt k = 1, 2, ... uses `rng = np.random.default_rng([2, seed, e, i, k])`, draws a replacement index
     with `rng.integers(len(samples))` and transforms that sample with the same `rng`. Each failure warns
     once per file, counts in `num_skipped`, and lists (path, reason) in `skipped`. After `max_attempts`
-    failures in a row for one slot, RuntimeError.
+    failures in a row for one slot, NoUsableImages.
 
     Position. `state_dict()` is (epoch, position): the epoch and the number of this rank's samples of it
     already yielded; it counts only batches handed out, not those being prefetched. `load_state_dict`
@@ -209,7 +209,7 @@ class BatchLoader:
                     reason = self._bad[path] = error.reason
             failures.append((path, reason))
         listed = "; ".join(f"{p}: {r}" for p, r in failures[:3])
-        raise RuntimeError(
+        raise NoUsableImages(
             f"BatchLoader: {self.max_attempts} samples in a row failed to load ({listed}, ...)"
         )
 
