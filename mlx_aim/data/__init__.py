@@ -5,7 +5,10 @@
 - `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`, `NoUsableImages`), labelled
   image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names
   (`imagenet_classes`).
-- `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference.
+- `preprocessing`: each checkpoint's own preprocessing as data (`Preprocessing`, `preprocessing_for`), read
+  from its `preprocessor_config.json` or a family default; native resolution (`TooManyPatches`, `is_native`).
+- `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference (which groups
+  images of equal shape for native resolution).
 """
 
 from .datasets import (
@@ -38,13 +41,28 @@ from .images import (
     shift_hue,
 )
 from .loader import NUM_WORKERS, BatchLoader, iter_image_batches
+from .preprocessing import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PATCHES,
+    PREPROCESSOR_CONFIG,
+    Preprocessing,
+    TooManyPatches,
+    is_native,
+    model_family,
+    preprocessing_for,
+)
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_PATCHES",
     "MIN_IMAGE_SIDE",
     "NUM_WORKERS",
+    "PREPROCESSOR_CONFIG",
     "BatchLoader",
     "EvalTransform",
     "ImageFolder",
@@ -52,17 +70,22 @@ __all__ = [
     "ImageLoadError",
     "NoUsableImages",
     "PathInput",
+    "Preprocessing",
     "Skipped",
+    "TooManyPatches",
     "TrainTransform",
     "center_crop_box",
     "color_jitter",
     "eval_transform",
     "gather_images",
     "imagenet_classes",
+    "is_native",
     "iter_image_batches",
     "list_images",
     "load_image",
     "load_splits",
+    "model_family",
+    "preprocessing_for",
     "resize_short_side",
     "sample_crop_box",
     "shift_hue",

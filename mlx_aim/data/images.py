@@ -187,8 +187,9 @@ def _wide_gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 # Geometry and normalisation shared by the transforms
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so the short side is `size`, as torchvision's `Resize(size)` does for PIL images.
+def resize_short_side(img: Image.Image, size: int, resample: Image.Resampling = _BICUBIC) -> Image.Image:
+    """Resize (bicubic unless `resample` says) so the short side is `size`, as torchvision's `Resize(size)`
+    and transformers' `{"shortest_edge": size}` do for PIL images.
 
     The long side becomes `int(size * long / short)` (truncated); when width == height the width counts
     as the short side; an image already at the target size is returned unchanged.
@@ -200,7 +201,7 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
         new_size = (int(size * width / height), size)
     if new_size == img.size:
         return img
-    return img.resize(new_size, _BICUBIC)
+    return img.resize(new_size, resample)
 
 
 def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
