@@ -654,3 +654,46 @@ def test_batchers_pass_on_other_errors_and_refuse_negative_workers():
             list(BatchLoader(paths, 1, CountingTransform(), seed=0, shuffle=False, num_workers=workers))
     with pytest.raises(ValueError, match="num_workers=-1"):
         list(iter_image_batches(paths, CountingTransform(), 2, Skipped(), num_workers=-1))
+
+
+SHAPES = {"A": (8, 12, 3), "B": (12, 8, 3), "C": (4, 4, 3)}
+
+
+def shaped(path, rng=None):
+    """A transform for grouping tests: path "<index>-<shape letter>" -> an image of that shape filled with the
+    index; "bad" in the name -> an unreadable file."""
+    if "bad" in path.name:
+        raise ImageLoadError(path, "unreadable")
+    index, letter = path.name.split("-")
+    return np.full(SHAPES[letter], float(index), np.float32)
+
+
+def test_image_batches_group_equal_shapes_never_mixing_them():
+    letters = "ABACBAACB"
+    paths = [Path(f"{i}-{letter}") for i, letter in enumerate(letters)]
+    paths.insert(4, Path("bad-A"))
+    labels = [int(p.name.split("-")[0]) if "bad" not in p.name else -1 for p in paths]
+    expected = {  # max_pending -> batches of indices, by hand from the documented rule
+        None: [[0, 2, 5], [1, 4, 8], [3, 7], [6]],  # full batches as they fill, the rest oldest first
+        3: [[0, 2], [1, 4], [3, 7], [5, 6], [8]],  # past 3 waiting images, the oldest one's batch goes out
+    }
+    for workers in (0, 2):
+        for max_pending, batches_expected in expected.items():
+            skipped = Skipped()
+            batches = list(iter_image_batches(paths, shaped, 3, skipped, num_workers=workers, labels=labels,
+                                              group_by_shape=True, max_pending=max_pending))
+            assert [indices for _, _, indices in batches] == batches_expected
+            for images, batch_paths, indices in batches:
+                letter = batch_paths[0].name[-1]
+                assert images.shape == (len(indices), *SHAPES[letter])  # one shape per batch
+                assert {p.name[-1] for p in batch_paths} == {letter}
+                assert images[:, 0, 0, 0].tolist() == indices  # images, paths and labels stay together
+            assert [p for p, _ in skipped.items] == ["bad-A"]
+    # Without grouping the batches follow the input order (and stacking different shapes fails, as before).
+    same = [Path(f"{i}-A") for i in range(5)]
+    plain = list(iter_image_batches(same, shaped, 2, Skipped(), num_workers=0, labels=range(5)))
+    assert [indices for _, _, indices in plain] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        list(iter_image_batches(paths[:2], shaped, 2, Skipped(), num_workers=0))
+    with pytest.raises(ValueError, match="max_pending=2: expected at least batch_size=3"):
+        list(iter_image_batches(paths, shaped, 3, Skipped(), group_by_shape=True, max_pending=2))

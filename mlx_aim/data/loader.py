@@ -5,7 +5,8 @@ One engine (`_in_order`) runs the threads; two batchers use it, because their co
 - `BatchLoader` (training): shuffled, sharded over ranks, resumable at any batch, a fixed batch size (a broken
   file is replaced by a seeded draw), random numbers from (seed, epoch, sample).
 - `iter_image_batches` (inference, features): every input once, in input order; a broken file is left out and
-  recorded in `Skipped`, so the last batch may be short; labels of any kind ride along.
+  recorded in `Skipped`, so the last batch may be short; labels of any kind ride along. For images of different
+  sizes (native resolution) it groups equal shapes: a batch never mixes them.
 """
 
 from __future__ import annotations
@@ -262,29 +263,56 @@ def iter_image_batches(
     num_workers: int = NUM_WORKERS,
     prefetch: int = 2,
     labels: Optional[Sequence] = None,
+    group_by_shape: bool = False,
+    max_pending: Optional[int] = None,
 ) -> Iterator[tuple[np.ndarray, list, list]]:
-    """(images NHWC float32, paths, labels) in input order, `transform(path)` run by `num_workers` threads
-    (0: in the caller's thread) on up to `(prefetch + 1) * batch_size` files past the one being handed out;
-    files that fail to load are recorded in `skipped` and left out, so the last batches may be short.
-    `labels` (one per path, of any kind) ride along; None gives None labels."""
+    """(images NHWC float32, paths, labels), `transform(path)` run by `num_workers` threads (0: in the
+    caller's thread) on up to `(prefetch + 1) * batch_size` files past the one being handed out; files that
+    fail to load are recorded in `skipped` and left out, so batches may be short. `labels` (one per path, of
+    any kind) ride along; None gives None labels.
+
+    Without `group_by_shape` the batches follow the input order. With it (images of different sizes, as at
+    native resolution) a batch holds images of one shape only, in input order; a shape's batch is handed out
+    when it is full, or when more than `max_pending` images (default `4 * batch_size`) wait in unfilled
+    batches: then the batch holding the longest-waiting image goes out short, which bounds the memory held.
+    The rest go out at the end, oldest first. Batches of different shapes thus interleave out of input order:
+    pass the input index in `labels` to put results back in order.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: expected an integer >= 0")
+    max_pending = 4 * batch_size if max_pending is None else max_pending
+    if max_pending < batch_size:
+        raise ValueError(f"max_pending={max_pending}: expected at least batch_size={batch_size}")
     labels = list(labels) if labels is not None else [None] * len(paths)
     loads = _in_order(lambda item: _try_transform(transform, item), zip(paths, labels), num_workers,
                       batch_size * (prefetch + 1))
-    images, batch_paths, batch_labels = [], [], []
+    # Unfilled batches by shape, oldest first: a dict keeps insertion order, and a shape's batch is re-inserted
+    # at the end when it starts again after going out.
+    batches: dict[Any, list[tuple[np.ndarray, Path, Any]]] = {}
+    pending = 0
     with closing(loads):
         for (path, label), (image, reason) in loads:
             if image is None:
                 skipped.add(path, reason)
                 continue
-            images.append(image)
-            batch_paths.append(path)
-            batch_labels.append(label)
-            if len(images) == batch_size:
-                yield np.stack(images), batch_paths, batch_labels
-                images, batch_paths, batch_labels = [], [], []
-    if images:
-        yield np.stack(images), batch_paths, batch_labels
+            key = image.shape if group_by_shape else None
+            batches.setdefault(key, []).append((image, path, label))
+            pending += 1
+            if len(batches[key]) == batch_size:
+                key_out = key
+            elif pending > max_pending:
+                key_out = next(iter(batches))
+            else:
+                continue
+            batch = batches.pop(key_out)
+            pending -= len(batch)
+            yield _stack(batch)
+    for batch in batches.values():
+        yield _stack(batch)
+
+
+def _stack(batch: list[tuple[np.ndarray, Path, Any]]) -> tuple[np.ndarray, list, list]:
+    images, paths, labels = zip(*batch)
+    return np.stack(images), list(paths), list(labels)
