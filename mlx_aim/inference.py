@@ -5,8 +5,9 @@ Used by the `classify`, `extract-features` and `probe` commands (`mlx_aim.cli`),
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
   seeded weights (`build_model`); `class_names` finds the label names that go with a model.
 - The data layer's `gather_images` and `iter_image_batches` (`mlx_aim.data`) turn command-line inputs into
-  batches of model input; a file that cannot be used is recorded in a `Skipped` list with its reason, and
-  the run goes on.
+  batches of model input, preprocessed as the checkpoint says (`Preprocessing`, `preprocessing_for`); a file
+  that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on. A native-resolution
+  model (config `image_size` None) gets batches of one patch grid each, and results in input order.
 - `classify` and `extract_features` are the two jobs; they return `ClassifyResult` and `ExtractResult`.
 - `peak_memory` reports the process's peak resident memory and MLX's peak allocation.
 """
@@ -29,7 +30,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .data import NUM_WORKERS, EvalTransform, Skipped, gather_images, imagenet_classes, iter_image_batches
+from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
+                   iter_image_batches, preprocessing_for)
 from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
@@ -137,9 +139,12 @@ def classify(
     num_workers: int = NUM_WORKERS,
     model_name: str = "",
     progress: bool = True,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> ClassifyResult:
-    """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs).
-    A model without a trained probe head (a pre-training export) is refused: its classes would be noise."""
+    """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs), in
+    input order. `preprocessing`: default `preprocessing_for(model.config)` (the family's default; the command
+    line passes the checkpoint folder's file). A model without a trained probe head (a pre-training export) is
+    refused: its classes would be noise."""
     if not model.has_trained_head:
         raise ValueError(
             f"{model_name or 'the model'} has no trained classification head (a trunk without head.* weights, "
@@ -156,24 +161,26 @@ def classify(
     start = time.perf_counter()
     skipped = Skipped()
     paths = gather_images(inputs, skipped)
-    transform = EvalTransform(model.config.image_size)
-    predictions, model_seconds = [], 0.0
+    transform = preprocessing or preprocessing_for(model.config)
+    found, model_seconds = {}, 0.0  # input index -> prediction
     with tqdm(total=len(paths), desc="classify", unit="img", disable=not progress or None) as bar:
-        for images, batch_paths, _ in iter_image_batches(paths, transform, batch_size, skipped,
-                                                         num_workers=num_workers):
+        batches = iter_image_batches(paths, transform, batch_size, skipped, num_workers=num_workers,
+                                     labels=range(len(paths)), group_by_shape=is_native(model.config))
+        for images, batch_paths, indices in batches:
             tick = time.perf_counter()
             probs = mx.softmax(model(mx.array(images)).astype(mx.float32), axis=-1)
             order = mx.argsort(-probs, axis=-1)[:, :top_k]
             top = mx.take_along_axis(probs, order, axis=-1)
             mx.eval(order, top)
             model_seconds += time.perf_counter() - tick
-            for path, idx, p in zip(batch_paths, np.asarray(order).tolist(), np.asarray(top).tolist()):
-                predictions.append({
+            for index, path, idx, p in zip(indices, batch_paths, np.asarray(order).tolist(), np.asarray(top).tolist()):
+                found[index] = {
                     "path": str(path),
                     "top_k": [{"index": i, "label": labels[i], "probability": q} for i, q in zip(idx, p)],
-                })
+                }
             bar.update(len(batch_paths))
         bar.update(len(paths) - bar.n)
+    predictions = [found[index] for index in sorted(found)]
     return ClassifyResult(predictions, skipped, time.perf_counter() - start, model_seconds)
 
 
@@ -242,6 +249,7 @@ def extract_features(
     model_name: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> ExtractResult:
     """Features of every image under `inputs` (folders, files, globs), written to `out` in shards.
 
@@ -251,7 +259,13 @@ def extract_features(
     `shard-k.tokens.npy`, "safetensors" one `shard-k.safetensors` with keys "embedding" / "tokens". Each
     shard's `shard-k.json` (paths of its rows, skipped files) is written last and marks it finished, so a
     re-run with the same settings skips finished shards. `index.json`, written at the end, lists every shard
-    with its first global row and its rows' paths (relative to the input folder).
+    with its first global row and its rows' paths (relative to the input folder). `preprocessing`: default
+    `preprocessing_for(model.config)`; recorded in run.json and index.json.
+
+    A native-resolution model's images keep their own grids, so their token counts differ: a shard's tokens
+    are then stored ragged, the rows' (N_i, D) tokens one after another in one (sum of N_i, D) array, and
+    `shard-k.json` lists each row's patch grid (rows, cols) under "grids" (N_i = rows * cols, tokens row by
+    row); index.json says `"tokens_layout": "ragged"` and `load_features` returns a `RaggedTokens`.
     """
     if features not in FEATURE_KINDS:
         raise ValueError(f"features={features!r}: expected one of {', '.join(FEATURE_KINDS)}")
@@ -275,6 +289,8 @@ def extract_features(
     roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
     relative = [_relative(p, roots) for p in paths]
     c = model.config
+    native = is_native(c)
+    transform = preprocessing or preprocessing_for(c)
     run = {
         "format": FEATURES_FORMAT,
         "version": 1,
@@ -286,12 +302,12 @@ def extract_features(
         "dtype": save_dtype,
         "shard_size": shard_size,
         "image_size": c.image_size,
+        "preprocessing": transform.to_dict(),
         "num_files": len(paths),
         "files_sha256": hashlib.sha256("\n".join(relative).encode()).hexdigest(),
     }
     _prepare_output(out, run, overwrite)
     num_shards = math.ceil(len(paths) / shard_size)
-    transform = EvalTransform(c.image_size)
     shards, shards_reused, num_new, model_seconds = [], 0, 0, 0.0
     dtype = _SAVE_DTYPES[save_dtype]
     with tqdm(total=len(paths), desc="features", unit="img", disable=not progress or None) as bar:
@@ -307,11 +323,11 @@ def extract_features(
                 bar.update(hi - lo)
                 continue
             shard_skipped = Skipped()
-            rows: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
-            rows_paths = []
-            batches = iter_image_batches(paths[lo:hi], transform, batch_size, shard_skipped,
-                                         num_workers=num_workers, labels=relative[lo:hi])
-            for images, batch_paths, batch_relative in batches:
+            rows: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}  # one (N, ...) array per image
+            rows_index, grids = [], []
+            batches = iter_image_batches(paths[lo:hi], transform, batch_size, shard_skipped, num_workers=num_workers,
+                                         labels=range(lo, hi), group_by_shape=native)
+            for images, batch_paths, indices in batches:
                 tick = time.perf_counter()
                 tokens = model.probe_features(mx.array(images))
                 outputs = {"tokens": tokens}
@@ -321,12 +337,18 @@ def extract_features(
                 mx.eval(outputs)
                 model_seconds += time.perf_counter() - tick
                 for kind in kinds:
-                    rows[kind].append(to_numpy(outputs[kind], dtype))
-                rows_paths += batch_relative
+                    rows[kind] += list(to_numpy(outputs[kind], dtype))
+                rows_index += indices
+                grids += [(images.shape[1] // c.patch_size, images.shape[2] // c.patch_size)] * len(indices)
                 num_new += len(batch_paths)
                 bar.update(len(batch_paths))
             bar.update(len(shard_skipped))
-            shard = _write_shard(out, stem, kinds, file_format, rows, rows_paths, shard_skipped, c, dtype)
+            order = np.argsort(rows_index, kind="stable")  # grouped batches come out of input order
+            arrays = {kind: [rows[kind][i] for i in order] for kind in kinds}
+            record = {"paths": [relative[rows_index[i]] for i in order]}
+            if native:
+                record["grids"] = [list(grids[i]) for i in order]
+            shard = _write_shard(out, stem, kinds, file_format, arrays, record, shard_skipped)
             for path, reason in shard_skipped.items:
                 skipped.add(path, reason, warn=False)
             shards.append(shard)
@@ -339,7 +361,9 @@ def extract_features(
     if "embedding" in kinds:
         index["embedding_shape"] = [c.width]
     if "tokens" in kinds:
-        index["tokens_shape"] = [c.num_patches, c.width]
+        index["tokens_shape"] = [None if native else c.num_patches, c.width]
+        if native:
+            index["tokens_layout"] = "ragged"
     write_json(out / INDEX_NAME, index, indent=1)
     return ExtractResult(out, index, skipped, time.perf_counter() - start, model_seconds, num_new, shards_reused)
 
@@ -392,28 +416,66 @@ def _read_shard(out: Path, stem: str, kinds, file_format) -> Optional[dict]:
     return shard
 
 
-def _write_shard(out, stem, kinds, file_format, rows, rows_paths, skipped: Skipped, config, dtype) -> dict:
-    shapes = {"embedding": (config.width,), "tokens": (config.num_patches, config.width)}
-    arrays = {kind: (np.concatenate(rows[kind]) if rows[kind] else np.zeros((0, *shapes[kind]), dtype))
-              for kind in kinds}
-    files = _shard_files(stem, kinds, file_format) if rows_paths else {}
-    if rows_paths:
+def _write_shard(out, stem, kinds, file_format, arrays: dict[str, list[np.ndarray]], record: dict,
+                 skipped: Skipped) -> dict:
+    """Writes one shard's rows (`arrays`: kind -> one array per row; stacked, or for ragged tokens, a record
+    with "grids", laid one after another) and then its record (`record`: paths, grids), which marks it done."""
+    rows = len(record["paths"])
+    files = _shard_files(stem, kinds, file_format) if rows else {}
+    if rows:
+        ragged = "grids" in record
+        stacked = {kind: np.concatenate(arrays[kind]) if ragged and kind == "tokens" else np.stack(arrays[kind])
+                   for kind in kinds}
         if file_format == "npy":
             for kind in kinds:
                 with atomic_file(out / files[kind]) as tmp:
-                    np.save(tmp, arrays[kind])
+                    np.save(tmp, stacked[kind])
         else:
             with atomic_file(out / files[kinds[0]]) as tmp:
-                mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()},
+                mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in stacked.items()},
                                     metadata={"format": FEATURES_FORMAT})
-    shard = {"name": stem, "rows": len(rows_paths), "files": files, "paths": rows_paths,
-             "skipped": skipped.to_list()}
+    shard = {"name": stem, "rows": rows, "files": files, **record, "skipped": skipped.to_list()}
     write_json(out / f"{stem}.json", shard, indent=1)  # last: marks it finished
     return shard
 
 
-def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[np.ndarray, list[str]]:
-    """All rows of one feature kind from an `extract_features` folder, with each row's path."""
+class RaggedTokens:
+    """Token rows of different lengths, as a native-resolution model gives them: row i is the (N_i, D) tokens
+    of a `grids[i]` = (rows, cols) patch grid (N_i = rows * cols, row by row), stored one after another in
+    `tokens` (sum of N_i, D), a numpy array or a memory map. `ragged[i]` is row i; `len` counts rows."""
+
+    def __init__(self, tokens: np.ndarray, grids: Sequence[Sequence[int]]):
+        self.tokens = tokens
+        self.grids = [(int(h), int(w)) for h, w in grids]
+        self.offsets = np.concatenate([[0], np.cumsum([h * w for h, w in self.grids], dtype=np.int64)])
+        if tokens.ndim != 2 or tokens.shape[0] != self.offsets[-1]:
+            raise ValueError(f"ragged tokens: {tuple(tokens.shape)} does not hold the {self.offsets[-1]} tokens "
+                             f"of {len(self.grids)} grids")
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def take(self, indices: Sequence[int]) -> np.ndarray:
+        """Rows `indices`, all of one grid, stacked: (len(indices), N, D)."""
+        grids = {self.grids[i] for i in indices}
+        if len(grids) > 1:
+            raise ValueError(f"ragged tokens: rows of different grids {sorted(grids)} cannot be stacked")
+        return np.stack([self[i] for i in indices])
+
+    def by_grid(self) -> dict[tuple[int, int], np.ndarray]:
+        """Row indices per grid, in row order; grids in order of first appearance."""
+        found: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(self.grids):
+            found.setdefault(grid, []).append(i)
+        return {grid: np.asarray(rows, np.int64) for grid, rows in found.items()}
+
+
+def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[np.ndarray | RaggedTokens, list[str]]:
+    """All rows of one feature kind from an `extract_features` folder, with each row's path: an (n, ...) array,
+    or for a native-resolution model's tokens a `RaggedTokens` (rows of different grids)."""
     folder = Path(folder)
     index_path = folder / INDEX_NAME
     if not index_path.exists():
@@ -421,13 +483,18 @@ def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[n
     index = json.loads(index_path.read_text())
     if kind not in index["features"]:
         raise ValueError(f"{folder}: holds {index['features']}, not {kind!r}")
-    parts, paths = [], []
+    ragged = kind == "tokens" and index.get("tokens_layout") == "ragged"
+    parts, paths, grids = [], [], []
     for shard in index["shards"]:
         if not shard["rows"]:
             continue
         file = folder / shard["files"][kind]
         parts.append(np.load(file) if index["file_format"] == "npy" else np.asarray(mx.load(str(file))[kind]))
         paths += shard["paths"]
+        grids += shard.get("grids", [])
+    if ragged:
+        width = index["tokens_shape"][-1]
+        return RaggedTokens(np.concatenate(parts) if parts else np.zeros((0, width), np.float32), grids), paths
     if not parts:
         shape = index.get(f"{kind}_shape", [0])
         return np.zeros((0, *shape), np.float32), []

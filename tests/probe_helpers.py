@@ -1,7 +1,9 @@
 """Shared by test_inference.py and test_probe.py: tiny random-weight model folders and generated image
 folders."""
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +22,27 @@ def probe_config(num_classes: int = 1000) -> AIMConfig:
     """The tiny config these tests classify with: width 64, so that the trunk's linear layers can be quantized
     (group size 64)."""
     return tiny_config(depth=3, num_heads=2, num_classes=num_classes, name="tiny-test")
+
+
+@dataclass
+class NativeStandIn(AIMConfig):
+    """Stands in for a native-resolution AIMv2 config (image_size None, max_patches, model_type "aimv2") until
+    AIMv2Config lands, on AIM v1's layers: their sin-cos position embedding is computed for any input grid."""
+
+    image_size: Optional[int] = None
+    max_patches: int = 4096
+
+    def validate(self) -> None:  # AIMConfig's checks need an image size
+        pass
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "model_type": "aimv2"}
+
+
+def native_config(num_classes: int = 1000) -> NativeStandIn:
+    """`probe_config`'s trunk at native resolution: 4-pixel patches, any image size."""
+    fields = {k: v for k, v in probe_config(num_classes).to_dict().items() if k not in ("model_type", "image_size")}
+    return NativeStandIn(**dict(fields, name="tiny-native"))
 
 
 def make_model_folder(folder: Path, num_classes: int = 1000, seed: int = 0, with_head: bool = True) -> Path:

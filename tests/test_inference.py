@@ -10,10 +10,12 @@ import pytest
 from PIL import Image
 
 import mlx_aim
-from mlx_aim.data import Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches
-from mlx_aim.inference import extract_features, load_features, open_model, peak_memory
+from mlx_aim.data import (Preprocessing, Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches,
+                           preprocessing_for)
+from mlx_aim.inference import RaggedTokens, classify, extract_features, load_features, open_model, peak_memory
+from mlx_aim.model import build_model
 from conftest import last_json, run_script
-from probe_helpers import make_model_folder, save_image
+from probe_helpers import make_model_folder, native_config, save_image
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +213,88 @@ def test_probe_layers_option_parses_and_explains(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--probe-layers", "1-2"])
     assert "comma-separated block indices" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Native resolution: images keep their own size, batched by patch grid
+
+
+@pytest.fixture(scope="module")
+def native_model():
+    model = build_model(native_config(), seed=0)
+    return model.attach_head(model.head)  # its random head stands in for a trained one
+
+
+@pytest.fixture(scope="module")
+def mixed_images(tmp_path_factory):
+    """Images of several sizes in no order of size: grids (rows x cols, 4-pixel patches) 4x4, 3x5, 5x3, 4x4 (after
+    flooring 17x18), 3x5, 2x6, 4x4."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(16, 16), (12, 20), (20, 12), (17, 18), (13, 23), (8, 24), (16, 16)]):
+        save_image(root / f"{i:02d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return root
+
+
+def one_by_one(model, paths, fn):
+    """`fn` of each image alone (a batch of one), with the model's native preprocessing."""
+    prep = preprocessing_for(model.config)
+    return [np.asarray(fn(mx.array(prep(p)[None])))[0] for p in paths]
+
+
+def test_classify_native_groups_grids_and_keeps_input_order(native_model, mixed_images):
+    paths = sorted(mixed_images.glob("*.png"))
+    result = classify(native_model, [mixed_images], top_k=3, batch_size=2, progress=False)
+    assert [p["path"] for p in result.predictions] == [str(p) for p in paths]
+    probs = one_by_one(native_model, paths, lambda x: mx.softmax(native_model(x), axis=-1))
+    for prediction, expected in zip(result.predictions, probs):
+        top = [t["index"] for t in prediction["top_k"]]
+        assert top == np.argsort(-expected, kind="stable")[:3].tolist()
+        np.testing.assert_allclose([t["probability"] for t in prediction["top_k"]], expected[top], rtol=1e-5)
+    # An image past the model's max_patches is skipped and listed; the others go on.
+    strict = preprocessing_for(native_config().replace(max_patches=15))
+    result = classify(native_model, [mixed_images], batch_size=3, progress=False, preprocessing=strict)
+    assert [p["path"] for p in result.predictions] == [str(paths[i]) for i in (1, 2, 4, 5)]
+    assert [p for p, _ in result.skipped.items] == [str(paths[i]) for i in (0, 3, 6)]
+    assert "4x4 patch grid" in result.skipped.items[0][1] and "max_patches=15" in result.skipped.items[0][1]
+
+
+@pytest.mark.parametrize("file_format", ["npy", "safetensors"])
+def test_extract_features_native_stores_ragged_tokens(native_model, mixed_images, tmp_path, file_format):
+    paths = sorted(mixed_images.glob("*.png"))
+    result = extract_features(native_model, [mixed_images], tmp_path / "f", features="both", shard_size=4,
+                              batch_size=2, file_format=file_format, progress=False)
+    index = result.index
+    assert index["tokens_layout"] == "ragged" and index["tokens_shape"] == [None, 64] and index["image_size"] is None
+    assert index["preprocessing"] == preprocessing_for(native_model.config).to_dict()
+    assert [s["grids"] for s in index["shards"]] == [[[4, 4], [3, 5], [5, 3], [4, 4]], [[3, 5], [2, 6], [4, 4]]]
+    tokens, token_paths = load_features(tmp_path / "f", "tokens")
+    embeddings, paths_read = load_features(tmp_path / "f", "embedding")
+    assert token_paths == paths_read == [p.name for p in paths]
+    assert isinstance(tokens, RaggedTokens) and len(tokens) == 7 and tokens.tokens.shape == (16 * 3 + 15 * 3 + 12, 64)
+    expected_tokens = one_by_one(native_model, paths, native_model.probe_features)
+    for i, expected in enumerate(expected_tokens):
+        assert tokens[i].shape == expected.shape == (np.prod(tokens.grids[i]), 64)
+        np.testing.assert_allclose(tokens[i], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tokens.take([0, 3, 6]), np.stack([expected_tokens[i] for i in (0, 3, 6)]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="different grids"):
+        tokens.take([0, 1])
+    assert list(tokens.by_grid()) == [(4, 4), (3, 5), (5, 3), (2, 6)] and tokens.by_grid()[(3, 5)].tolist() == [1, 4]
+    expected_embeddings = one_by_one(native_model, paths, native_model.embed)
+    assert embeddings.shape == (7, 64)
+    np.testing.assert_allclose(embeddings, np.stack(expected_embeddings), rtol=1e-5, atol=1e-6)
+    # A re-run reuses the finished shards.
+    again = extract_features(native_model, [mixed_images], tmp_path / "f", features="both", shard_size=4,
+                             batch_size=2, file_format=file_format, progress=False)
+    assert again.shards_reused == 2
+
+
+def test_extract_features_records_the_preprocessing_and_refuses_another(model_dir, images, tmp_path):
+    model = mlx_aim.load(model_dir)
+    first = extract_features(model, [images], tmp_path / "f", features="tokens", progress=False)
+    assert first.index["preprocessing"] == Preprocessing.aim_v1(16).to_dict()
+    assert "tokens_layout" not in first.index and first.index["tokens_shape"] == [16, 64]  # v1's layout, unchanged
+    other = Preprocessing(resize=16, crop_size=(16, 16))
+    with pytest.raises(ValueError, match="differs in preprocessing"):
+        extract_features(model, [images], tmp_path / "f", features="tokens", progress=False, preprocessing=other)

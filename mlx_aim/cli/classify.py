@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..data import NUM_WORKERS
+from ..data import NUM_WORKERS, preprocessing_for
 from ..inference import BATCH_SIZE, TOP_K, class_names, classify, open_model, peak_memory
 from ..model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
@@ -44,9 +44,10 @@ def classify_and_report(
     figures (with `as_json`, also one JSON object last); returns the exit status."""
     with reported_as("cannot load the model"):
         aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+        preprocessing = preprocessing_for(aim.config, model)  # the checkpoint folder's file, else the default
     names = class_names(model, aim.config.num_classes)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
-                      model_name=str(model), progress=progress)
+                      model_name=str(model), progress=progress, preprocessing=preprocessing)
     for pred in result.predictions:
         tops = ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in pred["top_k"])
         print(f"{pred['path']}: {tops}")

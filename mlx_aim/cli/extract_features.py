@@ -3,7 +3,8 @@
     mlx-aim extract-features --model M --out DIR IMAGE_DIR [--features embedding|tokens|both]
 
 "embedding" is the probe's attention-pooled vector (width,); "tokens" the probe layers' averaged patch
-tokens (patches, width). Shards of --shard-size images are written as .npy (or one .safetensors each);
+tokens (patches, width); a native-resolution model's tokens are stored ragged (one (patches_i, width) block per
+image, its grid in the shard's .json). Shards of --shard-size images are written as .npy (or one .safetensors each);
 DIR/index.json maps every row to its image. A re-run with the same settings skips finished shards.
 Unreadable files are skipped and listed; the exit status is 1 when no image could be used.
 """
@@ -14,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..data import preprocessing_for
 from ..inference import FEATURE_KINDS, SHARD_SIZE, extract_features, open_model, peak_memory
 from ..model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
@@ -39,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
     """Writes the shards and index, prints where and how fast; returns the exit status."""
     with reported_as("cannot load the model"):
         aim = open_model(args.model, dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers)
+        preprocessing = preprocessing_for(aim.config, args.model)
     result = extract_features(aim, args.inputs, args.out, features=args.features, shard_size=args.shard_size,
                               file_format=args.file_format, save_dtype=args.save_dtype, batch_size=args.batch_size,
                               num_workers=args.num_workers, model_name=str(args.model), overwrite=args.overwrite,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, preprocessing=preprocessing)
     summary = result.to_dict()
     summary.update(peak_memory(), model=str(args.model), batch_size=args.batch_size,
                    features=result.index["features"], dtype=dtype_name(aim.dtype),
