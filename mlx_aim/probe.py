@@ -18,8 +18,9 @@ The output folder:
     out/head.safetensors   the trained head with Apple's keys (head.k.weight, head.v.weight, head.cls_token,
                            head.linear.weight, head.bn.running_mean, head.bn.running_var)
     out/probe.json         classes, probe layers, the trunk it was trained on, the settings, metrics
-    out/model/             trunk + trained head (config num_classes = len(classes)), with probe.json, a
-                           folder `mlx_aim.load` and the scripts read directly
+    out/model/             trunk + trained head (config num_classes = len(classes)), with probe.json (and
+                           for AIMv2, the preprocessing as preprocessor_config.json), a folder
+                           `mlx_aim.load` and the scripts read directly
     out/checkpoint/        the latest checkpoint: head, optimizer state, step, data position
     out/log.jsonl          the training loss and learning rate every `log_interval` steps
     out/cache/             cached trunk features (train.npy, val.npy and their .json), when not augmenting
@@ -32,6 +33,10 @@ Decisions where the paper is silent:
   replacement from a per-epoch permutation seeded by (seed, epoch), the last incomplete batch dropped.
   The data order is a function of (seed, step), so resuming needs only the step (and, with augmentation,
   the loader position, which is checkpointed).
+- Images are preprocessed as the trunk's checkpoint says (`data.preprocessing_for`). A native-resolution trunk
+  keeps each image's own patch grid: its features are computed in batches of one grid; over images of several
+  grids they are ragged (`inference.RaggedTokens`), and training batches then hold one grid each
+  (`epoch_batches`); augmentation needs a fixed size and is refused there.
 - The schedule (`runs.Schedule`: linear warm-up, cosine to 0) and the optimizer (`runs.adamw`, weight
   decay on matrices only) are the pre-training ones; so are the checkpoints, resume rules and divergence
   check (`runs`).
@@ -58,10 +63,10 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .config import check_int_fields, strict_from_dict
-from .data import (NUM_WORKERS, BatchLoader, EvalTransform, ImageFolder, NoUsableImages, Skipped, TrainTransform,
-                   iter_image_batches, load_splits)
+from .data import (NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped,
+                   TrainTransform, is_native, iter_image_batches, load_splits, preprocessing_for)
 from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
-from .inference import PROBE_INFO, to_numpy
+from .inference import PROBE_INFO, RaggedTokens, to_numpy
 from .layers import AttentionProbe
 from .model import AIM, dtype_name
 from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step
@@ -75,6 +80,7 @@ CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "cache"
 HEAD_KEYS = ("k.weight", "v.weight", "cls_token", "linear.weight", "bn.running_mean", "bn.running_var")
 _CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_BATCH_ORDER_STREAM = 1  # third word of the seed that orders an epoch's batches of ragged features
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -149,10 +155,11 @@ class ProbeConfig:
 
 @dataclass
 class FeatureSet:
-    """The probe's inputs for a set of images: features (n, N, D) (a numpy array or a read-only memmap),
-    labels (n,), each row's path, and the files that could not be used."""
+    """The probe's inputs for a set of images: features (n, N, D) (a numpy array or a read-only memmap; for a
+    native-resolution trunk over images of several patch grids, a `RaggedTokens`), labels (n,), each row's
+    path, and the files that could not be used."""
 
-    features: np.ndarray
+    features: Union[np.ndarray, RaggedTokens]
     labels: np.ndarray
     paths: list[str]
     skipped: Skipped = field(default_factory=Skipped)
@@ -177,26 +184,33 @@ def compute_features(
     cache_key: Optional[dict] = None,
     progress: bool = True,
     desc: str = "features",
+    preprocessing: Optional[Preprocessing] = None,
 ) -> FeatureSet:
-    """`model.probe_features` of every (path, label) sample (evaluation transform), in sample order.
+    """`model.probe_features` of every (path, label) sample (`preprocessing`, default
+    `preprocessing_for(model.config)`), in sample order.
 
     Files that fail to load are skipped and listed. With `cache_file` (a .npy path) the features are written
     there (under a temporary name, renamed when complete, with a `.json` beside it naming the samples, the
-    trunk and `cache_key`) and read back memory-mapped when a later call asks for the same.
+    trunk, the preprocessing and `cache_key`) and read back memory-mapped when a later call asks for the same.
+    A native-resolution trunk runs on batches of one patch grid each (`_native_features`).
     """
     c = model.config
     np_dtype = _CACHE_DTYPES[dtype]
     samples = [(Path(p), int(label)) for p, label in samples]
+    transform = preprocessing or preprocessing_for(c)
     meta = {"samples_sha256": _samples_key(samples), "num_samples": len(samples), "dtype": dtype,
-            "image_size": c.image_size, "probe_layers": c.probe_layers, "trunk": cache_key or {}}
+            "image_size": c.image_size, "probe_layers": c.probe_layers, "preprocessing": transform.to_dict(),
+            "trunk": cache_key or {}}
     if cache_file is not None:
         cache_file = Path(cache_file)
         found = _read_cached(cache_file, meta)
         if found is not None:
             return found
-    shape = (len(samples), c.num_patches, c.width)
-    if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+    if is_native(c):
+        return _native_features(model, samples, transform, batch_size, np_dtype, num_workers, cache_file, meta,
+                                progress, desc)
+    shape = (len(samples), c.num_patches, c.width)
     writing = atomic_file(cache_file) if cache_file is not None else contextlib.nullcontext()
     with writing as tmp:
         if tmp is not None:  # written in place through a memory map, renamed when complete
@@ -205,17 +219,11 @@ def compute_features(
             features = np.empty(shape, np_dtype)
         skipped = Skipped()
         labels, paths, row = [], [], 0
-        transform = EvalTransform(c.image_size)
         with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
             batches = iter_image_batches([p for p, _ in samples], transform, batch_size, skipped,
                                          num_workers=num_workers, labels=[l for _, l in samples])
             for images, batch_paths, batch_labels in batches:
-                feats = to_numpy(model.probe_features(mx.array(images)), np.float32)
-                if np_dtype == np.float16 and np.abs(feats).max() > _FLOAT16_MAX:
-                    raise ValueError(
-                        f"trunk features reach {np.abs(feats).max():.3g}, past float16's range; cache them in "
-                        "float32 (cache_dtype='float32', --cache-dtype float32)"
-                    )
+                feats = _checked(to_numpy(model.probe_features(mx.array(images)), np.float32), np_dtype)
                 features[row : row + len(feats)] = feats
                 row += len(feats)
                 labels += batch_labels
@@ -229,6 +237,53 @@ def compute_features(
         return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, skipped)
     _write_json(cache_file.with_suffix(".json"),
                 dict(meta, rows=row, labels=labels, paths=paths, skipped=skipped.to_list()))
+    return _read_cached(cache_file, meta)
+
+
+def _checked(feats: np.ndarray, np_dtype) -> np.ndarray:
+    if np_dtype == np.float16 and np.abs(feats).max() > _FLOAT16_MAX:
+        raise ValueError(
+            f"trunk features reach {np.abs(feats).max():.3g}, past float16's range; cache them in "
+            "float32 (cache_dtype='float32', --cache-dtype float32)"
+        )
+    return feats
+
+
+def _native_features(model: AIM, samples: list[tuple[Path, int]], transform: Preprocessing, batch_size: int, np_dtype,
+                     num_workers: int, cache_file: Optional[Path], meta: dict, progress: bool, desc: str) -> FeatureSet:
+    """`compute_features` for a native-resolution trunk: batches of one patch grid each, gathered in memory (a
+    row's token count is known only once its image is read) and put back in sample order. One grid gives an
+    (n, N, D) array, as a fixed-size trunk does; several give a `RaggedTokens` (cached with the grids)."""
+    skipped = Skipped()
+    rows: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}  # sample index -> (features (N, D), grid)
+    p = model.config.patch_size
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
+        batches = iter_image_batches([path for path, _ in samples], transform, batch_size, skipped,
+                                     num_workers=num_workers, labels=range(len(samples)), group_by_shape=True)
+        for images, _, indices in batches:
+            feats = _checked(to_numpy(model.probe_features(mx.array(images)), np.float32), np_dtype)
+            grid = (images.shape[1] // p, images.shape[2] // p)
+            for index, row in zip(indices, feats.astype(np_dtype)):
+                rows[index] = (row, grid)
+            bar.update(len(indices))
+        bar.update(len(samples) - bar.n)
+    order = sorted(rows)
+    labels, paths = [samples[i][1] for i in order], [str(samples[i][0]) for i in order]
+    grids = [rows[i][1] for i in order]
+    ragged = len(set(grids)) > 1
+    if ragged:
+        array = np.concatenate([rows[i][0] for i in order])
+        features = RaggedTokens(array, grids)
+    else:
+        array = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, 0, model.config.width), np_dtype)
+        features = array
+    if cache_file is None:
+        return FeatureSet(features, np.asarray(labels, np.int64), paths, skipped)
+    with atomic_file(cache_file) as tmp:
+        np.save(tmp, array)
+    _write_json(cache_file.with_suffix(".json"),
+                dict(meta, rows=len(order), labels=labels, paths=paths, skipped=skipped.to_list(),
+                     grids=[list(g) for g in grids] if ragged else None))
     return _read_cached(cache_file, meta)
 
 
@@ -246,7 +301,40 @@ def _read_cached(cache_file: Path, meta: dict) -> Optional[FeatureSet]:
     skipped = Skipped()
     for item in info["skipped"]:
         skipped.add(item["path"], item["reason"], warn=False)
-    return FeatureSet(features[: info["rows"]], np.asarray(info["labels"], np.int64), info["paths"], skipped)
+    grids = info.get("grids")
+    features = RaggedTokens(features, grids) if grids is not None else features[: info["rows"]]
+    return FeatureSet(features, np.asarray(info["labels"], np.int64), info["paths"], skipped)
+
+
+def feature_batches(data: FeatureSet, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of `data` in batches of up to `batch_size` rows, in row order; ragged features in
+    batches of one grid each, grid by grid."""
+    if isinstance(data.features, RaggedTokens):
+        for rows in data.features.by_grid().values():
+            for lo in range(0, len(rows), batch_size):
+                idx = rows[lo : lo + batch_size]
+                yield data.features.take(idx), data.labels[idx]
+        return
+    for lo in range(0, len(data), batch_size):
+        yield np.asarray(data.features[lo : lo + batch_size]), data.labels[lo : lo + batch_size]
+
+
+def epoch_batches(data: FeatureSet, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The row indices of each training batch of `epoch`, in order. Rows are visited in the permutation
+    seeded by (seed, epoch), cut into batches of `batch_size` with the last incomplete batch dropped. Ragged
+    features (several patch grids) are cut grid by grid, in permutation order, each grid's last batch kept
+    however short (a grid with fewer images than a batch would otherwise never be trained on); the batches
+    are then put in the order of a permutation seeded by (seed, epoch, 1)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(data))
+    if not isinstance(data.features, RaggedTokens):
+        return [order[k * batch_size : (k + 1) * batch_size] for k in range(len(data) // batch_size)]
+    members: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        members.setdefault(data.features.grids[i], []).append(int(i))
+    batches = [np.asarray(rows[lo : lo + batch_size]) for rows in members.values()
+               for lo in range(0, len(rows), batch_size)]
+    shuffled = np.random.default_rng([seed, epoch, _BATCH_ORDER_STREAM]).permutation(len(batches))
+    return [batches[k] for k in shuffled]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,10 +419,8 @@ def evaluate(
     correct1 = np.zeros(num_classes, np.int64)
     count = np.zeros(num_classes, np.int64)
     correct5, loss_sum = 0, 0.0
-    for lo in range(0, len(data), batch_size):
-        x = mx.array(np.asarray(data.features[lo : lo + batch_size])).astype(mx.float32)
-        y = data.labels[lo : lo + batch_size]
-        logits, _ = probe_forward(head, x)
+    for x, y in feature_batches(data, batch_size):
+        logits, _ = probe_forward(head, mx.array(x).astype(mx.float32))
         loss = nn.losses.cross_entropy(logits, mx.array(y), reduction="sum")
         top = mx.argsort(-logits, axis=-1)[:, :k]
         mx.eval(loss, top)
@@ -419,6 +505,17 @@ def probe_run(out: Union[str, os.PathLike]) -> RunFolder:
     return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
 
 
+def _check_augmentable(model: AIM, preprocessing: Preprocessing) -> None:
+    """Augmentation crops and resizes to the trunk's fixed image size and scales pixels by 1/255: refuses what
+    it cannot honour."""
+    if is_native(model.config):
+        raise ValueError("augment: random resized crops need a fixed image size; a native-resolution trunk trains "
+                         "on its cached features (leave out augment, --augment)")
+    if preprocessing.rescale_factor != 1 / 255:
+        raise ValueError(f"augment scales pixels by 1/255; this preprocessing ({preprocessing.source}) scales by "
+                         f"{preprocessing.rescale_factor}")
+
+
 def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
     """One optimizer step on a batch of probe features. Not `mx.compile`d: on the CPU backend compiling
     this step costs ~25 s (MLX builds its fused kernels with the system compiler) to save ~1 ms a step."""
@@ -439,7 +536,7 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
 
 
 def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolder], config: ProbeConfig,
-              cache_dir: Optional[Path], trunk: dict, progress: bool
+              cache_dir: Optional[Path], trunk: dict, progress: bool, preprocessing: Preprocessing
               ) -> tuple[Optional[FeatureSet], Optional[FeatureSet], Skipped]:
     """The trunk features of the training images (None with `augment`: the trunk then runs on every
     augmented batch) and of the validation images, cached in `cache_dir` when given; the unusable files."""
@@ -448,7 +545,7 @@ def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolde
         cache_file = cache_dir / f"{name}.npy" if cache_dir is not None else None
         return compute_features(model, part.samples, batch_size=config.eval_batch_size, dtype=config.cache_dtype,
                                 num_workers=config.num_workers, cache_file=cache_file, cache_key=trunk,
-                                progress=progress, desc=f"{name} features")
+                                progress=progress, desc=f"{name} features", preprocessing=preprocessing)
 
     train_set = None if config.augment else features_of(train_part, "train")
     val_set = features_of(val_part, "val") if val_part is not None and len(val_part) else None
@@ -462,20 +559,21 @@ def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolde
 def _batches(model: AIM, train_set: Optional[FeatureSet], loader: Optional[BatchLoader], batch_size: int,
              seed: int, start_step: int) -> Iterator[tuple[mx.array, mx.array]]:
     """(probe features, labels) of the steps after `start_step`: augmented images through the frozen trunk
-    (no gradient reaches it), or cached features, batch k of epoch e taken from a permutation seeded by
-    (seed, e)."""
+    (no gradient reaches it), or cached features in the batches `epoch_batches` gives."""
     if loader is not None:
         for images, labels, _ in loader:
             yield model.probe_features(mx.array(images)), mx.array(labels)
         return
-    steps_per_epoch = len(train_set) // batch_size
-    order, order_epoch = None, None
+    steps_per_epoch = len(epoch_batches(train_set, batch_size, seed, 0))
+    batches, batches_epoch = None, None
     for step in itertools.count(start_step):
         epoch, position = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = np.random.default_rng([seed, epoch]).permutation(len(train_set)), epoch
-        idx = order[position * batch_size : (position + 1) * batch_size]
-        yield mx.array(np.asarray(train_set.features[idx])), mx.array(train_set.labels[idx])
+        if batches_epoch != epoch:
+            batches, batches_epoch = epoch_batches(train_set, batch_size, seed, epoch), epoch
+        idx = batches[position]
+        features = train_set.features
+        x = features.take(idx) if isinstance(features, RaggedTokens) else np.asarray(features[idx])
+        yield mx.array(x), mx.array(train_set.labels[idx])
 
 
 def train_probe(
@@ -491,6 +589,7 @@ def train_probe(
     save_model_folder: bool = True,
     progress: bool = True,
     echo: Optional[Callable[[str], None]] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> ProbeResult:
     """Trains an attentive probe on `model`'s frozen trunk over an image folder; returns the result.
 
@@ -499,7 +598,9 @@ def train_probe(
     the model folder, checkpoints, the log and the feature cache go (see the module docstring). `trunk`:
     what identifies the trunk (`trunk_description`), stored in probe.json and checked on resume. `resume`
     continues from out/checkpoint; `force` discards an existing one. `stop_at` ends this call after that
-    step with a checkpoint, leaving the schedule as for the full run (to train in slices).
+    step with a checkpoint, leaving the schedule as for the full run (to train in slices). `preprocessing`
+    (default `preprocessing_for(model.config)`) is recorded in probe.json, and written to the model folder as
+    its `preprocessor_config.json` where that format can hold it (everything but AIM v1's torchvision rounding).
 
     Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
@@ -514,12 +615,16 @@ def train_probe(
 
     # The data: trunk features, cached unless augmenting.
     model.eval()
+    preprocessing = preprocessing or preprocessing_for(model.config)
+    if config.augment:
+        _check_augmentable(model, preprocessing)
     train_part, val_part = _splits(data, config.val_ratio, config.seed)
     classes = list(train_part.classes)
     if len(classes) < 2:
         raise ValueError(f"probe data has {len(classes)} class(es) ({classes}): expected at least 2")
     cache_dir = run.path / CACHE_DIR if run is not None and config.cache == "disk" else None
-    train_set, val_set, skipped = _features(model, train_part, val_part, config, cache_dir, trunk, progress)
+    train_set, val_set, skipped = _features(model, train_part, val_part, config, cache_dir, trunk, progress,
+                                            preprocessing)
     num_train = len(train_part) if config.augment else len(train_set)
     if num_train < 2:
         raise NoUsableImages(f"probe data: {num_train} usable training image(s); expected at least 2"
@@ -527,7 +632,9 @@ def train_probe(
 
     # The run: head, optimizer, schedule over this data's step count, then the checkpoint's state over them.
     batch_size = min(config.batch_size, num_train)
-    total_steps = config.steps or config.epochs * (num_train // batch_size)
+    steps_per_epoch = (num_train // batch_size if train_set is None
+                       else len(epoch_batches(train_set, batch_size, config.seed, 0)))
+    total_steps = config.steps or config.epochs * steps_per_epoch
     end_step = last_step(stop_at, total_steps)
     schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
     head = new_head(model, len(classes), config.seed)
@@ -536,8 +643,10 @@ def train_probe(
     optimizer.init(head.trainable_parameters())
     loader = None
     if config.augment:
+        normalize = preprocessing.mean is not None
         transform = TrainTransform(model.config.image_size, scale=config.crop_scale, hflip=config.hflip,
-                                   color_jitter=(0, 0, 0, 0), jitter_prob=0.0)
+                                   color_jitter=(0, 0, 0, 0), jitter_prob=0.0, normalize=normalize,
+                                   **({"mean": preprocessing.mean, "std": preprocessing.std} if normalize else {}))
         loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
                              num_workers=config.num_workers, loop=True)
     settings = {"recipe": config.recipe(), "trunk": trunk, "total_steps": total_steps,
@@ -608,14 +717,16 @@ def train_probe(
         "loss_curve": [{"step": s, "loss": float(np.mean(all_losses[max(0, s - config.log_interval):s]))}
                        for s in range(config.log_interval, len(all_losses) + 1, config.log_interval)],
         "skipped": skipped.to_list(),
+        "preprocessing": preprocessing.to_dict(),
     }
     if run is not None and end_step == total_steps:
-        _write_outputs(run.path, model, head, info, save_model_folder)
+        _write_outputs(run.path, model, head, info, save_model_folder, preprocessing)
     return ProbeResult(head, classes, metrics, losses, end_step, total_steps, time.perf_counter() - start_time,
                        skipped, run.path if run is not None else None, info)
 
 
-def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool) -> None:
+def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool,
+                   preprocessing: Preprocessing) -> None:
     save_head(out / HEAD_FILE, head, info["probe_layers"])
     if save_model_folder:
         weights = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
@@ -625,6 +736,8 @@ def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save
                 f"(scripts/probe.py) on {info['num_classes']} classes.")
         folder = save_model(out / MODEL_DIR, weights, config, force=True, source_note=note)
         _write_json(folder / PROBE_INFO, info)
+        if preprocessing.crop_rounding == "floor":  # so that classifying with the folder preprocesses alike
+            write_json(folder / PREPROCESSOR_CONFIG, preprocessing.processor_dict())
     _write_json(out / PROBE_INFO, info)
 
 
@@ -674,9 +787,12 @@ def evaluate_probe(
     batch_size: int = 128,
     num_workers: int = NUM_WORKERS,
     progress: bool = True,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> tuple[dict, Skipped]:
-    """Metrics of `model` (with its trained head attached) on a split of an image folder."""
+    """Metrics of `model` (with its trained head attached) on a split of an image folder, preprocessed by
+    `preprocessing` (default `preprocessing_for(model.config)`)."""
     part = eval_split(data, split, classes, val_ratio, seed)
     features = compute_features(model, part.samples, batch_size=batch_size, dtype="float32",
-                                num_workers=num_workers, progress=progress, desc=f"{split} features")
+                                num_workers=num_workers, progress=progress, desc=f"{split} features",
+                                preprocessing=preprocessing)
     return evaluate(model.head, features, classes, batch_size), features.skipped

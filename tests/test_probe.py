@@ -12,12 +12,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_aim
-from mlx_aim.data import ImageFolder, eval_transform
+from mlx_aim.data import PREPROCESSOR_CONFIG, ImageFolder, Preprocessing, eval_transform, preprocessing_for
+from mlx_aim.inference import RaggedTokens
 from mlx_aim.model import build_model
 from mlx_aim.probe import (
     FeatureSet,
     ProbeConfig,
     compute_features,
+    epoch_batches,
     evaluate,
     load_head,
     new_head,
@@ -26,7 +28,7 @@ from mlx_aim.probe import (
 )
 from mlx_aim.runs import TrainingDiverged, read_log
 from conftest import last_json, run_script
-from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
+from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config, probe_config, save_image
 
 APPLE_HEAD_KEYS = {"head.k.weight", "head.v.weight", "head.cls_token", "head.linear.weight",
                    "head.bn.running_mean", "head.bn.running_var"}
@@ -249,3 +251,80 @@ def test_probe_cli_random_init_baseline_and_errors(tmp_path, colours):
     failed = run_script("scripts/probe.py", "train", "--model", trunk_dir, "--data", empty, "--out", tmp_path / "x",
                         check_rc=2)
     assert str(empty / "a") in failed.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# A native-resolution trunk: every image keeps its own patch grid
+
+
+@pytest.fixture(scope="module")
+def native_trunk():
+    return build_model(native_config(), seed=0)
+
+
+def test_native_features_are_ragged_in_sample_order(native_trunk, colours, tmp_path):
+    samples = _samples(colours)  # 16 to 39 pixels a side: many grids
+    features = compute_features(native_trunk, samples, batch_size=8, dtype="float32", progress=False,
+                                cache_file=tmp_path / "c.npy")
+    ragged = features.features
+    assert isinstance(ragged, RaggedTokens) and len(ragged) == len(samples) and len(ragged.by_grid()) > 10
+    assert features.paths == [str(p) for p, _ in samples] and features.labels.tolist() == [l for _, l in samples]
+    prep = preprocessing_for(native_trunk.config)
+    for i in (0, 17, len(samples) - 1):
+        image = prep(samples[i][0])
+        assert ragged.grids[i] == (image.shape[0] // 4, image.shape[1] // 4)
+        expected = np.asarray(native_trunk.probe_features(mx.array(image[None])))[0]
+        np.testing.assert_allclose(ragged[i], expected, rtol=1e-5, atol=1e-6)
+    # Read back from the cache: the same rows and grids; other preprocessing is another cache entry.
+    again = compute_features(native_trunk, samples, batch_size=8, dtype="float32", progress=False,
+                             cache_file=tmp_path / "c.npy")
+    assert again.features.grids == ragged.grids and np.array_equal(again.features.tokens, ragged.tokens)
+    info = json.loads((tmp_path / "c.json").read_text())
+    assert info["preprocessing"] == prep.to_dict() and len(info["grids"]) == len(samples)
+    # Images of one size give the plain (n, N, D) array a fixed-size trunk gives.
+    uniform = tmp_path / "uniform"
+    for i in range(3):
+        save_image(uniform / f"{i}.png", np.full((20, 13, 3), 60 * i, np.uint8))
+    plain = compute_features(native_trunk, [(uniform / f"{i}.png", 0) for i in range(3)], progress=False)
+    assert isinstance(plain.features, np.ndarray) and plain.features.shape == (3, 15, 64)
+
+
+def test_native_batches_hold_one_grid_and_evaluation_matches_one_by_one(native_trunk, colours):
+    samples = _samples(colours)
+    features = compute_features(native_trunk, samples, batch_size=8, dtype="float32", progress=False)
+    grids = features.features.grids
+    batches = epoch_batches(features, 4, seed=3, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(samples)))  # every row once an epoch
+    assert all(len({grids[i] for i in b}) == 1 and 1 <= len(b) <= 4 for b in batches)
+    expected_count = sum(-(-len(rows) // 4) for rows in features.features.by_grid().values())
+    assert len(batches) == expected_count == len(epoch_batches(features, 4, seed=3, epoch=1))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(features, 4, seed=3, epoch=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(features, 4, seed=3, epoch=1)))
+    # Evaluation over ragged features = each image alone (eval-mode BatchNorm is per token).
+    head = new_head(native_trunk, 4, seed=1)
+    head.eval()
+    metrics = evaluate(head, features, sorted(COLOURS), batch_size=5)
+    logits = np.concatenate([np.asarray(probe_forward(head, mx.array(features.features[i][None]))[0])
+                             for i in range(len(samples))])
+    labels = features.labels
+    assert metrics["top1"] == pytest.approx(np.mean(logits.argmax(axis=1) == labels))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    loss = np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(labels)), labels])
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_native_probe_trains_end_to_end(native_trunk, colours, tmp_path):
+    config = ProbeConfig(epochs=15, **FAST)
+    result = train_probe(native_trunk, colours, tmp_path / "out", config, progress=False)
+    train = compute_features(native_trunk, _samples(colours), batch_size=32, progress=False)
+    assert result.steps == 15 * len(epoch_batches(train, 16, config.seed, 0))
+    assert result.metrics["train"]["top1"] >= 0.9 and result.metrics["val"]["top1"] >= 0.75
+    info = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert Preprocessing.from_dict(info["preprocessing"]) == preprocessing_for(native_trunk.config)
+    # The model folder carries the preprocessing, so classifying with it preprocesses alike.
+    folder = tmp_path / "out" / "model"
+    assert json.loads((folder / PREPROCESSOR_CONFIG).read_text())["do_resize"] is False
+    assert preprocessing_for(native_trunk.config, folder).to_dict() == {
+        **preprocessing_for(native_trunk.config).to_dict(), "source": str(folder / PREPROCESSOR_CONFIG)}
+    with pytest.raises(ValueError, match="fixed image size"):
+        train_probe(native_trunk, colours, config=ProbeConfig(epochs=1, augment=True, **FAST), progress=False)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..data import NUM_WORKERS
+from ..data import NUM_WORKERS, preprocessing_for
 from ..inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
 from ..probe import (HEAD_FILE, MODEL_DIR, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe,
                      trunk_description)
@@ -100,12 +100,13 @@ def train(args: argparse.Namespace, config: ProbeConfig) -> int:
     with reported_as("cannot load the model"):
         trunk_model = open_model(args.model, dtype=args.dtype, quantize=quantization(args),
                                  probe_layers=args.probe_layers, random_init=args.random_init, seed=config.seed)
+        preprocessing = preprocessing_for(trunk_model.config, args.model)
     trunk = trunk_description(trunk_model, args.model, args.random_init, config.seed)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
     try:
         result = train_probe(trunk_model, args.data, args.out, config, trunk=trunk, resume=args.resume,
                              force=args.force, save_model_folder=not args.no_model_folder,
-                             progress=not args.no_progress, echo=say)
+                             progress=not args.no_progress, echo=say, preprocessing=preprocessing)
     except TrainingDiverged as error:  # the run produced no probe
         raise CommandError(str(error), EXIT_EMPTY) from None
     summary = result.summary()
@@ -143,11 +144,12 @@ def evaluate(args: argparse.Namespace) -> int:
     with reported_as("cannot load the model and head"):
         aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"])
         aim.attach_head(load_head(head_path, aim))
+        preprocessing = preprocessing_for(aim.config, model)
     config = info.get("config", {})
     metrics, skipped = evaluate_probe(aim, args.data, info["classes"], split=args.split,
                                       val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),
                                       batch_size=args.batch_size, num_workers=args.num_workers,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, preprocessing=preprocessing)
     print(f"probe {head_path} on {model} (layers {aim.config.probe_layers}), {args.split} split of {args.data}")
     print(format_metrics(args.split, metrics))
     print(skipped.report())
