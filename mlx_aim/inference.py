@@ -302,7 +302,7 @@ def extract_features(
         "dtype": save_dtype,
         "shard_size": shard_size,
         "image_size": c.image_size,
-        "preprocessing": transform.to_dict(),
+        "preprocessing": transform.settings(),
         "num_files": len(paths),
         "files_sha256": hashlib.sha256("\n".join(relative).encode()).hexdigest(),
     }

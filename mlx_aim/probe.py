@@ -199,7 +199,7 @@ def compute_features(
     samples = [(Path(p), int(label)) for p, label in samples]
     transform = preprocessing or preprocessing_for(c)
     meta = {"samples_sha256": _samples_key(samples), "num_samples": len(samples), "dtype": dtype,
-            "image_size": c.image_size, "probe_layers": c.probe_layers, "preprocessing": transform.to_dict(),
+            "image_size": c.image_size, "probe_layers": c.probe_layers, "preprocessing": transform.settings(),
             "trunk": cache_key or {}}
     if cache_file is not None:
         cache_file = Path(cache_file)

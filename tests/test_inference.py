@@ -266,7 +266,7 @@ def test_extract_features_native_stores_ragged_tokens(native_model, mixed_images
                               batch_size=2, file_format=file_format, progress=False)
     index = result.index
     assert index["tokens_layout"] == "ragged" and index["tokens_shape"] == [None, 64] and index["image_size"] is None
-    assert index["preprocessing"] == preprocessing_for(native_model.config).to_dict()
+    assert index["preprocessing"] == preprocessing_for(native_model.config).settings()
     assert [s["grids"] for s in index["shards"]] == [[[4, 4], [3, 5], [5, 3], [4, 4]], [[3, 5], [2, 6], [4, 4]]]
     tokens, token_paths = load_features(tmp_path / "f", "tokens")
     embeddings, paths_read = load_features(tmp_path / "f", "embedding")
@@ -293,7 +293,7 @@ def test_extract_features_native_stores_ragged_tokens(native_model, mixed_images
 def test_extract_features_records_the_preprocessing_and_refuses_another(model_dir, images, tmp_path):
     model = mlx_aim.load(model_dir)
     first = extract_features(model, [images], tmp_path / "f", features="tokens", progress=False)
-    assert first.index["preprocessing"] == Preprocessing.aim_v1(16).to_dict()
+    assert first.index["preprocessing"] == Preprocessing.aim_v1(16).settings()
     assert "tokens_layout" not in first.index and first.index["tokens_shape"] == [16, 64]  # v1's layout, unchanged
     other = Preprocessing(resize=16, crop_size=(16, 16))
     with pytest.raises(ValueError, match="differs in preprocessing"):

@@ -280,7 +280,7 @@ def test_native_features_are_ragged_in_sample_order(native_trunk, colours, tmp_p
                              cache_file=tmp_path / "c.npy")
     assert again.features.grids == ragged.grids and np.array_equal(again.features.tokens, ragged.tokens)
     info = json.loads((tmp_path / "c.json").read_text())
-    assert info["preprocessing"] == prep.to_dict() and len(info["grids"]) == len(samples)
+    assert info["preprocessing"] == prep.settings() and len(info["grids"]) == len(samples)
     # Images of one size give the plain (n, N, D) array a fixed-size trunk gives.
     uniform = tmp_path / "uniform"
     for i in range(3):
@@ -324,7 +324,8 @@ def test_native_probe_trains_end_to_end(native_trunk, colours, tmp_path):
     # The model folder carries the preprocessing, so classifying with it preprocesses alike.
     folder = tmp_path / "out" / "model"
     assert json.loads((folder / PREPROCESSOR_CONFIG).read_text())["do_resize"] is False
-    assert preprocessing_for(native_trunk.config, folder).to_dict() == {
-        **preprocessing_for(native_trunk.config).to_dict(), "source": str(folder / PREPROCESSOR_CONFIG)}
+    from_folder = preprocessing_for(native_trunk.config, folder)
+    assert from_folder == preprocessing_for(native_trunk.config)
+    assert from_folder.source == str(folder / PREPROCESSOR_CONFIG)
     with pytest.raises(ValueError, match="fixed image size"):
         train_probe(native_trunk, colours, config=ProbeConfig(epochs=1, augment=True, **FAST), progress=False)

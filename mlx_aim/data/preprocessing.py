@@ -33,7 +33,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -95,7 +95,8 @@ class Preprocessing:
     (None: no limit); then `x * rescale_factor` (float64, cast to float32; None: no rescale) and, with
     `mean`/`std` (None: no normalisation), `(x - mean) / std` per channel in float32. Returns float32 HWC.
 
-    `source` says where the settings came from (a file, or a family default), for records and messages.
+    `source` says where the settings came from (a file, or a family default), for records and messages; it
+    takes no part in equality (`==` means the same pixels) nor in `settings()`.
     """
 
     mean: Optional[tuple[float, float, float]] = IMAGENET_MEAN
@@ -108,7 +109,7 @@ class Preprocessing:
     native: bool = False
     patch_size: Optional[int] = None
     max_patches: Optional[int] = MAX_PATCHES
-    source: str = "AIM v1 default"
+    source: str = field(default="AIM v1 default", compare=False)
 
     def __post_init__(self):
         if (self.mean is None) != (self.std is None):
@@ -285,8 +286,12 @@ class Preprocessing:
     # Records
 
     def to_dict(self) -> dict:
-        """Every field, JSON-ready (tuples as lists): what feature and probe records store."""
+        """Every field, JSON-ready (tuples as lists): what a probe's record stores."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def settings(self) -> dict:
+        """`to_dict` without `source`: what decides the pixels, compared when a run or a cache is reused."""
+        return {k: v for k, v in self.to_dict().items() if k != "source"}
 
     @classmethod
     def from_dict(cls, params: dict) -> "Preprocessing":
