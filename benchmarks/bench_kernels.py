@@ -139,7 +139,7 @@ def block_profile(record, reps: int, with_torch: bool) -> None:
     prefix = np.random.default_rng(0).integers(1, N, B)
     for dim, heads in BLOCK_SHAPES:
         label = f"{B}x{N}x{dim}"
-        block = layers.Block(dim, heads, 4.0, 1e-6)
+        block = layers.aim_block(dim, heads, 4.0, 1e-6)
         x, r = mx.random.normal((B, N, dim)), mx.random.normal((B, N, dim))
         mask = layers.prefix_causal_mask(mx.array(prefix.astype(np.int32)), N)
         mx.eval(block.parameters(), x, r, mask)

@@ -1,15 +1,16 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.layers`) calls `Linear`, `attention`, `gelu` and `prepare_mask` from here and never looks
-at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`, `nn.QuantizedLinear`,
-`mx.fast.scaled_dot_product_attention` and `nn.gelu` (exact, erf). On the CPU backend the workarounds replace
-the slow parts of MLX's CPU kernels:
+The model (`mlx_aim.layers`) calls `Linear`, `attention`, `gelu`, `silu` and `prepare_mask` from here and never
+looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`, `nn.QuantizedLinear`,
+`mx.fast.scaled_dot_product_attention`, `nn.gelu` (exact, erf) and `nn.silu`. On the CPU backend the workarounds
+replace the slow parts of MLX's CPU kernels:
 
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
 - attention is `ops.attention` (a vectorised exp, a written-out backward, float32), with the trunk's mask made
   additive once rather than in every block;
-- GELU is `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time).
+- GELU is `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time);
+- SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 
 Each gives the portable path's values up to float32 rounding. Setting the environment variable
 `MLX_AIM_CPU_WORKAROUNDS=0` (or `off`, `false`) turns them off, so the portable path can be tested and timed
@@ -67,6 +68,11 @@ def use_cpu_workarounds() -> bool:
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU: `ops.gelu` with the CPU workarounds, `nn.gelu` elsewhere."""
     return ops.gelu(x) if use_cpu_workarounds() else nn.gelu(x)
+
+
+def silu(x: mx.array) -> mx.array:
+    """SiLU (AIMv2's SwiGLU gate): `ops.silu` with the CPU workarounds, `nn.silu` elsewhere."""
+    return ops.silu(x) if use_cpu_workarounds() else nn.silu(x)
 
 
 def prepare_mask(mask, num_tokens: int):

@@ -1,4 +1,5 @@
-"""The architecture's configuration: one dataclass, and the registry of named presets."""
+"""The architectures' configurations: one dataclass per model family (AIM, AIMv2), and the one registry of
+named presets for both."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 from .fileio import write_json
 
@@ -41,8 +42,83 @@ def parse_probe_layers(text: Optional[str]) -> ProbeLayers:
         ) from None
 
 
+class _TrunkConfig:
+    """What both families' configs share: probe layers, copies with changes, and config.json files."""
+
+    name: Optional[str]
+    depth: int
+    probe_layers: list[int]
+
+    @property
+    def max_block_id(self) -> int:
+        """The deepest block the probe reads: the trunk stops there for classification."""
+        return max(self.probe_layers)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def with_probe_layers(self, probe_layers: ProbeLayers):
+        """This config reading other blocks: "last" (the final 6), "best" (a released model's best layers,
+        AIM-REFERENCE.md; the final 6 for a preset that names none) or block indices; None keeps them."""
+        if probe_layers is None:
+            return self
+        if probe_layers == "last":
+            return self.replace(probe_layers=_last_layers(self.depth))
+        if probe_layers == "best":
+            if self.name not in _PRESETS:
+                raise ValueError(f"probe_layers='best' needs a preset's model; {self.name!r} is not one "
+                                 f"({', '.join(PRESET_NAMES)})")
+            best = _PRESETS[self.name].best
+            return self.replace(probe_layers=list(best) if best is not None else _last_layers(self.depth))
+        if isinstance(probe_layers, str):
+            raise ValueError(f"probe_layers={probe_layers!r}: expected 'best', 'last' or a list of block indices")
+        return self.replace(probe_layers=list(probe_layers))
+
+    def _check_probe_layers(self) -> None:
+        if not self.probe_layers:
+            raise ValueError("config probe_layers is empty: expected at least one block index")
+        bad = [i for i in self.probe_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(
+                f"config probe_layers {bad} out of range: expected block indices in [0, {self.depth - 1}]"
+            )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        return cls.from_dict(_read_json_object(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+
+def _read_json_object(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
+    return params
+
+
+def _check_positive_ints(config, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config {key}={value!r}: expected a positive integer")
+
+
+def _check_model_type(params: dict, expected: str, cls_name: str) -> None:
+    """A config.json of another model family (its "model_type") is refused, not read as this one."""
+    model_type = params.get("model_type", expected)
+    if model_type != expected:
+        raise ValueError(f"config model_type={model_type!r}: {cls_name} reads {expected!r} configs "
+                         "(config_from_dict picks the class from model_type)")
+
+
 @dataclass
-class AIMConfig:
+class AIMConfig(_TrunkConfig):
     """Everything needed to build an AIM model. Saved as `config.json` next to the weights."""
 
     image_size: int = 224
@@ -74,10 +150,7 @@ class AIMConfig:
         self.validate()
 
     def validate(self) -> None:
-        for key in ("image_size", "patch_size", "num_channels", "width", "depth", "num_heads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config {key}={value!r}: expected a positive integer")
+        _check_positive_ints(self, ("image_size", "patch_size", "num_channels", "width", "depth", "num_heads"))
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"config image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
@@ -86,13 +159,7 @@ class AIMConfig:
             raise ValueError(f"config width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.width % 4:
             raise ValueError(f"config width={self.width}: the 2-D sin-cos embedding needs a multiple of 4")
-        if not self.probe_layers:
-            raise ValueError("config probe_layers is empty: expected at least one block index")
-        bad = [i for i in self.probe_layers if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(
-                f"config probe_layers {bad} out of range: expected block indices in [0, {self.depth - 1}]"
-            )
+        self._check_probe_layers()
         if self.attention not in ("bidirectional", "causal"):
             raise ValueError(f"config attention={self.attention!r}: expected 'bidirectional' or 'causal'")
         if self.head_width % 4:
@@ -111,31 +178,6 @@ class AIMConfig:
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.num_channels
 
-    @property
-    def max_block_id(self) -> int:
-        """The deepest block the probe reads: the trunk stops there for classification."""
-        return max(self.probe_layers)
-
-    def replace(self, **changes) -> "AIMConfig":
-        return dataclasses.replace(self, **changes)
-
-    def with_probe_layers(self, probe_layers: ProbeLayers) -> "AIMConfig":
-        """This config reading other blocks: "last" (the final 6), "best" (a released model's best layers,
-        AIM-REFERENCE.md; the final 6 for a preset that names none) or block indices; None keeps them."""
-        if probe_layers is None:
-            return self
-        if probe_layers == "last":
-            return self.replace(probe_layers=_last_layers(self.depth))
-        if probe_layers == "best":
-            if self.name not in _PRESETS:
-                raise ValueError(f"probe_layers='best' needs a preset's model; {self.name!r} is not one "
-                                 f"({', '.join(PRESET_NAMES)})")
-            best = _PRESETS[self.name][1]
-            return self.replace(probe_layers=list(best) if best is not None else _last_layers(self.depth))
-        if isinstance(probe_layers, str):
-            raise ValueError(f"probe_layers={probe_layers!r}: expected 'best', 'last' or a list of block indices")
-        return self.replace(probe_layers=list(probe_layers))
-
     # Round trips through dicts and config.json.
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -145,6 +187,7 @@ class AIMConfig:
     @classmethod
     def from_dict(cls, params: dict) -> "AIMConfig":
         """Builds a config from our `config.json`, or from Apple's hub one; unknown keys are ignored."""
+        _check_model_type(params, "aim", cls.__name__)
         params = dict(params)
         for apple_key, ours in _APPLE_HUB_KEYS.items():
             if apple_key in params and ours not in params:
@@ -152,53 +195,181 @@ class AIMConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "AIMConfig":
-        try:
-            with open(path) as f:
-                params = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(params, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
-        return cls.from_dict(params)
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, self.to_dict())
+@dataclass
+class AIMv2Config(_TrunkConfig):
+    """Everything needed to build an AIMv2 vision encoder (AIMV2-REFERENCE.md). Saved as `config.json` next to
+    the weights, with "model_type": "aimv2"."""
+
+    name: Optional[str] = None
+    # None: native resolution (any size whose sides are multiples of the patch size, up to `max_patches`).
+    image_size: Optional[int] = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    width: int = 1024
+    depth: int = 24
+    num_heads: int = 8
+    hidden_dim: int = 2816  # SwiGLU's hidden size
+    norm_eps: float = 1e-5
+    # "learned": a stored (1, num_patches, width) embedding, fixed-size checkpoints; "sincos": the 2-D sin-cos
+    # embedding computed for each input grid, native resolution. None: whichever `image_size` implies.
+    pos_embed: Optional[str] = None
+    # Native resolution's guard against huge inputs (attention's cost grows with the square of the patches).
+    max_patches: int = 4096
+    # Blocks whose raw outputs the attentive probe averages (0-indexed). None: the last 6 blocks.
+    probe_layers: Optional[list[int]] = None
+    num_classes: int = 1000
+    # Set by quantized conversions: {"group_size": 64, "bits": 4}.
+    quantization: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.pos_embed is None:
+            self.pos_embed = "sincos" if self.image_size is None else "learned"
+        if self.probe_layers is None:
+            self.probe_layers = _last_layers(self.depth)
+        self.probe_layers = [int(i) for i in self.probe_layers]
+        self.validate()
+
+    def validate(self) -> None:
+        _check_positive_ints(self, ("patch_size", "num_channels", "width", "depth", "num_heads", "hidden_dim",
+                                    "max_patches"))
+        if self.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"config pos_embed={self.pos_embed!r}: expected 'learned' or 'sincos'")
+        if self.image_size is None:
+            if self.pos_embed != "sincos":
+                raise ValueError("config image_size=None (native resolution) needs pos_embed='sincos': "
+                                 "a learned position embedding has one grid size")
+        else:
+            _check_positive_ints(self, ("image_size",))
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"config image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+                )
+            if self.pos_embed != "learned":
+                raise ValueError(f"config pos_embed={self.pos_embed!r} with image_size={self.image_size}: "
+                                 "the sin-cos embedding is native resolution's (image_size=None)")
+        if self.width % self.num_heads:
+            raise ValueError(f"config width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.pos_embed == "sincos" and self.width % 4:
+            raise ValueError(f"config width={self.width}: the 2-D sin-cos embedding needs a multiple of 4")
+        self._check_probe_layers()
+
+    # The derived quantities the model needs.
+    @property
+    def native(self) -> bool:
+        """Native resolution: the image's own size, not one fixed size."""
+        return self.image_size is None
+
+    @property
+    def grid_size(self) -> Optional[int]:
+        """Patches per side of the fixed image size; None at native resolution."""
+        return None if self.native else self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> Optional[int]:
+        """Tokens of the fixed image size (the learned position embedding's length); None at native resolution."""
+        return None if self.native else self.grid_size**2
+
+    # Round trips through dicts and config.json.
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "image_size"}
+        out["model_type"] = "aimv2"
+        return out
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "AIMv2Config":
+        """Builds a config from our `config.json` ("model_type": "aimv2"); unknown keys are ignored."""
+        _check_model_type(params, "aimv2", cls.__name__)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+Config = Union[AIMConfig, AIMv2Config]
+_CONFIG_CLASSES = {"aim": AIMConfig, "aimv2": AIMv2Config}
+
+
+def config_from_dict(params: dict) -> Config:
+    """The config a `config.json` describes, of the class its "model_type" names (none: AIM, as in Apple's
+    AIM hub files)."""
+    model_type = params.get("model_type", "aim")
+    if model_type not in _CONFIG_CLASSES:
+        raise ValueError(f"config model_type={model_type!r}: expected one of {', '.join(_CONFIG_CLASSES)}")
+    return _CONFIG_CLASSES[model_type].from_dict(params)
+
+
+def config_from_file(path: str | os.PathLike) -> Config:
+    """`config_from_dict` of a `config.json` file."""
+    return config_from_dict(_read_json_object(path))
 
 
 def _span(first: int, last: int) -> list[int]:
     return list(range(first, last + 1))
 
 
-# name -> (config fields, best probe layers). "last" layers are always the final 6 blocks.
-_PRESETS: dict[str, tuple[dict[str, Any], Optional[list[int]]]] = {
-    "aim-600M": (dict(width=1536, depth=24, num_heads=12), _span(14, 19)),
-    "aim-1B": (dict(width=2048, depth=24, num_heads=16), _span(12, 17)),
-    "aim-3B": (dict(width=3072, depth=24, num_heads=24), _span(12, 17)),
-    "aim-7B": (dict(width=4096, depth=32, num_heads=32), _span(14, 19)),
+class _Preset(NamedTuple):
+    config_class: type
+    fields: dict[str, Any]
+    best: Optional[list[int]]  # best probe layers; None: the final 6 blocks ("last" always is)
+
+
+# AIMv2's released encoders (AIMV2-REFERENCE.md), by trunk size.
+_AIMV2_TRUNKS = {
+    "large": dict(width=1024, depth=24, num_heads=8, hidden_dim=2816),
+    "huge": dict(width=1536, depth=24, num_heads=12, hidden_dim=4096),
+    "1B": dict(width=2048, depth=24, num_heads=16, hidden_dim=5632),
+    "3B": dict(width=3072, depth=24, num_heads=24, hidden_dim=8192),
+}
+
+
+def _aimv2_presets() -> dict[str, _Preset]:
+    """The 16 released AIMv2 names. Apple names no best probe layers for them: "best" means the final 6."""
+    presets = {}
+    for size, trunk in _AIMV2_TRUNKS.items():
+        for image_size in (224, 336, 448):
+            presets[f"aimv2-{size}-patch14-{image_size}"] = _Preset(AIMv2Config, dict(trunk, image_size=image_size),
+                                                                   None)
+    large = _AIMV2_TRUNKS["large"]
+    for image_size in (224, 336):
+        presets[f"aimv2-large-patch14-{image_size}-distilled"] = _Preset(
+            AIMv2Config, dict(large, image_size=image_size), None)
+    presets["aimv2-large-patch14-native"] = _Preset(AIMv2Config, dict(large, image_size=None), None)
+    # The LiT checkpoint's image encoder; its text tower and projections are not part of this config.
+    presets["aimv2-large-patch14-224-lit"] = _Preset(AIMv2Config, dict(large, image_size=224), None)
+    return presets
+
+
+# The one registry of both families' presets, AIM's first.
+_PRESETS: dict[str, _Preset] = {
+    "aim-600M": _Preset(AIMConfig, dict(width=1536, depth=24, num_heads=12), _span(14, 19)),
+    "aim-1B": _Preset(AIMConfig, dict(width=2048, depth=24, num_heads=16), _span(12, 17)),
+    "aim-3B": _Preset(AIMConfig, dict(width=3072, depth=24, num_heads=24), _span(12, 17)),
+    "aim-7B": _Preset(AIMConfig, dict(width=4096, depth=32, num_heads=32), _span(14, 19)),
     # Small variants for local pre-training. Head scaled to the trunk (the paper's 12-block MLP head is
     # sized for 0.6B-7B trunks; its width ablation shows small losses from narrower heads).
-    "aim-tiny": (
+    "aim-tiny": _Preset(
+        AIMConfig,
         dict(width=192, depth=12, num_heads=3, image_size=64, patch_size=8, head_width=192, head_depth=4),
         None,
     ),
-    "aim-small": (
+    "aim-small": _Preset(
+        AIMConfig,
         dict(width=384, depth=12, num_heads=6, image_size=224, patch_size=14, head_width=512, head_depth=12),
         None,
     ),
+    **_aimv2_presets(),
 }
 
 PRESET_NAMES: Sequence[str] = tuple(_PRESETS)
+AIMV2_PRESET_NAMES: Sequence[str] = tuple(n for n, p in _PRESETS.items() if p.config_class is AIMv2Config)
 
 
-def get_config(name: str, probe_layers: ProbeLayers = None, **overrides) -> AIMConfig:
-    """A named preset. `probe_layers` is "best" (the default), "last" or explicit indices (see
-    `AIMConfig.with_probe_layers`); `overrides` change fields."""
+def get_config(name: str, probe_layers: ProbeLayers = None, **overrides) -> Config:
+    """A named preset, AIM's or AIMv2's (`AIMConfig` or `AIMv2Config`). `probe_layers` is "best" (the default),
+    "last" or explicit indices (see `with_probe_layers`); `overrides` change fields."""
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESET_NAMES)}")
-    fields, _ = _PRESETS[name]
-    config = AIMConfig(**dict(fields, name=name, **overrides))
+    preset = _PRESETS[name]
+    config = preset.config_class(**dict(preset.fields, name=name, **overrides))
     return config.with_probe_layers("best" if probe_layers is None else probe_layers)
 
 

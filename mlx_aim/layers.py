@@ -1,25 +1,41 @@
-"""The building blocks of AIM: patch embedding, position embedding, attention masks, transformer blocks.
+"""The building blocks of AIM and AIMv2: patch embedding, position embeddings, attention masks, transformer
+blocks, the attentive probe and the pre-training head.
 
-Parameter names follow Apple's checkpoints (AIM-REFERENCE.md) so that their state dicts load with
-`strict=True`. Images are NHWC, MLX's native layout. Linear layers, the attention core and GELU come from
-`mlx_aim.backend`, which picks each one's implementation for the device.
+Both families share the patch conv, the attention and the pre-norm block; they differ in the norm (AIM's
+LayerNorm, AIMv2's RMSNorm), the MLP (GELU, SwiGLU) and the position embedding (sin-cos; AIMv2's fixed-size
+checkpoints learn theirs). Parameter names follow Apple's checkpoints (AIM-REFERENCE.md, AIMV2-REFERENCE.md)
+so that their state dicts load with `strict=True`. Images are NHWC, MLX's native layout. Linear layers, the
+attention core and the activations come from `mlx_aim.backend`, which picks each one's implementation for the
+device.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .backend import Linear, attention, gelu, prepare_mask
+from .backend import Linear, attention, gelu, prepare_mask, silu
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
 # broadcastable to (batch, heads, queries, keys) where True means "may attend".
 AttentionMask = Optional[Union[str, mx.array]]
+
+# A norm layer's constructor: width -> module. AIM's is `layer_norm(eps)`, AIMv2's `rms_norm(eps)`.
+Norm = Callable[[int], nn.Module]
+
+
+def layer_norm(eps: float) -> Norm:
+    return functools.partial(nn.LayerNorm, eps=eps)
+
+
+def rms_norm(eps: float) -> Norm:
+    """RMSNorm with a weight and no bias (AIMv2); `nn.RMSNorm` is `mx.fast.rms_norm`."""
+    return functools.partial(nn.RMSNorm, eps=eps)
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,12 +91,12 @@ def attention_mask(mode: str, num_tokens: int, prefix_len: Optional[mx.array] = 
 
 
 class PatchEmbed(nn.Module):
-    """Conv with kernel = stride = patch size, then LayerNorm: (B, H, W, C) -> (B, H/p * W/p, D)."""
+    """Conv with kernel = stride = patch size, then a norm: (B, H, W, C) -> (B, H/p * W/p, D)."""
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int, eps: float):
+    def __init__(self, patch_size: int, in_channels: int, dim: int, norm: Norm):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = norm(dim)
 
     def __call__(self, images: mx.array) -> mx.array:
         x = self.proj(images)  # (B, gh, gw, D): flattening row-major numbers tokens row by row
@@ -89,16 +105,24 @@ class PatchEmbed(nn.Module):
 
 
 class Preprocessor(nn.Module):
-    """Patch embedding plus the fixed position embedding (not a parameter: it is not in the checkpoints)."""
+    """Patch embedding plus position embedding: by default the fixed 2-D sin-cos one, computed for each input
+    grid and not a parameter (AIM; AIMv2 at native resolution); with `num_positions`, a learned `pos_embed` of
+    shape (1, num_positions, D) for one grid size (AIMv2's fixed-size checkpoints)."""
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int, eps: float):
+    def __init__(self, patch_size: int, in_channels: int, dim: int, norm: Norm, num_positions: Optional[int] = None):
         super().__init__()
         self.patch_size = patch_size
-        self.patchifier = PatchEmbed(patch_size, in_channels, dim, eps)
+        self.patchifier = PatchEmbed(patch_size, in_channels, dim, norm)
+        if num_positions is not None:
+            self.pos_embed = mx.random.normal((1, num_positions, dim)) * 0.02
 
     def __call__(self, images: mx.array) -> mx.array:
-        grid_h, grid_w = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
         x = self.patchifier(images)
+        if "pos_embed" in self:
+            if x.shape[1] != self.pos_embed.shape[1]:  # a broadcast would hide a single-patch mismatch
+                raise ValueError(f"{x.shape[1]} patches for a learned position embedding of {self.pos_embed.shape[1]}")
+            return x + self.pos_embed.astype(x.dtype)
+        grid_h, grid_w = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
         return x + sincos_pos_embed(grid_h, grid_w, x.shape[-1]).astype(x.dtype)
 
 
@@ -119,6 +143,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """AIM's MLP: fc2(gelu(fc1(x)))."""
+
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.fc1 = Linear(dim, hidden, bias=bias)
@@ -128,33 +154,59 @@ class MLP(nn.Module):
         return self.fc2(gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block without biases in its linear layers (AIM has none)."""
+class SwiGLU(nn.Module):
+    """AIMv2's MLP, without biases: fc2(silu(fc1(x)) * fc3(x)), fc1 the gate, fc3 the up projection."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.norm_1 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = Linear(dim, hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
+        self.fc3 = Linear(dim, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(silu(self.fc1(x)) * self.fc3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, x + attn(norm_1(x)) then x + mlp(norm_2(x)), with the family's norm and MLP;
+    no biases in its linear layers (neither AIM nor AIMv2 has any)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: Norm):
+        super().__init__()
+        self.norm_1 = norm(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm_2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm_2 = norm(dim)
+        self.mlp = mlp
 
     def __call__(self, x: mx.array, mask: AttentionMask = None) -> mx.array:
         x = x + self.attn(self.norm_1(x), mask)
         return x + self.mlp(self.norm_2(x))
 
 
+def aim_block(dim: int, num_heads: int, mlp_ratio: float, eps: float) -> Block:
+    """AIM's block: LayerNorm and a GELU MLP of `mlp_ratio` times the width."""
+    return Block(dim, num_heads, MLP(dim, int(dim * mlp_ratio)), layer_norm(eps))
+
+
+def aimv2_block(dim: int, num_heads: int, hidden_dim: int, eps: float) -> Block:
+    """AIMv2's block: RMSNorm and a SwiGLU MLP of hidden size `hidden_dim`."""
+    return Block(dim, num_heads, SwiGLU(dim, hidden_dim), rms_norm(eps))
+
+
 class Trunk(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, eps: float):
+    """The blocks and the final norm (`post_trunk_norm`)."""
+
+    def __init__(self, blocks: list[Block], post_trunk_norm: nn.Module):
         super().__init__()
-        self.blocks = [Block(dim, num_heads, mlp_ratio, eps) for _ in range(depth)]
-        self.post_trunk_norm = nn.LayerNorm(dim, eps=eps)
+        self.blocks = blocks
+        self.post_trunk_norm = post_trunk_norm
 
     def __call__(
         self, x: mx.array, mask: AttentionMask = None, max_block_id: Optional[int] = None
     ) -> tuple[mx.array, list[mx.array]]:
         """Returns the final normed output and every run block's raw output, stopping at `max_block_id`.
 
-        With `max_block_id` set, the final LayerNorm is applied to that block's output.
+        With `max_block_id` set, the final norm is applied to that block's output.
         """
         last = len(self.blocks) - 1 if max_block_id is None else max_block_id
         mask = prepare_mask(mask, x.shape[1])  # once, not in every block

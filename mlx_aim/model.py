@@ -1,5 +1,6 @@
-"""AIM models: the classifier (trunk + attentive probe) and the pre-training model (trunk + pixel head),
-their one constructor `build_model` (initialisation, dtype, quantization) and the quantization policy.
+"""AIM and AIMv2 models: AIM's classifier (trunk + attentive probe) and pre-training model (trunk + pixel head),
+AIMv2's vision encoder (trunk + an attentive probe we train), their one constructor `build_model`
+(initialisation, dtype, quantization) and the quantization policy.
 
 Input layout: NHWC float images, (batch, height, width, channels), normalised as in `mlx_aim.data`.
 NHWC is MLX's native convolution layout; NCHW input is rejected with an error that says how to transpose.
@@ -13,11 +14,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import AIMConfig
-from .layers import AttentionMask, AttentionProbe, PixelHead, Preprocessor, Trunk, attention_mask
+from .config import AIMConfig, AIMv2Config, Config
+from .layers import (AttentionProbe, PixelHead, Preprocessor, Trunk, aim_block, aimv2_block, attention_mask,
+                     layer_norm, rms_norm)
 
 
-def check_images(images, config: AIMConfig) -> mx.array:
+def check_images(images, config: Config) -> mx.array:
     """Validates a batch of NHWC images against the config; returns it as an mx.array."""
     if not isinstance(images, mx.array):
         images = mx.array(images)
@@ -42,19 +44,93 @@ def check_images(images, config: AIMConfig) -> mx.array:
     return images
 
 
-class _AIMBase(nn.Module):
-    """The preprocessor and trunk shared by both models, with Apple's parameter names."""
+def check_image_size(images: mx.array, config: AIMv2Config) -> None:
+    """An AIMv2 model's size rule: a fixed-size checkpoint takes its own size only (its learned position
+    embedding has one grid); native resolution takes any grid of at most `max_patches` patches."""
+    H, W = images.shape[1:3]
+    p = config.patch_size
+    if not config.native and (H, W) != (config.image_size, config.image_size):
+        raise ValueError(
+            f"images: {config.name or 'this model'} takes {config.image_size}x{config.image_size} images (its learned "
+            f"position embedding covers a {config.grid_size}x{config.grid_size} grid), got {H}x{W}; resize or crop "
+            f"them to {config.image_size}x{config.image_size}"
+        )
+    if config.native and (H // p) * (W // p) > config.max_patches:
+        raise ValueError(
+            f"images: {H}x{W} is {H // p}x{W // p} = {(H // p) * (W // p)} patches, over max_patches="
+            f"{config.max_patches}; downscale the images or raise the limit (config.replace(max_patches=...))"
+        )
+
+
+def _check_max_block_id(max_block_id: Optional[int], depth: int) -> Optional[int]:
+    """`max_block_id` as a non-negative block index (negative ones count from the end); None stays None."""
+    if max_block_id is None:
+        return None
+    if not -depth <= max_block_id < depth:
+        raise ValueError(f"max_block_id={max_block_id}: expected a block index below {depth}")
+    return max_block_id + depth if max_block_id < 0 else max_block_id
+
+
+class _Encoder(nn.Module):
+    """What every model has: a preprocessor and a trunk with Apple's parameter names, and its dtype."""
+
+    config: Config
+    preprocessor: Preprocessor
+    trunk: Trunk
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.trunk.post_trunk_norm.weight.dtype
+
+
+class _Probed(_Encoder):
+    """An encoder read by an attentive probe (AIM section 4): `model(images)` returns ImageNet (or
+    `num_classes`) logits.
+
+    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`): a fresh head's
+    logits and pooled embeddings mean nothing, its probe features (`probe_features`) do. `trunk_options` are
+    what the model's `extract_features` takes beyond the images and `max_block_id` (AIM: `attention`).
+    """
+
+    def _add_head(self, eps: float) -> None:
+        c = self.config
+        self.head = AttentionProbe(c.width, c.num_heads, c.num_classes, eps)
+        self.has_trained_head = False
+
+    def attach_head(self, head: AttentionProbe):
+        """Marks `head` as the model's trained probe: it replaces the current head (pass `model.head` when its
+        trained weights were loaded in place), the config takes its class count, it follows the model's mode."""
+        self.head = head
+        self.config = self.config.replace(num_classes=head.linear.weight.shape[0])
+        self.has_trained_head = True
+        head.train(self.training)
+        return self
+
+    def probe_features(self, images: mx.array, **trunk_options) -> mx.array:
+        """The probe's input: the mean of the probe layers' raw outputs, (B, N, D)."""
+        _, features = self.extract_features(images, self.config.max_block_id, **trunk_options)
+        return mx.stack([features[i] for i in self.config.probe_layers]).mean(axis=0)
+
+    def __call__(self, images: mx.array, **trunk_options) -> mx.array:
+        logits, _ = self.head(self.probe_features(images, **trunk_options))
+        return logits
+
+    def embed(self, images: mx.array, **trunk_options) -> mx.array:
+        """The probe's attention-pooled embedding, (B, D): a global image descriptor for retrieval."""
+        _, pooled = self.head(self.probe_features(images, **trunk_options))
+        return pooled
+
+
+class _AIMBase(_Encoder):
+    """AIM's preprocessor and trunk, shared by its two models, with Apple's parameter names."""
 
     def __init__(self, config: AIMConfig):
         super().__init__()
         self.config = config
         c = config
-        self.preprocessor = Preprocessor(c.patch_size, c.num_channels, c.width, c.norm_eps)
-        self.trunk = Trunk(c.width, c.depth, c.num_heads, c.mlp_ratio, c.norm_eps)
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.trunk.post_trunk_norm.weight.dtype
+        self.preprocessor = Preprocessor(c.patch_size, c.num_channels, c.width, layer_norm(c.norm_eps))
+        self.trunk = Trunk([aim_block(c.width, c.num_heads, c.mlp_ratio, c.norm_eps) for _ in range(c.depth)],
+                           nn.LayerNorm(c.width, eps=c.norm_eps))
 
     def extract_features(
         self,
@@ -69,49 +145,54 @@ class _AIMBase(nn.Module):
         run block). `attention` is "bidirectional", "causal" or "prefix" (default: the config's).
         """
         images = check_images(images, self.config)
-        if max_block_id is not None and not -self.config.depth <= max_block_id < self.config.depth:
-            raise ValueError(f"max_block_id={max_block_id}: expected a block index below {self.config.depth}")
-        if max_block_id is not None and max_block_id < 0:
-            max_block_id += self.config.depth
+        max_block_id = _check_max_block_id(max_block_id, self.config.depth)
         x = self.preprocessor(images.astype(self.dtype))
         mask = attention_mask(attention or self.config.attention, x.shape[1], prefix_len)
         return self.trunk(x, mask, max_block_id)
 
 
-class AIM(_AIMBase):
-    """Trunk plus attentive probe: `model(images)` returns ImageNet (or `num_classes`) logits.
-
-    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`): a fresh head's
-    logits and pooled embeddings mean nothing, its probe features (`probe_features`) do.
-    """
+class AIM(_Probed, _AIMBase):
+    """AIM's trunk plus attentive probe: `model(images)` returns ImageNet (or `num_classes`) logits. It,
+    `probe_features` and `embed` take `attention=` ("bidirectional" or "causal"; default: the config's)."""
 
     def __init__(self, config: AIMConfig):
         super().__init__(config)
-        self.head = AttentionProbe(config.width, config.num_heads, config.num_classes, config.norm_eps)
-        self.has_trained_head = False
+        self._add_head(config.norm_eps)
 
-    def attach_head(self, head: AttentionProbe) -> "AIM":
-        """Marks `head` as the model's trained probe: it replaces the current head (pass `model.head` when its
-        trained weights were loaded in place), the config takes its class count, it follows the model's mode."""
-        self.head = head
-        self.config = self.config.replace(num_classes=head.linear.weight.shape[0])
-        self.has_trained_head = True
-        head.train(self.training)
-        return self
 
-    def probe_features(self, images: mx.array, attention: Optional[str] = None) -> mx.array:
-        """The probe's input: the mean of the probe layers' raw outputs, (B, N, D)."""
-        _, features = self.extract_features(images, self.config.max_block_id, attention)
-        return mx.stack([features[i] for i in self.config.probe_layers]).mean(axis=0)
+class AIMv2(_Probed):
+    """The AIMv2 vision encoder (AIMV2-REFERENCE.md) plus an attentive probe for the probes we train (Apple
+    released no heads): `model(images)` returns the probe's logits.
 
-    def __call__(self, images: mx.array, attention: Optional[str] = None) -> mx.array:
-        logits, _ = self.head(self.probe_features(images, attention))
-        return logits
+    A fixed-size checkpoint (learned position embedding) takes images of its `image_size` only; at native
+    resolution (`image_size` None, 2-D sin-cos position embedding computed per grid) any height and width that
+    are multiples of the patch size, up to `max_patches` patches. No CLS token, bidirectional attention.
+    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`).
+    """
 
-    def embed(self, images: mx.array, attention: Optional[str] = None) -> mx.array:
-        """The probe's attention-pooled embedding, (B, D): a global image descriptor for retrieval."""
-        _, pooled = self.head(self.probe_features(images, attention))
-        return pooled
+    def __init__(self, config: AIMv2Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.preprocessor = Preprocessor(c.patch_size, c.num_channels, c.width, rms_norm(c.norm_eps),
+                                         num_positions=c.num_patches if c.pos_embed == "learned" else None)
+        self.trunk = Trunk([aimv2_block(c.width, c.num_heads, c.hidden_dim, c.norm_eps) for _ in range(c.depth)],
+                           nn.RMSNorm(c.width, eps=c.norm_eps))
+        self._add_head(1e-6)  # the probe's BatchNorm eps, AIM's (norm_eps is the trunk's RMSNorm's)
+
+    def extract_features(
+        self, images: mx.array, max_block_id: Optional[int] = None
+    ) -> tuple[mx.array, list[mx.array]]:
+        """Runs the trunk up to block `max_block_id` (default: all blocks).
+
+        Returns (the last run block's output after the final RMSNorm, the raw (B, N, D) output of every run
+        block). N is the image's patch count, row by row.
+        """
+        images = check_images(images, self.config)
+        check_image_size(images, self.config)
+        max_block_id = _check_max_block_id(max_block_id, self.config.depth)
+        x = self.preprocessor(images.astype(self.dtype))
+        return self.trunk(x, None, max_block_id)
 
 
 class AIMForPretraining(_AIMBase):
@@ -135,9 +216,11 @@ class AIMForPretraining(_AIMBase):
 # Precision and quantization policy
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# Trunk linears are quantized. The patch embedding is a conv (and tiny); norms and the probe head stay in
-# float: the head is small (2 d^2 + 1000 d) and is where quantization error would reach the logits directly.
-QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight")
+# Trunk linears are quantized (AIMv2's SwiGLU has a third, fc3). The patch embedding is a conv (and tiny); norms,
+# AIMv2's learned position embedding and the probe head stay in float: the head is small (2 d^2 + 1000 d) and is
+# where quantization error would reach the logits directly.
+QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight",
+                      ".mlp.fc3.weight")
 QUANTIZED_BITS = (4, 8)
 QUANTIZED_GROUP_SIZES = (32, 64, 128)
 
@@ -208,8 +291,10 @@ def _init_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def _seeded(config: AIMConfig, seed: int, pretraining: bool) -> _AIMBase:
+def _seeded(config: Config, seed: int, pretraining: bool) -> _Encoder:
     mx.random.seed(seed)
+    if isinstance(config, AIMv2Config):
+        return _init_weights(AIMv2(config))
     start = _init_weights(AIMForPretraining(config))
     if pretraining:
         return start
@@ -221,16 +306,17 @@ def _seeded(config: AIMConfig, seed: int, pretraining: bool) -> _AIMBase:
 
 
 def build_model(
-    config: AIMConfig,
+    config: Config,
     dtype=None,
     quantization=None,
     seed: Optional[int] = None,
     *,
     pretraining: bool = False,
-) -> Union[AIM, AIMForPretraining]:
-    """The one constructor of a model: the classifier `AIM` of `config`, or with `pretraining` the
-    `AIMForPretraining` (in training mode; the classifier is in eval mode). Parameters stay lazy until first
-    used, so a model about to be loaded never materialises its random weights.
+) -> Union[AIM, AIMForPretraining, AIMv2]:
+    """The one constructor of a model: for an `AIMConfig` the classifier `AIM`, or with `pretraining` the
+    `AIMForPretraining` (in training mode; the classifier is in eval mode); for an `AIMv2Config` the encoder
+    `AIMv2` (eval mode). Parameters stay lazy until first used, so a model about to be loaded never materialises
+    its random weights.
 
     dtype: an mx.Dtype or a name in `DTYPES` (default float32). quantization: 4 or 8 bits or a dict
     (`parse_quantize`) for the trunk's linear layers (`is_quantized`), recorded in the model's config
@@ -238,7 +324,13 @@ def build_model(
     global generator as it stands; an int seeds that generator and draws the paper's initialisation (xavier-
     uniform linears and patch embedding, zero biases). A seeded classifier's preprocessor and trunk are exactly
     those the pre-training model of the same seed starts from: the random baseline of that pre-training run.
+    AIMv2's learned position embedding is drawn as Apple initialises it, normal with std 0.02, seeded or not.
     """
+    if not isinstance(config, (AIMConfig, AIMv2Config)):
+        raise TypeError(f"build_model: expected an AIMConfig or AIMv2Config, got {type(config).__name__}")
+    if pretraining and isinstance(config, AIMv2Config):
+        raise ValueError("AIMv2 has no pre-training model here: its encoders were pre-trained with a multimodal "
+                         "decoder that Apple did not release; build it without pretraining")
     dtype = parse_dtype(dtype)
     quantization = config.quantization if quantization is None else parse_quantize(quantization)
     if config.quantization and quantization != config.quantization:
@@ -248,6 +340,8 @@ def build_model(
     config = config.replace(quantization=None)
     if seed is not None:
         model = _seeded(config, seed, pretraining)
+    elif isinstance(config, AIMv2Config):
+        model = AIMv2(config)
     else:
         model = AIMForPretraining(config) if pretraining else AIM(config)
     if dtype is not None and dtype != mx.float32:

@@ -1,10 +1,10 @@
-"""Kernels written for MLX's CPU backend: GELU, softmax attention and affine dequantization.
+"""Kernels written for MLX's CPU backend: GELU, SiLU, softmax attention and affine dequantization.
 
 MLX's CPU `erf` (and `exp`, `tanh`) is evaluated one element at a time, so `nn.gelu` spends ~100x longer
 than a multiply on the same tensor. `gelu` here computes erf as a rational polynomial (the float32
 approximation Eigen and XLA use) from multiply, add, divide, abs and two clamps only, which the CPU
-backend vectorises and `mx.compile` fuses into a few kernels. `attention` does the same for the softmax's
-exp, and `dequantizer` unpacks quantized weights for the float32 BLAS.
+backend vectorises and `mx.compile` fuses into a few kernels. `attention` and `silu` do the same for the
+exp in the softmax and the sigmoid, and `dequantizer` unpacks quantized weights for the float32 BLAS.
 
 They compute the same values as MLX's own ops on any device; nothing here looks at the device.
 `mlx_aim.backend` decides where they run (on the CPU backend, unless its workarounds are turned off).
@@ -230,6 +230,40 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
     out = _attention_float32(q, k, v, additive_mask(mask, k.shape[-2]), mx.array(scale, mx.float32))
     return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SiLU
+
+
+@mx.compile
+def _silu_forward(x):
+    # x sigmoid(x) = (max(x, 0) + min(x, 0) e) / (1 + e) with e = exp(-|x|) <= 1: no overflow, no cancellation.
+    e = exp_nonpositive(-mx.abs(x))
+    return (mx.maximum(x, 0.0) + mx.minimum(x, 0.0) * e) / (1.0 + e)
+
+
+@mx.custom_function
+def _silu_f32(x):
+    return _silu_forward(x)
+
+
+@_silu_f32.vjp
+def _silu_f32_vjp(x, cotangent, output):
+    s = mx.sigmoid(x)  # the backward is not on inference's path: MLX's own sigmoid
+    return cotangent * (s * (1.0 + x * (1.0 - s)))
+
+
+def silu(x: mx.array) -> mx.array:
+    """SiLU, x * sigmoid(x) (`nn.silu`), with the sigmoid's exp from `exp_nonpositive`: float32 accurate, as
+    `nn.silu` is (silu(inf) = inf; silu(-inf) is nan for both). Other float dtypes are computed in float32 and
+    rounded back."""
+    dtype = x.dtype
+    if dtype == mx.float32:
+        return _silu_f32(x)
+    if mx.issubdtype(dtype, mx.floating):
+        return _silu_f32(x.astype(mx.float32)).astype(dtype)
+    raise ValueError(f"silu expects a floating-point array, got dtype {dtype}")
 
 
 # ----------------------------------------------------------------------------------------------------

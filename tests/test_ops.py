@@ -1,5 +1,5 @@
 """mlx_aim.ops.gelu: exact (erf) GELU to float32 accuracy, for every dtype, with a usable gradient; and the GELU
-mlx_aim.backend picks, on both its paths."""
+mlx_aim.backend picks, on both its paths. Then the same for ops.silu (AIMv2's SwiGLU gate)."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 
 from backend_paths import backend_path  # noqa: F401  (a fixture)
 from mlx_aim import backend
-from mlx_aim.ops import gelu, gelu_polynomial
+from mlx_aim.ops import gelu, gelu_polynomial, silu
 
 EPS32 = float(np.finfo(np.float32).eps)
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
@@ -181,3 +181,58 @@ def test_backend_gelu_is_exact_gelu_on_both_paths(backend_path):
     x = np.linspace(-10.0, 10.0, 40_001, dtype=np.float32)
     grad = np.array(mx.grad(lambda v: backend.gelu(v).sum())(mx.array(x)), dtype=np.float64)
     assert np.abs(grad - gelu_grad64(x)).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# SiLU
+
+
+def silu64(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / (1.0 + np.exp(-x))
+
+
+def silu_grad64(x) -> np.ndarray:
+    s = 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+    return s * (1.0 + x * (1.0 - s))
+
+
+def silu_grid() -> np.ndarray:
+    """The core, both tails while exp(-|x|) keeps float32's full precision (it nears the subnormals past 80), tiny
+    values, huge ones."""
+    tiny = np.geomspace(1e-38, 1e-2, 2000)
+    return np.concatenate([np.linspace(-80.0, 80.0, 320_001), tiny, -tiny, [0.0, 1e4, 1e30]]).astype(np.float32)
+
+
+def test_silu_float32_within_a_few_ulps_of_float64(backend_path):
+    """ops.silu (with the workarounds, through backend.silu) and nn.silu (the portable path) alike: within a few
+    float32 ulps of the float64 value, relative to the output itself, plus what exp's condition number |x| allows
+    in the negative tail (exp(x) of a float32 x is only that exact)."""
+    x = silu_grid()
+    out = backend.silu(mx.array(x))
+    assert out.dtype == mx.float32
+    ref = silu64(x)
+    err = np.abs(np.array(out, dtype=np.float64) - ref)
+    assert np.all(err <= EPS32 * np.abs(ref) * (4.0 + np.abs(x)) + 1e-45)
+    core = np.abs(x) <= 8.0
+    np.testing.assert_allclose(np.array(silu(mx.array(x[core]))), np.array(nn.silu(mx.array(x[core]))),
+                               rtol=8 * EPS32, atol=1e-44)
+
+
+def test_silu_special_values_and_half_precision():
+    y = np.array(silu(mx.array([np.inf, np.nan, 0.0, -200.0], dtype=mx.float32)))
+    assert y[0] == np.inf and np.isnan(y[1]) and y[2] == 0.0 and y[3] == 0.0
+    for dtype in (mx.float16, mx.bfloat16):
+        x = mx.array(np.linspace(-10.0, 10.0, 2001, dtype=np.float32)).astype(dtype)
+        out = silu(x)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(np.array(out.astype(mx.float32)),
+                                      np.array(silu(x.astype(mx.float32)).astype(dtype).astype(mx.float32)))
+    with pytest.raises(ValueError, match="int32"):
+        silu(mx.array([1, 2]))
+
+
+def test_silu_gradient_matches_analytic_derivative(backend_path):
+    x = np.linspace(-30.0, 30.0, 60_001, dtype=np.float32)
+    grad = np.array(mx.grad(lambda v: backend.silu(v).sum())(mx.array(x)), dtype=np.float64)
+    np.testing.assert_allclose(grad, silu_grad64(x), rtol=0, atol=2e-6)
