@@ -1,5 +1,6 @@
-"""What every test module shares: the tiny config, running a command-line script, reading its JSON, and the
-PyTorch reference (`benchmarks/torch_reference.py`, imported as `torch_reference`)."""
+"""What every test module shares: the tiny config, running a command-line script, reading its JSON, the
+PyTorch reference (`benchmarks/torch_reference.py`, imported as `torch_reference`), and the `backend_path`
+fixture."""
 
 import json
 import subprocess
@@ -11,12 +12,21 @@ import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
+from mlx_aim.backend import cpu_workarounds
 from mlx_aim.config import AIMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-workarounds", "portable"])
+def backend_path(request) -> bool:
+    """Runs the test that takes it twice: with mlx_aim.backend's CPU workarounds (True) and on the portable path
+    (False; what Metal and CUDA run), so the CPU covers both. The parity tests take it."""
+    with cpu_workarounds(request.param):
+        yield request.param
 
 
 def tiny_config(**overrides) -> AIMConfig:

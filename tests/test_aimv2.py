@@ -14,7 +14,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from aimv2_reference import apple_state_dict, load_apple_weights, make_reference, reference_stages, state_dict_numpy
-from backend_paths import backend_path  # noqa: F401  (a fixture)
 from conftest import rel_err
 from mlx_aim.config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, config_from_dict, get_config)
 from mlx_aim.layers import sincos_pos_embed

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from backend_paths import backend_path  # noqa: F401  (a fixture)
 from mlx_aim import backend, ops
 from mlx_aim._blas import blas_info, set_num_threads
 from mlx_aim.backend import Linear, QuantizedLinear, cpu_workarounds

@@ -24,7 +24,6 @@ import json
 import lzma
 import os
 import pickle
-import pickletools
 import random
 import struct
 import subprocess
@@ -40,6 +39,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from checkpoint_crafting import Call as _Call  # noqa: E402
+from checkpoint_crafting import RecordPickler as _RecordPickler  # noqa: E402
+from checkpoint_crafting import Storage as _Storage  # noqa: E402
+from checkpoint_crafting import global_op as _global  # noqa: E402
+from checkpoint_crafting import split_legacy as _split_legacy  # noqa: E402
+from checkpoint_crafting import text_op as _text  # noqa: E402
+from checkpoint_crafting import torch_numpy as _torch_numpy  # noqa: E402
 import hostile_cases  # noqa: E402  (tests/ is on sys.path, as for conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +66,8 @@ PROTO2 = b"\x80\x02"
 STOP = b"."
 
 
-def _global(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
 def _stack_global(module: str, name: str) -> bytes:  # protocol 4's STACK_GLOBAL
     return _text(module) + _text(name) + b"\x93"
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
 
 
 def _ops(value) -> bytes:
@@ -84,26 +81,6 @@ def _long_binput(index: int) -> bytes:
 
 def _long_binget(index: int) -> bytes:
     return b"j" + struct.pack("<I", index)
-
-
-class _Call:
-    """Pickles as `fn(*args)`: how tensor records that torch would not write are made."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
-class _Storage:
-    def __init__(self, *pid):
-        self.pid = pid
-
-
-class _RecordPickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        return obj.pid if isinstance(obj, _Storage) else None
 
 
 def _record_pickle(state) -> bytes:
@@ -375,15 +352,6 @@ def _honest_state_dict(legacy: bool):
     return state_dict
 
 
-def _torch_numpy(tensor) -> np.ndarray:
-    tensor = tensor.detach().resolve_conj().resolve_neg()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    if tensor.dtype == torch.uint16:
-        return tensor.to(torch.int32).numpy().astype(np.uint16)
-    return tensor.numpy().copy()
-
-
 def _expected(path) -> dict:
     """key -> (dtype name, values) as torch.load reads the file, flattened as the reader names keys."""
     out = {}
@@ -392,18 +360,6 @@ def _expected(path) -> dict:
         for sub, tensor in items:
             out[key if sub is None else f"{key}.{sub}"] = (str(tensor.dtype).split(".")[-1], _torch_numpy(tensor))
     return out
-
-
-def _split_legacy(data: bytes):
-    """The five pickles of a legacy torch.save stream, and the raw storages after them."""
-    stream = io.BytesIO(data)
-    pickles = []
-    for _ in range(5):
-        start = stream.tell()
-        for _op in pickletools.genops(stream):
-            pass
-        pickles.append(data[start : stream.tell()])
-    return pickles, data[stream.tell():]
 
 
 # -- the cases -----------------------------------------------------------------------------------

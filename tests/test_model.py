@@ -8,7 +8,6 @@ import torch
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from backend_paths import backend_path  # noqa: F401  (a fixture)
 from conftest import rel_err
 from mlx_aim.config import AIMConfig, get_config, parse_probe_layers
 from mlx_aim.layers import prefix_causal_mask, sincos_pos_embed

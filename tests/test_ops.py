@@ -8,7 +8,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from backend_paths import backend_path  # noqa: F401  (a fixture)
 from mlx_aim import backend
 from mlx_aim.ops import gelu, gelu_polynomial, silu
 

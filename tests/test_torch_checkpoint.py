@@ -4,7 +4,6 @@ import collections
 import io
 import os
 import pickle
-import pickletools
 import re
 import shlex
 import struct
@@ -19,6 +18,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from checkpoint_crafting import Call as _Call  # noqa: E402
+from checkpoint_crafting import RecordPickler as _RecordPickler  # noqa: E402
+from checkpoint_crafting import Storage as _Storage  # noqa: E402
+from checkpoint_crafting import global_op as _global  # noqa: E402
+from checkpoint_crafting import split_legacy as _split_legacy  # noqa: E402
+from checkpoint_crafting import text_op as _text  # noqa: E402
+from checkpoint_crafting import torch_numpy as _torch_numpy  # noqa: E402
 from mlx_aim.torch_checkpoint import (  # noqa: E402
     CheckpointError,
     UnsafeCheckpointError,
@@ -35,17 +41,6 @@ def _as_numpy(array: mx.array) -> np.ndarray:
     if array.dtype == mx.bfloat16:
         return np.array(array.view(mx.uint16))
     return np.array(array)
-
-
-def _torch_numpy(tensor) -> np.ndarray:
-    tensor = tensor.detach().resolve_conj().resolve_neg()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    if tensor.dtype == torch.uint16:
-        return tensor.to(torch.int32).numpy().astype(np.uint16)
-    if tensor.dtype == torch.uint32:
-        return tensor.to(torch.int64).numpy().astype(np.uint32)
-    return tensor.numpy()
 
 
 def _assert_same(array: mx.array, tensor) -> None:
@@ -67,28 +62,6 @@ def _write_zip(path, members) -> None:
             archive.writestr(name, data)
 
 
-def _split_legacy(data: bytes):
-    """The five pickles of a legacy torch.save stream, and the raw storages after them."""
-    stream = io.BytesIO(data)
-    pickles = []
-    for _ in range(5):
-        start = stream.tell()
-        for _op in pickletools.genops(stream):
-            pass
-        pickles.append(data[start : stream.tell()])
-    return pickles, data[stream.tell() :]
-
-
-class _Call:
-    """Pickles as a call of `fn(*args)`: how hostile pickles and hand-made records are written."""
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 class _CallThenBuild(_Call):
     """Pickles as `fn(*args)` followed by a BUILD opcode that sets `state` on the result."""
 
@@ -98,16 +71,6 @@ class _CallThenBuild(_Call):
 
     def __reduce__(self):
         return self.fn, self.args, self.state
-
-
-class _Storage:
-    def __init__(self, *pid):
-        self.pid = pid
-
-
-class _RecordPickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        return obj.pid if isinstance(obj, _Storage) else None
 
 
 def _tensor_record(storage, offset, size, stride, hooks=None):
@@ -288,15 +251,6 @@ def marker(tmp_path):
 
 def _touch_command(path) -> str:
     return f"touch {shlex.quote(str(path))}"
-
-
-def _global(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
 
 
 def _payloads(path):
