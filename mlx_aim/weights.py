@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import AIMConfig
+from .config import AIMv2Config, Config
 from .fileio import atomic_directory
 
 # PyTorch bookkeeping that MLX's BatchNorm has no use for.
@@ -147,26 +147,33 @@ def _plan_shards(source: TensorSource, max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _model_card(config: AIMConfig, source_note: str) -> str:
+def _model_card(config: Config, source_note: str) -> str:
     q = config.quantization
     precision = f"{q['bits']}-bit (group size {q['group_size']})" if q else "float"
+    if isinstance(config, AIMv2Config):
+        title, paper = "AIMv2", "the AIMv2 vision encoder (arXiv 2411.14402)"
+        image = "native resolution" if config.native else f"image {config.image_size}"
+        preprocess = "mlx_aim.data.preprocessing_for(model.config, folder)"
+    else:
+        title, paper = "AIM", "AIM (Autoregressive Image Model, arXiv 2401.08541)"
+        image, preprocess = f"image {config.image_size}", "mlx_aim.data.eval_transform"
     return (
-        f"# {config.name or 'AIM'} for MLX\n\n"
-        f"AIM (Autoregressive Image Model, arXiv 2401.08541) in MLX format for "
+        f"# {config.name or title} for MLX\n\n"
+        f"{paper[0].upper() + paper[1:]} in MLX format for "
         f"[mlx-aim](https://pypi.org/project/mlx-aim/). {source_note}\n\n"
         f"- width {config.width}, depth {config.depth}, heads {config.num_heads}, "
-        f"image {config.image_size}, patch {config.patch_size}\n"
+        f"{image}, patch {config.patch_size}\n"
         f"- probe layers {config.probe_layers}, {config.num_classes} classes\n"
         f"- weights: {precision}\n\n"
         "```python\nimport mlx_aim\nmodel = mlx_aim.load(\"path/to/this/folder\")\n"
-        "logits = model(images)  # NHWC float images, see mlx_aim.data.eval_transform\n```\n"
+        f"logits = model(images)  # NHWC float images, see {preprocess}\n```\n"
     )
 
 
 def save_model(
     folder: str | os.PathLike,
     weights: "dict[str, mx.array] | TensorSource",
-    config: AIMConfig,
+    config: Config,
     *,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
