@@ -3,38 +3,53 @@
 Sources, resolved in this order:
 - a pre-training run folder (what `scripts/pretrain.py --out RUN` writes): its exported trunk `RUN/model/`;
   likewise a demo run folder (`mlx_aim_demo/seed0`): the trunk of the pre-training run inside it;
-- a local MLX model folder (config.json with "model_type": "aim", model.safetensors or shards);
-- a local folder in Apple's hub layout (config.json with img_size/embed_dim/..., model.safetensors or
-  pytorch_model.bin), or a folder of Apple's `.pth` files;
-- checkpoint files: Apple's `apple/AIM` backbone and head `.pth`, `.bin`, `.safetensors`;
-- a preset name (aim-600M, ...): Apple's `apple/AIM` files through huggingface_hub, converted once and cached;
-- a hub repo id (apple/AIM-600M, or an MLX conversion), through huggingface_hub (offline mode and cache
-  settings honoured, as huggingface_hub reads them from the environment).
+- a local MLX model folder (config.json with "model_type" "aim" or "aimv2" as we write it, model.safetensors or
+  shards);
+- a local folder in a hub layout: AIM's (config.json with img_size/embed_dim/..., model.safetensors or
+  pytorch_model.bin) or AIMv2's (below), or a folder of Apple's `.pth` files;
+- checkpoint files: Apple's `apple/AIM` backbone and head `.pth`, `.bin`, `.safetensors`, AIMv2's safetensors;
+- a preset name: AIM's (aim-600M, ...) from Apple's `apple/AIM` files, AIMv2's (aimv2-large-patch14-224, ...) from
+  `mlx_model.safetensors` in `apple/<name>` at Apple's pinned revision; downloaded through huggingface_hub,
+  converted once and cached;
+- a hub repo id (apple/AIM-600M, apple/aimv2-huge-patch14-448, or an MLX conversion), through huggingface_hub
+  (offline mode and cache settings honoured, as huggingface_hub reads them from the environment).
 
-PyTorch pickles are read by `torch_checkpoint` without torch and without executing anything.
+AIMv2 folders (local or downloaded) hold up to three weight files, read in this order, the first found only:
+`model.safetensors` (or its shards) in transformers' layout (the hub repos now) or with Apple's keys (Apple's
+revisions, beside Apple's remote-code config.json), then `pytorch_model.bin`, then `mlx_model.safetensors` (Apple's
+keys in MLX layouts). `Source.description` names the file read and the ones left. The architecture comes from our
+config.json, else from the tensors' shapes, with what a transformers or Apple config.json states over them (head
+count, norm eps; `weights.hub_aimv2_fields`) and checked against every shape. A fixed-size checkpoint's image size
+is its position embedding's grid; a checkpoint without one is native resolution. The LiT checkpoint's image encoder
+is read, its text tower, projections and pooling head are left out (and said so).
+
+PyTorch pickles are read by `torch_checkpoint` without torch and without executing anything; nothing here imports
+torch or transformers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import PRESET_NAMES, AIMConfig, config_from_file, get_config
-from .model import AIM, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
+from .config import AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, Config, config_from_dict, get_config
+from .data.preprocessing import PREPROCESSOR_CONFIG
+from .model import AIM, AIMv2, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     check_shapes,
-    is_dropped,
+    detect_layout,
+    hub_aimv2_fields,
+    plan_keys,
     read_safetensors,
-    sanitize_tensor,
-    sanitized_shape,
     save_model,
     weight_files,
 )
@@ -49,6 +64,34 @@ APPLE_FILE_STEMS = {
 }
 HUB_REPOS = {"aim-600M": "apple/AIM-600M", "aim-1B": "apple/AIM-1B", "aim-3B": "apple/AIM-3B", "aim-7B": "apple/AIM-7B"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+# AIMv2 presets are read from Apple's MLX file in `apple/<name>` at the revision Apple's own loader pins
+# (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
+# config.json and model.safetensors were replaced by transformers' (mlx_model.safetensors was left as it was).
+AIMV2_FILE = "mlx_model.safetensors"
+AIMV2_REVISIONS = {
+    "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
+    "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
+    "aimv2-1B-patch14-224": "4d24a422f71e87d327d476bc405030fe6593d8b1",
+    "aimv2-3B-patch14-224": "df1cbc288096c9742ec8bd6709ff82757972338c",
+    "aimv2-large-patch14-336": "639423ae9f07319d24a7fc431b61908110d08d3a",
+    "aimv2-huge-patch14-336": "21528bd53a2438a84162e79f1f9a46453b88004c",
+    "aimv2-1B-patch14-336": "5a15f23f6757776fdd487283353a018677621939",
+    "aimv2-3B-patch14-336": "d1adb39ee92dfd7ecf3114b1ee3aa7e9027ce98f",
+    "aimv2-large-patch14-448": "cefb13f21003bdadba65bfbee956c82b976cd23d",
+    "aimv2-huge-patch14-448": "44e6440a24a8ea966ad0deadf5399a22d852bcc0",
+    "aimv2-1B-patch14-448": "7f292735d3a07a911559c0fabb3ad3e9d141713f",
+    "aimv2-3B-patch14-448": "70810b618e4456b724bacc8ef4d2d038060ceda6",
+    "aimv2-large-patch14-224-distilled": "d6d09b071e8ba31735c5e05ccd4b2a393020ce90",
+    "aimv2-large-patch14-336-distilled": "8fe1704e5cc1c80cefc99c194afcefe21dff1faa",
+    "aimv2-large-patch14-native": "cfe7bdbbc924a5f65272d5e2c27fe5f61771a629",
+    "aimv2-large-patch14-224-lit": "c2cd59a786c4c06f39d199c50d08cc2eab9f8605",
+}
+
+
+def aimv2_repo(name: str) -> str:
+    """The hub repo of a released AIMv2 name: apple/<name>."""
+    return f"apple/{name}"
 
 
 def cache_dir() -> Path:
@@ -72,50 +115,78 @@ class Tensor:
 
 @dataclass
 class Source:
-    config: AIMConfig
+    config: Config
     tensors: dict[str, Tensor]  # in our layout (already sanitized); each is read once
     description: str
     closers: list
+    # What ships beside the weights and is carried into a conversion (a preprocessor_config.json).
+    extra_files: list[Path] = field(default_factory=list)
 
     def close(self):
         for close in self.closers:
             close()
 
 
-def _add_safetensors(tensors: dict, path: Path, apple_layout: bool) -> None:
+def _read_safetensors(raw: dict, path: Path) -> None:
     arrays = read_safetensors(path)
     for key, value in arrays.items():
         # pop: once evaluated, a mapped array would keep its buffer alive as long as it is referenced
-        _add(tensors, key, value.dtype, tuple(value.shape), (lambda k=key: arrays.pop(k)), apple_layout, path)
+        _add(raw, key, Tensor(value.dtype, tuple(value.shape), (lambda k=key: arrays.pop(k))), path)
 
 
-def _add_torch(tensors: dict, path: Path, closers: list) -> None:
+def _read_torch(raw: dict, path: Path, closers: list) -> None:
     ckpt = open_torch_checkpoint(path)
     closers.append(ckpt.close)
     for key in ckpt.keys():
         dtype = DTYPES.get(ckpt.dtype(key), getattr(mx, ckpt.dtype(key), None))
-        _add(tensors, key, dtype, tuple(ckpt.shape(key)), (lambda k=key: ckpt.read(k)), True, path)
+        _add(raw, key, Tensor(dtype, tuple(ckpt.shape(key)), (lambda k=key: ckpt.read(k))), path)
 
 
-def _add(tensors, key, dtype, shape, read, apple_layout, path):
-    if apple_layout:
-        if is_dropped(key):
-            return
-        shape = sanitized_shape(key, shape)
-        read = (lambda r=read, k=key: sanitize_tensor(k, r()))
-    if key in tensors:
+def _add(raw: dict, key: str, tensor: Tensor, path: Path) -> None:
+    if key in raw:
         raise ValueError(f"{path}: key {key!r} appears in more than one of the source files")
-    tensors[key] = Tensor(dtype, shape, read)
+    raw[key] = tensor
+
+
+def _read_files(files: Sequence[Path], closers: list) -> dict[str, Tensor]:
+    """The files' tensors under their own keys, each read on demand."""
+    raw = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            _read_safetensors(raw, f)
+        else:
+            _read_torch(raw, f, closers)
+    return raw
+
+
+def _in_our_layout(raw: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
+    """The tensors under our keys and in our layouts (`weights.plan_keys`), and the keys left out."""
+    plan = plan_keys(layout, {k: t.shape for k, t in raw.items()})
+    tensors = {}
+    for key, m in plan.tensors.items():
+        read = (lambda m=m: m.build(*(raw[s].read() for s in m.sources)))
+        tensors[key] = Tensor(raw[m.sources[0]].dtype, m.shape, read)
+    return tensors, plan.left_out
+
+
+def _depth(tensors: dict[str, Tensor]) -> int:
+    return 1 + max((int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))), default=-1)
+
+
+def _patch_conv(tensors: dict[str, Tensor], files: Sequence[Path]) -> tuple:
+    conv = tensors.get("preprocessor.patchifier.proj.weight")
+    if conv is None or len(conv.shape) != 4:
+        raise ValueError(f"{', '.join(map(str, files))}: no 'preprocessor.patchifier.proj.weight': not an AIM or AIMv2 "
+                         "backbone")
+    return conv.shape  # (width, patch, patch, channels) in our layout
 
 
 def _infer_config(tensors: dict[str, Tensor], probe_layers, files: Sequence[Path]) -> AIMConfig:
-    """Apple's .pth files carry no config: read the architecture off the shapes, heads from the presets."""
-    conv = tensors.get("preprocessor.patchifier.proj.weight")
-    if conv is None:
-        raise ValueError(f"{', '.join(map(str, files))}: no 'preprocessor.patchifier.proj.weight': not an AIM backbone")
-    width, patch, _, channels = conv.shape
-    depth = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k)))
-    preset = next((n for n in PRESET_NAMES if get_config(n).width == width and get_config(n).depth == depth), None)
+    """Apple's AIM .pth files carry no config: read the architecture off the shapes, heads from AIM's presets."""
+    width, patch, _, channels = _patch_conv(tensors, files)
+    depth = _depth(tensors)
+    aim = [n for n in PRESET_NAMES if n not in AIMV2_PRESET_NAMES]
+    preset = next((n for n in aim if get_config(n).width == width and get_config(n).depth == depth), None)
     if preset is None:
         raise ValueError(
             f"{files[0]}: width {width} and depth {depth} match no preset, so the head count is unknown; "
@@ -125,17 +196,70 @@ def _infer_config(tensors: dict[str, Tensor], probe_layers, files: Sequence[Path
         names = " ".join(p.name for p in files)
         probe_layers = "best" if "best_layers" in names else "last"
     num_classes = tensors["head.linear.weight"].shape[0] if "head.linear.weight" in tensors else 1000
-    return get_config(preset, probe_layers=probe_layers, patch_size=patch, num_channels=channels, num_classes=num_classes)
+    return get_config(preset, probe_layers=probe_layers, patch_size=patch, num_channels=channels,
+                      num_classes=num_classes)
 
 
-def _is_mlx_config(path: Path) -> bool:
-    """Our config.json (AIM's or AIMv2's, as `save_model` writes it). Apple's remote-code AIMv2 config also says
-    "model_type": "aimv2", but names the width "hidden_size": ours names it "width"."""
+def _is_aimv2(tensors: dict[str, Tensor]) -> bool:
+    return "trunk.blocks.0.mlp.fc3.weight" in tensors  # SwiGLU's third linear; AIM's MLP has two
+
+
+def _infer_aimv2_config(tensors: dict[str, Tensor], stated: dict, name: Optional[str],
+                        files: Sequence[Path]) -> AIMv2Config:
+    """An AIMv2 architecture from the tensors' shapes, with what a config.json states (`stated`) over them, so that
+    the strict check compares the file's word with the weights. Native resolution where there is no position
+    embedding; a fixed size from the embedding's grid. The head count, which no shape shows, from the file, else
+    from the released encoder of that width. `name`: the released name the source stands for, kept if the
+    architecture is that release's."""
+    where = ", ".join(map(str, files))
+    width, patch, _, channels = _patch_conv(tensors, files)
+    fields = dict(width=width, patch_size=patch, num_channels=channels, depth=_depth(tensors))
+    if "trunk.blocks.0.mlp.fc1.weight" in tensors:
+        fields["hidden_dim"] = tensors["trunk.blocks.0.mlp.fc1.weight"].shape[0]
+    pos = tensors.get("preprocessor.pos_embed")
+    if "pos_embed" in stated and (stated["pos_embed"] == "learned") != (pos is not None):
+        said = "native resolution (is_native true)" if stated["pos_embed"] == "sincos" else "a fixed size"
+        has = "has a position embedding" if pos is not None else "has no position embedding"
+        raise ValueError(f"{where}: its config.json says {said}, but the checkpoint {has}")
+    if pos is None:
+        fields.update(image_size=None, pos_embed="sincos")
+    else:
+        grid = math.isqrt(pos.shape[-2])
+        if grid * grid != pos.shape[-2]:
+            raise ValueError(f"{where}: a position embedding of {pos.shape[-2]} positions is no square grid")
+        fields.update(image_size=stated.get("image_size") or grid * fields["patch_size"], pos_embed="learned")
+    fields.update({k: v for k, v in stated.items() if k not in ("image_size", "pos_embed")})
+    if "num_heads" not in fields:
+        release = next((n for n in AIMV2_PRESET_NAMES if get_config(n).width == fields["width"]), None)
+        if release is None:
+            raise ValueError(f"{where}: width {fields['width']} is no released AIMv2 encoder's, so the head count is "
+                             "unknown; write a config.json next to the weights")
+        fields["num_heads"] = get_config(release).num_heads
+    config = AIMv2Config(**fields)
+    if name in AIMV2_PRESET_NAMES and get_config(name).replace(probe_layers=config.probe_layers) == config.replace(
+            name=name):
+        config = config.replace(name=name)
+    return config
+
+
+def _config_kind(folder: Path) -> tuple[Optional[str], dict]:
+    """What a folder's config.json is, and what it holds: "mlx" (ours), "aim" (Apple's AIM hub config), "aimv2"
+    (transformers' or Apple's remote-code AIMv2 config), or None (no config.json)."""
+    path = folder / "config.json"
+    if not path.exists():
+        return None, {}
     try:
         params = json.loads(path.read_text())
-        return params.get("model_type") == "aim" or (params.get("model_type") == "aimv2" and "width" in params)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
+    model_type = params.get("model_type")
+    if model_type == "aim" or (model_type == "aimv2" and "width" in params):  # ours names the width "width"
+        return "mlx", params
+    if model_type in ("aimv2", "aimv2_vision_model"):
+        return "aimv2", params
+    return "aim", params  # AIMConfig.from_dict refuses other model types, naming them
 
 
 def _has_own_weights(folder: Path) -> bool:
@@ -214,14 +338,56 @@ def _preset_name(sources) -> Optional[str]:
     return None
 
 
+def _released_name(repo_id: str) -> Optional[str]:
+    """The released AIMv2 name a hub repo id stands for (apple/aimv2-huge-patch14-448), else None."""
+    owner, _, name = repo_id.partition("/")
+    return name if owner == "apple" and name in AIMV2_PRESET_NAMES else None
+
+
 @dataclass
 class _Located:
     """Where a source's weights are, before any of them is opened."""
 
     files: list[Path]
-    config: Optional[AIMConfig]  # from its config.json; None: to be read off the tensors' shapes
-    mlx_layout: bool  # keys and layouts already ours (an MLX model folder), else Apple's
+    layout: Optional[str]  # weights.LAYOUTS; None: from the files' keys (`detect_layout`)
+    config: Optional[Config]  # final (ours, a preset's, AIM's hub config.json); None: from the tensors' shapes
     description: str
+    stated: dict = field(default_factory=dict)  # AIMv2 fields a transformers or Apple config.json states
+    name: Optional[str] = None  # the released AIMv2 name a hub repo id stands for
+    folder: Optional[Path] = None  # where what ships beside the weights is (preprocessor_config.json)
+
+
+def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
+    """A folder's weight files, in the documented order (module docstring), and a note naming those not read."""
+    candidates = [
+        ("model.safetensors", weight_files(folder) if _has_own_weights(folder) else None),
+        ("pytorch_model.bin", [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").exists() else None),
+        (AIMV2_FILE, [folder / AIMV2_FILE] if (folder / AIMV2_FILE).exists() else None),
+    ]
+    found = [(name, files) for name, files in candidates if files]
+    if found:
+        others = [name for name, _ in found[1:]]
+        return found[0][1], f"; also there, not read: {', '.join(others)}" if others else ""
+    if has_config:
+        raise FileNotFoundError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or "
+                                f"{AIMV2_FILE})")
+    files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
+    return files, ""
+
+
+def _locate_folder(folder: Path) -> _Located:
+    kind, params = _config_kind(folder)
+    if kind == "mlx":
+        return _Located(weight_files(folder), "mlx", config_from_dict(params), f"MLX model folder {folder}",
+                        folder=folder)
+    files, not_read = _folder_weights(folder, has_config=kind is not None)
+    described = ", ".join(str(f) for f in files) + not_read
+    if kind == "aim":  # Apple's AIM hub layout (huggingface_hub PyTorch mixin)
+        return _Located(files, "torch", AIMConfig.from_dict(params), described, folder=folder)
+    stated = hub_aimv2_fields(params, str(folder / "config.json")) if kind == "aimv2" else {}
+    return _Located(files, None, None, described, stated=stated, folder=folder)
 
 
 def _locate(sources, probe_layers) -> _Located:
@@ -229,11 +395,17 @@ def _locate(sources, probe_layers) -> _Located:
     model/, a folder's config.json is read; no weight file is opened."""
     sources = _as_list(sources)
     preset = _preset_name(sources)
+    if preset in AIMV2_PRESET_NAMES:
+        folder = _download_aimv2_files(preset)
+        return _Located([folder / AIMV2_FILE], "mlx", get_config(preset, probe_layers=probe_layers),
+                        f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", folder=folder)
     if preset is not None:
         return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
     if len(sources) == 1 and not Path(sources[0]).exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", sources[0]):
-            return _locate(_download_repo(sources[0]), probe_layers)
+            located = _locate(_download_repo(sources[0]), probe_layers)
+            located.name = _released_name(sources[0])
+            return located
         raise FileNotFoundError(
             f"{sources[0]}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)}) or a hub repo id"
         )
@@ -242,52 +414,47 @@ def _locate(sources, probe_layers) -> _Located:
         raise FileNotFoundError(f"{missing[0]}: no such file or folder")
     if not (len(sources) == 1 and Path(sources[0]).is_dir()):
         files = [Path(s) for s in sources]
-        return _Located(files, None, False, ", ".join(str(f) for f in files))
-    folder = resolve_folder(sources[0])
-    config_path = folder / "config.json"
-    if config_path.exists() and _is_mlx_config(config_path):
-        return _Located(weight_files(folder), config_from_file(config_path), True, f"MLX model folder {folder}")
-    if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
-        config = AIMConfig.from_file(config_path)
-        if _has_own_weights(folder):
-            files = weight_files(folder)
-        elif (folder / "pytorch_model.bin").exists():
-            files = [folder / "pytorch_model.bin"]
-        else:
-            raise FileNotFoundError(f"{folder}: config.json but neither model.safetensors nor pytorch_model.bin")
-        return _Located(files, config, False, ", ".join(str(f) for f in files))
-    files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
-    return _Located(files, None, False, ", ".join(str(f) for f in files))
+        parents = {f.parent for f in files}
+        return _Located(files, None, None, ", ".join(str(f) for f in files),
+                        folder=parents.pop() if len(parents) == 1 else None)
+    return _locate_folder(resolve_folder(sources[0]))
+
+
+def _config(located: _Located, tensors: dict[str, Tensor], probe_layers) -> Config:
+    if located.config is not None:
+        return located.config.with_probe_layers(probe_layers)
+    if located.stated or _is_aimv2(tensors):
+        return _infer_aimv2_config(tensors, located.stated, located.name, located.files).with_probe_layers(
+            probe_layers)
+    return _infer_config(tensors, probe_layers, located.files)
 
 
 def _open(located: _Located, probe_layers) -> Source:
-    tensors, closers = {}, []
+    closers = []
     try:
-        for f in located.files:
-            if f.suffix == ".safetensors":
-                _add_safetensors(tensors, f, apple_layout=not located.mlx_layout)
-            else:
-                _add_torch(tensors, f, closers)
-        if located.config is None:
-            config = _infer_config(tensors, probe_layers, located.files)
-        else:
-            config = located.config.with_probe_layers(probe_layers)
+        raw = _read_files(located.files, closers)
+        layout = located.layout or detect_layout(list(raw), located.files[0].name)
+        tensors, left_out = _in_our_layout(raw, layout)
+        config = _config(located, tensors, probe_layers)
     except BaseException:
         for close in closers:
             close()
         raise
-    return Source(config, tensors, located.description, closers)
+    description = located.description
+    if left_out:
+        description += (f" (image encoder only: {len(left_out)} tensors of the text tower, projections and pooling "
+                        "head left out)")
+    extra = [located.folder / PREPROCESSOR_CONFIG] if located.folder is not None else []
+    return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
 
 
 def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
     """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors.
-    `probe_layers` ("best", "last" or indices; `AIMConfig.with_probe_layers`) overrides the source's."""
+    `probe_layers` ("best", "last" or indices; `with_probe_layers`) overrides the source's."""
     return _open(_locate(sources, probe_layers), probe_layers)
 
 
-def source_config(sources: str | os.PathLike | Sequence, probe_layers=None) -> AIMConfig:
+def source_config(sources: str | os.PathLike | Sequence, probe_layers=None) -> Config:
     """The config of a source (anything `open_source` takes) without reading its weights: a preset's from the
     registry (nothing downloaded), a folder's from its config.json, checkpoint files' from their tensors'
     shapes (their headers)."""
@@ -314,13 +481,52 @@ def _download_apple_files(preset: str, probe_layers: str) -> list[str]:
     ]
 
 
-def _download_repo(repo_id: str) -> str:
+def _download_aimv2_files(preset: str) -> Path:
+    """A released AIMv2 encoder's MLX file and preprocessor settings, at Apple's pinned revision."""
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"])
-    if not any(Path(path).glob("*.safetensors")):  # Apple's repos may hold only the pickled .bin
-        path = snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model.bin"])
+    path = Path(snapshot_download(aimv2_repo(preset), revision=AIMV2_REVISIONS[preset],
+                                  allow_patterns=[AIMV2_FILE, PREPROCESSOR_CONFIG]))
+    if not (path / AIMV2_FILE).exists():
+        raise FileNotFoundError(f"{aimv2_repo(preset)} at revision {AIMV2_REVISIONS[preset]}: no {AIMV2_FILE}")
     return path
+
+
+def _download_repo(repo_id: str) -> str:
+    """A hub repo's configs and one set of weights, in the folder order (module docstring): only the weights that
+    would be read are downloaded (an AIMv2 repo holds the same weights twice)."""
+    from huggingface_hub import snapshot_download
+
+    for weights in (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
+                    ["pytorch_model.bin"], [AIMV2_FILE], ["*.safetensors"]):
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.md", *weights])
+        if any(Path(path).glob("*.safetensors")) or (Path(path) / "pytorch_model.bin").exists():
+            return path
+    return path
+
+
+def local_folder(sources: str | os.PathLike | Sequence) -> Optional[Path]:
+    """The local folder that holds a source's files, where what ships beside the weights is read from (a
+    preprocessor_config.json: `data.preprocessing_for(config, local_folder(source))`); nothing is downloaded.
+    A preset's or hub repo's download in huggingface_hub's cache (None where it is not there, or for AIM's presets,
+    whose files ship nothing beside them); a local folder (a run folder: its model/); loose files' folder."""
+    preset = _preset_name(sources)
+    sources = _as_list(sources)
+    if preset is not None or (len(sources) == 1 and not Path(sources[0]).exists()):
+        if preset is not None and preset not in AIMV2_PRESET_NAMES:
+            return None
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        repo, revision = (aimv2_repo(preset), AIMV2_REVISIONS[preset]) if preset else (sources[0], None)
+        try:
+            return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError):  # not in the cache; ValueError: not a repo id
+            return None
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        return resolve_folder(sources[0])
+    parents = {Path(s).parent for s in sources}
+    return parents.pop() if len(parents) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,7 +569,7 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
     return out
 
 
-def _check_source(model: AIM, source: Source, converted: dict) -> None:
+def _check_source(model: AIM | AIMv2, source: Source, converted: dict) -> None:
     """Every key and shape against the config, before any tensor is read or written."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     if not any(k.startswith("head.") for k in converted):  # a trunk without a trained probe (pre-training export)
@@ -395,7 +601,8 @@ def convert(
         converted = _converted(source, dtype, quantization)
         _check_source(build_model(config), source, converted)
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.", **kwargs)
+        save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.",
+                   extra_files=source.extra_files, **kwargs)
     finally:
         source.close()
     if upload_repo:
@@ -415,8 +622,11 @@ def upload(folder: str | os.PathLike, repo_id: str) -> None:
 # Loading.
 
 def _cached_conversion(preset: str, probe_layers, dtype, quantization) -> Path:
-    probe = probe_layers or "best"
-    parts = [preset, f"{probe}-layers", dtype_name(dtype or mx.float32)]
+    """A preset converted once into the cache, in float32 unless `dtype` says otherwise. AIM's preset folders are
+    per probe head file ("best" or "last"); AIMv2's, which have no head, serve any probe layers."""
+    dtype = dtype or mx.float32
+    probe = None if preset in AIMV2_PRESET_NAMES else probe_layers or "best"
+    parts = [preset, *([f"{probe}-layers"] if probe else []), dtype_name(dtype)]
     if quantization:
         parts.append(f"q{quantization['bits']}g{quantization['group_size']}")
     folder = cache_dir() / "-".join(parts)
@@ -432,8 +642,9 @@ def load(
     probe_layers=None,
     head: Optional[str | os.PathLike] = None,
     q_group_size: int = 64,
-) -> AIM:
-    """Loads an AIM classifier in eval mode from a preset, hub repo id, folder or checkpoint files.
+) -> AIM | AIMv2:
+    """Loads an AIM classifier or an AIMv2 encoder (with its attentive probe, `AIMv2`) in eval mode from a preset,
+    hub repo id, folder or checkpoint files.
 
     dtype: "float32", "bfloat16" or "float16" (default: as stored). quantize: 4 or 8 bits for the trunk's
     linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
@@ -446,7 +657,9 @@ def load(
     preset = _preset_name(name_or_path)
     if preset is not None:
         name_or_path = _cached_conversion(preset, probe_layers, dtype, quantization)
-        probe_layers = dtype = quantization = None
+        dtype = quantization = None
+        if preset not in AIMV2_PRESET_NAMES:  # AIM's cached folder holds the probe head of these layers
+            probe_layers = None
     source = open_source(name_or_path, probe_layers)
     try:
         stored_q = source.config.quantization
@@ -473,7 +686,7 @@ def load(
     return model
 
 
-def _merge_head(source: Source, path: Path, config: AIMConfig, probe_layers) -> AIMConfig:
+def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Config:
     """Puts a probe head file's `head.*` tensors over the source's; returns the config the head implies.
 
     The class count comes from the head's classifier rows; the probe layers from the file's metadata
@@ -481,12 +694,9 @@ def _merge_head(source: Source, path: Path, config: AIMConfig, probe_layers) -> 
     """
     if not path.exists():
         raise FileNotFoundError(f"{path}: probe head file not found")
-    head, metadata = {}, {}
-    if path.suffix == ".safetensors":
-        _add_safetensors(head, path, apple_layout=False)
-        metadata = mx.load(str(path), return_metadata=True)[1]
-    else:
-        _add_torch(head, path, source.closers)
+    safetensors = path.suffix == ".safetensors"
+    head, _ = _in_our_layout(_read_files([path], source.closers), "mlx" if safetensors else "torch")
+    metadata = mx.load(str(path), return_metadata=True)[1] if safetensors else {}
     bad = [k for k in head if not k.startswith("head.")]
     if bad or "head.linear.weight" not in head:
         raise ValueError(f"{path}: a probe head file holds Apple's head.* keys (head.linear.weight, ...), "

@@ -1,14 +1,29 @@
-"""Weights I/O: mapping Apple's PyTorch state dicts onto the MLX model.
+"""Weights I/O: checkpoint layouts mapped onto the MLX model, strict key and shape checks, and model folders
+written one tensor at a time.
 
-`sanitize` is the one place where checkpoint keys and layouts are changed.
+Our parameter names are Apple's keys. Checkpoints hold the same weights in three layouts (`LAYOUTS`;
+AIMV2-REFERENCE.md, "Checkpoint layouts"):
+
+- "mlx": Apple's keys in MLX's layouts (patch conv OHWI): our model folders, Apple's `mlx_model.safetensors`;
+- "torch": Apple's keys in PyTorch's layouts (patch conv OIHW): AIM's `.pth`, `.bin` and hub files, AIMv2's
+  `model.safetensors` at Apple's revisions;
+- "transformers": transformers' `Aimv2VisionModel` keys (or the `vision_model.` part of its `Aimv2Model`): the
+  AIMv2 hub repos' `model.safetensors` since they were converted; q, k and v stored apart, the position table
+  without its batch axis.
+
+`plan_keys` is the one place where checkpoint keys and layouts are changed: each of our tensors as the checkpoint
+tensors it is made of and the function that makes it. `sanitize` applies it to arrays in memory; the loader
+(`mlx_aim.loading`) to tensors read one at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,36 +33,164 @@ from mlx.utils import tree_flatten
 from .config import AIMv2Config, Config
 from .fileio import atomic_directory
 
-# PyTorch bookkeeping that MLX's BatchNorm has no use for.
-_DROPPED_SUFFIXES = ("num_batches_tracked",)
+LAYOUTS = ("mlx", "torch", "transformers")
+# Bookkeeping no model here has a place for: PyTorch BatchNorm's step counter, transformers' index buffer.
+_BOOKKEEPING_SUFFIXES = ("num_batches_tracked", "embeddings.position_ids")
 _CONV_KEY = "preprocessor.patchifier.proj.weight"
+# AIMv2 LiT (aimv2-large-patch14-224-lit) in Apple's keys: the image encoder under this prefix, beside the text
+# tower, the projections and the logit scale. Its attention-pool `head` pools for the text side, not our probe.
+_LIT_IMAGE_PREFIX = "image_encoder."
+_MLX_FILE = "mlx_model.safetensors"  # Apple's AIMv2 file in MLX layouts, in every hub repo
+
+# transformers' AIMv2 keys -> Apple's: the whole-model ones, and block i's (`encoder.layers.{i}.` there,
+# `trunk.blocks.{i}.` here). The LiT's `Aimv2Model` puts the encoder under `vision_model.`.
+TRANSFORMERS_VISION_PREFIX = "vision_model."
+TRANSFORMERS_KEYS = {
+    "embeddings.patch_embed.weight": _CONV_KEY,
+    "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
+    "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
+    "embeddings.position_embedding.weight": "preprocessor.pos_embed",
+    "rms_norm.weight": "trunk.post_trunk_norm.weight",
+}
+TRANSFORMERS_BLOCK_KEYS = {
+    "attention.out_proj.weight": "attn.proj.weight",
+    "rms_norm1.weight": "norm_1.weight",
+    "rms_norm2.weight": "norm_2.weight",
+    "ffn.gate_proj.weight": "mlp.fc1.weight",
+    "ffn.down_proj.weight": "mlp.fc2.weight",
+    "ffn.up_proj.weight": "mlp.fc3.weight",
+}
+TRANSFORMERS_QKV = ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight")
 
 
-def sanitize_tensor(key: str, value: mx.array) -> "mx.array | None":
-    """One of Apple's PyTorch tensors in our layout, or None for bookkeeping that MLX has no use for."""
-    if is_dropped(key):
-        return None
-    if key == _CONV_KEY and value.ndim == 4:
-        return value.transpose(0, 2, 3, 1)  # PyTorch conv OIHW -> MLX OHWI
+class Mapped(NamedTuple):
+    """One of our tensors, planned: made by `build` from these checkpoint tensors (in this order), of this shape."""
+
+    sources: tuple[str, ...]
+    shape: tuple
+    build: Callable[..., mx.array]
+
+
+class KeyPlan(NamedTuple):
+    tensors: dict[str, Mapped]  # our key -> its plan
+    left_out: list[str]  # checkpoint keys of parts no model here has (the LiT's text tower, pooling head, ...)
+
+
+def _unchanged(value: mx.array) -> mx.array:
     return value
 
 
-def sanitized_shape(key: str, shape: tuple) -> tuple:
-    return (shape[0], shape[2], shape[3], shape[1]) if key == _CONV_KEY and len(shape) == 4 else tuple(shape)
+def _conv_to_ohwi(value: mx.array) -> mx.array:
+    return value.transpose(0, 2, 3, 1)  # PyTorch conv OIHW -> MLX OHWI
 
 
-def sanitize(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-    """Apple's PyTorch key layout -> ours: drop `num_batches_tracked`, conv weight OIHW -> OHWI."""
-    out = {}
-    for key, value in weights.items():
-        value = sanitize_tensor(key, value)
-        if value is not None:
-            out[key] = value
-    return out
+def _with_batch_axis(value: mx.array) -> mx.array:
+    return value[None]  # transformers' (N, D) position table -> Apple's (1, N, D) pos_embed
 
 
-def is_dropped(key: str) -> bool:
-    return key.endswith(_DROPPED_SUFFIXES)
+def _concatenated(*values: mx.array) -> mx.array:
+    return mx.concatenate(values, axis=0)  # q, k, v (D, D) each -> Apple's fused qkv (3D, D), in that order
+
+
+def _conv_plan(key: str, shape: tuple) -> Mapped:
+    if len(shape) != 4:
+        return Mapped((key,), tuple(shape), _unchanged)
+    return Mapped((key,), (shape[0], shape[2], shape[3], shape[1]), _conv_to_ohwi)
+
+
+def detect_layout(keys: Sequence[str], file_name: str) -> str:
+    """The layout of checkpoint files without a config of ours: transformers' keys name themselves; Apple's keys are
+    in MLX layouts in `mlx_model.safetensors` (Apple's name for its MLX file), in PyTorch's everywhere else."""
+    if any(k.startswith(("embeddings.", "encoder.layers.", TRANSFORMERS_VISION_PREFIX)) for k in keys):
+        return "transformers"
+    return "mlx" if file_name == _MLX_FILE else "torch"
+
+
+def plan_keys(layout: str, shapes: Mapping[str, tuple]) -> KeyPlan:
+    """How a checkpoint's tensors (key -> shape) become ours, in a layout of `LAYOUTS`. Keys this does not know keep
+    their names, so the strict check (`check_shapes`) names them."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    shapes = {k: tuple(s) for k, s in shapes.items() if not k.endswith(_BOOKKEEPING_SUFFIXES)}
+    if layout == "transformers":
+        return _plan_transformers(shapes)
+    plan, left_out = {}, []
+    lit = any(k.startswith(_LIT_IMAGE_PREFIX) for k in shapes)
+    for key, shape in shapes.items():
+        ours = key
+        if lit:
+            if not key.startswith(_LIT_IMAGE_PREFIX) or key.startswith(_LIT_IMAGE_PREFIX + "head."):
+                left_out.append(key)
+                continue
+            ours = key[len(_LIT_IMAGE_PREFIX):]
+        if layout == "torch" and ours == _CONV_KEY:
+            plan[ours] = _conv_plan(key, shape)
+        else:
+            plan[ours] = Mapped((key,), shape, _unchanged)
+    return KeyPlan(plan, left_out)
+
+
+def _plan_transformers(shapes: dict[str, tuple]) -> KeyPlan:
+    prefix = TRANSFORMERS_VISION_PREFIX if any(k.startswith(TRANSFORMERS_VISION_PREFIX) for k in shapes) else ""
+    plan, left_out = {}, []
+    for key, shape in shapes.items():
+        name = key[len(prefix):]
+        if not key.startswith(prefix) or name.startswith("head."):  # text tower, projections; the pooling head
+            left_out.append(key)
+            continue
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", name)
+        if name == "embeddings.patch_embed.weight":
+            plan[_CONV_KEY] = _conv_plan(key, shape)
+        elif name == "embeddings.position_embedding.weight":
+            plan[TRANSFORMERS_KEYS[name]] = Mapped((key,), (1, *shape), _with_batch_axis)
+        elif name in TRANSFORMERS_KEYS:
+            plan[TRANSFORMERS_KEYS[name]] = Mapped((key,), shape, _unchanged)
+        elif block and block[2] in TRANSFORMERS_BLOCK_KEYS:
+            plan[f"trunk.blocks.{block[1]}.{TRANSFORMERS_BLOCK_KEYS[block[2]]}"] = Mapped((key,), shape, _unchanged)
+        elif block and block[2] in TRANSFORMERS_QKV:
+            parts = tuple(f"{prefix}encoder.layers.{block[1]}.{n}" for n in TRANSFORMERS_QKV)
+            if not all(p in shapes for p in parts):  # one missing: each keeps its name, the strict check names both
+                plan[key] = Mapped((key,), shape, _unchanged)
+            elif block[2] == TRANSFORMERS_QKV[0]:
+                rows = sum(shapes[p][0] for p in parts)
+                plan[f"trunk.blocks.{block[1]}.attn.qkv.weight"] = Mapped(parts, (rows, *shape[1:]), _concatenated)
+        else:
+            plan[key] = Mapped((key,), shape, _unchanged)
+    return KeyPlan(plan, left_out)
+
+
+def sanitize(weights: Mapping[str, mx.array], layout: str = "torch") -> dict[str, mx.array]:
+    """Checkpoint arrays in `layout` (default Apple's PyTorch one) -> ours, as `plan_keys` says."""
+    plan = plan_keys(layout, {k: tuple(v.shape) for k, v in weights.items()})
+    return {key: m.build(*(weights[s] for s in m.sources)) for key, m in plan.tensors.items()}
+
+
+# transformers' AIMv2 config.json names (Apple's remote-code config.json uses the same ones) -> AIMv2Config's.
+_HUB_AIMV2_FIELDS = {
+    "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+    "intermediate_size": "hidden_dim", "patch_size": "patch_size", "num_channels": "num_channels",
+    "image_size": "image_size", "rms_norm_eps": "norm_eps",
+}
+_HUB_BIAS_FLAGS = ("qkv_bias", "mlp_bias", "use_bias", "attention_bias")
+
+
+def hub_aimv2_fields(params: Mapping, source: str) -> dict:
+    """The `AIMv2Config` fields that a transformers AIMv2 `config.json` (`Aimv2VisionConfig`, or an `Aimv2Config`'s
+    `vision_config`) or Apple's remote-code one states. `pos_embed` only where the file says `is_native` (Apple's
+    remote-code file does not: the weights say it). Biases, which no released encoder has, are refused."""
+    vision = params.get("vision_config", params)
+    if not isinstance(vision, Mapping):
+        raise ValueError(f"{source}: vision_config={vision!r}: expected a JSON object")
+    biased = [flag for flag in _HUB_BIAS_FLAGS if vision.get(flag)]
+    if biased:
+        raise ValueError(f"{source}: {', '.join(f'{f}=true' for f in biased)}: AIMv2's attention and MLP have no "
+                         "biases here (nor in any released checkpoint)")
+    fields = {ours: vision[theirs] for theirs, ours in _HUB_AIMV2_FIELDS.items() if theirs in vision}
+    if "is_native" in vision:
+        fields["pos_embed"] = "sincos" if vision["is_native"] else "learned"
+        if vision["is_native"]:
+            fields["image_size"] = None
+    return fields
 
 
 def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], source: str = "checkpoint") -> None:
@@ -178,8 +321,10 @@ def save_model(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     source_note: str = "",
+    extra_files: Sequence[Path] = (),
 ) -> Path:
-    """Writes an MLX model folder: config.json, model.safetensors (or shards + index), README.md.
+    """Writes an MLX model folder: config.json, model.safetensors (or shards + index), README.md, and copies of
+    `extra_files` (what ships beside the weights, such as a preprocessor_config.json).
 
     `weights` maps names to arrays, or to (dtype, shape, producer) triples so that a conversion can stream
     tensors one at a time. The folder is built under a temporary name and renamed into place only when
@@ -202,7 +347,8 @@ def save_model(
         ]
         weight_map = {}
         for shard_name, keys in zip(names, shards):
-            writer = _StreamingSafetensors(tmp / shard_name, [(k, source[k][0], source[k][1]) for k in keys], {"format": "mlx"})
+            plan = [(k, source[k][0], source[k][1]) for k in keys]
+            writer = _StreamingSafetensors(tmp / shard_name, plan, {"format": "mlx"})
             try:
                 for key in keys:
                     writer.write(key, source[key][2]())
@@ -215,6 +361,8 @@ def save_model(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.save(tmp / "config.json")
         (tmp / "README.md").write_text(_model_card(config, source_note))
+        for path in extra_files:
+            shutil.copyfile(path, tmp / Path(path).name)
     return folder
 
 

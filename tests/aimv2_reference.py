@@ -1,6 +1,7 @@
 """transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: its config for one of ours,
-random weights that make every stage count, its outputs stage by stage, and its state dict under Apple's keys
-(AIMV2-REFERENCE.md, "Checkpoint layouts"). Test-side only: the library never imports transformers or torch."""
+random weights that make every stage count, its outputs stage by stage, and its weights loaded into our model
+through the library's transformers -> Apple key mapping (`mlx_aim.weights`). Test-side only: the library never
+imports transformers or torch."""
 
 from __future__ import annotations
 
@@ -53,59 +54,15 @@ def make_reference(config: AIMv2Config, seed: int = 0) -> Aimv2VisionModel:
     return randomize(model, seed).eval()
 
 
-# transformers' keys -> Apple's (block i's keys under `encoder.layers.{i}.` / `trunk.blocks.{i}.`).
-_BLOCK_KEYS = {
-    "attention.out_proj.weight": "attn.proj.weight",
-    "rms_norm1.weight": "norm_1.weight",
-    "rms_norm2.weight": "norm_2.weight",
-    "ffn.gate_proj.weight": "mlp.fc1.weight",
-    "ffn.down_proj.weight": "mlp.fc2.weight",
-    "ffn.up_proj.weight": "mlp.fc3.weight",
-}
-_TOP_KEYS = {
-    "embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
-    "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
-    "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
-    "rms_norm.weight": "trunk.post_trunk_norm.weight",
-}
-
-
-def apple_state_dict(hf_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A transformers `Aimv2VisionModel` state dict (numpy) under Apple's keys, in Apple's PyTorch layouts:
-    q/k/v concatenated (q, k, v order) into qkv, the (N, D) position table as the (1, N, D) `pos_embed`."""
-    out, used = {}, set()
-    for key, value in hf_state.items():
-        if key in _TOP_KEYS:
-            out[_TOP_KEYS[key]] = value
-        elif key == "embeddings.position_embedding.weight":
-            out["preprocessor.pos_embed"] = value[None]
-        else:
-            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
-            if match is None:
-                continue
-            i, rest = match.groups()
-            if rest in _BLOCK_KEYS:
-                out[f"trunk.blocks.{i}.{_BLOCK_KEYS[rest]}"] = value
-            elif rest == "attention.q_proj.weight":
-                qkv = [hf_state[f"encoder.layers.{i}.attention.{n}_proj.weight"] for n in "qkv"]
-                out[f"trunk.blocks.{i}.attn.qkv.weight"] = np.concatenate(qkv, axis=0)
-                used.update(f"encoder.layers.{i}.attention.{n}_proj.weight" for n in "kv")
-            elif rest not in ("attention.k_proj.weight", "attention.v_proj.weight"):
-                continue
-        used.add(key)
-    unmapped = sorted(set(hf_state) - used)
-    assert not unmapped, f"transformers keys with no Apple key: {unmapped}"
-    return out
-
-
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def load_apple_weights(model, weights: dict[str, np.ndarray]):
-    """Apple-key weights into our model: every preprocessor and trunk parameter, with its shape (the probe head
-    keeps its fresh weights: no released checkpoint has one)."""
-    weights = sanitize({k: mx.array(v) for k, v in weights.items()})
+def load_reference_weights(model, hf_state: dict[str, np.ndarray]):
+    """transformers' weights into our model through the library's own mapping (`sanitize` of the "transformers"
+    layout): every preprocessor and trunk parameter, with its shape (the probe head keeps its fresh weights: no
+    released checkpoint has one)."""
+    weights = sanitize({k: mx.array(v) for k, v in hf_state.items()}, "transformers")
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
     check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "transformers weights")
     model.load_weights(list(weights.items()), strict=False)

@@ -13,7 +13,7 @@ from transformers.models.aimv2.modeling_aimv2 import build_2d_sinusoidal_positio
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from aimv2_reference import apple_state_dict, load_apple_weights, make_reference, reference_stages, state_dict_numpy
+from aimv2_reference import load_reference_weights, make_reference, reference_stages, state_dict_numpy
 from conftest import rel_err
 from mlx_aim.config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, config_from_dict, get_config)
 from mlx_aim.layers import sincos_pos_embed
@@ -36,7 +36,7 @@ def tiny_native(**overrides) -> AIMv2Config:
 def make_pair(config: AIMv2Config, seed: int = 0):
     """transformers' reference with random weights, and our model holding the same weights (Apple's keys)."""
     ref = make_reference(config, seed)
-    return ref, load_apple_weights(build_model(config), apple_state_dict(state_dict_numpy(ref)))
+    return ref, load_reference_weights(build_model(config), state_dict_numpy(ref))
 
 
 def our_stages(model: AIMv2, images: np.ndarray) -> dict[str, mx.array]:
