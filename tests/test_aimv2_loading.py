@@ -244,6 +244,18 @@ def test_full_size_transformers_folder(large):
     assert_stages_match(our_stages(model, images), ref)
 
 
+def test_full_size_conversion_streams(large, tmp_path):
+    """Converting the 1.2 GB transformers folder (q, k and v fused on the way) holds a few tensors at a time, never
+    the model: MLX's peak allocation stays far below the model's size."""
+    _, root, _, _ = large
+    mx.reset_peak_memory()
+    out = mlx_aim.convert(root / "transformers", tmp_path / "mlx")
+    peak = mx.get_peak_memory()
+    size = (out / "model.safetensors").stat().st_size
+    shutil.rmtree(out)
+    assert size > 10**9 and peak < size / 8
+
+
 def hub_snapshot(cache, repo_id: str, revision: str, ref: str = "main"):
     """An empty snapshot folder in huggingface_hub's cache layout, with `ref` pointing at it."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

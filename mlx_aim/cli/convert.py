@@ -3,6 +3,7 @@
     mlx-aim convert aim-600M --out mlx-aim-600M
     mlx-aim convert backbone.pth head_best_layers.pth --out DIR --dtype bfloat16
     mlx-aim convert apple/AIM-1B --out DIR --quantize 4
+    mlx-aim convert aimv2-large-patch14-224 --out DIR        (AIMv2: a released name, hub id or folder in any layout)
 
 No PyTorch needed: pickles are read by an allow-listing reader that executes nothing. The output folder is
 written under a temporary name: a failure leaves nothing behind.
