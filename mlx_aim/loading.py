@@ -127,11 +127,13 @@ class Source:
             close()
 
 
-def _read_safetensors(raw: dict, path: Path) -> None:
-    arrays = read_safetensors(path)
+def _read_safetensors(raw: dict, path: Path) -> bool:
+    """Adds a safetensors file's tensors to `raw`; whether the file says it is MLX's ({"format": "mlx"})."""
+    arrays, metadata = read_safetensors(path, return_metadata=True)
     for key, value in arrays.items():
         # pop: once evaluated, a mapped array would keep its buffer alive as long as it is referenced
         _add(raw, key, Tensor(value.dtype, tuple(value.shape), (lambda k=key: arrays.pop(k))), path)
+    return metadata.get("format") == "mlx"
 
 
 def _read_torch(raw: dict, path: Path, closers: list) -> None:
@@ -148,15 +150,16 @@ def _add(raw: dict, key: str, tensor: Tensor, path: Path) -> None:
     raw[key] = tensor
 
 
-def _read_files(files: Sequence[Path], closers: list) -> dict[str, Tensor]:
-    """The files' tensors under their own keys, each read on demand."""
-    raw = {}
+def _read_files(files: Sequence[Path], closers: list) -> tuple[dict[str, Tensor], bool]:
+    """The files' tensors under their own keys, each read on demand; whether every file says it is MLX's."""
+    raw, mlx_format = {}, True
     for f in files:
         if f.suffix == ".safetensors":
-            _read_safetensors(raw, f)
+            mlx_format &= _read_safetensors(raw, f)
         else:
             _read_torch(raw, f, closers)
-    return raw
+            mlx_format = False
+    return raw, mlx_format
 
 
 def _in_our_layout(raw: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
@@ -432,8 +435,8 @@ def _config(located: _Located, tensors: dict[str, Tensor], probe_layers) -> Conf
 def _open(located: _Located, probe_layers) -> Source:
     closers = []
     try:
-        raw = _read_files(located.files, closers)
-        layout = located.layout or detect_layout(list(raw), located.files[0].name)
+        raw, mlx_format = _read_files(located.files, closers)
+        layout = located.layout or detect_layout(list(raw), located.files[0].name, mlx_format)
         tensors, left_out = _in_our_layout(raw, layout)
         config = _config(located, tensors, probe_layers)
     except BaseException:
@@ -442,8 +445,8 @@ def _open(located: _Located, probe_layers) -> Source:
         raise
     description = located.description
     if left_out:
-        description += (f" (image encoder only: {len(left_out)} tensors of the text tower, projections and pooling "
-                        "head left out)")
+        parts = sorted({re.match(r"(?:vision_model\.|image_encoder\.)?[^.]+", k)[0] for k in left_out})
+        description += f" (image encoder only: {len(left_out)} tensors left out, of {', '.join(parts)})"
     extra = [located.folder / PREPROCESSOR_CONFIG] if located.folder is not None else []
     return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
 
@@ -695,7 +698,7 @@ def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Con
     if not path.exists():
         raise FileNotFoundError(f"{path}: probe head file not found")
     safetensors = path.suffix == ".safetensors"
-    head, _ = _in_our_layout(_read_files([path], source.closers), "mlx" if safetensors else "torch")
+    head, _ = _in_our_layout(_read_files([path], source.closers)[0], "mlx" if safetensors else "torch")
     metadata = mx.load(str(path), return_metadata=True)[1] if safetensors else {}
     bad = [k for k in head if not k.startswith("head.")]
     if bad or "head.linear.weight" not in head:

@@ -98,12 +98,13 @@ def _conv_plan(key: str, shape: tuple) -> Mapped:
     return Mapped((key,), (shape[0], shape[2], shape[3], shape[1]), _conv_to_ohwi)
 
 
-def detect_layout(keys: Sequence[str], file_name: str) -> str:
+def detect_layout(keys: Sequence[str], file_name: str, mlx_format: bool = False) -> str:
     """The layout of checkpoint files without a config of ours: transformers' keys name themselves; Apple's keys are
-    in MLX layouts in `mlx_model.safetensors` (Apple's name for its MLX file), in PyTorch's everywhere else."""
+    in MLX layouts in a file that says so (`{"format": "mlx"}`, as `save_model` writes) and in `mlx_model.safetensors`
+    (Apple's name for its MLX file), in PyTorch's everywhere else."""
     if any(k.startswith(("embeddings.", "encoder.layers.", TRANSFORMERS_VISION_PREFIX)) for k in keys):
         return "transformers"
-    return "mlx" if file_name == _MLX_FILE else "torch"
+    return "mlx" if mlx_format or file_name == _MLX_FILE else "torch"
 
 
 def plan_keys(layout: str, shapes: Mapping[str, tuple]) -> KeyPlan:
@@ -383,12 +384,14 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, mx.array]:
-    """Lazily maps a safetensors file: tensors are read when evaluated. A missing file raises
-    FileNotFoundError, one that is not safetensors ValueError; both name the file."""
+def read_safetensors(path: str | os.PathLike, return_metadata: bool = False):
+    """Lazily maps a safetensors file: tensors are read when evaluated; with `return_metadata`, also its header's
+    metadata (a dict, empty where there is none). A missing file raises FileNotFoundError, one that is not
+    safetensors ValueError; both name the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return mx.load(str(path))
+        arrays, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError with no file name
         raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
+    return (arrays, metadata or {}) if return_metadata else arrays
