@@ -166,16 +166,12 @@ def test_max_patches_option(tmp_path, colours, capsys):
     assert summary["num_images"] == small and summary["num_skipped"] == len(red) - small
     assert all("max_patches=30" in s["reason"] for s in summary["skipped"])
     assert extract_features.main(["--model", str(native), "--out", str(tmp_path / "f"), "--features", "tokens",
-                                  "--max-patches", "30", "--no-progress", "--json", str(colours / "train" / "red")]) == 0
+                                  "--max-patches", "30", "--no-progress", "--json",
+                                  str(colours / "train" / "red")]) == 0
     assert last_json(capsys.readouterr().out)["num_images"] == small
 
     assert classify.main(["--model", str(fixed), "--max-patches", "30", "--no-progress", str(red[0])]) == 2
     assert "native-resolution models" in capsys.readouterr().err
-    for command, argv in [(probe, ["train", "--model", "m", "--data", "d", "--out", "o"]),
-                          (probe, ["eval", "--head", "h", "--data", "d"]), (demo, ["--model", "m"])]:
-        assert command.build_parser().parse_args([*argv, "--max-patches", "9"]).max_patches == 9
-        with pytest.raises(SystemExit):
-            command.build_parser().parse_args([*argv, "--max-patches", "0"])
 
 
 def test_demo_refuses_max_patches_without_a_model(capsys):
