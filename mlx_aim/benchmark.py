@@ -57,6 +57,7 @@ from . import __version__
 from ._blas import blas_info, set_num_threads
 from .backend import use_cpu_workarounds
 from .config import AIMConfig, AIMv2Config, Config, get_config
+from .data import is_native
 from .inference import peak_memory
 from .loading import load
 from .model import AIM, AIMv2, build_model, check_image_size, dtype_name
@@ -213,10 +214,6 @@ def random_images(config: Config, batch_size: int, seed: int = 0, image_size: Op
     rng = np.random.default_rng(seed)
     size = image_size or config.image_size
     return rng.standard_normal((batch_size, size, size, config.num_channels), dtype=np.float32)
-
-
-def is_native(config: Config) -> bool:
-    return isinstance(config, AIMv2Config) and config.native
 
 
 def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, quantize=None,

@@ -15,8 +15,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_aim.config import AIMv2Config
 from mlx_aim.weights import check_shapes, sanitize
-from transformers_reference import (apple_state_dict, build_reference, state_dict_numpy,  # noqa: F401 (re-exported)
-                                    transformers_config)
+from transformers_reference import apple_state_dict, build_reference, state_dict_numpy, transformers_config
+
+__all__ = ["apple_state_dict", "load_apple_weights", "make_reference", "randomize", "reference_stages",
+           "state_dict_numpy", "transformers_config"]
 
 
 @torch.no_grad()
