@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import PRESET_NAMES, AIMConfig, get_config
+from .config import PRESET_NAMES, AIMConfig, config_from_file, get_config
 from .model import AIM, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
@@ -130,7 +130,9 @@ def _infer_config(tensors: dict[str, Tensor], probe_layers, files: Sequence[Path
 
 def _is_mlx_config(path: Path) -> bool:
     try:
-        return json.loads(path.read_text()).get("model_type") == "aim"
+        params = json.loads(path.read_text())
+        # transformers' AIMv2 config.json says "aimv2" too, with hidden_size where ours has width
+        return params.get("model_type") == "aim" or (params.get("model_type") == "aimv2" and "width" in params)
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
 
@@ -243,7 +245,7 @@ def _locate(sources, probe_layers) -> _Located:
     folder = resolve_folder(sources[0])
     config_path = folder / "config.json"
     if config_path.exists() and _is_mlx_config(config_path):
-        return _Located(weight_files(folder), AIMConfig.from_file(config_path), True, f"MLX model folder {folder}")
+        return _Located(weight_files(folder), config_from_file(config_path), True, f"MLX model folder {folder}")
     if config_path.exists():  # Apple's hub layout (huggingface_hub PyTorch mixin)
         config = AIMConfig.from_file(config_path)
         if _has_own_weights(folder):

@@ -1,6 +1,7 @@
-"""transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: its config for one of ours,
-random weights that make every stage count, its outputs stage by stage, and its state dict under Apple's keys
-(AIMV2-REFERENCE.md, "Checkpoint layouts"). Test-side only: the library never imports transformers or torch."""
+"""transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: random weights that make every
+stage count, its outputs stage by stage, and Apple-key weights into our model. Its config, construction and the
+key mapping (AIMV2-REFERENCE.md, "Checkpoint layouts") live in `benchmarks/transformers_reference.py`, which the
+benchmark shares; they are re-exported here. Test-side only: the library never imports transformers or torch."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ import re
 
 import numpy as np
 import torch
-from transformers import Aimv2VisionConfig, Aimv2VisionModel
+from transformers import Aimv2VisionModel
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_aim.config import AIMv2Config
 from mlx_aim.weights import check_shapes, sanitize
+from transformers_reference import apple_state_dict, build_reference, state_dict_numpy, transformers_config
 
-
-def transformers_config(config: AIMv2Config) -> Aimv2VisionConfig:
-    """The transformers config of the same encoder, without its attention-pool head (as the released
-    vision-only checkpoints)."""
-    return Aimv2VisionConfig(
-        hidden_size=config.width, intermediate_size=config.hidden_dim, num_hidden_layers=config.depth,
-        num_attention_heads=config.num_heads, num_channels=config.num_channels, patch_size=config.patch_size,
-        image_size=config.image_size or 224, rms_norm_eps=config.norm_eps, is_native=config.native, use_head=False,
-    )
+__all__ = ["apple_state_dict", "load_apple_weights", "make_reference", "randomize", "reference_stages",
+           "state_dict_numpy", "transformers_config"]
 
 
 @torch.no_grad()
@@ -42,64 +37,9 @@ def randomize(model: Aimv2VisionModel, seed: int) -> Aimv2VisionModel:
     return model
 
 
-@torch.no_grad()
 def make_reference(config: AIMv2Config, seed: int = 0) -> Aimv2VisionModel:
     """transformers' model of `config` with `randomize`'s weights, in eval mode."""
-    with torch.device("meta"):  # skips transformers' own initialisation, which `randomize` replaces anyway
-        model = Aimv2VisionModel(transformers_config(config))
-    model = model.to_empty(device="cpu")
-    position_ids = model.embeddings.position_ids  # a buffer: to_empty leaves it unset
-    position_ids.copy_(torch.arange(position_ids.shape[-1]).expand_as(position_ids))
-    return randomize(model, seed).eval()
-
-
-# transformers' keys -> Apple's (block i's keys under `encoder.layers.{i}.` / `trunk.blocks.{i}.`).
-_BLOCK_KEYS = {
-    "attention.out_proj.weight": "attn.proj.weight",
-    "rms_norm1.weight": "norm_1.weight",
-    "rms_norm2.weight": "norm_2.weight",
-    "ffn.gate_proj.weight": "mlp.fc1.weight",
-    "ffn.down_proj.weight": "mlp.fc2.weight",
-    "ffn.up_proj.weight": "mlp.fc3.weight",
-}
-_TOP_KEYS = {
-    "embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
-    "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
-    "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
-    "rms_norm.weight": "trunk.post_trunk_norm.weight",
-}
-
-
-def apple_state_dict(hf_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A transformers `Aimv2VisionModel` state dict (numpy) under Apple's keys, in Apple's PyTorch layouts:
-    q/k/v concatenated (q, k, v order) into qkv, the (N, D) position table as the (1, N, D) `pos_embed`."""
-    out, used = {}, set()
-    for key, value in hf_state.items():
-        if key in _TOP_KEYS:
-            out[_TOP_KEYS[key]] = value
-        elif key == "embeddings.position_embedding.weight":
-            out["preprocessor.pos_embed"] = value[None]
-        else:
-            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
-            if match is None:
-                continue
-            i, rest = match.groups()
-            if rest in _BLOCK_KEYS:
-                out[f"trunk.blocks.{i}.{_BLOCK_KEYS[rest]}"] = value
-            elif rest == "attention.q_proj.weight":
-                qkv = [hf_state[f"encoder.layers.{i}.attention.{n}_proj.weight"] for n in "qkv"]
-                out[f"trunk.blocks.{i}.attn.qkv.weight"] = np.concatenate(qkv, axis=0)
-                used.update(f"encoder.layers.{i}.attention.{n}_proj.weight" for n in "kv")
-            elif rest not in ("attention.k_proj.weight", "attention.v_proj.weight"):
-                continue
-        used.add(key)
-    unmapped = sorted(set(hf_state) - used)
-    assert not unmapped, f"transformers keys with no Apple key: {unmapped}"
-    return out
-
-
-def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return randomize(build_reference(config), seed).eval()
 
 
 def load_apple_weights(model, weights: dict[str, np.ndarray]):
