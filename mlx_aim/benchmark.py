@@ -3,13 +3,19 @@
     mlx-aim benchmark --preset aim-600M --quantize 4 --json
     python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
     python scripts/benchmark.py --preset aim-small --train --batch-size 4 --compare-torch
+    python scripts/benchmark.py --preset aimv2-large-patch14-448 --batch-size 1 --compare-torch
+    python scripts/benchmark.py --preset aimv2-large-patch14-native --image-size 448   # 32x32 = 1024 patches
     python scripts/benchmark.py --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
+    python scripts/benchmark.py --memory-suite aimv2    # aimv2-3B bfloat16 / 4-bit
 
 `measure` and `memory_suite` return the figures; the command line (`mlx_aim.cli.benchmark`) prints them.
 
 What is measured:
 - inference: `model(images)` of the classifier (trunk up to the deepest probe layer, then the probe), random
   weights (or `--weights FOLDER`, loaded with `mlx_aim.load`), random normalised images;
+- for AIMv2 ("encoder"): the released encoder, `model.extract_features(images)` through every block and the final
+  norm (Apple released no heads), against transformers' `Aimv2VisionModel` (its `last_hidden_state`) with
+  `--compare-torch`; a native-resolution model takes `image_size` x `image_size` inputs (default 224);
 - `--train`: one pre-training step (`mlx_aim.train.TrainStep`: forward, prefix-causal next-patch loss,
   backward, gradient clipping, AdamW), the preset's pixel head included;
 - the first call (compilation, first-touch allocation) apart, then `--warmup` more untimed calls, then
@@ -22,13 +28,15 @@ What is measured:
   random-weight folder written tensor by tensor (aim-7B in float32 would not fit in memory).
 
 PyTorch is imported only with `--compare-torch`; `scripts/benchmark.py` imports it before MLX binds its BLAS, so
-it runs with its own kernels, as its users have it. The PyTorch model is the repository's reference,
-`benchmarks/torch_reference.py`: `--compare-torch` works from a source checkout (a clone, or `pip install -e`),
-not from an installed wheel, which does not ship it.
+it runs with its own kernels, as its users have it. The PyTorch models are the repository's references,
+`benchmarks/torch_reference.py` (AIM) and `benchmarks/transformers_reference.py` (AIMv2: transformers' model and
+the key mapping): `--compare-torch` works from a source checkout (a clone, or `pip install -e`), not from an
+installed wheel, which does not ship them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -48,15 +56,21 @@ from mlx.utils import tree_flatten
 from . import __version__
 from ._blas import blas_info, set_num_threads
 from .backend import use_cpu_workarounds
-from .config import AIMConfig, get_config
+from .config import AIMConfig, AIMv2Config, Config, get_config
+from .data import is_native
 from .inference import peak_memory
 from .loading import load
-from .model import AIM, build_model, dtype_name
+from .model import AIM, AIMv2, build_model, check_image_size, dtype_name
 from .weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
-MEMORY_SUITE = (("aim-1B", "float32", None), ("aim-1B", "bfloat16", None), ("aim-1B", "float32", 4),
-                ("aim-7B", "float32", 4))
+MEMORY_SUITES = {
+    "aim": (("aim-1B", "float32", None), ("aim-1B", "bfloat16", None), ("aim-1B", "float32", 4),
+            ("aim-7B", "float32", 4)),
+    "aimv2": (("aimv2-3B-patch14-224", "bfloat16", None), ("aimv2-3B-patch14-224", "float32", 4)),
+}
+MEMORY_SUITE = MEMORY_SUITES["aim"]
+NATIVE_IMAGE_SIZE = 224  # a native-resolution model's benchmark input side, unless image_size says otherwise
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "benchmarks"  # next to mlx_aim/ in a source checkout
 
 
@@ -64,26 +78,38 @@ class TorchReferenceUnavailable(RuntimeError):
     """`--compare-torch` cannot run here: the repository's PyTorch reference is not next to the package."""
 
 
-def torch_reference():
-    """The repository's PyTorch reference of AIM, `benchmarks/torch_reference.py`, imported from the source
-    checkout this package runs from (it is not part of the installed package)."""
-    if not (REFERENCE_DIR / "torch_reference.py").is_file():
+def _reference(name: str):
+    """`benchmarks/{name}.py`, imported from the source checkout this package runs from (not installed)."""
+    if not (REFERENCE_DIR / f"{name}.py").is_file():
         raise TorchReferenceUnavailable(
-            f"--compare-torch needs the PyTorch reference benchmarks/torch_reference.py, which is not in an "
-            f"installed package: run it from a clone of the mlx-aim repository (looked in {REFERENCE_DIR})")
+            f"--compare-torch needs the PyTorch reference benchmarks/{name}.py, which is not in an installed "
+            f"package: run it from a clone of the mlx-aim repository (looked in {REFERENCE_DIR})")
     if str(REFERENCE_DIR) not in sys.path:
         sys.path.insert(0, str(REFERENCE_DIR))
-    import torch_reference
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise TorchReferenceUnavailable(f"--compare-torch: benchmarks/{name}.py needs {error.name}, a development "
+                                        "dependency: pip install -e '.[dev]'") from None
 
-    return torch_reference
+
+def torch_reference():
+    """The repository's PyTorch reference of AIM, `benchmarks/torch_reference.py`."""
+    return _reference("torch_reference")
+
+
+def transformers_reference():
+    """The repository's AIMv2 reference, transformers' `Aimv2VisionModel` with the key mapping from ours,
+    `benchmarks/transformers_reference.py`."""
+    return _reference("transformers_reference")
 
 
 # ---------------------------------------------------------------------------------------------------
 # FLOPs of one call (matmuls only: element-wise work is small next to them and not what BLAS peak measures)
 
 
-def _block_flops(tokens: int, width: int, hidden: int) -> int:
-    linears = 2 * tokens * width * (3 * width + width + 2 * hidden)  # qkv, proj, fc1, fc2
+def _block_flops(tokens: int, width: int, hidden: int, mlp_matrices: int = 2) -> int:
+    linears = 2 * tokens * width * (3 * width + width + mlp_matrices * hidden)  # qkv, proj, the MLP's
     attention = 2 * 2 * tokens * tokens * width  # q k^T and the weighted sum of v, all heads together
     return linears + attention
 
@@ -95,6 +121,15 @@ def inference_flops(config: AIMConfig, batch_size: int) -> int:
     per_image = 2 * n * c.patch_dim * c.width
     per_image += (c.max_block_id + 1) * _block_flops(n, c.width, hidden)
     per_image += 2 * 2 * n * c.width * c.width + 2 * 2 * n * c.width + 2 * c.width * c.num_classes  # probe
+    return batch_size * per_image
+
+
+def encoder_flops(config: AIMv2Config, batch_size: int, grid: tuple[int, int]) -> int:
+    """Matmul FLOPs of AIMv2's `extract_features` on a batch of images of a (rows, cols) patch grid: the patch
+    embedding and every block (SwiGLU: three width x hidden_dim matrices)."""
+    c, n = config, grid[0] * grid[1]
+    per_image = 2 * n * c.patch_size**2 * c.num_channels * c.width
+    per_image += c.depth * _block_flops(n, c.width, c.hidden_dim, mlp_matrices=3)
     return batch_size * per_image
 
 
@@ -174,14 +209,14 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def random_images(config: AIMConfig, batch_size: int, seed: int = 0) -> np.ndarray:
-    """Random NHWC images, normalised pixel scale."""
+def random_images(config: Config, batch_size: int, seed: int = 0, image_size: Optional[int] = None) -> np.ndarray:
+    """Random NHWC images of `image_size` (default: the config's), normalised pixel scale."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch_size, config.image_size, config.image_size, config.num_channels),
-                               dtype=np.float32)
+    size = image_size or config.image_size
+    return rng.standard_normal((batch_size, size, size, config.num_channels), dtype=np.float32)
 
 
-def write_random_model(folder: str | os.PathLike, config: AIMConfig, dtype=None, quantize=None,
+def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, quantize=None,
                        seed: int = 0, force: bool = False) -> Path:
     """An MLX model folder with random weights, written one tensor at a time (`mlx_aim.weights.save_model`),
     so that a model much larger than memory in float32 (aim-7B) can be written in its quantized form.
@@ -201,7 +236,8 @@ def write_random_model(folder: str | os.PathLike, config: AIMConfig, dtype=None,
 # The two measurements
 
 
-def _load_model(config: AIMConfig, dtype, quantize, weights: Optional[str]) -> tuple[AIM, dict]:
+def _load_model(config: Config, dtype, quantize, weights: Optional[str],
+                max_patches: Optional[int] = None) -> tuple[AIM | AIMv2, dict]:
     info = {}
     start = time.perf_counter()
     if weights is not None:
@@ -210,16 +246,24 @@ def _load_model(config: AIMConfig, dtype, quantize, weights: Optional[str]) -> t
     else:
         model = build_model(config, dtype, quantize, seed=0)
         info["weights"] = "random"
+    if max_patches is not None:
+        if not is_native(model.config):
+            raise ValueError(f"max_patches={max_patches}: the limit applies to native-resolution models only")
+        model.config = model.config.replace(max_patches=max_patches)
     mx.eval(model.parameters())
     info["load_s"] = time.perf_counter() - start
     info["rss_after_load_bytes"] = peak_memory()["peak_rss_bytes"]
     return model, info
 
 
-def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=None, weights: Optional[str] = None,
-                    compare_torch: bool = False, warmup: int = 2, repeats: int = 5, compile: bool = False) -> dict:
-    model, info = _load_model(config, dtype, quantize, weights)
+def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, weights: Optional[str] = None,
+                    compare_torch: bool = False, warmup: int = 2, repeats: int = 5, compile: bool = False,
+                    image_size: Optional[int] = None, max_patches: Optional[int] = None) -> dict:
+    """AIM's classifier, or AIMv2's encoder; `image_size` and `max_patches` are a native-resolution model's."""
+    model, info = _load_model(config, dtype, quantize, weights, max_patches)
     config = model.config
+    if isinstance(config, AIMv2Config):
+        return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size)
     images_np = random_images(config, batch_size)
     images = mx.array(images_np)
     # Compiled: the whole forward traced once per input shape, weights captured as constants.
@@ -245,6 +289,45 @@ def bench_inference(config: AIMConfig, batch_size: int, dtype=None, quantize=Non
         fns["torch"] = torch_call
         result["torch_dtype"] = dtype_name(torch_dtype)
         ours = np.array(model(images).astype(mx.float32))
+        theirs = torch_call().float().numpy()
+        result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+    result["timings"] = time_calls(fns, warmup, repeats)
+    return result
+
+
+def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: bool, warmup: int, repeats: int,
+                   compile: bool, image_size: Optional[int]) -> dict:
+    """AIMv2's encoder (every block, the final norm) against transformers' `Aimv2VisionModel` on its weights."""
+    config = model.config
+    size = (image_size or NATIVE_IMAGE_SIZE) if config.native else config.image_size
+    images_np = random_images(config, batch_size, image_size=size)
+    images = mx.array(images_np)
+    check_image_size(images, config)  # before any timing: a size the model refuses is an error, not a number
+    def encode(x):
+        return model.extract_features(x)[0]
+
+    encode = mx.compile(encode) if compile else encode
+    fns = {"mlx": lambda: mx.eval(encode(images))}
+    grid = (size // config.patch_size, size // config.patch_size)
+    result = {"task": "encoder", "config": config.name or "custom", "image_size": size, "native": config.native,
+              "num_patches": grid[0] * grid[1], "batch_size": batch_size, "dtype": dtype_name(model.dtype),
+              "quantization": config.quantization, "compiled": compile, "weight_bytes": weight_bytes(model), **info,
+              "flops": encoder_flops(config, batch_size, grid)}
+    if compare_torch:
+        import torch
+
+        reference = transformers_reference()
+        torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
+        ref = reference.load_mlx_weights(reference.build_reference(config), float_weights(model)).to(torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+
+        def torch_call():
+            with torch.inference_mode():
+                return ref(pixel_values=images_t).last_hidden_state
+
+        fns["torch"] = torch_call
+        result["torch_dtype"] = dtype_name(torch_dtype)
+        ours = np.array(encode(images).astype(mx.float32))
         theirs = torch_call().float().numpy()
         result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
     result["timings"] = time_calls(fns, warmup, repeats)
@@ -316,8 +399,10 @@ def machine_info() -> dict:
 def measure(
     *,
     preset: str = "aim-600M",
+    config: Optional[Config] = None,
     weights: Optional[str] = None,
     image_size: Optional[int] = None,
+    max_patches: Optional[int] = None,
     dtype=None,
     quantize=None,
     batch_size: int = 2,
@@ -331,19 +416,30 @@ def measure(
     repeats: int = 5,
 ) -> dict:
     """The benchmark as one JSON-ready dict: the machine, its matmul peak, one run per measurement
-    (inference unless `train_only`; one pre-training step with `train` or `train_only`), peak memory.
+    (inference, or AIMv2's encoder, unless `train_only`; one pre-training step with `train` or `train_only`),
+    peak memory.
 
-    `weights`: an MLX model folder (or anything `mlx_aim.load` takes) instead of `preset`'s random weights;
-    `quantize`: 4 or 8 bits, or a quantization dict, for inference; `threads`: BLAS (and torch) threads."""
+    `config`: a model config instead of `preset`'s; `weights`: an MLX model folder (or anything `mlx_aim.load`
+    takes) instead of random weights; `image_size`: the model's (for a native-resolution model, the side of its
+    square inputs, default `NATIVE_IMAGE_SIZE`); `max_patches`: a native model's guard; `quantize`: 4 or 8 bits, or
+    a quantization dict, for inference; `threads`: BLAS (and torch) threads."""
     if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise ValueError(f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}: "
                          "expected batch_size, repeats and threads >= 1, warmup >= 0")
     if (train or train_only) and (quantize or weights):
         raise ValueError("train=True times pre-training a fresh float model: pass no quantize and no weights")
+    input_size = None
     if weights is None:
-        config = get_config(preset, **({"image_size": image_size} if image_size else {}))
+        config = config or get_config(preset)
+        if image_size and is_native(config):
+            input_size = image_size
+        elif image_size:
+            config = config.replace(image_size=image_size)
+        if (train or train_only) and isinstance(config, AIMv2Config):
+            raise ValueError(f"train=True: {config.name or 'AIMv2'} has no pre-training model here (AIMv2 was "
+                             "pre-trained with a multimodal decoder Apple did not release); time its encoder")
     else:
-        config = None
+        config, input_size = None, image_size
     result = {"machine": machine_info()}
     if compare_torch:
         result["machine"]["torch"] = torch_reference().torch_info()
@@ -362,7 +458,7 @@ def measure(
     runs = []
     if not train_only:
         runs.append(bench_inference(config, batch_size, dtype, quantize, weights, compare_torch, warmup, repeats,
-                                    compile))
+                                    compile, input_size, max_patches))
     if train or train_only:
         runs.append(bench_pretraining(config, train_batch_size or batch_size, dtype or "float32", compare_torch,
                                       warmup, repeats))

@@ -21,6 +21,10 @@ _APPLE_HUB_KEYS = {
 }
 
 
+# Native resolution's default guard on patches per image: AIMv2-native was trained on 112 to 4096 patches. The one
+# definition: `AIMv2Config.max_patches` and the data layer's native `Preprocessing` default to it.
+MAX_PATCHES = 4096
+
 # What `AIMConfig.with_probe_layers` and `get_config` take: "best", "last", block indices, or None (keep).
 ProbeLayers = Union[str, Sequence[int], None]
 
@@ -215,7 +219,7 @@ class AIMv2Config(_TrunkConfig):
     # embedding computed for each input grid, native resolution. None: whichever `image_size` implies.
     pos_embed: Optional[str] = None
     # Native resolution's guard against huge inputs (attention's cost grows with the square of the patches).
-    max_patches: int = 4096
+    max_patches: int = MAX_PATCHES
     # Blocks whose raw outputs the attentive probe averages (0-indexed). None: the last 6 blocks.
     probe_layers: Optional[list[int]] = None
     num_classes: int = 1000

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
-                   iter_image_batches, preprocessing_for)
+                   iter_image_batches, model_family, preprocessing_for)
 from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
@@ -67,13 +67,25 @@ def open_model(
     probe_layers=None,
     random_init: bool = False,
     seed: int = 0,
+    max_patches: Optional[int] = None,
 ) -> AIM:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
-    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline."""
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline.
+
+    `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
+    reads too); a fixed-size model refuses it, having no use for it."""
     if random_init:
         config = source_config(model, probe_layers).replace(quantization=None)
-        return build_model(config, dtype, quantize, seed=seed)
-    return load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+        opened = build_model(config, dtype, quantize, seed=seed)
+    else:
+        opened = load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+    if max_patches is not None:
+        if not is_native(opened.config):
+            raise ValueError(f"max_patches={max_patches}: {model} takes {opened.config.image_size}x"
+                             f"{opened.config.image_size} images; the limit applies to native-resolution models "
+                             "(aimv2-large-patch14-native) only")
+        opened.config = opened.config.replace(max_patches=max_patches)
+    return opened
 
 
 def class_names(model_source, num_classes: int) -> list[str]:
@@ -103,6 +115,19 @@ def to_numpy(a: mx.array, dtype=np.float32) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------
 # Classification
+
+
+def untrained_head_message(config, model_name: str = "") -> str:
+    """Why a trunk without a trained probe cannot classify, and the probe path that gives it one. AIMv2 trunks are
+    all such: Apple released no AIMv2 heads."""
+    name = model_name or "the model"
+    train = (f"train one with `mlx-aim probe train --model {model_name or 'MODEL'} --data DIR --out PROBE` "
+             "(scripts/probe.py train) and classify with the model folder it writes, PROBE/model")
+    if model_family(config) == "aimv2":
+        return (f"{name} has no trained classification head: Apple released no AIMv2 heads, so classifying with "
+                f"AIMv2 means training an attentive probe on your labelled images first; {train}")
+    return (f"{name} has no trained classification head (a trunk without head.* weights, e.g. a pre-training "
+            f"export); {train}")
 
 
 @dataclass
@@ -146,11 +171,7 @@ def classify(
     line passes the checkpoint folder's file). A model without a trained probe head (a pre-training export) is
     refused: its classes would be noise."""
     if not model.has_trained_head:
-        raise ValueError(
-            f"{model_name or 'the model'} has no trained classification head (a trunk without head.* weights, "
-            "e.g. a pre-training export); train one with `mlx-aim probe train` (scripts/probe.py train) and "
-            "classify with the model folder it writes (OUT/model)"
-        )
+        raise ValueError(untrained_head_message(model.config, model_name))
     num_classes = model.config.num_classes
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:

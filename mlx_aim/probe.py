@@ -341,11 +341,17 @@ def epoch_batches(data: FeatureSet, batch_size: int, seed: int, epoch: int) -> l
 # The head, its evaluation, its files
 
 
+def probe_eps(model: AIM) -> float:
+    """The probe BatchNorm's eps of `model`'s family, as its own head has it (AIM: the trunk's LayerNorm eps; AIMv2:
+    AIM's 1e-6, not its RMSNorm's 1e-5), so that a head trained here and one loaded with the model agree."""
+    return model.head.bn.eps
+
+
 def new_head(model: AIM, num_classes: int, seed: int) -> AttentionProbe:
     """A freshly initialised float32 probe for `model`'s width and heads, drawn from `seed`."""
     c = model.config
     mx.random.seed(seed)
-    head = AttentionProbe(c.width, c.num_heads, num_classes, c.norm_eps)
+    head = AttentionProbe(c.width, c.num_heads, num_classes, probe_eps(model))
     mx.eval(head.parameters())
     return head
 
@@ -401,7 +407,7 @@ def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
     rows, width = weights["head.linear.weight"].shape
     if width != c.width:
         raise ValueError(f"{path}: head width {width} does not match the trunk's width {c.width}")
-    head = AttentionProbe(c.width, c.num_heads, rows, c.norm_eps)
+    head = AttentionProbe(c.width, c.num_heads, rows, probe_eps(model))
     head.load_weights([(k.removeprefix(HEAD_PREFIX), v.astype(mx.float32)) for k, v in weights.items()], strict=True)
     mx.eval(head.parameters())
     head.eval()

@@ -1,7 +1,8 @@
-"""transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: its config for one of ours,
-random weights that make every stage count, its outputs stage by stage, and its weights loaded into our model
-through the library's transformers -> Apple key mapping (`mlx_aim.weights`). Test-side only: the library never
-imports transformers or torch."""
+"""transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: random weights that make every
+stage count, its outputs stage by stage, and its weights loaded into our model through the library's transformers ->
+Apple key mapping (`mlx_aim.weights`). Its config and construction live in `benchmarks/transformers_reference.py`,
+which the benchmark shares; they are re-exported here. Test-side only: the library never imports transformers or
+torch."""
 
 from __future__ import annotations
 
@@ -9,22 +10,16 @@ import re
 
 import numpy as np
 import torch
-from transformers import Aimv2VisionConfig, Aimv2VisionModel
+from transformers import Aimv2VisionModel
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_aim.config import AIMv2Config
 from mlx_aim.weights import check_shapes, sanitize
+from transformers_reference import build_reference, state_dict_numpy, transformers_config
 
-
-def transformers_config(config: AIMv2Config) -> Aimv2VisionConfig:
-    """The transformers config of the same encoder, without its attention-pool head (as the released
-    vision-only checkpoints)."""
-    return Aimv2VisionConfig(
-        hidden_size=config.width, intermediate_size=config.hidden_dim, num_hidden_layers=config.depth,
-        num_attention_heads=config.num_heads, num_channels=config.num_channels, patch_size=config.patch_size,
-        image_size=config.image_size or 224, rms_norm_eps=config.norm_eps, is_native=config.native, use_head=False,
-    )
+__all__ = ["load_reference_weights", "make_reference", "randomize", "reference_stages", "state_dict_numpy",
+           "transformers_config"]
 
 
 @torch.no_grad()
@@ -43,19 +38,9 @@ def randomize(model: Aimv2VisionModel, seed: int) -> Aimv2VisionModel:
     return model
 
 
-@torch.no_grad()
 def make_reference(config: AIMv2Config, seed: int = 0) -> Aimv2VisionModel:
     """transformers' model of `config` with `randomize`'s weights, in eval mode."""
-    with torch.device("meta"):  # skips transformers' own initialisation, which `randomize` replaces anyway
-        model = Aimv2VisionModel(transformers_config(config))
-    model = model.to_empty(device="cpu")
-    position_ids = model.embeddings.position_ids  # a buffer: to_empty leaves it unset
-    position_ids.copy_(torch.arange(position_ids.shape[-1]).expand_as(position_ids))
-    return randomize(model, seed).eval()
-
-
-def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return randomize(build_reference(config), seed).eval()
 
 
 def load_reference_weights(model, hf_state: dict[str, np.ndarray]):

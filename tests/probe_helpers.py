@@ -1,7 +1,6 @@
 """Shared by test_inference.py and test_probe.py: tiny random-weight model folders and generated image
 folders."""
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from conftest import tiny_config
-from mlx_aim.config import AIMConfig
+from mlx_aim.config import AIMConfig, AIMv2Config, Config
 from mlx_aim.model import build_model
 from mlx_aim.weights import save_model
 
@@ -24,31 +23,18 @@ def probe_config(num_classes: int = 1000) -> AIMConfig:
     return tiny_config(depth=3, num_heads=2, num_classes=num_classes, name="tiny-test")
 
 
-@dataclass
-class NativeStandIn(AIMConfig):
-    """Stands in for a native-resolution AIMv2 config (image_size None, max_patches, model_type "aimv2") until
-    AIMv2Config lands, on AIM v1's layers: their sin-cos position embedding is computed for any input grid."""
-
-    image_size: Optional[int] = None
-    max_patches: int = 4096
-
-    def validate(self) -> None:  # AIMConfig's checks need an image size
-        pass
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "model_type": "aimv2"}
+def native_config(num_classes: int = 1000) -> AIMv2Config:
+    """`probe_config`'s trunk as a native-resolution AIMv2 (4-pixel patches, any image size; SwiGLU 128)."""
+    return AIMv2Config(image_size=None, patch_size=4, width=64, depth=3, num_heads=2, hidden_dim=128,
+                       num_classes=num_classes, probe_layers=[1, 2], name="tiny-native")
 
 
-def native_config(num_classes: int = 1000) -> NativeStandIn:
-    """`probe_config`'s trunk at native resolution: 4-pixel patches, any image size."""
-    fields = {k: v for k, v in probe_config(num_classes).to_dict().items() if k not in ("model_type", "image_size")}
-    return NativeStandIn(**dict(fields, name="tiny-native"))
-
-
-def make_model_folder(folder: Path, num_classes: int = 1000, seed: int = 0, with_head: bool = True) -> Path:
-    """A random-weight tiny model saved as an MLX model folder (without head.* keys: a trunk export)."""
+def make_model_folder(folder: Path, num_classes: int = 1000, seed: int = 0, with_head: bool = True,
+                      config: Optional[Config] = None) -> Path:
+    """A random-weight tiny model (`config`, default `probe_config`) saved as an MLX model folder (without head.*
+    keys: a trunk export, as every released AIMv2 checkpoint is)."""
     mx.random.seed(seed)
-    model = build_model(probe_config(num_classes))
+    model = build_model(config or probe_config(num_classes))
     weights = {k: v for k, v in tree_flatten(model.parameters()) if with_head or not k.startswith("head.")}
     return save_model(folder, weights, model.config)
 

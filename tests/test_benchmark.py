@@ -11,7 +11,7 @@ import mlx_aim
 from conftest import last_json, run_script
 from mlx_aim import benchmark
 from mlx_aim.cli import benchmark as benchmark_cli
-from mlx_aim.config import get_config
+from mlx_aim.config import AIMv2Config, get_config
 
 TINY = ["--preset", "aim-tiny", "--image-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
 
@@ -131,3 +131,57 @@ def test_block_profile_times_every_variant_and_restores_the_layers():
     expected = [f"4x256x{dim} {v}" for dim, _ in bench_kernels.BLOCK_SHAPES for v in variants]
     assert [what for _, what, _ in rows] == expected
     assert all(kind == "block fwd+bwd" and seconds > 0 for kind, _, seconds in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# AIMv2: the encoder against transformers' Aimv2VisionModel
+
+
+def tiny_aimv2(native: bool) -> AIMv2Config:
+    return AIMv2Config(image_size=None if native else 16, patch_size=4, width=64, depth=3, num_heads=2, hidden_dim=128,
+                       name="tiny-v2")
+
+
+@pytest.mark.parametrize("native, size, patches", [(False, None, 16), (True, 20, 25)], ids=["fixed", "native"])
+def test_aimv2_encoder_against_transformers(native, size, patches):
+    result = benchmark.measure(config=tiny_aimv2(native), image_size=size, batch_size=2, compare_torch=True,
+                               warmup=1, repeats=2)
+    (run,) = result["runs"]
+    assert run["task"] == "encoder" and run["native"] is native and run["num_patches"] == patches
+    assert run["image_size"] == (size or 16) and set(run["timings"]) == {"mlx", "torch"}
+    assert run["max_rel_diff"] < 1e-5  # the same weights in transformers' model: the same tokens
+    grid = (run["image_size"] // 4,) * 2
+    assert run["flops"] == benchmark.encoder_flops(tiny_aimv2(native), 2, grid)
+    assert run["ratio_mlx_over_torch"] == pytest.approx(
+        run["timings"]["mlx"]["images_per_s"] / run["timings"]["torch"]["images_per_s"])
+
+
+def test_encoder_flops_by_hand():
+    c = get_config("aimv2-large-patch14-224")
+    n, d, h = 256, 1024, 2816
+    block = 2 * n * d * (4 * d + 3 * h) + 4 * n * n * d
+    assert benchmark.encoder_flops(c, 2, (16, 16)) == 2 * (2 * n * 588 * d + 24 * block)
+
+
+def test_aimv2_folder_from_the_command_line(tmp_path):
+    """A random AIMv2 folder written tensor by tensor (as --memory-suite aimv2 writes aimv2-3B), timed through
+    --weights against transformers; a native model's input size and max_patches come from the options."""
+    folder = benchmark.write_random_model(tmp_path / "native-q4", tiny_aimv2(native=True), quantize=4)
+    model = mlx_aim.load(folder)
+    assert isinstance(model, mlx_aim.AIMv2) and model.config.quantization == {"bits": 4, "group_size": 64}
+    common = ["--weights", folder, "--batch-size", "1", "--warmup", "1", "--repeats", "1"]
+    result = last_json(run_benchmark(*common, "--image-size", "24", "--compare-torch", "--json").stdout)
+    (run,) = result["runs"]
+    assert run["task"] == "encoder" and run["image_size"] == 24 and run["num_patches"] == 36
+    assert run["quantization"] == {"bits": 4, "group_size": 64}
+    assert run["max_rel_diff"] < 1e-5  # transformers runs the dequantized weights the 4-bit layers multiply by
+    table = run_benchmark(*common, "--image-size", "24").stdout
+    assert "encoder  tiny-v2 24px  mlx" in table and "36 patches per image (native resolution)" in table
+    refused = run_benchmark(*common, "--image-size", "24", "--max-patches", "30", check_rc=2)
+    assert "max_patches=30" in refused.stderr and "Traceback" not in refused.stderr
+    refused = run_benchmark("--preset", "aimv2-large-patch14-224", "--train", check_rc=2)
+    assert "no pre-training model" in refused.stderr
+    assert set(benchmark.MEMORY_SUITES["aimv2"]) == {("aimv2-3B-patch14-224", "bfloat16", None),
+                                                     ("aimv2-3B-patch14-224", "float32", 4)}
+    assert benchmark_cli.build_parser().parse_args(["--memory-suite"]).memory_suite == "aim"
+    assert benchmark_cli.build_parser().parse_args(["--memory-suite", "aimv2"]).memory_suite == "aimv2"

@@ -97,6 +97,16 @@ def test_one_quantize_option_wherever_a_model_is_loaded(command, capsys):
     assert refused.value.code == 2 and "--quantize" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [c for c in LOADS_A_MODEL if c != "convert"])  # convert runs no model
+def test_one_max_patches_option_wherever_a_model_runs(command, capsys):
+    parser = parser_of(command)
+    assert parser.parse_args([*MINIMAL[command], "--max-patches", "9"]).max_patches == 9
+    assert parser.parse_args(MINIMAL[command]).max_patches is None  # the model's own config decides
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args([*MINIMAL[command], "--max-patches", "0"])
+    assert refused.value.code == 2 and "--max-patches" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["classify", "extract_features", "probe train", "probe eval", "pretrain"])
 def test_negative_worker_count_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as refused:

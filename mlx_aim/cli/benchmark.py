@@ -3,11 +3,15 @@
     mlx-aim benchmark --preset aim-600M --quantize 4 --json
     python scripts/benchmark.py --preset aim-600M --batch-size 2 --compare-torch
     python scripts/benchmark.py --preset aim-small --train-only --batch-size 4 --compare-torch
+    python scripts/benchmark.py --preset aimv2-large-patch14-224 --batch-size 1 --compare-torch
+    mlx-aim benchmark --preset aimv2-large-patch14-native --image-size 448   # 1024 patches
     mlx-aim benchmark --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
+    mlx-aim benchmark --memory-suite aimv2    # aimv2-3B bfloat16 / 4-bit
 
---compare-torch runs from a clone of the repository (the PyTorch reference is not installed with the
-package); run it as `python scripts/benchmark.py`, which imports PyTorch before MLX binds its BLAS, so that
-PyTorch runs with its own kernels. See mlx_aim/benchmark.py for what is measured and how.
+An AIMv2 preset times its encoder (every block and the final norm; Apple released no heads) against
+transformers' Aimv2VisionModel. --compare-torch runs from a clone of the repository (the PyTorch references are
+not installed with the package); run it as `python scripts/benchmark.py`, which imports PyTorch before MLX binds
+its BLAS, so that PyTorch runs with its own kernels. See mlx_aim/benchmark.py for what is measured and how.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Optional, Sequence
 
 from .. import benchmark, blas_info
 from ..config import PRESET_NAMES
-from .options import add_model_options, add_output_options, non_negative_int, positive_int, quantization
+from .options import (add_max_patches_option, add_model_options, add_output_options, non_negative_int, positive_int,
+                      quantization)
 from .output import EXIT_OK, CommandError, format_bytes, print_json, run_command
 
 
@@ -26,8 +31,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="aim-600M", choices=PRESET_NAMES)
     p.add_argument("--weights", help="an MLX model folder to load instead of random weights (times the load too)")
-    p.add_argument("--image-size", type=int, help="override the preset's image size")
+    p.add_argument("--image-size", type=positive_int,
+                   help="override the preset's image size; for a native-resolution model, the side of its square "
+                        f"inputs (default {benchmark.NATIVE_IMAGE_SIZE})")
     add_model_options(p, dtype_help="default: float32")
+    add_max_patches_option(p)
     p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--train", action="store_true", help="also time one pre-training step")
     p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
@@ -42,8 +50,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed calls, the first (compiling) one included")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
-    p.add_argument("--memory-suite", action="store_true",
-                   help="peak memory of load + forward: aim-1B float32/bfloat16/4-bit and aim-7B 4-bit")
+    p.add_argument("--memory-suite", nargs="?", const="aim", choices=list(benchmark.MEMORY_SUITES),
+                   help="peak memory of load + forward: aim (the default) aim-1B float32/bfloat16/4-bit and aim-7B "
+                        "4-bit; aimv2: aimv2-3B bfloat16 and 4-bit")
     p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
     add_output_options(p, json_help="print one JSON object (last line) instead of the table")
     return p
@@ -84,6 +93,8 @@ def format_table(result: dict) -> str:
             notes.append(f"MLX / torch images/s = {r['ratio_mlx_over_torch']:.2f}x")
         if "max_rel_diff" in r:
             notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
+        if "num_patches" in r:
+            notes.append(f"{r['num_patches']} patches per image" + (" (native resolution)" if r["native"] else ""))
         if "first_losses" in r:
             notes.append("first losses mlx {mlx:.5f} torch {torch:.5f}".format(**r["first_losses"]))
         if "load_s" in r:
@@ -121,18 +132,21 @@ def run(args: argparse.Namespace) -> int:
             print("note: PyTorch is imported after mlx_aim bound MLX's BLAS, and calls that BLAS too; for PyTorch "
                   "as its users have it, run python scripts/benchmark.py", file=sys.stderr)
     if args.memory_suite:
-        rows = benchmark.memory_suite(work_dir=args.work_dir)
+        rows = benchmark.memory_suite(benchmark.MEMORY_SUITES[args.memory_suite], work_dir=args.work_dir)
         if args.json:
             print_json({"machine": benchmark.machine_info(), "memory_suite": rows})
         else:
             print(format_memory(rows))
         return EXIT_OK
-    result = benchmark.measure(
-        preset=args.preset, weights=args.weights, image_size=args.image_size, dtype=args.dtype,
-        quantize=quantization(args), batch_size=args.batch_size, train=args.train, train_only=args.train_only,
-        train_batch_size=args.train_batch_size, compare_torch=args.compare_torch, threads=args.threads,
-        compile=args.compile, warmup=args.warmup, repeats=args.repeats,
-    )
+    try:
+        result = benchmark.measure(
+            preset=args.preset, weights=args.weights, image_size=args.image_size, max_patches=args.max_patches,
+            dtype=args.dtype, quantize=quantization(args), batch_size=args.batch_size, train=args.train,
+            train_only=args.train_only, train_batch_size=args.train_batch_size, compare_torch=args.compare_torch,
+            threads=args.threads, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
+        )
+    except benchmark.TorchReferenceUnavailable as error:  # e.g. transformers missing, for an AIMv2 model
+        raise CommandError(str(error)) from None
     if args.json:
         print_json(result)
     else:

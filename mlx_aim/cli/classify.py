@@ -39,11 +39,12 @@ def classify_and_report(
     num_workers: int = NUM_WORKERS,
     progress: bool = True,
     as_json: bool = False,
+    max_patches: Optional[int] = None,
 ) -> int:
     """Loads `model`, classifies `inputs` and prints each image's top-k labels, the skipped inputs and the
     figures (with `as_json`, also one JSON object last); returns the exit status."""
     with reported_as("cannot load the model"):
-        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+        aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, max_patches=max_patches)
         preprocessing = preprocessing_for(aim.config, model)  # the checkpoint folder's file, else the default
     names = class_names(model, aim.config.num_classes)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
@@ -67,7 +68,8 @@ def classify_and_report(
 def run(args: argparse.Namespace) -> int:
     return classify_and_report(args.model, args.paths, top_k=args.top_k, batch_size=args.batch_size,
                                dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
-                               num_workers=args.num_workers, progress=not args.no_progress, as_json=args.json)
+                               num_workers=args.num_workers, progress=not args.no_progress, as_json=args.json,
+                               max_patches=args.max_patches)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:

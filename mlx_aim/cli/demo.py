@@ -1,10 +1,11 @@
 """Pre-train a small AIM on built-in synthetic shapes, then compare attentive probes on the pre-trained and a
 randomly initialised trunk. Nothing to download. With --model, classify the bundled sample images with a
-released AIM instead.
+released AIM instead, or with a trunk and the probe trained on it (an AIMv2 probe's PROBE/model).
 
     mlx-aim demo                     # the default run: a few minutes on a laptop CPU
     mlx-aim demo --seed 1 --json     # another seed; one JSON object with the figures last
     mlx-aim demo --model aim-600M    # classify the bundled sample images with a released model
+    mlx-aim demo --model PROBE/model # with an AIMv2 trunk and your probe (Apple released no AIMv2 heads)
 
 Everything lands under --out (default ./mlx_aim_demo): the image folder, the run (checkpoint, exported
 trunk, probes), demo.json and demo.png. See mlx_aim/demo.py for the recipe and its decisions.
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
+from ..config import AIMV2_PRESET_NAMES, get_config
 from ..demo import DEFAULT, run_demo, sample_images
+from ..inference import untrained_head_message
 from .classify import classify_and_report
-from .options import add_model_options, add_output_options, positive_int, quantization
-from .output import EXIT_OK, print_json, run_command
+from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, quantization
+from .output import EXIT_OK, CommandError, print_json, run_command
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -31,9 +35,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="discard this seed's earlier run folder and start over")
     p.add_argument("--model", default=None,
                    help="instead of pre-training: classify the bundled sample images with this model "
-                        "(aim-600M, a hub repo id, or a local model folder)")
+                        "(aim-600M, a hub repo id, or a local model folder such as a probe's PROBE/model)")
     p.add_argument("--top-k", type=positive_int, default=5, help="labels per image with --model (default: 5)")
     add_model_options(p, dtype_help="with --model: compute dtype (default: as stored)")
+    add_max_patches_option(p)
     add_output_options(p, json_help="print one JSON object with the figures on the last line")
     return p
 
@@ -63,10 +68,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def released_aimv2(model: str) -> Optional[str]:
+    """The AIMv2 name `model` gives (a name or Apple's hub id, not a local path), else None: a head-less trunk."""
+    if Path(model).exists():
+        return None
+    names = {name.lower(): name for name in AIMV2_PRESET_NAMES}
+    return names.get(model.lower().removeprefix("apple/"))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.model is not None:
+        name = released_aimv2(args.model)
+        if name is not None:  # refused before a download: no AIMv2 checkpoint holds a head
+            raise CommandError(untrained_head_message(get_config(name), args.model))
         return classify_and_report(args.model, [str(p) for p in sample_images()], top_k=args.top_k, dtype=args.dtype,
-                                   quantize=quantization(args), progress=not args.no_progress, as_json=args.json)
+                                   quantize=quantization(args), progress=not args.no_progress, as_json=args.json,
+                                   max_patches=args.max_patches)
     result = run_demo(args.out, args.seed, quick=args.quick, steps=args.steps, force=args.force,
                       progress=not args.no_progress, echo=print)
     print()
@@ -83,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.model is None and (args.dtype or args.quantize or args.q_group_size):
-        parser.error("--dtype, --quantize and --q-group-size apply to --model (the demo's own run is float32)")
+    if args.model is None and (args.dtype or args.quantize or args.q_group_size or args.max_patches):
+        parser.error("--dtype, --quantize, --q-group-size and --max-patches apply to --model (the demo's own run is "
+                     "a float32 AIM)")
     return run_command(run, args)
 
 

@@ -40,7 +40,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Writes the shards and index, prints where and how fast; returns the exit status."""
     with reported_as("cannot load the model"):
-        aim = open_model(args.model, dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers)
+        aim = open_model(args.model, dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
+                         max_patches=args.max_patches)
         preprocessing = preprocessing_for(aim.config, args.model)
     result = extract_features(aim, args.inputs, args.out, features=args.features, shard_size=args.shard_size,
                               file_format=args.file_format, save_dtype=args.save_dtype, batch_size=args.batch_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Sequence
 
-from ..config import parse_probe_layers
+from ..config import MAX_PATCHES, parse_probe_layers
 from ..data import NUM_WORKERS
 from ..inference import BATCH_SIZE
 from ..model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_quantize
@@ -90,10 +90,19 @@ def quantization(args: argparse.Namespace) -> Optional[dict]:
     return parse_quantize(args.quantize, *([] if args.q_group_size is None else [args.q_group_size]))
 
 
+def add_max_patches_option(parser: argparse.ArgumentParser) -> None:
+    """--max-patches N, the same in every command that runs a model: a native-resolution model's guard."""
+    parser.add_argument("--max-patches", type=positive_int,
+                        help="native-resolution models (aimv2-large-patch14-native): refuse (skip and list) images of "
+                             f"more patches than this (default: the model's config, {MAX_PATCHES} unless changed)")
+
+
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """The batching, precision and probe-layer options of the commands that run a model over image files."""
+    """The batching, precision, probe-layer and native-resolution options of the commands that run a model over
+    image files."""
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     add_model_options(parser)
+    add_max_patches_option(parser)
     parser.add_argument("--probe-layers", type=probe_layers,
                         help="'best', 'last' or comma-separated block indices")
     parser.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS,

@@ -22,8 +22,8 @@ from ..inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
 from ..probe import (HEAD_FILE, MODEL_DIR, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe,
                      trunk_description)
 from ..runs import TrainingDiverged
-from .options import (MODEL_HELP, add_config_options, add_model_options, add_output_options, non_negative_int,
-                      pair, positive_int, probe_layers, quantization)
+from .options import (MODEL_HELP, add_config_options, add_max_patches_option, add_model_options, add_output_options,
+                      non_negative_int, pair, positive_int, probe_layers, quantization)
 from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, reported_as, run_command
 
 # ProbeConfig fields exposed as options; unset options keep ProbeConfig's defaults (the one place they live).
@@ -62,6 +62,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     t.set_defaults(recipe=add_config_options(t, RECIPE_OPTIONS, ProbeConfig) | {"augment"})  # ProbeConfig's fields
     t.add_argument("--probe-layers", type=probe_layers, help="'best', 'last' or comma-separated indices")
     add_model_options(t, dtype_help="trunk dtype (the probe is float32)")
+    add_max_patches_option(t)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--force", action="store_true", help="discard a checkpoint in OUT and start again")
     t.add_argument("--no-model-folder", action="store_true",
@@ -74,6 +75,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     e.add_argument("--model", help="the trunk (default: HEAD/model, else the trunk named in probe.json)")
     e.add_argument("--split", choices=["val", "train"], default="val")
     add_model_options(e, dtype_help="trunk dtype (default: as stored)")
+    add_max_patches_option(e)
     e.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     e.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS, help="image decoding threads")
     add_output_options(e)
@@ -99,7 +101,8 @@ def train(args: argparse.Namespace, config: ProbeConfig) -> int:
     """`probe train`: trains the head, prints its metrics and where it was saved; returns the exit status."""
     with reported_as("cannot load the model"):
         trunk_model = open_model(args.model, dtype=args.dtype, quantize=quantization(args),
-                                 probe_layers=args.probe_layers, random_init=args.random_init, seed=config.seed)
+                                 probe_layers=args.probe_layers, random_init=args.random_init, seed=config.seed,
+                                 max_patches=args.max_patches)
         preprocessing = preprocessing_for(trunk_model.config, args.model)
     trunk = trunk_description(trunk_model, args.model, args.random_init, config.seed)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
@@ -142,7 +145,8 @@ def evaluate(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else trunk_source(args.head, info)
     head_path = Path(args.head) / HEAD_FILE
     with reported_as("cannot load the model and head"):
-        aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"])
+        aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"],
+                         max_patches=args.max_patches)
         aim.attach_head(load_head(head_path, aim))
         preprocessing = preprocessing_for(aim.config, model)
     config = info.get("config", {})

@@ -40,12 +40,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..config import MAX_PATCHES
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ImageLoadError, load_image, resize_short_side
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' name for an image processor's settings
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_PATCHES = 4096  # native resolution's default guard: AIMv2-native was trained on 112 to 4096 patches
 CROP_ROUNDINGS = ("round", "floor")  # torchvision's int(round(excess / 2)), transformers' excess // 2
 # PIL's resampling codes, as `resample` in a preprocessor_config.json holds them.
 RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
