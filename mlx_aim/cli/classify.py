@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from ..data import NUM_WORKERS, preprocessing_for
 from ..inference import BATCH_SIZE, TOP_K, class_names, classify, open_model, peak_memory
+from ..loading import local_folder
 from ..model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
@@ -45,7 +46,7 @@ def classify_and_report(
     figures (with `as_json`, also one JSON object last); returns the exit status."""
     with reported_as("cannot load the model"):
         aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, max_patches=max_patches)
-        preprocessing = preprocessing_for(aim.config, model)  # the checkpoint folder's file, else the default
+        preprocessing = preprocessing_for(aim.config, local_folder(model))  # the checkpoint folder's file, else the default
     names = class_names(model, aim.config.num_classes)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
                       model_name=str(model), progress=progress, preprocessing=preprocessing)

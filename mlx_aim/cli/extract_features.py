@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from ..data import preprocessing_for
 from ..inference import FEATURE_KINDS, SHARD_SIZE, extract_features, open_model, peak_memory
+from ..loading import local_folder
 from ..model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     with reported_as("cannot load the model"):
         aim = open_model(args.model, dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
                          max_patches=args.max_patches)
-        preprocessing = preprocessing_for(aim.config, args.model)
+        preprocessing = preprocessing_for(aim.config, local_folder(args.model))
     result = extract_features(aim, args.inputs, args.out, features=args.features, shard_size=args.shard_size,
                               file_format=args.file_format, save_dtype=args.save_dtype, batch_size=args.batch_size,
                               num_workers=args.num_workers, model_name=str(args.model), overwrite=args.overwrite,

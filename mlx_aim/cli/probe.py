@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from ..data import NUM_WORKERS, preprocessing_for
 from ..inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
+from ..loading import local_folder
 from ..probe import (HEAD_FILE, MODEL_DIR, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe,
                      trunk_description)
 from ..runs import TrainingDiverged
@@ -103,7 +104,7 @@ def train(args: argparse.Namespace, config: ProbeConfig) -> int:
         trunk_model = open_model(args.model, dtype=args.dtype, quantize=quantization(args),
                                  probe_layers=args.probe_layers, random_init=args.random_init, seed=config.seed,
                                  max_patches=args.max_patches)
-        preprocessing = preprocessing_for(trunk_model.config, args.model)
+        preprocessing = preprocessing_for(trunk_model.config, local_folder(args.model))
     trunk = trunk_description(trunk_model, args.model, args.random_init, config.seed)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
     try:
@@ -148,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
         aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"],
                          max_patches=args.max_patches)
         aim.attach_head(load_head(head_path, aim))
-        preprocessing = preprocessing_for(aim.config, model)
+        preprocessing = preprocessing_for(aim.config, local_folder(model))
     config = info.get("config", {})
     metrics, skipped = evaluate_probe(aim, args.data, info["classes"], split=args.split,
                                       val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),
