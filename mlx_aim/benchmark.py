@@ -286,13 +286,18 @@ def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, 
             with torch.inference_mode():
                 return ref(images_t)
 
-        fns["torch"] = torch_call
-        result["torch_dtype"] = dtype_name(torch_dtype)
-        ours = np.array(model(images).astype(mx.float32))
-        theirs = torch_call().float().numpy()
-        result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+        _add_torch(fns, result, torch_call, torch_dtype, model(images))
     result["timings"] = time_calls(fns, warmup, repeats)
     return result
+
+
+def _add_torch(fns: dict, result: dict, torch_call: Callable, torch_dtype, ours: mx.array) -> None:
+    """Times PyTorch's `torch_call` beside MLX's and records how far its output is from ours (`ours`)."""
+    fns["torch"] = torch_call
+    result["torch_dtype"] = dtype_name(torch_dtype)
+    theirs = torch_call().float().numpy()
+    ours = np.array(ours.astype(mx.float32))
+    result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: bool, warmup: int, repeats: int,
@@ -303,6 +308,7 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
     images_np = random_images(config, batch_size, image_size=size)
     images = mx.array(images_np)
     check_image_size(images, config)  # before any timing: a size the model refuses is an error, not a number
+
     def encode(x):
         return model.extract_features(x)[0]
 
@@ -325,11 +331,7 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
             with torch.inference_mode():
                 return ref(pixel_values=images_t).last_hidden_state
 
-        fns["torch"] = torch_call
-        result["torch_dtype"] = dtype_name(torch_dtype)
-        ours = np.array(encode(images).astype(mx.float32))
-        theirs = torch_call().float().numpy()
-        result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+        _add_torch(fns, result, torch_call, torch_dtype, encode(images))
     result["timings"] = time_calls(fns, warmup, repeats)
     return result
 
