@@ -646,13 +646,14 @@ def convert(
     upload_repo: Optional[str] = None,
     max_shard_bytes: Optional[int] = None,
 ) -> Path:
-    """Converts a source (see `open_source`) into an MLX model folder at `out`, one tensor at a time."""
+    """Converts a source (see `open_source`; a whole AIMv2-LiT as the LiT) into an MLX model folder at `out`, one
+    tensor at a time."""
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists: pass --force (force=True) to replace it")
-    source = open_source(src, probe_layers)
+    source = open_source(src, probe_layers, lit=True)
     try:
         config = source.config.replace(quantization=quantization)
         converted = _converted(source, dtype, quantization)

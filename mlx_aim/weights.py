@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import AIMv2Config, Config
+from .config import AIMv2Config, AIMv2LiTConfig, Config
 from .fileio import atomic_directory
 
 LAYOUTS = ("mlx", "torch", "transformers")
@@ -363,6 +363,20 @@ def _plan_shards(source: TensorSource, max_shard_bytes: int) -> list[list[str]]:
 def _model_card(config: Config, source_note: str) -> str:
     q = config.quantization
     precision = f"{q['bits']}-bit (group size {q['group_size']})" if q else "float"
+    if isinstance(config, AIMv2LiTConfig):
+        image = config.image
+        return (
+            f"# {config.name or 'AIMv2-LiT'} for MLX\n\n"
+            "AIMv2-LiT (arXiv 2411.14402), zero-shot image-text, in MLX format for "
+            f"[mlx-aim](https://pypi.org/project/mlx-aim/). {source_note}\n\n"
+            f"- image encoder: width {image.width}, depth {image.depth}, heads {image.num_heads}, image "
+            f"{image.image_size}, patch {image.patch_size}\n"
+            f"- text encoder: width {config.text_width}, depth {config.text_depth}, heads {config.text_num_heads}, "
+            f"context {config.context_length}, vocabulary {config.vocab_size}\n"
+            f"- embedding {config.projection_dim}; weights: {precision}\n\n"
+            "```python\nimport mlx_aim\nmodel = mlx_aim.load(\"path/to/this/folder\")\n"
+            "logits_per_image, logits_per_text = model(images, token_ids)  # CLIP-tokenized text\n```\n"
+        )
     if isinstance(config, AIMv2Config):
         title, paper = "AIMv2", "the AIMv2 vision encoder (arXiv 2411.14402)"
         image = "native resolution" if config.native else f"image {config.image_size}"
