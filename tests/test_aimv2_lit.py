@@ -6,6 +6,7 @@ tower with the causal attention Apple's has forced on it; the logits in Apple's 
 transformers 5.24's text tower is not causal (`is_causal=False`), so unmodified it is no reference: a test shows how
 far it is from the causal one, so that a fix upstream is noticed."""
 
+import json
 import shutil
 
 import numpy as np
@@ -214,3 +215,53 @@ def test_lit_config_round_trip_and_no_probe():
     assert AIMv2LiTConfig().image == mlx_aim.get_config("aimv2-large-patch14-224-lit").replace(name=None)
     with pytest.raises(ValueError, match="no probe"):
         config.with_probe_layers("last")
+
+
+def test_convert_writes_a_lit_folder_that_loads_back(lit_folders, tmp_path):
+    """A whole LiT converts into our folder ("model_type": "aimv2_lit"), in float and quantized, and loads back to
+    the same model."""
+    _, root = lit_folders
+    ids, pixels = mx.array(token_ids()), mx.array(images())
+    source = mlx_aim.load(root / "apple")
+    for out, options, quantization in [(tmp_path / "float", {}, None),
+                                       (tmp_path / "q8", {"quantize": 8}, {"bits": 8, "group_size": 64})]:
+        mlx_aim.convert(root / "apple", out, **options)
+        assert json.loads((out / "config.json").read_text())["model_type"] == "aimv2_lit"
+        assert "text encoder: width 64, depth 2, heads 2" in (out / "README.md").read_text()
+        loaded = mlx_aim.load(out)
+        assert isinstance(loaded, AIMv2LiT) and loaded.config == source.config.replace(quantization=quantization)
+        expected = mlx_aim.load(root / "apple", **options)
+        np.testing.assert_array_equal(np.array(loaded(pixels, ids)[0]), np.array(expected(pixels, ids)[0]))
+
+
+@torch.no_grad()
+def test_full_size_lit_matches_transformers(tmp_path):
+    """aimv2-large-patch14-224-lit's architecture at full size (transformers' default `Aimv2Config`, projection 768
+    as released), random weights: the config read from the folder is the released one, the embeddings and logits
+    match transformers (text with causal attention forced)."""
+    config = Aimv2Config(projection_dim=768)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):  # skips transformers' initialisation: every parameter is drawn below
+        lit = Aimv2Model(config)
+    lit = lit.to_empty(device="cpu").eval()
+    for embeddings in (lit.vision_model.embeddings, lit.text_model.embeddings):
+        ids = embeddings.position_ids  # a buffer: to_empty leaves it unset
+        ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
+    randomize(lit.vision_model, 0)
+    randomize(lit.text_model, 1)
+    generator = torch.Generator().manual_seed(2)
+    for projection in (lit.visual_projection, lit.text_projection):
+        projection.weight.copy_(torch.randn(projection.weight.shape, generator=generator) / 30)
+    lit.logit_scale.fill_(2.0)
+    lit.save_pretrained(tmp_path)
+    model = mlx_aim.load(tmp_path)
+    assert model.config == AIMv2LiTConfig()
+    pixels = np.random.default_rng(0).standard_normal((1, 224, 224, 3)).astype(np.float32)
+    ids = np.random.default_rng(1).integers(0, 49407, (2, 77))
+    ids[0, 5], ids[1, 76] = 49407, 49407
+    assert rel_err(np.array(model.encode_image(mx.array(pixels))), reference_image_embeddings(lit, pixels)) < TOL
+    assert rel_err(np.array(model.encode_text(mx.array(ids))), reference_text_embeddings(lit, ids)) < TOL
+    for layer in lit.text_model.encoder.layers:
+        layer.attention.is_causal = True
+    ref = lit(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+    assert rel_err(np.array(model(mx.array(pixels), mx.array(ids))[0]), ref.logits_per_image.numpy()) < TOL
