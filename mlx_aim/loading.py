@@ -20,8 +20,10 @@ revisions, beside Apple's remote-code config.json), then `pytorch_model.bin`, th
 keys in MLX layouts). `Source.description` names the file read and the ones left. The architecture comes from our
 config.json, else from the tensors' shapes, with what a transformers or Apple config.json states over them (head
 count, norm eps; `weights.hub_aimv2_fields`) and checked against every shape. A fixed-size checkpoint's image size
-is its position embedding's grid; a checkpoint without one is native resolution. The LiT checkpoint's image encoder
-is read, its text tower, projections and pooling head are left out (and said so).
+is its position embedding's grid; a checkpoint without one is native resolution. A whole LiT checkpoint (both
+projections; `weights.is_lit`) is read by `load` and `convert` as `AIMv2LiT`, its text tower's architecture from its
+shapes and transformers' config.json; `open_source` reads its image encoder only unless asked (`lit`), leaving out
+its text tower, projections and pooling head (and saying so).
 
 PyTorch pickles are read by `torch_checkpoint` without torch and without executing anything; nothing here imports
 torch or transformers.
@@ -73,6 +75,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
 # config.json and model.safetensors were replaced by transformers' (mlx_model.safetensors was left as it was).
 AIMV2_FILE = "mlx_model.safetensors"
+LIT_NAME = "aimv2-large-patch14-224-lit"  # the one released AIMv2-LiT: `load` gives the whole model
 AIMV2_REVISIONS = {
     "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
     "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
@@ -406,8 +409,10 @@ def _locate(sources, probe_layers) -> _Located:
     preset = _preset_name(sources)
     if preset in AIMV2_PRESET_NAMES:
         folder = _download_aimv2_files(preset)
-        return _Located([folder / AIMV2_FILE], "mlx", get_config(preset, probe_layers=probe_layers),
-                        f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", folder=folder)
+        # The LiT's architecture from its file (whole, or its image encoder: `open_source`'s `lit`).
+        config = None if preset == LIT_NAME else get_config(preset, probe_layers=probe_layers)
+        return _Located([folder / AIMV2_FILE], "mlx", config,
+                        f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", name=preset, folder=folder)
     if preset is not None:
         return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
     if len(sources) == 1 and not Path(sources[0]).exists():
@@ -684,7 +689,9 @@ def _cached_conversion(preset: str, probe_layers, dtype, quantization) -> Path:
     per probe head file ("best" or "last"); AIMv2's, which have no head, serve any probe layers."""
     dtype = dtype or mx.float32
     probe = None if preset in AIMV2_PRESET_NAMES else probe_layers or "best"
-    parts = [preset, *([f"{probe}-layers"] if probe else []), dtype_name(dtype)]
+    # The LiT's folder holds the whole model (a folder of its image encoder alone was cached under its plain name).
+    parts = [preset, *(["whole"] if preset == LIT_NAME else []), *([f"{probe}-layers"] if probe else []),
+             dtype_name(dtype)]
     if quantization:
         parts.append(f"q{quantization['bits']}g{quantization['group_size']}")
     folder = cache_dir() / "-".join(parts)

@@ -8,6 +8,8 @@ far it is from the causal one, so that a fix upstream is noticed."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,8 +22,9 @@ import mlx_aim
 from aimv2_reference import randomize, transformers_config
 from conftest import rel_err
 from mlx_aim.config import AIMv2Config, AIMv2LiTConfig
+from mlx_aim.loading import AIMV2_REVISIONS, LIT_NAME
 from mlx_aim.model import AIMv2LiT
-from test_aimv2_loading import apple_keys, mlx_layout
+from test_aimv2_loading import apple_keys, hub_snapshot, mlx_layout, offline_env
 
 TOL = 1e-5
 VOCAB, CONTEXT, EOS = 50, 8, 49
@@ -235,10 +238,10 @@ def test_convert_writes_a_lit_folder_that_loads_back(lit_folders, tmp_path):
 
 
 @torch.no_grad()
-def test_full_size_lit_matches_transformers(tmp_path):
+def test_full_size_lit_matches_transformers_and_loads_by_name(tmp_path):
     """aimv2-large-patch14-224-lit's architecture at full size (transformers' default `Aimv2Config`, projection 768
     as released), random weights: the config read from the folder is the released one, the embeddings and logits
-    match transformers (text with causal attention forced)."""
+    match transformers (text with causal attention forced), and the released name loads the whole LiT."""
     config = Aimv2Config(projection_dim=768)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):  # skips transformers' initialisation: every parameter is drawn below
@@ -264,4 +267,21 @@ def test_full_size_lit_matches_transformers(tmp_path):
     for layer in lit.text_model.encoder.layers:
         layer.attention.is_causal = True
     ref = lit(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
-    assert rel_err(np.array(model(mx.array(pixels), mx.array(ids))[0]), ref.logits_per_image.numpy()) < TOL
+    logits = np.array(model(mx.array(pixels), mx.array(ids))[0])
+    assert rel_err(logits, ref.logits_per_image.numpy()) < TOL
+    # The released name: Apple's mlx_model.safetensors at Apple's pinned revision, from an offline cache, in a fresh
+    # interpreter (converted once into the mlx-aim cache), gives the whole LiT and the same logits.
+    snapshot = hub_snapshot(tmp_path / "hub", f"apple/{LIT_NAME}", AIMV2_REVISIONS[LIT_NAME])
+    mx.save_safetensors(str(snapshot / "mlx_model.safetensors"),
+                        {k: mx.array(v) for k, v in mlx_layout(apple_lit_keys(lit)).items()})
+    del lit, ref
+    np.save(tmp_path / "pixels.npy", pixels)
+    np.save(tmp_path / "ids.npy", ids)
+    code = ("import sys, mlx_aim, mlx.core as mx, numpy as np; model = mlx_aim.load(sys.argv[1]); "
+            "print(type(model).__name__, model.config.name, model.config.image.name); "
+            "np.save('out.npy', np.array(model(mx.array(np.load('pixels.npy')), mx.array(np.load('ids.npy')))[0]))")
+    done = subprocess.run([sys.executable, "-c", code, LIT_NAME], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=offline_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["AIMv2LiT", LIT_NAME, LIT_NAME]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), logits)
