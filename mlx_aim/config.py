@@ -288,8 +288,78 @@ class AIMv2Config(_TrunkConfig):
         return cls(**{k: v for k, v in params.items() if k in names})
 
 
-Config = Union[AIMConfig, AIMv2Config]
-_CONFIG_CLASSES = {"aim": AIMConfig, "aimv2": AIMv2Config}
+
+
+@dataclass
+class AIMv2LiTConfig:
+    """AIMv2-LiT (aimv2-large-patch14-224-lit, AIMV2-REFERENCE.md "LiT"): its image encoder's `AIMv2Config`, the
+    causal text tower's fields and the shared embedding's size. Saved as `config.json` with "model_type":
+    "aimv2_lit" and the image encoder's config under "image"."""
+
+    image: AIMv2Config = dataclasses.field(default_factory=lambda: AIMv2Config(**_AIMV2_TRUNKS["large"]))
+    name: Optional[str] = None
+    vocab_size: int = 49408
+    context_length: int = 77
+    text_width: int = 768
+    text_depth: int = 12
+    text_num_heads: int = 6
+    text_hidden_dim: int = 2048  # the text tower's SwiGLU hidden size
+    text_norm_eps: float = 1e-5
+    projection_dim: int = 768  # transformers' default is 512: read it from the checkpoint
+    eos_token_id: int = 49407  # CLIP's <|endoftext|>: the text tower pools its first occurrence
+    max_logit_scale: float = 100.0
+    # Set by quantized conversions: {"group_size": 64, "bits": 4}.
+    quantization: Optional[dict] = None
+
+    def __post_init__(self):
+        if isinstance(self.image, dict):
+            self.image = AIMv2Config.from_dict(self.image)
+        self.validate()
+
+    def validate(self) -> None:
+        _check_positive_ints(self, ("vocab_size", "context_length", "text_width", "text_depth", "text_num_heads",
+                                    "text_hidden_dim", "projection_dim"))
+        if self.text_width % self.text_num_heads:
+            raise ValueError(f"config text_width={self.text_width} is not divisible by "
+                             f"text_num_heads={self.text_num_heads}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"config eos_token_id={self.eos_token_id}: expected a token id below vocab_size="
+                             f"{self.vocab_size}")
+        if self.image.native:
+            raise ValueError("config image: the LiT's image encoder has a fixed image size")
+
+    def replace(self, **changes) -> "AIMv2LiTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_probe_layers(self, probe_layers: ProbeLayers) -> "AIMv2LiTConfig":
+        """The LiT has no probe (its image side pools with its own trained head): only None is taken."""
+        if probe_layers is not None:
+            raise ValueError(f"probe_layers={probe_layers!r}: the LiT model has no probe; it pools with its own head")
+        return self
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "image"}
+        out["image"] = self.image.to_dict()
+        out["model_type"] = "aimv2_lit"
+        return out
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "AIMv2LiTConfig":
+        """Builds a config from our `config.json` ("model_type": "aimv2_lit"); unknown keys are ignored."""
+        _check_model_type(params, "aimv2_lit", cls.__name__)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "AIMv2LiTConfig":
+        return cls.from_dict(_read_json_object(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+
+Config = Union[AIMConfig, AIMv2Config, AIMv2LiTConfig]
+_CONFIG_CLASSES = {"aim": AIMConfig, "aimv2": AIMv2Config, "aimv2_lit": AIMv2LiTConfig}
 
 
 def config_from_dict(params: dict) -> Config:

@@ -217,6 +217,19 @@ class Trunk(nn.Module):
         return self.post_trunk_norm(x), features
 
 
+def attention_pool(head: nn.Module, x: mx.array) -> mx.array:
+    """One learned query (`head.cls_token`) attending over all tokens through `head.k` and `head.v` in
+    `head.num_heads` heads: (B, N, D) -> (B, D)."""
+    B, N, D = x.shape
+    H = head.num_heads
+    q = mx.broadcast_to(head.cls_token.astype(x.dtype), (B, 1, D)).reshape(B, 1, H, D // H).transpose(0, 2, 1, 3)
+    k = head.k(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+    v = head.v(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+    # One query over the patches: too small for the backend's choice to matter, MLX's fused attention.
+    pooled = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // H) ** -0.5)
+    return pooled.transpose(0, 2, 1, 3).reshape(B, -1, D).mean(axis=1)
+
+
 class AttentionProbe(nn.Module):
     """The attentive probe (AIM section 4): BatchNorm, one learned query attending over all patches, linear.
 
@@ -233,19 +246,40 @@ class AttentionProbe(nn.Module):
         self.linear = Linear(dim, num_classes, bias=False)
 
     def pool(self, x: mx.array) -> mx.array:
-        B, N, D = x.shape
-        H = self.num_heads
-        x = self.bn(x)
-        q = mx.broadcast_to(self.cls_token.astype(x.dtype), (B, 1, D)).reshape(B, 1, H, D // H).transpose(0, 2, 1, 3)
-        k = self.k(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-        v = self.v(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-        # One query over the patches: too small for the backend's choice to matter, MLX's fused attention.
-        pooled = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // H) ** -0.5)
-        return pooled.transpose(0, 2, 1, 3).reshape(B, -1, D).mean(axis=1)
+        return attention_pool(self, self.bn(x))
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         pooled = self.pool(x)
         return self.linear(pooled), pooled
+
+
+class AttentionPoolHead(nn.Module):
+    """AIMv2-LiT's image pooling head: one learned query over the trunk's normed tokens, no BatchNorm, `k` and `v`
+    without bias, then `linear` (D -> D) with bias."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.k = Linear(dim, dim, bias=False)
+        self.v = Linear(dim, dim, bias=False)
+        self.cls_token = mx.random.normal((1, 1, dim)) * 0.02
+        self.linear = Linear(dim, dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(attention_pool(self, x))
+
+
+class TextPreprocessor(nn.Module):
+    """AIMv2-LiT's text input: token embedding plus a learned positional embedding of (context_length, D)."""
+
+    def __init__(self, vocab_size: int, dim: int, context_length: int):
+        super().__init__()
+        self.text_embedding = nn.Embedding(vocab_size, dim)
+        self.positional_embedding = mx.random.normal((context_length, dim)) * 0.01
+
+    def __call__(self, token_ids: mx.array) -> mx.array:
+        x = self.text_embedding(token_ids)
+        return x + self.positional_embedding[: token_ids.shape[1]].astype(x.dtype)
 
 
 class PixelHead(nn.Module):

@@ -20,8 +20,10 @@ revisions, beside Apple's remote-code config.json), then `pytorch_model.bin`, th
 keys in MLX layouts). `Source.description` names the file read and the ones left. The architecture comes from our
 config.json, else from the tensors' shapes, with what a transformers or Apple config.json states over them (head
 count, norm eps; `weights.hub_aimv2_fields`) and checked against every shape. A fixed-size checkpoint's image size
-is its position embedding's grid; a checkpoint without one is native resolution. The LiT checkpoint's image encoder
-is read, its text tower, projections and pooling head are left out (and said so).
+is its position embedding's grid; a checkpoint without one is native resolution. A whole LiT checkpoint (both
+projections; `weights.is_lit`) is read by `load` and `convert` as `AIMv2LiT`, its text tower's architecture from its
+shapes and transformers' config.json; `open_source` reads its image encoder only unless asked (`lit`), leaving out
+its text tower, projections and pooling head (and saying so).
 
 PyTorch pickles are read by `torch_checkpoint` without torch and without executing anything; nothing here imports
 torch or transformers.
@@ -40,15 +42,19 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, Config, config_from_dict, get_config
+from .config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, config_from_dict,
+                     get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
-from .model import AIM, AIMv2, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
+from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     check_shapes,
     detect_layout,
     hub_aimv2_fields,
+    hub_lit_text_fields,
+    is_lit,
     plan_keys,
+    plan_lit_keys,
     read_safetensors,
     save_model,
     weight_files,
@@ -69,6 +75,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
 # config.json and model.safetensors were replaced by transformers' (mlx_model.safetensors was left as it was).
 AIMV2_FILE = "mlx_model.safetensors"
+LIT_NAME = "aimv2-large-patch14-224-lit"  # the one released AIMv2-LiT: `load` gives the whole model
 AIMV2_REVISIONS = {
     "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
     "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
@@ -258,7 +265,7 @@ def _config_kind(folder: Path) -> tuple[Optional[str], dict]:
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
     model_type = params.get("model_type")
-    if model_type == "aim" or (model_type == "aimv2" and "width" in params):  # ours names the width "width"
+    if model_type in ("aim", "aimv2_lit") or (model_type == "aimv2" and "width" in params):  # ours: "width"
         return "mlx", params
     if model_type in ("aimv2", "aimv2_vision_model"):
         return "aimv2", params
@@ -356,6 +363,7 @@ class _Located:
     config: Optional[Config]  # final (ours, a preset's, AIM's hub config.json); None: from the tensors' shapes
     description: str
     stated: dict = field(default_factory=dict)  # AIMv2 fields a transformers or Apple config.json states
+    stated_text: dict = field(default_factory=dict)  # AIMv2-LiT text fields a transformers config.json states
     name: Optional[str] = None  # the released AIMv2 name a hub repo id stands for
     folder: Optional[Path] = None  # where what ships beside the weights is (preprocessor_config.json)
 
@@ -390,7 +398,8 @@ def _locate_folder(folder: Path) -> _Located:
     if kind == "aim":  # Apple's AIM hub layout (huggingface_hub PyTorch mixin)
         return _Located(files, "torch", AIMConfig.from_dict(params), described, folder=folder)
     stated = hub_aimv2_fields(params, str(folder / "config.json")) if kind == "aimv2" else {}
-    return _Located(files, None, None, described, stated=stated, folder=folder)
+    return _Located(files, None, None, described, stated=stated, stated_text=hub_lit_text_fields(params),
+                    folder=folder)
 
 
 def _locate(sources, probe_layers) -> _Located:
@@ -400,8 +409,10 @@ def _locate(sources, probe_layers) -> _Located:
     preset = _preset_name(sources)
     if preset in AIMV2_PRESET_NAMES:
         folder = _download_aimv2_files(preset)
-        return _Located([folder / AIMV2_FILE], "mlx", get_config(preset, probe_layers=probe_layers),
-                        f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", folder=folder)
+        # The LiT's architecture from its file (whole, or its image encoder: `open_source`'s `lit`).
+        config = None if preset == LIT_NAME else get_config(preset, probe_layers=probe_layers)
+        return _Located([folder / AIMV2_FILE], "mlx", config,
+                        f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", name=preset, folder=folder)
     if preset is not None:
         return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
     if len(sources) == 1 and not Path(sources[0]).exists():
@@ -432,13 +443,60 @@ def _config(located: _Located, tensors: dict[str, Tensor], probe_layers) -> Conf
     return _infer_config(tensors, probe_layers, located.files)
 
 
-def _open(located: _Located, probe_layers) -> Source:
+def _count_blocks(tensors, prefix: str) -> int:
+    return 1 + max((int(m.group(1)) for k in tensors if (m := re.match(rf"{re.escape(prefix)}(\d+)\.", k))), default=-1)
+
+
+def _infer_lit_config(located: _Located, raw: dict[str, Tensor], layout: str) -> AIMv2LiTConfig:
+    """A whole LiT's architecture: its image encoder's as `_infer_aimv2_config` reads it, the text tower's and the
+    projection's from the shapes, with what a transformers config.json states (head count, eps, end-of-text id)
+    over them. The text head count, which no shape shows, is otherwise the released LiT's (6, at width 768)."""
+    image_tensors, _ = _in_our_layout(raw, layout)
+    image = _infer_aimv2_config(image_tensors, located.stated, located.name, located.files)
+    tensors, _ = _in_lit_layout(raw, layout)
+    where = ", ".join(map(str, located.files))
+    try:
+        vocab_size, text_width = tensors["text_encoder.preprocessor.text_embedding.weight"].shape
+        fields = dict(
+            vocab_size=vocab_size, text_width=text_width,
+            context_length=tensors["text_encoder.preprocessor.positional_embedding"].shape[0],
+            text_depth=_count_blocks(tensors, "text_encoder.trunk.blocks."),
+            text_hidden_dim=tensors["text_encoder.trunk.blocks.0.mlp.fc1.weight"].shape[0],
+            projection_dim=tensors["text_projector.weight"].shape[0])
+    except KeyError as e:
+        raise ValueError(f"{where}: an AIMv2-LiT checkpoint without {e.args[0]!r} (in Apple's keys)") from None
+    fields.update(located.stated_text)
+    default = AIMv2LiTConfig.__dataclass_fields__["text_num_heads"].default
+    if "text_num_heads" not in fields:
+        if text_width != AIMv2LiTConfig.__dataclass_fields__["text_width"].default:
+            raise ValueError(f"{where}: text width {text_width} is not the released LiT's, so its head count is "
+                             "unknown; write a config.json next to the weights")
+        fields["text_num_heads"] = default
+    return AIMv2LiTConfig(image=image, name=located.name, **fields)
+
+
+def _in_lit_layout(raw: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
+    """`_in_our_layout` for a whole AIMv2-LiT (`weights.plan_lit_keys`)."""
+    plan = plan_lit_keys(layout, {k: t.shape for k, t in raw.items()})
+    tensors = {}
+    for key, m in plan.tensors.items():
+        read = (lambda m=m: m.build(*(raw[s].read() for s in m.sources)))
+        tensors[key] = Tensor(raw[m.sources[0]].dtype, m.shape, read)
+    return tensors, plan.left_out
+
+
+def _open(located: _Located, probe_layers, lit: bool = False) -> Source:
     closers = []
     try:
         raw, mlx_format = _read_files(located.files, closers)
         layout = located.layout or detect_layout(list(raw), located.files[0].name, mlx_format)
-        tensors, left_out = _in_our_layout(raw, layout)
-        config = _config(located, tensors, probe_layers)
+        if isinstance(located.config, AIMv2LiTConfig) or (lit and located.config is None and is_lit(list(raw))):
+            tensors, left_out = _in_lit_layout(raw, layout)
+            config = located.config or _infer_lit_config(located, raw, layout)
+            config = config.with_probe_layers(probe_layers)
+        else:
+            tensors, left_out = _in_our_layout(raw, layout)
+            config = _config(located, tensors, probe_layers)
     except BaseException:
         for close in closers:
             close()
@@ -451,10 +509,11 @@ def _open(located: _Located, probe_layers) -> Source:
     return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
 
 
-def open_source(sources: str | os.PathLike | Sequence, probe_layers=None) -> Source:
+def open_source(sources: str | os.PathLike | Sequence, probe_layers=None, lit: bool = False) -> Source:
     """Resolves a preset, hub id, folder or checkpoint files into a config and lazily read tensors.
-    `probe_layers` ("best", "last" or indices; `with_probe_layers`) overrides the source's."""
-    return _open(_locate(sources, probe_layers), probe_layers)
+    `probe_layers` ("best", "last" or indices; `with_probe_layers`) overrides the source's. A whole AIMv2-LiT
+    checkpoint (`weights.is_lit`) is read as the LiT model with `lit`, else as its image encoder only."""
+    return _open(_locate(sources, probe_layers), probe_layers, lit)
 
 
 def source_config(sources: str | os.PathLike | Sequence, probe_layers=None) -> Config:
@@ -592,13 +651,14 @@ def convert(
     upload_repo: Optional[str] = None,
     max_shard_bytes: Optional[int] = None,
 ) -> Path:
-    """Converts a source (see `open_source`) into an MLX model folder at `out`, one tensor at a time."""
+    """Converts a source (see `open_source`; a whole AIMv2-LiT as the LiT) into an MLX model folder at `out`, one
+    tensor at a time."""
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists: pass --force (force=True) to replace it")
-    source = open_source(src, probe_layers)
+    source = open_source(src, probe_layers, lit=True)
     try:
         config = source.config.replace(quantization=quantization)
         converted = _converted(source, dtype, quantization)
@@ -629,7 +689,9 @@ def _cached_conversion(preset: str, probe_layers, dtype, quantization) -> Path:
     per probe head file ("best" or "last"); AIMv2's, which have no head, serve any probe layers."""
     dtype = dtype or mx.float32
     probe = None if preset in AIMV2_PRESET_NAMES else probe_layers or "best"
-    parts = [preset, *([f"{probe}-layers"] if probe else []), dtype_name(dtype)]
+    # The LiT's folder holds the whole model (a folder of its image encoder alone was cached under its plain name).
+    parts = [preset, *(["whole"] if preset == LIT_NAME else []), *([f"{probe}-layers"] if probe else []),
+             dtype_name(dtype)]
     if quantization:
         parts.append(f"q{quantization['bits']}g{quantization['group_size']}")
     folder = cache_dir() / "-".join(parts)
@@ -645,9 +707,10 @@ def load(
     probe_layers=None,
     head: Optional[str | os.PathLike] = None,
     q_group_size: int = 64,
-) -> AIM | AIMv2:
+) -> AIM | AIMv2 | AIMv2LiT:
     """Loads an AIM classifier or an AIMv2 encoder (with its attentive probe, `AIMv2`) in eval mode from a preset,
-    hub repo id, folder or checkpoint files.
+    hub repo id, folder or checkpoint files; a whole AIMv2-LiT checkpoint (transformers' `Aimv2Model` layout,
+    Apple's keys in PyTorch or MLX layouts, or our folder of one) as `AIMv2LiT`.
 
     dtype: "float32", "bfloat16" or "float16" (default: as stored). quantize: 4 or 8 bits for the trunk's
     linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
@@ -663,8 +726,11 @@ def load(
         dtype = quantization = None
         if preset not in AIMV2_PRESET_NAMES:  # AIM's cached folder holds the probe head of these layers
             probe_layers = None
-    source = open_source(name_or_path, probe_layers)
+    source = open_source(name_or_path, probe_layers, lit=True)
     try:
+        if head is not None and isinstance(source.config, AIMv2LiTConfig):
+            raise ValueError(f"{source.description}: an AIMv2-LiT model pools with its own head; it takes no probe "
+                             "head file")
         stored_q = source.config.quantization
         if stored_q and quantization and stored_q != quantization:
             raise ValueError(f"{source.description}: already quantized as {stored_q}; cannot re-quantize")

@@ -8,15 +8,17 @@ NHWC is MLX's native convolution layout; NCHW input is rejected with an error th
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import AIMConfig, AIMv2Config, Config
-from .layers import (AttentionProbe, PixelHead, Preprocessor, Trunk, aim_block, aimv2_block, attention_mask,
-                     layer_norm, rms_norm)
+from .backend import Linear
+from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config
+from .layers import (AttentionPoolHead, AttentionProbe, PixelHead, Preprocessor, TextPreprocessor, Trunk, aim_block,
+                     aimv2_block, attention_mask, layer_norm, rms_norm)
 
 
 def check_images(images, config: Config) -> mx.array:
@@ -160,15 +162,8 @@ class AIM(_Probed, _AIMBase):
         self._add_head(config.norm_eps)
 
 
-class AIMv2(_Probed):
-    """The AIMv2 vision encoder (AIMV2-REFERENCE.md) plus an attentive probe for the probes we train (Apple
-    released no heads): `model(images)` returns the probe's logits.
-
-    A fixed-size checkpoint (learned position embedding) takes images of its `image_size` only; at native
-    resolution (`image_size` None, 2-D sin-cos position embedding computed per grid) any height and width that
-    are multiples of the patch size, up to `max_patches` patches. No CLS token, bidirectional attention.
-    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`).
-    """
+class _AIMv2Base(_Encoder):
+    """AIMv2's preprocessor and trunk, shared by its encoder with our probe and the LiT's image encoder."""
 
     def __init__(self, config: AIMv2Config):
         super().__init__()
@@ -178,7 +173,6 @@ class AIMv2(_Probed):
                                          num_positions=c.num_patches if c.pos_embed == "learned" else None)
         self.trunk = Trunk([aimv2_block(c.width, c.num_heads, c.hidden_dim, c.norm_eps) for _ in range(c.depth)],
                            nn.RMSNorm(c.width, eps=c.norm_eps))
-        self._add_head(1e-6)  # the probe's BatchNorm eps, AIM's (norm_eps is the trunk's RMSNorm's)
 
     def extract_features(
         self, images: mx.array, max_block_id: Optional[int] = None
@@ -193,6 +187,114 @@ class AIMv2(_Probed):
         max_block_id = _check_max_block_id(max_block_id, self.config.depth)
         x = self.preprocessor(images.astype(self.dtype))
         return self.trunk(x, None, max_block_id)
+
+
+class AIMv2(_Probed, _AIMv2Base):
+    """The AIMv2 vision encoder (AIMV2-REFERENCE.md) plus an attentive probe for the probes we train (Apple
+    released no heads): `model(images)` returns the probe's logits.
+
+    A fixed-size checkpoint (learned position embedding) takes images of its `image_size` only; at native
+    resolution (`image_size` None, 2-D sin-cos position embedding computed per grid) any height and width that
+    are multiples of the patch size, up to `max_patches` patches. No CLS token, bidirectional attention.
+    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`).
+    """
+
+    def __init__(self, config: AIMv2Config):
+        super().__init__(config)
+        self._add_head(1e-6)  # the probe's BatchNorm eps, AIM's (norm_eps is the trunk's RMSNorm's)
+
+
+class AIMv2ImageEncoder(_AIMv2Base):
+    """The LiT's image side: the AIMv2 encoder, then its trained attention-pool head: `(B, H, W, C) -> (B, D)`."""
+
+    def __init__(self, config: AIMv2Config):
+        super().__init__(config)
+        self.head = AttentionPoolHead(config.width, config.num_heads)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        normed, _ = self.extract_features(images)
+        return self.head(normed)
+
+
+class AIMv2TextEncoder(nn.Module):
+    """The LiT's text side: token and learned positional embeddings, causal pre-norm blocks (RMSNorm, SwiGLU),
+    the final norm, then the token at each row's first end-of-text id: `(B, N) token ids -> (B, text_width)`.
+    The final norm acts per token, so norming before or after picking the token is the same."""
+
+    def __init__(self, config: AIMv2LiTConfig):
+        super().__init__()
+        c = config
+        self.context_length, self.eos_token_id = c.context_length, c.eos_token_id
+        self.preprocessor = TextPreprocessor(c.vocab_size, c.text_width, c.context_length)
+        self.trunk = Trunk([aimv2_block(c.text_width, c.text_num_heads, c.text_hidden_dim, c.text_norm_eps)
+                            for _ in range(c.text_depth)], nn.RMSNorm(c.text_width, eps=c.text_norm_eps))
+
+    def check_token_ids(self, token_ids) -> mx.array:
+        """A (B, N) batch of token ids, N at most the context length, each row holding an end-of-text id."""
+        token_ids = mx.array(token_ids) if not isinstance(token_ids, mx.array) else token_ids
+        if token_ids.ndim != 2 or not mx.issubdtype(token_ids.dtype, mx.integer):
+            raise ValueError(f"token_ids: expected a 2-D integer batch (batch, tokens), got shape "
+                             f"{tuple(token_ids.shape)} of {token_ids.dtype}")
+        if token_ids.shape[1] > self.context_length:
+            raise ValueError(f"token_ids: {token_ids.shape[1]} tokens, over the context length {self.context_length}")
+        has_eos = np.asarray(mx.any(token_ids == self.eos_token_id, axis=1))
+        if not has_eos.all():
+            raise ValueError(f"token_ids: rows {np.flatnonzero(~has_eos).tolist()} hold no end-of-text id "
+                             f"({self.eos_token_id}), the token the text tower pools; tokenize with the CLIP tokenizer")
+        return token_ids
+
+    def __call__(self, token_ids: mx.array) -> mx.array:
+        token_ids = self.check_token_ids(token_ids)
+        x = self.preprocessor(token_ids)
+        normed, _ = self.trunk(x, "causal")
+        first_eos = mx.argmax((token_ids == self.eos_token_id).astype(mx.int32), axis=1)
+        return normed[mx.arange(token_ids.shape[0]), first_eos]
+
+
+class AIMv2LiT(nn.Module):
+    """AIMv2-LiT, zero-shot image-text (AIMV2-REFERENCE.md "LiT"), with Apple's parameter names.
+
+    `encode_image` and `encode_text` give the projected (not normalised) embeddings; `model(images, token_ids)`
+    returns Apple's pair (logits_per_image (B_img, B_text), logits_per_text = its transpose), each
+    exp(clamp(log_logit_scale, 0, ln max_logit_scale)) times the cosine similarity. The text tower is causal.
+    """
+
+    def __init__(self, config: AIMv2LiTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_encoder = AIMv2ImageEncoder(c.image)
+        self.text_encoder = AIMv2TextEncoder(c)
+        self.image_projector = Linear(c.image.width, c.projection_dim, bias=False)
+        self.text_projector = Linear(c.text_width, c.projection_dim, bias=False)
+        self.log_logit_scale = mx.array(math.log(1 / 0.07))  # CLIP's initial temperature, as Apple's
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.image_encoder.dtype
+
+    def encode_image(self, images: mx.array) -> mx.array:
+        """(B, H, W, C) normalised NHWC images -> (B, projection_dim)."""
+        return self.image_projector(self.image_encoder(images))
+
+    def encode_text(self, token_ids: mx.array) -> mx.array:
+        """(B, N) token ids (N <= context length, each row with an end-of-text id) -> (B, projection_dim)."""
+        return self.text_projector(self.text_encoder(token_ids))
+
+    @property
+    def logit_scale(self) -> mx.array:
+        return mx.exp(mx.clip(self.log_logit_scale, 0.0, math.log(self.config.max_logit_scale)))
+
+    def __call__(self, images: mx.array, token_ids: mx.array) -> tuple[mx.array, mx.array]:
+        image = normalized(self.encode_image(images))
+        text = normalized(self.encode_text(token_ids))
+        logits_per_text = (self.logit_scale.astype(text.dtype) * text) @ image.T
+        return logits_per_text.T, logits_per_text
+
+
+def normalized(x: mx.array) -> mx.array:
+    """Each row over its L2 norm."""
+    return x / mx.linalg.norm(x.astype(mx.float32), axis=-1, keepdims=True).astype(x.dtype)
 
 
 class AIMForPretraining(_AIMBase):
@@ -221,6 +323,9 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # where quantization error would reach the logits directly.
 QUANTIZED_SUFFIXES = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight", ".mlp.fc2.weight",
                       ".mlp.fc3.weight")
+# The trunks whose linears are quantized: the encoder's, and the LiT's two towers' (its heads and projections stay
+# in float, like the probe).
+QUANTIZED_TRUNKS = ("trunk.", "image_encoder.trunk.", "text_encoder.trunk.")
 QUANTIZED_BITS = (4, 8)
 QUANTIZED_GROUP_SIZES = (32, 64, 128)
 
@@ -258,7 +363,7 @@ def is_quantized(key: str, shape: tuple, quantization: Optional[dict]) -> bool:
     """Whether the parameter `key` (of `shape`) is stored quantized under `quantization`."""
     return (
         quantization is not None
-        and key.startswith("trunk.")
+        and key.startswith(QUANTIZED_TRUNKS)
         and key.endswith(QUANTIZED_SUFFIXES)
         and shape[-1] % quantization["group_size"] == 0
     )
@@ -295,6 +400,8 @@ def _seeded(config: Config, seed: int, pretraining: bool) -> _Encoder:
     mx.random.seed(seed)
     if isinstance(config, AIMv2Config):
         return _init_weights(AIMv2(config))
+    if isinstance(config, AIMv2LiTConfig):
+        return _init_weights(AIMv2LiT(config))
     start = _init_weights(AIMForPretraining(config))
     if pretraining:
         return start
@@ -312,11 +419,11 @@ def build_model(
     seed: Optional[int] = None,
     *,
     pretraining: bool = False,
-) -> Union[AIM, AIMForPretraining, AIMv2]:
+) -> Union[AIM, AIMForPretraining, AIMv2, AIMv2LiT]:
     """The one constructor of a model: for an `AIMConfig` the classifier `AIM`, or with `pretraining` the
     `AIMForPretraining` (in training mode; the classifier is in eval mode); for an `AIMv2Config` the encoder
-    `AIMv2` (eval mode). Parameters stay lazy until first used, so a model about to be loaded never materialises
-    its random weights.
+    `AIMv2` (eval mode); for an `AIMv2LiTConfig` the zero-shot `AIMv2LiT` (eval mode). Parameters stay lazy
+    until first used, so a model about to be loaded never materialises its random weights.
 
     dtype: an mx.Dtype or a name in `DTYPES` (default float32). quantization: 4 or 8 bits or a dict
     (`parse_quantize`) for the trunk's linear layers (`is_quantized`), recorded in the model's config
@@ -326,9 +433,10 @@ def build_model(
     those the pre-training model of the same seed starts from: the random baseline of that pre-training run.
     AIMv2's learned position embedding is drawn as Apple initialises it, normal with std 0.02, seeded or not.
     """
-    if not isinstance(config, (AIMConfig, AIMv2Config)):
-        raise TypeError(f"build_model: expected an AIMConfig or AIMv2Config, got {type(config).__name__}")
-    if pretraining and isinstance(config, AIMv2Config):
+    if not isinstance(config, (AIMConfig, AIMv2Config, AIMv2LiTConfig)):
+        raise TypeError(f"build_model: expected an AIMConfig, AIMv2Config or AIMv2LiTConfig, got "
+                        f"{type(config).__name__}")
+    if pretraining and isinstance(config, (AIMv2Config, AIMv2LiTConfig)):
         raise ValueError("AIMv2 has no pre-training model here: its encoders were pre-trained with a multimodal "
                          "decoder that Apple did not release; build it without pretraining")
     dtype = parse_dtype(dtype)
@@ -342,6 +450,8 @@ def build_model(
         model = _seeded(config, seed, pretraining)
     elif isinstance(config, AIMv2Config):
         model = AIMv2(config)
+    elif isinstance(config, AIMv2LiTConfig):
+        model = AIMv2LiT(config)
     else:
         model = AIMForPretraining(config) if pretraining else AIM(config)
     if dtype is not None and dtype != mx.float32:

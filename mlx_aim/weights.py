@@ -23,14 +23,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import AIMv2Config, Config
+from .config import AIMv2Config, AIMv2LiTConfig, Config
 from .fileio import atomic_directory
 
 LAYOUTS = ("mlx", "torch", "transformers")
@@ -131,8 +131,10 @@ def plan_keys(layout: str, shapes: Mapping[str, tuple]) -> KeyPlan:
     return KeyPlan(plan, left_out)
 
 
-def _plan_transformers(shapes: dict[str, tuple]) -> KeyPlan:
-    prefix = TRANSFORMERS_VISION_PREFIX if any(k.startswith(TRANSFORMERS_VISION_PREFIX) for k in shapes) else ""
+def _plan_transformers(shapes: dict[str, tuple], prefix: Optional[str] = None) -> KeyPlan:
+    """transformers' encoder keys (under `prefix`; default: `vision_model.` where there is one) -> Apple's."""
+    if prefix is None:
+        prefix = TRANSFORMERS_VISION_PREFIX if any(k.startswith(TRANSFORMERS_VISION_PREFIX) for k in shapes) else ""
     plan, left_out = {}, []
     for key, shape in shapes.items():
         name = key[len(prefix):]
@@ -158,6 +160,56 @@ def _plan_transformers(shapes: dict[str, tuple]) -> KeyPlan:
         else:
             plan[key] = Mapped((key,), shape, _unchanged)
     return KeyPlan(plan, left_out)
+
+
+# AIMv2-LiT's whole model (`AIMv2LiT`, Apple's keys) from transformers' `Aimv2Model`: its parts outside the two
+# encoders' blocks, then the text encoder's blocks (`text_model.encoder.layers.{i}.`, same names as the vision's).
+TRANSFORMERS_TEXT_PREFIX = "text_model."
+TRANSFORMERS_LIT_KEYS = {
+    "vision_model.head.cls_token": "image_encoder.head.cls_token",
+    "vision_model.head.k_proj.weight": "image_encoder.head.k.weight",
+    "vision_model.head.v_proj.weight": "image_encoder.head.v.weight",
+    "vision_model.head.output_proj.weight": "image_encoder.head.linear.weight",
+    "vision_model.head.output_proj.bias": "image_encoder.head.linear.bias",
+    "text_model.embeddings.token_embedding.weight": "text_encoder.preprocessor.text_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "text_encoder.preprocessor.positional_embedding",
+    "text_model.rms_norm.weight": "text_encoder.trunk.post_trunk_norm.weight",
+    "visual_projection.weight": "image_projector.weight",
+    "text_projection.weight": "text_projector.weight",
+    "logit_scale": "log_logit_scale",
+}
+# What marks a checkpoint as a whole LiT (text tower and projections), in Apple's keys and in transformers'.
+_LIT_MARKERS = (("text_projector.weight", "image_projector.weight"),
+                ("text_projection.weight", "visual_projection.weight"))
+
+
+def is_lit(keys: Sequence[str]) -> bool:
+    """Whether checkpoint keys hold a whole AIMv2-LiT: both projections, in Apple's keys or transformers'."""
+    keys = set(keys)
+    return any(all(k in keys for k in marker) for marker in _LIT_MARKERS)
+
+
+def plan_lit_keys(layout: str, shapes: Mapping[str, tuple]) -> KeyPlan:
+    """`plan_keys` for a whole AIMv2-LiT (`AIMv2LiT`, Apple's keys): its image encoder under `image_encoder.` and
+    text encoder under `text_encoder.`, the pooling head, projections and logit scale; nothing is left out."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    shapes = {k: tuple(s) for k, s in shapes.items() if not k.endswith(_BOOKKEEPING_SUFFIXES)}
+    if layout != "transformers":
+        conv = _LIT_IMAGE_PREFIX + _CONV_KEY
+        plan = {k: (_conv_plan(k, s) if layout == "torch" and k == conv else Mapped((k,), s, _unchanged))
+                for k, s in shapes.items()}
+        return KeyPlan(plan, [])
+    plan = {}
+    for theirs, ours in ((TRANSFORMERS_VISION_PREFIX, _LIT_IMAGE_PREFIX), (TRANSFORMERS_TEXT_PREFIX, "text_encoder.")):
+        tower = {k: s for k, s in shapes.items() if k.startswith(theirs) and k not in TRANSFORMERS_LIT_KEYS}
+        plan.update({ours + k: m for k, m in _plan_transformers(tower, theirs).tensors.items()})
+    for key, shape in shapes.items():
+        if key in TRANSFORMERS_LIT_KEYS:
+            plan[TRANSFORMERS_LIT_KEYS[key]] = Mapped((key,), shape, _unchanged)
+        elif not key.startswith((TRANSFORMERS_VISION_PREFIX, TRANSFORMERS_TEXT_PREFIX)):
+            plan[key] = Mapped((key,), shape, _unchanged)  # unknown: kept, so that the strict check names it
+    return KeyPlan(plan, [])
 
 
 def sanitize(weights: Mapping[str, mx.array], layout: str = "torch") -> dict[str, mx.array]:
@@ -191,6 +243,23 @@ def hub_aimv2_fields(params: Mapping, source: str) -> dict:
         fields["pos_embed"] = "sincos" if vision["is_native"] else "learned"
         if vision["is_native"]:
             fields["image_size"] = None
+    return fields
+
+
+# transformers' `Aimv2TextConfig` names (an `Aimv2Config`'s "text_config") -> AIMv2LiTConfig's, for what no shape shows.
+_HUB_LIT_TEXT_FIELDS = {"num_attention_heads": "text_num_heads", "rms_norm_eps": "text_norm_eps",
+                        "eos_token_id": "eos_token_id"}
+
+
+def hub_lit_text_fields(params: Mapping) -> dict:
+    """The `AIMv2LiTConfig` text fields that a transformers `Aimv2Config` file states (none where it has no
+    "text_config"), and its `max_logit_scale`."""
+    text = params.get("text_config")
+    if not isinstance(text, Mapping):
+        return {}
+    fields = {ours: text[theirs] for theirs, ours in _HUB_LIT_TEXT_FIELDS.items() if text.get(theirs) is not None}
+    if "max_logit_scale" in params:
+        fields["max_logit_scale"] = params["max_logit_scale"]
     return fields
 
 
@@ -294,6 +363,20 @@ def _plan_shards(source: TensorSource, max_shard_bytes: int) -> list[list[str]]:
 def _model_card(config: Config, source_note: str) -> str:
     q = config.quantization
     precision = f"{q['bits']}-bit (group size {q['group_size']})" if q else "float"
+    if isinstance(config, AIMv2LiTConfig):
+        image = config.image
+        return (
+            f"# {config.name or 'AIMv2-LiT'} for MLX\n\n"
+            "AIMv2-LiT (arXiv 2411.14402), zero-shot image-text, in MLX format for "
+            f"[mlx-aim](https://pypi.org/project/mlx-aim/). {source_note}\n\n"
+            f"- image encoder: width {image.width}, depth {image.depth}, heads {image.num_heads}, image "
+            f"{image.image_size}, patch {image.patch_size}\n"
+            f"- text encoder: width {config.text_width}, depth {config.text_depth}, heads {config.text_num_heads}, "
+            f"context {config.context_length}, vocabulary {config.vocab_size}\n"
+            f"- embedding {config.projection_dim}; weights: {precision}\n\n"
+            "```python\nimport mlx_aim\nmodel = mlx_aim.load(\"path/to/this/folder\")\n"
+            "logits_per_image, logits_per_text = model(images, token_ids)  # CLIP-tokenized text\n```\n"
+        )
     if isinstance(config, AIMv2Config):
         title, paper = "AIMv2", "the AIMv2 vision encoder (arXiv 2411.14402)"
         image = "native resolution" if config.native else f"image {config.image_size}"
