@@ -121,6 +121,12 @@ def _check_model_type(params: dict, expected: str, cls_name: str) -> None:
                          "(config_from_dict picks the class from model_type)")
 
 
+def _known_fields(cls, params: dict) -> dict:
+    """The entries of `params` that are fields of the dataclass `cls` (a config.json may carry others)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in params.items() if k in names}
+
+
 @dataclass
 class AIMConfig(_TrunkConfig):
     """Everything needed to build an AIM model. Saved as `config.json` next to the weights."""
@@ -196,8 +202,7 @@ class AIMConfig(_TrunkConfig):
         for apple_key, ours in _APPLE_HUB_KEYS.items():
             if apple_key in params and ours not in params:
                 params[ours] = params.pop(apple_key)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
+        return cls(**_known_fields(cls, params))
 
 
 @dataclass
@@ -284,8 +289,7 @@ class AIMv2Config(_TrunkConfig):
     def from_dict(cls, params: dict) -> "AIMv2Config":
         """Builds a config from our `config.json` ("model_type": "aimv2"); unknown keys are ignored."""
         _check_model_type(params, "aimv2", cls.__name__)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
+        return cls(**_known_fields(cls, params))
 
 
 
@@ -347,8 +351,7 @@ class AIMv2LiTConfig:
     def from_dict(cls, params: dict) -> "AIMv2LiTConfig":
         """Builds a config from our `config.json` ("model_type": "aimv2_lit"); unknown keys are ignored."""
         _check_model_type(params, "aimv2_lit", cls.__name__)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
+        return cls(**_known_fields(cls, params))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AIMv2LiTConfig":

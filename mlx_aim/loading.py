@@ -169,9 +169,10 @@ def _read_files(files: Sequence[Path], closers: list) -> tuple[dict[str, Tensor]
     return raw, mlx_format
 
 
-def _in_our_layout(raw: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
-    """The tensors under our keys and in our layouts (`weights.plan_keys`), and the keys left out."""
-    plan = plan_keys(layout, {k: t.shape for k, t in raw.items()})
+def _in_our_layout(raw: dict[str, Tensor], layout: str, plan_for=plan_keys) -> tuple[dict[str, Tensor], list[str]]:
+    """The tensors under our keys and in our layouts (`weights.plan_keys`, or `plan_lit_keys` for a whole
+    AIMv2-LiT), and the keys left out."""
+    plan = plan_for(layout, {k: t.shape for k, t in raw.items()})
     tensors = {}
     for key, m in plan.tensors.items():
         read = (lambda m=m: m.build(*(raw[s].read() for s in m.sources)))
@@ -453,7 +454,7 @@ def _infer_lit_config(located: _Located, raw: dict[str, Tensor], layout: str) ->
     over them. The text head count, which no shape shows, is otherwise the released LiT's (6, at width 768)."""
     image_tensors, _ = _in_our_layout(raw, layout)
     image = _infer_aimv2_config(image_tensors, located.stated, located.name, located.files)
-    tensors, _ = _in_lit_layout(raw, layout)
+    tensors, _ = _in_our_layout(raw, layout, plan_lit_keys)
     where = ", ".join(map(str, located.files))
     try:
         vocab_size, text_width = tensors["text_encoder.preprocessor.text_embedding.weight"].shape
@@ -475,23 +476,13 @@ def _infer_lit_config(located: _Located, raw: dict[str, Tensor], layout: str) ->
     return AIMv2LiTConfig(image=image, name=located.name, **fields)
 
 
-def _in_lit_layout(raw: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
-    """`_in_our_layout` for a whole AIMv2-LiT (`weights.plan_lit_keys`)."""
-    plan = plan_lit_keys(layout, {k: t.shape for k, t in raw.items()})
-    tensors = {}
-    for key, m in plan.tensors.items():
-        read = (lambda m=m: m.build(*(raw[s].read() for s in m.sources)))
-        tensors[key] = Tensor(raw[m.sources[0]].dtype, m.shape, read)
-    return tensors, plan.left_out
-
-
 def _open(located: _Located, probe_layers, lit: bool = False) -> Source:
     closers = []
     try:
         raw, mlx_format = _read_files(located.files, closers)
         layout = located.layout or detect_layout(list(raw), located.files[0].name, mlx_format)
         if isinstance(located.config, AIMv2LiTConfig) or (lit and located.config is None and is_lit(list(raw))):
-            tensors, left_out = _in_lit_layout(raw, layout)
+            tensors, left_out = _in_our_layout(raw, layout, plan_lit_keys)
             config = located.config or _infer_lit_config(located, raw, layout)
             config = config.with_probe_layers(probe_layers)
         else:
