@@ -292,8 +292,6 @@ class AIMv2Config(_TrunkConfig):
         return cls(**_known_fields(cls, params))
 
 
-
-
 @dataclass
 class AIMv2LiTConfig:
     """AIMv2-LiT (aimv2-large-patch14-224-lit, AIMV2-REFERENCE.md "LiT"): its image encoder's `AIMv2Config`, the

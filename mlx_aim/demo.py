@@ -53,7 +53,7 @@ from .fileio import read_json, write_json
 from .model import AIM, build_model
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .runs import read_log
+from .runs import read_log, silent
 from .train import (
     DEMO_RUN_DIR,
     MODEL_DIR,
@@ -204,10 +204,6 @@ def loss_records(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int
 # The run
 
 
-def _silent(_line: str) -> None:
-    pass
-
-
 def run_demo(
     out: Union[str, os.PathLike] = "mlx_aim_demo",
     seed: int = 0,
@@ -226,7 +222,7 @@ def run_demo(
     folder is kept: it is deterministic). `echo` receives a line per stage (the command line prints them);
     by default they go nowhere.
     """
-    echo = echo or _silent
+    echo = echo or silent
     start_time = time.perf_counter()
     cfg = config if config is not None else QUICK if quick else DEFAULT
     name = run_name(seed, quick, steps, cfg)

@@ -35,6 +35,7 @@ from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_
 from .fileio import atomic_file, remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
+from .weights import read_safetensors
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -510,7 +511,7 @@ def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[n
         if not shard["rows"]:
             continue
         file = folder / shard["files"][kind]
-        parts.append(np.load(file) if index["file_format"] == "npy" else np.asarray(mx.load(str(file))[kind]))
+        parts.append(np.load(file) if index["file_format"] == "npy" else np.asarray(read_safetensors(file)[kind]))
         paths += shard["paths"]
         grids += shard.get("grids", [])
     if ragged:

@@ -756,7 +756,7 @@ def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Con
         raise FileNotFoundError(f"{path}: probe head file not found")
     safetensors = path.suffix == ".safetensors"
     head, _ = _in_our_layout(_read_files([path], source.closers)[0], "mlx" if safetensors else "torch")
-    metadata = mx.load(str(path), return_metadata=True)[1] if safetensors else {}
+    metadata = read_safetensors(path, return_metadata=True)[1] if safetensors else {}
     bad = [k for k in head if not k.startswith("head.")]
     if bad or "head.linear.weight" not in head:
         raise ValueError(f"{path}: a probe head file holds Apple's head.* keys (head.linear.weight, ...), "

@@ -39,7 +39,7 @@ def check_images(images, config: Config) -> mx.array:
     if channels != C:
         hint = ""
         if images.shape[1] == C:
-            hint = f"; this looks like NCHW: mlx-aim takes NHWC, use images.transpose(0, 2, 3, 1)"
+            hint = "; this looks like NCHW: mlx-aim takes NHWC, use images.transpose(0, 2, 3, 1)"
         raise ValueError(f"images: expected {C} channels last (NHWC), got shape {tuple(images.shape)}{hint}")
     if H % p or W % p:
         raise ValueError(f"images: height and width must be multiples of the patch size {p}, got {H}x{W}")

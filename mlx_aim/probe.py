@@ -69,7 +69,7 @@ from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
 from .inference import PROBE_INFO, RaggedTokens, to_numpy
 from .layers import AttentionProbe
 from .model import AIM, dtype_name
-from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step
+from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
 from .weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
@@ -610,7 +610,7 @@ def train_probe(
 
     Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
-    echo = echo or (lambda _line: None)  # the library prints nothing unless asked
+    echo = echo or silent
     config = config or ProbeConfig()
     trunk = trunk or trunk_description(model)
     start_time = time.perf_counter()

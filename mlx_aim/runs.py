@@ -55,6 +55,10 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint = checkpoint
 
 
+def silent(_line: str) -> None:
+    """The loops' default `echo`: the library prints nothing unless asked (the command lines pass print)."""
+
+
 def check_finite(loss: float, step: int, checkpoint: Optional[Path], lr: float) -> None:
     """Raises `TrainingDiverged` when `loss`, the loss of optimizer step `step`, is NaN or infinite."""
     if math.isfinite(loss):

@@ -78,6 +78,7 @@ from .runs import (
     check_finite,
     compare_settings,
     last_step,
+    silent,
 )
 from .weights import check_weights, read_safetensors, save_model
 
@@ -89,10 +90,6 @@ MODEL_DIR = "model"
 TRAIN_CONFIG_NAME = "train_config.json"  # with config.json, what marks a run folder (`loading` reads it)
 DEMO_RUN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`loading` looks there too)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def _silent(_line: str) -> None:
-    pass
 
 
 @dataclass
@@ -464,7 +461,7 @@ def pretrain(
 
     Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite; the last good checkpoint is kept.
     """
-    echo = echo or _silent  # the library prints nothing unless asked: the command line passes print
+    echo = echo or silent
     tc, mc = train_config, model_config
     group = group if group is not None else mx.distributed.init()
     rank, world = group.rank(), group.size()
