@@ -45,6 +45,7 @@ from mlx.utils import tree_flatten
 from .config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, config_from_dict,
                      get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
+from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
@@ -496,7 +497,8 @@ def _open(located: _Located, probe_layers, lit: bool = False) -> Source:
     if left_out:
         parts = sorted({re.match(r"(?:vision_model\.|image_encoder\.)?[^.]+", k)[0] for k in left_out})
         description += f" (image encoder only: {len(left_out)} tensors left out, of {', '.join(parts)})"
-    extra = [located.folder / PREPROCESSOR_CONFIG] if located.folder is not None else []
+    beside = (PREPROCESSOR_CONFIG, *TOKENIZER_FILES)  # carried into a conversion: preprocessing, a LiT's tokenizer
+    extra = [located.folder / name for name in beside] if located.folder is not None else []
     return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
 
 
@@ -535,11 +537,13 @@ def _download_apple_files(preset: str, probe_layers: str) -> list[str]:
 
 
 def _download_aimv2_files(preset: str) -> Path:
-    """A released AIMv2 encoder's MLX file and preprocessor settings, at Apple's pinned revision."""
+    """A released AIMv2 encoder's MLX file and preprocessor settings (the LiT's tokenizer files too), at Apple's
+    pinned revision."""
     from huggingface_hub import snapshot_download
 
+    tokenizer = list(TOKENIZER_FILES) if preset == LIT_NAME else []
     path = Path(snapshot_download(aimv2_repo(preset), revision=AIMV2_REVISIONS[preset],
-                                  allow_patterns=[AIMV2_FILE, PREPROCESSOR_CONFIG]))
+                                  allow_patterns=[AIMV2_FILE, PREPROCESSOR_CONFIG, *tokenizer]))
     if not (path / AIMV2_FILE).exists():
         raise FileNotFoundError(f"{aimv2_repo(preset)} at revision {AIMV2_REVISIONS[preset]}: no {AIMV2_FILE}")
     return path
@@ -552,7 +556,7 @@ def _download_repo(repo_id: str) -> str:
 
     for weights in (["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"],
                     ["pytorch_model.bin"], [AIMV2_FILE], ["*.safetensors"]):
-        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.md", *weights])
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.md", *TOKENIZER_FILES, *weights])
         if any(Path(path).glob("*.safetensors")) or (Path(path) / "pytorch_model.bin").exists():
             return path
     return path
@@ -581,6 +585,27 @@ def local_folder(sources: str | os.PathLike | Sequence) -> Optional[Path]:
     parents = {Path(s).parent for s in sources}
     return parents.pop() if len(parents) == 1 else None
 
+
+
+def tokenizer_folder(sources: str | os.PathLike | Sequence) -> Path:
+    """The folder of the tokenizer files that ship with a source (an AIMv2-LiT's CLIP tokenizer; `local_folder`
+    says where): the released LiT's or a hub repo's are downloaded on their own (not the weights) when the cache
+    lacks them. FileNotFoundError naming the folder where no tokenizer file is there."""
+    folder = local_folder(sources)
+    if folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return folder
+    preset, sources = _preset_name(sources), _as_list(sources)
+    if preset is not None or (len(sources) == 1 and not Path(sources[0]).exists()
+                              and re.fullmatch(r"[\w.-]+/[\w.-]+", str(sources[0]))):
+        from huggingface_hub import snapshot_download
+
+        repo, revision = (aimv2_repo(preset), AIMV2_REVISIONS.get(preset)) if preset else (sources[0], None)
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    where = folder if folder is not None else ", ".join(map(str, sources))
+    raise FileNotFoundError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); an AIMv2-LiT source "
+                            "ships its CLIP tokenizer beside its weights (a conversion carries it over)")
 
 # ---------------------------------------------------------------------------------------------------
 # Conversion: source tensors -> cast / quantized tensors, produced one at a time.

@@ -50,6 +50,8 @@ VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Every file a tokenizer folder may hold: what a download fetches and a conversion carries beside the weights.
+TOKENIZER_FILES = (TOKENIZER_FILE, VOCAB_FILE, MERGES_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE)
 
 # CLIP's special tokens (ids 49406 and 49407 in its vocabulary), used where the files name none.
 DEFAULT_SPECIAL_TOKENS = {

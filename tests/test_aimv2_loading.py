@@ -25,6 +25,7 @@ from mlx_aim.data import preprocessing_for
 from mlx_aim.loading import AIMV2_REVISIONS, local_folder, open_source, source_config
 from mlx_aim.model import AIMv2LiT
 from mlx_aim.weights import save_model
+from mlx_aim.tokenizer import TOKENIZER_FILES
 
 TOL = 1e-5
 LAYOUTS = ("transformers", "apple", "apple-mlx")
@@ -306,8 +307,8 @@ def test_released_name_from_an_offline_cache(large, tmp_path):
 
 
 def test_every_released_name_resolves_to_its_repo(monkeypatch):
-    """Each of the 16 names downloads Apple's mlx_model.safetensors (and preprocessor file) from apple/<name> at a
-    pinned commit; nothing is fetched here."""
+    """Each of the 16 names downloads Apple's mlx_model.safetensors (and preprocessor file; the LiT its tokenizer
+    files too) from apple/<name> at a pinned commit; nothing is fetched here."""
     import huggingface_hub
 
     assert set(AIMV2_REVISIONS) == set(AIMV2_PRESET_NAMES) and len(AIMV2_REVISIONS) == 16
@@ -323,7 +324,8 @@ def test_every_released_name_resolves_to_its_repo(monkeypatch):
             open_source(name)
         repo, revision, patterns = calls[-1]
         assert repo == f"apple/{name}" and re.fullmatch(r"[0-9a-f]{40}", revision)
-        assert set(patterns) == {"mlx_model.safetensors", "preprocessor_config.json"}
+        tokenizer = set(TOKENIZER_FILES) if name == "aimv2-large-patch14-224-lit" else set()
+        assert set(patterns) == {"mlx_model.safetensors", "preprocessor_config.json", *tokenizer}
         assert source_config(name) == get_config(name)  # the registry's, with nothing downloaded
     assert len(calls) == 16
 
