@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
                    iter_image_batches, model_family, preprocessing_for)
-from .fileio import atomic_file, remove_stale_temporaries, write_json
+from .fileio import remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
-from .weights import read_safetensors
+from .shards import (FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array,
+                     shard_stem, write_shard)
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -210,15 +211,7 @@ def classify(
 # Feature extraction: shards + index, resumable
 
 
-FEATURES_FORMAT = "mlx-aim-features"
-INDEX_NAME = "index.json"
-RUN_NAME = "run.json"
-_SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
 FEATURE_KINDS = ("embedding", "tokens", "both")
-
-
-def _shard_stem(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 @dataclass
@@ -291,10 +284,10 @@ def extract_features(
     """
     if features not in FEATURE_KINDS:
         raise ValueError(f"features={features!r}: expected one of {', '.join(FEATURE_KINDS)}")
-    if file_format not in ("npy", "safetensors"):
+    if file_format not in FILE_FORMATS:
         raise ValueError(f"file_format={file_format!r}: expected 'npy' or 'safetensors'")
-    if save_dtype not in _SAVE_DTYPES:
-        raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(_SAVE_DTYPES)}")
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive integer")
     if features != "tokens" and not model.has_trained_head:
@@ -331,12 +324,12 @@ def extract_features(
     _prepare_output(out, run, overwrite)
     num_shards = math.ceil(len(paths) / shard_size)
     shards, shards_reused, num_new, model_seconds = [], 0, 0, 0.0
-    dtype = _SAVE_DTYPES[save_dtype]
+    dtype = SAVE_DTYPES[save_dtype]
     with tqdm(total=len(paths), desc="features", unit="img", disable=not progress or None) as bar:
         for k in range(num_shards):
             lo, hi = k * shard_size, min((k + 1) * shard_size, len(paths))
-            stem = _shard_stem(k)
-            done = _read_shard(out, stem, kinds, file_format)
+            stem = shard_stem(k)
+            done = read_shard(out, stem)
             if done is not None:
                 for item in done["skipped"]:
                     skipped.add(item["path"], item["reason"], warn=False)
@@ -370,7 +363,7 @@ def extract_features(
             record = {"paths": [relative[rows_index[i]] for i in order]}
             if native:
                 record["grids"] = [list(grids[i]) for i in order]
-            shard = _write_shard(out, stem, kinds, file_format, arrays, record, shard_skipped)
+            shard = write_shard(out, stem, kinds, file_format, arrays, record, shard_skipped.to_list())
             for path, reason in shard_skipped.items:
                 skipped.add(path, reason, warn=False)
             shards.append(shard)
@@ -416,49 +409,6 @@ def _prepare_output(out: Path, run: dict, overwrite: bool) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_path, run, indent=1)
-
-
-def _shard_files(stem: str, kinds: Sequence[str], file_format: str) -> dict[str, str]:
-    if file_format == "npy":
-        return {kind: f"{stem}.{kind}.npy" for kind in kinds}
-    return {kind: f"{stem}.safetensors" for kind in kinds}
-
-
-def _read_shard(out: Path, stem: str, kinds, file_format) -> Optional[dict]:
-    """A finished shard's record, or None when it has to be (re)computed."""
-    marker = out / f"{stem}.json"
-    if not marker.exists():
-        return None
-    try:
-        shard = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if shard.get("rows", 0) and not all((out / name).exists() for name in shard.get("files", {}).values()):
-        return None
-    return shard
-
-
-def _write_shard(out, stem, kinds, file_format, arrays: dict[str, list[np.ndarray]], record: dict,
-                 skipped: Skipped) -> dict:
-    """Writes one shard's rows (`arrays`: kind -> one array per row; stacked, or for ragged tokens, a record
-    with "grids", laid one after another) and then its record (`record`: paths, grids), which marks it done."""
-    rows = len(record["paths"])
-    files = _shard_files(stem, kinds, file_format) if rows else {}
-    if rows:
-        ragged = "grids" in record
-        stacked = {kind: np.concatenate(arrays[kind]) if ragged and kind == "tokens" else np.stack(arrays[kind])
-                   for kind in kinds}
-        if file_format == "npy":
-            for kind in kinds:
-                with atomic_file(out / files[kind]) as tmp:
-                    np.save(tmp, stacked[kind])
-        else:
-            with atomic_file(out / files[kinds[0]]) as tmp:
-                mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in stacked.items()},
-                                    metadata={"format": FEATURES_FORMAT})
-    shard = {"name": stem, "rows": rows, "files": files, **record, "skipped": skipped.to_list()}
-    write_json(out / f"{stem}.json", shard, indent=1)  # last: marks it finished
-    return shard
 
 
 class RaggedTokens:
@@ -510,8 +460,7 @@ def load_features(folder: str | os.PathLike, kind: str = "embedding") -> tuple[n
     for shard in index["shards"]:
         if not shard["rows"]:
             continue
-        file = folder / shard["files"][kind]
-        parts.append(np.load(file) if index["file_format"] == "npy" else np.asarray(read_safetensors(file)[kind]))
+        parts.append(read_shard_array(folder, shard, kind, index["file_format"]))
         paths += shard["paths"]
         grids += shard.get("grids", [])
     if ragged:
