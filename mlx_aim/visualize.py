@@ -1,5 +1,5 @@
-"""Pictures of training runs, drawn with Pillow: next-patch prediction grids, loss curves, and figures of several
-panels, saved as PNG.
+"""Pictures drawn with Pillow, saved as PNG: next-patch prediction grids, loss curves, figures of several panels,
+and contact sheets of search results.
 
 The pixel head predicts normalised patches (zero mean, unit variance per patch), so a prediction is shown
 un-normalised with the true patch's mean and standard deviation: the picture shows the structure the model
@@ -9,6 +9,7 @@ by default only patch 0, which nothing predicts) are shown as they are.
     model, _ = load_pretraining_checkpoint("runs/tiny")      # needs the pixel head: a run or checkpoint folder
     save_prediction_grid(model, ["a.jpg", "b.png"], "grid.png")
     save_png(compose_figure([draw_loss_curve(train_losses, val_losses), prediction_panel(model, val)]), "fig.png")
+    save_png(draw_contact_sheet(["a.jpg", "b.png"], [["#1  0.31", "a.jpg"], ["#2  0.27", "b.png"]]), "hits.png")
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, eval_transform
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageLoadError, eval_transform, load_image
 from .fileio import atomic_file
 from .objective import patchify, unpatchify
 
@@ -215,6 +216,65 @@ def compose_figure(panels: Sequence[Image.Image], caption: str = "", gap: int = 
     if caption:
         ImageDraw.Draw(canvas).text((gap, height - gap - 14), caption, fill="black", font=_font(13))
     return canvas
+
+
+# Contact sheets: thumbnails in rows, each with its caption lines under it.
+SHEET_CAPTION_LINE = 15  # pixels per caption line
+SHEET_TITLE = 24  # pixels of the title band, when there is a title
+
+
+def contact_sheet_size(count: int, cell: int = 160, columns: int = 5, caption_lines: int = 2,
+                       title: bool = False) -> tuple[int, int]:
+    """(width, height) in pixels of `draw_contact_sheet`'s picture of `count` images."""
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    width = _GAP + columns * (cell + _GAP)
+    height = (SHEET_TITLE if title else 0) + _GAP + rows * (cell + caption_lines * SHEET_CAPTION_LINE + _GAP)
+    return width, height
+
+
+def draw_contact_sheet(images: Sequence[Union[str, os.PathLike]], captions: Sequence[Sequence[str]],
+                       title: str = "", cell: int = 160, columns: int = 5) -> Image.Image:
+    """Thumbnails of `images` (each scaled to fit a `cell` square, aspect kept) left to right in rows of `columns`, each
+    with its caption lines under it, below an optional title; an image that cannot be read is drawn as a grey
+    square saying so. The size is `contact_sheet_size`."""
+    if not images or len(images) != len(captions):
+        raise ValueError(f"draw_contact_sheet: {len(images)} images and {len(captions)} captions; expected as many "
+                         "of each, at least one")
+    lines = max(len(c) for c in captions)
+    columns = max(1, min(columns, len(images)))
+    sheet = Image.new("RGB", contact_sheet_size(len(images), cell, columns, lines, bool(title)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(12)
+    top = SHEET_TITLE if title else 0
+    if title:
+        draw.text((_GAP, 5), title, fill="black", font=_font(14))
+    for i, (path, caption) in enumerate(zip(images, captions)):
+        x = _GAP + (i % columns) * (cell + _GAP)
+        y = top + _GAP + (i // columns) * (cell + lines * SHEET_CAPTION_LINE + _GAP)
+        try:
+            thumbnail = ImageOps.contain(load_image(path), (cell, cell), Image.Resampling.BICUBIC)
+            sheet.paste(thumbnail, (x + (cell - thumbnail.width) // 2, y + (cell - thumbnail.height) // 2))
+        except ImageLoadError as error:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(200, 200, 200))
+            draw.text((x + 4, y + cell // 2), f"unreadable: {error.reason}"[: cell // 6], fill="black", font=font)
+        for j, text in enumerate(caption):
+            draw.text((x, y + cell + 1 + j * SHEET_CAPTION_LINE), _fit(draw, text, font, cell), fill="black",
+                      font=font)
+    return sheet
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, shortened in the middle with an ellipsis until it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 2:
+        keep -= 1
+        short = text[: keep // 2] + "..." + text[len(text) - (keep - keep // 2) :]
+        if draw.textlength(short, font=font) <= width:
+            return short
+    return text[:2]
 
 
 def save_png(image: Image.Image, path: Union[str, os.PathLike]) -> Path:

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": ("demo", "pre-train a small AIM on built-in shapes and compare probes; nothing to download"),
     "benchmark": ("benchmark", "speed and memory, optionally against PyTorch"),
     "visualize": ("visualize", "next-patch predictions of a pre-trained model, as a PNG grid"),
+    "search": ("search", "index a photo folder with AIMv2-LiT, then search it by text or by an example image"),
 }
 
 

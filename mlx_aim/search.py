@@ -1,0 +1,474 @@
+"""Photo search with an AIMv2-LiT: an index of a photo folder's image embeddings, kept up to date by re-runs, and
+queries by text or by an example image, answered with the top-k photos and their cosine similarities.
+
+    model, tokenizer = open_lit("aimv2-large-patch14-224-lit")
+    build_index(model, ["~/Pictures"], "photos.index", model_name="aimv2-large-patch14-224-lit")
+    index = SearchIndex.open("photos.index")
+    hits = index.search(embed_texts(model, tokenizer, ["a red bicycle at night"])[0], top_k=10)
+    hits = index.search(index.stored_embedding("~/Pictures/bike.jpg"), top_k=10)  # no model needed
+
+The index folder is a feature folder in `extract_features`'s shard format (`mlx_aim.shards`): finished
+`shard-k.embedding.npy` + `shard-k.json` pairs, `run.json` (the model's identity, written first) and
+`index.json` (written last: the shards, in order, with each row's path). Rows are unit-length image embeddings
+(`lit.embed_images`), so a dot product is the cosine similarity; `load_features(INDEX)` reads them as features.
+
+Kept up to date. A file is known by its absolute path, size in bytes and modification time in nanoseconds
+(`os.stat`'s `st_size`, `st_mtime_ns`): a re-run embeds only files whose triple is new, drops rows whose file is
+gone or changed, and keeps every other row where it is. A shard that lost rows is rewritten with the rest (no model
+call); shards only ever get new numbers, so a run killed at any point leaves finished shards that the next run
+reuses (for a file in two shards, the newer shard's row). Files that cannot be read are listed in the index with
+their triple and are not retried until they change.
+
+One model per index. `run.json` records the model's config, dtype, preprocessing and a hash of its small
+tensors (`weights_fingerprint`); an index is not updated nor queried with a model that differs in any of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from .data import NUM_WORKERS, Preprocessing, Skipped, gather_images, iter_image_batches, preprocessing_for
+from .fileio import read_json, remove_stale_temporaries, write_json
+from .inference import BATCH_SIZE, SHARD_SIZE, to_numpy
+from .lit import check_lit, embed_images
+from .model import AIMv2LiT, dtype_name
+from .shards import (INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, remove_shard, shard_number,
+                     shard_stem, write_shard)
+
+SEARCH_FORMAT = "mlx-aim-search"
+KIND = "embedding"
+FILE_FORMAT = "npy"  # memory-mapped by queries
+TOP_K = 10
+# What makes two models give the same embeddings; the model's name is recorded too, but only to be shown.
+IDENTITY_KEYS = ("model_config", "model_dtype", "preprocessing", "weights_sha256")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and models
+
+
+Stamp = tuple[int, int]  # (size in bytes, modification time in ns)
+
+
+def file_stamp(path: str | os.PathLike) -> Stamp:
+    """A file's (size, st_mtime_ns): what tells an indexed file has changed."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def index_key(path: str | os.PathLike) -> str:
+    """How the index names a file: its absolute path, symbolic links kept as the user named them."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def weights_fingerprint(model: AIMv2LiT) -> str:
+    """sha256 of the model's tensors outside its two trunks and its token table (patch embedding, pooling head,
+    projections, logit scale: a few MB at full size), in float32: tells two models of one config apart cheaply."""
+    digest = hashlib.sha256()
+    for key, value in sorted(tree_flatten(model.parameters())):
+        if ".trunk.blocks." in key or "text_embedding" in key:
+            continue
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(to_numpy(value)).tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(model: AIMv2LiT, model_name: str = "", preprocessing: Optional[Preprocessing] = None) -> dict:
+    """What an index records of the model that fills it: its name (shown, not compared) and `IDENTITY_KEYS`."""
+    model = check_lit(model, model_name)
+    preprocessing = preprocessing or preprocessing_for(model.config.image)
+    return {"model": model_name, "model_config": model.config.to_dict(), "model_dtype": dtype_name(model.dtype),
+            "preprocessing": preprocessing.settings(), "weights_sha256": weights_fingerprint(model)}
+
+
+def check_identity(folder: Path, recorded: Mapping, identity: Mapping, keys: Sequence[str] = IDENTITY_KEYS) -> None:
+    """A ValueError naming both models when `identity` differs from the index's `recorded` one in any of `keys`."""
+    differ = [k for k in keys if recorded.get(k) != identity.get(k)]
+    if differ:
+        raise ValueError(
+            f"{folder}: the index was built with {recorded.get('model') or 'another model'}, and "
+            f"{identity.get('model') or 'the model given'} differs from it in {', '.join(differ)}; use the model "
+            "the index was built with, or build a new index (another --out) with this one")
+
+
+def recorded_run(folder: str | os.PathLike) -> Optional[dict]:
+    """What an index folder records of its last run (index.json; run.json when its first run did not finish):
+    its model's name and identity, and (index.json) its inputs. None for a folder that is no search index."""
+    for name in (INDEX_NAME, RUN_NAME):
+        path = Path(folder) / name
+        if path.is_file():
+            record = read_json(path)
+            return record if isinstance(record, dict) and record.get("format") == SEARCH_FORMAT else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing an index
+
+
+@dataclass
+class Plan:
+    """What an update does: the finished shards kept as they are, the rows to carry into new shards (shard record,
+    row indices), the files to embed (key -> stamp), and the counts of rows reused and dropped."""
+
+    keep: list[dict] = field(default_factory=list)
+    carry: list[tuple[dict, list[int], list[dict]]] = field(default_factory=list)  # shard, rows, skipped entries
+    embed: dict[str, Stamp] = field(default_factory=dict)
+    dead: list[str] = field(default_factory=list)  # shard stems to delete once the new index is written
+    num_reused: int = 0
+    num_dropped: int = 0
+    known_bad: list[dict] = field(default_factory=list)  # unreadable files of earlier runs, unchanged since
+
+
+class IndexFolder:
+    """A search index folder being written: created or reopened for the model `identity` (`model_identity`),
+    it reconciles its finished shards with the files there are now (`plan`), takes new shards (`add_shard`) and
+    ends with `finish`, which writes index.json and deletes the shards it no longer lists."""
+
+    def __init__(self, folder: str | os.PathLike, identity: Mapping, save_dtype: Optional[str] = None):
+        self.folder = Path(folder)
+        folder = self.folder
+        if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
+        run_path = folder / RUN_NAME
+        if folder.exists() and any(folder.iterdir()):
+            if not run_path.is_file():
+                raise ValueError(f"{folder}: exists and is not a search index (no {RUN_NAME}); choose an empty or "
+                                 "new folder")
+            run = read_json(run_path)
+            if not isinstance(run, dict) or run.get("format") != SEARCH_FORMAT:
+                raise ValueError(f"{run_path}: not a search index's record (format {SEARCH_FORMAT!r} expected)")
+            check_identity(folder, run, identity)
+            if save_dtype is not None and save_dtype != run["dtype"]:
+                raise ValueError(f"{folder}: stores {run['dtype']} embeddings, not {save_dtype}; keep its dtype or "
+                                 "build a new index")
+            remove_stale_temporaries(folder)  # shard files of an earlier run killed mid-write
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            run = {"format": SEARCH_FORMAT, "version": 1, **identity, "features": [KIND], "file_format": FILE_FORMAT,
+                   "dtype": save_dtype or "float32"}
+            write_json(run_path, run, indent=1)
+        self.run = run
+        self.identity = dict(identity)
+        self.dtype = SAVE_DTYPES[run["dtype"]]
+        self.shards: list[dict] = []
+        self.next_number = 0
+
+    def _finished_shards(self) -> list[dict]:
+        """Finished shards, newest first; the remains of unfinished ones are deleted."""
+        stems = {path.name.split(".")[0] for path in self.folder.glob("shard-*")}
+        numbers = sorted((n for n in map(shard_number, stems) if n is not None), reverse=True)
+        self.next_number = numbers[0] + 1 if numbers else 0
+        finished = []
+        for number in numbers:
+            shard = read_shard(self.folder, shard_stem(number))
+            if shard is None:
+                remove_shard(self.folder, shard_stem(number))
+            else:
+                finished.append(shard)
+        return finished
+
+    def plan(self, files: Mapping[str, Stamp]) -> Plan:
+        """Matches the finished shards' rows and known-bad files against `files` (index key -> stamp, the files
+        there are now): rows of unchanged files are kept (each file once, from the newest shard holding it), the
+        others dropped; files in no shard are to embed."""
+        plan, claimed = Plan(), set()
+        for shard in self._finished_shards():
+            rows = [i for i, (path, size, mtime) in enumerate(zip(shard["paths"], shard["sizes"], shard["mtimes_ns"]))
+                    if files.get(path) == (size, mtime) and path not in claimed]
+            bad = [item for item in shard["skipped"]
+                   if files.get(item["path"]) == (item.get("size"), item.get("mtime_ns"))
+                   and item["path"] not in claimed]
+            claimed.update(shard["paths"][i] for i in rows)
+            claimed.update(item["path"] for item in bad)
+            plan.num_reused += len(rows)
+            plan.num_dropped += shard["rows"] - len(rows)
+            plan.known_bad += bad
+            if len(rows) == shard["rows"] and len(bad) == len(shard["skipped"]):
+                plan.keep.append(shard)
+            else:
+                plan.dead.append(shard["name"])
+                if rows or bad:
+                    plan.carry.append((shard, rows, bad))
+        plan.keep.reverse()  # oldest first, as they were written
+        plan.embed = {path: stamp for path, stamp in files.items() if path not in claimed}
+        return plan
+
+    def add_shard(self, paths: Sequence[str], stamps: Sequence[Stamp], embeddings: Sequence[np.ndarray] | np.ndarray,
+                  skipped: Sequence[dict] = ()) -> dict:
+        """Writes a finished shard of rows (`paths` by index key, their stamps and unit-length embeddings) and the
+        unreadable files met (dicts with "path", "reason", "size", "mtime_ns"); returns its record."""
+        stem = shard_stem(self.next_number)
+        self.next_number += 1
+        rows = [np.asarray(e, dtype=self.dtype) for e in embeddings]
+        record = {"paths": list(paths), "sizes": [s for s, _ in stamps], "mtimes_ns": [m for _, m in stamps]}
+        shard = write_shard(self.folder, stem, [KIND], FILE_FORMAT, {KIND: rows}, record, skipped)
+        self.shards.append(shard)
+        return shard
+
+    def carry(self, shard: dict, rows: Sequence[int], skipped: Sequence[dict]) -> dict:
+        """A new shard holding `rows` of an earlier `shard` (read back, not recomputed) and its `skipped` entries."""
+        embeddings = read_shard_array(self.folder, shard, KIND, FILE_FORMAT)[list(rows)] if rows else []
+        return self.add_shard([shard["paths"][i] for i in rows],
+                              [(shard["sizes"][i], shard["mtimes_ns"][i]) for i in rows], embeddings, skipped)
+
+    def finish(self, kept: Sequence[dict], dead: Iterable[str], extra: Mapping) -> dict:
+        """Writes index.json over the `kept` shards then the ones added, deletes the `dead` shards, and returns
+        the index; `extra` (inputs, skipped inputs) goes into it as well."""
+        shards = list(kept) + self.shards
+        row = 0
+        for shard in shards:
+            shard["start"] = row
+            row += shard["rows"]
+        bad = [item for shard in shards for item in shard["skipped"]]
+        width = self.identity["model_config"]["projection_dim"]
+        index = {**self.run, **self.identity, **extra, "num_rows": row, "embedding_shape": [width],
+                 "num_skipped": len(bad) + len(extra.get("skipped_inputs", [])), "skipped": bad, "shards": shards}
+        write_json(self.folder / INDEX_NAME, index, indent=1)
+        for stem in dead:
+            remove_shard(self.folder, stem)
+        return index
+
+
+@dataclass
+class IndexResult:
+    out: Path
+    index: dict
+    skipped: Skipped  # every input not in the index now: unreadable files (known before or met now), bad inputs
+    seconds: float
+    model_seconds: float
+    num_embedded: int  # files embedded by this run
+    num_reused: int  # rows of earlier runs kept
+    num_dropped: int  # rows of earlier runs dropped: their file was deleted or changed
+
+    def to_dict(self) -> dict:
+        n = self.num_embedded
+        return {
+            "out": str(self.out),
+            "index": str(self.out / INDEX_NAME),
+            "num_images": self.index["num_rows"],
+            "num_embedded": n,
+            "num_reused": self.num_reused,
+            "num_dropped": self.num_dropped,
+            "num_skipped": len(self.skipped),
+            "num_shards": len(self.index["shards"]),
+            "seconds": round(self.seconds, 4),
+            "images_per_second": round(n / self.seconds, 3) if n and self.seconds > 0 else None,
+            "model_images_per_second": round(n / self.model_seconds, 3) if n and self.model_seconds > 0 else None,
+            "skipped": self.skipped.to_list(),
+        }
+
+
+def build_index(
+    model: AIMv2LiT,
+    inputs: Sequence,
+    out: str | os.PathLike,
+    *,
+    model_name: str = "",
+    preprocessing: Optional[Preprocessing] = None,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int = NUM_WORKERS,
+    shard_size: int = SHARD_SIZE,
+    save_dtype: Optional[str] = None,
+    progress: bool = True,
+) -> IndexResult:
+    """Creates or updates the search index `out` of every image under `inputs` (folders, files, globs): embeds the
+    files that are new or changed since the last run, drops the rows of files gone or changed, keeps the rest
+    (module docstring). `preprocessing`: default `preprocessing_for(model.config.image)` (the command line passes
+    the checkpoint folder's file). `save_dtype`: "float32" or "float16" on disk, fixed when the index is created
+    (default float32, or the index's). A model other than the index's is refused (`check_identity`)."""
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size={batch_size}, shard_size={shard_size}: expected positive integers")
+    start = time.perf_counter()
+    model = check_lit(model, model_name)
+    transform = preprocessing or preprocessing_for(model.config.image)
+    folder = IndexFolder(out, model_identity(model, model_name, transform), save_dtype)
+    skipped, bad_inputs = Skipped(), Skipped()
+    files: dict[str, Stamp] = {}
+    for path in gather_images(inputs, bad_inputs):
+        try:
+            files[index_key(path)] = file_stamp(path)
+        except OSError as e:
+            bad_inputs.add(path, f"cannot stat ({e.strerror or e})")
+    plan = folder.plan(files)
+    for shard, rows, bad in plan.carry:
+        folder.carry(shard, rows, bad)
+    for item in plan.known_bad:
+        skipped.add(item["path"], item["reason"], warn=False)
+    todo = sorted(plan.embed)
+    model_seconds, num_embedded = 0.0, 0
+    with tqdm(total=len(todo), desc="index", unit="img", disable=not progress or None) as bar:
+        for lo in range(0, len(todo), shard_size):
+            chunk = todo[lo : lo + shard_size]
+            shard_skipped = Skipped()
+            paths, embeddings = [], []
+            batches = iter_image_batches([Path(p) for p in chunk], transform, batch_size, shard_skipped,
+                                         num_workers=num_workers)
+            for images, batch_paths, _ in batches:
+                tick = time.perf_counter()
+                embedding = embed_images(model, mx.array(images))
+                mx.eval(embedding)
+                model_seconds += time.perf_counter() - tick
+                paths += [str(p) for p in batch_paths]
+                embeddings += list(to_numpy(embedding))
+                num_embedded += len(batch_paths)
+                bar.update(len(batch_paths))
+            bar.update(len(shard_skipped))
+            bad = [{"path": p, "reason": r, "size": plan.embed[p][0], "mtime_ns": plan.embed[p][1]}
+                   for p, r in shard_skipped.items]
+            folder.add_shard(paths, [plan.embed[p] for p in paths], embeddings, bad)
+            for path, reason in shard_skipped.items:
+                skipped.add(path, reason, warn=False)
+    for path, reason in bad_inputs.items:
+        skipped.add(path, reason, warn=False)
+    extra = {"model": model_name, "inputs": [index_key(i) for i in inputs], "skipped_inputs": bad_inputs.to_list()}
+    index = folder.finish(plan.keep, plan.dead, extra)
+    return IndexResult(folder.folder, index, skipped, time.perf_counter() - start, model_seconds, num_embedded,
+                       plan.num_reused, plan.num_dropped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Querying an index
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int  # 1 for the best
+    path: str
+    score: float  # cosine similarity
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "path": self.path, "score": self.score}
+
+
+class SearchIndex:
+    """A finished search index, read from its index.json: `search` scans its memory-mapped shards,
+    `stored_embedding` finds an indexed file's row, `check_model` refuses a model other than its own."""
+
+    def __init__(self, folder: str | os.PathLike, index: dict):
+        self.folder = Path(folder)
+        self.index = index
+        self.shards = [s for s in index["shards"] if s["rows"]]
+        self.starts = [s["start"] for s in self.shards]
+        self._rows: Optional[dict[str, tuple[int, int]]] = None
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "SearchIndex":
+        folder = Path(folder)
+        path = folder / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no search index ({INDEX_NAME} missing; build one with "
+                                    "`mlx-aim search index --model M --out INDEX PHOTOS...`, or finish that run)")
+        index = read_json(path)
+        if not isinstance(index, dict) or index.get("format") != SEARCH_FORMAT:
+            raise ValueError(f"{path}: not a search index (format {SEARCH_FORMAT!r} expected; an extract-features "
+                             "folder cannot be searched)")
+        return cls(folder, index)
+
+    def __len__(self) -> int:
+        return self.index["num_rows"]
+
+    @property
+    def model_name(self) -> str:
+        """The model source the index was last updated with, as given (a local path made absolute)."""
+        return self.index.get("model", "")
+
+    @property
+    def identity(self) -> dict:
+        return {k: self.index.get(k) for k in ("model", *IDENTITY_KEYS)}
+
+    def check_model(self, model: AIMv2LiT, model_name: str = "", preprocessing: Optional[Preprocessing] = None):
+        """ValueError naming both models unless `model` is the index's (the preprocessing only when given: a text
+        query does not use it)."""
+        model = check_lit(model, model_name)
+        identity = {"model": model_name, "model_config": model.config.to_dict(),
+                    "model_dtype": dtype_name(model.dtype), "weights_sha256": weights_fingerprint(model)}
+        keys = [k for k in IDENTITY_KEYS if k != "preprocessing"]
+        if preprocessing is not None:
+            identity["preprocessing"] = preprocessing.settings()
+            keys.append("preprocessing")
+        check_identity(self.folder, self.index, identity, keys)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.index["preprocessing"])
+
+    def _shard_embeddings(self, shard: dict) -> np.ndarray:
+        return read_shard_array(self.folder, shard, KIND, self.index["file_format"], mmap=True)
+
+    def _row(self, position: int) -> tuple[dict, int]:
+        k = bisect.bisect_right(self.starts, position) - 1
+        return self.shards[k], position - self.starts[k]
+
+    def search(self, query: np.ndarray, top_k: int = TOP_K) -> list[Hit]:
+        """The `top_k` rows most similar to `query` (a unit-length embedding): rank, path and cosine similarity,
+        best first (ties in row order)."""
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k}: expected a positive integer")
+        query = np.asarray(query, np.float32).reshape(-1)
+        width = self.index["embedding_shape"][0]
+        if query.shape != (width,):
+            raise ValueError(f"query of shape {query.shape}: the index holds ({width},) embeddings")
+        scores = np.empty(len(self), np.float32)
+        for shard in self.shards:
+            rows = self._shard_embeddings(shard)
+            scores[shard["start"] : shard["start"] + shard["rows"]] = rows.astype(np.float32, copy=False) @ query
+        k = min(top_k, len(scores))
+        if k == 0:
+            return []
+        best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        best = best[np.lexsort((best, -scores[best]))]
+        hits = []
+        for rank, position in enumerate(best.tolist(), 1):
+            shard, row = self._row(position)
+            hits.append(Hit(rank, shard["paths"][row], float(scores[position])))
+        return hits
+
+    def stored_embedding(self, path: str | os.PathLike) -> Optional[np.ndarray]:
+        """The indexed embedding of the file `path` (float32), when the index holds it and the file has not changed
+        since (same size and modification time); None otherwise."""
+        if self._rows is None:
+            self._rows = {p: (k, i) for k, shard in enumerate(self.shards) for i, p in enumerate(shard["paths"])}
+        key = index_key(path)
+        found = self._rows.get(key)
+        if found is None:
+            return None
+        shard = self.shards[found[0]]
+        row = found[1]
+        try:
+            if file_stamp(key) != (shard["sizes"][row], shard["mtimes_ns"][row]):
+                return None
+        except OSError:
+            return None
+        return np.asarray(self._shard_embeddings(shard)[row], np.float32)
+
+
+def image_embedding(model: AIMv2LiT, image, preprocessing: Preprocessing) -> np.ndarray:
+    """One image's unit-length embedding (float32): a file, as `preprocessing` reads it (ImageLoadError when it
+    cannot be used)."""
+    pixels = preprocessing(image)
+    return to_numpy(embed_images(model, mx.array(pixels[None])))[0]
+
+
+def image_query(index: SearchIndex, image: str | os.PathLike,
+                open_model: Callable[[], tuple[AIMv2LiT, str, Preprocessing]]) -> tuple[np.ndarray, bool]:
+    """The query embedding of an example image and whether a model was loaded for it: an indexed, unchanged file's
+    stored row, without a model; otherwise `open_model()` -> (model, its name, its preprocessing), checked to be
+    the index's, embeds it."""
+    stored = index.stored_embedding(image)
+    if stored is not None:
+        return stored, False
+    model, name, preprocessing = open_model()
+    index.check_model(model, name, preprocessing)
+    return image_embedding(model, image, preprocessing), True
