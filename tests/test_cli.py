@@ -20,9 +20,9 @@ from mlx_aim.data import Skipped, gather_images
 from mlx_aim.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
-MODULES = ["classify", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark", "visualize"]
+MODULES = ["classify", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark", "visualize", "search"]
 
-# The least each command's parser accepts (probe: both sub-commands).
+# The least each command's parser accepts (probe, search: both sub-commands).
 MINIMAL = {
     "classify": ["--model", "m", "img"],
     "extract_features": ["--model", "m", "--out", "o", "img"],
@@ -33,8 +33,11 @@ MINIMAL = {
     "demo": [],
     "benchmark": [],
     "visualize": ["--model", "m", "img"],
+    "search index": ["index", "--model", "m", "--out", "o", "img"],
+    "search query": ["query", "--index", "i", "text"],
 }
 LOADS_A_MODEL = ["classify", "extract_features", "probe train", "probe eval", "convert", "demo", "benchmark"]
+LOADS_A_LIT = ["search index", "search query"]  # fixed-size models: no --max-patches
 
 
 def parser_of(command: str) -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def test_every_entry_point_runs_as_a_module(module):
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage:")
-    if module not in ("main", "probe"):  # probe's options are its sub-commands' (below)
+    if module not in ("main", "probe", "search"):  # their options are their sub-commands' (below)
         assert "--json" in done.stdout and "--no-progress" in done.stdout
 
 
@@ -85,7 +88,7 @@ def test_json_and_no_progress_everywhere(command):
     assert args.json is False and args.no_progress is False
 
 
-@pytest.mark.parametrize("command", LOADS_A_MODEL)
+@pytest.mark.parametrize("command", LOADS_A_MODEL + LOADS_A_LIT)
 def test_one_quantize_option_wherever_a_model_is_loaded(command, capsys):
     parser = parser_of(command)
     args = parser.parse_args([*MINIMAL[command], "--quantize", "4", "--q-group-size", "32"])
@@ -107,7 +110,8 @@ def test_one_max_patches_option_wherever_a_model_runs(command, capsys):
     assert refused.value.code == 2 and "--max-patches" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["classify", "extract_features", "probe train", "probe eval", "pretrain"])
+@pytest.mark.parametrize("command", ["classify", "extract_features", "probe train", "probe eval", "pretrain",
+                                     "search index"])
 def test_negative_worker_count_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as refused:
         parser_of(command).parse_args([*MINIMAL[command], "--num-workers", "-1"])
