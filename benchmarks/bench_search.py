@@ -1,0 +1,194 @@
+"""Measure photo search (mlx_aim.search): indexing a folder of generated images, re-indexing it unchanged, and
+querying indexes of 10k and 100k photos, on this machine's CPU.
+
+- query: an index of N random unit rows of width 768 (the released LiT's projection_dim) is written directly
+  through the index writer (`search.IndexFolder`, the same shards `build_index` writes), then a fresh process
+  times `SearchIndex.open` + `search` (a text query's work once its embedding is there: no model) and an image
+  query of an indexed file (its stored row, no model), best and median of --repeats, page cache warm.
+- index: --images generated photos (SyntheticShapes, --photo-size pixels, PNG) indexed with a tiny random LiT at
+  224x224 (the released LiT's preprocessing: decode, resize, crop, normalise; a model that costs next to nothing),
+  so the time is the pipeline's own; then the same folder re-indexed with nothing changed.
+- full: the full-size LiT (random weights, AIMv2LiTConfig()) indexing --full-images photos: its images/s.
+
+    python benchmarks/bench_search.py --stages query index full --workdir /tmp/mlx-aim-search-bench
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # clip_vocab: CLIP's tokenizer files for the full-size LiT folder
+
+from mlx_aim.benchmark import write_random_model  # noqa: E402
+from mlx_aim.config import AIMv2Config, AIMv2LiTConfig  # noqa: E402
+from mlx_aim.inference import SHARD_SIZE  # noqa: E402
+from mlx_aim.search import IndexFolder, file_stamp, index_key  # noqa: E402
+from mlx_aim.synthetic import SyntheticShapes  # noqa: E402
+
+WIDTH = 768
+
+QUERY = """
+import json, sys, time
+import numpy as np
+from mlx_aim.search import SearchIndex
+folder, probe, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+query = np.random.default_rng(1).standard_normal(768).astype(np.float32)
+query /= np.linalg.norm(query)
+text, image = [], []
+for _ in range(repeats):
+    tick = time.perf_counter()
+    index = SearchIndex.open(folder)
+    hits = index.search(query, 10)
+    text.append(time.perf_counter() - tick)
+    tick = time.perf_counter()
+    index = SearchIndex.open(folder)
+    stored = index.stored_embedding(probe)
+    hits = index.search(stored, 10)
+    image.append(time.perf_counter() - tick)
+    assert hits[0].path == probe, hits[0]
+print(json.dumps({"text_seconds": text, "image_seconds": image}))
+"""
+
+
+def write_synthetic_index(out: Path, rows: int, save_dtype: str, probe: Path) -> None:
+    """`rows` random unit rows under made-up paths, row 0 being the real file `probe` (so an image query finds it)."""
+    identity = {"model": "synthetic", "model_config": {"projection_dim": WIDTH}, "model_dtype": "float32",
+                "preprocessing": {}, "weights_sha256": "0" * 64}
+    folder = IndexFolder(out, identity, save_dtype)
+    plan = folder.plan({})
+    rng = np.random.default_rng(0)
+    for lo in range(0, rows, SHARD_SIZE):
+        count = min(SHARD_SIZE, rows - lo)
+        embeddings = rng.standard_normal((count, WIDTH), dtype=np.float32)
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        paths = [f"/photos/{i // 1000:03d}/{i:07d}.jpg" for i in range(lo, lo + count)]
+        stamps = [(100_000 + i, 1_700_000_000_000_000_000 + i) for i in range(lo, lo + count)]
+        if lo == 0:
+            paths[0], stamps[0] = index_key(probe), file_stamp(probe)
+        folder.add_shard(paths, stamps, embeddings)
+    folder.finish(plan.keep, plan.dead, {"inputs": ["/photos"], "skipped_inputs": []})
+
+
+def bench_query(workdir: Path, sizes, repeats: int) -> dict:
+    probe = workdir / "probe.png"
+    if not probe.exists():  # its stamp is in the indexes written below
+        SyntheticShapes(1, image_size=64)[0][0].save(probe)
+    results = {}
+    for rows in sizes:
+        for save_dtype in ("float32", "float16"):
+            out = workdir / f"query-{rows}-{save_dtype}"
+            if not (out / "index.json").exists():
+                write_synthetic_index(out, rows, save_dtype, probe)
+            done = subprocess.run([sys.executable, "-c", QUERY, str(out), index_key(probe), str(repeats)],
+                                  capture_output=True, text=True, env=_env())
+            if done.returncode:
+                raise SystemExit(done.stderr)
+            times = json.loads(done.stdout)
+            key = f"{rows}x{WIDTH} {save_dtype}"
+            results[key] = {kind: {"best": min(t), "median": float(np.median(t))} for kind, t in times.items()}
+            print(f"query {key}: open+search {results[key]['text_seconds']['best']:.3f} s best, "
+                  f"{results[key]['text_seconds']['median']:.3f} s median; image query of an indexed file "
+                  f"{results[key]['image_seconds']['best']:.3f} s best, {results[key]['image_seconds']['median']:.3f}"
+                  " s median", flush=True)
+    return results
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def write_photos(folder: Path, count: int, size: int) -> Path:
+    if len(list(folder.rglob("*.png"))) != count:
+        shapes = SyntheticShapes(count, image_size=size, seed=5)
+        for i in range(count):
+            path = folder / f"{i // 1000:02d}" / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shapes[i][0].save(path)
+    return folder
+
+
+def run_index(model: Path, photos: Path, out: Path, batch_size: int) -> dict:
+    done = subprocess.run([sys.executable, "-m", "mlx_aim.cli.main", "search", "index", "--model", str(model),
+                           "--out", str(out), str(photos), "--batch-size", str(batch_size), "--json",
+                           "--no-progress"], capture_output=True, text=True, env=_env())
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_index(workdir: Path, count: int, size: int, batch_size: int) -> dict:
+    photos = write_photos(workdir / f"photos-{count}-{size}", count, size)
+    image = AIMv2Config(image_size=224, patch_size=14, width=32, depth=2, num_heads=2, hidden_dim=64)
+    config = AIMv2LiTConfig(image=image, text_width=32, text_depth=1, text_num_heads=2, text_hidden_dim=64,
+                            projection_dim=WIDTH)
+    model = write_random_model(workdir / "tiny-lit-224", config, force=True)
+    out = workdir / f"index-{count}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    first = run_index(model, photos, out, batch_size)
+    tick = time.perf_counter()
+    again = run_index(model, photos, out, batch_size)
+    wall = time.perf_counter() - tick
+    assert again["num_embedded"] == 0, again
+    print(f"index {count} photos ({size}x{size} PNG), tiny LiT at 224: {first['seconds']:.1f} s, "
+          f"{first['images_per_second']:.0f} images/s ({1000 / first['images_per_second']:.2f} ms per image; "
+          f"model {first['model_images_per_second']:.0f} images/s)", flush=True)
+    print(f"re-index {count} photos, nothing changed: {again['seconds']:.2f} s in the library, {wall:.2f} s for the "
+          "whole command (interpreter, imports, model load)", flush=True)
+    return {"index": first, "reindex": again, "reindex_command_seconds": wall}
+
+
+def bench_full(workdir: Path, count: int, batch_size: int) -> dict:
+    from clip_vocab import write_clip_tokenizer_files
+
+    model = workdir / "lit-large-random"
+    if not (model / "config.json").exists():
+        write_random_model(model, AIMv2LiTConfig())
+        write_clip_tokenizer_files(model)
+    photos = write_photos(workdir / f"photos-{count}-256", count, 256)
+    out = workdir / f"index-full-{count}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    result = run_index(model, photos, out, batch_size)
+    print(f"full-size LiT (random weights, float32), {count} photos in batches of {batch_size}: "
+          f"{result['images_per_second']:.2f} images/s ({result['model_images_per_second']:.2f} images/s in the "
+          f"model), peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", nargs="+", choices=["query", "index", "full"], default=["query", "index"])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-aim-search-bench"))
+    p.add_argument("--query-sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=10_000)
+    p.add_argument("--photo-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--full-images", type=int, default=32)
+    p.add_argument("--full-batch-size", type=int, default=8)
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if "query" in args.stages:
+        results["query"] = bench_query(args.workdir, args.query_sizes, args.repeats)
+    if "index" in args.stages:
+        results["index"] = bench_index(args.workdir, args.images, args.photo_size, args.batch_size)
+    if "full" in args.stages:
+        results["full"] = bench_full(args.workdir, args.full_images, args.full_batch_size)
+    print(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()
