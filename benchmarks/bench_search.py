@@ -5,8 +5,8 @@ querying indexes of 10k and 100k photos, on this machine's CPU.
   through the index writer (`search.IndexFolder`, the same shards `build_index` writes), then a fresh process
   times `SearchIndex.open` + `search` (a text query's work once its embedding is there: no model) and an image
   query of an indexed file (its stored row, no model), best and median of --repeats, page cache warm.
-- index: --images generated photos (SyntheticShapes, --photo-size pixels, PNG) indexed with a tiny random LiT at
-  224x224 (the released LiT's preprocessing: decode, resize, crop, normalise; a model that costs next to nothing),
+- index: --images generated photos (SyntheticShapes, --photo-size pixels, PNG) indexed with a tiny random LiT (49
+  tokens) at 224x224 (the released LiT's preprocessing: decode, resize, crop, normalise; a model that costs little),
   so the time is the pipeline's own; then the same folder re-indexed with nothing changed.
 - full: the full-size LiT (random weights, AIMv2LiTConfig()) indexing --full-images photos: its images/s.
 
@@ -125,7 +125,7 @@ def run_index(model: Path, photos: Path, out: Path, batch_size: int) -> dict:
 
 def bench_index(workdir: Path, count: int, size: int, batch_size: int) -> dict:
     photos = write_photos(workdir / f"photos-{count}-{size}", count, size)
-    image = AIMv2Config(image_size=224, patch_size=14, width=32, depth=2, num_heads=2, hidden_dim=64)
+    image = AIMv2Config(image_size=224, patch_size=32, width=32, depth=2, num_heads=2, hidden_dim=64)
     config = AIMv2LiTConfig(image=image, text_width=32, text_depth=1, text_num_heads=2, text_hidden_dim=64,
                             projection_dim=WIDTH)
     model = write_random_model(workdir / "tiny-lit-224", config, force=True)

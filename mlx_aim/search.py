@@ -163,15 +163,16 @@ class IndexFolder:
         self.identity = dict(identity)
         self.dtype = SAVE_DTYPES[run["dtype"]]
         self.shards: list[dict] = []
-        self.next_number = 0
+        self.next_number = max(self._shard_numbers(), default=-1) + 1  # new shards never reuse a number
+
+    def _shard_numbers(self) -> list[int]:
+        stems = {path.name.split(".")[0] for path in self.folder.glob("shard-*")}
+        return [n for n in map(shard_number, stems) if n is not None]
 
     def _finished_shards(self) -> list[dict]:
         """Finished shards, newest first; the remains of unfinished ones are deleted."""
-        stems = {path.name.split(".")[0] for path in self.folder.glob("shard-*")}
-        numbers = sorted((n for n in map(shard_number, stems) if n is not None), reverse=True)
-        self.next_number = numbers[0] + 1 if numbers else 0
         finished = []
-        for number in numbers:
+        for number in sorted(self._shard_numbers(), reverse=True):
             shard = read_shard(self.folder, shard_stem(number))
             if shard is None:
                 remove_shard(self.folder, shard_stem(number))
