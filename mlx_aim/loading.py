@@ -42,8 +42,8 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, config_from_dict,
-                     get_config)
+from .config import (AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config,
+                     config_from_dict, get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
 from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
@@ -76,7 +76,6 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
 # config.json and model.safetensors were replaced by transformers' (mlx_model.safetensors was left as it was).
 AIMV2_FILE = "mlx_model.safetensors"
-LIT_NAME = "aimv2-large-patch14-224-lit"  # the one released AIMv2-LiT: `load` gives the whole model
 AIMV2_REVISIONS = {
     "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
     "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
