@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .fileio import atomic_file
 from .lit import TEXT_BATCH_SIZE, embed_images, embed_texts
 from .loading import load
-from .model import AIMv2LiT, dtype_name
+from .model import AIMv2LiT
 from .tokenizer import CLIPTokenizer
 from .weights import read_safetensors
 
@@ -283,11 +283,6 @@ class ZeroShotClassifier:
     def __call__(self, images: mx.array) -> mx.array:
         """(B, H, W, C) preprocessed images -> (B, num_classes) float32 logits."""
         return embed_images(self.model, images) @ self.scaled_classes.T
-
-    def describe(self) -> dict:
-        """What a report says of the classifier: its labels, templates and the model the head came from."""
-        return {"num_classes": len(self.classes), "num_templates": len(self.head.templates),
-                "head_model": self.head.model, "dtype": dtype_name(self.dtype)}
 
 
 def open_zero_shot(source: str | os.PathLike | Sequence, head: str | os.PathLike, dtype=None, quantize=None,

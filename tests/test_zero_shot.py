@@ -2,9 +2,6 @@
 zero-shot head), on a tiny random-weight LiT and generated images, against independent computations: the model's
 own logits_per_image for one template, numpy template ensembling for several."""
 
-import json
-import shutil
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -213,6 +210,9 @@ def test_usage_errors(lit_folder, photos, tmp_path, capsys):
     encoder = write_random_model(tmp_path / "encoder", AIMv2Config(image_size=16, patch_size=4, width=32, depth=1,
                                                                    num_heads=2, hidden_dim=64, num_classes=3))
     assert "not an AIMv2-LiT model" in fails("--model", encoder, "--labels", "a,b", photos)
+    nowhere = tmp_path / "nowhere" / "head.safetensors"
+    assert f"--save-head {nowhere}: its folder does not exist" in fails("--model", lit_folder, "--labels", "a,b",
+                                                                       "--save-head", nowhere)
 
 
 @pytest.fixture(scope="module")

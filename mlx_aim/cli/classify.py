@@ -60,7 +60,8 @@ def classify_and_report(
     with reported_as("cannot load the model"):
         aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, max_patches=max_patches,
                          head=head)
-        preprocessing = preprocessing_for(aim.config, local_folder(model))  # the checkpoint folder's file, else the default
+        # The checkpoint folder's preprocessor_config.json, else the family's default.
+        preprocessing = preprocessing_for(aim.config, local_folder(model))
         names = labels_for(aim, model, head)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
                       model_name=str(model), progress=progress, preprocessing=preprocessing)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import imagenet_classes, preprocessing_for
@@ -25,7 +26,7 @@ from ..loading import local_folder
 from ..zeroshot import ZeroShotClassifier, build_head, check_labels, default_templates, read_labels, read_templates
 from .classify import report_classification
 from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
-from .output import EXIT_OK, print_json, reported_as, run_command
+from .output import EXIT_OK, CommandError, print_json, reported_as, run_command
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     with reported_as("bad labels or templates"):
         labels = labels_of(args)
         templates = default_templates() if args.templates is None else read_templates(args.templates)
+    if args.save_head is not None and not Path(args.save_head).resolve().parent.is_dir():
+        raise CommandError(f"--save-head {args.save_head}: its folder does not exist")
     with reported_as("cannot load the model"):
         model, tokenizer = open_lit(args.model, dtype=args.dtype, quantize=quantization(args))
         preprocessing = preprocessing_for(model.config.image, local_folder(args.model))
