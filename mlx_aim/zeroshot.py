@@ -159,6 +159,7 @@ def class_embeddings(model: AIMv2LiT, tokenizer: CLIPTokenizer, labels: Sequence
 def _architecture(config: dict) -> dict:
     """A LiT config's dict without what does not change the embeddings' meaning (names, quantization)."""
     drop = ("name", "quantization")
+    config = json.loads(json.dumps(config))  # as a head file stores it: tuples become lists
     out = {k: v for k, v in config.items() if k not in drop}
     if isinstance(out.get("image"), dict):
         out["image"] = {k: v for k, v in out["image"].items() if k not in drop}
