@@ -5,7 +5,9 @@ benchmark's opponent for AIMv2, as `torch_reference.py` is for AIM.
 - `build_reference`: that model with its parameters allocated and not initialised (the caller fills them);
 - `transformers_state_dict`: our MLX weights under transformers' keys, the library's mapping
   (`mlx_aim.weights`, AIMV2-REFERENCE.md "Checkpoint layouts") run backwards; `load_mlx_weights` puts our
-  weights into the reference, strictly.
+  weights into the reference, strictly;
+- `build_lit_reference`, `lit_weights`: transformers' whole AIMv2-LiT (`Aimv2Model`, its text attention made causal)
+  with its own random weights, and those weights under our keys (the library's mapping run forwards).
 
 The parity tests (`tests/aimv2_reference.py`) draw its weights; `scripts/benchmark.py --compare-torch` on an AIMv2
 preset times it against MLX on the same weights. Like `torch_reference.py` it lives outside the `mlx_aim`
@@ -18,9 +20,11 @@ import re
 
 import numpy as np
 import torch
-from transformers import Aimv2VisionConfig, Aimv2VisionModel
+from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
 
-from mlx_aim.weights import TRANSFORMERS_BLOCK_KEYS, TRANSFORMERS_KEYS, TRANSFORMERS_QKV
+import mlx.core as mx
+
+from mlx_aim.weights import TRANSFORMERS_BLOCK_KEYS, TRANSFORMERS_KEYS, TRANSFORMERS_QKV, plan_lit_keys
 
 
 def transformers_config(config) -> Aimv2VisionConfig:
@@ -82,4 +86,36 @@ def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-__all__ = ["build_reference", "load_mlx_weights", "state_dict_numpy", "transformers_config", "transformers_state_dict"]
+def lit_config(config) -> Aimv2Config:
+    """transformers' config of the same AIMv2-LiT (an `AIMv2LiTConfig`): the image encoder with its pooling head."""
+    return Aimv2Config(
+        vision_config={**transformers_config(config.image).to_dict(), "use_head": True},
+        text_config=dict(hidden_size=config.text_width, intermediate_size=config.text_hidden_dim,
+                         num_hidden_layers=config.text_depth, num_attention_heads=config.text_num_heads,
+                         vocab_size=config.vocab_size, max_position_embeddings=config.context_length,
+                         eos_token_id=config.eos_token_id, rms_norm_eps=config.text_norm_eps),
+        projection_dim=config.projection_dim, max_logit_scale=config.max_logit_scale)
+
+
+@torch.no_grad()
+def build_lit_reference(config, seed: int = 0) -> Aimv2Model:
+    """transformers' AIMv2-LiT of `config` with its own random initialisation, in eval mode, its text attention
+    made causal (`is_causal` forced, as Apple's tower is; transformers 5.24's is not: tests/test_aimv2_lit.py)."""
+    torch.manual_seed(seed)
+    reference = lit_config(config)
+    reference._attn_implementation = "sdpa"
+    model = Aimv2Model(reference).eval()
+    for layer in model.text_model.encoder.layers:
+        layer.attention.is_causal = True
+    return model
+
+
+def lit_weights(model: Aimv2Model) -> list[tuple[str, mx.array]]:
+    """A transformers LiT's weights under our keys and layouts (`weights.plan_lit_keys`), for `load_weights`."""
+    state = state_dict_numpy(model)
+    plan = plan_lit_keys("transformers", {k: v.shape for k, v in state.items()})
+    return [(key, m.build(*(mx.array(state[s]) for s in m.sources))) for key, m in plan.tensors.items()]
+
+
+__all__ = ["build_lit_reference", "build_reference", "lit_config", "lit_weights", "load_mlx_weights",
+           "state_dict_numpy", "transformers_config", "transformers_state_dict"]

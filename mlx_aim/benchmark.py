@@ -5,6 +5,7 @@
     python scripts/benchmark.py --preset aim-small --train --batch-size 4 --compare-torch
     python scripts/benchmark.py --preset aimv2-large-patch14-448 --batch-size 1 --compare-torch
     python scripts/benchmark.py --preset aimv2-large-patch14-native --image-size 448   # 32x32 = 1024 patches
+    python scripts/benchmark.py --preset aimv2-large-patch14-224-lit --batch-size 4 --text-batch-size 16 --compare-torch
     python scripts/benchmark.py --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
     python scripts/benchmark.py --memory-suite aimv2    # aimv2-3B bfloat16 / 4-bit
 
@@ -16,6 +17,10 @@ What is measured:
 - for AIMv2 ("encoder"): the released encoder, `model.extract_features(images)` through every block and the final
   norm (Apple released no heads), against transformers' `Aimv2VisionModel` (its `last_hidden_state`) with
   `--compare-torch`; a native-resolution model takes `image_size` x `image_size` inputs (default 224);
+- for AIMv2-LiT, its two towers apart: `embed_images`' work (image encoder, pooling head, projection, unit length) on
+  a batch of images, and `embed_texts`' on a batch of texts (random ids, the end token at different places, the
+  full 77-token context as the tower always runs it), against transformers' `Aimv2Model` (`get_image_features`,
+  `get_text_features`, its text attention made causal as Apple's) on the same random weights;
 - `--train`: one pre-training step (`mlx_aim.train.TrainStep`: forward, prefix-causal next-patch loss,
   backward, gradient clipping, AdamW), the preset's pixel head included;
 - the first call (compilation, first-touch allocation) apart, then `--warmup` more untimed calls, then
@@ -56,11 +61,11 @@ from mlx.utils import tree_flatten
 from . import __version__
 from ._blas import blas_info, set_num_threads
 from .backend import use_cpu_workarounds
-from .config import AIMConfig, AIMv2Config, Config, get_config
+from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
 from .data import is_native
 from .inference import peak_memory
-from .loading import load
-from .model import AIM, AIMv2, build_model, check_image_size, dtype_name
+from .loading import load, source_config
+from .model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized
 from .weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
@@ -68,6 +73,7 @@ MEMORY_SUITES = {
     "aim": (("aim-1B", "float32", None), ("aim-1B", "bfloat16", None), ("aim-1B", "float32", 4),
             ("aim-7B", "float32", 4)),
     "aimv2": (("aimv2-3B-patch14-224", "bfloat16", None), ("aimv2-3B-patch14-224", "float32", 4)),
+    "lit": (("aimv2-large-patch14-224-lit", "float32", None), ("aimv2-large-patch14-224-lit", "float32", 4)),
 }
 MEMORY_SUITE = MEMORY_SUITES["aim"]
 NATIVE_IMAGE_SIZE = 224  # a native-resolution model's benchmark input side, unless image_size says otherwise
@@ -262,6 +268,8 @@ def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, 
     """AIM's classifier, or AIMv2's encoder; `image_size` and `max_patches` are a native-resolution model's."""
     model, info = _load_model(config, dtype, quantize, weights, max_patches)
     config = model.config
+    if isinstance(config, AIMv2LiTConfig):
+        raise ValueError("an AIMv2-LiT has two towers: time them with `bench_lit` (measure does)")
     if isinstance(config, AIMv2Config):
         return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size)
     images_np = random_images(config, batch_size)
@@ -336,6 +344,87 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
     return result
 
 
+def random_token_ids(config: AIMv2LiTConfig, batch_size: int, seed: int = 0) -> np.ndarray:
+    """(B, context_length) ids below the end token, each row with an end token at a different place."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, config.eos_token_id, (batch_size, config.context_length)).astype(np.int32)
+    ids[np.arange(batch_size), np.arange(batch_size) % (config.context_length - 1) + 1] = config.eos_token_id
+    return ids
+
+
+def text_flops(config: AIMv2LiTConfig, batch_size: int) -> int:
+    """Matmul FLOPs of the text tower on a batch: every block over the full context, and the projection."""
+    c = config
+    per_text = c.text_depth * _block_flops(c.context_length, c.text_width, c.text_hidden_dim, mlp_matrices=3)
+    return batch_size * (per_text + 2 * c.text_width * c.projection_dim)
+
+
+def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size: int, dtype=None, quantize=None,
+              weights: Optional[str] = None, compare_torch: bool = False, warmup: int = 2,
+              repeats: int = 5) -> list[dict]:
+    """AIMv2-LiT's image tower on `batch_size` images and its text tower on `text_batch_size` texts, two runs; with
+    `compare_torch`, transformers' `Aimv2Model` on the same random weights (drawn by transformers)."""
+    if compare_torch:
+        if quantize or weights:
+            raise ValueError("compare_torch with AIMv2-LiT times transformers' random weights: no quantize, no weights")
+        import torch
+
+        reference = transformers_reference()
+        ref = reference.build_lit_reference(config)
+        start = time.perf_counter()
+        model = build_model(config)
+        model.load_weights(reference.lit_weights(ref), strict=True)
+        if dtype is not None:
+            model.set_dtype(mx.bfloat16 if dtype_name(dtype) == "bfloat16" else dtype)
+        mx.eval(model.parameters())
+        info = {"weights": "random (transformers' initialisation)", "load_s": time.perf_counter() - start,
+                "rss_after_load_bytes": peak_memory()["peak_rss_bytes"]}
+        torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
+        ref = ref.to(torch_dtype)
+    else:
+        model, info = _load_model(config, dtype, quantize, weights)
+    if not isinstance(model, AIMv2LiT):
+        raise ValueError(f"{weights}: not an AIMv2-LiT model")
+    c = model.config
+    images_np, ids_np = random_images(c.image, batch_size), random_token_ids(c, text_batch_size)
+    images, ids = mx.array(images_np), mx.array(ids_np)
+    common = {"config": c.name or "custom", "dtype": dtype_name(model.dtype), "quantization": c.quantization,
+              "compiled": False, "weight_bytes": weight_bytes(model), **info}
+    image_run = {"task": "lit image tower", "image_size": c.image.image_size, "batch_size": batch_size, **common,
+                 "flops": encoder_flops(c.image, batch_size, (c.image.grid_size,) * 2)}
+    text_run = {"task": "lit text tower (texts)", "image_size": None, "context_length": c.context_length,
+                "batch_size": text_batch_size, **common, "flops": text_flops(c, text_batch_size)}
+
+    def image_side():
+        return normalized(model.encode_image(images).astype(mx.float32))
+
+    def text_side():
+        return normalized(model.encode_text(ids).astype(mx.float32))
+
+    runs = []
+    for run, ours, torch_side in ((image_run, image_side, "image"), (text_run, text_side, "text")):
+        fns = {"mlx": lambda ours=ours: mx.eval(ours())}
+        if compare_torch:
+            if torch_side == "image":
+                pixels = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+
+                def torch_call(pixels=pixels):
+                    with torch.inference_mode():
+                        out = ref.get_image_features(pixel_values=pixels).pooler_output
+                        return torch.nn.functional.normalize(out.float(), dim=-1)
+            else:
+                tokens = torch.from_numpy(ids_np.astype(np.int64))
+
+                def torch_call(tokens=tokens):
+                    with torch.inference_mode():
+                        out = ref.get_text_features(input_ids=tokens).pooler_output
+                        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+            _add_torch(fns, run, torch_call, torch_dtype, ours())
+        run["timings"] = time_calls(fns, warmup, repeats)
+        runs.append(run)
+    return runs
+
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
                       warmup: int = 2, repeats: int = 5) -> dict:
     from .train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
@@ -408,6 +497,7 @@ def measure(
     dtype=None,
     quantize=None,
     batch_size: int = 2,
+    text_batch_size: int = 16,
     train: bool = False,
     train_only: bool = False,
     train_batch_size: Optional[int] = None,
@@ -424,15 +514,19 @@ def measure(
     `config`: a model config instead of `preset`'s; `weights`: an MLX model folder (or anything `mlx_aim.load`
     takes) instead of random weights; `image_size`: the model's (for a native-resolution model, the side of its
     square inputs, default `NATIVE_IMAGE_SIZE`); `max_patches`: a native model's guard; `quantize`: 4 or 8 bits, or
-    a quantization dict, for inference; `threads`: BLAS (and torch) threads."""
-    if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
-        raise ValueError(f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}: "
-                         "expected batch_size, repeats and threads >= 1, warmup >= 0")
+    a quantization dict, for inference; `threads`: BLAS (and torch) threads; `text_batch_size`: an AIMv2-LiT's
+    texts per call (its image tower takes `batch_size`)."""
+    if min(batch_size, text_batch_size, repeats) < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise ValueError(f"batch_size={batch_size}, text_batch_size={text_batch_size}, repeats={repeats}, "
+                         f"warmup={warmup}, threads={threads}: expected batch sizes, repeats and threads >= 1, "
+                         "warmup >= 0")
     if (train or train_only) and (quantize or weights):
         raise ValueError("train=True times pre-training a fresh float model: pass no quantize and no weights")
     input_size = None
     if weights is None:
-        config = config or get_config(preset)
+        config = config or model_config(preset)
+        if isinstance(config, AIMv2LiTConfig) and (image_size or max_patches):
+            raise ValueError("image_size, max_patches: the AIMv2-LiT's image tower has a fixed size")
         if image_size and is_native(config):
             input_size = image_size
         elif image_size:
@@ -458,7 +552,13 @@ def measure(
     peak = matmul_peak(repeats=repeats, torch_too=compare_torch)
     result["matmul_peak_gflops"] = peak
     runs = []
-    if not train_only:
+    lit = isinstance(config if weights is None else source_config(weights), AIMv2LiTConfig)
+    if lit and (train or train_only):
+        raise ValueError("train=True: AIMv2-LiT has no pre-training model here; time its two towers")
+    if lit:
+        runs += bench_lit(config, batch_size, text_batch_size, dtype, quantize, weights, compare_torch, warmup,
+                          repeats)
+    elif not train_only:
         runs.append(bench_inference(config, batch_size, dtype, quantize, weights, compare_torch, warmup, repeats,
                                     compile, input_size, max_patches))
     if train or train_only:
@@ -488,8 +588,9 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
             folder = Path(tmp) / f"{preset}-{dtype}-q{bits or 0}"
             start = time.perf_counter()
             # Written in a child too, so that writing leaves nothing behind in this process's memory.
-            code = ("import sys, mlx_aim; from mlx_aim.benchmark import write_random_model; "
-                    "write_random_model(sys.argv[1], mlx_aim.get_config(sys.argv[2]), sys.argv[3], "
+            code = ("import sys; from mlx_aim.benchmark import write_random_model; "
+                    "from mlx_aim.config import model_config; "
+                    "write_random_model(sys.argv[1], model_config(sys.argv[2]), sys.argv[3], "
                     "int(sys.argv[4]) or None)")
             subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
             write_s = time.perf_counter() - start

@@ -448,6 +448,18 @@ def get_config(name: str, probe_layers: ProbeLayers = None, **overrides) -> Conf
     return config.with_probe_layers("best" if probe_layers is None else probe_layers)
 
 
+LIT_NAME = "aimv2-large-patch14-224-lit"  # the one released AIMv2-LiT
+
+
+def model_config(name: str) -> Config:
+    """The config of what `mlx_aim.load(name)` gives for a preset: `get_config`'s, except for the LiT, whose preset
+    names its image encoder (the encoder presets' registry) while `load` gives the whole LiT, with the released text
+    tower (`AIMv2LiTConfig`'s defaults)."""
+    config = get_config(name)
+    if name == LIT_NAME:
+        return AIMv2LiTConfig(image=config.replace(name=None), name=name)
+    return config
+
 # Shared by the recipe dataclasses (train.TrainConfig, probe.ProbeConfig), which unlike AIMConfig refuse unknown keys.
 
 

@@ -3,7 +3,9 @@
 Used by the `classify`, `extract-features` and `probe` commands (`mlx_aim.cli`), which print the results:
 
 - `open_model` loads what `mlx_aim.load` accepts, or (with `random_init`) the same architecture with fresh
-  seeded weights (`build_model`); `class_names` finds the label names that go with a model.
+  seeded weights (`build_model`), or with a head file a probe head on a trunk or a zero-shot head on an AIMv2-LiT
+  (`zeroshot.ZeroShotClassifier`, which `classify` takes as it takes a model); `class_names` finds the label names
+  that go with a model.
 - The data layer's `gather_images` and `iter_image_batches` (`mlx_aim.data`) turn command-line inputs into
   batches of model input, preprocessed as the checkpoint says (`Preprocessing`, `preprocessing_for`); a file
   that cannot be used is recorded in a `Skipped` list with its reason, and the run goes on. A native-resolution
@@ -37,6 +39,7 @@ from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
 from .shards import (FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array,
                      shard_stem, write_shard)
+from .zeroshot import ZeroShotClassifier, is_zero_shot_head, open_zero_shot
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)
 # Defaults shared by the library functions and the command lines.
@@ -70,17 +73,29 @@ def open_model(
     random_init: bool = False,
     seed: int = 0,
     max_patches: Optional[int] = None,
-) -> AIM:
+    head: Optional[str | os.PathLike] = None,
+) -> AIM | ZeroShotClassifier:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
     the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline.
 
     `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
-    reads too); a fixed-size model refuses it, having no use for it."""
+    reads too); a fixed-size model refuses it, having no use for it.
+
+    `head`: a head file to classify with, told apart by its metadata: a probe head (Apple's `head.*` keys) for an
+    AIM or AIMv2 trunk (`load(..., head=...)`), or a zero-shot head (`mlx-aim zero-shot --save-head`) for an
+    AIMv2-LiT, which gives a `zeroshot.ZeroShotClassifier` on the LiT's image side (`open_zero_shot`)."""
+    if head is not None and is_zero_shot_head(head):
+        if random_init or probe_layers is not None or max_patches is not None:
+            raise ValueError(f"{head}: a zero-shot head classifies with the AIMv2-LiT's own image side; random "
+                             "weights, probe layers and max_patches do not apply to it")
+        return open_zero_shot(model, head, dtype=dtype, quantize=quantize)
+    if random_init and head is not None:
+        raise ValueError(f"{head}: a head file goes on a loaded model, not on a random-init baseline")
     if random_init:
         config = source_config(model, probe_layers).replace(quantization=None)
         opened = build_model(config, dtype, quantize, seed=seed)
     else:
-        opened = load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers)
+        opened = load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, head=head)
     if max_patches is not None:
         if not is_native(opened.config):
             raise ValueError(f"max_patches={max_patches}: {model} takes {opened.config.image_size}x"

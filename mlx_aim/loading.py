@@ -42,8 +42,8 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, config_from_dict,
-                     get_config)
+from .config import (AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config,
+                     config_from_dict, get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
 from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
@@ -76,7 +76,6 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
 # config.json and model.safetensors were replaced by transformers' (mlx_model.safetensors was left as it was).
 AIMV2_FILE = "mlx_model.safetensors"
-LIT_NAME = "aimv2-large-patch14-224-lit"  # the one released AIMv2-LiT: `load` gives the whole model
 AIMV2_REVISIONS = {
     "aimv2-large-patch14-224": "ac764a25c832c7dc5e11871daa588e98e3cdbfb7",
     "aimv2-huge-patch14-224": "9e0bab0e0abb7b20796d2d0b37f39b7c3b1c1af1",
@@ -723,6 +722,7 @@ def load(
     probe_layers=None,
     head: Optional[str | os.PathLike] = None,
     q_group_size: int = 64,
+    text_tower: bool = True,
 ) -> AIM | AIMv2 | AIMv2LiT:
     """Loads an AIM classifier or an AIMv2 encoder (with its attentive probe, `AIMv2`) in eval mode from a preset,
     hub repo id, folder or checkpoint files; a whole AIMv2-LiT checkpoint (transformers' `Aimv2Model` layout,
@@ -732,7 +732,8 @@ def load(
     linear layers. probe_layers: "best", "last" or indices (default: what the source says; Apple's hub
     configs mean the last 6 blocks). head: a probe head file (safetensors with Apple's `head.*` keys) to
     load over the source's. A source without `head.*` weights (a pre-training export) gets a freshly
-    initialised probe, and `model.has_trained_head` is False.
+    initialised probe, and `model.has_trained_head` is False. text_tower=False: a LiT's text tower and text
+    projection are neither read nor built (`AIMv2LiT.drop_text_tower`), for image-only use; other models ignore it.
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
@@ -744,9 +745,14 @@ def load(
             probe_layers = None
     source = open_source(name_or_path, probe_layers, lit=True)
     try:
-        if head is not None and isinstance(source.config, AIMv2LiTConfig):
-            raise ValueError(f"{source.description}: an AIMv2-LiT model pools with its own head; it takes no probe "
-                             "head file")
+        lit = isinstance(source.config, AIMv2LiTConfig)
+        if head is not None and lit:
+            raise ValueError(f"{head}: {source.description} is an AIMv2-LiT model, which pools with its own head "
+                             "and takes no probe head file (a zero-shot head from `mlx-aim zero-shot --save-head` "
+                             "opens with mlx_aim.zeroshot.open_zero_shot, or `mlx-aim classify --head`)")
+        if lit and not text_tower:
+            for key in [k for k in source.tensors if k.startswith(("text_encoder.", "text_projector."))]:
+                del source.tensors[key]
         stored_q = source.config.quantization
         if stored_q and quantization and stored_q != quantization:
             raise ValueError(f"{source.description}: already quantized as {stored_q}; cannot re-quantize")
@@ -757,6 +763,8 @@ def load(
             config = _merge_head(source, Path(head), config, probe_layers)
         converted = _converted(source, dtype, quantization)
         model = build_model(config, dtype)  # a fresh probe head, where the source has none, in `dtype` too
+        if lit and not text_tower:
+            model.drop_text_tower()  # before any of its (lazy) weights is materialised
         _check_source(model, source, converted)
         # Tensor by tensor, so that a cast or quantization never holds two copies of the model.
         loaded = []

@@ -257,6 +257,7 @@ class AIMv2LiT(nn.Module):
     `encode_image` and `encode_text` give the projected (not normalised) embeddings; `model(images, token_ids)`
     returns Apple's pair (logits_per_image (B_img, B_text), logits_per_text = its transpose), each
     exp(clamp(log_logit_scale, 0, ln max_logit_scale)) times the cosine similarity. The text tower is causal.
+    `has_text_tower` is False after `drop_text_tower` (image-only uses: a saved zero-shot head, image search).
     """
 
     def __init__(self, config: AIMv2LiTConfig):
@@ -268,10 +269,18 @@ class AIMv2LiT(nn.Module):
         self.image_projector = Linear(c.image.width, c.projection_dim, bias=False)
         self.text_projector = Linear(c.text_width, c.projection_dim, bias=False)
         self.log_logit_scale = mx.array(math.log(1 / 0.07))  # CLIP's initial temperature, as Apple's
+        self.has_text_tower = True
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.image_encoder.dtype
+
+    def drop_text_tower(self) -> "AIMv2LiT":
+        """Removes the text tower and text projection, so their weights are neither loaded nor held (`load` with
+        `text_tower=False`); `encode_text` and `__call__` then refuse."""
+        del self.text_encoder, self.text_projector
+        self.has_text_tower = False
+        return self
 
     def encode_image(self, images: mx.array) -> mx.array:
         """(B, H, W, C) normalised NHWC images -> (B, projection_dim)."""
@@ -279,6 +288,9 @@ class AIMv2LiT(nn.Module):
 
     def encode_text(self, token_ids: mx.array) -> mx.array:
         """(B, N) token ids (N <= context length, each row with an end-of-text id) -> (B, projection_dim)."""
+        if not self.has_text_tower:
+            raise ValueError(f"{self.config.name or 'this AIMv2-LiT'} was loaded without its text tower "
+                             "(text_tower=False): load it whole to embed text")
         return self.text_projector(self.text_encoder(token_ids))
 
     @property

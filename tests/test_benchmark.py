@@ -185,3 +185,37 @@ def test_aimv2_folder_from_the_command_line(tmp_path):
                                                      ("aimv2-3B-patch14-224", "float32", 4)}
     assert benchmark_cli.build_parser().parse_args(["--memory-suite"]).memory_suite == "aim"
     assert benchmark_cli.build_parser().parse_args(["--memory-suite", "aimv2"]).memory_suite == "aimv2"
+
+
+def tiny_lit():
+    from mlx_aim.config import AIMv2LiTConfig
+
+    image = AIMv2Config(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, hidden_dim=64)
+    return AIMv2LiTConfig(image=image, text_width=32, text_depth=2, text_num_heads=2, text_hidden_dim=64,
+                          projection_dim=16, vocab_size=1000, eos_token_id=999, name="tiny-lit")
+
+
+def test_lit_towers_against_transformers():
+    """The LiT's two towers timed apart, each against transformers' Aimv2Model on the same weights (its text attention
+    made causal): the same unit-length embeddings, images/s for one, texts/s for the other."""
+    result = benchmark.measure(config=tiny_lit(), batch_size=2, text_batch_size=3, compare_torch=True, warmup=1,
+                               repeats=2)
+    image, text = result["runs"]
+    assert (image["task"], image["batch_size"], text["task"], text["batch_size"]) == (
+        "lit image tower", 2, "lit text tower (texts)", 3)
+    for run in (image, text):
+        assert set(run["timings"]) == {"mlx", "torch"} and run["max_rel_diff"] < 1e-5
+    assert text["flops"] == benchmark.text_flops(tiny_lit(), 3)
+    assert image["flops"] == benchmark.encoder_flops(tiny_lit().image, 2, (4, 4))
+    table = benchmark_cli.format_table(result)
+    assert "tiny-lit 77 tokens" in table and "tiny-lit 32px" in table
+
+
+def test_lit_folder_quantized_from_the_command_line(tmp_path):
+    folder = benchmark.write_random_model(tmp_path / "lit-q4", tiny_lit().replace(projection_dim=64), quantize=4)
+    result = last_json(run_benchmark("--weights", folder, "--batch-size", "1", "--text-batch-size", "2", "--warmup",
+                                     "1", "--repeats", "1", "--json").stdout)
+    assert [r["task"] for r in result["runs"]] == ["lit image tower", "lit text tower (texts)"]
+    assert all(r["quantization"] == {"bits": 4, "group_size": 64} for r in result["runs"])
+    assert "lit" in benchmark.MEMORY_SUITES
+    assert isinstance(benchmark.model_config("aimv2-large-patch14-224-lit"), type(tiny_lit()))

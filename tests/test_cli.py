@@ -20,11 +20,13 @@ from mlx_aim.data import Skipped, gather_images
 from mlx_aim.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
-MODULES = ["classify", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark", "visualize", "search"]
+MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark",
+           "visualize", "search"]
 
 # The least each command's parser accepts (probe, search: both sub-commands).
 MINIMAL = {
     "classify": ["--model", "m", "img"],
+    "zero_shot": ["--model", "m", "--labels", "a,b", "img"],
     "extract_features": ["--model", "m", "--out", "o", "img"],
     "probe train": ["train", "--model", "m", "--data", "d", "--out", "o"],
     "probe eval": ["eval", "--head", "h", "--data", "d"],
@@ -36,7 +38,8 @@ MINIMAL = {
     "search index": ["index", "--model", "m", "--out", "o", "img"],
     "search query": ["query", "--index", "i", "text"],
 }
-LOADS_A_MODEL = ["classify", "extract_features", "probe train", "probe eval", "convert", "demo", "benchmark"]
+LOADS_A_MODEL = ["classify", "zero_shot", "extract_features", "probe train", "probe eval", "convert", "demo",
+                 "benchmark"]
 LOADS_A_LIT = ["search index", "search query"]  # fixed-size models: no --max-patches
 
 
@@ -100,7 +103,8 @@ def test_one_quantize_option_wherever_a_model_is_loaded(command, capsys):
     assert refused.value.code == 2 and "--quantize" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [c for c in LOADS_A_MODEL if c != "convert"])  # convert runs no model
+# convert runs no model; the zero-shot LiT has a fixed image size
+@pytest.mark.parametrize("command", [c for c in LOADS_A_MODEL if c not in ("convert", "zero_shot")])
 def test_one_max_patches_option_wherever_a_model_runs(command, capsys):
     parser = parser_of(command)
     assert parser.parse_args([*MINIMAL[command], "--max-patches", "9"]).max_patches == 9
@@ -110,8 +114,8 @@ def test_one_max_patches_option_wherever_a_model_runs(command, capsys):
     assert refused.value.code == 2 and "--max-patches" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["classify", "extract_features", "probe train", "probe eval", "pretrain",
-                                     "search index"])
+@pytest.mark.parametrize("command", ["classify", "zero_shot", "extract_features", "probe train", "probe eval",
+                                     "pretrain", "search index"])
 def test_negative_worker_count_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as refused:
         parser_of(command).parse_args([*MINIMAL[command], "--num-workers", "-1"])

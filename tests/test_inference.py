@@ -114,6 +114,28 @@ def test_classify_refuses_a_model_without_trained_head(tmp_path, images):
     assert "nowhere" in result.stderr
 
 
+def test_classify_with_a_probe_head_file(tmp_path, images, capsys):
+    """classify --head FILE on a trunk: the model `load(trunk, head=FILE)` gives, named by the probe.json beside."""
+    from mlx_aim.cli import classify as classify_cli
+    from mlx_aim.layers import AttentionProbe
+    from mlx_aim.probe import save_head
+
+    trunk = make_model_folder(tmp_path / "trunk", with_head=False)
+    mx.random.seed(3)
+    (tmp_path / "probe").mkdir()
+    head = save_head(tmp_path / "probe" / "head.safetensors", AttentionProbe(64, 2, 3), [1, 2])
+    (tmp_path / "probe" / "probe.json").write_text(json.dumps({"classes": ["red", "green", "blue"]}))
+    assert classify_cli.main(["--model", str(trunk), "--head", str(head), "--top-k", "3", "--json", "--no-progress",
+                              str(images)]) == 0
+    summary = last_json(capsys.readouterr().out)
+    paths = sorted(p for p in images.rglob("*.png"))
+    order, probs = reference_top_k(mlx_aim.load(trunk, head=head), paths, 3)
+    assert summary["head"] == str(head) and summary["num_images"] == 3
+    for pred, idx, prob in zip(summary["predictions"], order, probs):
+        assert [t["label"] for t in pred["top_k"]] == [["red", "green", "blue"][i] for i in idx]
+        np.testing.assert_allclose([t["probability"] for t in pred["top_k"]], prob, rtol=1e-5)
+
+
 def test_dtype_and_quantize_pass_through(model_dir, images):
     result = run_script("scripts/classify.py", "--model", model_dir, "--dtype", "bfloat16", "--quantize", "4", "--json",
                         images)

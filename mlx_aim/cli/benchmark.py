@@ -37,6 +37,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     add_model_options(p, dtype_help="default: float32")
     add_max_patches_option(p)
     p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--text-batch-size", type=positive_int, default=16,
+                   help="AIMv2-LiT: texts per call of its text tower (its image tower takes --batch-size)")
     p.add_argument("--train", action="store_true", help="also time one pre-training step")
     p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
     p.add_argument("--train-batch-size", type=positive_int,
@@ -52,7 +54,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
     p.add_argument("--memory-suite", nargs="?", const="aim", choices=list(benchmark.MEMORY_SUITES),
                    help="peak memory of load + forward: aim (the default) aim-1B float32/bfloat16/4-bit and aim-7B "
-                        "4-bit; aimv2: aimv2-3B bfloat16 and 4-bit")
+                        "4-bit; aimv2: aimv2-3B bfloat16 and 4-bit; lit: aimv2-large-patch14-224-lit float32 and "
+                        "4-bit")
     p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
     add_output_options(p, json_help="print one JSON object (last line) instead of the table")
     return p
@@ -81,7 +84,8 @@ def format_table(result: dict) -> str:
             dtype = r["dtype"] if name == "mlx" else r.get("torch_dtype", r["dtype"])
             if name == "mlx" and r.get("quantization"):
                 dtype = f"{dtype} q{r['quantization']['bits']}"
-            table.append((r["task"], f"{r['config']} {r['image_size']}px", name, dtype, str(r["batch_size"]),
+            size = f"{r['image_size']}px" if r.get("image_size") else f"{r.get('context_length')} tokens"
+            table.append((r["task"], f"{r['config']} {size}", name, dtype, str(r["batch_size"]),
                           f"{t['images_per_s']:.3g}", f"{t['median_s'] * 1e3:.0f}", f"{t['min_s'] * 1e3:.0f}",
                           f"{t['gflops']:.1f}", f"{t['percent_of_peak']:.0f}", f"{t['first_s']:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -141,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = benchmark.measure(
             preset=args.preset, weights=args.weights, image_size=args.image_size, max_patches=args.max_patches,
-            dtype=args.dtype, quantize=quantization(args), batch_size=args.batch_size, train=args.train,
+            dtype=args.dtype, quantize=quantization(args), batch_size=args.batch_size,
+            text_batch_size=args.text_batch_size, train=args.train,
             train_only=args.train_only, train_batch_size=args.train_batch_size, compare_torch=args.compare_torch,
             threads=args.threads, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
         )

@@ -13,6 +13,7 @@ from .. import __version__
 # command -> (module of mlx_aim.cli, what it does)
 COMMANDS = {
     "classify": ("classify", "top-k labels for images"),
+    "zero-shot": ("zero_shot", "top-k labels for images from label names, with an AIMv2-LiT; saves heads"),
     "extract-features": ("extract_features", "features of every image under a folder, in shards"),
     "probe": ("probe", "train or evaluate an attentive probe on a frozen trunk"),
     "pretrain": ("pretrain", "pre-train AIM on a folder of images"),

@@ -100,11 +100,18 @@ def add_max_patches_option(parser: argparse.ArgumentParser) -> None:
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The batching, precision, probe-layer and native-resolution options of the commands that run a model over
     image files."""
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
+    add_batching_options(parser)
     add_model_options(parser)
     add_max_patches_option(parser)
     parser.add_argument("--probe-layers", type=probe_layers,
                         help="'best', 'last' or comma-separated block indices")
+
+
+def add_batching_options(parser: argparse.ArgumentParser) -> None:
+    """--batch-size and --num-workers: how a command that runs a model over image files batches and decodes them
+    (all of `add_inference_options` that a fixed-size model without a probe, the zero-shot LiT, takes besides the
+    model options)."""
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     parser.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS,
                         help="image decoding threads (0: in the main thread)")
 

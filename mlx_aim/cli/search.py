@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..data import NUM_WORKERS, preprocessing_for
-from ..inference import BATCH_SIZE, SHARD_SIZE, peak_memory
+from ..data import preprocessing_for
+from ..inference import SHARD_SIZE, peak_memory
 from ..lit import check_lit, embed_texts, open_lit
 from ..loading import load, local_folder
 from ..search import TOP_K, SearchIndex, build_index, image_query, recorded_run
 from ..visualize import draw_contact_sheet, save_png
-from .options import add_model_options, add_output_options, non_negative_int, positive_int, quantization
+from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 LIT_HELP = ("the AIMv2-LiT: aimv2-large-patch14-224-lit, a hub repo id or a converted folder (with its tokenizer "
@@ -45,9 +45,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="folders (searched recursively), files or globs (default: the index's own)")
     i.add_argument("--model", help=f"{LIT_HELP} (default: the index's own)")
     i.add_argument("--out", required=True, metavar="INDEX", help="the index folder")
-    i.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
-    i.add_argument("--num-workers", type=non_negative_int, default=NUM_WORKERS,
-                   help="image decoding threads (0: in the main thread)")
+    add_batching_options(i)
     i.add_argument("--shard-size", type=positive_int, default=SHARD_SIZE, help="images per shard")
     i.add_argument("--save-dtype", choices=["float32", "float16"],
                    help="dtype of the stored embeddings, fixed when the index is created (default float32)")
