@@ -60,7 +60,7 @@ print(json.dumps({"text_seconds": text, "image_seconds": image}))
 def write_synthetic_index(out: Path, rows: int, save_dtype: str, probe: Path) -> None:
     """`rows` random unit rows under made-up paths, row 0 being the real file `probe` (so an image query finds it)."""
     identity = {"model": "synthetic", "model_config": {"projection_dim": WIDTH}, "model_dtype": "float32",
-                "preprocessing": {}, "weights_sha256": "0" * 64}
+                "preprocessing": {}, "image_weights_sha256": "0" * 64}
     folder = IndexFolder(out, identity, save_dtype)
     plan = folder.plan({})
     rng = np.random.default_rng(0)

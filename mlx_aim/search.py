@@ -19,8 +19,10 @@ call); shards only ever get new numbers, so a run killed at any point leaves fin
 reuses (for a file in two shards, the newer shard's row). Files that cannot be read are listed in the index with
 their triple and are not retried until they change.
 
-One model per index. `run.json` records the model's config, dtype, preprocessing and a hash of its small
-tensors (`weights_fingerprint`); an index is not updated nor queried with a model that differs in any of them.
+One model per index. `run.json` records the model's config, dtype, preprocessing and a hash of its image side's
+small tensors (`weights_fingerprint`: the rows are image embeddings, so the image side is what identifies the
+model; an image-only load, `load(..., text_tower=False)`, gives the same); an index is not updated nor queried with
+a model that differs in any of them.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ KIND = "embedding"
 FILE_FORMAT = "npy"  # memory-mapped by queries
 TOP_K = 10
 # What makes two models give the same embeddings; the model's name is recorded too, but only to be shown.
-IDENTITY_KEYS = ("model_config", "model_dtype", "preprocessing", "weights_sha256")
+IDENTITY_KEYS = ("model_config", "model_dtype", "preprocessing", "image_weights_sha256")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,11 +75,12 @@ def index_key(path: str | os.PathLike) -> str:
 
 
 def weights_fingerprint(model: AIMv2LiT) -> str:
-    """sha256 of the model's tensors outside its two trunks and its token table (patch embedding, pooling head,
-    projections, logit scale: a few MB at full size), in float32: tells two models of one config apart cheaply."""
+    """sha256 of the image side's tensors outside its trunk blocks (patch embedding, position embedding, pooling
+    head, image projection: a few MB at full size), in float32: tells two image sides of one config apart cheaply,
+    whether or not the text tower was loaded."""
     digest = hashlib.sha256()
     for key, value in sorted(tree_flatten(model.parameters())):
-        if ".trunk.blocks." in key or "text_embedding" in key:
+        if not key.startswith(("image_encoder.", "image_projector.")) or ".trunk.blocks." in key:
             continue
         digest.update(key.encode())
         digest.update(np.ascontiguousarray(to_numpy(value)).tobytes())
@@ -89,7 +92,7 @@ def model_identity(model: AIMv2LiT, model_name: str = "", preprocessing: Optiona
     model = check_lit(model, model_name)
     preprocessing = preprocessing or preprocessing_for(model.config.image)
     return {"model": model_name, "model_config": model.config.to_dict(), "model_dtype": dtype_name(model.dtype),
-            "preprocessing": preprocessing.settings(), "weights_sha256": weights_fingerprint(model)}
+            "preprocessing": preprocessing.settings(), "image_weights_sha256": weights_fingerprint(model)}
 
 
 def check_identity(folder: Path, recorded: Mapping, identity: Mapping, keys: Sequence[str] = IDENTITY_KEYS) -> None:
@@ -394,7 +397,7 @@ class SearchIndex:
         query does not use it)."""
         model = check_lit(model, model_name)
         identity = {"model": model_name, "model_config": model.config.to_dict(),
-                    "model_dtype": dtype_name(model.dtype), "weights_sha256": weights_fingerprint(model)}
+                    "model_dtype": dtype_name(model.dtype), "image_weights_sha256": weights_fingerprint(model)}
         keys = [k for k in IDENTITY_KEYS if k != "preprocessing"]
         if preprocessing is not None:
             identity["preprocessing"] = preprocessing.settings()

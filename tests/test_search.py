@@ -13,13 +13,13 @@ from PIL import Image
 
 from conftest import last_json, run_script
 from lit_helpers import write_tiny_lit
-from mlx_aim import search
+from mlx_aim import load, search
 from mlx_aim.cli.main import main as mlx_aim_main
 from mlx_aim.cli.search import main as search_main
 from mlx_aim.data import preprocessing_for
 from mlx_aim.inference import load_features
 from mlx_aim.lit import open_lit
-from mlx_aim.search import SearchIndex, build_index, file_stamp
+from mlx_aim.search import SearchIndex, build_index, file_stamp, model_identity
 from mlx_aim.synthetic import SyntheticShapes
 from mlx_aim.visualize import contact_sheet_size
 
@@ -206,11 +206,13 @@ def test_grid_writes_a_contact_sheet_of_the_expected_size(lit_folder, photos, tm
 
 def test_a_different_model_is_refused_naming_both(lit_folder, lit, photos, tmp_path, capsys):
     model, _ = lit
+    # The index holds image embeddings: the image side identifies the model, loaded whole or not.
+    assert model_identity(load(lit_folder, text_tower=False), "x") == model_identity(model, "x")
     out = tmp_path / "index"
     index(model, photos, out)
     other_folder = write_tiny_lit(tmp_path / "other-lit", seed=1)  # same config, other weights
     other, _ = open_lit(other_folder)
-    with pytest.raises(ValueError, match=r"built with tiny-lit, and other differs from it in weights_sha256"):
+    with pytest.raises(ValueError, match=r"built with tiny-lit, and other differs from it in image_weights_sha256"):
         build_index(other, [photos], out, model_name="other", progress=False)
     with pytest.raises(ValueError, match="model_dtype"):
         build_index(open_lit(lit_folder, dtype="bfloat16")[0], [photos], out, model_name="bf16", progress=False)

@@ -90,7 +90,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise CommandError("PHOTOS: name the folders to index (an index records them once it is built)")
     name = model_name(name)
     with reported_as(f"cannot load the model {name}"):
-        model = check_lit(load(name, **load_settings(args, recorded)), name)
+        model = check_lit(load(name, **load_settings(args, recorded), text_tower=False), name)  # image side only
         preprocessing = preprocessing_for(model.config.image, local_folder(name))
     result = build_index(model, inputs, args.out, model_name=name, preprocessing=preprocessing,
                          batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
@@ -125,7 +125,7 @@ def run_query(args: argparse.Namespace) -> int:
             if with_tokenizer:
                 model, tokenizer = open_lit(name, **settings)
             else:
-                model, tokenizer = check_lit(load(name, **settings), name), None
+                model, tokenizer = check_lit(load(name, **settings, text_tower=False), name), None
             preprocessing = preprocessing_for(model.config.image, local_folder(name))
         model_seconds += time.perf_counter() - tick
         return model, tokenizer, preprocessing
