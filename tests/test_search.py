@@ -201,7 +201,7 @@ def test_grid_writes_a_contact_sheet_of_the_expected_size(lit_folder, photos, tm
     with Image.open(grid) as sheet:
         assert sheet.format == "PNG" and sheet.mode == "RGB"
         assert sheet.size == contact_sheet_size(7, title=True) == (5 * 164 + 4, 24 + 4 + 2 * (160 + 30 + 4))
-        assert len(set(map(tuple, np.asarray(sheet).reshape(-1, 3)[::97].tolist()))) > 20  # thumbnails, not a blank page
+        assert len(set(map(tuple, np.asarray(sheet).reshape(-1, 3)[::97].tolist()))) > 20  # thumbnails, not blank
 
 
 def test_a_different_model_is_refused_naming_both(lit_folder, lit, photos, tmp_path, capsys):
