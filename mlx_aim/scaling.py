@@ -76,15 +76,15 @@ class ScalingConfig:
     image_size: int = 32
     num_classes: int = 10
     num_train: int = 4000  # the training pool: the largest pre-training set, and the probe's training images
-    num_val: int = 1000  # held-out images: the validation loss and the probe's top-1
-    data_fractions: tuple[float, ...] = (1 / 16, 1 / 4, 1.0)  # pre-training set sizes, as fractions of the pool
+    num_val: int = 2000  # held-out images: the probe's top-1 on all, the validation loss on `val_images` of them
+    data_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # pre-training set sizes, as fractions of the pool
     # Capacities: (width, depth) of the trunk; the rest of the layout is shared.
     capacities: tuple[tuple[int, int], ...] = ((32, 2), (64, 4), (128, 4))
     patch_size: int = 8
     num_heads: int = 4
     head_depth: int = 2
     # Pre-training: the same recipe and step budget in every cell (the rest is `TrainConfig`'s).
-    steps: int = 600
+    steps: int = 450
     checkpoints: int = 3  # evenly spaced, the last at `steps`
     batch_size: int = 32
     lr: float = 2e-3
@@ -137,7 +137,7 @@ DEFAULT = ScalingConfig()
 QUICK = ScalingConfig(
     image_size=16, num_classes=4, num_train=64, num_val=32, data_fractions=(0.25, 1.0),
     capacities=((16, 1), (32, 2)), patch_size=4, num_heads=2, head_depth=1, steps=4, checkpoints=2,
-    batch_size=16, val_images=32, seeds=(0,), probe_epochs=2, probe_batch_size=32,
+    batch_size=16, val_images=32, seeds=(0, 1), probe_epochs=2, probe_batch_size=32,
 )
 
 
@@ -270,9 +270,11 @@ def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLi
         raise ValueError(f"{root}: no held-out images (a val/ folder, or enough images to hold some out)")
     order = np.random.default_rng(DATA_ORDER_SEED).permutation(len(train))
     pool = train.subset([int(i) for i in order])
-    identity = {"root": str(root.resolve()), "classes": list(train.classes), "num_train": len(train),
-                "num_val": len(val), "pool": _digest([str(p) for p, _ in pool.samples]),
-                "val": _digest([str(p) for p, _ in val.samples])}
+    # Which images, in which order, named relative to the folder: a grid's folder can move with its data.
+    identity = {"root": root.name if data is None else str(root.resolve()), "classes": list(train.classes),
+                "num_train": len(train), "num_val": len(val),
+                "pool": _digest([str(Path(p).relative_to(root)) for p, _ in pool.samples]),
+                "val": _digest([str(Path(p).relative_to(root)) for p, _ in val.samples])}
     return GridData(pool, val, description, identity)
 
 
@@ -296,8 +298,8 @@ def probe_checkpoint(checkpoint: Path, data: GridData, probe_config: ProbeConfig
     when the checkpoint's weights, the probe recipe and the probe data are those it was computed from)."""
     state = read_json(checkpoint / "state.json")
     step = int(state["step"])
-    key = {"format": POINT_FORMAT, "weights_sha256": _file_sha256(checkpoint / WEIGHTS_FILE),
-           "probe": probe_config.recipe(), "data": data.identity}
+    key = json.loads(json.dumps({"format": POINT_FORMAT, "weights_sha256": _file_sha256(checkpoint / WEIGHTS_FILE),
+                                 "probe": probe_config.recipe(), "data": data.identity}))  # as read back: no tuples
     if cache.is_file():
         found = read_json(cache)
         if found.get("key") == key:

@@ -20,7 +20,7 @@ from mlx_aim.data import Skipped, gather_images
 from mlx_aim.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
-MODULES = ["classify", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark", "visualize"]
+MODULES = ["classify", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark", "visualize"]
 
 # The least each command's parser accepts (probe: both sub-commands).
 MINIMAL = {
@@ -31,6 +31,7 @@ MINIMAL = {
     "pretrain": ["--preset", "aim-tiny", "--data", "d", "--out", "o"],
     "convert": ["src", "--out", "o"],
     "demo": [],
+    "scaling": [],
     "benchmark": [],
     "visualize": ["--model", "m", "img"],
 }
