@@ -93,7 +93,7 @@ class ScalingConfig:
     val_images: int = 1000
     seeds: tuple[int, ...] = (0, 1)
     # The attentive probe, the same on every checkpoint (the rest is `ProbeConfig`'s).
-    probe_epochs: int = 40
+    probe_epochs: int = 30
     probe_batch_size: int = 128
     probe_lr: float = 1e-2
 
@@ -217,9 +217,9 @@ def verdict_lines(findings: dict) -> list[str]:
                           for e in line["exceptions"])
         lines.append(f"{what}: exception ({drops})")
     rho = loss["spearman_rho"]
-    lines.append(f"Finding 2 (lower validation loss, higher probe top-1): {'holds' if loss['holds'] else 'does not hold'}"
-                 f" at this scale: Spearman rho {rho:.3f} over {loss['num_checkpoints']} checkpoints "
-                 f"(target <= {loss['target']})")
+    verdict = "holds" if loss["holds"] else "does not hold"
+    lines.append(f"Finding 2 (lower validation loss, higher probe top-1): {verdict} at this scale: Spearman rho "
+                 f"{rho:.3f} over {loss['num_checkpoints']} checkpoints (target <= {loss['target']})")
     return lines
 
 
@@ -354,7 +354,8 @@ def summarize_cells(runs: list[dict], capacities: list[dict], data_sizes: list[i
     cells = []
     for capacity in capacities:
         for size in data_sizes:
-            finals = [r["checkpoints"][-1] for r in runs if r["capacity"] == capacity["name"] and r["data_size"] == size]
+            finals = [r["checkpoints"][-1] for r in runs
+                      if r["capacity"] == capacity["name"] and r["data_size"] == size]
             top1 = np.array([p["top1"] for p in finals], np.float64)
             loss = np.array([p["val_loss"] for p in finals], np.float64)
             cells.append({"capacity": capacity["name"], "parameters": capacity["parameters"], "data_size": size,

@@ -64,7 +64,8 @@ def test_finding_one_holds_when_every_line_rises():
         ("data", "w32-d2"), ("data", "w64-d4"), ("data", "w128-d4")]
     assert all(line["rises"] and not line["exceptions"] for line in found["lines"])
     assert found["lines"][1]["values"] == [0.32, 0.36, 0.38]
-    text = scaling.verdict_lines({"scaling": found, "loss_predicts_accuracy": scaling.loss_finding([3, 2, 1], [1, 2, 3])})
+    loss = scaling.loss_finding([3, 2, 1], [1, 2, 3])
+    text = scaling.verdict_lines({"scaling": found, "loss_predicts_accuracy": loss})
     assert text[0].endswith(": holds at this scale")
     assert "  along capacity at 500 images: 32.0% -> 36.0% -> 38.0%: rises" in text
 

@@ -38,7 +38,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="a labelled image folder of your own instead of the built-in shapes (class sub-folders, or "
                         "train/ and val/ folders of them)")
-    p.add_argument("--quick", action="store_true", help="a tiny grid (seconds a run), for tests: numbers not meaningful")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny grid (seconds a run), for tests: numbers not meaningful")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help=f"seeds of every cell (default: {','.join(map(str, DEFAULT.seeds))}; with --quick "
                         f"{','.join(map(str, QUICK.seeds))})")
