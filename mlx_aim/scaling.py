@@ -20,8 +20,10 @@ Decisions where the brief left room (the measured figures are in the README):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
   2-block pixel head as wide as the trunk); the step budget is shorter than the demo's so that the whole grid,
   several seeds, fits in minutes on a 2-core CPU.
-- Each run keeps `checkpoints` evenly spaced checkpoints (validated at the same steps); every checkpoint's trunk
-  is probed, on the whole training pool's labels, the top-1 measured on the held-out images.
+- Each run keeps `checkpoints` evenly spaced checkpoints; every checkpoint's trunk is probed, on the whole training
+  pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
+  images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, which shifts
+  its numbers by about as much as a step in capacity does.
 - A line "rises" when the mean over seeds strictly increases at every step along it; the spread over seeds
   (standard deviation and min-max) is reported beside every mean, and no noise margin is granted.
 - Runs resume and are reused: each run folder's name carries a digest of the settings and data that decide its
@@ -55,16 +57,18 @@ from .synthetic import write_image_folder
 from .train import (
     WEIGHTS_FILE,
     TrainConfig,
+    Validator,
     checkpoint_trunk,
     finished_pretraining,
     list_checkpoints,
-    loss_records,
+    load_pretraining_checkpoint,
     pretrain,
 )
 from .visualize import Series, compose_figure, draw_chart, save_png
 
 RHO_TARGET = -0.8  # finding 2 holds when Spearman's rho (validation loss vs probe top-1) is at most this
 DATA_ORDER_SEED = 0  # the fixed order in which training images enter the nested pre-training subsets
+VAL_SEED = 0  # the one validation draw (images and prefix lengths) every checkpoint's validation loss uses
 POINT_FORMAT = 1  # bump when a cached checkpoint result's contents change
 
 
@@ -238,7 +242,7 @@ def _file_sha256(path: Path) -> str:
 @dataclass
 class GridData:
     """The grid's images: the training pool in its fixed order (the nested pre-training subsets are its first
-    n), the held-out images, the probe's labelled splits, and what identifies them."""
+    n; the probe trains on all of it), the held-out images, and what identifies them."""
 
     pool: ImageFolder
     val: ImageFolder
@@ -264,7 +268,7 @@ def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLi
                        f"held-out {cfg.image_size}x{cfg.image_size} images")
     else:
         root = Path(data)
-        description = f"{root}"
+        description = str(root)
     train, val = load_splits(root, val_ratio=val_ratio, seed=DATA_ORDER_SEED)
     if val is None or not len(val):
         raise ValueError(f"{root}: no held-out images (a val/ folder, or enough images to hold some out)")
@@ -292,28 +296,52 @@ def capacity_name(width: int, depth: int) -> str:
     return f"w{width}-d{depth}"
 
 
-def probe_checkpoint(checkpoint: Path, data: GridData, probe_config: ProbeConfig, val_losses: dict[int, float],
-                     cache: Path, progress: bool, echo: Callable) -> dict:
-    """The held-out validation loss and the probe's held-out top-1 of one checkpoint, cached in `cache` (reused
-    when the checkpoint's weights, the probe recipe and the probe data are those it was computed from)."""
-    state = read_json(checkpoint / "state.json")
-    step = int(state["step"])
-    key = json.loads(json.dumps({"format": POINT_FORMAT, "weights_sha256": _file_sha256(checkpoint / WEIGHTS_FILE),
-                                 "probe": probe_config.recipe(), "data": data.identity}))  # as read back: no tuples
-    if cache.is_file():
-        found = read_json(cache)
+def cached(path: Path, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """(`compute()`, False), written to `path` with `key`; or (what `path` holds, True) when written with this key."""
+    key = json.loads(json.dumps(key))  # as read back: lists, not tuples
+    if path.is_file():
+        found = read_json(path)
         if found.get("key") == key:
-            return dict(found["point"], reused=True)
-    trunk_model = checkpoint_trunk(checkpoint)
-    trunk = trunk_description(trunk_model, str(checkpoint))
-    result = train_probe(trunk_model, (data.pool, data.val), None, probe_config, trunk=trunk, progress=progress,
-                         echo=echo)
-    val = result.metrics["val"]
-    point = {"step": step, "val_loss": val_losses.get(step, state.get("val_loss")), "top1": val["top1"],
-             "top5": val["top5"], "num_val": val["num_images"], "probe_s": round(result.seconds, 1)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_json(cache, {"key": key, "point": point})
-    return dict(point, reused=False)
+            return found["point"], True
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "point": value})
+    return value, False
+
+
+def validation_loss(checkpoint: Path, val: ImageFolder, cfg: ScalingConfig) -> float:
+    """The checkpoint's next-patch loss on held-out images: the validation of `train.Validator` with the seed
+    `VAL_SEED` in every run (the same images, each with the same prefix length), so the numbers compare across
+    seeds, where each run's own log draws its validation from its seed."""
+    model, _ = load_pretraining_checkpoint(checkpoint)
+    return Validator(model, val.samples, cfg.train_config(VAL_SEED))()
+
+
+def checkpoint_point(checkpoint: Path, data: GridData, cfg: ScalingConfig, seed: int, cache_dir: Path, progress: bool,
+                     echo: Callable) -> dict:
+    """One checkpoint's held-out validation loss and the probe's held-out top-1, each cached in `cache_dir`
+    (reused when computed from the same checkpoint weights, data and recipe)."""
+    step = int(read_json(checkpoint / "state.json")["step"])
+    common = {"format": POINT_FORMAT, "weights_sha256": _file_sha256(checkpoint / WEIGHTS_FILE), "data": data.identity}
+    probe_config = cfg.probe_config(seed)
+
+    def probe() -> dict:
+        trunk_model = checkpoint_trunk(checkpoint)
+        result = train_probe(trunk_model, (data.pool, data.val), None, probe_config,
+                             trunk=trunk_description(trunk_model, str(checkpoint)), progress=progress, echo=echo)
+        val = result.metrics["val"]
+        return {"top1": val["top1"], "top5": val["top5"], "num_val": val["num_images"],
+                "probe_s": round(result.seconds, 1)}
+
+    def validate() -> dict:
+        return {"val_loss": validation_loss(checkpoint, data.val, cfg)}
+
+    probed, probe_reused = cached(cache_dir / f"{checkpoint.name}.json", dict(common, probe=probe_config.recipe()),
+                                  probe)
+    validated, val_reused = cached(cache_dir / f"{checkpoint.name}.val.json",
+                                   dict(common, validation={"seed": VAL_SEED, "val_images": cfg.val_images}), validate)
+    return {"step": step, "val_loss": validated["val_loss"], "top1": probed["top1"], "top5": probed["top5"],
+            "num_val": probed["num_val"], "probe_s": probed["probe_s"], "reused": probe_reused and val_reused}
 
 
 def run_cell(cfg: ScalingConfig, data: GridData, width: int, depth: int, size: int, seed: int, runs_dir: Path, *,
@@ -333,14 +361,11 @@ def run_cell(cfg: ScalingConfig, data: GridData, width: int, depth: int, size: i
         pretrain(model_config, train_config, (data.subset(size), data.val.samples), pre_dir, resume=True,
                  progress=progress, echo=echo)
     pretrain_s = time.perf_counter() - tick
-    val_losses = dict(loss_records(pre_dir)[1])
     tick = time.perf_counter()
     checkpoints = list_checkpoints(pre_dir)
     if len(checkpoints) != cfg.checkpoints:
         raise RuntimeError(f"{pre_dir}: {len(checkpoints)} checkpoints, expected {cfg.checkpoints}")
-    points = [probe_checkpoint(ckpt, data, cfg.probe_config(seed), val_losses, run_dir / "points" / f"{ckpt.name}.json",
-                               progress, echo)
-              for ckpt in checkpoints]
+    points = [checkpoint_point(ckpt, data, cfg, seed, run_dir / "points", progress, echo) for ckpt in checkpoints]
     for point in points:
         point["fraction"] = point["step"] / cfg.steps
     return {"capacity": capacity_name(width, depth), "width": width, "depth": depth, "data_size": size, "seed": seed,
