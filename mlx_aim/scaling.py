@@ -22,13 +22,13 @@ Decisions where the brief left room (the measured figures are in the README):
   several seeds, fits in minutes on a 2-core CPU.
 - Each run keeps `checkpoints` evenly spaced checkpoints; every checkpoint's trunk is probed, on the whole training
   pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
-  images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, which shifts
-  its numbers by about as much as a step in capacity does.
+  images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, so its
+  numbers do not compare across seeds.
 - A line "rises" when the mean over seeds strictly increases at every step along it; the spread over seeds
   (standard deviation and min-max) is reported beside every mean, and no noise margin is granted.
 - Runs resume and are reused: each run folder's name carries a digest of the settings and data that decide its
-  numbers; a finished pre-training run is not repeated, and each checkpoint's probe result is cached beside it
-  (keyed by the checkpoint's weights and the probe recipe).
+  numbers; a finished pre-training run is not repeated, and each checkpoint's probe result and validation loss
+  are cached beside it (keyed by the checkpoint's weights, the data and the recipe).
 """
 
 from __future__ import annotations

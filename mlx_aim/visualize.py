@@ -230,7 +230,7 @@ def draw_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
     draw = ImageDraw.Draw(image)
     font, small = _font(15), _font(12)
     legend_rows = len(series)
-    left, right, top, bottom = 62, width - 16, 34, height - 44 - 16 * legend_rows
+    left, right, top, bottom = 62, width - 16, 52, height - 44 - 16 * legend_rows
     to_x = math.log10 if log_x else float
     xs = [to_x(x) for s in series for x, _ in s.points] + [to_x(v) for v, _ in x_ticks]
     ys = [y for s in series for _, y in s.points] + [v for s in series for r in s.ranges for v in r]
@@ -257,7 +257,7 @@ def draw_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
         draw.text((x, bottom + 6), label, fill="black", font=small, anchor="mt")
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text(((left + right) / 2, bottom + 26), x_label, fill="black", font=small, anchor="mm")
-    draw.text((6, top - 14), y_label, fill="black", font=small)
+    draw.text((6, top - 18), y_label, fill="black", font=small)
     for k, s in enumerate(series):
         colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
         points = sorted(s.points) if connect else list(s.points)

@@ -169,7 +169,7 @@ def check_structure(result: dict, stdout: str, cfg: scaling.ScalingConfig) -> No
         assert image.format == "PNG" and image.mode == "RGB"
         assert image.width >= 3 * 400 and image.height >= 400
         pixels = np.asarray(image)
-    panel_tops = pixels[16 + 40, :, :]  # a row through the three plot areas: each has a black frame
+    panel_tops = pixels[16 + 60, :, :]  # a row through the three plot areas: each has a black frame
     assert ((panel_tops == 0).all(axis=-1)).sum() >= 6  # left and right frame lines of three panels
 
 
@@ -241,3 +241,23 @@ def test_too_small_a_folder_is_refused(tmp_path):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / name / f"{i}.png")
     done = run_script("scripts/scaling.py", "--quick", "--data", data, "--out", tmp_path / "out", check_rc=2)
     assert "expected distinct sizes of at least one batch" in done.stderr
+
+
+def test_each_checkpoint_is_probed_with_its_own_trunk(quick_run):
+    """`train.checkpoint_trunk` gives a checkpoint's trunk: the last one is the exported model folder's, an earlier
+    one differs from it."""
+    import mlx_aim
+    from mlx.utils import tree_flatten
+    from mlx_aim.train import checkpoint_trunk
+
+    _, _, result = quick_run
+    pre_dir = Path(result["runs"][0]["run_dir"]) / "pretrain"
+    first, last = (checkpoint_trunk(c) for c in (list_checkpoints(pre_dir)[0], list_checkpoints(pre_dir)[-1]))
+    exported = mlx_aim.load(pre_dir / "model")
+
+    def trunk(model):
+        return {k: np.array(v) for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
+
+    assert trunk(last).keys() == trunk(exported).keys()
+    assert all(np.array_equal(v, trunk(exported)[k]) for k, v in trunk(last).items())
+    assert not all(np.array_equal(v, trunk(last)[k]) for k, v in trunk(first).items())
