@@ -49,19 +49,19 @@ from PIL import Image
 
 from .config import AIMConfig, get_config
 from .data import ImageFolder, load_splits
-from .fileio import read_json, write_json
+from .fileio import write_json
 from .model import AIM, build_model
 from .probe import ProbeConfig, train_probe, trunk_description
 from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .runs import read_log, silent
+from .runs import silent
 from .train import (
     DEMO_RUN_DIR,
     MODEL_DIR,
     TrainConfig,
-    latest_checkpoint,
+    finished_pretraining,
     load_pretraining_checkpoint,
+    loss_records,
     pretrain,
-    settings_differences,
 )
 from .visualize import compose_figure, draw_loss_curve, prediction_panel, save_png
 
@@ -169,35 +169,6 @@ def probe_trunk(model: AIM, trunk: dict, data: tuple[ImageFolder, ImageFolder], 
                          save_model_folder=False, progress=progress, echo=echo)
     return {"val": result.metrics["val"], "train": result.metrics.get("train"),
             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
-
-
-def finished_pretraining(pre_dir: Path, model_config: AIMConfig, train_config: TrainConfig) -> Optional[dict]:
-    """The summary of a pre-training run in `pre_dir` that already reached its last step with these settings
-    (so the demo reuses it); None when there is none, or it is unfinished (`pretrain` resumes it)."""
-    found = latest_checkpoint(pre_dir)
-    if found is None or not (pre_dir / MODEL_DIR).is_dir():
-        return None
-    state = read_json(found / "state.json")
-    if int(state.get("step", -1)) != train_config.steps:
-        return None
-    details = settings_differences(state, model_config, train_config)
-    if details:
-        raise ValueError(f"{pre_dir} holds a finished pre-training run with other settings ({details}); run the "
-                         "demo with --force to start this seed over, or choose another --out")
-    summary_path = pre_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
-    return dict(summary, checkpoint=str(found))
-
-
-def loss_records(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, training loss) and (step, validation loss) pairs from a pre-training run's log."""
-    train, val = [], []
-    for record in read_log(run_dir):
-        if "loss" in record:
-            train.append((int(record["step"]), float(record["loss"])))
-        if "val_loss" in record:
-            val.append((int(record["step"]), float(record["val_loss"])))
-    return train, val
 
 
 # ---------------------------------------------------------------------------------------------------

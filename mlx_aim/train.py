@@ -64,8 +64,8 @@ from tqdm import tqdm
 
 from .config import AIMConfig, check_int_fields, strict_from_dict
 from .data import BatchLoader, EvalTransform, TrainTransform, load_splits
-from .fileio import write_json
-from .model import AIMForPretraining, build_model, parse_dtype
+from .fileio import read_json, write_json
+from .model import AIM, AIMForPretraining, build_model, parse_dtype
 from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .runs import (
     STATE_FILE,
@@ -78,6 +78,7 @@ from .runs import (
     check_finite,
     compare_settings,
     last_step,
+    read_log,
     silent,
 )
 from .weights import check_weights, read_safetensors, save_model
@@ -382,6 +383,17 @@ def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPr
     return model, RunFolder.read_state(found)
 
 
+def checkpoint_trunk(path: Union[str, os.PathLike]) -> AIM:
+    """The trunk of a pre-training checkpoint (or of a run folder's newest) as an eval-mode classifier `AIM` with a
+    freshly initialised probe head, as `mlx_aim.load` gives for its exported trunk: a checkpoint to probe."""
+    pretraining, _ = load_pretraining_checkpoint(path)
+    model = build_model(pretraining.config)
+    model.preprocessor, model.trunk = pretraining.preprocessor, pretraining.trunk
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
 def export_trunk(folder: Path, model: AIMForPretraining) -> Path:
     """The pre-trained trunk as an MLX model folder (`preprocessor.*`, `trunk.*`): `mlx_aim.load` reads it."""
     weights = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(("preprocessor.", "trunk."))}
@@ -404,6 +416,35 @@ def settings_differences(state: dict, model_config: AIMConfig, train_config: Tra
     """How a checkpoint's `state.json` settings differ from these ("key: checkpoint X, now Y; ..."), the
     model's name and the runtime fields (`TrainConfig.RUNTIME_FIELDS`) aside; empty when they match."""
     return "; ".join(compare_settings(saved_settings(state), run_settings(model_config, train_config)))
+
+
+def finished_pretraining(pre_dir: Path, model_config: AIMConfig, train_config: TrainConfig) -> Optional[dict]:
+    """The summary of a pre-training run in `pre_dir` that already reached its last step with these settings
+    (so that a caller reuses it); None when there is none, or it is unfinished (`pretrain` resumes it)."""
+    found = latest_checkpoint(pre_dir)
+    if found is None or not (pre_dir / MODEL_DIR).is_dir():
+        return None
+    state = read_json(found / "state.json")
+    if int(state.get("step", -1)) != train_config.steps:
+        return None
+    details = settings_differences(state, model_config, train_config)
+    if details:
+        raise ValueError(f"{pre_dir} holds a finished pre-training run with other settings ({details}); start it over "
+                         "with --force, or choose another --out")
+    summary_path = pre_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    return dict(summary, checkpoint=str(found))
+
+
+def loss_records(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, training loss) and (step, validation loss) pairs from a pre-training run's log."""
+    train, val = [], []
+    for record in read_log(run_dir):
+        if "loss" in record:
+            train.append((int(record["step"]), float(record["loss"])))
+        if "val_loss" in record:
+            val.append((int(record["step"]), float(record["val_loss"])))
+    return train, val
 
 
 # ----------------------------------------------------------------------------------------------------

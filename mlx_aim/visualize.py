@@ -1,5 +1,5 @@
-"""Pictures drawn with Pillow, saved as PNG: next-patch prediction grids, loss curves, figures of several panels,
-and contact sheets of search results.
+"""Pictures drawn with Pillow, saved as PNG: next-patch prediction grids, loss curves, charts of several series
+(`draw_chart`: the scaling figure's panels), figures of several panels, and contact sheets of search results.
 
 The pixel head predicts normalised patches (zero mean, unit variance per patch), so a prediction is shown
 un-normalised with the true patch's mean and standard deviation: the picture shows the structure the model
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -200,6 +201,82 @@ def draw_loss_curve(train: Sequence[tuple[int, float]], val: Sequence[tuple[int,
         draw.line([(lx, ly + 6), (lx + 18, ly + 6)], fill=colour, width=3)
         draw.text((lx + 24, ly), text, fill="black", font=small)
         ly += 18
+    return image
+
+
+# The colours of a chart's series, in order (matplotlib's "tab10" first six).
+SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+@dataclass
+class Series:
+    """One series of a chart: (x, y) points, and optionally a (low, high) range of y per point (drawn as a
+    vertical bar: the spread over seeds, say)."""
+
+    label: str
+    points: Sequence[tuple[float, float]]
+    ranges: Sequence[tuple[float, float]] = ()
+
+
+def draw_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: str, size: tuple[int, int] = (460, 420),
+               log_x: bool = False, x_ticks: Sequence[tuple[float, str]] = (), connect: bool = True,
+               note: str = "") -> Image.Image:
+    """A chart of `series` as an RGB PIL image: lines through each series' points (or dots alone, without
+    `connect`), their ranges as bars, a legend under the axes and `note` in the plot's top left corner. `x_ticks`
+    (value, label) replace the automatic ticks of the x axis (as a log axis needs); `log_x` spaces x by log10."""
+    if not any(s.points for s in series):
+        raise ValueError("draw_chart: no points to plot")
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    legend_rows = len(series)
+    left, right, top, bottom = 62, width - 16, 52, height - 44 - 16 * legend_rows
+    to_x = math.log10 if log_x else float
+    xs = [to_x(x) for s in series for x, _ in s.points] + [to_x(v) for v, _ in x_ticks]
+    ys = [y for s in series for _, y in s.points] + [v for s in series for r in s.ranges for v in r]
+    x_lo, x_hi = min(xs), max(xs)
+    x_pad = 0.06 * (x_hi - x_lo or 1.0)
+    x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
+    y_lo, y_hi = min(ys), max(ys)
+    y_pad = 0.08 * (y_hi - y_lo or 1.0)
+    y_lo, y_hi = y_lo - y_pad, y_hi + y_pad
+
+    def to_xy(x, y):
+        return (left + (to_x(x) - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.text((left, 8), title, fill="black", font=font)
+    for tick in _nice_ticks(y_lo, y_hi):
+        _, y = to_xy(x_ticks[0][0] if x_ticks else 1.0, tick)
+        draw.line([(left, y), (right, y)], fill=(228, 228, 228))
+        draw.text((left - 6, y), f"{tick:g}", fill="black", font=small, anchor="rm")
+    ticks = list(x_ticks) or [(t, f"{t:g}") for t in _nice_ticks(x_lo, x_hi)]
+    for value, label in ticks:
+        x, _ = to_xy(value, y_lo)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x, bottom + 6), label, fill="black", font=small, anchor="mt")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text(((left + right) / 2, bottom + 26), x_label, fill="black", font=small, anchor="mm")
+    draw.text((6, top - 18), y_label, fill="black", font=small)
+    for k, s in enumerate(series):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        points = sorted(s.points) if connect else list(s.points)
+        for (x, _), (low, high) in zip(s.points, s.ranges):
+            (bx, by_low), (_, by_high) = to_xy(x, low), to_xy(x, high)
+            draw.line([(bx, by_low), (bx, by_high)], fill=colour, width=1)
+            draw.line([(bx - 3, by_low), (bx + 3, by_low)], fill=colour, width=1)
+            draw.line([(bx - 3, by_high), (bx + 3, by_high)], fill=colour, width=1)
+        if connect and len(points) > 1:
+            draw.line([to_xy(x, y) for x, y in points], fill=colour, width=2)
+        for x, y in points:
+            px, py = to_xy(x, y)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        ly = bottom + 40 + 16 * k
+        draw.line([(left, ly + 6), (left + 18, ly + 6)], fill=colour, width=3)
+        draw.text((left + 24, ly), s.label, fill="black", font=small)
+    if note:
+        draw.text((left + 6, top + 6), note, fill="black", font=small)
     return image
 
 

@@ -20,7 +20,7 @@ from mlx_aim.data import Skipped, gather_images
 from mlx_aim.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
-MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "benchmark",
+MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark",
            "visualize", "search"]
 
 # The least each command's parser accepts (probe, search: both sub-commands).
@@ -33,6 +33,7 @@ MINIMAL = {
     "pretrain": ["--preset", "aim-tiny", "--data", "d", "--out", "o"],
     "convert": ["src", "--out", "o"],
     "demo": [],
+    "scaling": [],
     "benchmark": [],
     "visualize": ["--model", "m", "img"],
     "search index": ["index", "--model", "m", "--out", "o", "img"],

@@ -46,3 +46,22 @@ def test_moving_average():
     np.testing.assert_allclose(visualize.moving_average(values, 2), [4, 3, 4, 3, 4])
     np.testing.assert_allclose(visualize.moving_average(values, 3), [4, 3, 4, 8 / 3, 14 / 3])
     np.testing.assert_allclose(visualize.moving_average(values, 10), np.cumsum(values) / np.arange(1, 6))
+
+
+def test_chart_draws_a_line_per_series_on_a_log_axis():
+    """Two rising series on a log x axis: each in its colour, its line rising to the right."""
+    first = visualize.Series("a", [(1e3, 30.0), (1e4, 35.0), (1e5, 40.0)], [(29, 31), (33, 37), (39, 41)])
+    second = visualize.Series("b", [(1e3, 20.0), (1e5, 25.0)])
+    image = visualize.draw_chart([first, second], title="t", x_label="x", y_label="y", log_x=True,
+                                 x_ticks=[(1e3, "1k"), (1e5, "100k")], size=(400, 320), note="rho = -1")
+    assert image.size == (400, 320)
+    for colour in visualize.SERIES_COLOURS[:2]:
+        mask = colour_mask(image, colour)
+        mask[250:] = False  # the legend
+        rows, cols = np.nonzero(mask)
+        assert len(rows) > 50
+        assert rows[cols < cols.min() + 10].mean() > rows[cols > cols.max() - 10].mean()  # higher on the right
+    dots = visualize.draw_chart([first], title="t", x_label="x", y_label="y", connect=False)
+    assert colour_mask(dots, visualize.SERIES_COLOURS[0]).sum() > 20
+    with pytest.raises(ValueError, match="no points"):
+        visualize.draw_chart([visualize.Series("e", [])], title="t", x_label="x", y_label="y")

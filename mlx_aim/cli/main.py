@@ -19,6 +19,7 @@ COMMANDS = {
     "pretrain": ("pretrain", "pre-train AIM on a folder of images"),
     "convert": ("convert", "convert Apple's checkpoints (or any model source) to an MLX model folder"),
     "demo": ("demo", "pre-train a small AIM on built-in shapes and compare probes; nothing to download"),
+    "scaling": ("scaling", "the paper's two findings on a grid of small pre-training runs, with verdicts"),
     "benchmark": ("benchmark", "speed and memory, optionally against PyTorch"),
     "visualize": ("visualize", "next-patch predictions of a pre-trained model, as a PNG grid"),
     "search": ("search", "index a photo folder with AIMv2-LiT, then search it by text or by an example image"),

@@ -1,0 +1,513 @@
+"""The AIM paper's two findings (arXiv 2401.08541, section 5), checked on a laptop: a grid of small pre-training runs.
+
+    mlx-aim scaling               # the built-in shapes: capacities x data sizes x seeds, probes, verdicts, figure
+    mlx-aim scaling --data DIR    # your own labelled image folder (class sub-folders, optional train/ and val/)
+
+(or `python scripts/scaling.py`; the command line is `mlx_aim.cli.scaling`, which prints what `run_scaling` returns.)
+
+1. Feature quality scales with model capacity and with the amount of pre-training data: the probe's top-1 rises
+   along every line of the grid (capacity at each data size, data at each capacity).
+2. The pre-training objective predicts downstream quality: over every checkpoint of every run, the held-out
+   validation loss and the probe's top-1 have a Spearman rank correlation at or below `RHO_TARGET`.
+
+The grid (`run_scaling`) reuses the demo's pieces and recipe: the built-in synthetic shapes
+(`mlx_aim.synthetic`), one pre-training recipe (`mlx_aim.train.pretrain`) for every cell with the same step
+budget, and the same attentive probe (`mlx_aim.probe.train_probe`) on every checkpoint. Only the trunk's width
+and depth (`capacities`) and the number of distinct pre-training images (`data_fractions` of the training pool,
+nested subsets drawn in one fixed order) change; every cell runs every seed in `seeds`.
+
+Decisions where the brief left room (the measured figures are in the README):
+- Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
+  2-block pixel head as wide as the trunk); the step budget is shorter than the demo's so that the whole grid,
+  several seeds, fits in minutes on a 2-core CPU.
+- Each run keeps `checkpoints` evenly spaced checkpoints; every checkpoint's trunk is probed, on the whole training
+  pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
+  images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, so its
+  numbers do not compare across seeds.
+- A line "rises" when the mean over seeds strictly increases at every step along it; the spread over seeds
+  (standard deviation and min-max) is reported beside every mean, and no noise margin is granted.
+- Runs resume and are reused: each run folder's name carries a digest of the settings and data that decide its
+  numbers; a finished pre-training run is not repeated, and each checkpoint's probe result and validation loss
+  are cached beside it (keyed by the checkpoint's weights, the data and the recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+from mlx.utils import tree_flatten
+from PIL import Image
+
+from .config import AIMConfig, get_config
+from .data import ImageFolder, load_splits
+from .fileio import read_json, write_json
+from .model import build_model
+from .probe import ProbeConfig, train_probe, trunk_description
+from .runs import silent
+from .synthetic import write_image_folder
+from .train import (
+    WEIGHTS_FILE,
+    TrainConfig,
+    Validator,
+    checkpoint_trunk,
+    finished_pretraining,
+    list_checkpoints,
+    load_pretraining_checkpoint,
+    pretrain,
+)
+from .visualize import Series, compose_figure, draw_chart, save_png
+
+RHO_TARGET = -0.8  # finding 2 holds when Spearman's rho (validation loss vs probe top-1) is at most this
+DATA_ORDER_SEED = 0  # the fixed order in which training images enter the nested pre-training subsets
+VAL_SEED = 0  # the one validation draw (images and prefix lengths) every checkpoint's validation loss uses
+POINT_FORMAT = 1  # bump when a cached checkpoint result's contents change
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Everything that decides the grid's numbers: data, capacities, the one pre-training recipe, the one probe."""
+
+    # Data: the built-in synthetic shapes (ignored with a folder of the user's: its own classes and images).
+    image_size: int = 32
+    num_classes: int = 10
+    num_train: int = 4000  # the training pool: the largest pre-training set, and the probe's training images
+    num_val: int = 2000  # held-out images: the probe's top-1 on all, the validation loss on `val_images` of them
+    data_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # pre-training set sizes, as fractions of the pool
+    # Capacities: (width, depth) of the trunk; the rest of the layout is shared.
+    capacities: tuple[tuple[int, int], ...] = ((32, 2), (64, 4), (128, 4))
+    patch_size: int = 8
+    num_heads: int = 4
+    head_depth: int = 2
+    # Pre-training: the same recipe and step budget in every cell (the rest is `TrainConfig`'s).
+    steps: int = 450
+    checkpoints: int = 3  # evenly spaced, the last at `steps`
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_frac: float = 0.05
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    val_images: int = 1000
+    seeds: tuple[int, ...] = (0, 1)
+    # The attentive probe, the same on every checkpoint (the rest is `ProbeConfig`'s).
+    probe_epochs: int = 30
+    probe_batch_size: int = 128
+    probe_lr: float = 1e-2
+
+    def __post_init__(self):
+        if len(self.capacities) < 2 or len(self.data_fractions) < 2:
+            raise ValueError("scaling config: expected at least two capacities and two data sizes")
+        if sorted(self.data_fractions) != list(self.data_fractions) or not 0 < self.data_fractions[0] \
+                or self.data_fractions[-1] > 1:
+            raise ValueError(f"scaling config data_fractions={self.data_fractions}: expected increasing fractions "
+                             "in (0, 1]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"scaling config seeds={self.seeds}: expected distinct integers >= 0")
+        if self.checkpoints < 1 or self.steps % self.checkpoints:
+            raise ValueError(f"scaling config: steps={self.steps} must be a multiple of checkpoints={self.checkpoints}")
+
+    def model_config(self, width: int, depth: int, num_classes: int) -> AIMConfig:
+        return get_config(
+            "aim-tiny", probe_layers="last", image_size=self.image_size, patch_size=self.patch_size, width=width,
+            depth=depth, num_heads=self.num_heads, head_width=width, head_depth=self.head_depth,
+            num_classes=num_classes,
+        ).replace(name=f"aim-w{width}-d{depth}")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        interval = self.steps // self.checkpoints
+        return TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_frac=self.warmup_frac,
+            crop_scale=self.crop_scale, seed=seed, val_images=self.val_images, log_interval=10,
+            val_interval=interval, ckpt_interval=interval, keep_last=self.checkpoints,
+        )
+
+    def probe_config(self, seed: int) -> ProbeConfig:
+        return ProbeConfig(epochs=self.probe_epochs, batch_size=self.probe_batch_size, lr=self.probe_lr, seed=seed,
+                           eval_batch_size=256, cache="memory")
+
+    def replace(self, **changes) -> "ScalingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT = ScalingConfig()
+# The same grid's shape on a tiny budget, for tests and CI: seconds a run; the numbers are not meaningful.
+QUICK = ScalingConfig(
+    image_size=16, num_classes=4, num_train=64, num_val=32, data_fractions=(0.25, 1.0),
+    capacities=((16, 1), (32, 2)), patch_size=4, num_heads=2, head_depth=1, steps=4, checkpoints=2,
+    batch_size=16, val_images=32, seeds=(0, 1), probe_epochs=2, probe_batch_size=32,
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The findings' arithmetic: ranks, Spearman's rho, monotonic lines, verdicts
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n of `values` in increasing order, tied values sharing the mean of the ranks they span."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start + 1
+        while end < len(values) and sorted_values[end] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end]] = (start + 1 + end) / 2  # the mean of ranks start+1 .. end
+        start = end
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of paired values: Pearson's correlation of their average ranks (ties
+    averaged). NaN when fewer than two pairs, or when either side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values, {len(y)} y values")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def rising_line(labels: Sequence[str], values: Sequence[float]) -> dict:
+    """Whether `values` (in the order of `labels`) strictly rise; each step that does not is an exception."""
+    exceptions = [{"from": labels[i], "to": labels[i + 1], "before": values[i], "after": values[i + 1]}
+                  for i in range(len(values) - 1) if not values[i + 1] > values[i]]
+    return {"labels": list(labels), "values": list(values), "rises": not exceptions, "exceptions": exceptions}
+
+
+def scaling_finding(top1: np.ndarray, capacity_names: Sequence[str], data_sizes: Sequence[int]) -> dict:
+    """Finding 1 from the mean top-1 of each cell, `top1[capacity, data size]` (capacities by parameter count,
+    data sizes increasing): one line along capacity per data size, one along data per capacity; it holds when
+    every line rises."""
+    top1 = np.asarray(top1, dtype=np.float64)
+    sizes = [f"{n} images" for n in data_sizes]
+    lines = ([dict(rising_line(capacity_names, list(top1[:, j])), axis="capacity", at=sizes[j])
+              for j in range(top1.shape[1])]
+             + [dict(rising_line(sizes, list(top1[i, :])), axis="data", at=capacity_names[i])
+                for i in range(top1.shape[0])])
+    return {"holds": all(line["rises"] for line in lines), "lines": lines}
+
+
+def loss_finding(val_loss: Sequence[float], top1: Sequence[float], target: float = RHO_TARGET) -> dict:
+    """Finding 2 from every checkpoint's (validation loss, probe top-1): Spearman's rho, and whether it is at most
+    `target` (lower loss, higher accuracy)."""
+    rho = spearman(val_loss, top1)
+    return {"holds": bool(np.isfinite(rho) and rho <= target), "spearman_rho": rho, "target": target,
+            "num_checkpoints": len(top1)}
+
+
+def verdict_lines(findings: dict) -> list[str]:
+    """The two verdicts in words, with their numbers: each line of finding 1 and its exceptions, then rho."""
+    scaling, loss = findings["scaling"], findings["loss_predicts_accuracy"]
+    lines = [f"Finding 1 (feature quality scales with capacity and data): "
+             f"{'holds' if scaling['holds'] else 'does not hold'} at this scale"]
+    for line in scaling["lines"]:
+        values = " -> ".join(f"{100 * v:.1f}%" for v in line["values"])
+        what = f"  along {line['axis']} at {line['at']}: {values}"
+        if line["rises"]:
+            lines.append(f"{what}: rises")
+            continue
+        drops = "; ".join(f"{e['from']} -> {e['to']}: {100 * e['before']:.1f}% -> {100 * e['after']:.1f}%"
+                          for e in line["exceptions"])
+        lines.append(f"{what}: exception ({drops})")
+    rho = loss["spearman_rho"]
+    verdict = "holds" if loss["holds"] else "does not hold"
+    lines.append(f"Finding 2 (lower validation loss, higher probe top-1): {verdict} at this scale: Spearman rho "
+                 f"{rho:.3f} over {loss['num_checkpoints']} checkpoints (target <= {loss['target']})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class GridData:
+    """The grid's images: the training pool in its fixed order (the nested pre-training subsets are its first
+    n; the probe trains on all of it), the held-out images, and what identifies them."""
+
+    pool: ImageFolder
+    val: ImageFolder
+    description: str
+    identity: dict
+
+    def subset(self, n: int) -> list:
+        return self.pool.samples[:n]
+
+    def sizes(self, fractions: Sequence[float]) -> list[int]:
+        return [max(1, int(round(f * len(self.pool)))) for f in fractions]
+
+
+def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLike]] = None,
+              val_ratio: float = 0.2) -> GridData:
+    """The built-in shapes (drawn once under `out/data`) or the user's labelled folder `data` (`load_splits`:
+    class sub-folders, or train/ and val/ of them; without val/ a `val_ratio` seeded split)."""
+    if data is None:
+        name = f"shapes-{cfg.image_size}px-{cfg.num_classes}cls-{cfg.num_train}-{cfg.num_val}"
+        root = out / "data" / name
+        write_image_folder(root, cfg.num_train, cfg.num_val, cfg.image_size, DATA_ORDER_SEED, cfg.num_classes)
+        description = (f"built-in shapes: {cfg.num_classes} classes, {cfg.num_train} training and {cfg.num_val} "
+                       f"held-out {cfg.image_size}x{cfg.image_size} images")
+    else:
+        root = Path(data)
+        description = str(root)
+    train, val = load_splits(root, val_ratio=val_ratio, seed=DATA_ORDER_SEED)
+    if val is None or not len(val):
+        raise ValueError(f"{root}: no held-out images (a val/ folder, or enough images to hold some out)")
+    order = np.random.default_rng(DATA_ORDER_SEED).permutation(len(train))
+    pool = train.subset([int(i) for i in order])
+    # Which images, in which order, named relative to the folder: a grid's folder can move with its data.
+    identity = {"root": root.name if data is None else str(root.resolve()), "classes": list(train.classes),
+                "num_train": len(train), "num_val": len(val),
+                "pool": _digest([str(Path(p).relative_to(root)) for p, _ in pool.samples]),
+                "val": _digest([str(Path(p).relative_to(root)) for p, _ in val.samples])}
+    return GridData(pool, val, description, identity)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid
+
+
+def parameter_count(model_config: AIMConfig) -> int:
+    """The trunk's parameters (patch embedding and blocks; not the pixel head nor the probe)."""
+    model = build_model(model_config)
+    return sum(v.size for k, v in tree_flatten(model.parameters()) if k.startswith(("preprocessor.", "trunk.")))
+
+
+def capacity_name(width: int, depth: int) -> str:
+    return f"w{width}-d{depth}"
+
+
+def cached(path: Path, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """(`compute()`, False), written to `path` with `key`; or (what `path` holds, True) when written with this key."""
+    key = json.loads(json.dumps(key))  # as read back: lists, not tuples
+    if path.is_file():
+        found = read_json(path)
+        if found.get("key") == key:
+            return found["point"], True
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "point": value})
+    return value, False
+
+
+def validation_loss(checkpoint: Path, val: ImageFolder, cfg: ScalingConfig) -> float:
+    """The checkpoint's next-patch loss on held-out images: the validation of `train.Validator` with the seed
+    `VAL_SEED` in every run (the same images, each with the same prefix length), so the numbers compare across
+    seeds, where each run's own log draws its validation from its seed."""
+    model, _ = load_pretraining_checkpoint(checkpoint)
+    return Validator(model, val.samples, cfg.train_config(VAL_SEED))()
+
+
+def checkpoint_point(checkpoint: Path, data: GridData, cfg: ScalingConfig, seed: int, cache_dir: Path, progress: bool,
+                     echo: Callable) -> dict:
+    """One checkpoint's held-out validation loss and the probe's held-out top-1, each cached in `cache_dir`
+    (reused when computed from the same checkpoint weights, data and recipe)."""
+    step = int(read_json(checkpoint / "state.json")["step"])
+    common = {"format": POINT_FORMAT, "weights_sha256": _file_sha256(checkpoint / WEIGHTS_FILE), "data": data.identity}
+    probe_config = cfg.probe_config(seed)
+
+    def probe() -> dict:
+        trunk_model = checkpoint_trunk(checkpoint)
+        result = train_probe(trunk_model, (data.pool, data.val), None, probe_config,
+                             trunk=trunk_description(trunk_model, str(checkpoint)), progress=progress, echo=echo)
+        val = result.metrics["val"]
+        return {"top1": val["top1"], "top5": val["top5"], "num_val": val["num_images"],
+                "probe_s": round(result.seconds, 1)}
+
+    def validate() -> dict:
+        return {"val_loss": validation_loss(checkpoint, data.val, cfg)}
+
+    probed, probe_reused = cached(cache_dir / f"{checkpoint.name}.json", dict(common, probe=probe_config.recipe()),
+                                  probe)
+    validated, val_reused = cached(cache_dir / f"{checkpoint.name}.val.json",
+                                   dict(common, validation={"seed": VAL_SEED, "val_images": cfg.val_images}), validate)
+    return {"step": step, "val_loss": validated["val_loss"], "top1": probed["top1"], "top5": probed["top5"],
+            "num_val": probed["num_val"], "probe_s": probed["probe_s"], "reused": probe_reused and val_reused}
+
+
+def run_cell(cfg: ScalingConfig, data: GridData, width: int, depth: int, size: int, seed: int, runs_dir: Path, *,
+             progress: bool, echo: Callable) -> dict:
+    """One run of the grid: pre-trains (or resumes, or reuses) a trunk on the first `size` pool images, then
+    probes each of its checkpoints."""
+    model_config = cfg.model_config(width, depth, len(data.pool.classes))
+    train_config = cfg.train_config(seed)
+    run_dir = runs_dir / f"{capacity_name(width, depth)}-n{size}-seed{seed}"
+    pre_dir = run_dir / "pretrain"
+    tick = time.perf_counter()
+    summary = finished_pretraining(pre_dir, model_config, train_config)
+    reused = summary is not None
+    if reused:
+        echo(f"  reusing the finished pre-training run in {pre_dir}")
+    else:
+        pretrain(model_config, train_config, (data.subset(size), data.val.samples), pre_dir, resume=True,
+                 progress=progress, echo=echo)
+    pretrain_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    checkpoints = list_checkpoints(pre_dir)
+    if len(checkpoints) != cfg.checkpoints:
+        raise RuntimeError(f"{pre_dir}: {len(checkpoints)} checkpoints, expected {cfg.checkpoints}")
+    points = [checkpoint_point(ckpt, data, cfg, seed, run_dir / "points", progress, echo) for ckpt in checkpoints]
+    for point in points:
+        point["fraction"] = point["step"] / cfg.steps
+    return {"capacity": capacity_name(width, depth), "width": width, "depth": depth, "data_size": size, "seed": seed,
+            "run_dir": str(run_dir), "pretraining_reused": reused, "pretrain_s": round(pretrain_s, 1),
+            "probe_s": round(time.perf_counter() - tick, 1), "checkpoints": points}
+
+
+def summarize_cells(runs: list[dict], capacities: list[dict], data_sizes: list[int]) -> list[dict]:
+    """One entry per (capacity, data size): the final checkpoints' top-1 and validation loss over seeds (mean,
+    standard deviation, min, max)."""
+    cells = []
+    for capacity in capacities:
+        for size in data_sizes:
+            finals = [r["checkpoints"][-1] for r in runs
+                      if r["capacity"] == capacity["name"] and r["data_size"] == size]
+            top1 = np.array([p["top1"] for p in finals], np.float64)
+            loss = np.array([p["val_loss"] for p in finals], np.float64)
+            cells.append({"capacity": capacity["name"], "parameters": capacity["parameters"], "data_size": size,
+                          "seeds": len(finals), "top1_seeds": top1.tolist(), "top1_mean": float(top1.mean()),
+                          "top1_std": float(top1.std()), "top1_min": float(top1.min()), "top1_max": float(top1.max()),
+                          "val_loss_mean": float(loss.mean()), "val_loss_std": float(loss.std())})
+    return cells
+
+
+def scaling_figure(result: dict) -> Image.Image:
+    """The three panels: (a) top-1 vs parameters, a line per data size; (b) top-1 vs data size, a line per
+    capacity; (c) validation loss vs top-1 over every checkpoint, with Spearman's rho."""
+    cells, capacities, sizes = result["cells"], result["capacities"], result["data_sizes"]
+
+    def cell(name, size):
+        return next(c for c in cells if c["capacity"] == name and c["data_size"] == size)
+
+    def series(c_list, x_of, label):
+        return Series(label, [(x_of(c), 100 * c["top1_mean"]) for c in c_list],
+                      [(100 * c["top1_min"], 100 * c["top1_max"]) for c in c_list])
+
+    by_size = [series([cell(cap["name"], n) for cap in capacities], lambda c: c["parameters"], f"{n} images")
+               for n in sizes]
+    by_capacity = [series([cell(cap["name"], n) for n in sizes], lambda c: c["data_size"],
+                          f"{cap['name']} ({_compact(cap['parameters'])} parameters)") for cap in capacities]
+    seeds = len(result["seeds"])
+    spread = "mean over seeds, bars min-max" if seeds > 1 else "one seed"
+    panel_a = draw_chart(by_size, title="(a) probe top-1 vs parameters", x_label=f"trunk parameters ({spread})",
+                         y_label="top-1 %", log_x=True,
+                         x_ticks=[(cap["parameters"], _compact(cap["parameters"])) for cap in capacities])
+    panel_b = draw_chart(by_capacity, title="(b) probe top-1 vs pre-training data",
+                         x_label=f"distinct pre-training images ({spread})", y_label="top-1 %", log_x=True,
+                         x_ticks=[(n, str(n)) for n in sizes])
+    points = [Series(cap["name"], [(p["val_loss"], 100 * p["top1"]) for r in result["runs"]
+                                   if r["capacity"] == cap["name"] for p in r["checkpoints"]])
+              for cap in capacities]
+    loss = result["findings"]["loss_predicts_accuracy"]
+    panel_c = draw_chart(points, title="(c) validation loss vs probe top-1", x_label="held-out validation loss",
+                         y_label="top-1 %", connect=False,
+                         note=f"Spearman rho = {loss['spearman_rho']:.3f} ({loss['num_checkpoints']} checkpoints)")
+    caption = (f"{result['data']}; {result['steps']} steps of {result['batch_size']} images per run, "
+               f"seeds {', '.join(map(str, result['seeds']))}")
+    return compose_figure([panel_a, panel_b, panel_c], caption)
+
+
+def _compact(n: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def run_scaling(
+    out: Union[str, os.PathLike] = "mlx_aim_scaling",
+    *,
+    data: Optional[Union[str, os.PathLike]] = None,
+    quick: bool = False,
+    config: Optional[ScalingConfig] = None,
+    force: bool = False,
+    progress: bool = True,
+    echo: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Runs the grid under `out`; returns its figures (what `--json` prints) and writes `scaling.json` and
+    `scaling.png` in its folder.
+
+    `data`: a labelled image folder of the user's instead of the built-in shapes. `quick` uses `QUICK` (a tiny
+    budget for tests) instead of `DEFAULT`, `config` any other `ScalingConfig`. `force` discards this grid's earlier
+    runs (the image folder is kept). `echo` receives a line per stage; by default they go nowhere.
+    """
+    echo = echo or silent
+    start_time = time.perf_counter()
+    cfg = config if config is not None else QUICK if quick else DEFAULT
+    out = Path(out)
+    grid = grid_data(cfg, out, data)
+    sizes = grid.sizes(cfg.data_fractions)
+    if len(set(sizes)) != len(sizes) or sizes[0] < cfg.batch_size:
+        raise ValueError(f"pre-training sets of {sizes} images from a pool of {len(grid.pool)}: expected distinct "
+                         f"sizes of at least one batch ({cfg.batch_size} images); use a larger image folder")
+    settings = dataclasses.asdict(cfg)
+    grid_name = ("quick" if cfg == QUICK else "default" if cfg == DEFAULT else "custom") + "-" + _digest(
+        {"config": settings, "data": grid.identity})
+    runs_dir = out / grid_name
+    if force and runs_dir.exists():
+        shutil.rmtree(runs_dir)
+    capacities = sorted(({"name": capacity_name(w, d), "width": w, "depth": d,
+                          "parameters": parameter_count(cfg.model_config(w, d, len(grid.pool.classes)))}
+                         for w, d in cfg.capacities), key=lambda c: c["parameters"])
+    total = len(capacities) * len(sizes) * len(cfg.seeds)
+    echo(f"{grid.description}; pre-training sets of {', '.join(map(str, sizes))} images; capacities "
+         f"{', '.join(c['name'] + ' (' + _compact(c['parameters']) + ')' for c in capacities)}; seeds "
+         f"{', '.join(map(str, cfg.seeds))}: {total} runs of {cfg.steps} steps of {cfg.batch_size} images, "
+         f"{cfg.checkpoints} checkpoints each -> {runs_dir}")
+    runs = []
+    for seed in cfg.seeds:
+        for size in sizes:
+            for capacity in capacities:
+                echo(f"[{len(runs) + 1}/{total}] {capacity['name']}, {size} images, seed {seed}")
+                runs.append(run_cell(cfg, grid, capacity["width"], capacity["depth"], size, seed, runs_dir,
+                                     progress=progress, echo=echo))
+    cells = summarize_cells(runs, capacities, sizes)
+    top1 = np.array([[next(c["top1_mean"] for c in cells if c["capacity"] == cap["name"] and c["data_size"] == n)
+                      for n in sizes] for cap in capacities])
+    points = [p for r in runs for p in r["checkpoints"]]
+    findings = {
+        "scaling": scaling_finding(top1, [c["name"] for c in capacities], sizes),
+        "loss_predicts_accuracy": loss_finding([p["val_loss"] for p in points], [p["top1"] for p in points]),
+    }
+    result = {
+        "quick": quick,
+        "data": grid.description,
+        "num_classes": len(grid.pool.classes),
+        "probe_train": len(grid.pool),
+        "num_val": len(grid.val),
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "checkpoint_steps": [cfg.steps // cfg.checkpoints * (k + 1) for k in range(cfg.checkpoints)],
+        "seeds": list(cfg.seeds),
+        "capacities": capacities,
+        "data_sizes": sizes,
+        "runs": runs,
+        "cells": cells,
+        "findings": findings,
+        "verdicts": verdict_lines(findings),
+        "config": settings,
+        "run_dir": str(runs_dir),
+    }
+    result["figure"] = str(save_png(scaling_figure(result), runs_dir / "scaling.png"))
+    result["seconds"] = round(time.perf_counter() - start_time, 1)
+    write_json(runs_dir / "scaling.json", result)
+    return result

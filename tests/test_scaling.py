@@ -1,0 +1,263 @@
+"""The scaling grid (mlx_aim/scaling.py): its arithmetic on hand-made numbers (ranks, Spearman's rho, the verdicts,
+both ways), and `scripts/scaling.py --quick` end to end: the outputs' structure, resuming and reuse, --data."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import last_json, run_script
+from mlx_aim import scaling
+from mlx_aim.synthetic import render
+from mlx_aim.train import list_checkpoints
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks and Spearman's rho
+
+
+def test_average_ranks_share_ties():
+    np.testing.assert_array_equal(scaling.average_ranks([10, 30, 20]), [1, 3, 2])
+    np.testing.assert_array_equal(scaling.average_ranks([1.0, 2.0, 2.0, 4.0]), [1, 2.5, 2.5, 4])
+    np.testing.assert_array_equal(scaling.average_ranks([5, 5, 5]), [2, 2, 2])
+    np.testing.assert_array_equal(scaling.average_ranks([3, 1, 3, 1, 2]), [4.5, 1.5, 4.5, 1.5, 3])
+
+
+def test_spearman_of_a_hand_computed_case_with_a_tie():
+    # x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4); centred: (-1.5, 0, 0, 1.5) and (-1.5, -0.5, 0.5, 1.5):
+    # covariance sum 4.5, squares 4.5 and 5, so rho = 4.5 / sqrt(22.5) = 3 / sqrt(10).
+    assert scaling.spearman([1.0, 2.0, 2.0, 4.0], [10, 20, 30, 40]) == pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    assert scaling.spearman([1.0, 2.0, 2.0, 4.0], [40, 30, 20, 10]) == pytest.approx(-3 / math.sqrt(10), abs=1e-12)
+
+
+def test_spearman_without_ties_is_the_classic_formula():
+    x, y = [0.9, 0.5, 0.7, 0.1, 0.3], [0.2, 0.4, 0.1, 0.9, 0.5]  # ranks (5, 3, 4, 1, 2) and (2, 3, 1, 5, 4)
+    d2 = sum((a - b) ** 2 for a, b in zip([5, 3, 4, 1, 2], [2, 3, 1, 5, 4]))
+    assert scaling.spearman(x, y) == pytest.approx(1 - 6 * d2 / (5 * (25 - 1)), abs=1e-12)  # -0.9
+    assert scaling.spearman([1, 2, 3], [1, 4, 9]) == pytest.approx(1.0)  # monotonic, not linear
+
+
+def test_spearman_is_undefined_for_constants_and_refuses_unpaired_values():
+    assert math.isnan(scaling.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(scaling.spearman([1], [2]))
+    with pytest.raises(ValueError, match="3 x values, 2 y values"):
+        scaling.spearman([1, 2, 3], [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The verdicts
+
+
+CAPACITIES, SIZES = ["w32-d2", "w64-d4", "w128-d4"], [125, 500, 4000]
+
+
+def test_finding_one_holds_when_every_line_rises():
+    top1 = np.array([[0.30, 0.32, 0.35], [0.33, 0.36, 0.40], [0.34, 0.38, 0.45]])  # [capacity, data size]
+    found = scaling.scaling_finding(top1, CAPACITIES, SIZES)
+    assert found["holds"] is True
+    assert [(line["axis"], line["at"]) for line in found["lines"]] == [
+        ("capacity", "125 images"), ("capacity", "500 images"), ("capacity", "4000 images"),
+        ("data", "w32-d2"), ("data", "w64-d4"), ("data", "w128-d4")]
+    assert all(line["rises"] and not line["exceptions"] for line in found["lines"])
+    assert found["lines"][1]["values"] == [0.32, 0.36, 0.38]
+    loss = scaling.loss_finding([3, 2, 1], [1, 2, 3])
+    text = scaling.verdict_lines({"scaling": found, "loss_predicts_accuracy": loss})
+    assert text[0].endswith(": holds at this scale")
+    assert "  along capacity at 500 images: 32.0% -> 36.0% -> 38.0%: rises" in text
+
+
+def test_finding_one_does_not_hold_with_one_drop_or_tie_and_names_each_exception():
+    top1 = np.array([[0.30, 0.32, 0.35], [0.33, 0.36, 0.36], [0.31, 0.38, 0.45]])
+    found = scaling.scaling_finding(top1, CAPACITIES, SIZES)
+    assert found["holds"] is False
+    broken = {(line["axis"], line["at"]): line["exceptions"] for line in found["lines"] if not line["rises"]}
+    assert broken == {
+        ("capacity", "125 images"): [{"from": "w64-d4", "to": "w128-d4", "before": 0.33, "after": 0.31}],
+        ("data", "w64-d4"): [{"from": "500 images", "to": "4000 images", "before": 0.36, "after": 0.36}],  # a tie
+    }
+    text = scaling.verdict_lines({"scaling": found, "loss_predicts_accuracy": scaling.loss_finding([1, 2], [1, 2])})
+    assert text[0].endswith(": does not hold at this scale")
+    assert ("  along capacity at 125 images: 30.0% -> 33.0% -> 31.0%: exception (w64-d4 -> w128-d4: 33.0% -> 31.0%)"
+            in text)
+    assert sum("exception" in line for line in text) == 2 and sum(line.endswith("rises") for line in text) == 4
+
+
+def test_finding_two_holds_at_or_below_the_target():
+    loss = [0.50, 0.45, 0.40, 0.35, 0.30]
+    found = scaling.loss_finding(loss, [0.20, 0.25, 0.30, 0.35, 0.40])
+    assert found == {"holds": True, "spearman_rho": pytest.approx(-1.0), "target": -0.8, "num_checkpoints": 5}
+    # rho -0.9 (one pair swapped: sum of squared rank differences 38) holds; -0.6 (32) does not; nor a constant.
+    close = scaling.loss_finding(loss, [0.20, 0.30, 0.25, 0.35, 0.40])
+    assert close["spearman_rho"] == pytest.approx(-0.9) and close["holds"] is True
+    weak = scaling.loss_finding(loss, [0.25, 0.20, 0.35, 0.40, 0.30])
+    assert weak["spearman_rho"] == pytest.approx(-0.6) and weak["holds"] is False
+    assert scaling.loss_finding(loss, [0.3] * 5)["holds"] is False
+    text = scaling.verdict_lines({"scaling": scaling.scaling_finding(np.eye(2), ["a", "b"], [1, 2]),
+                                  "loss_predicts_accuracy": weak})
+    assert text[-1] == ("Finding 2 (lower validation loss, higher probe top-1): does not hold at this scale: "
+                        "Spearman rho -0.600 over 5 checkpoints (target <= -0.8)")
+
+
+def test_config_refuses_what_the_grid_cannot_run():
+    with pytest.raises(ValueError, match="multiple of checkpoints"):
+        scaling.DEFAULT.replace(steps=100, checkpoints=3)
+    with pytest.raises(ValueError, match="increasing fractions"):
+        scaling.DEFAULT.replace(data_fractions=(0.5, 0.25, 1.0))
+    with pytest.raises(ValueError, match="at least two capacities"):
+        scaling.DEFAULT.replace(capacities=((32, 2),))
+
+
+def test_default_grid_spans_what_the_issue_asks():
+    """At least 3 capacities and 3 data sizes, each spread 8x or more, several seeds and checkpoints."""
+    cfg = scaling.DEFAULT
+    params = sorted(scaling.parameter_count(cfg.model_config(w, d, cfg.num_classes)) for w, d in cfg.capacities)
+    sizes = [round(f * cfg.num_train) for f in cfg.data_fractions]
+    assert len(params) >= 3 and params[-1] >= 8 * params[0]
+    assert len(sizes) >= 3 and sizes[-1] >= 8 * sizes[0]
+    assert len(cfg.seeds) >= 2 and cfg.checkpoints >= 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# --quick end to end
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The rows of the printed cell table (between its second and third rules)."""
+    lines = stdout.splitlines()
+    rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    return [lines[i].split() for i in range(rules[1] + 1, rules[2])]
+
+
+def check_structure(result: dict, stdout: str, cfg: scaling.ScalingConfig) -> None:
+    num_cells = len(cfg.capacities) * len(cfg.data_fractions)
+    assert len(result["capacities"]) == len(cfg.capacities) and len(result["data_sizes"]) == len(cfg.data_fractions)
+    params = [c["parameters"] for c in result["capacities"]]
+    assert params == sorted(params) and result["data_sizes"] == sorted(result["data_sizes"])
+    assert result["seeds"] == list(cfg.seeds) and len(result["runs"]) == num_cells * len(cfg.seeds)
+    assert result["checkpoint_steps"] == [cfg.steps // cfg.checkpoints * (k + 1) for k in range(cfg.checkpoints)]
+    for run in result["runs"]:
+        assert [p["step"] for p in run["checkpoints"]] == result["checkpoint_steps"]
+        for point in run["checkpoints"]:
+            assert math.isfinite(point["val_loss"]) and 0.0 <= point["top1"] <= point["top5"] <= 1.0
+            assert point["num_val"] == result["num_val"]
+    assert len(result["cells"]) == num_cells
+    for cell in result["cells"]:
+        assert len(cell["top1_seeds"]) == len(cfg.seeds)
+        assert cell["top1_min"] <= cell["top1_mean"] <= cell["top1_max"]
+    scaling_finding, loss = result["findings"]["scaling"], result["findings"]["loss_predicts_accuracy"]
+    assert len(scaling_finding["lines"]) == len(cfg.capacities) + len(cfg.data_fractions)
+    assert isinstance(scaling_finding["holds"], bool) and isinstance(loss["holds"], bool)
+    assert loss["num_checkpoints"] == len(result["runs"]) * cfg.checkpoints
+    # The printed table: one row per cell, with the JSON's numbers; the verdicts as in the JSON.
+    rows = table_rows(stdout)
+    assert len(rows) == num_cells
+    for row, cell in zip(rows, result["cells"]):
+        assert row[0] == cell["capacity"] and row[1] == f"{cell['parameters']:,}" and row[2] == str(cell["data_size"])
+        assert row[3] == f"{cell['val_loss_mean']:.4f}"
+        top1 = f"{100 * cell['top1_mean']:.1f}"
+        assert row[6:8] == [top1, "±"] if len(cfg.seeds) > 1 else row[4] == top1 + "%"
+    for line in result["verdicts"]:
+        assert line in stdout.splitlines()
+    assert sum(line.startswith("Finding ") for line in result["verdicts"]) == 2
+    # The figure: three panels side by side.
+    with Image.open(result["figure"]) as image:
+        image.load()
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert image.width >= 3 * 400 and image.height >= 400
+        pixels = np.asarray(image)
+    panel_tops = pixels[16 + 60, :, :]  # a row through the three plot areas: each has a black frame
+    assert ((panel_tops == 0).all(axis=-1)).sum() >= 6  # left and right frame lines of three panels
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling")
+    done = run_script("scripts/scaling.py", "--quick", "--out", out, "--seeds", "0,1", "--json", "--no-progress")
+    return out, done.stdout, last_json(done.stdout)
+
+
+def test_quick_grid_end_to_end(quick_run):
+    out, stdout, result = quick_run
+    cfg = scaling.QUICK.replace(seeds=(0, 1))
+    check_structure(result, stdout, cfg)
+    assert result["quick"] is True and Path(result["run_dir"]).parent == out
+    assert json.loads((Path(result["run_dir"]) / "scaling.json").read_text())["cells"] == result["cells"]
+    assert "Spearman rho" in stdout and "wall time" in stdout and "figure: " in stdout
+    for run in result["runs"]:  # every run kept a checkpoint at each point of its schedule
+        steps = [int(p.name.split("_")[1]) for p in list_checkpoints(Path(run["run_dir"]) / "pretrain")]
+        assert steps == result["checkpoint_steps"] and run["pretraining_reused"] is False
+
+
+def test_quick_grid_resumes_and_reuses_finished_runs(quick_run, tmp_path):
+    source, _, first = quick_run
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    run_dirs = [Path(r["run_dir"].replace(str(source), str(out))) for r in first["runs"]]
+    # Interrupt one run: its last checkpoint and its probe results gone, as if killed before they were written.
+    cut = run_dirs[-1]
+    shutil.rmtree(list_checkpoints(cut / "pretrain")[-1])
+    shutil.rmtree(cut / "points")
+    logs = {d: (d / "pretrain" / "log.jsonl").read_text() for d in run_dirs[:-1]}
+    lines = []
+    second = scaling.run_scaling(out, quick=True, config=scaling.QUICK.replace(seeds=(0, 1)), progress=False,
+                                 echo=lines.append)
+    assert [r["pretraining_reused"] for r in second["runs"]] == [True] * (len(run_dirs) - 1) + [False]
+    assert any(line.startswith(f"resuming from {cut / 'pretrain'}") for line in lines)
+    assert all((d / "pretrain" / "log.jsonl").read_text() == logs[d] for d in run_dirs[:-1])
+    for old, new in zip(first["runs"][:-1], second["runs"][:-1]):
+        assert all(p["reused"] for p in new["checkpoints"])
+        assert [{k: v for k, v in p.items() if k != "reused"} for p in new["checkpoints"]] == \
+               [{k: v for k, v in p.items() if k != "reused"} for p in old["checkpoints"]]
+    # The resumed run continues exactly: the same numbers as the uninterrupted one.
+    assert [p["val_loss"] for p in second["runs"][-1]["checkpoints"]] == \
+           pytest.approx([p["val_loss"] for p in first["runs"][-1]["checkpoints"]], abs=1e-6)
+
+
+def test_quick_grid_on_a_folder_of_ones_own(tmp_path):
+    """--data: class sub-folders without a val/ folder; the held-out images are a seeded split of them."""
+    data = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["disc", "ring", "square", "triangle"]):
+        (data / name).mkdir(parents=True)
+        for i in range(25):
+            Image.fromarray(render(label, rng, 24)).save(data / name / f"{i}.png")
+    done = run_script("scripts/scaling.py", "--quick", "--data", data, "--out", tmp_path / "out", "--json",
+                      "--no-progress")
+    result = last_json(done.stdout)
+    check_structure(result, done.stdout, scaling.QUICK)
+    assert result["data"] == str(data) and result["num_classes"] == 4
+    assert result["probe_train"] == 80 and result["num_val"] == 20 and result["data_sizes"] == [20, 80]
+
+
+def test_too_small_a_folder_is_refused(tmp_path):
+    data = tmp_path / "small"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / name / f"{i}.png")
+    done = run_script("scripts/scaling.py", "--quick", "--data", data, "--out", tmp_path / "out", check_rc=2)
+    assert "expected distinct sizes of at least one batch" in done.stderr
+
+
+def test_each_checkpoint_is_probed_with_its_own_trunk(quick_run):
+    """`train.checkpoint_trunk` gives a checkpoint's trunk: the last one is the exported model folder's, an earlier
+    one differs from it."""
+    import mlx_aim
+    from mlx.utils import tree_flatten
+    from mlx_aim.train import checkpoint_trunk
+
+    _, _, result = quick_run
+    pre_dir = Path(result["runs"][0]["run_dir"]) / "pretrain"
+    first, last = (checkpoint_trunk(c) for c in (list_checkpoints(pre_dir)[0], list_checkpoints(pre_dir)[-1]))
+    exported = mlx_aim.load(pre_dir / "model")
+
+    def trunk(model):
+        return {k: np.array(v) for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
+
+    assert trunk(last).keys() == trunk(exported).keys()
+    assert all(np.array_equal(v, trunk(exported)[k]) for k, v in trunk(last).items())
+    assert not all(np.array_equal(v, trunk(last)[k]) for k, v in trunk(first).items())
