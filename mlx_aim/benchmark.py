@@ -55,7 +55,8 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from ._blas import blas_info, set_num_threads
-from .backend import use_cpu_workarounds
+from . import native
+from .backend import backend_path
 from .config import AIMConfig, AIMv2Config, Config, get_config
 from .data import is_native
 from .inference import peak_memory
@@ -386,12 +387,16 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "mlx": mx.__version__, "mlx_aim": __version__,
             "device": str(mx.default_device()),
-            "backend_path": "cpu-workarounds" if use_cpu_workarounds() else "portable"}
+            "backend_path": backend_path()}
+    if native.available():
+        info["native_threads"] = native.num_threads()
+    elif native.unavailable_reason():
+        info["native_unavailable"] = native.unavailable_reason()
     blas = blas_info()
     info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
-    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "MLX_AIM_NATIVE", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(var):
             info.setdefault("env", {})[var] = os.environ[var]
