@@ -36,6 +36,7 @@ installed wheel, which does not ship them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -148,6 +149,20 @@ def pretraining_flops(config: AIMConfig, batch_size: int) -> int:
 # Timing
 
 
+def torch_synced(fn: Callable, device: str) -> Callable:
+    """fn, then waiting for `device` to finish (a CUDA call returns before its kernels do); fn itself on the CPU."""
+    if device == "cpu":
+        return fn
+    import torch
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, dict]:
     """Times each zero-argument call: its first call alone, `warmup` - 1 more untimed ones, then `repeats`
     timed rounds in which the calls alternate, reversing the order every round. Returns, per name,
@@ -173,7 +188,7 @@ def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) ->
                    "min_s": float(np.min(times[name]))} for name in fns}
 
 
-def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False) -> dict:
+def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False, torch_device: str = "cpu") -> dict:
     """float32 GFLOP/s of a size^3 matmul, the best of the repeats (a peak: the least disturbed by other
     load): MLX, and PyTorch with `torch_too`."""
     rng = np.random.default_rng(0)
@@ -183,8 +198,8 @@ def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False
     if torch_too:
         import torch
 
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
-        fns["torch"] = lambda: ta @ tb
+        ta, tb = torch.from_numpy(a_np).to(torch_device), torch.from_numpy(b_np).to(torch_device)
+        fns["torch"] = torch_synced(lambda: ta @ tb, torch_device)
     timed = time_calls(fns, warmup=1, repeats=repeats)
     return {name: 2 * size**3 / t["min_s"] / 1e9 for name, t in timed.items()}
 
@@ -259,12 +274,14 @@ def _load_model(config: Config, dtype, quantize, weights: Optional[str],
 
 def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, weights: Optional[str] = None,
                     compare_torch: bool = False, warmup: int = 2, repeats: int = 5, compile: bool = False,
-                    image_size: Optional[int] = None, max_patches: Optional[int] = None) -> dict:
+                    image_size: Optional[int] = None, max_patches: Optional[int] = None,
+                    torch_device: str = "cpu") -> dict:
     """AIM's classifier, or AIMv2's encoder; `image_size` and `max_patches` are a native-resolution model's."""
     model, info = _load_model(config, dtype, quantize, weights, max_patches)
     config = model.config
     if isinstance(config, AIMv2Config):
-        return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size)
+        return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size,
+                              torch_device)
     images_np = random_images(config, batch_size)
     images = mx.array(images_np)
     # Compiled: the whole forward traced once per input shape, weights captured as constants.
@@ -280,9 +297,10 @@ def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, 
         reference = torch_reference()
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
         ref = reference.AIMReference.from_config(config).eval()
-        reference.load_mlx_weights(ref, float_weights(model)).to(torch_dtype)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        reference.load_mlx_weights(ref, float_weights(model)).to(torch_device, torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device, torch_dtype)
 
+        @functools.partial(torch_synced, device=torch_device)
         def torch_call():
             with torch.inference_mode():
                 return ref(images_t)
@@ -296,13 +314,13 @@ def _add_torch(fns: dict, result: dict, torch_call: Callable, torch_dtype, ours:
     """Times PyTorch's `torch_call` beside MLX's and records how far its output is from ours (`ours`)."""
     fns["torch"] = torch_call
     result["torch_dtype"] = dtype_name(torch_dtype)
-    theirs = torch_call().float().numpy()
+    theirs = torch_call().float().cpu().numpy()
     ours = np.array(ours.astype(mx.float32))
     result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: bool, warmup: int, repeats: int,
-                   compile: bool, image_size: Optional[int]) -> dict:
+                   compile: bool, image_size: Optional[int], torch_device: str = "cpu") -> dict:
     """AIMv2's encoder (every block, the final norm) against transformers' `Aimv2VisionModel` on its weights."""
     config = model.config
     size = (image_size or NATIVE_IMAGE_SIZE) if config.native else config.image_size
@@ -325,9 +343,11 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
 
         reference = transformers_reference()
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
-        ref = reference.load_mlx_weights(reference.build_reference(config), float_weights(model)).to(torch_dtype)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        ref = reference.load_mlx_weights(reference.build_reference(config), float_weights(model))
+        ref = ref.to(torch_device, torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device, torch_dtype)
 
+        @functools.partial(torch_synced, device=torch_device)
         def torch_call():
             with torch.inference_mode():
                 return ref(pixel_values=images_t).last_hidden_state
@@ -338,7 +358,7 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
 
 
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
-                      warmup: int = 2, repeats: int = 5) -> dict:
+                      warmup: int = 2, repeats: int = 5, torch_device: str = "cpu") -> dict:
     from .train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     model = build_model(config, seed=0, pretraining=True)
@@ -360,10 +380,10 @@ def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32"
 
         reference = torch_reference()
         ref = reference.load_mlx_weights(reference.AIMPretrainingReference(config), float_weights(model))
-        torch_step = reference.PretrainStep(ref, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
-        prefix_t = torch.from_numpy(prefix.astype(np.int64))
-        fns["torch"] = lambda: torch_step(images_t, prefix_t)
+        torch_step = reference.PretrainStep(ref.to(torch_device), dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device)
+        prefix_t = torch.from_numpy(prefix.astype(np.int64)).to(torch_device)
+        fns["torch"] = torch_synced(lambda: torch_step(images_t, prefix_t), torch_device)
         # The same step on the same weights: the first losses agree (both computed before any update).
         ours, _ = step(images_np, prefix, num_targets)
         theirs, _ = torch_step(images_t, prefix_t)
@@ -417,6 +437,7 @@ def measure(
     train_only: bool = False,
     train_batch_size: Optional[int] = None,
     compare_torch: bool = False,
+    torch_device: str = "cpu",
     threads: Optional[int] = None,
     compile: bool = False,
     warmup: int = 2,
@@ -429,7 +450,8 @@ def measure(
     `config`: a model config instead of `preset`'s; `weights`: an MLX model folder (or anything `mlx_aim.load`
     takes) instead of random weights; `image_size`: the model's (for a native-resolution model, the side of its
     square inputs, default `NATIVE_IMAGE_SIZE`); `max_patches`: a native model's guard; `quantize`: 4 or 8 bits, or
-    a quantization dict, for inference; `threads`: BLAS (and torch) threads."""
+    a quantization dict, for inference; `threads`: BLAS (and torch) threads; `torch_device`: where PyTorch runs
+    with `compare_torch` ("cpu", or "cuda" to compare MLX's CUDA backend with PyTorch's)."""
     if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise ValueError(f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}, threads={threads}: "
                          "expected batch_size, repeats and threads >= 1, warmup >= 0")
@@ -460,15 +482,15 @@ def measure(
         result["machine"]["blas"]["threads"] = threads
         if compare_torch:
             result["machine"]["torch"]["threads"] = threads
-    peak = matmul_peak(repeats=repeats, torch_too=compare_torch)
+    peak = matmul_peak(repeats=repeats, torch_too=compare_torch, torch_device=torch_device)
     result["matmul_peak_gflops"] = peak
     runs = []
     if not train_only:
         runs.append(bench_inference(config, batch_size, dtype, quantize, weights, compare_torch, warmup, repeats,
-                                    compile, input_size, max_patches))
+                                    compile, input_size, max_patches, torch_device))
     if train or train_only:
         runs.append(bench_pretraining(config, train_batch_size or batch_size, dtype or "float32", compare_torch,
-                                      warmup, repeats))
+                                      warmup, repeats, torch_device))
     for r in runs:
         _rows(r, peak)
     result["runs"] = runs
