@@ -1,4 +1,4 @@
-// Native CPU kernels for mlx_aim: exact GELU and the attention softmax, as MLX primitives.
+// Native CPU kernels for mlx_aim: exact GELU, the attention softmax and layer norm, as MLX primitives.
 //
 // Each op is an mlx::core::Primitive (eval_cpu, vjp, jvp, vmap), so autograd and mx.compile treat it like any of
 // MLX's own ops. eval_cpu hands its work to the stream's command encoder (MLX 0.32 runs CPU work asynchronously on
@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <bit>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -255,6 +256,69 @@ MLX_AIM_CLONES void softmax_backward_row(const float* p, const float* g, float s
   for (int k = 0; k < kLanes; ++k) dot += lanes[k];
   for (; j < n; ++j) dot += p[j] * g[j];
   for (int64_t i = 0; i < n; ++i) out[i] = scale * p[i] * (g[i] - dot);
+}
+
+// One row of layer norm: (x - mean) / sqrt(var + eps) * w + b, mean and variance in two passes.
+MLX_AIM_CLONES void layer_norm_row(const float* x, const float* w, const float* b, float eps, float* y, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  float mean = total / static_cast<float>(n);
+  for (int k = 0; k < kLanes; ++k) lanes[k] = 0.0f;
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += (x[j + k] - mean) * (x[j + k] - mean);
+  float squares = 0.0f;
+  for (int k = 0; k < kLanes; ++k) squares += lanes[k];
+  for (; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
+  float rstd = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+// One row of layer norm's backward: dx = rstd (g w - mean(g w) - xhat mean(g w xhat)); adds g xhat to dw and g to db.
+MLX_AIM_CLONES void layer_norm_backward_row(const float* x, const float* w, const float* g, float eps, float* dx,
+                                            float* dw, float* db, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  float mean = total / static_cast<float>(n);
+  float sq[kLanes] = {}, gw_sum[kLanes] = {}, gwx_sum[kLanes] = {};
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      float c = x[j + k] - mean, gw = g[j + k] * w[j + k];
+      sq[k] += c * c;
+      gw_sum[k] += gw;
+      gwx_sum[k] += gw * c;
+    }
+  float squares = 0.0f, a = 0.0f, c_sum = 0.0f;
+  for (int k = 0; k < kLanes; ++k) {
+    squares += sq[k];
+    a += gw_sum[k];
+    c_sum += gwx_sum[k];
+  }
+  for (; j < n; ++j) {
+    float c = x[j] - mean, gw = g[j] * w[j];
+    squares += c * c;
+    a += gw;
+    c_sum += gw * c;
+  }
+  float inv_n = 1.0f / static_cast<float>(n);
+  float rstd = 1.0f / std::sqrt(squares * inv_n + eps);
+  a *= inv_n;
+  c_sum *= inv_n * rstd;  // mean(g w xhat)
+  for (int64_t i = 0; i < n; ++i) {
+    float xhat = (x[i] - mean) * rstd;
+    dx[i] = rstd * (g[i] * w[i] - a - xhat * c_sum);
+    dw[i] += g[i] * xhat;
+    db[i] += g[i];
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -554,6 +618,118 @@ std::vector<mx::array> MaskedSoftmax::jvp(const std::vector<mx::array>& primals,
   return {*out};
 }
 
+// Layer norm over the last axis with a weight and a bias; inputs {x, w, b}.
+class LayerNorm : public mx::UnaryPrimitive {
+ public:
+  LayerNorm(mx::Stream s, float eps) : UnaryPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native LayerNorm runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxAimLayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float eps_;
+};
+
+// Layer norm's backward; inputs {x, w, cotangent}, outputs {dx, dw, db}.
+class LayerNormGrad : public mx::Primitive {
+ public:
+  LayerNormGrad(mx::Stream s, float eps) : Primitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native LayerNormGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimLayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNormGrad&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[1].shape(), inputs[1].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
+  for (auto* a : {&x, &weight, &bias}) check_float32(*a, "layer_norm");
+  if (x.ndim() == 0 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
+      bias.shape(0) != x.shape(-1))
+    throw std::invalid_argument("layer_norm: weight and bias must be (D,) for x of shape (..., D)");
+  auto s = mx::default_stream(mx::default_device());
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerNorm>(s, eps), {x, weight, bias});
+}
+
+void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    b = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = out.data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> wb(2 * n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, wb.data());
+    const float* b_ptr = gather_row(b.data<float>(), b.strides()[0], n, wb.data() + n);
+    Rows xr = rows_of(x, x.shape());
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(n);
+      for (int64_t r = begin; r < end; ++r)
+        layer_norm_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr, b_ptr, eps,
+                       out_ptr + r * n, n);
+    });
+  });
+}
+
+void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  for (auto& o : outputs) encoder.set_output_array(o);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    g = mx::array::unsafe_weak_copy(inputs[2]), dx_ptr = outputs[0].data<float>(),
+                    dw_ptr = outputs[1].data<float>(), db_ptr = outputs[2].data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> w_buffer(n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, w_buffer.data());
+    Rows xr = rows_of(x, x.shape()), gr = rows_of(g, x.shape());
+    std::fill(dw_ptr, dw_ptr + n, 0.0f);
+    std::fill(db_ptr, db_ptr + n, 0.0f);
+    std::mutex merge;
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(2 * n), dw(n, 0.0f), db(n, 0.0f);  // this chunk's sums, added in once at the end
+      for (int64_t r = begin; r < end; ++r)
+        layer_norm_backward_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr,
+                                gather_row(g.data<float>() + gr.offsets[r], gr.step, n, buffer.data() + n), eps,
+                                dx_ptr + r * n, dw.data(), db.data(), n);
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t j = 0; j < n; ++j) {
+        dw_ptr[j] += dw[j];
+        db_ptr[j] += db[j];
+      }
+    });
+  });
+}
+
+std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto s = stream();
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[1].shape(), primals[1].shape()}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<LayerNormGrad>(s, eps_),
+      {primals[0], primals[1], mx::broadcast_to(mx::astype(cotangents[0], mx::float32, s), primals[0].shape(), s)});
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(grads[arg]);
+  return out;
+}
+
 }  // namespace
 
 NB_MODULE(_native_kernels, m) {
@@ -566,6 +742,8 @@ NB_MODULE(_native_kernels, m) {
   m.def("gelu_grad", &gelu_grad, "x"_a, "cotangent"_a, "cotangent * gelu'(x), float32.");
   m.def("masked_softmax", &masked_softmax, "scores"_a, "mask"_a.none(), "scale"_a,
         "softmax(scale * scores + mask) over the last axis; mask additive float32, broadcastable, or None.");
+  m.def("layer_norm", &layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a,
+        "Layer norm over the last axis of float32 x with (D,) weight and bias.");
   m.def("softmax_grad", &softmax_grad, "probs"_a, "cotangent"_a, "scale"_a,
         "scale * p * (g - sum(p g)) over the last axis.");
 }

@@ -1,13 +1,13 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.layers`) calls `Linear`, `attention`, `gelu`, `silu` and `prepare_mask` from here and never
-looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`, `nn.QuantizedLinear`,
-`mx.fast.scaled_dot_product_attention`, `nn.gelu` (exact, erf) and `nn.silu`. On the CPU backend the workarounds
+The model (`mlx_aim.layers`) calls `Linear`, `LayerNorm`, `attention`, `gelu`, `silu` and `prepare_mask` from here
+and never looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`, `nn.QuantizedLinear`,
+`mx.fast.scaled_dot_product_attention`, `nn.LayerNorm` (`mx.fast.layer_norm`), `nn.gelu` (exact, erf) and `nn.silu`. On the CPU backend the workarounds
 replace the slow parts of MLX's CPU kernels:
 
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
-- GELU and the attention softmax are `mlx_aim.native`'s C++ kernels (MLX primitives, multithreaded and vectorised
+- GELU, the attention softmax and layer norm are `mlx_aim.native`'s C++ kernels (MLX primitives, multithreaded and vectorised
   for the running CPU), when that extension was built and matches the installed mlx;
 - otherwise, and with MLX_AIM_NATIVE=0, attention is `ops.attention` (a vectorised exp, a written-out backward,
   float32) and GELU `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time);
@@ -162,6 +162,16 @@ class Linear(nn.Linear):
         if quantize_input or mode != "affine":
             return super().to_quantized(group_size, bits, mode, quantize_input)
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose affine form runs `native.layer_norm` on the native path; `mx.fast.layer_norm` elsewhere.
+    Same parameters."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self and use_native_kernels():
+            return native.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
 
 
 class QuantizedLinear(nn.QuantizedLinear):

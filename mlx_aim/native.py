@@ -1,4 +1,5 @@
-"""mlx_aim's native CPU kernels: exact GELU and the attention softmax as MLX primitives written in C++ (`csrc/`).
+"""mlx_aim's native CPU kernels: exact GELU, the attention softmax and layer norm as MLX primitives written in C++
+(`csrc/`).
 
 MLX's CPU backend runs each element-wise kernel on one thread, and its `erf` and `exp` one element at a time. The
 kernels here are multithreaded and vectorised for the running CPU (AVX-512, AVX2 or baseline, picked when the module
@@ -8,7 +9,9 @@ through them as through MLX's own ops:
 - `gelu`: x Phi(x), Phi from the same float32 rational erf as `mlx_aim.ops.gelu`; its backward uses the closed-form
   slope Phi(x) + x pdf(x);
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
-  backward, native.
+  backward, native;
+- `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
+  through it raise).
 
 They run on the CPU only; `mlx_aim.backend` decides when (the CPU device, the workarounds on, MLX_AIM_NATIVE not 0).
 The extension is built by `pip install` where a compiler and CMake are present, against the mlx the build had; it is
@@ -105,3 +108,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
     probs = softmax(q @ k.swapaxes(-1, -2), additive_mask(mask, k.shape[-2]), scale)
     return (probs @ v).astype(dtype)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """`mx.fast.layer_norm(x, weight, bias, eps)` over the last axis; weight and bias (D,). Half precision is computed
+    in float32 and rounded back."""
+    kernels = _require()
+    dtype = x.dtype
+    if dtype == mx.float32 and weight.dtype == mx.float32 and bias.dtype == mx.float32:
+        return kernels.layer_norm(x, weight, bias, eps)
+    f32 = mx.float32
+    return kernels.layer_norm(x.astype(f32), weight.astype(f32), bias.astype(f32), eps).astype(dtype)

@@ -16,6 +16,7 @@ import pytest
 
 from mlx_aim import backend, native, ops
 from mlx_aim.layers import prefix_causal_mask
+from test_attention import graph_ops
 from test_ops import EPS32, dense_grid, gelu64, gelu_grad64
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -220,6 +221,53 @@ def test_a_training_step_through_native_and_ops_paths_agrees():
     assert abs(v_native.item() - v_ops.item()) <= 1e-5 * abs(v_ops.item())
     for key in g_ops:
         assert rel(g_native[key], g_ops[key]) < 1e-4, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer norm
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 384), (3, 7), (1, 1, 1536), (0, 16)])
+def test_layer_norm_matches_mx_fast_forward_backward_compiled(shape):
+    x = mx.random.normal(shape) * 3.0 + 1.5
+    w, b = mx.random.normal(shape[-1:]), mx.random.normal(shape[-1:])
+    out, ref = native.layer_norm(x, w, b, 1e-6), mx.fast.layer_norm(x, w, b, 1e-6)
+    assert out.shape == ref.shape
+    if x.size == 0:
+        return
+    x64 = np.array(x, dtype=np.float64)
+    ref64 = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * np.array(w) + np.array(b)
+    np.testing.assert_allclose(np.array(out), ref64, rtol=0, atol=2e-6 * np.abs(ref64).max())
+    assert rel(out, ref) < 2e-6
+    c = mx.random.normal(shape)
+    grads = mx.grad(lambda a, g, h: (native.layer_norm(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2))
+    refs = mx.grad(lambda a, g, h: (mx.fast.layer_norm(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2))(x, w, b)
+    for g, g_compiled, g_ref in zip(grads(x, w, b), mx.compile(grads)(x, w, b), refs):
+        assert rel(g, g_ref) < 1e-5 and rel(g_compiled, g_ref) < 1e-5
+
+
+def test_layer_norm_reads_transposed_input_and_keeps_half_precision():
+    x = mx.random.normal((48, 32))
+    w, b = mx.random.normal((48,)), mx.random.normal((48,))
+    assert rel(native.layer_norm(x.T, w, b, 1e-6), mx.fast.layer_norm(x.T, w, b, 1e-6)) < 2e-6
+    xh = x.T.astype(mx.bfloat16)
+    out = native.layer_norm(xh, w.astype(mx.bfloat16), b.astype(mx.bfloat16), 1e-6)
+    assert out.dtype == mx.bfloat16
+    assert rel(out, mx.fast.layer_norm(xh, w.astype(mx.bfloat16), b.astype(mx.bfloat16), 1e-6)) < 2e-2
+    with pytest.raises(ValueError, match="weight and bias"):
+        native.layer_norm(x, w, b, 1e-6)
+
+
+def test_backend_layer_norm_is_an_nn_layer_norm_with_the_same_parameters():
+    norm = backend.LayerNorm(64, eps=1e-6)
+    assert isinstance(norm, nn.LayerNorm) and set(dict(norm.parameters())) == {"weight", "bias"}
+    norm.update({"weight": mx.random.normal((64,)), "bias": mx.random.normal((64,))})
+    x = mx.random.normal((5, 64))
+    with backend.cpu_workarounds(True), backend.native_kernels(True):
+        assert rel(norm(x), nn.LayerNorm.__call__(norm, x)) < 2e-6
+        assert "MlxAimLayerNorm" in graph_ops(norm(x))
+    with backend.native_kernels(False):
+        assert "MlxAimLayerNorm" not in graph_ops(norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------
