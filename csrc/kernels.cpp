@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #if defined(__linux__)
 #include <sched.h>
 #endif
@@ -134,8 +135,20 @@ class Pool {
   bool stop_ = false;
 };
 
+// Never destroyed: worker threads must not be joined during interpreter teardown. A forked child has none of its
+// parent's workers, so it starts a pool of its own (the parent's, perhaps mid-region, is left alone).
+std::atomic<Pool*> the_pool{nullptr};
+std::once_flag fork_handler;
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: worker threads must not be joined during interpreter teardown
+  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { the_pool.store(nullptr); }); });
+  Pool* p = the_pool.load();
+  if (p == nullptr) {
+    static std::mutex creating;
+    std::lock_guard<std::mutex> lock(creating);
+    p = the_pool.load();
+    if (p == nullptr) the_pool.store(p = new Pool());
+  }
   return *p;
 }
 
