@@ -17,7 +17,7 @@ where a training step's time goes.
 
 Times are the best of wall-clock repeats. On a busy machine threaded kernels wait for descheduled
 threads at every barrier; `--threads 1` gives steadier numbers there (it sets OMP_NUM_THREADS,
-MKL_NUM_THREADS and OPENBLAS_NUM_THREADS for every process, and torch's thread count).
+MKL_NUM_THREADS, OPENBLAS_NUM_THREADS and MLX_AIM_NATIVE_THREADS for every process, and torch's thread count).
 """
 
 import argparse
@@ -243,7 +243,7 @@ def main():
     for setting in args.blas:
         env = dict(os.environ, MLX_AIM_BLAS=setting)
         if args.threads:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MLX_AIM_NATIVE_THREADS"):
                 env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--reps", str(args.reps),
                "--sizes", *map(str, args.sizes)] + (["--torch"] if args.torch else []) \

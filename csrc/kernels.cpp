@@ -14,6 +14,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -57,10 +58,21 @@ namespace {
 // ------------------------------------------------------------------------------------------------------------------
 // Threads: a fixed pool, woken per parallel region; the calling thread (MLX's stream thread) takes a share too.
 
+int default_threads() {
+  if (const char* env = std::getenv("MLX_AIM_NATIVE_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 class Pool {
  public:
-  Pool() {
-    int n = default_threads();
+  explicit Pool(int n) {
     for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
   }
   ~Pool() {
@@ -97,14 +109,6 @@ class Pool {
   }
 
  private:
-  static int default_threads() {
-#if defined(__linux__)
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-    return std::max(1u, std::thread::hardware_concurrency());
-  }
-
   void chunk(int part) {
     int64_t begin = total_ * part / parts_, end = total_ * (part + 1) / parts_;
     if (begin < end) (*task_)(begin, end);
@@ -147,9 +151,17 @@ Pool& pool() {
     static std::mutex creating;
     std::lock_guard<std::mutex> lock(creating);
     p = the_pool.load();
-    if (p == nullptr) the_pool.store(p = new Pool());
+    if (p == nullptr) the_pool.store(p = new Pool(default_threads()));
   }
   return *p;
+}
+
+// A new pool of n threads (after the queued work is done); the old one's workers are joined.
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads: need at least 1 thread");
+  mx::synchronize();
+  pool();  // the fork handler is installed and a pool exists
+  delete the_pool.exchange(new Pool(n));
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -751,6 +763,7 @@ NB_MODULE(_native_kernels, m) {
   m.attr("built_mlx_version") = MLX_AIM_BUILT_MLX;
   m.attr("isa_dispatch") = bool(MLX_AIM_ISA_DISPATCH);
   m.def("num_threads", [] { return pool().size(); }, "Threads the kernels split their work over.");
+  m.def("set_num_threads", &set_num_threads, "n"_a, "Split the kernels' work over n threads from now on.");
   m.def("gelu", &gelu, "x"_a, "Exact (erf) GELU of a float32 array, on the default stream (the CPU's).");
   m.def("gelu_grad", &gelu_grad, "x"_a, "cotangent"_a, "cotangent * gelu'(x), float32.");
   m.def("masked_softmax", &masked_softmax, "scores"_a, "mask"_a.none(), "scale"_a,

@@ -416,8 +416,8 @@ def machine_info() -> dict:
     info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
-    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "MLX_AIM_NATIVE", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "MLX_AIM_NATIVE", "MLX_AIM_NATIVE_THREADS",
+                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(var):
             info.setdefault("env", {})[var] = os.environ[var]
     return info
@@ -474,6 +474,8 @@ def measure(
         result["machine"]["torch"] = torch_reference().torch_info()
     if threads:
         set_num_threads(threads)
+        if native.available():
+            native.set_num_threads(threads)
         if compare_torch:
             import torch
 

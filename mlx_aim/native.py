@@ -69,8 +69,17 @@ def warn_unavailable() -> None:
 
 
 def num_threads() -> int:
-    """Threads the native kernels split their work over (the CPUs this process may run on)."""
+    """Threads the native kernels split their work over: MLX_AIM_NATIVE_THREADS, else the CPUs this process may
+    run on."""
     return _require().num_threads()
+
+
+def set_num_threads(threads: int) -> None:
+    """Splits the native kernels' work over `threads` threads from now on (one can be faster on a busy machine,
+    as for the BLAS); waits for queued work first."""
+    if threads < 1:
+        raise ValueError(f"threads={threads}: expected at least 1")
+    _require().set_num_threads(threads)
 
 
 def _require():

@@ -324,6 +324,21 @@ def test_an_extension_built_for_another_mlx_is_not_used():
     assert result["path"] == "ops" and len(result["warnings"]) == 1
 
 
+def test_thread_count_can_be_set_and_gives_the_same_values():
+    x = mx.random.normal((64, 6144)) * 3.0
+    before, threads = np.array(native.gelu(x)), native.num_threads()
+    try:
+        native.set_num_threads(1)
+        assert native.num_threads() == 1
+        np.testing.assert_array_equal(np.array(native.gelu(x)), before)
+        native.set_num_threads(3)
+        np.testing.assert_array_equal(np.array(native.gelu(x)), before)
+        with pytest.raises(ValueError, match="threads=0"):
+            native.set_num_threads(0)
+    finally:
+        native.set_num_threads(threads)
+
+
 def test_the_environment_variable_forces_the_ops_path(monkeypatch):
     monkeypatch.setenv(backend.NATIVE_ENV, "0")
     assert not backend.use_native_kernels() and backend.backend_path() == "ops"
