@@ -57,4 +57,5 @@ class OptionalCMakeBuild(build_ext):
         shutil.copyfile(built[0], target)
 
 
-setup(ext_modules=[CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc")], cmdclass={"build_ext": OptionalCMakeBuild})
+setup(ext_modules=[CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc")],
+      cmdclass={"build_ext": OptionalCMakeBuild})
