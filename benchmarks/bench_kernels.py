@@ -3,7 +3,7 @@
 Each BLAS setting runs in a fresh process (MLX binds its CBLAS once, when mlx.core loads), set through
 MLX_AIM_BLAS: `0` keeps MLX's bundled reference BLAS, `auto` lets mlx_aim pick, a path names a library.
 Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.ops.gelu and, where
-built, mlx_aim.native.gelu: forward and compiled forward+backward), mx.fast.layer_norm, and attention
+built, mlx_aim.native.gelu: forward and compiled forward+backward), layer norm (mx.fast, native), and attention
 (mx.fast.scaled_dot_product_attention, ops.attention, native.attention: forward and compiled forward+backward).
 With --torch, PyTorch's CPU kernels are timed in the same processes for reference (reference tool only).
 With --block, one pre-norm block's forward+backward (compiled, prefix mask) at aim-small's pre-training
@@ -89,7 +89,13 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
     x = mx.random.normal((2, 256, 1536))
     w, b = mx.random.normal((1536,)), mx.random.normal((1536,))
     mx.eval(x, w, b)
-    record("layer_norm mx.fast", "2x256x1536", best_seconds(lambda: mx.eval(mx.fast.layer_norm(x, w, b, 1e-6)), reps))
+    norms = [("layer_norm mx.fast", mx.fast.layer_norm)] + ([("layer_norm native", native.layer_norm)]
+                                                            if native.available() else [])
+    c = mx.random.normal(x.shape)
+    for name, fn in norms:
+        record(name, "2x256x1536", best_seconds(lambda: mx.eval(fn(x, w, b, 1e-6)), reps))
+        grad = mx.compile(mx.grad(lambda a, g, h, fn=fn: (fn(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2)))
+        record(f"{name} fwd+bwd (compiled)", "2x256x1536", best_seconds(lambda: mx.eval(grad(x, w, b)), reps))
 
     q, k, v = (mx.random.normal((2, 12, 256, 128)) for _ in range(3))
     mx.eval(q, k, v)
@@ -138,6 +144,15 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
             F.gelu(tx).sum().backward()
 
         record("gelu torch F.gelu fwd+bwd", "512x6144", best_seconds(torch_gelu_fwd_bwd, reps))
+        lx, lw, lb = (torch.randn(*shape, requires_grad=True) for shape in [(2, 256, 1536), (1536,), (1536,)])
+        lc = torch.randn(2, 256, 1536)
+
+        def torch_layer_norm_fwd_bwd():
+            for t in (lx, lw, lb):
+                t.grad = None
+            (F.layer_norm(lx, (1536,), lw, lb, 1e-6) * lc).sum().backward()
+
+        record("layer_norm torch fwd+bwd", "2x256x1536", best_seconds(torch_layer_norm_fwd_bwd, reps))
     if with_block:
         block_profile(record, reps, with_torch)
     return results
