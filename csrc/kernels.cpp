@@ -380,8 +380,8 @@ Rows rows_of(const mx::array& a, const mx::Shape& shape) {
 constexpr int64_t kMinElements = 1 << 14;  // per thread: below this a parallel region costs more than it saves
 
 // Runs kernel(inputs' data, out, begin, end) over the elements of `out` (row-contiguous, the inputs' shape), split
-// over the pool. Row-contiguous inputs are read in place; others (broadcast, transposed) row by row, each row
-// gathered into a per-thread buffer first.
+// over the pool. Row-contiguous inputs are read in place, all elements at once; otherwise (broadcast, transposed) the
+// kernel runs a row at a time, each input's row read in place or gathered into a per-thread buffer first.
 template <size_t K, class Kernel>
 void elementwise(const std::array<mx::array, K>& inputs, float* out, Kernel kernel) {
   int64_t size = inputs[0].size();
@@ -407,9 +407,9 @@ void elementwise(const std::array<mx::array, K>& inputs, float* out, Kernel kern
           for (int64_t j = 0; j < n; ++j) buffer[j] = row[j * rows[i].step];
           row = buffer;
         }
-        data[i] = row - r * n;  // kernels index by the element's position in `out`
+        data[i] = row;
       }
-      kernel(data, out, r * n, (r + 1) * n);
+      kernel(data, out + r * n, 0, n);
     }
   });
 }
