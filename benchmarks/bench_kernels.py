@@ -2,8 +2,9 @@
 
 Each BLAS setting runs in a fresh process (MLX binds its CBLAS once, when mlx.core loads), set through
 MLX_AIM_BLAS: `0` keeps MLX's bundled reference BLAS, `auto` lets mlx_aim pick, a path names a library.
-Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.ops.gelu,
-forward and compiled forward+backward), mx.fast.layer_norm, and mx.fast.scaled_dot_product_attention.
+Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.ops.gelu and, where
+built, mlx_aim.native.gelu: forward and compiled forward+backward), layer norm (mx.fast, native), and attention
+(mx.fast.scaled_dot_product_attention, ops.attention, native.attention: forward and compiled forward+backward).
 With --torch, PyTorch's CPU kernels are timed in the same processes for reference (reference tool only).
 With --block, one pre-norm block's forward+backward (compiled, prefix mask) at aim-small's pre-training
 shapes (batch 4 x 256 tokens; the trunk's width 384 and the pixel head's 512), whole and with its GELU or
@@ -16,7 +17,7 @@ where a training step's time goes.
 
 Times are the best of wall-clock repeats. On a busy machine threaded kernels wait for descheduled
 threads at every barrier; `--threads 1` gives steadier numbers there (it sets OMP_NUM_THREADS,
-MKL_NUM_THREADS and OPENBLAS_NUM_THREADS for every process, and torch's thread count).
+MKL_NUM_THREADS, OPENBLAS_NUM_THREADS and MLX_AIM_NATIVE_THREADS for every process, and torch's thread count).
 """
 
 import argparse
@@ -55,9 +56,9 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_aim.ops import gelu
+    from mlx_aim import native, ops
 
-    results = {"blas": blas_info(), "rows": []}
+    results = {"blas": blas_info(), "rows": [], "native": native.available() or native.unavailable_reason()}
 
     def record(kind, what, seconds, flops=None):
         row = {"kind": kind, "what": what, "ms": seconds * 1e3}
@@ -72,27 +73,43 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
         mx.eval(a, b)
         record("matmul fp32", f"{m}x{k} @ {k}x{n}", best_seconds(lambda: mx.eval(a @ b), reps), 2 * m * k * n)
 
+    gelus = [("nn.gelu", nn.gelu), ("ops.gelu", ops.gelu)] + ([("native.gelu", native.gelu)] if native.available()
+                                                               else [])
     gelu_grad = {}
-    for name, fn in [("nn.gelu", nn.gelu), ("ops.gelu", gelu)]:
+    for name, fn in gelus:
         gelu_grad[name] = mx.compile(mx.grad(lambda v, fn=fn: fn(v).sum()))
     for shape in [(512, 6144), (2, 256, 6144)]:
         x = mx.random.normal(shape)
         mx.eval(x)
         label = "x".join(map(str, shape))
-        for name, fn in [("nn.gelu", nn.gelu), ("ops.gelu", gelu)]:
+        for name, fn in gelus:
             record(f"gelu {name}", label, best_seconds(lambda: mx.eval(fn(x)), reps))
             record(f"gelu {name} fwd+bwd (compiled)", label, best_seconds(lambda: mx.eval(gelu_grad[name](x)), reps))
 
     x = mx.random.normal((2, 256, 1536))
     w, b = mx.random.normal((1536,)), mx.random.normal((1536,))
     mx.eval(x, w, b)
-    record("layer_norm mx.fast", "2x256x1536", best_seconds(lambda: mx.eval(mx.fast.layer_norm(x, w, b, 1e-6)), reps))
+    norms = [("layer_norm mx.fast", mx.fast.layer_norm)] + ([("layer_norm native", native.layer_norm)]
+                                                            if native.available() else [])
+    c = mx.random.normal(x.shape)
+    for name, fn in norms:
+        record(name, "2x256x1536", best_seconds(lambda: mx.eval(fn(x, w, b, 1e-6)), reps))
+        grad = mx.compile(mx.grad(lambda a, g, h, fn=fn: (fn(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2)))
+        record(f"{name} fwd+bwd (compiled)", "2x256x1536", best_seconds(lambda: mx.eval(grad(x, w, b)), reps))
 
     q, k, v = (mx.random.normal((2, 12, 256, 128)) for _ in range(3))
     mx.eval(q, k, v)
     scale = 128 ** -0.5
-    record("sdpa mx.fast", "2x12x256x128",
-           best_seconds(lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)), reps))
+    attentions = [("sdpa mx.fast", lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=scale)),
+                  ("attention ops.attention", lambda a, b, c: ops.attention(a, b, c, scale))]
+    if native.available():
+        attentions.append(("attention native.attention", lambda a, b, c: native.attention(a, b, c, scale)))
+    w = mx.random.normal(q.shape)
+    mx.eval(w)
+    for name, fn in attentions:
+        record(name, "2x12x256x128", best_seconds(lambda: mx.eval(fn(q, k, v)), reps))
+        grad = mx.compile(mx.grad(lambda a, b, c, fn=fn: (fn(a, b, c) * w).sum(), argnums=(0, 1, 2)))
+        record(f"{name} fwd+bwd (compiled)", "2x12x256x128", best_seconds(lambda: mx.eval(grad(q, k, v)), reps))
 
     if with_torch:
         import torch
@@ -111,6 +128,15 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
             record("layer_norm torch", "2x256x1536", best_seconds(ln, reps))
             tq, tk, tv = (torch.randn(2, 12, 256, 128) for _ in range(3))
             record("sdpa torch", "2x12x256x128", best_seconds(lambda: F.scaled_dot_product_attention(tq, tk, tv), reps))
+        tq, tk, tv = (torch.randn(2, 12, 256, 128, requires_grad=True) for _ in range(3))
+        tw = torch.randn(2, 12, 256, 128)
+
+        def torch_sdpa_fwd_bwd():
+            for t in (tq, tk, tv):
+                t.grad = None
+            (F.scaled_dot_product_attention(tq, tk, tv) * tw).sum().backward()
+
+        record("sdpa torch fwd+bwd", "2x12x256x128", best_seconds(torch_sdpa_fwd_bwd, reps))
         tx = torch.randn(512, 6144, requires_grad=True)
 
         def torch_gelu_fwd_bwd():
@@ -118,6 +144,15 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
             F.gelu(tx).sum().backward()
 
         record("gelu torch F.gelu fwd+bwd", "512x6144", best_seconds(torch_gelu_fwd_bwd, reps))
+        lx, lw, lb = (torch.randn(*shape, requires_grad=True) for shape in [(2, 256, 1536), (1536,), (1536,)])
+        lc = torch.randn(2, 256, 1536)
+
+        def torch_layer_norm_fwd_bwd():
+            for t in (lx, lw, lb):
+                t.grad = None
+            (F.layer_norm(lx, (1536,), lw, lb, 1e-6) * lc).sum().backward()
+
+        record("layer_norm torch fwd+bwd", "2x256x1536", best_seconds(torch_layer_norm_fwd_bwd, reps))
     if with_block:
         block_profile(record, reps, with_torch)
     return results
@@ -223,7 +258,7 @@ def main():
     for setting in args.blas:
         env = dict(os.environ, MLX_AIM_BLAS=setting)
         if args.threads:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MLX_AIM_NATIVE_THREADS"):
                 env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--reps", str(args.reps),
                "--sizes", *map(str, args.sizes)] + (["--torch"] if args.torch else []) \
@@ -234,6 +269,8 @@ def main():
         runs[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    native_status = next(iter(runs.values()))["native"]
+    print("native kernels: " + ("built" if native_status is True else f"not used ({native_status})"))
     for setting, result in runs.items():
         info = result["blas"]
         extra = f", torch threads {result['torch_threads']}" if "torch_threads" in result else ""

@@ -48,7 +48,7 @@ class Preprocessor(tnn.Module):
         x = self.patchifier.proj(x)
         gh, gw = x.shape[-2:]
         x = self.patchifier.norm(x.flatten(2).transpose(1, 2))
-        return x + sincos_2d(gh, gw, x.shape[-1]).to(x.dtype)
+        return x + sincos_2d(gh, gw, x.shape[-1]).to(x.device, x.dtype)
 
 
 class Attention(tnn.Module):
@@ -115,15 +115,15 @@ class Head(tnn.Module):
         return self.linear(pooled), pooled
 
 
-def torch_mask(mode, num_tokens, prefix_len=None):
+def torch_mask(mode, num_tokens, prefix_len=None, device=None):
     if mode == "bidirectional":
         return None
-    i = torch.arange(num_tokens)
+    i = torch.arange(num_tokens, device=device)
     causal = i[:, None] >= i[None, :]
     if mode == "causal":
         return causal
-    prefix = torch.as_tensor(np.asarray(prefix_len)).reshape(-1, 1, 1, 1)
-    return causal | (i[None, :] < prefix)
+    prefix = prefix_len if torch.is_tensor(prefix_len) else torch.as_tensor(np.asarray(prefix_len))
+    return causal | (i[None, :] < prefix.to(i.device).reshape(-1, 1, 1, 1))
 
 
 class AIMReference(tnn.Module):
@@ -155,7 +155,7 @@ class AIMReference(tnn.Module):
     def forward(self, images_nchw, mode="bidirectional"):
         """Logits, running the trunk only up to the deepest probe layer (as the MLX model does)."""
         x = self.preprocessor(images_nchw)
-        mask = torch_mask(mode, x.shape[1])
+        mask = torch_mask(mode, x.shape[1], device=x.device)
         feats = []
         for block in self.trunk.blocks[: max(self.probe_layers) + 1]:
             x = block(x, mask)
@@ -200,7 +200,7 @@ class PixelHead(tnn.Module):
 
     def forward(self, x, grid):
         x = self.in_proj(x)
-        x = x + sincos_2d(grid[0], grid[1], x.shape[-1]).to(x.dtype)
+        x = x + sincos_2d(grid[0], grid[1], x.shape[-1]).to(x.device, x.dtype)
         for norm, mlp in zip(self.norms, self.mlps):
             x = x + mlp(norm(x))
         return self.out_proj(self.norm(x))
@@ -217,7 +217,7 @@ class AIMPretrainingReference(tnn.Module):
 
     def forward(self, images_nchw, prefix_len):
         x = self.preprocessor(images_nchw)
-        mask = torch_mask("prefix", x.shape[1], prefix_len)
+        mask = torch_mask("prefix", x.shape[1], prefix_len, device=x.device)
         for block in self.trunk.blocks:
             x = block(x, mask)
         grid = (images_nchw.shape[2] // self.patch, images_nchw.shape[3] // self.patch)
@@ -236,14 +236,15 @@ def aim_loss(pred, images_nchw, prefix_len, patch):
     patches = patchify_nchw(images_nchw, patch).float()
     target = (patches - patches.mean(-1, keepdim=True)) / torch.sqrt(patches.var(-1, keepdim=True) + 1e-6)
     err = (pred[:, :-1].float() - target[:, 1:]).square().mean(-1)
-    counted = torch.arange(1, pred.shape[1])[None, :] >= prefix_len.reshape(-1, 1)
+    counted = torch.arange(1, pred.shape[1], device=pred.device)[None, :] >= prefix_len.to(pred.device).reshape(-1, 1)
     return (err * counted).sum() / counted.sum()
 
 
 class PretrainStep:
     """One optimizer step as `mlx_aim.train.TrainStep` takes it: forward, next-patch loss, backward, clip the
     global gradient norm at 1.0, AdamW (betas 0.9/0.95, eps 1e-8, weight decay 0.05 on matrices only).
-    `dtype=torch.bfloat16` runs forward and backward under CPU autocast, float32 masters, as MLX's bfloat16."""
+    `dtype=torch.bfloat16` runs forward and backward under autocast (on the images' device), float32 masters, as
+    MLX's bfloat16."""
 
     def __init__(self, model: AIMPretrainingReference, lr=1e-3, grad_clip=1.0, dtype: Optional[torch.dtype] = None):
         self.model, self.grad_clip, self.dtype = model, grad_clip, dtype
@@ -257,7 +258,7 @@ class PretrainStep:
     def __call__(self, images_nchw, prefix_len):
         self.optimizer.zero_grad(set_to_none=True)
         if self.dtype is not None and self.dtype != torch.float32:
-            with torch.autocast("cpu", dtype=self.dtype):
+            with torch.autocast(images_nchw.device.type, dtype=self.dtype):
                 pred = self.model(images_nchw, prefix_len)
         else:
             pred = self.model(images_nchw, prefix_len)

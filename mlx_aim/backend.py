@@ -1,22 +1,28 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.layers`) calls `Linear`, `attention`, `gelu`, `silu` and `prepare_mask` from here and never
-looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`, `nn.QuantizedLinear`,
-`mx.fast.scaled_dot_product_attention`, `nn.gelu` (exact, erf) and `nn.silu`. On the CPU backend the workarounds
-replace the slow parts of MLX's CPU kernels:
+The model (`mlx_aim.layers`) calls `Linear`, `LayerNorm`, `attention`, `gelu`, `silu` and `prepare_mask` from here
+and never looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`,
+`nn.QuantizedLinear`, `mx.fast.scaled_dot_product_attention`, `nn.LayerNorm` (`mx.fast.layer_norm`), `nn.gelu`
+(exact, erf) and `nn.silu`. On the CPU backend the workarounds replace the slow parts of MLX's CPU kernels:
 
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
-- attention is `ops.attention` (a vectorised exp, a written-out backward, float32), with the trunk's mask made
-  additive once rather than in every block;
-- GELU is `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time);
+- GELU, the attention softmax and layer norm are `mlx_aim.native`'s C++ kernels (MLX primitives, multithreaded and
+  vectorised for the running CPU), when that extension was built and matches the installed mlx;
+- otherwise, and with MLX_AIM_NATIVE=0, attention is `ops.attention` (a vectorised exp, a written-out backward,
+  float32), GELU `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time), and
+  layer norm `mx.fast.layer_norm`; when the extension is missing, the first layer that would have used it warns
+  once, saying why;
+- either way the trunk's mask is made additive once rather than in every block;
 - SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 
-Each gives the portable path's values up to float32 rounding. Setting the environment variable
-`MLX_AIM_CPU_WORKAROUNDS=0` (or `off`, `false`) turns them off, so the portable path can be tested and timed
-on the CPU; unset, `1`, `on` or `true` keeps them. In code, `with cpu_workarounds(False): ...` does the same
-and takes precedence over the variable. The setting is read each time a layer runs, so a function compiled
-with `mx.compile` keeps the path it was traced with.
+Each gives the portable path's values up to float32 rounding. So three paths run on the CPU: native (the default
+where built), ops (the workarounds without the native kernels) and portable. Two switches choose, each an environment
+variable with a context manager that takes precedence over it: `MLX_AIM_CPU_WORKAROUNDS=0` (or `off`, `false`;
+`with cpu_workarounds(False)`) turns all workarounds off, the portable path; `MLX_AIM_NATIVE=0` (`with
+native_kernels(False)`) keeps the workarounds but not the native kernels, the ops path. Unset, `1`, `on` or `true`
+keeps each on. The settings are read each time a layer runs, so a function compiled with `mx.compile` keeps the
+path it was traced with.
 """
 
 from __future__ import annotations
@@ -28,36 +34,56 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ops
+from . import native, ops
 
 CPU_WORKAROUNDS_ENV = "MLX_AIM_CPU_WORKAROUNDS"
+NATIVE_ENV = "MLX_AIM_NATIVE"
 _ON, _OFF = ("", "1", "on", "true"), ("0", "off", "false")
 
-_override: Optional[bool] = None  # set by `cpu_workarounds`; None: the environment variable decides
+# Set by `cpu_workarounds` and `native_kernels`; None: the environment variable decides.
+_overrides: dict[str, Optional[bool]] = {CPU_WORKAROUNDS_ENV: None, NATIVE_ENV: None}
 
 
-def cpu_workarounds_enabled() -> bool:
-    """Whether the CPU workarounds are switched on (by `cpu_workarounds`, else by MLX_AIM_CPU_WORKAROUNDS)."""
-    if _override is not None:
-        return _override
-    value = os.environ.get(CPU_WORKAROUNDS_ENV, "").strip().lower()
+def _switch(variable: str) -> bool:
+    if _overrides[variable] is not None:
+        return _overrides[variable]
+    value = os.environ.get(variable, "").strip().lower()
     if value in _ON:
         return True
     if value in _OFF:
         return False
-    raise ValueError(f"{CPU_WORKAROUNDS_ENV}={value!r}: expected 1/on/true or 0/off/false")
+    raise ValueError(f"{variable}={value!r}: expected 1/on/true or 0/off/false")
 
 
 @contextlib.contextmanager
-def cpu_workarounds(enabled: bool) -> Iterator[None]:
-    """Turns the CPU workarounds on or off inside the block (whatever the environment says), then restores
-    the previous setting. Process-wide, not per thread."""
-    global _override
-    previous, _override = _override, bool(enabled)
+def _overriding(variable: str, enabled: bool) -> Iterator[None]:
+    previous, _overrides[variable] = _overrides[variable], bool(enabled)
     try:
         yield
     finally:
-        _override = previous
+        _overrides[variable] = previous
+
+
+def cpu_workarounds_enabled() -> bool:
+    """Whether the CPU workarounds are switched on (by `cpu_workarounds`, else by MLX_AIM_CPU_WORKAROUNDS)."""
+    return _switch(CPU_WORKAROUNDS_ENV)
+
+
+def cpu_workarounds(enabled: bool):
+    """Turns the CPU workarounds on or off inside the block (whatever the environment says), then restores
+    the previous setting. Process-wide, not per thread."""
+    return _overriding(CPU_WORKAROUNDS_ENV, enabled)
+
+
+def native_kernels_enabled() -> bool:
+    """Whether the native kernels may be used (by `native_kernels`, else by MLX_AIM_NATIVE)."""
+    return _switch(NATIVE_ENV)
+
+
+def native_kernels(enabled: bool):
+    """Allows or forbids the native kernels inside the block (whatever the environment says), then restores the
+    previous setting: `native_kernels(False)` is the ops path. Process-wide, not per thread."""
+    return _overriding(NATIVE_ENV, enabled)
 
 
 def use_cpu_workarounds() -> bool:
@@ -65,8 +91,28 @@ def use_cpu_workarounds() -> bool:
     return mx.default_device() == mx.cpu and cpu_workarounds_enabled()
 
 
+def use_native_kernels() -> bool:
+    """True when the CPU workarounds are in use, the native kernels allowed and built for this mlx. Allowed but not
+    built: False, with one warning per process saying why."""
+    if not (use_cpu_workarounds() and native_kernels_enabled()):
+        return False
+    if not native.available():
+        native.warn_unavailable()
+        return False
+    return True
+
+
+def backend_path() -> str:
+    """Which path the layers take now: "native", "ops" (the CPU workarounds without native kernels) or "portable"."""
+    if use_native_kernels():
+        return "native"
+    return "ops" if use_cpu_workarounds() else "portable"
+
+
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU: `ops.gelu` with the CPU workarounds, `nn.gelu` elsewhere."""
+    """Exact (erf) GELU: the native kernel or `ops.gelu` with the CPU workarounds, `nn.gelu` elsewhere."""
+    if use_native_kernels():
+        return native.gelu(x)
     return ops.gelu(x) if use_cpu_workarounds() else nn.gelu(x)
 
 
@@ -77,17 +123,19 @@ def silu(x: mx.array) -> mx.array:
 
 def prepare_mask(mask, num_tokens: int):
     """The trunk's mask in the form `attention` takes fastest, made once for all blocks: additive float32
-    with the CPU workarounds (where `ops.attention` adds it), unchanged elsewhere."""
+    with the CPU workarounds (where the native and ops attention add it), unchanged elsewhere."""
     if mask is not None and use_cpu_workarounds():
         return ops.additive_mask(mask, num_tokens)
     return mask
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
-    """softmax(scale * q k^T + mask) v over (batch, heads, tokens, head_dim): `ops.attention` with the CPU
-    workarounds, `mx.fast.scaled_dot_product_attention` elsewhere. Masks as the latter takes them."""
+    """softmax(scale * q k^T + mask) v over (batch, heads, tokens, head_dim): the native kernel's or `ops.attention`
+    with the CPU workarounds, `mx.fast.scaled_dot_product_attention` elsewhere. Masks as the latter takes them."""
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
         mask = mask.astype(q.dtype)  # an additive mask in the queries' dtype, as fused attention wants it
+    if use_native_kernels():
+        return native.attention(q, k, v, scale, mask)
     if use_cpu_workarounds():
         return ops.attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -115,6 +163,16 @@ class Linear(nn.Linear):
         if quantize_input or mode != "affine":
             return super().to_quantized(group_size, bits, mode, quantize_input)
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose affine form runs `native.layer_norm` on the native path; `mx.fast.layer_norm` elsewhere.
+    Same parameters."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self and use_native_kernels():
+            return native.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
 
 
 class QuantizedLinear(nn.QuantizedLinear):

@@ -41,6 +41,7 @@ installed wheel, which does not ship them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -60,7 +61,8 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from ._blas import blas_info, set_num_threads
-from .backend import use_cpu_workarounds
+from . import native
+from .backend import backend_path
 from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
 from .data import is_native
 from .inference import peak_memory
@@ -153,6 +155,20 @@ def pretraining_flops(config: AIMConfig, batch_size: int) -> int:
 # Timing
 
 
+def torch_synced(fn: Callable, device: str) -> Callable:
+    """fn, then waiting for `device` to finish (a CUDA call returns before its kernels do); fn itself on the CPU."""
+    if device == "cpu":
+        return fn
+    import torch
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, dict]:
     """Times each zero-argument call: its first call alone, `warmup` - 1 more untimed ones, then `repeats`
     timed rounds in which the calls alternate, reversing the order every round. Returns, per name,
@@ -178,7 +194,7 @@ def time_calls(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) ->
                    "min_s": float(np.min(times[name]))} for name in fns}
 
 
-def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False) -> dict:
+def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False, torch_device: str = "cpu") -> dict:
     """float32 GFLOP/s of a size^3 matmul, the best of the repeats (a peak: the least disturbed by other
     load): MLX, and PyTorch with `torch_too`."""
     rng = np.random.default_rng(0)
@@ -188,8 +204,8 @@ def matmul_peak(size: int = PEAK_SIZE, repeats: int = 5, torch_too: bool = False
     if torch_too:
         import torch
 
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
-        fns["torch"] = lambda: ta @ tb
+        ta, tb = torch.from_numpy(a_np).to(torch_device), torch.from_numpy(b_np).to(torch_device)
+        fns["torch"] = torch_synced(lambda: ta @ tb, torch_device)
     timed = time_calls(fns, warmup=1, repeats=repeats)
     return {name: 2 * size**3 / t["min_s"] / 1e9 for name, t in timed.items()}
 
@@ -264,14 +280,16 @@ def _load_model(config: Config, dtype, quantize, weights: Optional[str],
 
 def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, weights: Optional[str] = None,
                     compare_torch: bool = False, warmup: int = 2, repeats: int = 5, compile: bool = False,
-                    image_size: Optional[int] = None, max_patches: Optional[int] = None) -> dict:
+                    image_size: Optional[int] = None, max_patches: Optional[int] = None,
+                    torch_device: str = "cpu") -> dict:
     """AIM's classifier, or AIMv2's encoder; `image_size` and `max_patches` are a native-resolution model's."""
     model, info = _load_model(config, dtype, quantize, weights, max_patches)
     config = model.config
     if isinstance(config, AIMv2LiTConfig):
         raise ValueError("an AIMv2-LiT has two towers: time them with `bench_lit` (measure does)")
     if isinstance(config, AIMv2Config):
-        return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size)
+        return _bench_encoder(model, info, batch_size, compare_torch, warmup, repeats, compile, image_size,
+                              torch_device)
     images_np = random_images(config, batch_size)
     images = mx.array(images_np)
     # Compiled: the whole forward traced once per input shape, weights captured as constants.
@@ -287,9 +305,10 @@ def bench_inference(config: Config, batch_size: int, dtype=None, quantize=None, 
         reference = torch_reference()
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
         ref = reference.AIMReference.from_config(config).eval()
-        reference.load_mlx_weights(ref, float_weights(model)).to(torch_dtype)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        reference.load_mlx_weights(ref, float_weights(model)).to(torch_device, torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device, torch_dtype)
 
+        @functools.partial(torch_synced, device=torch_device)
         def torch_call():
             with torch.inference_mode():
                 return ref(images_t)
@@ -303,13 +322,13 @@ def _add_torch(fns: dict, result: dict, torch_call: Callable, torch_dtype, ours:
     """Times PyTorch's `torch_call` beside MLX's and records how far its output is from ours (`ours`)."""
     fns["torch"] = torch_call
     result["torch_dtype"] = dtype_name(torch_dtype)
-    theirs = torch_call().float().numpy()
+    theirs = torch_call().float().cpu().numpy()
     ours = np.array(ours.astype(mx.float32))
     result["max_rel_diff"] = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: bool, warmup: int, repeats: int,
-                   compile: bool, image_size: Optional[int]) -> dict:
+                   compile: bool, image_size: Optional[int], torch_device: str = "cpu") -> dict:
     """AIMv2's encoder (every block, the final norm) against transformers' `Aimv2VisionModel` on its weights."""
     config = model.config
     size = (image_size or NATIVE_IMAGE_SIZE) if config.native else config.image_size
@@ -332,9 +351,11 @@ def _bench_encoder(model: AIMv2, info: dict, batch_size: int, compare_torch: boo
 
         reference = transformers_reference()
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
-        ref = reference.load_mlx_weights(reference.build_reference(config), float_weights(model)).to(torch_dtype)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        ref = reference.load_mlx_weights(reference.build_reference(config), float_weights(model))
+        ref = ref.to(torch_device, torch_dtype)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device, torch_dtype)
 
+        @functools.partial(torch_synced, device=torch_device)
         def torch_call():
             with torch.inference_mode():
                 return ref(pixel_values=images_t).last_hidden_state
@@ -361,7 +382,7 @@ def text_flops(config: AIMv2LiTConfig, batch_size: int) -> int:
 
 def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size: int, dtype=None, quantize=None,
               weights: Optional[str] = None, compare_torch: bool = False, warmup: int = 2,
-              repeats: int = 5) -> list[dict]:
+              repeats: int = 5, torch_device: str = "cpu") -> list[dict]:
     """AIMv2-LiT's image tower on `batch_size` images and its text tower on `text_batch_size` texts, two runs; with
     `compare_torch`, transformers' `Aimv2Model` on the same random weights (drawn by transformers)."""
     if compare_torch:
@@ -380,7 +401,7 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
         info = {"weights": "random (transformers' initialisation)", "load_s": time.perf_counter() - start,
                 "rss_after_load_bytes": peak_memory()["peak_rss_bytes"]}
         torch_dtype = torch.bfloat16 if model.dtype == mx.bfloat16 else torch.float32
-        ref = ref.to(torch_dtype)
+        ref = ref.to(torch_device, torch_dtype)
     else:
         model, info = _load_model(config, dtype, quantize, weights)
     if not isinstance(model, AIMv2LiT):
@@ -406,15 +427,17 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
         fns = {"mlx": lambda ours=ours: mx.eval(ours())}
         if compare_torch:
             if torch_side == "image":
-                pixels = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+                pixels = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device, torch_dtype)
 
+                @functools.partial(torch_synced, device=torch_device)
                 def torch_call(pixels=pixels):
                     with torch.inference_mode():
                         out = ref.get_image_features(pixel_values=pixels).pooler_output
                         return torch.nn.functional.normalize(out.float(), dim=-1)
             else:
-                tokens = torch.from_numpy(ids_np.astype(np.int64))
+                tokens = torch.from_numpy(ids_np.astype(np.int64)).to(torch_device)
 
+                @functools.partial(torch_synced, device=torch_device)
                 def torch_call(tokens=tokens):
                     with torch.inference_mode():
                         out = ref.get_text_features(input_ids=tokens).pooler_output
@@ -426,7 +449,7 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
     return runs
 
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
-                      warmup: int = 2, repeats: int = 5) -> dict:
+                      warmup: int = 2, repeats: int = 5, torch_device: str = "cpu") -> dict:
     from .train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     model = build_model(config, seed=0, pretraining=True)
@@ -448,10 +471,10 @@ def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32"
 
         reference = torch_reference()
         ref = reference.load_mlx_weights(reference.AIMPretrainingReference(config), float_weights(model))
-        torch_step = reference.PretrainStep(ref, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous()
-        prefix_t = torch.from_numpy(prefix.astype(np.int64))
-        fns["torch"] = lambda: torch_step(images_t, prefix_t)
+        torch_step = reference.PretrainStep(ref.to(torch_device), dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device)
+        prefix_t = torch.from_numpy(prefix.astype(np.int64)).to(torch_device)
+        fns["torch"] = torch_synced(lambda: torch_step(images_t, prefix_t), torch_device)
         # The same step on the same weights: the first losses agree (both computed before any update).
         ours, _ = step(images_np, prefix, num_targets)
         theirs, _ = torch_step(images_t, prefix_t)
@@ -475,13 +498,17 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "mlx": mx.__version__, "mlx_aim": __version__,
             "device": str(mx.default_device()),
-            "backend_path": "cpu-workarounds" if use_cpu_workarounds() else "portable"}
+            "backend_path": backend_path()}
+    if native.available():
+        info["native_threads"] = native.num_threads()
+    elif native.unavailable_reason():
+        info["native_unavailable"] = native.unavailable_reason()
     blas = blas_info()
     info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
-    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+    for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "MLX_AIM_NATIVE", "MLX_AIM_NATIVE_THREADS",
+                "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(var):
             info.setdefault("env", {})[var] = os.environ[var]
     return info
@@ -502,6 +529,7 @@ def measure(
     train_only: bool = False,
     train_batch_size: Optional[int] = None,
     compare_torch: bool = False,
+    torch_device: str = "cpu",
     threads: Optional[int] = None,
     compile: bool = False,
     warmup: int = 2,
@@ -515,7 +543,8 @@ def measure(
     takes) instead of random weights; `image_size`: the model's (for a native-resolution model, the side of its
     square inputs, default `NATIVE_IMAGE_SIZE`); `max_patches`: a native model's guard; `quantize`: 4 or 8 bits, or
     a quantization dict, for inference; `threads`: BLAS (and torch) threads; `text_batch_size`: an AIMv2-LiT's
-    texts per call (its image tower takes `batch_size`)."""
+    texts per call (its image tower takes `batch_size`); `torch_device`: where PyTorch runs with `compare_torch`
+    ("cpu", or "cuda" to compare MLX's CUDA backend with PyTorch's)."""
     if min(batch_size, text_batch_size, repeats) < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise ValueError(f"batch_size={batch_size}, text_batch_size={text_batch_size}, repeats={repeats}, "
                          f"warmup={warmup}, threads={threads}: expected batch sizes, repeats and threads >= 1, "
@@ -541,6 +570,8 @@ def measure(
         result["machine"]["torch"] = torch_reference().torch_info()
     if threads:
         set_num_threads(threads)
+        if native.available():
+            native.set_num_threads(threads)
         if compare_torch:
             import torch
 
@@ -549,7 +580,7 @@ def measure(
         result["machine"]["blas"]["threads"] = threads
         if compare_torch:
             result["machine"]["torch"]["threads"] = threads
-    peak = matmul_peak(repeats=repeats, torch_too=compare_torch)
+    peak = matmul_peak(repeats=repeats, torch_too=compare_torch, torch_device=torch_device)
     result["matmul_peak_gflops"] = peak
     runs = []
     lit = isinstance(config if weights is None else source_config(weights), AIMv2LiTConfig)
@@ -557,13 +588,13 @@ def measure(
         raise ValueError("train=True: AIMv2-LiT has no pre-training model here; time its two towers")
     if lit:
         runs += bench_lit(config, batch_size, text_batch_size, dtype, quantize, weights, compare_torch, warmup,
-                          repeats)
+                          repeats, torch_device)
     elif not train_only:
         runs.append(bench_inference(config, batch_size, dtype, quantize, weights, compare_torch, warmup, repeats,
-                                    compile, input_size, max_patches))
+                                    compile, input_size, max_patches, torch_device))
     if train or train_only:
         runs.append(bench_pretraining(config, train_batch_size or batch_size, dtype or "float32", compare_torch,
-                                      warmup, repeats))
+                                      warmup, repeats, torch_device))
     for r in runs:
         _rows(r, peak)
     result["runs"] = runs

@@ -4,7 +4,7 @@ blocks, the attentive probe and the pre-training head.
 Both families share the patch conv, the attention and the pre-norm block; they differ in the norm (AIM's
 LayerNorm, AIMv2's RMSNorm), the MLP (GELU, SwiGLU) and the position embedding (sin-cos; AIMv2's fixed-size
 checkpoints learn theirs). Parameter names follow Apple's checkpoints (AIM-REFERENCE.md, AIMV2-REFERENCE.md)
-so that their state dicts load with `strict=True`. Images are NHWC, MLX's native layout. Linear layers, the
+so that their state dicts load with `strict=True`. Images are NHWC, MLX's native layout. Linear layers, layer norm, the
 attention core and the activations come from `mlx_aim.backend`, which picks each one's implementation for the
 device.
 """
@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .backend import Linear, attention, gelu, prepare_mask, silu
+from .backend import LayerNorm, Linear, attention, gelu, prepare_mask, silu
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
@@ -30,7 +30,7 @@ Norm = Callable[[int], nn.Module]
 
 
 def layer_norm(eps: float) -> Norm:
-    return functools.partial(nn.LayerNorm, eps=eps)
+    return functools.partial(LayerNorm, eps=eps)
 
 
 def rms_norm(eps: float) -> Norm:
@@ -292,9 +292,9 @@ class PixelHead(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, out_dim: int, mlp_ratio: float, eps: float):
         super().__init__()
         self.in_proj = Linear(in_dim, dim)
-        self.norms = [nn.LayerNorm(dim, eps=eps) for _ in range(depth)]
+        self.norms = [LayerNorm(dim, eps=eps) for _ in range(depth)]
         self.mlps = [MLP(dim, int(dim * mlp_ratio), bias=True) for _ in range(depth)]
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = LayerNorm(dim, eps=eps)
         self.out_proj = Linear(dim, out_dim)
 
     def __call__(self, x: mx.array, grid: tuple[int, int]) -> mx.array:

@@ -132,7 +132,7 @@ class _AIMBase(_Encoder):
         c = config
         self.preprocessor = Preprocessor(c.patch_size, c.num_channels, c.width, layer_norm(c.norm_eps))
         self.trunk = Trunk([aim_block(c.width, c.num_heads, c.mlp_ratio, c.norm_eps) for _ in range(c.depth)],
-                           nn.LayerNorm(c.width, eps=c.norm_eps))
+                           layer_norm(c.norm_eps)(c.width))
 
     def extract_features(
         self,

@@ -12,7 +12,8 @@ import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
-from mlx_aim.backend import cpu_workarounds
+from mlx_aim import native
+from mlx_aim.backend import cpu_workarounds, native_kernels
 from mlx_aim.config import AIMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +22,16 @@ if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
 
-@pytest.fixture(params=[True, False], ids=["cpu-workarounds", "portable"])
-def backend_path(request) -> bool:
-    """Runs the test that takes it twice: with mlx_aim.backend's CPU workarounds (True) and on the portable path
-    (False; what Metal and CUDA run), so the CPU covers both. The parity tests take it."""
-    with cpu_workarounds(request.param):
+@pytest.fixture(params=["native", "ops", "portable"], ids=["native", "cpu-workarounds", "portable"])
+def backend_path(request) -> str:
+    """Runs the test that takes it three times, once per mlx_aim.backend path: "native" (the CPU workarounds with the
+    native kernels), "ops" (the workarounds without them: what runs where the extension could not be built) and
+    "portable" (no workarounds: what Metal and CUDA run), so the CPU covers all three. The parity tests take it.
+    The native path fails, not skips, where the extension is missing: CI builds it, and a silent skip would hide a
+    broken build."""
+    if request.param == "native" and not native.available():
+        pytest.fail(f"the native kernels are not available: {native.unavailable_reason()}")
+    with cpu_workarounds(request.param != "portable"), native_kernels(request.param == "native"):
         yield request.param
 
 

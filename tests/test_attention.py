@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_aim import backend, ops
+from mlx_aim import backend, native, ops
 from mlx_aim._blas import blas_info, set_num_threads
-from mlx_aim.backend import Linear, QuantizedLinear, cpu_workarounds
+from mlx_aim.backend import Linear, QuantizedLinear, cpu_workarounds, native_kernels
 from mlx_aim.layers import prefix_causal_mask
 from mlx_aim.ops import additive_mask, attention, dequantizer, exp_nonpositive
 
@@ -180,8 +180,15 @@ def test_each_path_runs_its_own_implementation():
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     assert not np.array_equal(np.array(attention(q, k, v, 0.3, mask)), np.array(fused))
 
-    with mx.stream(mx.cpu), cpu_workarounds(True):
-        assert backend.use_cpu_workarounds()
+    with mx.stream(mx.cpu), cpu_workarounds(True), native_kernels(True):
+        assert backend.use_native_kernels() and backend.backend_path() == "native"
+        assert "MlxAimGelu" in graph_ops(backend.gelu(x))
+        assert "MlxAimMaskedSoftmax" in graph_ops(backend.attention(q, k, v, 0.3, backend.prepare_mask(mask, 12)))
+        np.testing.assert_array_equal(np.array(backend.gelu(x)), np.array(native.gelu(x)))
+
+    with mx.stream(mx.cpu), cpu_workarounds(True), native_kernels(False):
+        assert backend.use_cpu_workarounds() and not backend.use_native_kernels()
+        assert backend.backend_path() == "ops"
         np.testing.assert_array_equal(np.array(backend.gelu(x)), np.array(ops.gelu(x)))
         np.testing.assert_array_equal(np.array(backend.attention(q, k, v, 0.3, mask)),
                                       np.array(attention(q, k, v, 0.3, mask)))
@@ -191,7 +198,7 @@ def test_each_path_runs_its_own_implementation():
         assert "QuantizedMatmul" not in graph_ops(quantized(xq))  # dequantized, then the float32 BLAS
 
     with mx.stream(mx.cpu), cpu_workarounds(False):
-        assert not backend.use_cpu_workarounds()
+        assert not backend.use_cpu_workarounds() and backend.backend_path() == "portable"
         np.testing.assert_array_equal(np.array(backend.gelu(x)), np.array(nn.gelu(x)))
         np.testing.assert_array_equal(np.array(backend.attention(q, k, v, 0.3, mask)), np.array(fused))
         assert backend.prepare_mask(mask, 12) is mask and backend.prepare_mask("causal", 12) == "causal"

@@ -45,6 +45,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="batch of the pre-training step (default: --batch-size)")
     p.add_argument("--compare-torch", action="store_true",
                    help="time PyTorch on the same model and weights in the same run, alternating")
+    p.add_argument("--torch-device", default="cpu",
+                   help="where PyTorch runs with --compare-torch: cpu (default) or cuda (against MLX's CUDA backend)")
     p.add_argument("--threads", type=positive_int,
                    help="BLAS threads for MLX's matmuls and torch's thread count (default: the libraries' own, "
                         "all cores); on a machine busy with other work, 1 can be fastest")
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             text_batch_size=args.text_batch_size, train=args.train,
             train_only=args.train_only, train_batch_size=args.train_batch_size, compare_torch=args.compare_torch,
             threads=args.threads, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
+            torch_device=args.torch_device,
         )
     except benchmark.TorchReferenceUnavailable as error:  # e.g. transformers missing, for an AIMv2 model
         raise CommandError(str(error)) from None

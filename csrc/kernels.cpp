@@ -1,0 +1,775 @@
+// Native CPU kernels for mlx_aim: exact GELU, the attention softmax and layer norm, as MLX primitives.
+//
+// Each op is an mlx::core::Primitive (eval_cpu, vjp, jvp, vmap), so autograd and mx.compile treat it like any of
+// MLX's own ops. eval_cpu hands its work to the stream's command encoder (MLX 0.32 runs CPU work asynchronously on
+// the stream's thread); inside that task a small pool splits the rows or elements over the cores. The loops are
+// plain float code written for auto-vectorisation and compiled once per instruction set (AVX-512, AVX2+FMA,
+// baseline) with GCC's target_clones on x86-64 Linux, the clone picked at load time from the running CPU.
+// float32 only: mlx_aim.native casts other dtypes. Built by setup.py (CMakeLists.txt beside this file).
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <pthread.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/version.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+using namespace nb::literals;
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MLX_AIM_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define MLX_AIM_ISA_DISPATCH 1
+#else
+#define MLX_AIM_CLONES
+#define MLX_AIM_ISA_DISPATCH 0
+#endif
+
+#define MLX_AIM_STR2(x) #x
+#define MLX_AIM_STR(x) MLX_AIM_STR2(x)
+#define MLX_AIM_BUILT_MLX \
+  MLX_AIM_STR(MLX_VERSION_MAJOR) "." MLX_AIM_STR(MLX_VERSION_MINOR) "." MLX_AIM_STR(MLX_VERSION_PATCH)
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------------------------
+// Threads: a fixed pool, woken per parallel region; the calling thread (MLX's stream thread) takes a share too.
+
+int default_threads() {
+  if (const char* env = std::getenv("MLX_AIM_NATIVE_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+class Pool {
+ public:
+  explicit Pool(int n) {
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Runs fn(begin, end) over [0, n) in contiguous chunks, one per thread; returns when all are done.
+  void run(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+    int parts = static_cast<int>(std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(min_chunk, 1))));
+    if (parts <= 1) {
+      fn(0, n);
+      return;
+    }
+    std::unique_lock<std::mutex> run_lock(run_mutex_);  // one region at a time (several MLX streams may call)
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &fn;
+      total_ = n;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    chunk(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+  }
+
+ private:
+  void chunk(int part) {
+    int64_t begin = total_ * part / parts_, end = total_ * (part + 1) / parts_;
+    if (begin < end) (*task_)(begin, end);
+  }
+
+  void loop(int index) {
+    uint64_t seen = 0;
+    while (true) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (index >= parts_) continue;
+      lock.unlock();
+      chunk(index);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_, run_mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t, int64_t)>* task_ = nullptr;
+  int64_t total_ = 0;
+  int parts_ = 1, pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+// Never destroyed: worker threads must not be joined during interpreter teardown. A forked child has none of its
+// parent's workers, so it starts a pool of its own (the parent's, perhaps mid-region, is left alone).
+std::atomic<Pool*> the_pool{nullptr};
+std::once_flag fork_handler;
+
+Pool& pool() {
+  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { the_pool.store(nullptr); }); });
+  Pool* p = the_pool.load();
+  if (p == nullptr) {
+    static std::mutex creating;
+    std::lock_guard<std::mutex> lock(creating);
+    p = the_pool.load();
+    if (p == nullptr) the_pool.store(p = new Pool(default_threads()));
+  }
+  return *p;
+}
+
+// A new pool of n threads (after the queued work is done); the old one's workers are joined.
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads: need at least 1 thread");
+  mx::synchronize();
+  pool();  // the fork handler is installed and a pool exists
+  delete the_pool.exchange(new Pool(n));
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Scalar math, branch-free so the loops vectorise.
+
+// erf(z) ~= z P(z^2) / Q(z^2) for |z| <= 4 (the float32 rational fit Eigen and XLA use), highest power first, turned
+// into Phi(x) = 0.5 + x N(x^2) / D(x^2) as mlx_aim.ops does.
+constexpr double kErfNum[7] = {-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+                               -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+                               -1.60960333262415e-02};
+constexpr double kErfDen[5] = {-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+                               -7.37332916720468e-03, -1.42647390514189e-02};
+constexpr double kSqrt2 = 1.4142135623730951;
+
+constexpr double pow2(int k) { return k == 0 ? 1.0 : 2.0 * pow2(k - 1); }
+constexpr float kN0 = float(kErfNum[0] * (0.5 / kSqrt2) / pow2(6)), kN1 = float(kErfNum[1] * (0.5 / kSqrt2) / pow2(5)),
+                kN2 = float(kErfNum[2] * (0.5 / kSqrt2) / pow2(4)), kN3 = float(kErfNum[3] * (0.5 / kSqrt2) / pow2(3)),
+                kN4 = float(kErfNum[4] * (0.5 / kSqrt2) / pow2(2)), kN5 = float(kErfNum[5] * (0.5 / kSqrt2) / pow2(1)),
+                kN6 = float(kErfNum[6] * (0.5 / kSqrt2));
+constexpr float kD0 = float(kErfDen[0] / pow2(4)), kD1 = float(kErfDen[1] / pow2(3)), kD2 = float(kErfDen[2] / pow2(2)),
+                kD3 = float(kErfDen[3] / pow2(1)), kD4 = float(kErfDen[4]);
+constexpr float kXClamp = float(4.0 * kSqrt2);
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+inline float clamp_x(float x) {  // to [-kXClamp, kXClamp], nan kept
+  x = x < -kXClamp ? -kXClamp : x;
+  return x > kXClamp ? kXClamp : x;
+}
+
+inline float phi(float xc) {  // the normal CDF from the rational fit, clipped to [0, 1], nan kept
+  float s = xc * xc;
+  float num = ((((((kN0 * s + kN1) * s + kN2) * s + kN3) * s + kN4) * s + kN5) * s + kN6);
+  float den = ((((kD0 * s + kD1) * s + kD2) * s + kD3) * s + kD4);
+  float p = 0.5f + xc * num / den;
+  p = p < 0.0f ? 0.0f : p;
+  return p > 1.0f ? 1.0f : p;
+}
+
+// exp(y) for y <= 0 (-inf -> 0): 2^n 2^f with n the integer nearest y log2(e), 2^f a degree-7 Taylor polynomial
+// on [-1/2, 1/2], 2^n written into a float's exponent bits; 0 below 2^-127. nan is the caller's to handle.
+inline float exp_nonpositive(float y) {
+  float t = y * kLog2e;
+  t = t > -127.0f ? t : -127.0f;  // also maps nan to -127, keeping the int conversion defined
+  t = t < 0.0f ? t : 0.0f;
+  int32_t n = static_cast<int32_t>(t - 0.5f);  // truncation rounds t - 1/2 up: f = t - n lies in [-1/2, 1/2]
+  float f = t - static_cast<float>(n);
+  constexpr float c7 = 1.5252733804059841e-05f, c6 = 1.5403530393381606e-04f, c5 = 1.3333558146428443e-03f,
+                  c4 = 9.6181291076284772e-03f, c3 = 5.5504108664821580e-02f, c2 = 2.4022650695910072e-01f,
+                  c1 = 6.9314718055994531e-01f, c0 = 1.0f;
+  float p = ((((((c7 * f + c6) * f + c5) * f + c4) * f + c3) * f + c2) * f + c1) * f + c0;
+  return p * std::bit_cast<float>((n + 127) << 23);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Kernels over raw float32 buffers. Elements or rows [begin, end).
+
+MLX_AIM_CLONES void gelu_forward(const float* __restrict x, float* __restrict out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float xf = x[i] < -kXClamp ? -kXClamp : x[i];  // below the clamp Phi is 0: gelu(-inf) = -0, not nan
+    out[i] = xf * phi(clamp_x(xf));
+  }
+}
+
+// cotangent * d gelu / dx = cotangent * (Phi(x) + x pdf(x)), the pdf's term zero where the forward clamps.
+MLX_AIM_CLONES void gelu_backward(const float* x, const float* cot, float* __restrict out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float xc = clamp_x(x[i]);
+    float inside = (x[i] > -kXClamp && x[i] < kXClamp) ? 1.0f : 0.0f;
+    float slope = phi(xc) + inside * xc * kInvSqrt2Pi * exp_nonpositive(-0.5f * xc * xc);
+    out[i] = cot[i] * slope;
+  }
+}
+
+constexpr int kLanes = 16;
+
+// One row of softmax(scale * s + mask): n scores, the mask row (stride mask_step; 0: broadcast; nullptr: none).
+MLX_AIM_CLONES void softmax_row(const float* s, const float* mask, int64_t mask_step, float scale, float* out,
+                                int64_t n) {
+  if (mask == nullptr) {
+    for (int64_t j = 0; j < n; ++j) out[j] = s[j] * scale;
+  } else if (mask_step == 1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = s[j] * scale + mask[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = s[j] * scale + mask[j * mask_step];
+  }
+  float lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] = out[j + k] > lanes[k] ? out[j + k] : lanes[k];
+  float row_max = -INFINITY;
+  for (int k = 0; k < kLanes; ++k) row_max = lanes[k] > row_max ? lanes[k] : row_max;
+  for (; j < n; ++j) row_max = out[j] > row_max ? out[j] : row_max;
+  // A nan score, or a row with every key masked (-inf - -inf), gives nan through the sum, as softmax does.
+  for (int64_t i = 0; i < n; ++i) {
+    float d = out[i] - row_max, e = exp_nonpositive(d);
+    out[i] = __builtin_isnan(d) ? d : e;
+  }
+  for (int k = 0; k < kLanes; ++k) lanes[k] = 0.0f;
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += out[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += out[j];
+  float inv = 1.0f / total;
+  for (int64_t i = 0; i < n; ++i) out[i] *= inv;
+}
+
+// One row of the softmax's input gradient: scale * p * (g - sum(p g)).
+MLX_AIM_CLONES void softmax_backward_row(const float* p, const float* g, float scale, float* out, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += p[j + k] * g[j + k];
+  float dot = 0.0f;
+  for (int k = 0; k < kLanes; ++k) dot += lanes[k];
+  for (; j < n; ++j) dot += p[j] * g[j];
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * p[i] * (g[i] - dot);
+}
+
+// One row of layer norm: (x - mean) / sqrt(var + eps) * w + b, mean and variance in two passes.
+MLX_AIM_CLONES void layer_norm_row(const float* x, const float* w, const float* b, float eps, float* y, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  float mean = total / static_cast<float>(n);
+  for (int k = 0; k < kLanes; ++k) lanes[k] = 0.0f;
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += (x[j + k] - mean) * (x[j + k] - mean);
+  float squares = 0.0f;
+  for (int k = 0; k < kLanes; ++k) squares += lanes[k];
+  for (; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
+  float rstd = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+// One row of layer norm's backward: dx = rstd (g w - mean(g w) - xhat mean(g w xhat)); adds g xhat to dw and g to db.
+MLX_AIM_CLONES void layer_norm_backward_row(const float* x, const float* w, const float* g, float eps, float* dx,
+                                            float* dw, float* db, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j];
+  float mean = total / static_cast<float>(n);
+  float sq[kLanes] = {}, gw_sum[kLanes] = {}, gwx_sum[kLanes] = {};
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      float c = x[j + k] - mean, gw = g[j + k] * w[j + k];
+      sq[k] += c * c;
+      gw_sum[k] += gw;
+      gwx_sum[k] += gw * c;
+    }
+  float squares = 0.0f, a = 0.0f, c_sum = 0.0f;
+  for (int k = 0; k < kLanes; ++k) {
+    squares += sq[k];
+    a += gw_sum[k];
+    c_sum += gwx_sum[k];
+  }
+  for (; j < n; ++j) {
+    float c = x[j] - mean, gw = g[j] * w[j];
+    squares += c * c;
+    a += gw;
+    c_sum += gw * c;
+  }
+  float inv_n = 1.0f / static_cast<float>(n);
+  float rstd = 1.0f / std::sqrt(squares * inv_n + eps);
+  a *= inv_n;
+  c_sum *= inv_n * rstd;  // mean(g w xhat)
+  for (int64_t i = 0; i < n; ++i) {
+    float xhat = (x[i] - mean) * rstd;
+    dx[i] = rstd * (g[i] * w[i] - a - xhat * c_sum);
+    dw[i] += g[i] * xhat;
+    db[i] += g[i];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Array layout: the kernels read rows of the last axis; each input's row offsets come from its strides, so
+// broadcast (stride 0) and transposed inputs need no copy.
+
+struct Rows {
+  std::vector<int64_t> offsets;  // element offset of each row
+  int64_t step;                  // stride along the last axis
+};
+
+Rows rows_of(const mx::array& a, const mx::Shape& shape) {
+  // `a` has shape `shape` (its broadcast to the output); offsets in elements.
+  int nd = static_cast<int>(shape.size());
+  int64_t n_rows = 1;
+  for (int d = 0; d + 1 < nd; ++d) n_rows *= shape[d];
+  Rows r{std::vector<int64_t>(n_rows, 0), nd ? a.strides()[nd - 1] : 1};
+  std::vector<int64_t> index(std::max(nd - 1, 0), 0);
+  int64_t offset = 0;
+  for (int64_t row = 0; row < n_rows; ++row) {
+    r.offsets[row] = offset;
+    for (int d = nd - 2; d >= 0; --d) {  // odometer over the leading axes
+      if (++index[d] < shape[d]) {
+        offset += a.strides()[d];
+        break;
+      }
+      offset -= a.strides()[d] * (shape[d] - 1);
+      index[d] = 0;
+    }
+  }
+  return r;
+}
+
+constexpr int64_t kMinElements = 1 << 14;  // per thread: below this a parallel region costs more than it saves
+
+// Runs kernel(inputs' data, out, begin, end) over the elements of `out` (row-contiguous, the inputs' shape), split
+// over the pool. Row-contiguous inputs are read in place, all elements at once; otherwise (broadcast, transposed) the
+// kernel runs a row at a time, each input's row read in place or gathered into a per-thread buffer first.
+template <size_t K, class Kernel>
+void elementwise(const std::array<mx::array, K>& inputs, float* out, Kernel kernel) {
+  int64_t size = inputs[0].size();
+  bool flat = std::all_of(inputs.begin(), inputs.end(), [](const mx::array& a) { return a.flags().row_contiguous; });
+  if (flat) {
+    std::array<const float*, K> data;
+    for (size_t i = 0; i < K; ++i) data[i] = inputs[i].template data<float>();
+    pool().run(size, kMinElements, [&](int64_t b, int64_t e) { kernel(data, out, b, e); });
+    return;
+  }
+  const mx::Shape& shape = inputs[0].shape();
+  int64_t n = shape.empty() ? 1 : shape.back(), n_rows = n ? size / n : 0;
+  std::array<Rows, K> rows;
+  for (size_t i = 0; i < K; ++i) rows[i] = rows_of(inputs[i], shape);
+  pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> buffers(K * n);
+    for (int64_t r = b; r < e; ++r) {
+      std::array<const float*, K> data;
+      for (size_t i = 0; i < K; ++i) {
+        const float* row = inputs[i].template data<float>() + rows[i].offsets[r];
+        if (rows[i].step != 1) {
+          float* buffer = buffers.data() + i * n;
+          for (int64_t j = 0; j < n; ++j) buffer[j] = row[j * rows[i].step];
+          row = buffer;
+        }
+        data[i] = row;
+      }
+      kernel(data, out + r * n, 0, n);
+    }
+  });
+}
+
+// A row of n floats `step` apart: itself when step is 1, else gathered into `buffer`.
+inline const float* gather_row(const float* row, int64_t step, int64_t n, float* buffer) {
+  if (step == 1) return row;
+  for (int64_t j = 0; j < n; ++j) buffer[j] = row[j * step];
+  return buffer;
+}
+
+void check_float32(const mx::array& a, const char* op) {
+  if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(op) + ": expected float32 input");
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Primitives
+
+class Gelu : public mx::UnaryPrimitive {
+ public:
+  explicit Gelu(mx::Stream s) : UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native Gelu runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
+                                                           const std::vector<int>& axes) override;
+  const char* name() const override { return "MlxAimGelu"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+// cotangent * gelu'(x): the backward (and, with a tangent, the forward-mode derivative).
+class GeluGrad : public mx::UnaryPrimitive {
+ public:
+  explicit GeluGrad(mx::Stream s) : UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native GeluGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimGeluGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+mx::array gelu(const mx::array& x) {
+  check_float32(x, "gelu");
+  auto s = mx::default_stream(mx::default_device());
+  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(s), {x});
+}
+
+mx::array gelu_grad(const mx::array& x, const mx::array& cotangent) {
+  check_float32(x, "gelu_grad");
+  check_float32(cotangent, "gelu_grad");
+  auto s = mx::default_stream(mx::default_device());
+  auto shape = mx::broadcast_shapes(x.shape(), cotangent.shape());
+  return mx::array(shape, mx::float32, std::make_shared<GeluGrad>(s),
+                   {mx::broadcast_to(x, shape, s), mx::broadcast_to(cotangent, shape, s)});
+}
+
+void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out_ptr = out.data<float>()]() {
+    elementwise<1>({x}, out_ptr, [](auto& in, float* o, int64_t b, int64_t e) { gelu_forward(in[0], o, b, e); });
+  });
+}
+
+void GeluGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto &x = inputs[0], &cot = inputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(cot);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), cot = mx::array::unsafe_weak_copy(cot),
+                    out_ptr = out.data<float>()]() {
+    elementwise<2>({x, cot}, out_ptr,
+                   [](auto& in, float* o, int64_t b, int64_t e) { gelu_backward(in[0], in[1], o, b, e); });
+  });
+}
+
+std::vector<mx::array> Gelu::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>&, const std::vector<mx::array>&) {
+  return {gelu_grad(primals[0], cotangents[0])};
+}
+
+std::vector<mx::array> Gelu::jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                                 const std::vector<int>&) {
+  return {gelu_grad(primals[0], tangents[0])};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> Gelu::vmap(const std::vector<mx::array>& inputs,
+                                                               const std::vector<int>& axes) {
+  return {{gelu(inputs[0])}, axes};  // element-wise: the mapped axis stays where it is
+}
+
+// softmax(scale * scores + mask) over the last axis; inputs {scores} or {scores, mask broadcast to its shape}.
+class MaskedSoftmax : public mx::UnaryPrimitive {
+ public:
+  MaskedSoftmax(mx::Stream s, float scale) : UnaryPrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native MaskedSoftmax runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  const char* name() const override { return "MlxAimMaskedSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const MaskedSoftmax&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+};
+
+// scale * p * (g - sum(p g)) over the last axis: the softmax's vjp (and its jvp, with a tangent for g).
+class SoftmaxGrad : public mx::UnaryPrimitive {
+ public:
+  SoftmaxGrad(mx::Stream s, float scale) : UnaryPrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native SoftmaxGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimSoftmaxGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const SoftmaxGrad&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+};
+
+mx::array masked_softmax(const mx::array& scores, const std::optional<mx::array>& mask, float scale) {
+  check_float32(scores, "masked_softmax");
+  if (scores.ndim() == 0) throw std::invalid_argument("masked_softmax: scores need at least one axis");
+  auto s = mx::default_stream(mx::default_device());
+  std::vector<mx::array> inputs{scores};
+  if (mask) {
+    check_float32(*mask, "masked_softmax mask");
+    inputs.push_back(mx::broadcast_to(*mask, scores.shape(), s));  // a view: stride 0 where it broadcasts
+  }
+  return mx::array(scores.shape(), mx::float32, std::make_shared<MaskedSoftmax>(s, scale), std::move(inputs));
+}
+
+mx::array softmax_grad(const mx::array& probs, const mx::array& cotangent, float scale) {
+  auto s = mx::default_stream(mx::default_device());
+  return mx::array(probs.shape(), mx::float32, std::make_shared<SoftmaxGrad>(s, scale),
+                   {probs, mx::broadcast_to(mx::astype(cotangent, mx::float32, s), probs.shape(), s)});
+}
+
+void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  std::optional<mx::array> mask;
+  if (inputs.size() > 1) mask = mx::array::unsafe_weak_copy(inputs[1]);
+  encoder.dispatch([scores = mx::array::unsafe_weak_copy(inputs[0]), mask, out_ptr = out.data<float>(),
+                    scale = scale_]() {
+    int64_t n = scores.shape().back(), n_rows = n ? int64_t(scores.size()) / n : 0;
+    Rows sr = rows_of(scores, scores.shape());
+    std::optional<Rows> mr;
+    if (mask) mr = rows_of(*mask, scores.shape());
+    const float* s_ptr = scores.data<float>();
+    const float* m_ptr = mask ? mask->data<float>() : nullptr;
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+      std::vector<float> buffer(n);
+      for (int64_t r = b; r < e; ++r) {
+        const float* srow = gather_row(s_ptr + sr.offsets[r], sr.step, n, buffer.data());
+        softmax_row(srow, m_ptr ? m_ptr + mr->offsets[r] : nullptr, mr ? mr->step : 0, scale, out_ptr + r * n, n);
+      }
+    });
+  });
+}
+
+void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([p = mx::array::unsafe_weak_copy(inputs[0]), g = mx::array::unsafe_weak_copy(inputs[1]),
+                    out_ptr = out.data<float>(), scale = scale_]() {
+    int64_t n = p.shape().back(), n_rows = n ? int64_t(p.size()) / n : 0;
+    Rows pr = rows_of(p, p.shape()), gr = rows_of(g, p.shape());
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+      std::vector<float> buffer(2 * n);
+      for (int64_t r = b; r < e; ++r) {
+        const float* prow = gather_row(p.data<float>() + pr.offsets[r], pr.step, n, buffer.data());
+        const float* grow = gather_row(g.data<float>() + gr.offsets[r], gr.step, n, buffer.data() + n);
+        softmax_backward_row(prow, grow, scale, out_ptr + r * n, n);
+      }
+    });
+  });
+}
+
+std::vector<mx::array> MaskedSoftmax::vjp(const std::vector<mx::array>& primals,
+                                          const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                          const std::vector<mx::array>& outputs) {
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(softmax_grad(outputs[0], cotangents[0], scale_));
+    } else {  // the mask is a constant, as in mlx_aim.ops.attention
+      grads.push_back(mx::zeros_like(primals[arg], stream()));
+    }
+  }
+  return grads;
+}
+
+std::vector<mx::array> MaskedSoftmax::jvp(const std::vector<mx::array>& primals,
+                                          const std::vector<mx::array>& tangents, const std::vector<int>& argnums) {
+  auto probs = masked_softmax(primals[0], primals.size() > 1 ? std::optional(primals[1]) : std::nullopt, scale_);
+  std::optional<mx::array> out;
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    // d/d scores: scale p (t - sum p t); d/d mask: the same without the scale.
+    auto d = softmax_grad(probs, tangents[i], argnums[i] == 0 ? scale_ : 1.0f);
+    out = out ? mx::add(*out, d, stream()) : d;
+  }
+  return {*out};
+}
+
+// Layer norm over the last axis with a weight and a bias; inputs {x, w, b}.
+class LayerNorm : public mx::UnaryPrimitive {
+ public:
+  LayerNorm(mx::Stream s, float eps) : UnaryPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native LayerNorm runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxAimLayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float eps_;
+};
+
+// Layer norm's backward; inputs {x, w, cotangent}, outputs {dx, dw, db}.
+class LayerNormGrad : public mx::Primitive {
+ public:
+  LayerNormGrad(mx::Stream s, float eps) : Primitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native LayerNormGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimLayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNormGrad&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[1].shape(), inputs[1].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
+  for (auto* a : {&x, &weight, &bias}) check_float32(*a, "layer_norm");
+  if (x.ndim() == 0 || weight.ndim() != 1 || bias.ndim() != 1 || weight.shape(0) != x.shape(-1) ||
+      bias.shape(0) != x.shape(-1))
+    throw std::invalid_argument("layer_norm: weight and bias must be (D,) for x of shape (..., D)");
+  auto s = mx::default_stream(mx::default_device());
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerNorm>(s, eps), {x, weight, bias});
+}
+
+void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    b = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = out.data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> wb(2 * n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, wb.data());
+    const float* b_ptr = gather_row(b.data<float>(), b.strides()[0], n, wb.data() + n);
+    Rows xr = rows_of(x, x.shape());
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(n);
+      for (int64_t r = begin; r < end; ++r)
+        layer_norm_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr, b_ptr, eps,
+                       out_ptr + r * n, n);
+    });
+  });
+}
+
+void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  for (auto& o : outputs) encoder.set_output_array(o);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    g = mx::array::unsafe_weak_copy(inputs[2]), dx_ptr = outputs[0].data<float>(),
+                    dw_ptr = outputs[1].data<float>(), db_ptr = outputs[2].data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> w_buffer(n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, w_buffer.data());
+    Rows xr = rows_of(x, x.shape()), gr = rows_of(g, x.shape());
+    std::fill(dw_ptr, dw_ptr + n, 0.0f);
+    std::fill(db_ptr, db_ptr + n, 0.0f);
+    std::mutex merge;
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(2 * n), dw(n, 0.0f), db(n, 0.0f);  // this chunk's sums, added in once at the end
+      for (int64_t r = begin; r < end; ++r)
+        layer_norm_backward_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr,
+                                gather_row(g.data<float>() + gr.offsets[r], gr.step, n, buffer.data() + n), eps,
+                                dx_ptr + r * n, dw.data(), db.data(), n);
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t j = 0; j < n; ++j) {
+        dw_ptr[j] += dw[j];
+        db_ptr[j] += db[j];
+      }
+    });
+  });
+}
+
+std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto s = stream();
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[1].shape(), primals[1].shape()}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<LayerNormGrad>(s, eps_),
+      {primals[0], primals[1], mx::broadcast_to(mx::astype(cotangents[0], mx::float32, s), primals[0].shape(), s)});
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(grads[arg]);
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_native_kernels, m) {
+  nb::module_::import_("mlx.core");  // registers mx.array's type with nanobind before any call
+  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax) as MLX primitives; see mlx_aim/native.py";
+  m.attr("built_mlx_version") = MLX_AIM_BUILT_MLX;
+  m.attr("isa_dispatch") = bool(MLX_AIM_ISA_DISPATCH);
+  m.def("num_threads", [] { return pool().size(); }, "Threads the kernels split their work over.");
+  m.def("set_num_threads", &set_num_threads, "n"_a, "Split the kernels' work over n threads from now on.");
+  m.def("gelu", &gelu, "x"_a, "Exact (erf) GELU of a float32 array, on the default stream (the CPU's).");
+  m.def("gelu_grad", &gelu_grad, "x"_a, "cotangent"_a, "cotangent * gelu'(x), float32.");
+  m.def("masked_softmax", &masked_softmax, "scores"_a, "mask"_a.none(), "scale"_a,
+        "softmax(scale * scores + mask) over the last axis; mask additive float32, broadcastable, or None.");
+  m.def("layer_norm", &layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a,
+        "Layer norm over the last axis of float32 x with (D,) weight and bias.");
+  m.def("softmax_grad", &softmax_grad, "probs"_a, "cotangent"_a, "scale"_a,
+        "scale * p * (g - sum(p g)) over the last axis.");
+}

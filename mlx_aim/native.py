@@ -1,0 +1,129 @@
+"""mlx_aim's native CPU kernels: exact GELU, the attention softmax and layer norm as MLX primitives written in C++
+(`csrc/`).
+
+MLX's CPU backend runs each element-wise kernel on one thread, and its `erf` and `exp` one element at a time. The
+kernels here are multithreaded and vectorised for the running CPU (AVX-512, AVX2 or baseline, picked when the module
+loads; NEON on arm64). Each is an `mlx.core` primitive with its own vjp and jvp, so `mx.grad` and `mx.compile` work
+through them as through MLX's own ops:
+
+- `gelu`: x Phi(x), Phi from the same float32 rational erf as `mlx_aim.ops.gelu`; its backward uses the closed-form
+  slope Phi(x) + x pdf(x);
+- `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
+  backward, native;
+- `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
+  through it raise).
+
+They run on the CPU only; `mlx_aim.backend` decides when (the CPU device, the workarounds on, MLX_AIM_NATIVE not 0).
+The extension is built by `pip install` where a compiler and CMake are present, against the mlx the build had; it is
+used only when that is the mlx installed (`unavailable_reason()` says otherwise why not).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import mlx.core as mx
+
+from .ops import additive_mask
+
+
+def _load():
+    """(the extension module, None) or (None, why it cannot be used)."""
+    try:
+        from . import _native_kernels as kernels
+    except ImportError as error:
+        return None, (f"the extension was not built or does not load ({error}); reinstall with a C++ compiler and "
+                      "CMake present: pip install -e .")
+    if kernels.built_mlx_version != mx.__version__:
+        return None, (f"the extension was built against mlx {kernels.built_mlx_version} but mlx {mx.__version__} is "
+                      "installed; rebuild it against this mlx: pip install --no-build-isolation -e .")
+    try:  # a nanobind ABI other than mlx.core's shows here, as mx.array not being accepted
+        kernels.gelu(mx.zeros((1,)))  # built, not evaluated: importing mlx_aim starts no thread (forking servers)
+    except (TypeError, RuntimeError) as error:
+        return None, f"the extension does not work with this mlx ({error})"
+    return kernels, None
+
+
+_kernels, _reason = _load()
+_warned = False
+
+
+def available() -> bool:
+    """Whether the native kernels are built and match the installed mlx."""
+    return _kernels is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the native kernels cannot be used here, or None when they can."""
+    return _reason
+
+
+def warn_unavailable() -> None:
+    """Says, once per process, that the CPU runs the slower kernels and why."""
+    global _warned
+    if not _warned and _reason is not None:
+        _warned = True
+        warnings.warn(f"mlx_aim: native CPU kernels unavailable, GELU and attention run on slower MLX ops: {_reason}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def num_threads() -> int:
+    """Threads the native kernels split their work over: MLX_AIM_NATIVE_THREADS, else the CPUs this process may
+    run on."""
+    return _require().num_threads()
+
+
+def set_num_threads(threads: int) -> None:
+    """Splits the native kernels' work over `threads` threads from now on (one can be faster on a busy machine,
+    as for the BLAS); waits for queued work first."""
+    if threads < 1:
+        raise ValueError(f"threads={threads}: expected at least 1")
+    _require().set_num_threads(threads)
+
+
+def _require():
+    if _kernels is None:
+        raise RuntimeError(f"mlx_aim native kernels unavailable: {_reason}")
+    return _kernels
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact GELU, as `mlx_aim.ops.gelu` (float32 accurate; other float dtypes computed in float32 and rounded
+    back; integers give float32)."""
+    kernels = _require()
+    dtype = x.dtype
+    if dtype == mx.float32:
+        return kernels.gelu(x)
+    if mx.issubdtype(dtype, mx.floating):
+        return kernels.gelu(x.astype(mx.float32)).astype(dtype)
+    if mx.issubdtype(dtype, mx.integer) or dtype == mx.bool_:
+        return kernels.gelu(x.astype(mx.float32))
+    raise ValueError(f"gelu expects a real-valued array, got dtype {dtype}")
+
+
+def softmax(scores: mx.array, mask: Optional[mx.array], scale: float) -> mx.array:
+    """softmax(scale * scores + mask) over the last axis, float32; `mask` additive float32, broadcastable, or None.
+    The mask gets no gradient."""
+    return _require().masked_softmax(scores, mask, scale)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """softmax(scale q k^T + mask) v over (batch, heads, tokens, head_dim), as `mlx_aim.ops.attention` (same mask
+    forms; half precision computed in float32 and rounded back; the mask is a constant)."""
+    dtype = q.dtype
+    if dtype != mx.float32:
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    probs = softmax(q @ k.swapaxes(-1, -2), additive_mask(mask, k.shape[-2]), scale)
+    return (probs @ v).astype(dtype)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """`mx.fast.layer_norm(x, weight, bias, eps)` over the last axis; weight and bias (D,). Half precision is computed
+    in float32 and rounded back."""
+    kernels = _require()
+    dtype = x.dtype
+    if dtype == mx.float32 and weight.dtype == mx.float32 and bias.dtype == mx.float32:
+        return kernels.layer_norm(x, weight, bias, eps)
+    f32 = mx.float32
+    return kernels.layer_norm(x.astype(f32), weight.astype(f32), bias.astype(f32), eps).astype(dtype)

@@ -1,0 +1,349 @@
+"""mlx_aim.native, the C++ kernels: GELU and the attention softmax against float64 and against the paths they replace
+(ops, MLX's own), forward, backward, jvp, under mx.compile, on odd shapes and layouts, with the masks the model uses;
+and what the package does where the extension is missing or built for another mlx (one warning, the ops path).
+
+These fail, not skip, where the extension is not built: CI builds it (pip install -e . with a compiler)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_aim import backend, native, ops
+from mlx_aim.layers import prefix_causal_mask
+from test_attention import graph_ops
+from test_ops import EPS32, dense_grid, gelu64, gelu_grad64
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    assert native.available(), f"native kernels not built: {native.unavailable_reason()}"
+    with mx.stream(mx.cpu):
+        yield
+
+
+def rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32), dtype=np.float64), np.array(b.astype(mx.float32), dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ----------------------------------------------------------------------------------------------------
+# GELU
+
+
+def test_gelu_float32_within_a_few_ulps_of_float64_and_agrees_with_nn_gelu():
+    x = dense_grid()
+    out = native.gelu(mx.array(x))
+    assert out.dtype == mx.float32
+    err = np.abs(np.array(out, dtype=np.float64) - gelu64(x))
+    assert np.max(err / (EPS32 * np.maximum(np.abs(x), 1.0))) <= 4.0
+    pos = x >= 0
+    ref_pos = np.abs(gelu64(x[pos])).astype(np.float32)
+    assert np.all(err[pos] <= 4.0 * np.spacing(np.maximum(ref_pos, np.float32(1e-38))).astype(np.float64))
+    z = mx.random.normal((4096,)) * 3.0
+    np.testing.assert_allclose(np.array(native.gelu(z)), np.array(nn.gelu(z)), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.array(native.gelu(z)), np.array(ops.gelu(z)), rtol=0, atol=1e-6)
+
+
+def test_gelu_special_values():
+    x = mx.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e30, -1e30, 3e-39, -3e-39], dtype=mx.float32)
+    y = np.array(native.gelu(x))
+    assert y[0] == np.inf
+    assert y[1] == 0.0 and np.signbit(y[1])
+    assert np.isnan(y[2])
+    assert y[3] == 0.0 and not np.signbit(y[3])
+    assert y[4] == 0.0 and np.signbit(y[4])
+    assert y[5] == np.float32(1e30) and y[6] == 0.0
+    np.testing.assert_allclose(y[7:], [1.5e-39, -1.5e-39], rtol=1e-6)
+    big = np.linspace(6.0, 1000.0, 1001, dtype=np.float32)
+    np.testing.assert_array_equal(np.array(native.gelu(mx.array(big))), big)
+    np.testing.assert_array_equal(np.array(native.gelu(mx.array(-big))), np.zeros_like(big))
+
+
+def test_gelu_gradient_matches_analytic_derivative_and_nn_gelu():
+    x = np.concatenate([np.linspace(-10.0, 10.0, 40_001), [0.0, -0.0]]).astype(np.float32)
+    grad = np.array(mx.grad(lambda v: native.gelu(v).sum())(mx.array(x)), dtype=np.float64)
+    err = np.abs(grad - gelu_grad64(x))
+    assert err[np.abs(x) < 4.0].max() <= 2e-6
+    assert err.max() <= 1e-5
+    theirs = np.array(mx.grad(lambda v: nn.gelu(v).sum())(mx.array(x)))
+    np.testing.assert_allclose(grad, theirs, rtol=0, atol=1e-5)
+    edge = mx.grad(lambda v: native.gelu(v).sum())(mx.array([np.inf, -np.inf, np.nan, 0.0, -0.0]))
+    np.testing.assert_array_equal(np.array(edge), [1.0, 0.0, np.nan, 0.5, 0.5])
+
+
+def test_gelu_jvp_and_vjp_agree_and_vmap_maps():
+    x = mx.array(np.linspace(-7.0, 7.0, 1401, dtype=np.float32))
+    t = mx.random.normal(x.shape)
+    _, (tangent,) = mx.jvp(native.gelu, [x], [t])
+    _, (cotangent,) = mx.vjp(native.gelu, [x], [t])
+    np.testing.assert_array_equal(np.array(tangent), np.array(cotangent))
+    np.testing.assert_allclose(np.array(tangent), np.array(t) * gelu_grad64(np.array(x)), rtol=0, atol=1e-5)
+    rows = mx.random.normal((3, 17)) * 3.0
+    np.testing.assert_array_equal(np.array(mx.vmap(native.gelu, in_axes=1, out_axes=1)(rows)),
+                                  np.array(native.gelu(rows)))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 7, 11), (0, 4), (1000, 33), (2, 256, 6144)])
+def test_gelu_odd_shapes_compiled_and_not(shape):
+    x = mx.random.normal(shape) * 4.0
+    eager = native.gelu(x)
+    np.testing.assert_allclose(np.array(eager), np.array(nn.gelu(x)), rtol=0, atol=2e-6 * 4)
+    np.testing.assert_array_equal(np.array(mx.compile(native.gelu)(x)), np.array(eager))
+    w = mx.random.normal(shape)
+    grad = mx.grad(lambda v: (native.gelu(v) * w).sum())
+    np.testing.assert_array_equal(np.array(mx.compile(grad)(x)), np.array(grad(x)))
+    ref = mx.grad(lambda v: (nn.gelu(v) * w).sum())(x)
+    np.testing.assert_allclose(np.array(grad(x)), np.array(ref), rtol=0, atol=4e-5)
+
+
+def test_gelu_reads_transposed_sliced_and_broadcast_inputs():
+    base = mx.random.normal((64, 48)) * 3.0
+    for x in (base.T, base[::2, 1::3], mx.broadcast_to(base[:1], (5, 48)), base.T[3]):
+        np.testing.assert_array_equal(np.array(native.gelu(x)), np.array(native.gelu(mx.array(np.array(x)))))
+    g = mx.grad(lambda v: native.gelu(v.T).sum())(base)  # a broadcast cotangent into a transposed input
+    np.testing.assert_allclose(np.array(g), gelu_grad64(np.array(base)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_gelu_half_precision_and_integers(dtype):
+    x = mx.array(np.linspace(-10.0, 10.0, 2001, dtype=np.float32)).astype(dtype)
+    out = native.gelu(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.array(out.astype(mx.float32)),
+                                  np.array(native.gelu(x.astype(mx.float32)).astype(dtype).astype(mx.float32)))
+    ints = native.gelu(mx.array([-2, 0, 3]))
+    assert ints.dtype == mx.float32
+    np.testing.assert_allclose(np.array(ints), gelu64([-2, 0, 3]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="complex64"):
+        native.gelu(mx.array([1.0 + 1.0j]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Softmax and attention
+
+
+def masks(batch, n):
+    """The masks the model makes (backend.prepare_mask of None, "causal", a prefix mask) and a random additive one."""
+    return {"none": None, "causal": "causal", "prefix": prefix_causal_mask(mx.array([3, n - 2][:batch]), n),
+            "additive": mx.random.normal((batch, 1, n, n))}
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "prefix", "additive"])
+def test_softmax_matches_mlx_softmax_forward_and_backward(mask_kind):
+    B, H, N = 2, 3, 37
+    scores = mx.random.normal((B, H, N, N)) * 4.0
+    mask = ops.additive_mask(masks(B, N)[mask_kind], N)
+    scale = 0.3
+
+    def reference(s):
+        return mx.softmax(scale * s + (0.0 if mask is None else mask), axis=-1, precise=True)
+
+    out = native.softmax(scores, mask, scale)
+    assert out.shape == scores.shape and rel(out, reference(scores)) < 1e-6
+    w = mx.random.normal(scores.shape)
+    grad = mx.grad(lambda s: (native.softmax(s, mask, scale) * w).sum())
+    ref = mx.grad(lambda s: (reference(s) * w).sum())(scores)
+    assert rel(grad(scores), ref) < 1e-5
+    assert rel(mx.compile(grad)(scores), ref) < 1e-5
+    _, (tangent,) = mx.jvp(lambda s: native.softmax(s, mask, scale), [scores], [w])
+    _, (ref_tangent,) = mx.jvp(reference, [scores], [w])
+    assert rel(tangent, ref_tangent) < 1e-5
+
+
+def test_softmax_reads_transposed_scores_and_gives_nan_where_softmax_does():
+    scores = mx.random.normal((2, 16, 16))
+    np.testing.assert_allclose(np.array(native.softmax(scores.swapaxes(-1, -2), None, 1.0)),
+                               np.array(mx.softmax(scores.swapaxes(-1, -2), axis=-1)), rtol=1e-6, atol=1e-7)
+    mask = mx.zeros((16, 16)).at[3].add(-mx.inf)  # row 3 masks every key
+    out = np.array(native.softmax(scores, mask, 1.0))
+    assert np.isnan(out[:, 3]).all() and not np.isnan(np.delete(out, 3, axis=1)).any()
+    with_nan = np.array(native.softmax(scores.at[0, 5, 2].add(mx.nan), None, 1.0))
+    assert np.isnan(with_nan[0, 5]).all() and not np.isnan(with_nan[1]).any()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "prefix", "additive"])
+@pytest.mark.parametrize("shape", [(2, 3, 20, 16), (1, 2, 13, 8), (2, 12, 64, 32)])
+def test_attention_matches_the_ops_path_forward_backward_compiled(mask_kind, shape):
+    B, H, N, hd = shape
+    q, k, v = (mx.random.normal(shape) for _ in range(3))
+    mask = backend.prepare_mask(masks(B, N)[mask_kind], N) if mask_kind != "additive" else masks(B, N)[mask_kind]
+    scale = hd**-0.5
+    out, ref = native.attention(q, k, v, scale, mask), ops.attention(q, k, v, scale, mask)
+    assert rel(out, ref) < 1e-5
+    assert rel(out, mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)) < 1e-5
+    w = mx.random.normal(out.shape)
+    grads = mx.grad(lambda a, b, c: (native.attention(a, b, c, scale, mask) * w).sum(), argnums=(0, 1, 2))
+    refs = mx.grad(lambda a, b, c: (ops.attention(a, b, c, scale, mask) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, g_compiled, g_ref in zip(grads(q, k, v), mx.compile(grads)(q, k, v), refs):
+        assert rel(g, g_ref) < 1e-5 and rel(g_compiled, g_ref) < 1e-5
+
+
+def test_attention_keeps_half_precision_dtype():
+    q = mx.random.normal((1, 2, 8, 4)).astype(mx.bfloat16)
+    out = native.attention(q, q, q, 0.5, "causal")
+    ref = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.5, mask="causal")
+    assert out.dtype == mx.bfloat16 and rel(out, ref) < 2e-2
+
+
+def test_a_training_step_through_native_and_ops_paths_agrees():
+    """A tiny AIM block's loss and gradients (GELU and attention inside, prefix mask, compiled) on both CPU paths."""
+    from mlx.utils import tree_flatten
+
+    from mlx_aim import layers
+
+    block = layers.aim_block(32, 4, 4.0, 1e-6)
+    x, r = mx.random.normal((2, 12, 32)), mx.random.normal((2, 12, 32))
+    mask = prefix_causal_mask(mx.array([2, 7]), 12)
+    mx.eval(block.parameters())
+
+    def run(native_on):
+        def loss(params):
+            block.update(params)
+            return (block(x, backend.prepare_mask(mask, 12)) * r).sum()
+
+        with backend.cpu_workarounds(True), backend.native_kernels(native_on):
+            assert backend.backend_path() == ("native" if native_on else "ops")
+            params = block.trainable_parameters()
+            value, grads = mx.compile(mx.value_and_grad(loss))(params)
+            block.update(params)  # the arrays themselves back in place of the traced ones
+            mx.eval(value, grads)
+        return value, dict(tree_flatten(grads))
+
+    (v_native, g_native), (v_ops, g_ops) = run(True), run(False)
+    assert abs(v_native.item() - v_ops.item()) <= 1e-5 * abs(v_ops.item())
+    for key in g_ops:
+        assert rel(g_native[key], g_ops[key]) < 1e-4, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer norm
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 384), (3, 7), (1, 1, 1536), (0, 16)])
+def test_layer_norm_matches_mx_fast_forward_backward_compiled(shape):
+    x = mx.random.normal(shape) * 3.0 + 1.5
+    w, b = mx.random.normal(shape[-1:]), mx.random.normal(shape[-1:])
+    out, ref = native.layer_norm(x, w, b, 1e-6), mx.fast.layer_norm(x, w, b, 1e-6)
+    assert out.shape == ref.shape
+    if x.size == 0:
+        return
+    x64 = np.array(x, dtype=np.float64)
+    ref64 = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * np.array(w) + np.array(b)
+    np.testing.assert_allclose(np.array(out), ref64, rtol=0, atol=2e-6 * np.abs(ref64).max())
+    assert rel(out, ref) < 2e-6
+    c = mx.random.normal(shape)
+    grads = mx.grad(lambda a, g, h: (native.layer_norm(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2))
+    refs = mx.grad(lambda a, g, h: (mx.fast.layer_norm(a, g, h, 1e-6) * c).sum(), argnums=(0, 1, 2))(x, w, b)
+    for g, g_compiled, g_ref in zip(grads(x, w, b), mx.compile(grads)(x, w, b), refs):
+        assert rel(g, g_ref) < 1e-5 and rel(g_compiled, g_ref) < 1e-5
+
+
+def test_layer_norm_reads_transposed_input_and_keeps_half_precision():
+    x = mx.random.normal((48, 32))
+    w, b = mx.random.normal((48,)), mx.random.normal((48,))
+    assert rel(native.layer_norm(x.T, w, b, 1e-6), mx.fast.layer_norm(x.T, w, b, 1e-6)) < 2e-6
+    xh = x.T.astype(mx.bfloat16)
+    out = native.layer_norm(xh, w.astype(mx.bfloat16), b.astype(mx.bfloat16), 1e-6)
+    assert out.dtype == mx.bfloat16
+    assert rel(out, mx.fast.layer_norm(xh, w.astype(mx.bfloat16), b.astype(mx.bfloat16), 1e-6)) < 2e-2
+    with pytest.raises(ValueError, match="weight and bias"):
+        native.layer_norm(x, w, b, 1e-6)
+
+
+def test_backend_layer_norm_is_an_nn_layer_norm_with_the_same_parameters():
+    norm = backend.LayerNorm(64, eps=1e-6)
+    assert isinstance(norm, nn.LayerNorm) and set(dict(norm.parameters())) == {"weight", "bias"}
+    norm.update({"weight": mx.random.normal((64,)), "bias": mx.random.normal((64,))})
+    x = mx.random.normal((5, 64))
+    with backend.cpu_workarounds(True), backend.native_kernels(True):
+        assert rel(norm(x), nn.LayerNorm.__call__(norm, x)) < 2e-6
+        assert "MlxAimLayerNorm" in graph_ops(norm(x))
+    with backend.native_kernels(False):
+        assert "MlxAimLayerNorm" not in graph_ops(norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the extension cannot be used
+
+
+def run_python(*parts: str) -> dict:
+    """Runs the code (parts dedented one by one, then joined) in a fresh interpreter; its last line's JSON."""
+    code = "".join(textwrap.dedent(part) for part in parts)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+FALLBACK_PROBE = """
+    import json, warnings
+    import numpy as np
+    from mlx_aim import backend, native, ops
+    x = mx.random.normal((64,)) * 3.0
+    with warnings.catch_warnings(record=True) as caught, mx.stream(mx.cpu):
+        warnings.simplefilter("always")
+        outs = [backend.gelu(x), backend.gelu(x), backend.attention(x.reshape(1, 1, 8, 8), x.reshape(1, 1, 8, 8),
+                                                                     x.reshape(1, 1, 8, 8), 0.5)]
+        same = bool(np.array_equal(np.array(outs[0]), np.array(ops.gelu(x))))
+        path = backend.backend_path()
+    print(json.dumps({"available": native.available(), "reason": native.unavailable_reason(), "path": path,
+                      "warnings": [str(w.message) for w in caught], "same_as_ops": same}))
+"""
+
+
+def test_without_the_extension_the_ops_path_runs_and_says_why_once():
+    result = run_python("""
+        import sys
+        class NoExtension:  # as on a machine where pip could not build it
+            def find_spec(self, name, path=None, target=None):
+                if name == "mlx_aim._native_kernels":
+                    raise ImportError("not built")
+        sys.meta_path.insert(0, NoExtension())
+        import mlx.core as mx
+    """, FALLBACK_PROBE)
+    assert not result["available"] and "not built" in result["reason"]
+    assert result["path"] == "ops" and result["same_as_ops"]
+    assert len(result["warnings"]) == 1 and "native CPU kernels unavailable" in result["warnings"][0]
+    assert "not built" in result["warnings"][0]
+
+
+def test_an_extension_built_for_another_mlx_is_not_used():
+    result = run_python("""
+        import mlx.core as mx
+        mx.__version__ = "0.0.1"  # the installed mlx differs from the one the extension was compiled against
+    """, FALLBACK_PROBE)
+    assert not result["available"] and "mlx 0.0.1 is installed" in result["reason"]
+    assert result["path"] == "ops" and len(result["warnings"]) == 1
+
+
+def test_thread_count_can_be_set_and_gives_the_same_values():
+    x = mx.random.normal((64, 6144)) * 3.0
+    before, threads = np.array(native.gelu(x)), native.num_threads()
+    try:
+        native.set_num_threads(1)
+        assert native.num_threads() == 1
+        np.testing.assert_array_equal(np.array(native.gelu(x)), before)
+        native.set_num_threads(3)
+        np.testing.assert_array_equal(np.array(native.gelu(x)), before)
+        with pytest.raises(ValueError, match="threads=0"):
+            native.set_num_threads(0)
+    finally:
+        native.set_num_threads(threads)
+
+
+def test_the_environment_variable_forces_the_ops_path(monkeypatch):
+    monkeypatch.setenv(backend.NATIVE_ENV, "0")
+    assert not backend.use_native_kernels() and backend.backend_path() == "ops"
+    monkeypatch.setenv(backend.NATIVE_ENV, "on")
+    assert backend.use_native_kernels()
+    monkeypatch.setenv(backend.NATIVE_ENV, "perhaps")
+    with pytest.raises(ValueError, match="MLX_AIM_NATIVE='perhaps'"):
+        backend.native_kernels_enabled()
