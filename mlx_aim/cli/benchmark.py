@@ -96,7 +96,8 @@ def format_table(result: dict) -> str:
     for r in result["runs"]:
         notes = []
         if "ratio_mlx_over_torch" in r:
-            notes.append(f"MLX / torch images/s = {r['ratio_mlx_over_torch']:.2f}x")
+            unit = "texts/s" if r.get("context_length") else "images/s"
+            notes.append(f"MLX / torch {unit} = {r['ratio_mlx_over_torch']:.2f}x")
         if "max_rel_diff" in r:
             notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
         if "num_patches" in r:
