@@ -14,11 +14,12 @@ by default only patch 0, which nothing predicts) are shown as they are.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -211,11 +212,35 @@ SERIES_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), 
 @dataclass
 class Series:
     """One series of a chart: (x, y) points, and optionally a (low, high) range of y per point (drawn as a
-    vertical bar: the spread over seeds, say)."""
+    vertical bar: the spread over seeds, say), an RGB colour (by default the next of `SERIES_COLOURS`) and a dashed
+    line (a baseline, say)."""
 
     label: str
     points: Sequence[tuple[float, float]]
     ranges: Sequence[tuple[float, float]] = ()
+    colour: Optional[tuple[int, int, int]] = None
+    dashed: bool = False
+
+
+def dashed_line(draw: ImageDraw.ImageDraw, xy: Sequence[tuple[float, float]], fill, width: int = 2,
+                dash: float = 7.0, gap: float = 5.0) -> None:
+    """A polyline through `xy` drawn as dashes of `dash` pixels `gap` pixels apart, the pattern running on across
+    its vertices."""
+    offset = 0.0  # where in the dash-gap period the next segment starts
+    period = dash + gap
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        position = 0.0
+        while position < length:
+            phase = (offset + position) % period
+            if phase < dash:
+                end = min(length, position + dash - phase)
+                draw.line([(x0 + (x1 - x0) * position / length, y0 + (y1 - y0) * position / length),
+                           (x0 + (x1 - x0) * end / length, y0 + (y1 - y0) * end / length)], fill=fill, width=width)
+            else:
+                end = min(length, position + period - phase)
+            position = end
+        offset = (offset + length) % period
 
 
 def draw_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: str, size: tuple[int, int] = (460, 420),
@@ -259,21 +284,27 @@ def draw_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text(((left + right) / 2, bottom + 26), x_label, fill="black", font=small, anchor="mm")
     draw.text((6, top - 18), y_label, fill="black", font=small)
+    palette = itertools.cycle(SERIES_COLOURS)  # for the series without a colour of their own
     for k, s in enumerate(series):
-        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        colour = s.colour or next(palette)
         points = sorted(s.points) if connect else list(s.points)
         for (x, _), (low, high) in zip(s.points, s.ranges):
             (bx, by_low), (_, by_high) = to_xy(x, low), to_xy(x, high)
             draw.line([(bx, by_low), (bx, by_high)], fill=colour, width=1)
             draw.line([(bx - 3, by_low), (bx + 3, by_low)], fill=colour, width=1)
             draw.line([(bx - 3, by_high), (bx + 3, by_high)], fill=colour, width=1)
-        if connect and len(points) > 1:
+        if connect and len(points) > 1 and s.dashed:
+            dashed_line(draw, [to_xy(x, y) for x, y in points], fill=colour, width=2)
+        elif connect and len(points) > 1:
             draw.line([to_xy(x, y) for x, y in points], fill=colour, width=2)
         for x, y in points:
             px, py = to_xy(x, y)
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         ly = bottom + 40 + 16 * k
-        draw.line([(left, ly + 6), (left + 18, ly + 6)], fill=colour, width=3)
+        if s.dashed:
+            dashed_line(draw, [(left, ly + 6), (left + 18, ly + 6)], fill=colour, width=3, dash=5.0, gap=3.0)
+        else:
+            draw.line([(left, ly + 6), (left + 18, ly + 6)], fill=colour, width=3)
         draw.text((left + 24, ly), s.label, fill="black", font=small)
     if note:
         draw.text((left + 6, top + 6), note, fill="black", font=small)

@@ -65,3 +65,21 @@ def test_chart_draws_a_line_per_series_on_a_log_axis():
     assert colour_mask(dots, visualize.SERIES_COLOURS[0]).sum() > 20
     with pytest.raises(ValueError, match="no points"):
         visualize.draw_chart([visualize.Series("e", [])], title="t", x_label="x", y_label="y")
+
+
+def test_chart_draws_a_dashed_series_in_its_own_colour():
+    """A flat dashed grey baseline beside a solid series: its colour its own, its line broken into dashes, the next
+    series without a colour still taking the palette's first."""
+    grey = (127, 127, 127)
+    baseline = visualize.Series("random", [(0.0, 10.0), (10.0, 10.0)], colour=grey, dashed=True)
+    solid = visualize.Series("a", [(0.0, 0.0), (10.0, 20.0)])
+    image = visualize.draw_chart([baseline, solid], title="t", x_label="x", y_label="y", size=(400, 320))
+    assert colour_mask(image, visualize.SERIES_COLOURS[0]).sum() > 50
+    mask = colour_mask(image, grey, tolerance=6)
+    mask[230:] = False  # the legend
+    row = mask[mask.sum(axis=1).argmax()]  # the baseline's row (anti-aliased text is grey only here and there)
+    cols = np.flatnonzero(row)
+    span = row[cols.min() + 8 : cols.max() - 8]  # between the end dots
+    starts = np.flatnonzero(span[1:] & ~span[:-1])
+    assert cols.max() - cols.min() > 250  # across the plot
+    assert span.sum() > 0.4 * len(span) and not span.all() and len(starts) >= 10  # dashes with gaps
