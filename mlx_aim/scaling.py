@@ -10,6 +10,10 @@
 2. The pre-training objective predicts downstream quality: over every checkpoint of every run, the held-out
    validation loss and the probe's top-1 have a Spearman rank correlation at or below `RHO_TARGET`.
 
+And a control that says whether the two are about pre-training at all: the same probe on a random trunk of each
+capacity (the paper's initialisation, as pre-training with each seed starts from it; the demo's baseline). A rise
+with capacity that random trunks of the same sizes show as well is the architecture's and the probe's.
+
 The grid (`run_scaling`) reuses the demo's pieces and recipe: the built-in synthetic shapes
 (`mlx_aim.synthetic`), one pre-training recipe (`mlx_aim.train.pretrain`) for every cell with the same step
 budget, and the same attentive probe (`mlx_aim.probe.train_probe`) on every checkpoint. Only the trunk's width
@@ -26,9 +30,12 @@ Decisions where the brief left room (the measured figures are in the README):
   numbers do not compare across seeds.
 - A line "rises" when the mean over seeds strictly increases at every step along it; the spread over seeds
   (standard deviation and min-max) is reported beside every mean, and no noise margin is granted.
+- Pre-training beats a random trunk in a cell when the cell's seeds all score above every seed of the random trunk
+  of its capacity (the two min-max ranges do not overlap); the control holds when it does in every cell.
 - Runs resume and are reused: each run folder's name carries a digest of the settings and data that decide its
   numbers; a finished pre-training run is not repeated, and each checkpoint's probe result and validation loss
-  are cached beside it (keyed by the checkpoint's weights, the data and the recipe).
+  are cached beside it (keyed by the checkpoint's weights, the data and the recipe); so is each random trunk's probe
+  result (keyed by the trunk's initial weights, the data and the recipe).
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ RHO_TARGET = -0.8  # finding 2 holds when Spearman's rho (validation loss vs pro
 DATA_ORDER_SEED = 0  # the fixed order in which training images enter the nested pre-training subsets
 VAL_SEED = 0  # the one validation draw (images and prefix lengths) every checkpoint's validation loss uses
 POINT_FORMAT = 1  # bump when a cached checkpoint result's contents change
+RANDOM_TRUNKS_DIR = "random-trunks"  # in a grid's folder: each random trunk's cached probe result
+RANDOM_TRUNK_COLOUR = (127, 127, 127)  # panel (a)'s dashed line of random trunks
 
 
 @dataclass(frozen=True)
@@ -206,24 +215,60 @@ def loss_finding(val_loss: Sequence[float], top1: Sequence[float], target: float
             "num_checkpoints": len(top1)}
 
 
+def pretraining_finding(cells: Sequence[dict], random_trunks: dict) -> dict:
+    """The control: whether each cell's pre-trained trunks probe better than random trunks of their capacity.
+    `cells` as `summarize_cells` gives them, `random_trunks` the same statistics per capacity name (`top1_mean`,
+    `top1_min`, `top1_max`). A cell's gain is "clear" when its lowest seed beats the random trunk's highest (the
+    ranges over seeds do not overlap); the control holds when every cell's gain is clear."""
+    gains = []
+    for c in cells:
+        random = random_trunks[c["capacity"]]
+        gains.append({"capacity": c["capacity"], "data_size": c["data_size"], "pretrained": c["top1_mean"],
+                      "random": random["top1_mean"], "gain": c["top1_mean"] - random["top1_mean"],
+                      "clear": bool(c["top1_min"] > random["top1_max"]),
+                      "overlap": bool(c["top1_min"] <= random["top1_max"] and random["top1_min"] <= c["top1_max"])})
+    capacities = list(dict.fromkeys(c["capacity"] for c in cells))
+    return {"holds": all(g["clear"] for g in gains), "any_clear": any(g["clear"] for g in gains), "cells": gains,
+            "random_top1": {name: random_trunks[name]["top1_mean"] for name in capacities}}
+
+
 def verdict_lines(findings: dict) -> list[str]:
-    """The two verdicts in words, with their numbers: each line of finding 1 and its exceptions, then rho."""
+    """The verdicts in words, with their numbers: each line of finding 1 and its exceptions, then rho; then, where
+    `findings` has it, the control against random trunks with each cell's gain. When every line along capacity
+    rises but no cell clearly beats its random trunk, finding 1 says the rise is not pre-training's."""
     scaling, loss = findings["scaling"], findings["loss_predicts_accuracy"]
+    control = findings.get("pretraining")
     lines = [f"Finding 1 (feature quality scales with capacity and data): "
              f"{'holds' if scaling['holds'] else 'does not hold'} at this scale"]
+    capacity_lines = [line for line in scaling["lines"] if line["axis"] == "capacity"]
     for line in scaling["lines"]:
         values = " -> ".join(f"{100 * v:.1f}%" for v in line["values"])
         what = f"  along {line['axis']} at {line['at']}: {values}"
         if line["rises"]:
             lines.append(f"{what}: rises")
-            continue
-        drops = "; ".join(f"{e['from']} -> {e['to']}: {100 * e['before']:.1f}% -> {100 * e['after']:.1f}%"
-                          for e in line["exceptions"])
-        lines.append(f"{what}: exception ({drops})")
+        else:
+            drops = "; ".join(f"{e['from']} -> {e['to']}: {100 * e['before']:.1f}% -> {100 * e['after']:.1f}%"
+                              for e in line["exceptions"])
+            lines.append(f"{what}: exception ({drops})")
+        if line is capacity_lines[-1] and control and not control["any_clear"] \
+                and all(c["rises"] for c in capacity_lines):
+            randoms = " -> ".join(f"{100 * v:.1f}%" for v in control["random_top1"].values())
+            lines.append(f"  along capacity: holds, but random trunks of the same sizes score as well ({randoms}): "
+                         "the gain is the architecture's, not pre-training's")
     rho = loss["spearman_rho"]
     verdict = "holds" if loss["holds"] else "does not hold"
     lines.append(f"Finding 2 (lower validation loss, higher probe top-1): {verdict} at this scale: Spearman rho "
                  f"{rho:.3f} over {loss['num_checkpoints']} checkpoints (target <= {loss['target']})")
+    if control:
+        clear = sum(g["clear"] for g in control["cells"])
+        lines.append(f"Pre-training beats a random trunk of the same size: "
+                     f"{'holds' if control['holds'] else 'does not hold'} at this scale: {clear} of "
+                     f"{len(control['cells'])} cells beyond the seeds' spread (pre-trained mean - random mean)")
+        for g in control["cells"]:
+            spread = ("within the seeds' spread" if g["overlap"] else "beyond the seeds' spread" if g["clear"]
+                      else "a loss beyond the seeds' spread")
+            lines.append(f"  {g['capacity']}, {g['data_size']} images: {100 * g['pretrained']:.1f}% vs "
+                         f"{100 * g['random']:.1f}%: {100 * g['gain']:+.1f} points, {spread}")
     return lines
 
 
@@ -344,6 +389,49 @@ def checkpoint_point(checkpoint: Path, data: GridData, cfg: ScalingConfig, seed:
             "num_val": probed["num_val"], "probe_s": probed["probe_s"], "reused": probe_reused and val_reused}
 
 
+def trunk_sha256(model) -> str:
+    """A digest of a model's preprocessor and trunk weights (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters())):
+        if name.startswith(("preprocessor.", "trunk.")):
+            array = np.array(value)
+            digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def random_trunk_point(cfg: ScalingConfig, data: GridData, width: int, depth: int, seed: int, cache_dir: Path, *,
+                       progress: bool, echo: Callable) -> dict:
+    """The grid's probe, with `seed`, on the trunk pre-training with `seed` starts from (`build_model(config,
+    seed=seed)`: the paper's initialisation, the demo's random baseline), never trained; cached in `cache_dir`
+    (reused when the initial weights, data and recipe are the same)."""
+    name = capacity_name(width, depth)
+    model = build_model(cfg.model_config(width, depth, len(data.pool.classes)), seed=seed)
+    probe_config = cfg.probe_config(seed)
+    key = {"format": POINT_FORMAT, "init_seed": seed, "weights_sha256": trunk_sha256(model), "data": data.identity,
+           "probe": probe_config.recipe()}
+
+    def probe() -> dict:
+        echo(f"  probe on a random {name} trunk, seed {seed}")
+        result = train_probe(model, (data.pool, data.val), None, probe_config,
+                             trunk=trunk_description(model, f"pre-training initialisation (seed {seed})",
+                                                     random_init=True, seed=seed),
+                             progress=progress, echo=echo)
+        val = result.metrics["val"]
+        return {"top1": val["top1"], "top5": val["top5"], "num_val": val["num_images"],
+                "probe_s": round(result.seconds, 1)}
+
+    point, reused = cached(cache_dir / f"{name}-seed{seed}.json", key, probe)
+    return dict(point, seed=seed, reused=reused)
+
+
+def top1_statistics(top1: Sequence[float]) -> dict:
+    """Top-1 over seeds: each seed's, mean, standard deviation, min and max."""
+    top1 = np.array(top1, np.float64)
+    return {"top1_seeds": top1.tolist(), "top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
+            "top1_min": float(top1.min()), "top1_max": float(top1.max())}
+
+
 def run_cell(cfg: ScalingConfig, data: GridData, width: int, depth: int, size: int, seed: int, runs_dir: Path, *,
              progress: bool, echo: Callable) -> dict:
     """One run of the grid: pre-trains (or resumes, or reuses) a trunk on the first `size` pool images, then
@@ -381,18 +469,16 @@ def summarize_cells(runs: list[dict], capacities: list[dict], data_sizes: list[i
         for size in data_sizes:
             finals = [r["checkpoints"][-1] for r in runs
                       if r["capacity"] == capacity["name"] and r["data_size"] == size]
-            top1 = np.array([p["top1"] for p in finals], np.float64)
             loss = np.array([p["val_loss"] for p in finals], np.float64)
             cells.append({"capacity": capacity["name"], "parameters": capacity["parameters"], "data_size": size,
-                          "seeds": len(finals), "top1_seeds": top1.tolist(), "top1_mean": float(top1.mean()),
-                          "top1_std": float(top1.std()), "top1_min": float(top1.min()), "top1_max": float(top1.max()),
+                          "seeds": len(finals), **top1_statistics([p["top1"] for p in finals]),
                           "val_loss_mean": float(loss.mean()), "val_loss_std": float(loss.std())})
     return cells
 
 
 def scaling_figure(result: dict) -> Image.Image:
-    """The three panels: (a) top-1 vs parameters, a line per data size; (b) top-1 vs data size, a line per
-    capacity; (c) validation loss vs top-1 over every checkpoint, with Spearman's rho."""
+    """The three panels: (a) top-1 vs parameters, a line per data size and a dashed one of random trunks; (b) top-1
+    vs data size, a line per capacity; (c) validation loss vs top-1 over every checkpoint, with Spearman's rho."""
     cells, capacities, sizes = result["cells"], result["capacities"], result["data_sizes"]
 
     def cell(name, size):
@@ -404,6 +490,10 @@ def scaling_figure(result: dict) -> Image.Image:
 
     by_size = [series([cell(cap["name"], n) for cap in capacities], lambda c: c["parameters"], f"{n} images")
                for n in sizes]
+    by_size.append(Series("random trunk (no pre-training)",
+                          [(cap["parameters"], 100 * cap["random_trunk"]["top1_mean"]) for cap in capacities],
+                          [(100 * cap["random_trunk"]["top1_min"], 100 * cap["random_trunk"]["top1_max"])
+                           for cap in capacities], colour=RANDOM_TRUNK_COLOUR, dashed=True))
     by_capacity = [series([cell(cap["name"], n) for n in sizes], lambda c: c["data_size"],
                           f"{cap['name']} ({_compact(cap['parameters'])} parameters)") for cap in capacities]
     seeds = len(result["seeds"])
@@ -480,6 +570,14 @@ def run_scaling(
                 echo(f"[{len(runs) + 1}/{total}] {capacity['name']}, {size} images, seed {seed}")
                 runs.append(run_cell(cfg, grid, capacity["width"], capacity["depth"], size, seed, runs_dir,
                                      progress=progress, echo=echo))
+    echo(f"random trunks: the same probe on each capacity's initialisation, seeds {', '.join(map(str, cfg.seeds))}")
+    tick = time.perf_counter()
+    for capacity in capacities:
+        random_points = [random_trunk_point(cfg, grid, capacity["width"], capacity["depth"], seed,
+                                            runs_dir / RANDOM_TRUNKS_DIR, progress=progress, echo=echo)
+                         for seed in cfg.seeds]
+        capacity["random_trunk"] = dict(top1_statistics([p["top1"] for p in random_points]), seeds=random_points)
+    random_s = time.perf_counter() - tick
     cells = summarize_cells(runs, capacities, sizes)
     top1 = np.array([[next(c["top1_mean"] for c in cells if c["capacity"] == cap["name"] and c["data_size"] == n)
                       for n in sizes] for cap in capacities])
@@ -487,6 +585,7 @@ def run_scaling(
     findings = {
         "scaling": scaling_finding(top1, [c["name"] for c in capacities], sizes),
         "loss_predicts_accuracy": loss_finding([p["val_loss"] for p in points], [p["top1"] for p in points]),
+        "pretraining": pretraining_finding(cells, {c["name"]: c["random_trunk"] for c in capacities}),
     }
     result = {
         "quick": quick,
@@ -501,6 +600,7 @@ def run_scaling(
         "capacities": capacities,
         "data_sizes": sizes,
         "runs": runs,
+        "random_trunks_s": round(random_s, 1),
         "cells": cells,
         "findings": findings,
         "verdicts": verdict_lines(findings),

@@ -102,6 +102,65 @@ def test_finding_two_holds_at_or_below_the_target():
                         "Spearman rho -0.600 over 5 checkpoints (target <= -0.8)")
 
 
+def cells_of(top1_seeds: dict) -> list[dict]:
+    """`summarize_cells`-like cells from {(capacity, data size): [top-1 per seed]}."""
+    return [{"capacity": name, "data_size": size, **scaling.top1_statistics(values)}
+            for (name, size), values in top1_seeds.items()]
+
+
+def test_pretraining_beats_random_trunks_when_every_cell_clears_the_seeds_spread():
+    random = {"w32-d2": scaling.top1_statistics([0.30, 0.31]), "w64-d4": scaling.top1_statistics([0.33, 0.34])}
+    cells = cells_of({("w32-d2", 40): [0.32, 0.35], ("w32-d2", 400): [0.315, 0.33],
+                      ("w64-d4", 40): [0.36, 0.38], ("w64-d4", 400): [0.35, 0.37]})
+    found = scaling.pretraining_finding(cells, random)
+    assert found["holds"] is True and found["any_clear"] is True
+    assert found["random_top1"] == {"w32-d2": pytest.approx(0.305), "w64-d4": pytest.approx(0.335)}
+    assert [g["gain"] for g in found["cells"]] == pytest.approx([0.03, 0.0175, 0.035, 0.025])
+    assert all(g["clear"] and not g["overlap"] for g in found["cells"])
+    top1 = np.array([[0.335, 0.3225], [0.37, 0.36]])
+    text = scaling.verdict_lines({"scaling": scaling.scaling_finding(top1, ["w32-d2", "w64-d4"], [40, 400]),
+                                  "loss_predicts_accuracy": scaling.loss_finding([2, 1], [1, 2]), "pretraining": found})
+    assert text[-5] == ("Pre-training beats a random trunk of the same size: holds at this scale: 4 of 4 cells beyond "
+                        "the seeds' spread (pre-trained mean - random mean)")
+    assert text[-4] == "  w32-d2, 40 images: 33.5% vs 30.5%: +3.0 points, beyond the seeds' spread"
+    assert not any("architecture's" in line for line in text)  # capacity rises, and pre-training beats random trunks
+
+
+def test_a_rise_with_capacity_that_random_trunks_match_is_not_pre_trainings():
+    """Every line along capacity rises, but no cell beats its random trunk beyond the seeds' spread: finding 1's
+    capacity lines say so, and the control does not hold (one cell even loses to its random trunk)."""
+    random = {"w32-d2": scaling.top1_statistics([0.317, 0.296]), "w64-d4": scaling.top1_statistics([0.335, 0.331]),
+              "w128-d4": scaling.top1_statistics([0.359, 0.379])}
+    cells = cells_of({("w32-d2", 40): [0.306, 0.308], ("w32-d2", 4000): [0.281, 0.291],
+                      ("w64-d4", 40): [0.332, 0.341], ("w64-d4", 4000): [0.320, 0.328],
+                      ("w128-d4", 40): [0.351, 0.368], ("w128-d4", 4000): [0.341, 0.362]})
+    found = scaling.pretraining_finding(cells, random)
+    assert found["holds"] is False and found["any_clear"] is False
+    by_cell = {(g["capacity"], g["data_size"]): g for g in found["cells"]}
+    assert by_cell[("w64-d4", 40)]["gain"] == pytest.approx(0.3365 - 0.333) and by_cell[("w64-d4", 40)]["overlap"]
+    assert not by_cell[("w64-d4", 4000)]["overlap"] and not by_cell[("w64-d4", 4000)]["clear"]  # below, clearly
+    top1 = np.array([[c["top1_mean"] for c in cells[k : k + 2]] for k in (0, 2, 4)])
+    findings = {"scaling": scaling.scaling_finding(top1, CAPACITIES, [40, 4000]),
+                "loss_predicts_accuracy": scaling.loss_finding([2, 1], [1, 2]), "pretraining": found}
+    text = scaling.verdict_lines(findings)
+    note = ("  along capacity: holds, but random trunks of the same sizes score as well (30.6% -> 33.3% -> 36.9%): "
+            "the gain is the architecture's, not pre-training's")
+    assert text.index(note) == 3  # right after the capacity lines, before the data lines
+    assert text[0].endswith(": does not hold at this scale")  # the data lines fall: finding 1's verdict is as before
+    assert ("Pre-training beats a random trunk of the same size: does not hold at this scale: 0 of 6 cells beyond the "
+            "seeds' spread (pre-trained mean - random mean)") in text
+    assert "  w32-d2, 40 images: 30.7% vs 30.6%: +0.1 points, within the seeds' spread" in text
+    assert "  w64-d4, 4000 images: 32.4% vs 33.3%: -0.9 points, a loss beyond the seeds' spread" in text
+    # No note where a line along capacity breaks, or where one cell clears its random trunk.
+    broken = dict(findings, scaling=scaling.scaling_finding(top1[::-1], CAPACITIES, [40, 4000]))
+    assert not any("architecture's" in line for line in scaling.verdict_lines(broken))
+    cleared = cells_of({("w32-d2", 40): [0.33, 0.34], ("w32-d2", 4000): [0.281, 0.291],
+                        ("w64-d4", 40): [0.332, 0.341], ("w64-d4", 4000): [0.320, 0.328],
+                        ("w128-d4", 40): [0.351, 0.368], ("w128-d4", 4000): [0.341, 0.362]})
+    one_clear = dict(findings, pretraining=scaling.pretraining_finding(cleared, random))
+    assert not any("architecture's" in line for line in scaling.verdict_lines(one_clear))
+
+
 def test_config_refuses_what_the_grid_cannot_run():
     with pytest.raises(ValueError, match="multiple of checkpoints"):
         scaling.DEFAULT.replace(steps=100, checkpoints=3)
@@ -145,6 +204,14 @@ def check_structure(result: dict, stdout: str, cfg: scaling.ScalingConfig) -> No
             assert math.isfinite(point["val_loss"]) and 0.0 <= point["top1"] <= point["top5"] <= 1.0
             assert point["num_val"] == result["num_val"]
     assert len(result["cells"]) == num_cells
+    for capacity in result["capacities"]:  # the same probe on a random trunk of each capacity, each seed
+        random = capacity["random_trunk"]
+        assert [p["seed"] for p in random["seeds"]] == list(cfg.seeds) and len(random["top1_seeds"]) == len(cfg.seeds)
+        assert all(0.0 <= p["top1"] <= p["top5"] <= 1.0 and p["num_val"] == result["num_val"] for p in random["seeds"])
+        assert random["top1_min"] <= random["top1_mean"] <= random["top1_max"]
+    control = result["findings"]["pretraining"]
+    assert isinstance(control["holds"], bool) and len(control["cells"]) == num_cells
+    assert list(control["random_top1"]) == [c["name"] for c in result["capacities"]]
     for cell in result["cells"]:
         assert len(cell["top1_seeds"]) == len(cfg.seeds)
         assert cell["top1_min"] <= cell["top1_mean"] <= cell["top1_max"]
@@ -160,9 +227,14 @@ def check_structure(result: dict, stdout: str, cfg: scaling.ScalingConfig) -> No
         assert row[3] == f"{cell['val_loss_mean']:.4f}"
         top1 = f"{100 * cell['top1_mean']:.1f}"
         assert row[6:8] == [top1, "±"] if len(cfg.seeds) > 1 else row[4] == top1 + "%"
+        random = next(c["random_trunk"] for c in result["capacities"] if c["name"] == cell["capacity"])
+        random_top1 = f"{100 * random['top1_mean']:.1f}"
+        assert row[10:12] == [random_top1, "±"] if len(cfg.seeds) > 1 else row[5] == random_top1 + "%"
     for line in result["verdicts"]:
         assert line in stdout.splitlines()
     assert sum(line.startswith("Finding ") for line in result["verdicts"]) == 2
+    control_lines = [line for line in result["verdicts"] if line.startswith("Pre-training beats a random trunk")]
+    assert len(control_lines) == 1 and sum(line.endswith("seeds' spread") for line in result["verdicts"]) == num_cells
     # The figure: three panels side by side.
     with Image.open(result["figure"]) as image:
         image.load()
@@ -212,6 +284,11 @@ def test_quick_grid_resumes_and_reuses_finished_runs(quick_run, tmp_path):
         assert all(p["reused"] for p in new["checkpoints"])
         assert [{k: v for k, v in p.items() if k != "reused"} for p in new["checkpoints"]] == \
                [{k: v for k, v in p.items() if k != "reused"} for p in old["checkpoints"]]
+    # The random trunks' probes are reused, with the same numbers.
+    for old, new in zip(first["capacities"], second["capacities"]):
+        assert all(p["reused"] for p in new["random_trunk"]["seeds"])
+        assert not any(p["reused"] for p in old["random_trunk"]["seeds"])
+        assert new["random_trunk"]["top1_seeds"] == old["random_trunk"]["top1_seeds"]
     # The resumed run continues exactly: the same numbers as the uninterrupted one.
     assert [p["val_loss"] for p in second["runs"][-1]["checkpoints"]] == \
            pytest.approx([p["val_loss"] for p in first["runs"][-1]["checkpoints"]], abs=1e-6)

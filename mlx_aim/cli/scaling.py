@@ -56,15 +56,19 @@ def _percent(mean: float, std: float, low: float, high: float, seeds: int) -> st
 
 def format_table(result: dict) -> str:
     """One row per cell at the end of pre-training: capacity, parameters, data size, validation loss, top-1 over
-    seeds; then the top-1 of every checkpoint, averaged over seeds."""
+    seeds, and the same probe's top-1 on random trunks of the capacity; then the top-1 of every checkpoint, averaged
+    over seeds."""
     seeds = len(result["seeds"])
     spread = "mean ± std (min-max) over seeds " + ", ".join(map(str, result["seeds"])) if seeds > 1 else "one seed"
-    header = ("capacity", "parameters", "images", "val loss", "probe top-1")
+    header = ("capacity", "parameters", "images", "val loss", "probe top-1", "random trunk")
+    random = {c["name"]: c["random_trunk"] for c in result["capacities"]}
     rows = []
     for c in result["cells"]:
         loss = f"{c['val_loss_mean']:.4f}" + (f" ± {c['val_loss_std']:.4f}" if seeds > 1 else "")
+        r = random[c["capacity"]]
         rows.append((c["capacity"], f"{c['parameters']:,}", str(c["data_size"]), loss,
-                     _percent(c["top1_mean"], c["top1_std"], c["top1_min"], c["top1_max"], seeds)))
+                     _percent(c["top1_mean"], c["top1_std"], c["top1_min"], c["top1_max"], seeds),
+                     _percent(r["top1_mean"], r["top1_std"], r["top1_min"], r["top1_max"], seeds)))
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header))]
     lines = ["   ".join(f"{v:<{w}}" if k < 1 else f"{v:>{w}}" for k, (v, w) in enumerate(zip(row, widths)))
              for row in [header] + rows]
@@ -73,7 +77,8 @@ def format_table(result: dict) -> str:
     out = [rule, lines[0], rule, *lines[1:], rule,
            f"at step {steps[-1]} of {result['batch_size']}-image batches; {spread}; "
            f"{result['num_classes']} classes, probe trained on {result['probe_train']} images, "
-           f"top-1 on {result['num_val']} held-out images",
+           f"top-1 on {result['num_val']} held-out images; random trunk: the same probe on the capacity's "
+           "initialisation, never pre-trained",
            "", "probe top-1 by checkpoint (mean over seeds): step " + ", ".join(map(str, steps))]
     for capacity in result["capacities"]:
         for size in result["data_sizes"]:
@@ -96,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(result["verdicts"]))
     print(f"figure: {result['figure']}")
     reused = sum(r["pretraining_reused"] for r in result["runs"])
-    print(f"wall time: {result['seconds']:.0f} s ({len(result['runs'])} runs, {reused} reused)")
+    randoms = [p for c in result["capacities"] for p in c["random_trunk"]["seeds"]]
+    print(f"wall time: {result['seconds']:.0f} s ({len(result['runs'])} runs, {reused} reused; {len(randoms)} random "
+          f"trunk probes, {sum(p['reused'] for p in randoms)} reused, {result['random_trunks_s']:.0f} s)")
     if args.json:
         print_json(result)
     return EXIT_OK
