@@ -42,8 +42,9 @@ DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "mlx-aim-end-to-end"
 
 def draw_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A photo-like RGB image: a smooth two-axis colour gradient, a few dozen filled shapes, a low-frequency
-    texture and per-pixel luminance noise (sigma 3 levels), as a camera's sensor leaves. Drawn by Pillow's C code
-    at full size (numpy only for the small gradient), so 200 camera-size photos take minutes, not tens."""
+    texture and per-pixel luminance noise (sigma 3 levels), as a camera's sensor leaves. The full-size work is
+    Pillow's resizes, shapes and channel adds and a tiled uint8 noise, so 200 camera-size photos take a minute or two.
+    Deterministic given `rng`."""
     small = (max(width // 8, 2), max(height // 8, 2))
     y = np.linspace(0.0, 1.0, small[1], dtype=np.float32)[:, None, None]
     x = np.linspace(0.0, 1.0, small[0], dtype=np.float32)[None, :, None]
