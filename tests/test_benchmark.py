@@ -6,6 +6,7 @@ The command line runs on a tiny custom-sized preset (aim-tiny at 32 px) so each 
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
 import mlx_aim
 from conftest import last_json, run_script
@@ -219,3 +220,26 @@ def test_lit_folder_quantized_from_the_command_line(tmp_path):
     assert all(r["quantization"] == {"bits": 4, "group_size": 64} for r in result["runs"])
     assert "lit" in benchmark.MEMORY_SUITES
     assert isinstance(benchmark.model_config("aimv2-large-patch14-224-lit"), type(tiny_lit()))
+
+
+def test_end_to_end_report(tmp_path):
+    """benchmarks/bench_end_to_end.py on a handful of small JPEGs with aim-tiny: the report's structure, and that
+    every photo went through both jobs."""
+    proc = run_script("benchmarks/bench_end_to_end.py", "--preset", "aim-tiny", "--num-images", "5",
+                      "--photo-size", "160x120", "--batch-size", "2", "--decode-images", "3",
+                      "--workdir", tmp_path, "--json", timeout=600)
+    report = last_json(proc.stdout)
+    assert report["machine"]["backend_path"] and report["machine"]["cpu_model"] and "blas" in report["machine"]
+    assert report["settings"]["photo_sizes"] == [[160, 120], [120, 160]]
+    photos = sorted((tmp_path / "photos-160x120-q90").glob("*.jpg"))
+    assert len(photos) == 5
+    assert [Image.open(p).size for p in photos[:2]] == [(160, 120), (120, 160)]
+    assert Image.open(photos[0]).format == "JPEG"
+    assert report["decode"]["images"] == 3 and report["decode"]["mean_seconds"] > 0
+    for job in ("classify", "extract_features"):
+        row = report[job]
+        assert row["num_images"] == 5
+        assert 0 < row["images_per_second"] <= row["model_images_per_second"]
+        assert row["ratio"] == pytest.approx(row["images_per_second"] / row["model_images_per_second"], abs=1e-3)
+    assert len(report["load_before"]["load_average"]) == 3
+    assert "classify" in proc.stdout and "model images/s" in proc.stdout

@@ -1,0 +1,228 @@
+"""Measure classification and feature extraction end to end on a folder of camera-size JPEGs: decode, resize, model.
+
+- photos: --num-images photo-like JPEGs (smooth colour gradients, filled shapes, fine texture and sensor-like noise,
+  so the decoder sees a realistic share of non-zero DCT coefficients) at phone-camera sizes, 4032x3024 landscape and
+  3024x4032 portrait alternating, quality 90. Drawn from a seed once into --workdir and reused.
+- model: a random-weight --preset folder with its head (`write_random_model`); head.* weights load as a trained
+  head, so classify accepts it.
+- one process runs `inference.classify` and then `inference.extract_features` (features "embedding") over the
+  folder, each reporting end-to-end images/s, model-only images/s (images / model_seconds, the time spent in the
+  model's forward) and their ratio: the share of the model's speed the whole pipeline keeps. Decoding runs in the
+  data layer's --num-workers threads while the model runs.
+- decode alone: the model's preprocessing (`preprocessing_for`) run on --decode-images of the photos in this
+  thread, no model: seconds per image.
+
+    python benchmarks/bench_end_to_end.py --num-images 200 --batch-size 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw
+
+import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before mlx)
+from mlx_aim.benchmark import machine_info, write_random_model
+from mlx_aim.config import get_config
+from mlx_aim.data import NUM_WORKERS, preprocessing_for
+from mlx_aim.inference import classify, extract_features, open_model
+
+CAMERA_SIZE = (4032, 3024)  # a 12-megapixel phone camera; photos alternate landscape and portrait
+JPEG_QUALITY = 90
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "mlx-aim-end-to-end"
+
+
+def draw_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like RGB image: a smooth two-axis colour gradient, a few dozen filled shapes, a low-frequency
+    texture and per-pixel luminance noise (sigma 3 levels), as a camera's sensor leaves. The full-size work is
+    Pillow's resizes, shapes and channel adds and a tiled uint8 noise, so 200 camera-size photos take a minute or two.
+    Deterministic given `rng`."""
+    small = (max(width // 8, 2), max(height // 8, 2))
+    y = np.linspace(0.0, 1.0, small[1], dtype=np.float32)[:, None, None]
+    x = np.linspace(0.0, 1.0, small[0], dtype=np.float32)[None, :, None]
+    corners = rng.uniform(20, 235, size=(3, 3)).astype(np.float32)
+    base = corners[0] + (corners[1] - corners[0]) * x + (corners[2] - corners[0]) * y  # (h, w, 3)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(20, 40))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 20 + 1, width // 3 + 2)), int(rng.integers(height // 20 + 1, height // 3 + 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = (draw.ellipse, draw.rectangle)[int(rng.integers(2))]
+        shape((x0, y0, x0 + w, y0 + h), fill=colour)
+    texture = Image.fromarray(rng.normal(128.0, 40.0, (max(height // 16, 1), max(width // 16, 1))).clip(0, 255)
+                              .astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    texture = texture.point(lambda v: 128 + (v - 128) // 6)  # +-20 levels of soft texture
+    # Sensor noise: a seeded 512x512 Gaussian tile (sigma 3, centred on 128), rolled at random and tiled.
+    tile = np.roll(rng.normal(128.0, 3.0, (512, 512)).round().clip(0, 255).astype(np.uint8),
+                   tuple(int(v) for v in rng.integers(0, 512, 2)), axis=(0, 1))
+    noise = Image.fromarray(np.tile(tile, (-(-height // 512), -(-width // 512)))[:height, :width])
+    grain = ImageChops.add(texture, noise, scale=1.0, offset=-128)
+    return ImageChops.add(img, Image.merge("RGB", (grain, grain, grain)), scale=1.0, offset=-128)
+
+
+def photo_sizes(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(width, height) of the landscape and the portrait photos."""
+    return (max(size), min(size)), (min(size), max(size))
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int] = CAMERA_SIZE, seed: int = 0) -> list[Path]:
+    """`count` JPEGs in `folder`, photo-00000.jpg ..., landscape and portrait in turn; files already there are kept
+    (same seed, same pixels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"photo-{i:05d}.jpg"
+        if not path.exists():
+            width, height = photo_sizes(size)[i % 2]
+            partial = path.with_suffix(".tmp")
+            draw_photo(np.random.default_rng([seed, i]), width, height).save(
+                partial, format="JPEG", quality=JPEG_QUALITY)
+            partial.replace(path)
+        paths.append(path)
+    return paths
+
+
+def decode_seconds(paths: list[Path], preprocessing) -> dict:
+    """The model's preprocessing alone (decode, resize, crop, normalise) in this thread, seconds per image."""
+    times = []
+    for path in paths:
+        tick = time.perf_counter()
+        preprocessing(path)
+        times.append(time.perf_counter() - tick)
+    return {"images": len(times), "mean_seconds": float(np.mean(times)), "median_seconds": float(np.median(times)),
+            "images_per_second_one_thread": len(times) / float(np.sum(times))}
+
+
+def _ratio_row(result: dict) -> dict:
+    e2e, model_only = result["images_per_second"], result["model_images_per_second"]
+    return {"num_images": result["num_images"], "seconds": result["seconds"], "images_per_second": e2e,
+            "model_images_per_second": model_only,
+            "ratio": round(e2e / model_only, 4) if e2e and model_only else None}
+
+
+def _load_report() -> dict:
+    info = {}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return "unknown"
+
+
+def run(args) -> dict:
+    workdir = Path(args.workdir)
+    size = photo_sizes(args.photo_size)[0]
+    photos_dir = workdir / f"photos-{size[0]}x{size[1]}-q{JPEG_QUALITY}"
+    tick = time.perf_counter()
+    paths = write_photos(photos_dir, args.num_images, size)
+    photos_seconds = time.perf_counter() - tick
+    # Only the first --num-images photos take part, even where the cache holds more.
+    folder = workdir / f"photos-{size[0]}x{size[1]}-first-{args.num_images}"
+    folder.mkdir(exist_ok=True)
+    for path in paths:
+        link = folder / path.name
+        if not link.exists():
+            link.symlink_to(path)
+    model_dir = workdir / f"model-{args.preset}"
+    if not (model_dir / "config.json").exists():
+        write_random_model(model_dir, get_config(args.preset), force=True)
+    model = open_model(model_dir)
+    preprocessing = preprocessing_for(model.config)
+    report = {
+        "machine": {**machine_info(), "cpu_model": cpu_model()},
+        "settings": {"preset": args.preset, "num_images": args.num_images, "batch_size": args.batch_size,
+                     "num_workers": args.num_workers, "photo_sizes": [list(s) for s in photo_sizes(size)],
+                     "jpeg_quality": JPEG_QUALITY, "preprocessing": preprocessing.settings(),
+                     "photo_bytes_mean": int(np.mean([p.stat().st_size for p in paths])),
+                     "photos_written_seconds": round(photos_seconds, 2)},
+        "load_before": _load_report(),
+    }
+    report["decode"] = decode_seconds(paths[: args.decode_images], preprocessing)
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
+    classified = classify(model, [folder], **common).to_dict()
+    report["classify"] = _ratio_row(classified)
+    with tempfile.TemporaryDirectory(dir=workdir) as out:
+        extracted = extract_features(model, [folder], out, features="embedding", overwrite=True, **common).to_dict()
+    report["extract_features"] = _ratio_row(extracted)
+    report["load_after"] = _load_report()
+    for job in ("classify", "extract_features"):
+        if report[job]["num_images"] != args.num_images:
+            raise SystemExit(f"{job}: {report[job]['num_images']} of {args.num_images} images used")
+    return report
+
+
+def print_table(report: dict) -> None:
+    m, s, d = report["machine"], report["settings"], report["decode"]
+    print(f"{s['num_images']} JPEGs {s['photo_sizes'][0][0]}x{s['photo_sizes'][0][1]} / "
+          f"{s['photo_sizes'][1][0]}x{s['photo_sizes'][1][1]}, quality {s['jpeg_quality']} "
+          f"(mean {s['photo_bytes_mean'] / 2**20:.2f} MiB); {s['preset']} random weights, batch {s['batch_size']}, "
+          f"{s['num_workers']} decode worker(s)")
+    print(f"CPU {m['cpu_model']}; backend {m['backend_path']}; BLAS {m['blas'].get('name', '?')}; "
+          f"load {report['load_before'].get('load_average')} before, {report['load_after'].get('load_average')} after")
+    print(f"decode + preprocess alone (one thread, {d['images']} images): {d['mean_seconds'] * 1000:.1f} ms/image "
+          f"mean, {d['median_seconds'] * 1000:.1f} ms median")
+    print(f"{'job':<18} {'images/s':>10} {'model images/s':>15} {'ratio':>7} {'seconds':>9}")
+    for job in ("classify", "extract_features"):
+        r = report[job]
+        print(f"{job:<18} {r['images_per_second']:>10.3f} {r['model_images_per_second']:>15.3f} "
+              f"{r['ratio']:>7.1%} {r['seconds']:>9.1f}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 4032x3024") from None
+    if min(width, height) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sides")
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=NUM_WORKERS)
+    parser.add_argument("--preset", default="aim-600M")
+    parser.add_argument("--photo-size", type=_size, default=CAMERA_SIZE, metavar="WxH",
+                        help="photo size, landscape and portrait in turn (default 4032x3024)")
+    parser.add_argument("--decode-images", type=int, default=20, help="photos timed for decode + preprocess alone")
+    parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="cache of the photos and the model folder")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object, last")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1 or args.num_workers < 0 or args.decode_images < 1:
+        raise SystemExit("--num-images, --batch-size and --decode-images take positive integers, --num-workers >= 0")
+    report = run(args)
+    print_table(report)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
