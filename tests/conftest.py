@@ -75,3 +75,19 @@ def tiny_config_fixture() -> AIMConfig:
 def _seed():
     mx.random.seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def lit_folder(tmp_path_factory):
+    """A tiny random-weight AIMv2-LiT folder with CLIP's tokenizer files beside its weights (`lit_helpers`)."""
+    from lit_helpers import write_tiny_lit
+
+    return write_tiny_lit(tmp_path_factory.mktemp("lit") / "tiny-lit")
+
+
+@pytest.fixture(scope="module")
+def lit(lit_folder):
+    """`mlx_aim.lit.open_lit(lit_folder)`: the model and its tokenizer."""
+    from mlx_aim.lit import open_lit
+
+    return open_lit(lit_folder)

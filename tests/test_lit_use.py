@@ -7,18 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lit_helpers import tiny_lit_config, write_tiny_lit
-from mlx_aim import convert, load
+from lit_helpers import tiny_lit_config
+from mlx_aim import convert
 from mlx_aim.benchmark import write_random_model
 from mlx_aim.config import AIMv2Config
 from mlx_aim.lit import embed_images, embed_texts, load_tokenizer, open_lit, similarities
 from mlx_aim.loading import tokenizer_folder
 from mlx_aim.model import normalized
-
-
-@pytest.fixture(scope="module")
-def lit_folder(tmp_path_factory):
-    return write_tiny_lit(tmp_path_factory.mktemp("lit") / "tiny-lit")
 
 
 def test_open_lit_reads_the_tokenizer_beside_the_weights(lit_folder):

@@ -26,16 +26,6 @@ from mlx_aim.visualize import contact_sheet_size
 NUM_PHOTOS = 9
 
 
-@pytest.fixture(scope="module")
-def lit_folder(tmp_path_factory):
-    return write_tiny_lit(tmp_path_factory.mktemp("lit") / "tiny-lit")
-
-
-@pytest.fixture(scope="module")
-def lit(lit_folder):
-    return open_lit(lit_folder)
-
-
 def write_photo(path, index: int, size: int = 40):
     path.parent.mkdir(parents=True, exist_ok=True)
     SyntheticShapes(index + 1, image_size=size, seed=3)[index][0].save(path)

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from clip_vocab import write_clip_tokenizer_files
 from conftest import last_json, run_script
-from lit_helpers import tiny_lit_config, write_tiny_lit
+from lit_helpers import tiny_lit_config
 from mlx_aim.benchmark import write_random_model
 from mlx_aim.cli import classify as classify_cli
 from mlx_aim.cli import zero_shot as zero_shot_cli
@@ -17,23 +17,12 @@ from mlx_aim.config import AIMv2Config
 from mlx_aim.data import imagenet_classes, preprocessing_for
 from mlx_aim.inference import classify, open_model
 from mlx_aim.layers import AttentionProbe
-from mlx_aim.lit import open_lit
 from mlx_aim.probe import save_head
 from mlx_aim.zeroshot import (ZeroShotClassifier, build_head, class_embeddings, default_templates, is_zero_shot_head,
                               open_zero_shot, read_labels, read_templates, read_zero_shot_head)
 from probe_helpers import save_image
 
 LABELS = ["cat", "dog", "a red bicycle at night"]
-
-
-@pytest.fixture(scope="module")
-def lit_folder(tmp_path_factory):
-    return write_tiny_lit(tmp_path_factory.mktemp("lit") / "tiny-lit")
-
-
-@pytest.fixture(scope="module")
-def lit(lit_folder):
-    return open_lit(lit_folder)
 
 
 @pytest.fixture(scope="module")
