@@ -228,13 +228,13 @@ def _metadata(path: str | os.PathLike) -> dict:
 
 def is_zero_shot_head(path: str | os.PathLike) -> bool:
     """Whether a head file is a zero-shot head (its safetensors metadata says so); False for a probe head (a
-    safetensors or PyTorch file with `head.*` keys). A missing file raises FileNotFoundError."""
+    safetensors or PyTorch file with `head.*` keys). A missing file raises FileNotFoundError, a `.safetensors` file
+    that is not one a ValueError naming it."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: head file not found")
-    try:
-        return _metadata(path).get("format") == HEAD_FORMAT
-    except ValueError:  # not safetensors: a PyTorch probe head
+    if Path(path).suffix != ".safetensors":  # a PyTorch probe head, read by `load(..., head=...)`
         return False
+    return _metadata(path).get("format") == HEAD_FORMAT
 
 
 def read_zero_shot_head(path: str | os.PathLike) -> ZeroShotHead:

@@ -274,8 +274,11 @@ def test_heads_that_do_not_fit_are_refused(lit_folder, photos, saved_head, tmp_p
     # A file that is no head at all.
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not safetensors")
-    assert not is_zero_shot_head(junk)
+    with pytest.raises(ValueError, match=f"{junk}: cannot read as safetensors"):
+        is_zero_shot_head(junk)
     with pytest.raises(ValueError, match=f"{junk}: cannot read as safetensors"):
         read_zero_shot_head(junk)
+    message = refused(lit_folder, junk)  # named as unreadable, not refused as a probe head on a LiT
+    assert f"{junk}: cannot read as safetensors" in message and "probe head" not in message
     with pytest.raises(ValueError, match="not a zero-shot head file"):
         read_zero_shot_head(probe_head)
