@@ -67,7 +67,7 @@ from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
 from .data import is_native
 from .inference import peak_memory
 from .loading import load, source_config
-from .model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized
+from .model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized, parse_dtype
 from .weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
@@ -396,7 +396,7 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
         model = build_model(config)
         model.load_weights(reference.lit_weights(ref), strict=True)
         if dtype is not None:
-            model.set_dtype(mx.bfloat16 if dtype_name(dtype) == "bfloat16" else dtype)
+            model.set_dtype(parse_dtype(dtype))
         mx.eval(model.parameters())
         info = {"weights": "random (transformers' initialisation)", "load_s": time.perf_counter() - start,
                 "rss_after_load_bytes": peak_memory()["peak_rss_bytes"]}
