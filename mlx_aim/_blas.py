@@ -56,6 +56,7 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+from typing import Optional
 
 ENV_VAR = "MLX_AIM_BLAS"
 _OFF = {"0", "off", "false", "no", "none"}
@@ -110,6 +111,17 @@ def set_num_threads(threads: int) -> bool:
                     _info["threads"] = threads
                 return True
     return False
+
+
+def get_num_threads() -> Optional[int]:
+    """The preloaded library's thread count (OpenBLAS or MKL); None when no library was preloaded or it cannot
+    say."""
+    for lib in _handles:
+        for name in ("openblas_get_num_threads", "MKL_Get_Max_Threads"):
+            if hasattr(lib, name):
+                getattr(lib, name).restype = ctypes.c_int
+                return int(getattr(lib, name)())
+    return None
 
 
 def _result(reason, name=None, path=None, **extra):

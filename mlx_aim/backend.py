@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import native, ops
+from . import _blas, native, ops
 
 CPU_WORKAROUNDS_ENV = "MLX_AIM_CPU_WORKAROUNDS"
 NATIVE_ENV = "MLX_AIM_NATIVE"
@@ -100,6 +100,30 @@ def use_native_kernels() -> bool:
         native.warn_unavailable()
         return False
     return True
+
+
+@contextlib.contextmanager
+def compute_threads(threads: int) -> Iterator[None]:
+    """Runs the block with the preloaded BLAS and the native kernels on `threads` threads each, then restores their
+    previous counts; `threads=0` changes nothing. Leaving a core to a data loader's thread can beat all cores for
+    both: a multithreaded call waits at its barriers while the loader holds a core (`scaling` does this)."""
+    if threads < 0:
+        raise ValueError(f"threads={threads}: expected an integer >= 0 (0: leave the libraries' counts)")
+    if threads == 0:
+        yield
+        return
+    blas_before = _blas.get_num_threads()
+    native_before = native.num_threads() if native.available() else None
+    _blas.set_num_threads(threads)
+    if native_before is not None:
+        native.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if blas_before is not None:
+            _blas.set_num_threads(blas_before)
+        if native_before is not None:
+            native.set_num_threads(native_before)
 
 
 def backend_path() -> str:

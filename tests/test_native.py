@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_aim import backend, native, ops
+from mlx_aim import _blas, backend, native, ops
 from mlx_aim.layers import prefix_causal_mask
 from test_attention import graph_ops
 from test_ops import assert_gelu_within_a_few_ulps, gelu64, gelu_grad64
@@ -279,7 +279,7 @@ def run_python(*parts: str) -> dict:
 FALLBACK_PROBE = """
     import json, warnings
     import numpy as np
-    from mlx_aim import backend, native, ops
+    from mlx_aim import _blas, backend, native, ops
     x = mx.random.normal((64,)) * 3.0
     with warnings.catch_warnings(record=True) as caught, mx.stream(mx.cpu):
         warnings.simplefilter("always")
@@ -330,6 +330,25 @@ def test_thread_count_can_be_set_and_gives_the_same_values():
             native.set_num_threads(0)
     finally:
         native.set_num_threads(threads)
+
+
+def test_compute_threads_sets_the_blas_and_native_threads_for_the_block_then_restores_them():
+    blas_before, native_before = _blas.get_num_threads(), native.num_threads()
+    assert _blas.blas_info()["loaded"] == (blas_before is not None)
+    x = mx.random.normal((64, 6144))
+    expected = np.array(native.gelu(x))
+    with backend.compute_threads(1):
+        assert native.num_threads() == 1 and _blas.get_num_threads() in (None, 1)
+        assert blas_before is None or _blas.get_num_threads() == 1
+        np.testing.assert_array_equal(np.array(native.gelu(x)), expected)
+    assert (_blas.get_num_threads(), native.num_threads()) == (blas_before, native_before)
+    with pytest.raises(KeyError), backend.compute_threads(1):
+        raise KeyError("an error inside the block")
+    assert (_blas.get_num_threads(), native.num_threads()) == (blas_before, native_before)
+    with backend.compute_threads(0):  # 0 leaves both as they are
+        assert (_blas.get_num_threads(), native.num_threads()) == (blas_before, native_before)
+    with pytest.raises(ValueError, match="threads=-1"), backend.compute_threads(-1):
+        pass
 
 
 def test_the_environment_variable_forces_the_ops_path(monkeypatch):
