@@ -22,8 +22,10 @@ nested subsets drawn in one fixed order) change; every cell runs every seed in `
 
 Decisions where the brief left room (the measured figures are in the README):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
-  2-block pixel head as wide as the trunk); the step budget is shorter than the demo's so that the whole grid,
-  several seeds, fits in minutes on a 2-core CPU.
+  2-block pixel head as wide as the trunk). The step budget is the shortest at which pre-training clearly beats a
+  random trunk and more data starts to pay in pilots (at 450 steps no trunk beat its random initialisation; at
+  2000 every one did, and 4000 images beat 40 at every capacity); the capacities are the cheapest three with an
+  11x spread that fit the whole grid, two seeds, in 20 minutes on a 2-core CPU at that budget.
 - Each run keeps `checkpoints` evenly spaced checkpoints; every checkpoint's trunk is probed, on the whole training
   pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
   images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, so its
@@ -54,6 +56,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .backend import compute_threads
 from .config import AIMConfig, get_config
 from .data import ImageFolder, load_splits
 from .fileio import read_json, write_json
@@ -79,6 +82,13 @@ VAL_SEED = 0  # the one validation draw (images and prefix lengths) every checkp
 POINT_FORMAT = 1  # bump when a cached checkpoint result's contents change
 RANDOM_TRUNKS_DIR = "random-trunks"  # in a grid's folder: each random trunk's cached probe result
 RANDOM_TRUNK_COLOUR = (127, 127, 127)  # panel (a)'s dashed line of random trunks
+# Pre-training these small trunks on 32 px images is as much augmentation (one loader thread's Pillow work) as
+# matmul: one core for the loader, the others for MLX's BLAS and the native kernels. On the 2-core Xeon this ran
+# w32-d2, w64-d2 and w96-d3 at 18, 24 and 45 ms a step, against 23, 36 and 50 ms with the same loader thread and
+# both cores for compute, and 28, 29 and 48 ms with two loader threads and one compute thread. Neither changes
+# which images and augmentations a run sees.
+PRETRAIN_WORKERS = 1
+PRETRAIN_COMPUTE_THREADS = max(1, (os.cpu_count() or 2) - PRETRAIN_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -92,17 +102,20 @@ class ScalingConfig:
     num_val: int = 2000  # held-out images: the probe's top-1 on all, the validation loss on `val_images` of them
     data_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # pre-training set sizes, as fractions of the pool
     # Capacities: (width, depth) of the trunk; the rest of the layout is shared.
-    capacities: tuple[tuple[int, int], ...] = ((32, 2), (64, 4), (128, 4))
+    capacities: tuple[tuple[int, int], ...] = ((32, 2), (64, 2), (96, 3))
     patch_size: int = 8
     num_heads: int = 4
     head_depth: int = 2
     # Pre-training: the same recipe and step budget in every cell (the rest is `TrainConfig`'s).
-    steps: int = 450
+    steps: int = 1500
     checkpoints: int = 3  # evenly spaced, the last at `steps`
     batch_size: int = 32
     lr: float = 2e-3
     warmup_frac: float = 0.05
     crop_scale: tuple[float, float] = (0.4, 1.0)
+    hflip: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
     val_images: int = 1000
     seeds: tuple[int, ...] = (0, 1)
     # The attentive probe, the same on every checkpoint (the rest is `ProbeConfig`'s).
@@ -133,8 +146,9 @@ class ScalingConfig:
         interval = self.steps // self.checkpoints
         return TrainConfig(
             steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_frac=self.warmup_frac,
-            crop_scale=self.crop_scale, seed=seed, val_images=self.val_images, log_interval=10,
-            val_interval=interval, ckpt_interval=interval, keep_last=self.checkpoints,
+            crop_scale=self.crop_scale, hflip=self.hflip, color_jitter=self.color_jitter, jitter_prob=self.jitter_prob,
+            seed=seed, val_images=self.val_images, log_interval=10, val_interval=interval, ckpt_interval=interval,
+            keep_last=self.checkpoints, num_workers=PRETRAIN_WORKERS,
         )
 
     def probe_config(self, seed: int) -> ProbeConfig:
@@ -146,12 +160,17 @@ class ScalingConfig:
 
 
 DEFAULT = ScalingConfig()
+# A longer budget with larger trunks: 2000 steps (a third more) on the demo's w64-d4 and a w128-d4 (a 26x spread),
+# checkpoints every 500 steps. About twice the default grid's time; in a pilot (one seed) it is where more data paid
+# at every capacity.
+LONG = DEFAULT.replace(capacities=((32, 2), (64, 4), (128, 4)), steps=2000, checkpoints=4)
 # The same grid's shape on a tiny budget, for tests and CI: seconds a run; the numbers are not meaningful.
 QUICK = ScalingConfig(
     image_size=16, num_classes=4, num_train=64, num_val=32, data_fractions=(0.25, 1.0),
     capacities=((16, 1), (32, 2)), patch_size=4, num_heads=2, head_depth=1, steps=4, checkpoints=2,
     batch_size=16, val_images=32, seeds=(0, 1), probe_epochs=2, probe_batch_size=32,
 )
+PRESETS = {"default": DEFAULT, "long": LONG, "quick": QUICK}  # a grid's folder is named by its preset
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,8 +465,9 @@ def run_cell(cfg: ScalingConfig, data: GridData, width: int, depth: int, size: i
     if reused:
         echo(f"  reusing the finished pre-training run in {pre_dir}")
     else:
-        pretrain(model_config, train_config, (data.subset(size), data.val.samples), pre_dir, resume=True,
-                 progress=progress, echo=echo)
+        with compute_threads(PRETRAIN_COMPUTE_THREADS):
+            pretrain(model_config, train_config, (data.subset(size), data.val.samples), pre_dir, resume=True,
+                     progress=progress, echo=echo)
     pretrain_s = time.perf_counter() - tick
     tick = time.perf_counter()
     checkpoints = list_checkpoints(pre_dir)
@@ -528,6 +548,7 @@ def run_scaling(
     *,
     data: Optional[Union[str, os.PathLike]] = None,
     quick: bool = False,
+    long: bool = False,
     config: Optional[ScalingConfig] = None,
     force: bool = False,
     progress: bool = True,
@@ -537,12 +558,14 @@ def run_scaling(
     `scaling.png` in its folder.
 
     `data`: a labelled image folder of the user's instead of the built-in shapes. `quick` uses `QUICK` (a tiny
-    budget for tests) instead of `DEFAULT`, `config` any other `ScalingConfig`. `force` discards this grid's earlier
+    budget for tests) instead of `DEFAULT`, `long` uses `LONG`, `config` any other `ScalingConfig`. `force` discards this grid's earlier
     runs (the image folder is kept). `echo` receives a line per stage; by default they go nowhere.
     """
     echo = echo or silent
     start_time = time.perf_counter()
-    cfg = config if config is not None else QUICK if quick else DEFAULT
+    if quick and long:
+        raise ValueError("run_scaling: quick and long are two different grids; choose one")
+    cfg = config if config is not None else QUICK if quick else LONG if long else DEFAULT
     out = Path(out)
     grid = grid_data(cfg, out, data)
     sizes = grid.sizes(cfg.data_fractions)
@@ -550,7 +573,8 @@ def run_scaling(
         raise ValueError(f"pre-training sets of {sizes} images from a pool of {len(grid.pool)}: expected distinct "
                          f"sizes of at least one batch ({cfg.batch_size} images); use a larger image folder")
     settings = dataclasses.asdict(cfg)
-    grid_name = ("quick" if cfg == QUICK else "default" if cfg == DEFAULT else "custom") + "-" + _digest(
+    preset = next((name for name, preset in PRESETS.items() if preset == cfg), "custom")
+    grid_name = preset + "-" + _digest(
         {"config": settings, "data": grid.identity})
     runs_dir = out / grid_name
     if force and runs_dir.exists():
@@ -589,6 +613,7 @@ def run_scaling(
     }
     result = {
         "quick": quick,
+        "preset": preset,
         "data": grid.description,
         "num_classes": len(grid.pool.classes),
         "probe_train": len(grid.pool),

@@ -170,9 +170,10 @@ def test_config_refuses_what_the_grid_cannot_run():
         scaling.DEFAULT.replace(capacities=((32, 2),))
 
 
-def test_default_grid_spans_what_the_issue_asks():
+@pytest.mark.parametrize("name", ["default", "long"])
+def test_default_and_long_grids_span_what_the_issue_asks(name):
     """At least 3 capacities and 3 data sizes, each spread 8x or more, several seeds and checkpoints."""
-    cfg = scaling.DEFAULT
+    cfg = scaling.PRESETS[name]
     params = sorted(scaling.parameter_count(cfg.model_config(w, d, cfg.num_classes)) for w, d in cfg.capacities)
     sizes = [round(f * cfg.num_train) for f in cfg.data_fractions]
     assert len(params) >= 3 and params[-1] >= 8 * params[0]
@@ -257,6 +258,7 @@ def test_quick_grid_end_to_end(quick_run):
     cfg = scaling.QUICK.replace(seeds=(0, 1))
     check_structure(result, stdout, cfg)
     assert result["quick"] is True and Path(result["run_dir"]).parent == out
+    assert result["preset"] == "quick" and Path(result["run_dir"]).name.startswith("quick-")
     assert json.loads((Path(result["run_dir"]) / "scaling.json").read_text())["cells"] == result["cells"]
     assert "Spearman rho" in stdout and "wall time" in stdout and "figure: " in stdout
     for run in result["runs"]:  # every run kept a checkpoint at each point of its schedule
@@ -308,6 +310,13 @@ def test_quick_grid_on_a_folder_of_ones_own(tmp_path):
     check_structure(result, done.stdout, scaling.QUICK)
     assert result["data"] == str(data) and result["num_classes"] == 4
     assert result["probe_train"] == 80 and result["num_val"] == 20 and result["data_sizes"] == [20, 80]
+
+
+def test_one_grid_at_a_time(tmp_path):
+    with pytest.raises(ValueError, match="quick and long are two different grids"):
+        scaling.run_scaling(tmp_path, quick=True, long=True)
+    done = run_script("scripts/scaling.py", "--quick", "--long", "--out", tmp_path, check_rc=2)
+    assert "not allowed with argument" in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_too_small_a_folder_is_refused(tmp_path):

@@ -3,6 +3,7 @@ built-in shapes or your own labelled images, probe every checkpoint, and say whe
 
     mlx-aim scaling                  # the default grid on the built-in shapes (minutes on a laptop CPU)
     mlx-aim scaling --data DIR       # your own folder: class sub-folders (or train/ and val/ of them)
+    mlx-aim scaling --long           # 2000 steps, larger trunks: about twice the time
     mlx-aim scaling --quick --json   # a tiny grid of the same shape, for tests; one JSON object last
 
 Everything lands under --out (default ./mlx_aim_scaling): the image folder, one folder per grid with its runs
@@ -16,7 +17,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..scaling import DEFAULT, QUICK, run_scaling
+from ..scaling import DEFAULT, LONG, QUICK, run_scaling
 from .options import add_output_options
 from .output import EXIT_OK, print_json, run_command
 
@@ -38,8 +39,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="a labelled image folder of your own instead of the built-in shapes (class sub-folders, or "
                         "train/ and val/ folders of them)")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny grid (seconds a run), for tests: numbers not meaningful")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--quick", action="store_true",
+                        help="a tiny grid (seconds a run), for tests: numbers not meaningful")
+    budget.add_argument("--long", action="store_true",
+                        help=f"a longer grid: {LONG.steps} steps, larger trunks (about twice the default's time)")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help=f"seeds of every cell (default: {','.join(map(str, DEFAULT.seeds))}; with --quick "
                         f"{','.join(map(str, QUICK.seeds))})")
@@ -90,10 +94,10 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = QUICK if args.quick else DEFAULT
+    config = QUICK if args.quick else LONG if args.long else DEFAULT
     if args.seeds is not None:
         config = config.replace(seeds=args.seeds)
-    result = run_scaling(args.out, data=args.data, quick=args.quick, config=config, force=args.force,
+    result = run_scaling(args.out, data=args.data, quick=args.quick, long=args.long, config=config, force=args.force,
                          progress=not args.no_progress, echo=print)
     print()
     print(format_table(result))
