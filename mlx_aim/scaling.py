@@ -22,10 +22,11 @@ nested subsets drawn in one fixed order) change; every cell runs every seed in `
 
 Decisions where the brief left room (the measured figures are in the README):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
-  2-block pixel head as wide as the trunk). The step budget is the shortest at which pre-training clearly beats a
-  random trunk and more data starts to pay in pilots (at 450 steps no trunk beat its random initialisation; at
-  2000 every one did, and 4000 images beat 40 at every capacity); the capacities are the cheapest three with an
-  11x spread that fit the whole grid, two seeds, in 20 minutes on a 2-core CPU at that budget.
+  2-block pixel head as wide as the trunk). At 450 steps no pre-trained trunk beat its random initialisation, so
+  the default budget is 1500 steps, where pre-training beats it in 8 of 9 cells, on three capacities (an 11x
+  spread) cheap enough for the grid, two seeds, to fit 20 minutes on a 2-core CPU. More data reaches the probe
+  only on a longer schedule: `LONG` (2000 steps, larger trunks, 24 minutes there), where 400 images beat 40 at
+  every capacity.
 - Each run keeps `checkpoints` evenly spaced checkpoints; every checkpoint's trunk is probed, on the whole training
   pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
   images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, so its
@@ -86,7 +87,7 @@ RANDOM_TRUNK_COLOUR = (127, 127, 127)  # panel (a)'s dashed line of random trunk
 # matmul: one core for the loader, the others for MLX's BLAS and the native kernels. On the 2-core Xeon this ran
 # w32-d2, w64-d2 and w96-d3 at 18, 24 and 45 ms a step, against 23, 36 and 50 ms with the same loader thread and
 # both cores for compute, and 28, 29 and 48 ms with two loader threads and one compute thread. Neither changes
-# which images and augmentations a run sees.
+# which images and augmentations a run sees; BLAS sums can round differently with another thread count.
 PRETRAIN_WORKERS = 1
 PRETRAIN_COMPUTE_THREADS = max(1, (os.cpu_count() or 2) - PRETRAIN_WORKERS)
 
@@ -161,8 +162,7 @@ class ScalingConfig:
 
 DEFAULT = ScalingConfig()
 # A longer budget with larger trunks: 2000 steps (a third more) on the demo's w64-d4 and a w128-d4 (a 26x spread),
-# checkpoints every 500 steps. About twice the default grid's time; in a pilot (one seed) it is where more data paid
-# at every capacity.
+# checkpoints every 500 steps; 24 minutes on the 2-core Xeon, where the default takes 18.
 LONG = DEFAULT.replace(capacities=((32, 2), (64, 4), (128, 4)), steps=2000, checkpoints=4)
 # The same grid's shape on a tiny budget, for tests and CI: seconds a run; the numbers are not meaningful.
 QUICK = ScalingConfig(
@@ -558,8 +558,9 @@ def run_scaling(
     `scaling.png` in its folder.
 
     `data`: a labelled image folder of the user's instead of the built-in shapes. `quick` uses `QUICK` (a tiny
-    budget for tests) instead of `DEFAULT`, `long` uses `LONG`, `config` any other `ScalingConfig`. `force` discards this grid's earlier
-    runs (the image folder is kept). `echo` receives a line per stage; by default they go nowhere.
+    budget for tests) instead of `DEFAULT`, `long` uses `LONG`, `config` any other `ScalingConfig`. `force` discards
+    this grid's earlier runs (the image folder is kept). `echo` receives a line per stage; by default they go
+    nowhere.
     """
     echo = echo or silent
     start_time = time.perf_counter()

@@ -3,7 +3,7 @@ built-in shapes or your own labelled images, probe every checkpoint, and say whe
 
     mlx-aim scaling                  # the default grid on the built-in shapes (minutes on a laptop CPU)
     mlx-aim scaling --data DIR       # your own folder: class sub-folders (or train/ and val/ of them)
-    mlx-aim scaling --long           # 2000 steps, larger trunks: about twice the time
+    mlx-aim scaling --long           # 2000 steps, larger trunks: a third more time
     mlx-aim scaling --quick --json   # a tiny grid of the same shape, for tests; one JSON object last
 
 Everything lands under --out (default ./mlx_aim_scaling): the image folder, one folder per grid with its runs
@@ -43,7 +43,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true",
                         help="a tiny grid (seconds a run), for tests: numbers not meaningful")
     budget.add_argument("--long", action="store_true",
-                        help=f"a longer grid: {LONG.steps} steps, larger trunks (about twice the default's time)")
+                        help=f"a longer grid: {LONG.steps} steps, larger trunks (a third more time than the default)")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help=f"seeds of every cell (default: {','.join(map(str, DEFAULT.seeds))}; with --quick "
                         f"{','.join(map(str, QUICK.seeds))})")
