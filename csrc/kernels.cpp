@@ -425,6 +425,17 @@ void check_float32(const mx::array& a, const char* op) {
   if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(op) + ": expected float32 input");
 }
 
+// What every eval_cpu does before dispatching: allocates the outputs and registers inputs and outputs with the
+// stream's CPU command encoder, which then keeps them alive until the dispatched work has run.
+mx::cpu::CommandEncoder& start_eval(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                   std::initializer_list<mx::array*> outputs) {
+  for (auto* o : outputs) o->set_data(mx::allocator::malloc(o->nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) encoder.set_input_array(in);
+  for (auto* o : outputs) encoder.set_output_array(*o);
+  return encoder;
+}
+
 // ------------------------------------------------------------------------------------------------------------------
 // Primitives
 
@@ -476,10 +487,7 @@ mx::array gelu_grad(const mx::array& x, const mx::array& cotangent) {
 
 void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = start_eval(stream(), inputs, {&out});
   encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out_ptr = out.data<float>()]() {
     elementwise<1>({x}, out_ptr, [](auto& in, float* o, int64_t b, int64_t e) { gelu_forward(in[0], o, b, e); });
   });
@@ -487,11 +495,7 @@ void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 void GeluGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto &x = inputs[0], &cot = inputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(cot);
-  encoder.set_output_array(out);
+  auto& encoder = start_eval(stream(), inputs, {&out});
   encoder.dispatch([x = mx::array::unsafe_weak_copy(x), cot = mx::array::unsafe_weak_copy(cot),
                     out_ptr = out.data<float>()]() {
     elementwise<2>({x, cot}, out_ptr,
@@ -573,10 +577,7 @@ mx::array softmax_grad(const mx::array& probs, const mx::array& cotangent, float
 }
 
 void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  auto& encoder = start_eval(stream(), inputs, {&out});
   std::optional<mx::array> mask;
   if (inputs.size() > 1) mask = mx::array::unsafe_weak_copy(inputs[1]);
   encoder.dispatch([scores = mx::array::unsafe_weak_copy(inputs[0]), mask, out_ptr = out.data<float>(),
@@ -598,10 +599,7 @@ void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
 }
 
 void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  auto& encoder = start_eval(stream(), inputs, {&out});
   encoder.dispatch([p = mx::array::unsafe_weak_copy(inputs[0]), g = mx::array::unsafe_weak_copy(inputs[1]),
                     out_ptr = out.data<float>(), scale = scale_]() {
     int64_t n = p.shape().back(), n_rows = n ? int64_t(p.size()) / n : 0;
@@ -693,10 +691,7 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 }
 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  auto& encoder = start_eval(stream(), inputs, {&out});
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
                     b = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = out.data<float>(), eps = eps_]() {
     int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
@@ -714,10 +709,7 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 }
 
 void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  for (auto& o : outputs) encoder.set_output_array(o);
+  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]});
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
                     g = mx::array::unsafe_weak_copy(inputs[2]), dx_ptr = outputs[0].data<float>(),
                     dw_ptr = outputs[1].data<float>(), db_ptr = outputs[2].data<float>(), eps = eps_]() {
