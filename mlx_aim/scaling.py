@@ -575,8 +575,7 @@ def run_scaling(
                          f"sizes of at least one batch ({cfg.batch_size} images); use a larger image folder")
     settings = dataclasses.asdict(cfg)
     preset = next((name for name, preset in PRESETS.items() if preset == cfg), "custom")
-    grid_name = preset + "-" + _digest(
-        {"config": settings, "data": grid.identity})
+    grid_name = preset + "-" + _digest({"config": settings, "data": grid.identity})
     runs_dir = out / grid_name
     if force and runs_dir.exists():
         shutil.rmtree(runs_dir)

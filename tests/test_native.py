@@ -279,7 +279,7 @@ def run_python(*parts: str) -> dict:
 FALLBACK_PROBE = """
     import json, warnings
     import numpy as np
-    from mlx_aim import _blas, backend, native, ops
+    from mlx_aim import backend, native, ops
     x = mx.random.normal((64,)) * 3.0
     with warnings.catch_warnings(record=True) as caught, mx.stream(mx.cpu):
         warnings.simplefilter("always")
