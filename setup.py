@@ -1,12 +1,15 @@
-"""Builds mlx_aim's native CPU kernels (csrc/, an MLX extension) during `pip install`, where it can.
+"""Builds mlx_aim's native CPU kernels (csrc/, an MLX extension) during `pip install`, where it can, and on Linux
+x86-64 the BLAS shim (csrc/blas_shim.c, a plain C library that mlx_aim/_blas.py loads with ctypes).
 
 Everything else about the package is in pyproject.toml. The extension is optional: when it cannot be built (no C++
 compiler or CMake, an unsupported platform, a failed compile) the install still succeeds, the build prints why, and
 mlx_aim runs its portable kernels, saying once at first use why it is slower (mlx_aim/native.py).
-MLX_AIM_BUILD_NATIVE=0 skips the build.
+MLX_AIM_BUILD_NATIVE=0 skips the build. The shim is optional too: without it mlx_aim/_blas.py makes the optimized
+BLAS global itself, as it did before the shim.
 """
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, LinkError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -29,6 +33,13 @@ class OptionalCMakeBuild(build_ext):
     the package imports it (the source tree for an editable install); a failure is reported, not raised."""
 
     def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):  # the BLAS shim: setuptools' own C build
+            try:
+                super().build_extension(ext)
+            except (CCompilerError, CompileError, LinkError, OSError) as error:
+                print(f"mlx_aim: WARNING: BLAS shim not built ({error}); the optimized BLAS is made global instead",
+                      file=sys.stderr)
+            return
         if os.environ.get("MLX_AIM_BUILD_NATIVE", "").strip().lower() in ("0", "off", "false"):
             print("mlx_aim: MLX_AIM_BUILD_NATIVE=0, native CPU kernels not built", file=sys.stderr)
             return
@@ -57,5 +68,7 @@ class OptionalCMakeBuild(build_ext):
         shutil.copyfile(built[0], target)
 
 
-setup(ext_modules=[CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc")],
-      cmdclass={"build_ext": OptionalCMakeBuild})
+extensions = [CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc")]
+if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+    extensions.append(Extension("mlx_aim._blas_shim", sources=["csrc/blas_shim.c"], extra_compile_args=["-O2"]))
+setup(ext_modules=extensions, cmdclass={"build_ext": OptionalCMakeBuild})

@@ -2,9 +2,21 @@
 
 MLX's `libmlx.so` imports `cblas_sgemm` (and LAPACK routines) by name; the Linux `mlx[cpu]` wheel
 satisfies them from a bundled netlib reference BLAS, about 4 GFLOP/s for float32 matmul. The dynamic
-loader resolves a library's imports from the global scope before that library's own dependencies, so an
-optimized CBLAS opened with RTLD_GLOBAL before `mlx.core` loads is the one MLX calls (measured on a
-2-core AMD EPYC VM, 1024x1024 float32: 2.5 GFLOP/s -> 60 with MKL, 120 with OpenBLAS).
+loader resolves a library's imports from the global scope before that library's own dependencies, so names
+made global before `mlx.core` loads are the ones MLX calls (measured on a 2-core AMD EPYC VM, 1024x1024
+float32: 2.5 GFLOP/s -> 60 with MKL, 120 with OpenBLAS).
+
+Only MLX's names are made global, through a shim (csrc/blas_shim.c, built by setup.py on Linux x86-64): the
+optimized library is opened privately (RTLD_LOCAL), the shim's table gets its 24 functions MLX imports
+(cblas_sgemm, sgetrf_, ...) and the shim alone is opened globally; each shim function is one jump through the
+table. Opening the library itself globally, as mlx_aim first did, also handed every later library all of its
+names: PyTorch's CPU build exports the MKL it links statically, and OpenBLAS 0.3.33's cblas_dgemm_batch,
+declared differently, took over its calls and crashed float64 batched matmul (2-core AMD EPYC, 2026-12-01).
+Through the shim, matmul runs at the same speed (same run, same machine, OpenBLAS, 512x1536 @ 1536x6144
+float32: 176.5 and 189.7 GFLOP/s through the shim, 174.4 and 182.0 opened globally). Where the shim is not
+built (no C compiler, another architecture) the library is opened globally as before; `blas_info()["binding"]`
+says which ("shim" or "global"); a library without LAPACK keeps MLX's bundled LAPACK for those names
+(`"from_reference"`).
 
 Measured here again (2-core AMD EPYC Zen 3 VM, one BLAS thread, 512x1536 @ 1536x6144 float32, GFLOP/s):
 reference 2.3, MKL 41 (MKL takes its generic code path on AMD CPUs), OpenBLAS with its Zen kernels 69.
@@ -40,7 +52,7 @@ batched products (2 threads 566 ms, 1 thread 7 ms for 24 products of 256x128 @ 1
 `set_num_threads(1)`.
 
 `preload_blas()` must run before anything imports `mlx.core`; `mlx_aim/__init__.py` calls it first.
-A global library also serves every library loaded after it: PyTorch imported later calls its BLAS and
+The shim's names also serve every library loaded after it: PyTorch imported later calls its BLAS and
 LAPACK too (correct either way; MKL keeps torch fast, OpenBLAS slows torch's threaded attention ~15x), so
 tests and benchmarks that time torch next to MLX import torch before mlx_aim.
 Environment variable MLX_AIM_BLAS: `0`/`off` loads nothing, a path (or soname) names the library to load,
@@ -70,7 +82,8 @@ class BlasWarning(RuntimeWarning):
 
 
 _info = None  # dict once preload_blas() has run
-_handles = []  # keep loaded libraries referenced for the life of the process
+_handles = []  # the optimized library, referenced for the life of the process
+_kept = []  # the shim and any reference library it forwards to, likewise
 
 
 def blas_info() -> dict:
@@ -86,7 +99,7 @@ def blas_info() -> dict:
 
 
 def preload_blas() -> dict:
-    """Load an optimized CBLAS with RTLD_GLOBAL so MLX's Linux CPU backend binds to it; see the module doc.
+    """Load an optimized CBLAS so that MLX's Linux CPU backend binds to it; see the module doc.
 
     Idempotent: later calls return the first call's `blas_info()`. Warns once (BlasWarning) when MLX would
     keep its reference BLAS: none found, the named library unusable, or `mlx.core` imported too early.
@@ -173,7 +186,8 @@ def _preload():
 
 
 def _load(name, path):
-    """Open `path`, check it exports unprefixed CBLAS, then make it global. Returns (info or None, detail)."""
+    """Open `path`, check it exports unprefixed CBLAS, then publish it to MLX (`_open`). Returns (info or
+    None, detail)."""
     env_before = os.environ.get("OPENBLAS_CORETYPE")
     coretype = None
     if name in ("openblas", "custom") and "openblas" in os.path.basename(path) and env_before is None:
@@ -185,9 +199,10 @@ def _load(name, path):
     extra = {}
     try:
         if _is_pip_openblas(path):
-            lib, extra["libgfortran"] = _open_with_shipped_libgfortran(path)
+            (lib, published), extra["libgfortran"] = _open_with_shipped_libgfortran(path)
         else:
-            lib = _open_global(path)
+            lib, published = _open(path)
+        extra.update(published)
     except OSError as err:
         if coretype:
             os.environ.pop("OPENBLAS_CORETYPE", None)
@@ -204,17 +219,119 @@ def _load(name, path):
                    **extra), ""
 
 
-def _open_global(path):
-    # RTLD_LOCAL first: a library without cblas_sgemm must not interpose anything MLX imports.
+def _open(path):
+    """Opens the library privately (RTLD_LOCAL: nothing else in the process sees its names yet), checks that it
+    exports cblas_sgemm (OSError if not), then publishes it; returns (library, what `_publish` reports)."""
     lib = ctypes.CDLL(path, mode=os.RTLD_LAZY | os.RTLD_LOCAL)
     if not hasattr(lib, "cblas_sgemm"):
         raise OSError("does not export cblas_sgemm (a symbol-prefixed build cannot stand in)")
-    return ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    return lib, _publish(lib, path)
+
+
+def _publish(lib, path):
+    """Make `lib` the BLAS and LAPACK that libmlx.so binds to; returns what blas_info() reports about how.
+
+    Through the shim where it was built: its table gets this library's functions and the shim alone becomes
+    global, so the rest of the process sees only the names MLX imports (see csrc/blas_shim.c: a global
+    OpenBLAS crashed PyTorch's MKL). Without the shim (not built, or not Linux x86-64), the library itself is
+    reopened globally, as mlx_aim did before: fast, but every library loaded later binds to all its names."""
+    shim, reason = _shim()
+    if shim is None:
+        ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        return {"binding": "global", "binding_reason": reason}
+    count = shim.mlx_aim_blas_count()
+    table = (ctypes.c_void_p * count)()
+    from_reference = []
+    for i in range(count):
+        symbol = shim.mlx_aim_blas_name(i).decode()
+        table[i] = _address(lib, symbol)
+        if not table[i]:  # e.g. a CBLAS without LAPACK: that function stays MLX's bundled one
+            table[i] = next(filter(None, (_address(ref, symbol) for ref in _reference_libraries())), None)
+            if not table[i]:
+                raise OSError(f"exports no {symbol}, and neither does MLX's bundled BLAS or LAPACK")
+            from_reference.append(symbol)
+    shim.mlx_aim_blas_bind(table)
+    _kept.append(ctypes.CDLL(shim._name, mode=os.RTLD_NOW | os.RTLD_GLOBAL))
+    extra = {"binding": "shim", "shim": os.path.realpath(shim._name)}
+    if from_reference:
+        extra["from_reference"] = from_reference
+    return extra
+
+
+_shim_state = None  # (library or None, reason), once found
+
+
+def _shim():
+    """mlx_aim._blas_shim, opened privately, or None; and why not."""
+    global _shim_state
+    if _shim_state is None:
+        _shim_state = _find_shim()
+    return _shim_state
+
+
+def _find_shim():
+    if os.uname().machine != "x86_64":
+        return None, f"the shim is built for x86-64 only, not {os.uname().machine}"
+    found = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_blas_shim*.so")))
+    if not found:
+        return None, "mlx_aim._blas_shim was not built (setup.py builds it where a C compiler is found)"
+    try:
+        shim = ctypes.CDLL(found[0], mode=os.RTLD_NOW | os.RTLD_LOCAL)
+    except OSError as err:
+        return None, f"{found[0]}: {err}"
+    shim.mlx_aim_blas_name.restype = ctypes.c_char_p
+    shim.mlx_aim_blas_target.restype = ctypes.c_void_p
+    shim.mlx_aim_blas_bind.argtypes = [ctypes.c_void_p]
+    _kept.append(shim)
+    return shim, ""
+
+
+def _address(lib, symbol):
+    try:
+        return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def _reference_libraries():
+    """MLX's bundled reference LAPACK and BLAS, opened privately (libmlx.so loads the same files anyway)."""
+    libs = []
+    for mlx_dir in _mlx_package_dirs():
+        site_dir = os.path.dirname(os.path.abspath(mlx_dir))
+        for pattern in ("liblapack*.so*", "libblas*.so*"):
+            for path in sorted(glob.glob(os.path.join(site_dir, "mlx*.libs", pattern))):
+                libs.append(ctypes.CDLL(path, mode=os.RTLD_LAZY | os.RTLD_LOCAL))
+    _kept.extend(libs)
+    return libs
+
+
+def shim_target(symbol: str) -> Optional[str]:
+    """The file whose function the shim's `symbol` jumps to, or None where no shim is bound or the symbol is not
+    one of its names. For checking what MLX calls: glibc's LD_DEBUG=bindings shows libmlx.so bound to the shim,
+    and this shows where the shim goes."""
+    shim, _ = _shim()
+    if shim is None or _info is None or _info.get("binding") != "shim":
+        return None
+    names = [shim.mlx_aim_blas_name(i).decode() for i in range(shim.mlx_aim_blas_count())]
+    if symbol not in names:
+        return None
+    return _mapped_file(shim.mlx_aim_blas_target(names.index(symbol)))
+
+
+def _mapped_file(address):
+    """The file mapped at `address` (from /proc/self/maps, which names the file itself, not a symlink to it)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end and len(fields) == 6:
+                return fields[5].strip()
+    return None
 
 
 def _open_with_shipped_libgfortran(path):
-    """Open the pip OpenBLAS against a wheel-shipped libgfortran (see the module doc); returns (the library,
-    that libgfortran's path). Used whether or not the system has a libgfortran, so every machine gets the
+    """Open the pip OpenBLAS against a wheel-shipped libgfortran (see the module doc); returns (what `_open`
+    returns, that libgfortran's path). Used whether or not the system has a libgfortran, so every machine gets the
     same build. Raises OSError saying what was tried."""
     shipped = _shipped_libgfortran()
     if not shipped:
@@ -235,7 +352,7 @@ def _open_with_shipped_libgfortran(path):
             os.symlink(gfortran, os.path.join(folder, "libgfortran.so.5"))
             link = os.path.join(folder, os.path.basename(real))
             os.symlink(real, link)
-            return _open_global(link), gfortran
+            return _open(link), gfortran
         except OSError as err:
             errors.append(f"with {gfortran}: {err}")
         finally:

@@ -1,12 +1,13 @@
 """mlx_aim._blas: which CBLAS MLX's CPU backend ends up calling, checked in fresh processes.
 
 Each case starts a new interpreter (the choice is made once, before mlx.core loads) and asks glibc's loader
-(LD_DEBUG=bindings) which library satisfied libmlx.so's `cblas_sgemm`: the evidence that the swap took, with
-no timing involved. What is expected follows from what this install has: MKL, OpenBLAS or neither. On Linux
+(LD_DEBUG=bindings) which library satisfied libmlx.so's `cblas_sgemm`, and, where that is mlx_aim's BLAS shim,
+where the shim jumps: the evidence that the swap took, with no timing involved. What is expected follows from what this install has: MKL, OpenBLAS or neither. On Linux
 x86-64 both are declared dependencies (pip wheels), so there the tests require both and load each by name; no
 test depends on what the system happens to have besides (a system libgfortran, a system OpenBLAS).
 """
 
+import ctypes
 import glob
 import os
 import platform
@@ -33,10 +34,21 @@ with warnings.catch_warnings(record=True) as caught:
     if {mlx_first}:
         import mlx.core
     import mlx_aim
-    from mlx_aim._blas import BlasWarning, blas_info, preload_blas
+    from mlx_aim._blas import BlasWarning, blas_info, preload_blas, shim_target
     again = preload_blas()
 import mlx.core as mx
 import numpy as np
+
+torch_err = None
+if {with_torch}:  # PyTorch loaded after the preload: its own (static MKL) BLAS must keep working
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    torch_err = 0.0
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(2, 3, 20, 16, generator=gen, dtype=dtype)
+        y = torch.randn(2, 3, 16, 12, generator=gen, dtype=dtype)
+        ref = np.einsum("bhik,bhkj->bhij", x.double().numpy(), y.double().numpy())
+        torch_err = max(torch_err, float(np.abs((x @ y).double().numpy() - ref).max()))
 
 rng = np.random.default_rng(0)
 a, b = rng.standard_normal((96, 80), dtype=np.float32), rng.standard_normal((80, 72), dtype=np.float32)
@@ -54,40 +66,57 @@ print(json.dumps({{
     "matmul_err": float(np.abs(product - a.astype(np.float64) @ b).max()),
     "inv_err": float(np.abs(inverse - np.linalg.inv(m)).max()),
     "svd_err": float(np.abs(singular - np.linalg.svd(m, compute_uv=False)).max()),
-    "libs": libs,
+    "libs": libs, "torch_err": torch_err,
+    "targets": {{s: shim_target(s) for s in ("cblas_sgemm", "sgetrf_")}},
 }}))
 """
 
 
-def run_child(tmp_path, blas=None, mlx_first=False, extra_env=None):
+def run_child(tmp_path, blas=None, mlx_first=False, extra_env=None, with_torch=False, bind_now=False):
     """Run CHILD in a fresh interpreter; returns its report plus `sgemm_from`: the library libmlx.so's
-    cblas_sgemm was bound to (None where glibc's LD_DEBUG is unavailable), and `sgemm_via`: the name the loader
-    knew it by (the pip OpenBLAS is opened through a symlink in a temporary folder removed since)."""
+    cblas_sgemm was bound to (None where glibc's LD_DEBUG is unavailable); `sgemm_calls`: the library whose
+    cblas_sgemm that runs (the shim's target, where it is the shim); `mlx_bound`: {name: library} for the names
+    libmlx.so has bound (with `bind_now`, LD_BIND_NOW, all it imports, at load; MKL cannot load so); `binders`: every file the loader
+    bound names for, by the name it knew it by (the pip OpenBLAS is opened through a symlink in a temporary
+    folder removed since)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_AIM_BLAS", "LD_DEBUG", "LD_DEBUG_OUTPUT")}
     if blas is not None:
         env["MLX_AIM_BLAS"] = blas
     env.update(extra_env or {})
     debug = tmp_path / "ld"
-    if GLIBC:
-        env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug))
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(mlx_first=mlx_first)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    if GLIBC and not with_torch:  # (PyTorch's own bindings would be millions of lines)
+        env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(debug), **({"LD_BIND_NOW": "1"} if bind_now else {}))
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(mlx_first=mlx_first, with_torch=with_torch)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = last_json(proc.stdout)
-    report["sgemm_from"] = report["sgemm_via"] = None
+    report["mlx_bound"], report["binders"] = {}, set()
     for path in glob.glob(f"{debug}.*"):
         with open(path, errors="replace") as f:
             for line in f:
-                if "libmlx" in line and "`cblas_sgemm'" in line:
-                    bound = line.split(" to ", 1)[1].split(" [", 1)[0]
-                    report["sgemm_via"], report["sgemm_from"] = bound, os.path.realpath(bound)
-                    if not os.path.exists(bound):  # its symlink is gone: the file mapped under that name
-                        same = [p for p in report["libs"] if os.path.basename(p) == os.path.basename(bound)]
-                        if len(same) == 1:
-                            report["sgemm_from"] = same[0]
+                if "binding file " not in line or " to " not in line:
+                    continue
+                binder = line.split("binding file ", 1)[1].split(" [", 1)[0]
+                bound = line.split(" to ", 1)[1].split(" [", 1)[0]
+                report["binders"].add(binder)
+                if os.path.basename(binder).startswith("libmlx") and "`" in line:
+                    report["mlx_bound"][line.rsplit("`", 1)[1].split("'", 1)[0]] = mapped(bound, report["libs"])
+    report["sgemm_from"] = report["mlx_bound"].get("cblas_sgemm")
+    shim = report["info"].get("shim")
+    shimmed = shim is not None and report["sgemm_from"] == real(shim)
+    report["sgemm_calls"] = report["targets"]["cblas_sgemm"] if shimmed else report["sgemm_from"]
     # Correct results whichever BLAS and LAPACK MLX got (float32 against float64).
     assert report["matmul_err"] < 1e-3 and report["inv_err"] < 1e-5 and report["svd_err"] < 1e-3, report
     return report
+
+
+def mapped(path, libs):
+    """The file the loader knew as `path`: itself, or, when that was a symlink since removed, the one mapped file
+    of that name."""
+    if os.path.exists(path):
+        return os.path.realpath(path)
+    same = [p for p in libs if os.path.basename(p) == os.path.basename(path)]
+    return same[0] if len(same) == 1 else path
 
 
 def real(path):
@@ -133,7 +162,7 @@ def test_automatic_choice_follows_what_is_installed(tmp_path, present):
         assert report["warnings"] == []
         assert real(path) in map(real, report["libs"])
         if GLIBC:
-            assert report["sgemm_from"] == real(path)
+            assert report["sgemm_calls"] == real(path)
     else:
         assert info["loaded"] is False
         assert len(report["warnings"]) == 1 and "pip install mkl" in report["warnings"][0]
@@ -156,7 +185,7 @@ def test_named_library_is_loaded(tmp_path, finder):
         assert report["info"]["path"] == real(path) and report["warnings"] == []
         assert real(path) in map(real, report["libs"])
         if GLIBC:
-            assert report["sgemm_from"] == real(path)
+            assert report["sgemm_calls"] == real(path)
     else:  # not installed here: naming a missing library must say so, once
         report = run_child(tmp_path, blas="/nonexistent/libopenblas.so.0")
         assert report["info"]["loaded"] is False
@@ -175,8 +204,10 @@ def test_pip_openblas_runs_on_a_wheel_shipped_libgfortran(tmp_path):
     report = run_child(tmp_path, blas=path)
     info = report["info"]
     assert info["loaded"] is True and info["path"] == real(path) and report["warnings"] == [], info
-    assert report["sgemm_from"] == real(path)
-    folder = os.path.dirname(report["sgemm_via"])
+    assert report["sgemm_calls"] == real(path)
+    via = [b for b in report["binders"] if os.path.basename(b) == os.path.basename(path)]
+    assert len(via) == 1, report["binders"]
+    folder = os.path.dirname(via[0])
     assert os.path.basename(folder).startswith("mlx_aim_blas-")
     assert real(os.path.dirname(folder)) == real(tempfile.gettempdir())
     assert not os.path.exists(folder)
@@ -309,3 +340,109 @@ def test_a_candidate_that_cannot_load_is_skipped_and_reported(monkeypatch):
     assert tried == ["openblas", "mkl"]
     assert info["loaded"] is True and info["name"] == "mkl" and info["path"] == "/x/libmkl_rt.so.2"
     assert info["skipped"] == ["/x/libopenblas.so.0: libgfortran.so.5: cannot open shared object file"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shim (csrc/blas_shim.c): the only BLAS names made global, so PyTorch keeps its own
+
+
+def pip_libraries():
+    """The declared pip BLAS libraries, by finder; on Linux x86-64 their absence is a packaging failure."""
+    found = {finder: getattr(_blas, finder)() for finder in ("_find_mkl", "_find_pip_openblas")}
+    if PIP_BLAS:
+        assert all(found.values()), f"a declared dependency on Linux x86-64 is not installed: {found}"
+    return found
+
+
+@pytest.mark.skipif(not GLIBC, reason="reads glibc's LD_DEBUG bindings")
+def test_every_blas_name_mlx_imports_goes_through_the_shim(tmp_path):
+    """With every import bound at load (LD_BIND_NOW), libmlx.so binds the shim's names to the shim and nothing to
+    its bundled reference BLAS or LAPACK: a name a new MLX imports and the shim lacks fails here."""
+    shim, reason = _blas._shim()
+    if PIP_BLAS:
+        assert shim is not None, f"the BLAS shim is not available: {reason}"
+    if shim is None:
+        pytest.skip(reason)
+    names = {shim.mlx_aim_blas_name(i).decode() for i in range(shim.mlx_aim_blas_count())}
+    report = run_child(tmp_path, blas=pip_libraries()["_find_pip_openblas"], bind_now=True)
+    info = report["info"]
+    assert info["binding"] == "shim" and "from_reference" not in info, info
+    to_shim = {name for name, lib in report["mlx_bound"].items() if lib == real(info["shim"])}
+    assert to_shim == names
+    reference = {name: lib for name, lib in report["mlx_bound"].items()
+                 if os.path.basename(os.path.dirname(lib)).startswith("mlx") and
+                 os.path.basename(lib).startswith(("libblas", "liblapack"))}
+    assert reference == {}
+    assert report["targets"] == {"cblas_sgemm": info["path"], "sgetrf_": info["path"]}
+
+
+@pytest.mark.skipif(not PIP_BLAS, reason="the pip BLAS libraries are declared on Linux x86-64 only")
+@pytest.mark.parametrize("finder", ["_find_mkl", "_find_pip_openblas"])
+def test_torch_imported_after_mlx_aim_keeps_its_own_blas(tmp_path, finder):
+    """PyTorch's CPU build links MKL statically and exports it; a globally loaded OpenBLAS 0.3.33 took over its
+    cblas_dgemm_batch, declared differently, and float64 batched matmul crashed (AMD EPYC, 2026-12-01)."""
+    report = run_child(tmp_path, blas=pip_libraries()[finder], with_torch=True)
+    assert report["info"]["binding"] == "shim" and report["torch_err"] < 1e-4, report["info"]
+
+
+@pytest.mark.skipif(not GLIBC, reason="reads glibc's LD_DEBUG bindings")
+def test_a_cblas_without_lapack_keeps_mlx_lapack(tmp_path, present):
+    """A library with CBLAS but no LAPACK (here MLX's own reference libblas, named): the shim's LAPACK names go to
+    MLX's bundled LAPACK, and inv and svd stay correct (run_child checks them)."""
+    _, bundled = present
+    if bundled is None or _blas._shim()[0] is None:
+        pytest.skip("needs MLX's bundled reference BLAS and the shim")
+    report = run_child(tmp_path, blas=bundled)
+    info = report["info"]
+    assert info["binding"] == "shim" and "sgetrf_" in info["from_reference"] and "cblas_sgemm" not in info[
+        "from_reference"]
+    assert report["targets"]["cblas_sgemm"] == real(bundled)
+    lapack = report["targets"]["sgetrf_"]
+    assert os.path.basename(lapack).startswith("liblapack") and os.path.dirname(lapack) == os.path.dirname(real(bundled))
+
+
+def test_shim_binds_all_or_nothing():
+    shim, reason = _blas._shim()
+    if PIP_BLAS:
+        assert shim is not None, reason
+    if shim is None:
+        pytest.skip(reason)
+    count = shim.mlx_aim_blas_count()
+    before = [shim.mlx_aim_blas_target(i) for i in range(count)]
+    table = (ctypes.c_void_p * count)(*([1] * count))
+    table[5] = None
+    assert shim.mlx_aim_blas_bind(table) == 5
+    assert [shim.mlx_aim_blas_target(i) for i in range(count)] == before
+    assert shim.mlx_aim_blas_name(count) is None and shim.mlx_aim_blas_target(-1) is None
+
+
+GLOBAL_CHILD = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("blas_alone", {path!r})
+blas = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(blas)
+blas._find_shim = lambda: (None, "hidden by the test")
+info = blas.preload_blas()
+import mlx.core as mx
+import numpy as np
+a = np.arange(12, dtype=np.float32).reshape(3, 4)
+print(json.dumps({{"info": info, "err": float(np.abs(np.array(mx.array(a) @ mx.array(a.T)) - a @ a.T).max())}}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="reads glibc's LD_DEBUG bindings")
+def test_without_the_shim_the_library_is_made_global(tmp_path):
+    """Where the shim was not built, the library itself is reopened globally (what mlx_aim did before it)."""
+    path = pip_libraries()["_find_pip_openblas"]
+    if path is None:
+        pytest.skip("ngsolve-openblas is not installed")
+    env = {**os.environ, "MLX_AIM_BLAS": path, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(tmp_path / "ld")}
+    code = GLOBAL_CHILD.format(path=str(ROOT / "mlx_aim" / "_blas.py"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = last_json(proc.stdout)
+    assert report["info"]["binding"] == "global" and report["info"]["binding_reason"] == "hidden by the test"
+    assert report["err"] == 0.0
+    bound = [line for f in glob.glob(f"{tmp_path / 'ld'}.*") for line in open(f, errors="replace")
+             if "libmlx" in line and "`cblas_sgemm'" in line]
+    assert bound and all(os.path.basename(path) in line for line in bound), bound
