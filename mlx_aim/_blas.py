@@ -12,8 +12,9 @@ optimized library is opened privately (RTLD_LOCAL), the shim's table gets its 24
 table. Opening the library itself globally, as mlx_aim first did, also handed every later library all of its
 names: PyTorch's CPU build exports the MKL it links statically, and OpenBLAS 0.3.33's cblas_dgemm_batch,
 declared differently, took over its calls and crashed float64 batched matmul (2-core AMD EPYC, 2026-12-01).
-Through the shim, matmul runs at the same speed (same run, same machine, OpenBLAS, 512x1536 @ 1536x6144
-float32: 176.5 and 189.7 GFLOP/s through the shim, 174.4 and 182.0 opened globally). Where the shim is not
+Through the shim, matmul runs at the same speed: `benchmarks/bench_kernels.py --blas auto --sizes 1024`,
+two rounds alternating with the shim file moved away (2-core AMD EPYC, OpenBLAS, 512x1536 @ 1536x6144 float32):
+179.3 and 193.4 GFLOP/s through the shim, 193.0 and 170.2 opened globally, run-to-run noise either way. Where the shim is not
 built (no C compiler, another architecture) the library is opened globally as before; `blas_info()["binding"]`
 says which ("shim" or "global"); a library without LAPACK keeps MLX's bundled LAPACK for those names
 (`"from_reference"`).
