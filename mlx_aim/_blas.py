@@ -242,12 +242,13 @@ def _publish(lib, path):
         return {"binding": "global", "binding_reason": reason}
     count = shim.mlx_aim_blas_count()
     table = (ctypes.c_void_p * count)()
-    from_reference = []
+    from_reference, references = [], None
     for i in range(count):
         symbol = shim.mlx_aim_blas_name(i).decode()
         table[i] = _address(lib, symbol)
         if not table[i]:  # e.g. a CBLAS without LAPACK: that function stays MLX's bundled one
-            table[i] = next(filter(None, (_address(ref, symbol) for ref in _reference_libraries())), None)
+            references = _reference_libraries() if references is None else references
+            table[i] = next(filter(None, (_address(ref, symbol) for ref in references)), None)
             if not table[i]:
                 raise OSError(f"exports no {symbol}, and neither does MLX's bundled BLAS or LAPACK")
             from_reference.append(symbol)
