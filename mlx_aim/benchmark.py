@@ -504,7 +504,8 @@ def machine_info() -> dict:
     elif native.unavailable_reason():
         info["native_unavailable"] = native.unavailable_reason()
     blas = blas_info()
-    info["blas"] = {k: blas.get(k) for k in ("loaded", "name", "path", "core", "threads") if blas.get(k) is not None}
+    keys = ("loaded", "name", "path", "binding", "core", "threads")
+    info["blas"] = {k: blas.get(k) for k in keys if blas.get(k) is not None}
     if hasattr(os, "getloadavg"):
         info["load_average_1min"] = os.getloadavg()[0]
     for var in ("MLX_AIM_BLAS", "MLX_AIM_CPU_WORKAROUNDS", "MLX_AIM_NATIVE", "MLX_AIM_NATIVE_THREADS",
