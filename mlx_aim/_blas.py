@@ -13,11 +13,11 @@ table. Opening the library itself globally, as mlx_aim first did, also handed ev
 names: PyTorch's CPU build exports the MKL it links statically, and OpenBLAS 0.3.33's cblas_dgemm_batch,
 declared differently, took over its calls and crashed float64 batched matmul (2-core AMD EPYC, 2026-12-01).
 Through the shim, matmul runs at the same speed: `benchmarks/bench_kernels.py --blas auto --sizes 1024`,
-two rounds alternating with the shim file moved away (2-core AMD EPYC, OpenBLAS, 512x1536 @ 1536x6144 float32):
-179.3 and 193.4 GFLOP/s through the shim, 193.0 and 170.2 opened globally, run-to-run noise either way. Where the shim is not
-built (no C compiler, another architecture) the library is opened globally as before; `blas_info()["binding"]`
-says which ("shim" or "global"); a library without LAPACK keeps MLX's bundled LAPACK for those names
-(`"from_reference"`).
+two rounds alternating with the shim file moved away (2-core AMD EPYC, OpenBLAS, 512x1536 @ 1536x6144
+float32): 179.3 and 193.4 GFLOP/s through the shim, 193.0 and 170.2 opened globally, run-to-run noise either
+way. Where the shim is not built (no C compiler, another architecture) the library is opened globally as
+before; `blas_info()["binding"]` says which ("shim" or "global"); a library without LAPACK keeps MLX's bundled
+LAPACK for those names (`"from_reference"`).
 
 Measured here again (2-core AMD EPYC Zen 3 VM, one BLAS thread, 512x1536 @ 1536x6144 float32, GFLOP/s):
 reference 2.3, MKL 41 (MKL takes its generic code path on AMD CPUs), OpenBLAS with its Zen kernels 69.
@@ -240,11 +240,10 @@ def _publish(lib, path):
     if shim is None:
         ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
         return {"binding": "global", "binding_reason": reason}
-    count = shim.mlx_aim_blas_count()
-    table = (ctypes.c_void_p * count)()
+    names = _shim_names(shim)
+    table = (ctypes.c_void_p * len(names))()
     from_reference, references = [], None
-    for i in range(count):
-        symbol = shim.mlx_aim_blas_name(i).decode()
+    for i, symbol in enumerate(names):
         table[i] = _address(lib, symbol)
         if not table[i]:  # e.g. a CBLAS without LAPACK: that function stays MLX's bundled one
             references = _reference_libraries() if references is None else references
@@ -288,6 +287,11 @@ def _find_shim():
     return shim, ""
 
 
+def _shim_names(shim):
+    """The shim's names, in its table's order."""
+    return [shim.mlx_aim_blas_name(i).decode() for i in range(shim.mlx_aim_blas_count())]
+
+
 def _address(lib, symbol):
     try:
         return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
@@ -314,7 +318,7 @@ def shim_target(symbol: str) -> Optional[str]:
     shim, _ = _shim()
     if shim is None or _info is None or _info.get("binding") != "shim":
         return None
-    names = [shim.mlx_aim_blas_name(i).decode() for i in range(shim.mlx_aim_blas_count())]
+    names = _shim_names(shim)
     if symbol not in names:
         return None
     return _mapped_file(shim.mlx_aim_blas_target(names.index(symbol)))

@@ -2,10 +2,10 @@
 
 Each case starts a new interpreter (the choice is made once, before mlx.core loads) and asks glibc's loader
 (LD_DEBUG=bindings) which library satisfied libmlx.so's `cblas_sgemm`, and, where that is mlx_aim's BLAS shim,
-where the shim jumps: the evidence that the swap took, with no timing involved. What is expected follows from what this install has: MKL, OpenBLAS or neither. On Linux
-x86-64 both are declared dependencies (pip wheels), so there the tests require both and load each by name; no
-test depends on what the system happens to have besides (a system libgfortran, a system OpenBLAS).
-"""
+where the shim jumps: the evidence that the swap took, with no timing involved. What is expected follows from
+what this install has: MKL, OpenBLAS or neither. On Linux x86-64 both are declared dependencies (pip wheels),
+so there the tests require both and load each by name; no test depends on what the system happens to have
+besides (a system libgfortran, a system OpenBLAS)."""
 
 import ctypes
 import glob
@@ -73,12 +73,12 @@ print(json.dumps({{
 
 
 def run_child(tmp_path, blas=None, mlx_first=False, extra_env=None, with_torch=False, bind_now=False):
-    """Run CHILD in a fresh interpreter; returns its report plus `sgemm_from`: the library libmlx.so's
-    cblas_sgemm was bound to (None where glibc's LD_DEBUG is unavailable); `sgemm_calls`: the library whose
-    cblas_sgemm that runs (the shim's target, where it is the shim); `mlx_bound`: {name: library} for the names
-    libmlx.so has bound (with `bind_now`, LD_BIND_NOW, all it imports, at load; MKL cannot load so); `binders`: every file the loader
-    bound names for, by the name it knew it by (the pip OpenBLAS is opened through a symlink in a temporary
-    folder removed since)."""
+    """Run CHILD in a fresh interpreter; returns its report plus `sgemm_from`: the library libmlx.so's cblas_sgemm
+    was bound to (None where glibc's LD_DEBUG is unavailable); `sgemm_calls`: the library whose cblas_sgemm
+    that runs (the shim's target, where it is the shim); `mlx_bound`: {name: library} for the names libmlx.so
+    has bound (with `bind_now`, LD_BIND_NOW, all it imports, at load; MKL cannot load so); `binders`: every
+    file the loader bound names for, by the name it knew it by (the pip OpenBLAS is opened through a symlink
+    in a temporary folder removed since)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_AIM_BLAS", "LD_DEBUG", "LD_DEBUG_OUTPUT")}
     if blas is not None:
         env["MLX_AIM_BLAS"] = blas
@@ -398,7 +398,8 @@ def test_a_cblas_without_lapack_keeps_mlx_lapack(tmp_path, present):
         "from_reference"]
     assert report["targets"]["cblas_sgemm"] == real(bundled)
     lapack = report["targets"]["sgetrf_"]
-    assert os.path.basename(lapack).startswith("liblapack") and os.path.dirname(lapack) == os.path.dirname(real(bundled))
+    assert os.path.basename(lapack).startswith("liblapack")
+    assert os.path.dirname(lapack) == os.path.dirname(real(bundled))
 
 
 def test_shim_binds_all_or_nothing():
