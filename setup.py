@@ -1,5 +1,6 @@
-"""Builds mlx_aim's native CPU kernels (csrc/, an MLX extension) during `pip install`, where it can, and on Linux
-x86-64 the BLAS shim (csrc/blas_shim.c, a plain C library that mlx_aim/_blas.py loads with ctypes).
+"""Builds mlx_aim's native CPU kernels (csrc/, an MLX extension) during `pip install` on Linux, where it can, and on
+Linux x86-64 the BLAS shim (csrc/blas_shim.c, a plain C library that mlx_aim/_blas.py loads with ctypes). On macOS
+neither is built and the package is pure Python (mlx_aim/platforms.py decides, for both).
 
 Everything else about the package is in pyproject.toml. The extension is optional: when it cannot be built (no C++
 compiler or CMake, an unsupported platform, a failed compile) the install still succeeds, the build prints why, and
@@ -8,8 +9,8 @@ MLX_AIM_BUILD_NATIVE=0 skips the build. The shim is optional too: without it mlx
 BLAS global itself, as it did before the shim.
 """
 
+import importlib.util
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,21 @@ from setuptools.errors import CCompilerError, CompileError, LinkError
 ROOT = Path(__file__).resolve().parent
 
 
+def _platforms():
+    """mlx_aim/platforms.py, loaded by path: the package's __init__ imports mlx, which a build may not have."""
+    spec = importlib.util.spec_from_file_location("_mlx_aim_platforms", ROOT / "mlx_aim" / "platforms.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+platforms = _platforms()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path):
-        super().__init__(name, sources=[])
+        super().__init__(name, sources=[], optional=True)  # optional: a missing module is not copied in place
         self.sourcedir = str(sourcedir)
 
 
@@ -68,7 +81,20 @@ class OptionalCMakeBuild(build_ext):
         shutil.copyfile(built[0], target)
 
 
-extensions = [CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc")]
-if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-    extensions.append(Extension("mlx_aim._blas_shim", sources=["csrc/blas_shim.c"], extra_compile_args=["-O2"]))
-setup(ext_modules=extensions, cmdclass={"build_ext": OptionalCMakeBuild})
+def extensions(platform) -> list:
+    """What `pip install` compiles on `platform` (an mlx_aim.platforms.Platform)."""
+    built = []
+    if platforms.native_kernels_skipped(platform) is None:
+        built.append(CMakeExtension("mlx_aim._native_kernels", ROOT / "csrc"))
+    if platforms.builds_blas_shim(platform):
+        built.append(Extension("mlx_aim._blas_shim", sources=["csrc/blas_shim.c"], extra_compile_args=["-O2"],
+                               optional=True))
+    return built
+
+
+if __name__ == "__main__":  # as setuptools' build backend and pip run it; tests import `extensions`
+    here = platforms.current()
+    skipped = platforms.native_kernels_skipped(here)
+    if skipped is not None:
+        print(f"mlx_aim: native CPU kernels {skipped}", file=sys.stderr)
+    setup(ext_modules=extensions(here), cmdclass={"build_ext": OptionalCMakeBuild})

@@ -71,6 +71,8 @@ import tempfile
 import warnings
 from typing import Optional
 
+from . import platforms
+
 ENV_VAR = "MLX_AIM_BLAS"
 _OFF = {"0", "off", "false", "no", "none"}
 _AUTO = {"", "1", "on", "auto", "true", "yes"}
@@ -150,8 +152,9 @@ def _preload():
     setting = os.environ.get(ENV_VAR, "").strip()
     if setting.lower() in _OFF:
         return _result(f"disabled by {ENV_VAR}={setting}")
-    if not sys.platform.startswith("linux"):
-        return _result(f"not needed on {sys.platform}: MLX uses Accelerate / Metal there")
+    skipped = platforms.blas_preload_skipped(platforms.current())
+    if skipped is not None:  # every function below that opens a library or reads /proc is reached past this line
+        return _result(skipped)
     explicit = setting.lower() not in _AUTO
     if not explicit:
         bundled = _bundled_reference_blas()

@@ -14,8 +14,9 @@ through them as through MLX's own ops:
   through it raise).
 
 They run on the CPU only; `mlx_aim.backend` decides when (the CPU device, the workarounds on, MLX_AIM_NATIVE not 0).
-The extension is built by `pip install` where a compiler and CMake are present, against the mlx the build had; it is
-used only when that is the mlx installed (`unavailable_reason()` says otherwise why not).
+The extension is built by `pip install` on Linux where a compiler and CMake are present, against the mlx the build
+had; it is used only when that is the mlx installed (`unavailable_reason()` says otherwise why not). It is not built on
+macOS, where Metal runs the model (`mlx_aim.platforms.native_kernels_skipped`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import platforms
 from .ops import additive_mask
 
 
 def _load():
     """(the extension module, None) or (None, why it cannot be used)."""
+    skipped = platforms.native_kernels_skipped(platforms.current())
+    if skipped is not None:
+        return None, skipped
     try:
         from . import _native_kernels as kernels
     except ImportError as error:

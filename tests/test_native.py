@@ -2,7 +2,9 @@
 (ops, MLX's own), forward, backward, jvp, under mx.compile, on odd shapes and layouts, with the masks the model uses;
 and what the package does where the extension is missing or built for another mlx (one warning, the ops path).
 
-These fail, not skip, where the extension is not built: CI builds it (pip install -e . with a compiler)."""
+These fail, not skip, where the platform builds the extension and it is missing: CI builds it (pip install -e . with a
+compiler). Where the platform does not build it (macOS: mlx_aim.platforms.native_kernels_skipped), the module does not
+run, and test_platforms.py holds that the package says so."""
 
 import json
 import subprocess
@@ -14,12 +16,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_aim import _blas, backend, native, ops
+from mlx_aim import _blas, backend, native, ops, platforms
 from mlx_aim.layers import prefix_causal_mask
 from test_attention import graph_ops
 from test_ops import assert_gelu_within_a_few_ulps, gelu64, gelu_grad64
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+_NOT_BUILT_HERE = platforms.native_kernels_skipped(platforms.current())
+pytestmark = pytest.mark.skipif(_NOT_BUILT_HERE is not None, reason=f"native kernels {_NOT_BUILT_HERE}")
 
 
 @pytest.fixture(autouse=True)
