@@ -18,13 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LOAD = """
-import json, resource, sys, time
+import json, sys, time
 import mlx.core as mx, mlx_aim
+from mlx_aim import platforms
 start = time.perf_counter()
 model = mlx_aim.load(sys.argv[1], dtype=sys.argv[2] or None, quantize=int(sys.argv[3]) or None)
 seconds = time.perf_counter() - start
-scale = 1024 if sys.platform != "darwin" else 1024 ** 2
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": platforms.peak_rss_bytes() / 2**20}))
 """
 
 

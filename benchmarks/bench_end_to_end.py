@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before mlx)
+from mlx_aim import platforms
 from mlx_aim.benchmark import machine_info, write_random_model
 from mlx_aim.config import get_config
 from mlx_aim.data import NUM_WORKERS, preprocessing_for
@@ -117,17 +117,7 @@ def _load_report() -> dict:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return "unknown"
+    return platforms.probe_cpu_record().get("cpu_model", "unknown")
 
 
 def run(args) -> dict:

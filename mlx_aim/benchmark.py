@@ -61,7 +61,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from ._blas import blas_info, set_num_threads
-from . import native
+from . import native, platforms
 from .backend import backend_path
 from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
 from .data import is_native
@@ -155,15 +155,30 @@ def pretraining_flops(config: AIMConfig, batch_size: int) -> int:
 # Timing
 
 
-def torch_synced(fn: Callable, device: str) -> Callable:
-    """fn, then waiting for `device` to finish (a CUDA call returns before its kernels do); fn itself on the CPU."""
-    if device == "cpu":
-        return fn
+def torch_synchronizer(device: str) -> Optional[Callable[[], None]]:
+    """What waits for PyTorch's queued work on `device` ("cpu", "cuda[:N]" or "mps"): a GPU call returns before its
+    kernels finish. None on the CPU, where a call returns when it is done."""
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return None
     import torch
+
+    if kind == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if kind == "mps":
+        return torch.mps.synchronize
+    raise ValueError(f"torch device {device!r}: expected cpu, cuda[:N] or mps")
+
+
+def torch_synced(fn: Callable, device: str) -> Callable:
+    """fn, then waiting for `device` to finish (`torch_synchronizer`); fn itself on the CPU."""
+    synchronize = torch_synchronizer(device)
+    if synchronize is None:
+        return fn
 
     def call():
         out = fn()
-        torch.cuda.synchronize(device)
+        synchronize()
         return out
 
     return call
@@ -496,9 +511,8 @@ def _rows(result: dict, peak: dict) -> None:
 
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "mlx": mx.__version__, "mlx_aim": __version__,
-            "device": str(mx.default_device()),
-            "backend_path": backend_path()}
+            **platforms.probe_cpu_record(), "python": platform.python_version(), "mlx": mx.__version__,
+            "mlx_aim": __version__, "device": str(mx.default_device()), "backend_path": backend_path()}
     if native.available():
         info["native_threads"] = native.num_threads()
     elif native.unavailable_reason():

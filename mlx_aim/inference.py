@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
                    iter_image_batches, model_family, preprocessing_for)
+from . import platforms
 from .fileio import remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
@@ -54,10 +54,7 @@ SHARD_SIZE = 1024
 
 def peak_memory() -> dict:
     """Peak resident memory of this process (ru_maxrss) and MLX's peak allocation, both in bytes."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in bytes on macOS and in KiB on Linux.
-    rss_bytes = int(rss) if sys.platform == "darwin" else int(rss) * 1024
-    return {"peak_rss_bytes": rss_bytes, "peak_mlx_bytes": int(mx.get_peak_memory())}
+    return {"peak_rss_bytes": platforms.peak_rss_bytes(), "peak_mlx_bytes": int(mx.get_peak_memory())}
 
 
 # ---------------------------------------------------------------------------------------------------

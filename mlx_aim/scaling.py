@@ -57,6 +57,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from . import platforms
 from .backend import compute_threads
 from .config import AIMConfig, get_config
 from .data import ImageFolder, load_splits
@@ -89,7 +90,7 @@ RANDOM_TRUNK_COLOUR = (127, 127, 127)  # panel (a)'s dashed line of random trunk
 # both cores for compute, and 28, 29 and 48 ms with two loader threads and one compute thread. Neither changes
 # which images and augmentations a run sees; BLAS sums can round differently with another thread count.
 PRETRAIN_WORKERS = 1
-PRETRAIN_COMPUTE_THREADS = max(1, (os.cpu_count() or 2) - PRETRAIN_WORKERS)
+PRETRAIN_COMPUTE_THREADS = max(1, platforms.probe_compute_threads() - PRETRAIN_WORKERS)
 
 
 @dataclass(frozen=True)

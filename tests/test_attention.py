@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_aim import backend, native, ops
+from mlx_aim import backend, native, ops, platforms
 from mlx_aim._blas import blas_info, set_num_threads
 from mlx_aim.backend import Linear, QuantizedLinear, cpu_workarounds, native_kernels
 from mlx_aim.layers import prefix_causal_mask
@@ -107,7 +107,7 @@ def test_set_num_threads():
     assert changed == bool(blas_info()["loaded"])
     if changed:
         assert blas_info()["threads"] == 1
-        set_num_threads(max(1, math.floor(len(__import__("os").sched_getaffinity(0)))))
+        set_num_threads(platforms.probe_compute_threads())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -156,6 +156,8 @@ def test_trunk_attention_on_both_paths_matches_float64(backend_path, mask_kind):
     prepared = backend.prepare_mask(mask, N)
     out = backend.attention(q, k, v, scale, prepared)
     ref, inputs = torch_attention64(q, k, v, scale, mask)
+    # 1e-5 of the largest value: float32 sums of 16 products (q k^T) and 20 terms (probs v) stay within a few
+    # float32 ulps of float64 in any order of accumulation, the CPU BLAS's or a GPU's tiled, fused kernel's alike.
     assert rel(out, mx.array(ref.detach().numpy().astype(np.float32))) < 1e-5
     w = mx.random.normal(out.shape)
     (ref * torch.tensor(np.array(w), dtype=torch.float64)).sum().backward()
@@ -180,11 +182,12 @@ def test_each_path_runs_its_own_implementation():
     fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     assert not np.array_equal(np.array(attention(q, k, v, 0.3, mask)), np.array(fused))
 
-    with mx.stream(mx.cpu), cpu_workarounds(True), native_kernels(True):
-        assert backend.use_native_kernels() and backend.backend_path() == "native"
-        assert "MlxAimGelu" in graph_ops(backend.gelu(x))
-        assert "MlxAimMaskedSoftmax" in graph_ops(backend.attention(q, k, v, 0.3, backend.prepare_mask(mask, 12)))
-        np.testing.assert_array_equal(np.array(backend.gelu(x)), np.array(native.gelu(x)))
+    if "native" in platforms.backend_paths(platforms.current()):  # where the kernels are built (Linux)
+        with mx.stream(mx.cpu), cpu_workarounds(True), native_kernels(True):
+            assert backend.use_native_kernels() and backend.backend_path() == "native"
+            assert "MlxAimGelu" in graph_ops(backend.gelu(x))
+            assert "MlxAimMaskedSoftmax" in graph_ops(backend.attention(q, k, v, 0.3, backend.prepare_mask(mask, 12)))
+            np.testing.assert_array_equal(np.array(backend.gelu(x)), np.array(native.gelu(x)))
 
     with mx.stream(mx.cpu), cpu_workarounds(True), native_kernels(False):
         assert backend.use_cpu_workarounds() and not backend.use_native_kernels()

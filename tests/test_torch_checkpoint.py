@@ -554,13 +554,13 @@ def test_unknown_key_and_closed_checkpoint(tmp_path):
 # -- memory --------------------------------------------------------------------------------------
 
 _PEAK_RSS_SCRIPT = """
-import resource, sys
+import sys
 import mlx.core as mx
+from mlx_aim import platforms
 from mlx_aim.torch_checkpoint import open_torch_checkpoint
 
 def peak_mb():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return platforms.peak_rss_bytes() / 2**20
 
 mx.eval(mx.array([1.0]) + 1)
 start = peak_mb()

@@ -46,7 +46,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--compare-torch", action="store_true",
                    help="time PyTorch on the same model and weights in the same run, alternating")
     p.add_argument("--torch-device", default="cpu",
-                   help="where PyTorch runs with --compare-torch: cpu (default) or cuda (against MLX's CUDA backend)")
+                   help="where PyTorch runs with --compare-torch: cpu (default), mps (a Mac's GPU, against MLX on Metal) "
+                        "or cuda (against MLX's CUDA backend)")
     p.add_argument("--threads", type=positive_int,
                    help="BLAS threads for MLX's matmuls and torch's thread count (default: the libraries' own, "
                         "all cores); on a machine busy with other work, 1 can be fastest")
@@ -71,8 +72,10 @@ def format_table(result: dict) -> str:
     if blas.get("loaded"):
         blas_text = (f"{blas.get('name')}" + (f" ({blas['core']})" if blas.get("core") else "")
                      + (f", {blas['threads']} threads" if blas.get("threads") else ""))
+    cores = (f"{m['performance_cores']}+{m.get('efficiency_cores', 0)} performance+efficiency cores"
+             if "performance_cores" in m else f"{m['cpu_count']} CPUs")
     lines = [f"mlx-aim {m['mlx_aim']} benchmark | mlx {m['mlx']} on {m['device']} ({m['backend_path']} path), "
-             f"{m['cpu_count']} CPUs, "
+             + (f"{m['cpu_model']}, " if m.get("cpu_model") else "") + f"{cores}, "
              f"BLAS {blas_text}" + (f", load average {m['load_average_1min']:.1f}" if "load_average_1min" in m else "")]
     if "torch" in m:
         lines.append(f"torch {m['torch']['version']} ({m['torch']['threads']} threads, BLAS {m['torch']['blas']})")

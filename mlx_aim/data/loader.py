@@ -21,10 +21,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .. import platforms
 from .datasets import NoUsableImages, Skipped
 from .images import ImageLoadError
 
-NUM_WORKERS = 2  # decoding threads: the default of both batchers and of the command lines
+# Decoding threads: the default of both batchers and of the command lines (2 on Linux; a Mac's performance cores).
+NUM_WORKERS = platforms.loader_threads(platforms.current(), platforms.probe_compute_threads())
 
 
 def _in_order(fn: Callable, items: Iterable, num_workers: int, ahead: int) -> Iterator[tuple[Any, Any]]:
