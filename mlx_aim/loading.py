@@ -49,6 +49,7 @@ from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
+    cast_weight,
     check_shapes,
     detect_layout,
     hub_aimv2_fields,
@@ -628,10 +629,12 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
     """name -> (dtype, shape, producer) of the converted tensors, planned without reading any tensor."""
     out = {}
     for key, t in source.tensors.items():
-        target = dtype if dtype is not None and mx.issubdtype(t.dtype, mx.floating) else t.dtype
+        target = t.dtype
+        if mx.issubdtype(t.dtype, mx.floating):
+            target = dtype or (mx.float32 if t.dtype == mx.float64 else t.dtype)  # no model computes in float64
 
         def cast(t=t, target=target):
-            return t.read().astype(target)
+            return cast_weight(t.read(), target)
 
         if is_quantized(key, t.shape, quantization):
             q = quantization

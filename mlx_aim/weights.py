@@ -279,6 +279,14 @@ def check_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple], sour
             raise ValueError(f"{source}: key {key!r} has shape {tuple(shape)}, expected {tuple(expected[key])}")
 
 
+def cast_weight(value, dtype: mx.Dtype):
+    """`value.astype(dtype)`; a float64 tensor is cast on the CPU stream, the only one with float64 (Metal has
+    none, so a cast on the default device fails on a Mac)."""
+    if value.dtype == mx.float64:
+        return value.astype(dtype, stream=mx.cpu)
+    return value.astype(dtype)
+
+
 def check_weights(model: nn.Module, weights: Mapping[str, mx.array], source: str = "checkpoint") -> None:
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, source)
@@ -289,7 +297,7 @@ def load_state_dict(model: nn.Module, weights: Mapping[str, mx.array], source: s
     weights = sanitize(weights)
     check_weights(model, weights, source)
     dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-    model.load_weights([(k, v.astype(dtypes[k])) for k, v in weights.items()], strict=True)
+    model.load_weights([(k, cast_weight(v, dtypes[k])) for k, v in weights.items()], strict=True)
     return model
 
 

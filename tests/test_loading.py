@@ -12,6 +12,7 @@ import torch
 
 import mlx.core as mx
 import mlx_aim
+from mlx.utils import tree_flatten
 from conftest import last_json, rel_err, run_script, tiny_config
 from mlx_aim.config import AIMConfig, get_config
 from mlx_aim.loading import open_source, source_config
@@ -84,6 +85,18 @@ def test_apple_hub_layout_loads(tmp_path, weights_format):
         torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
     model = mlx_aim.load(tmp_path)
     images = np.random.randn(3, 16, 16, 3).astype(np.float32)
+    assert rel_err(np.array(model(mx.array(images))), ref_logits(ref, images)) < 1e-5
+
+
+def test_float64_checkpoint_loads_as_float32(tmp_path):
+    """float64 weights (no model computes in them, and Metal has none) load as float32, cast on the CPU stream."""
+    config = AIMConfig.from_dict(TINY_HUB)
+    ref = reference(config, seed=3)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_HUB))
+    torch.save({k: v.double() for k, v in ref.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    model = mlx_aim.load(tmp_path)
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
+    images = np.random.randn(2, 16, 16, 3).astype(np.float32)
     assert rel_err(np.array(model(mx.array(images))), ref_logits(ref, images)) < 1e-5
 
 
