@@ -12,7 +12,7 @@ import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
-from mlx_aim import native
+from mlx_aim import native, platforms
 from mlx_aim.backend import cpu_workarounds, native_kernels
 from mlx_aim.config import AIMConfig
 
@@ -22,16 +22,22 @@ if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
 
-@pytest.fixture(params=["native", "ops", "portable"], ids=["native", "cpu-workarounds", "portable"])
+_PATH_IDS = {"native": "native", "ops": "cpu-workarounds", "portable": "portable"}
+BACKEND_PATHS = platforms.backend_paths(platforms.current())
+
+
+@pytest.fixture(params=BACKEND_PATHS, ids=[_PATH_IDS[p] for p in BACKEND_PATHS])
 def backend_path(request) -> str:
-    """Runs the test that takes it three times, once per mlx_aim.backend path: "native" (the CPU workarounds with the
-    native kernels), "ops" (the workarounds without them: what runs where the extension could not be built) and
-    "portable" (no workarounds: what Metal and CUDA run), so the CPU covers all three. The parity tests take it.
-    The native path fails, not skips, where the extension is missing: CI builds it, and a silent skip would hide a
-    broken build."""
+    """Runs the test that takes it once per mlx_aim.backend path this platform has: "native" (the CPU workarounds with
+    the native kernels; Linux, where they are built), "ops" (the workarounds without them: what runs where the
+    extension could not be built) and "portable" (no workarounds: what Metal and CUDA run). The parity tests take it.
+    The CPU paths run on the CPU stream, named, so that on a Mac they test the CPU and not Metal; the portable path
+    runs on the default device (Metal on a Mac, the CPU here). The native path fails, not skips, where the extension
+    is meant to exist and is missing: CI builds it, and a silent skip would hide a broken build."""
     if request.param == "native" and not native.available():
         pytest.fail(f"the native kernels are not available: {native.unavailable_reason()}")
-    with cpu_workarounds(request.param != "portable"), native_kernels(request.param == "native"):
+    device = mx.default_device() if request.param == "portable" else mx.cpu
+    with mx.stream(device), cpu_workarounds(request.param != "portable"), native_kernels(request.param == "native"):
         yield request.param
 
 

@@ -1,24 +1,35 @@
-"""Runs checkpoint cases in forked, resource-limited children: the harness of test_hostile_checkpoints.py.
+"""Runs checkpoint cases in resource-limited children, one per case: the harness of test_hostile_checkpoints.py.
 
 A hostile file may crash the interpreter (C stack overflow), hang, flood memory, or change state that a
-later load in the same process sees. None of that can be observed in the pytest process itself, and a
-fresh `python` per case would cost a second each. So the test writes its cases to a file and runs
+later load in the same process sees. None of that can be observed in the pytest process itself. So the
+test writes its cases to a file and runs
 
-    python tests/hostile_cases.py REQUESTS RESULTS
+    python tests/hostile_cases.py REQUESTS RESULTS [JOBS [TIMEOUT [START [LIMITS]]]]
 
-a server that imports numpy and the reader once (nothing of MLX runs in it: a forked child keeps only
-the forking thread, so the server must start none that a child would need) and forks one child per case,
-at most JOBS at a time. Each child limits its address space, opens (or loads) its file, reads every
-tensor, measures its peak memory, then loads the honest files and compares them bit for bit with what
-torch.load gave. The server kills a child that runs past TIMEOUT_S, and records every child's exit
-status and its output (stdout and stderr go to a log file per case). This module imports neither torch
-nor pytest, and the server imports nothing of the tests.
+a server that runs one child per case, at most JOBS at a time, started as `mlx_aim.platforms.child_start`
+decides for the platform (START overrides it):
+- "fork" (Linux): the server imports numpy and the reader (and with them mlx.core) once and forks; nothing
+  of MLX runs in it, and MLX's CPU backend starts no thread at import, so a child lacks nothing, and a case
+  costs no interpreter start;
+- "spawn" (macOS, where mlx.core's import may already have touched Metal, which is not fork-safe): the
+  server imports nothing of MLX and starts a fresh interpreter per case (`python hostile_cases.py --child`),
+  which imports the reader itself and says when it is ready.
+Each child bounds its memory as `mlx_aim.platforms.memory_limits` says (LIMITS overrides it, comma-separated):
+"address-space" sets RLIMIT_AS (Linux enforces it: a flood ends in a MemoryError in the child), "watchdog"
+has the server read the child's resident memory every WATCH_S and kill it past WATCHDOG_BYTES of growth
+(macOS, which does not enforce RLIMIT_AS; Linux runs both). The child then opens (or loads) its file, reads
+every tensor, measures its peak memory (ru_maxrss, which a forked or spawned child starts afresh) and the CPU
+time the hostile part took, then loads the honest files and compares them bit for bit with what torch.load
+gave. The server kills a child that runs past TIMEOUT_S after it said it was ready, and records every
+child's exit status and its output (stdout and stderr go to a log file per case). This module imports
+neither torch nor pytest, and the server imports nothing of the tests.
 
 A request is a dict: name, action ("open": open_torch_checkpoint + read every key; "load": mlx_aim.load
 on a folder; "exec": run a code string, for checking the harness itself), path, expect ("error": a
 CheckpointError at open or read; "ok": success; "either"), values (key -> expected numpy array, checked
 where a read succeeds), honest (a list of (path, {key: (dtype name, array)})), log (a file path), and
-optionally max_seconds (a bound on the hostile part's time, tighter than the timeout).
+optionally max_cpu_seconds (a bound on the CPU time of the hostile part: unlike wall time, a loaded machine
+does not move it).
 `failure(request, result)` turns a result into None or one line saying what went wrong.
 """
 
@@ -29,26 +40,39 @@ import pickle
 import resource
 import select
 import signal
+import importlib.util
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
+
+def _platforms():
+    """mlx_aim/platforms.py, loaded by path: it imports nothing of mlx, so a spawning server stays free of MLX."""
+    spec = importlib.util.spec_from_file_location(
+        "_hostile_platforms", Path(__file__).resolve().parents[1] / "mlx_aim" / "platforms.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+platforms = _platforms()
+
 TIMEOUT_S = 20.0
+START_TIMEOUT_S = 120.0  # from a child's start to its saying it is ready (a spawned one imports the reader)
 JOBS = 2
-# The child may map this much more than the server had mapped: a flood stops at a MemoryError instead of
+# The child may map this much more than it had mapped when ready: a flood stops at a MemoryError instead of
 # taking the machine (2 children at a time), yet honest reads and MLX's own start-up fit easily.
 AS_HEADROOM = 3 << 29  # 1.5 GiB
-# Growth of the child's resident high-water mark over its start (VmHWM starts at the RSS at fork).
+# The watchdog kills a child whose resident memory grew this much since it was ready.
+WATCHDOG_BYTES = 3 << 29  # 1.5 GiB
+WATCH_S = 0.05
+# Growth of the child's peak resident memory over what it had when ready.
 PEAK_BOUND_MB = 300
 _LOG_TAIL = 1500
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+_READY = b"R"
 
 
 def _describe(exc: BaseException) -> str:
@@ -141,22 +165,29 @@ def _attempt(request: dict) -> dict:
     return {"outcome": "ok", "stage": stage, "detail": ""}
 
 
-def _child(request: dict, result_fd: int) -> None:
-    """Runs in the forked child; never returns."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child(request: dict, result_fd: int, limits: tuple) -> None:
+    """Runs in the child, forked or spawned; never returns."""
     code = 0
     try:
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND)  # the server made it
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        limit = _status_kb("VmSize") * 1024 + AS_HEADROOM
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        base_kb = _status_kb("VmHWM")
-        start = time.monotonic()
+        if "address-space" in limits:
+            limit = platforms.virtual_memory_bytes() + AS_HEADROOM
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        base = platforms.peak_rss_bytes()
+        os.write(result_fd, _READY)
+        start = _cpu_seconds()
         result = _attempt(request)
-        result["seconds"] = time.monotonic() - start
-        result["peak_mb"] = (_status_kb("VmHWM") - base_kb) / 1024
+        result["cpu_seconds"] = _cpu_seconds() - start
+        result["peak_mb"] = (platforms.peak_rss_bytes() - base) / 2**20
         result["honest"] = [_check_honest(p, expected) for p, expected in request.get("honest", [])]
         data = pickle.dumps(result)
         while data:
@@ -170,49 +201,119 @@ def _child(request: dict, result_fd: int) -> None:
         os._exit(code)
 
 
-def serve(requests: list, jobs: int = JOBS, timeout: float = TIMEOUT_S) -> list:
-    """Runs every request in its own forked child; returns one record per request, in order."""
+def _spawned_child(argv: list) -> None:
+    """`python hostile_cases.py --child RESULT_FD REQUEST_FILE LIMITS`: a spawned child; never returns."""
+    result_fd, request_path, limits = int(argv[2]), argv[3], tuple(argv[4].split(","))
+    import numpy  # noqa: F401  (the reader's imports, before the child says it is ready)
+
+    import mlx_aim.torch_checkpoint  # noqa: F401
+
+    with open(request_path, "rb") as f:
+        request = pickle.load(f)
+    _child(request, result_fd, limits)
+
+
+class _Running:
+    """A child the server waits on."""
+
+    def __init__(self, index: int, pid: int, process: Optional[subprocess.Popen]):
+        self.index, self.pid, self.process = index, pid, process
+        self.ready = False
+        self.deadline = time.monotonic() + START_TIMEOUT_S  # then TIMEOUT_S from when it says it is ready
+        self.ready_rss: Optional[int] = None
+        self.chunks: list = []
+        self.killed_for: Optional[str] = None
+
+
+def _start(index: int, request: dict, start: str, limits: tuple) -> tuple:
+    """Starts the child of `request`; returns (read end of its result pipe, _Running)."""
+    Path(request["log"]).write_bytes(b"")
+    read_fd, write_fd = os.pipe()
+    if start == "fork":
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _child(request, write_fd, limits)
+        os.close(write_fd)
+        return read_fd, _Running(index, pid, None)
+    request_path = request["log"] + ".request"
+    with open(request_path, "wb") as f:
+        pickle.dump(request, f)
+    with open(request["log"], "ab") as log:
+        process = subprocess.Popen([sys.executable, __file__, "--child", str(write_fd), request_path,
+                                    ",".join(limits) or "none"],
+                                   pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    os.close(write_fd)
+    return read_fd, _Running(index, process.pid, process)
+
+
+def _reap(child: _Running) -> int:
+    if child.process is not None:
+        child.process.wait()
+        return child.process.returncode
+    _, status = os.waitpid(child.pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def serve(requests: list, jobs: int = JOBS, timeout: float = TIMEOUT_S, start: Optional[str] = None,
+          limits: Optional[tuple] = None) -> list:
+    """Runs every request in its own child; returns one record per request, in order. `start` ("fork" or "spawn")
+    and `limits` (of "address-space", "watchdog") default to the platform's (`mlx_aim.platforms`)."""
+    here = platforms.current()
+    start = start or platforms.child_start(here)
+    limits = tuple(platforms.memory_limits(here) if limits is None else limits)
     records: list = [None] * len(requests)
     pending = list(range(len(requests)))[::-1]
-    running: dict = {}  # read end of the child's result pipe -> [index, pid, deadline, chunks]
+    running: dict = {}  # read end of the child's result pipe -> _Running
     while pending or running:
         while pending and len(running) < jobs:
             index = pending.pop()
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                _child(requests[index], write_fd)
-            os.close(write_fd)
-            running[read_fd] = [index, pid, time.monotonic() + timeout, []]
-        wait = max(0.0, min(entry[2] for entry in running.values()) - time.monotonic())
+            fd, child = _start(index, requests[index], start, limits)
+            running[fd] = child
+        wait = max(0.0, min(c.deadline for c in running.values()) - time.monotonic())
+        if "watchdog" in limits:
+            wait = min(wait, WATCH_S)
         ready, _, _ = select.select(list(running), [], [], wait)
         for fd in ready:
+            child = running[fd]
             chunk = os.read(fd, 1 << 16)
             if chunk:
-                running[fd][3].append(chunk)
+                if not child.ready:  # the first byte says the child is ready
+                    chunk = chunk[len(_READY):]
+                    child.ready = True
+                    child.deadline = time.monotonic() + timeout
+                    child.ready_rss = platforms.resident_bytes(child.pid) if "watchdog" in limits else None
+                child.chunks.append(chunk)
                 continue
-            index, pid, deadline, chunks = running.pop(fd)  # EOF: the child exited (or closed the pipe)
+            del running[fd]  # EOF: the child exited (or closed the pipe)
             os.close(fd)
-            _, status = os.waitpid(pid, 0)
-            records[index] = _record(requests[index], status, b"".join(chunks), None)
+            records[child.index] = _record(requests[child.index], _reap(child), child)
         now = time.monotonic()
-        for fd in [fd for fd, entry in running.items() if entry[2] <= now]:
-            index, pid, deadline, chunks = running.pop(fd)
-            os.kill(pid, signal.SIGKILL)
-            os.close(fd)
-            _, status = os.waitpid(pid, 0)
-            records[index] = _record(requests[index], status, b"".join(chunks), timeout)
+        for fd, child in list(running.items()):
+            if child.deadline <= now:
+                child.killed_for = (f"hang (killed after {timeout:.0f} s)" if child.ready else
+                                    f"did not start (not ready after {START_TIMEOUT_S:.0f} s)")
+            elif child.ready_rss is not None:
+                rss = platforms.resident_bytes(child.pid)
+                if rss is not None and rss - child.ready_rss > WATCHDOG_BYTES:
+                    child.killed_for = (f"memory (the watchdog killed it at {rss / 2**20:.0f} MB resident, "
+                                        f"{(rss - child.ready_rss) / 2**20:.0f} MB over its start)")
+            if child.killed_for is not None:
+                del running[fd]
+                os.kill(child.pid, signal.SIGKILL)
+                os.close(fd)
+                records[child.index] = _record(requests[child.index], _reap(child), child)
     return records
 
 
-def _record(request: dict, status: int, data: bytes, timed_out: Optional[float]) -> dict:
-    """What became of a child; `timed_out` is the timeout it was killed at, or None."""
-    record = {"timed_out": timed_out, "signal": None, "exitcode": None, "result": None}
-    if os.WIFSIGNALED(status):
-        record["signal"] = os.WTERMSIG(status)
+def _record(request: dict, status: int, child: _Running) -> dict:
+    """What became of a child: `status` is its exit code, or minus the signal that ended it."""
+    record = {"killed_for": child.killed_for, "signal": None, "exitcode": None, "result": None}
+    if status < 0:
+        record["signal"] = -status
     else:
-        record["exitcode"] = os.WEXITSTATUS(status)
+        record["exitcode"] = status
+    data = b"".join(child.chunks)
     if data:
         try:
             record["result"] = pickle.loads(data)
@@ -233,8 +334,8 @@ def failure(request: dict, record: dict, peak_bound_mb: float = PEAK_BOUND_MB):
     name = request["name"]
     tail = record.get("log_tail", "").strip().splitlines()[-3:]
     output = f" (output: {' | '.join(tail)})" if tail else ""
-    if record["timed_out"] is not None:
-        return f"{name}: hang (killed after {record['timed_out']:.0f} s){output}"
+    if record["killed_for"] is not None:
+        return f"{name}: {record['killed_for']}{output}"
     if record["signal"] is not None:
         return f"{name}: crash (signal {signal.Signals(record['signal']).name}){output}"
     result = record["result"]
@@ -250,8 +351,9 @@ def failure(request: dict, record: dict, peak_bound_mb: float = PEAK_BOUND_MB):
         problems.append("opened and read without a CheckpointError")
     elif outcome == "error" and expect == "ok":
         problems.append(f"refused an honest file: {result['detail']}")
-    if request.get("max_seconds") is not None and result["seconds"] > request["max_seconds"]:
-        problems.append(f"slow: took {result['seconds']:.1f} s (bound {request['max_seconds']} s)")
+    bound = request.get("max_cpu_seconds")
+    if bound is not None and result["cpu_seconds"] > bound:
+        problems.append(f"slow: took {result['cpu_seconds']:.1f} s of CPU (bound {bound} s)")
     if result["peak_mb"] > peak_bound_mb:
         problems.append(f"memory: peak grew {result['peak_mb']:.0f} MB (bound {peak_bound_mb} MB)")
     for honest in result["honest"]:
@@ -261,17 +363,21 @@ def failure(request: dict, record: dict, peak_bound_mb: float = PEAK_BOUND_MB):
 
 
 def main(argv: list) -> int:
+    if argv[1] == "--child":
+        _spawned_child(argv)
     requests_path, results_path = argv[1], argv[2]
     jobs = int(argv[3]) if len(argv) > 3 else JOBS
     timeout = float(argv[4]) if len(argv) > 4 else TIMEOUT_S
-    # The children's code, loaded once here: the reader (and with it mlx_aim and mlx.core) and numpy.
-    import numpy  # noqa: F401
+    start = argv[5] if len(argv) > 5 else platforms.child_start(platforms.current())
+    limits = tuple(x for x in argv[6].split(",") if x and x != "none") if len(argv) > 6 else None
+    if start == "fork":  # the children's code, loaded once here: the reader (and with it mlx.core) and numpy
+        import numpy  # noqa: F401
 
-    import mlx_aim.torch_checkpoint  # noqa: F401
+        import mlx_aim.torch_checkpoint  # noqa: F401
 
     with open(requests_path, "rb") as f:
         requests = pickle.load(f)
-    records = serve(requests, jobs, timeout)
+    records = serve(requests, jobs, timeout, start, limits)
     with open(results_path + ".part", "wb") as f:
         pickle.dump(records, f)
     os.replace(results_path + ".part", results_path)

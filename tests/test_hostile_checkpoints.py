@@ -1,5 +1,5 @@
-"""Hostile and corrupt `torch.save` files (issue 11): each one runs in its own forked child, under an
-address-space limit and a timeout (see hostile_cases.py), and must end in a CheckpointError or in a
+"""Hostile and corrupt `torch.save` files (issue 11): each one runs in its own child (forked or spawned), under an
+address-space or resident-memory limit and a timeout (see hostile_cases.py), and must end in a CheckpointError or in a
 correct, bounded read; nothing may crash, hang, flood memory, raise another exception type, or change how
 an honest file loads later in the same process. Then a seeded mutation fuzz of honest files, loads of
 hub-style folders through `mlx_aim.load`, and the converter's command line.
@@ -372,15 +372,15 @@ class _Case:
     expect: str = "error"  # "error": a CheckpointError; "ok": success; "either"
     action: str = "open"  # or "load": mlx_aim.load on a hub-style folder
     values: Optional[Callable] = None  # (workshop) -> {key: array}: checked where a read succeeds
-    max_seconds: Optional[float] = None  # a bound tighter than the harness's timeout
+    max_cpu_seconds: Optional[float] = None  # CPU time, which load on the machine does not stretch
 
 
 CASES: dict = {}
 
 
-def _case(group, name, build, expect="error", action="open", values=None, max_seconds=None):
+def _case(group, name, build, expect="error", action="open", values=None, max_cpu_seconds=None):
     assert name not in CASES, name
-    CASES[name] = _Case(group, build, expect, action, values, max_seconds)
+    CASES[name] = _Case(group, build, expect, action, values, max_cpu_seconds)
 
 
 @dataclass
@@ -720,12 +720,12 @@ def _dict_ops(keys: list, wrap=lambda k: _ops(k)) -> bytes:
 
 
 def _hash_case(name, build):
-    _case("memory", name, build, expect="either", max_seconds=_HASH_SECONDS)
+    _case("memory", name, build, expect="either", max_cpu_seconds=_HASH_SECONDS)
 
 
 _hash_case("hash_int_keys", lambda w: w.with_data_pkl("hash_keys", PROTO2 + _dict_ops(_colliding()) + STOP))
 _case("memory", "hash_int_keys_audit_size", lambda w: w.with_data_pkl(
-    "hash_keys_16k", PROTO2 + _dict_ops(_colliding(16_000)) + STOP), expect="either", max_seconds=1.5)
+    "hash_keys_16k", PROTO2 + _dict_ops(_colliding(16_000)) + STOP), expect="either", max_cpu_seconds=1.5)
 _hash_case("hash_negative_int_keys", lambda w: w.with_data_pkl(
     "hash_negative", PROTO2 + _dict_ops(_colliding(sign=-1)) + STOP))
 _hash_case("hash_tuple_keys", lambda w: w.with_data_pkl(
@@ -1066,9 +1066,9 @@ def _run_cases(w: _Workshop, names, families) -> tuple:
     logs.mkdir(exist_ok=True)
     requests, groups = [], {}
 
-    def add(name, path, expect, action="open", values=None, group=None, max_seconds=None):
+    def add(name, path, expect, action="open", values=None, group=None, max_cpu_seconds=None):
         requests.append({"name": name, "action": action, "path": path, "expect": expect, "values": values,
-                         "honest": honest, "log": str(logs / f"{len(requests)}.txt"), "max_seconds": max_seconds})
+                         "honest": honest, "log": str(logs / f"{len(requests)}.txt"), "max_cpu_seconds": max_cpu_seconds})
         groups.setdefault(group, []).append(name)
 
     # LZMA bombs are the slow streams (~3 s per GiB): made on threads (lzma lets go of the GIL) meanwhile.
@@ -1079,7 +1079,7 @@ def _run_cases(w: _Workshop, names, families) -> tuple:
         if name in names:
             path = case.build(w)
             values = case.values(w) if case.values else None
-            add(name, path, case.expect, case.action, values, case.group, case.max_seconds)
+            add(name, path, case.expect, case.action, values, case.group, case.max_cpu_seconds)
     for family in FUZZ_FAMILIES:
         if family in families:
             for name, path in _mutants(w, family):
