@@ -25,10 +25,14 @@ child's exit status and its output (stdout and stderr go to a log file per case)
 neither torch nor pytest, and the server imports nothing of the tests.
 
 A request is a dict: name, action ("open": open_torch_checkpoint + read every key; "load": mlx_aim.load
-on a folder; "exec": run a code string, for checking the harness itself), path, expect ("error": a
-CheckpointError at open or read; "ok": success; "either"), values (key -> expected numpy array, checked
-where a read succeeds), honest (a list of (path, {key: (dtype name, array)})), log (a file path), and
-optionally max_cpu_seconds (a bound on the CPU time of the hostile part: unlike wall time, a loaded machine
+on a folder, with `head` a probe head file; "classify": an image file `image` classified with the folder's
+model and preprocessing; "lit": a LiT folder opened with its tokenizer and one text embedded; "exec": run a
+code string, for checking the harness itself), path, expect ("error": a refusal of `error_type`, a dotted
+class name, CheckpointError by default; "ok": success; "either"), values (key -> expected numpy array,
+checked where a read succeeds), honest (a list of (path, {key: (dtype name, array)})), log (a file path), and
+optionally match (text the refusal's message must hold: the file or key it names), confine ({"root",
+"allowed", "forbidden"}: a Python-level open under root outside the allowed paths, or of a forbidden one, is
+a failure), max_cpu_seconds (a bound on the CPU time of the hostile part: unlike wall time, a loaded machine
 does not move it).
 `failure(request, result)` turns a result into None or one line saying what went wrong.
 """
@@ -137,12 +141,68 @@ def _check_honest(path: str, expected: dict):
     return None
 
 
+def _folder_action(action: str, request: dict) -> None:
+    """What a user does with a downloaded model folder: load it (with a probe head file), classify an image with it
+    (its preprocessor_config.json), or open a LiT and embed a text (its tokenizer files)."""
+    import mlx_aim
+
+    path = request["path"]
+    if action == "load":
+        mlx_aim.load(path, head=request.get("head"))
+    elif action == "classify":
+        from mlx_aim.data import preprocessing_for
+        from mlx_aim.inference import classify, open_model
+
+        model = open_model(path)
+        classify(model, [request["image"]], num_workers=0, progress=False,
+                 preprocessing=preprocessing_for(model.config, Path(path)))
+    elif action == "lit":
+        from mlx_aim.lit import embed_texts, open_lit
+
+        model, tokenizer = open_lit(path)
+        embed_texts(model, tokenizer, ["a photo of a cat"])
+    else:
+        raise AssertionError(f"unknown action {action!r}")
+
+
+def _error_type(request: dict) -> type:
+    """The one exception type a refusal must be (default: the reader's CheckpointError)."""
+    module, _, name = request.get("error_type", "mlx_aim.torch_checkpoint.CheckpointError").rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+class _Opens:
+    """Records the files Python opens (audit event "open") that lie under `root` but outside `allowed`, or are
+    `forbidden`. MLX's own reads (mx.load, in C++) raise no audit event: the error type covers those."""
+
+    def __init__(self, request: dict):
+        confine = request.get("confine") or {}
+        self.root = os.path.realpath(confine["root"]) if confine else None
+        self.allowed = [os.path.realpath(p) for p in confine.get("allowed", [])]
+        self.forbidden = {os.path.realpath(p) for p in confine.get("forbidden", [])}
+        self.outside: list = []
+        self.recording = bool(confine)
+        if self.recording:
+            sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if not self.recording or event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        path = os.path.realpath(os.fsdecode(args[0]))
+        inside = any(path == a or path.startswith(a + os.sep) for a in self.allowed)
+        under_root = self.root is not None and path.startswith(self.root + os.sep)
+        if path in self.forbidden or (under_root and not inside):
+            self.outside.append(path)
+
+
 def _attempt(request: dict) -> dict:
-    """The hostile part of a case: what happened, and at which stage."""
-    from mlx_aim.torch_checkpoint import CheckpointError, open_torch_checkpoint
+    """The hostile part of a case: what happened, at which stage, and what it opened outside its folder."""
+    from mlx_aim.torch_checkpoint import open_torch_checkpoint
 
     action, path = request["action"], request["path"]
-    stage = "load" if action == "load" else "open"
+    refusal = _error_type(request)
+    stage = "open" if action in ("open", "exec") else action
+    opens = _Opens(request)
     try:
         if action == "open":
             with open_torch_checkpoint(path) as ckpt:
@@ -150,19 +210,17 @@ def _attempt(request: dict) -> dict:
                 problems = _read_all(ckpt, request.get("values") or {})
             if problems:
                 return {"outcome": "bad-read", "stage": stage, "detail": "; ".join(problems)[:600]}
-        elif action == "load":
-            import mlx_aim
-
-            mlx_aim.load(path)
         elif action == "exec":
             exec(request["code"], {"path": path})
         else:
-            raise AssertionError(f"unknown action {action!r}")
-    except CheckpointError as exc:
-        return {"outcome": "error", "stage": stage, "detail": _describe(exc)}
+            _folder_action(action, request)
+    except refusal as exc:
+        return {"outcome": "error", "stage": stage, "detail": _describe(exc), "outside": opens.outside}
     except BaseException as exc:  # MemoryError, RecursionError, SystemExit...: all are findings here
-        return {"outcome": "foreign", "stage": stage, "detail": _describe(exc)}
-    return {"outcome": "ok", "stage": stage, "detail": ""}
+        return {"outcome": "foreign", "stage": stage, "detail": _describe(exc), "outside": opens.outside}
+    finally:
+        opens.recording = False
+    return {"outcome": "ok", "stage": stage, "detail": "", "outside": opens.outside}
 
 
 def _cpu_seconds() -> float:
@@ -348,14 +406,19 @@ def failure(request: dict, record: dict, peak_bound_mb: float = PEAK_BOUND_MB):
     elif outcome == "bad-read":
         problems.append(f"read disagrees: {result['detail']}")
     elif outcome == "ok" and expect == "error":
-        problems.append("opened and read without a CheckpointError")
+        refusal = request.get("error_type", "CheckpointError").rpartition(".")[2]
+        problems.append(f"opened and read without a {refusal}")
     elif outcome == "error" and expect == "ok":
         problems.append(f"refused an honest file: {result['detail']}")
+    elif outcome == "error" and request.get("match") and request["match"] not in result["detail"]:
+        problems.append(f"refused without naming {request['match']!r}: {result['detail']}")
     bound = request.get("max_cpu_seconds")
     if bound is not None and result["cpu_seconds"] > bound:
         problems.append(f"slow: took {result['cpu_seconds']:.1f} s of CPU (bound {bound} s)")
     if result["peak_mb"] > peak_bound_mb:
         problems.append(f"memory: peak grew {result['peak_mb']:.0f} MB (bound {peak_bound_mb} MB)")
+    if result.get("outside"):
+        problems.append(f"opened outside its folder: {', '.join(sorted(set(result['outside'])))[:300]}")
     for honest in result["honest"]:
         if honest is not None:
             problems.append(f"poisoned later load: {honest}")
