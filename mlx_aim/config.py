@@ -4,12 +4,11 @@ named presets for both."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
-from .fileio import write_json
+from .fileio import read_json_object, write_json
 
 # Apple's hub `config.json` (huggingface_hub's PyTorch mixin) names only these, under other names.
 _APPLE_HUB_KEYS = {
@@ -89,21 +88,10 @@ class _TrunkConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike):
-        return cls.from_dict(_read_json_object(path))
+        return cls.from_dict(read_json_object(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
-
-
-def _read_json_object(path: str | os.PathLike) -> dict:
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
-    return params
 
 
 def _check_positive_ints(config, keys: Sequence[str]) -> None:
@@ -353,7 +341,7 @@ class AIMv2LiTConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AIMv2LiTConfig":
-        return cls.from_dict(_read_json_object(path))
+        return cls.from_dict(read_json_object(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
@@ -374,7 +362,7 @@ def config_from_dict(params: dict) -> Config:
 
 def config_from_file(path: str | os.PathLike) -> Config:
     """`config_from_dict` of a `config.json` file."""
-    return config_from_dict(_read_json_object(path))
+    return config_from_dict(read_json_object(path))
 
 
 def _span(first: int, last: int) -> list[int]:

@@ -31,7 +31,6 @@ torch or transformers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from mlx.utils import tree_flatten
 from .config import (AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config,
                      config_from_dict, get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
+from .fileio import MAX_CONFIG_BYTES, parse_json, read_json, read_json_object
 from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
@@ -259,12 +259,7 @@ def _config_kind(folder: Path) -> tuple[Optional[str], dict]:
     path = folder / "config.json"
     if not path.exists():
         return None, {}
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
+    params = read_json_object(path)
     model_type = params.get("model_type")
     if model_type in ("aim", "aimv2_lit") or (model_type == "aimv2" and "width" in params):  # ours: "width"
         return "mlx", params
@@ -300,8 +295,8 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
                           f"first checkpoint. Run it again ({again}; it starts from step 0): {MODEL_DIR}/ is "
                           "written at every checkpoint")
     try:
-        step = int(json.loads((found / "state.json").read_text())["step"])
-        steps = int(json.loads((run / TRAIN_CONFIG_NAME).read_text())["steps"])
+        step = int(read_json(found / "state.json", MAX_CONFIG_BYTES)["step"])
+        steps = int(read_json(run / TRAIN_CONFIG_NAME, MAX_CONFIG_BYTES)["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         step = steps = None
     export = (f'python -c "from mlx_aim.train import export_trunk, load_pretraining_checkpoint as c; '
@@ -800,7 +795,8 @@ def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Con
     config = config.replace(num_classes=head["head.linear.weight"].shape[0])
     if probe_layers is None and "probe_layers" in metadata:
         try:
-            config = config.replace(probe_layers=[int(i) for i in json.loads(metadata["probe_layers"])])
+            layers = parse_json(metadata["probe_layers"], f"{path}: metadata probe_layers")
+            config = config.replace(probe_layers=[int(i) for i in layers])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: metadata probe_layers={metadata['probe_layers']!r} is not a list of "
                              "block indices") from e

@@ -30,7 +30,6 @@ casting to float32 (transformers) equals torchvision's float32 `x / 255` for eve
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import MAX_PATCHES
+from ..fileio import MAX_CONFIG_BYTES, read_json
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ImageLoadError, load_image, resize_short_side
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' name for an image processor's settings
@@ -184,14 +184,7 @@ class Preprocessing:
     @classmethod
     def from_processor_file(cls, path: str | os.PathLike) -> "Preprocessing":
         """The settings of a CLIPImageProcessor `preprocessor_config.json`, read strictly (`from_processor_dict`)."""
-        path = Path(path)
-        try:
-            params = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-        return cls.from_processor_dict(params, str(path))
+        return cls.from_processor_dict(read_json(path, MAX_CONFIG_BYTES), str(path))
 
     @classmethod
     def from_processor_dict(cls, params: dict, source: str = PREPROCESSOR_CONFIG) -> "Preprocessing":
