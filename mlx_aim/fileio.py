@@ -10,9 +10,9 @@ at any moment leaves the old or the new one in place; `remove_stale_temporaries`
     with atomic_directory(out / "checkpoint", replace=True) as tmp:
         write_json(tmp / "state.json", state)
 
-Reading a model folder, whose every file is untrusted: `read_json` (`read_json_object`, `read_text`) turns any
-failure to decode a file (too large, not UTF-8, not JSON, nested past what the parser follows) into a ValueError
-naming the file.
+Reading a model folder, whose every file is untrusted: `confined` resolves a file name against the folder and
+refuses one that leaves it; `read_json` (`read_json_object`, `read_text`) turns any failure to decode a file (too
+large, not UTF-8, not JSON, nested past what the parser follows) into a ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ PathLike = Union[str, os.PathLike]
 # The most a model folder's config, preprocessor settings or weight index may hold: real ones are kilobytes (an
 # index of a 7B model's shards well under one MiB), so this refuses a flood before it is read, not an honest file.
 MAX_CONFIG_BYTES = 16 * 1024**2
+# huggingface_hub's cache: a snapshot folder's files are symlinks into the repo's blobs/ (`confined`).
+_HUB_SNAPSHOT = "snapshots"
+_HUB_REPO_PREFIX = "models--"
 
 
 def temporary_glob(name: str) -> str:
@@ -104,6 +107,33 @@ def read_json_object(path: PathLike, max_bytes: Optional[int] = MAX_CONFIG_BYTES
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+def confined(folder: PathLike, name: Any, where: Optional[str] = None) -> Path:
+    """`folder / name`, for a file name that a model folder's file gives (a shard in an index) or that the loader
+    looks for there, once it is known to stay in the folder: a name that is not a string, holds a NUL, is absolute,
+    or resolves (symlinks followed) outside the folder raises ValueError naming `where` (the file and entry that
+    gave the name; default: the folder) and the name. The file need not exist.
+
+    A folder in huggingface_hub's cache (`.../models--OWNER--NAME/snapshots/REVISION`) holds symlinks into the
+    repo's `blobs/`: its bound is the repo's cache folder, `models--OWNER--NAME`."""
+    folder = Path(folder)
+    where = where or str(folder)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: {name!r}: expected the name of a file in {folder}")
+    if "\0" in name:
+        reason = "holds a NUL byte"
+    elif os.path.isabs(name):
+        reason = "is an absolute path"
+    else:
+        root = Path(os.path.realpath(folder))
+        if root.parent.name == _HUB_SNAPSHOT and root.parent.parent.name.startswith(_HUB_REPO_PREFIX):
+            root = root.parent.parent
+        resolved = Path(os.path.realpath(folder / name))
+        if resolved.is_relative_to(root):
+            return folder / name
+        reason = f"resolves to {resolved}, outside {root}"
+    raise ValueError(f"{where}: {name!r} {reason}: expected a file inside the model folder {folder}")
 
 
 @contextmanager

@@ -123,7 +123,8 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"{folder}: no such folder (expected the tokenizer files of a checkpoint)")
 
         def present(name: str) -> Path | None:
-            return folder / name if (folder / name).is_file() else None
+            path = fileio.confined(folder, name)
+            return path if path.is_file() else None
 
         tokenizer_file = present(TOKENIZER_FILE)
         vocab_file, merges_file = present(VOCAB_FILE), present(MERGES_FILE)

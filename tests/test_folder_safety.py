@@ -1,7 +1,8 @@
-"""A model folder's files are untrusted: a file that cannot be decoded is a ValueError naming it, and the command line
-reports it as one error line, exit status 2."""
+"""A model folder's files are untrusted: what they name stays in the folder (`fileio.confined`), and a file that
+cannot be decoded is a ValueError naming it; the command line reports each as one error line, exit status 2."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import mlx_aim
 from mlx_aim.cli import classify
 from mlx_aim.data import preprocessing_for
 from mlx_aim.data.preprocessing import PREPROCESSOR_CONFIG
+from mlx_aim.loading import local_folder
 from mlx_aim.tokenizer import CLIPTokenizer
 from probe_helpers import make_model_folder, probe_config, save_image
 from test_cli import only_error_line
@@ -41,6 +43,100 @@ def keys_of(folder: Path) -> list[str]:
 def write_index(folder: Path, keys, shard: str) -> Path:
     (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {k: shard for k in keys}}))
     return folder / INDEX
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a folder's files name stays in the folder.
+
+@pytest.mark.parametrize("kind", ["relative", "absolute", "symlink", "nul"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(honest, tmp_path, kind):
+    folder = copy_of(honest, tmp_path / "model")
+    keys = keys_of(folder)
+    outside = tmp_path / "outside.safetensors"
+    os.replace(folder / "model.safetensors", outside)  # a working shard, one folder up
+    if kind == "symlink":
+        (folder / "link.safetensors").symlink_to(outside)
+    name = {"relative": "../outside.safetensors", "absolute": str(outside), "symlink": "link.safetensors",
+            "nul": "model\0.safetensors"}[kind]
+    index = write_index(folder, keys, name)
+    with pytest.raises(ValueError) as refused:
+        mlx_aim.load(folder)
+    message = str(refused.value)
+    assert f"{index}: weight_map[{keys[0]!r}]: {name!r}" in message and "expected a file inside" in message
+
+
+def test_an_index_that_links_out_of_the_folder_is_refused(honest, tmp_path):
+    folder = copy_of(honest, tmp_path / "model")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    write_index(outside, keys_of(folder), "model.safetensors")  # names the folder's own, honest shard
+    (folder / INDEX).symlink_to(outside / INDEX)
+    with pytest.raises(ValueError, match=f"{folder}: '{INDEX}' resolves to {outside / INDEX}, outside"):
+        mlx_aim.load(folder)
+
+
+def test_files_beside_the_weights_stay_in_the_folder(honest, tmp_path):
+    """A preprocessor file linking out is neither read for preprocessing nor carried into a conversion."""
+    folder = copy_of(honest, tmp_path / "model")
+    outside = tmp_path / PREPROCESSOR_CONFIG
+    outside.write_text(json.dumps(PROCESSOR))
+    (folder / PREPROCESSOR_CONFIG).symlink_to(outside)
+    expected = f"{folder}: '{PREPROCESSOR_CONFIG}' resolves to {outside}, outside"
+    with pytest.raises(ValueError, match=expected):
+        preprocessing_for(probe_config(), folder)
+    with pytest.raises(ValueError, match=expected):
+        mlx_aim.convert(folder, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+
+
+def test_tokenizer_files_stay_in_the_folder(tmp_path):
+    folder, outside = tmp_path / "tokenizer", tmp_path / "vocab.json"
+    folder.mkdir()
+    outside.write_text(json.dumps({"a": 0}))
+    (folder / "vocab.json").symlink_to(outside)
+    (folder / "merges.txt").write_text("#version: 0.2\na a\n")
+    with pytest.raises(ValueError, match=f"{folder}: 'vocab.json' resolves to {outside}, outside"):
+        CLIPTokenizer.from_folder(folder)
+
+
+def hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """huggingface_hub's cache layout for `repo_id` at one revision, which refs/main names: each file's bytes in
+    blobs/, and the snapshot's file a relative symlink to its blob."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("c" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    for i, (name, source) in enumerate(files.items()):
+        shutil.copyfile(source, repo / "blobs" / f"{i:064x}")
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", f"{i:064x}"))
+    return snapshot
+
+
+def test_a_hub_snapshot_reads_its_blobs_and_nothing_outside_its_cache_folder(honest, tmp_path, monkeypatch):
+    """A snapshot's files are symlinks into the repo's blobs/: its bound is the repo's cache folder, so they load,
+    from the repo id (offline) as from the snapshot's path; a symlink out of that folder is refused."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = hub_cache(tmp_path / "hub", "someone/tiny", {"config.json": honest / "config.json",
+                                                          "model.safetensors": honest / "model.safetensors"})
+    assert local_folder("someone/tiny") == snapshot
+    assert mlx_aim.load("someone/tiny").config == mlx_aim.load(honest).config
+    assert mlx_aim.load(snapshot).config == mlx_aim.load(honest).config
+
+    outside = tmp_path / "elsewhere" / "blob"  # beside the cache, not in it
+    outside.parent.mkdir()
+    shutil.copyfile(honest / "model.safetensors", outside)
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(Path("..", "..", "..", "..", "elsewhere", "blob"))
+    repo = snapshot.parents[1]
+    expected = f"{snapshot}: 'model.safetensors' resolves to {outside}, outside {repo}"
+    for source in ("someone/tiny", snapshot):
+        with pytest.raises(ValueError, match=expected):
+            mlx_aim.load(source)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,7 +201,14 @@ def nested_config(folder: Path) -> str:
     return f"{folder / 'config.json'}: not valid JSON"
 
 
-@pytest.mark.parametrize("defect", [nested_config],
+def shard_outside(folder: Path) -> str:
+    keys = keys_of(folder)
+    os.replace(folder / "model.safetensors", folder.parent / "outside.safetensors")
+    write_index(folder, keys, "../outside.safetensors")
+    return f"{folder / INDEX}: weight_map["
+
+
+@pytest.mark.parametrize("defect", [nested_config, shard_outside],
                          ids=lambda f: f.__name__)
 def test_classify_reports_a_hostile_folder_in_one_line(honest, tmp_path, capsys, defect):
     folder = copy_of(honest, tmp_path / "model")

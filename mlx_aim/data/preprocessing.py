@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import MAX_PATCHES
-from ..fileio import MAX_CONFIG_BYTES, read_json
+from ..fileio import MAX_CONFIG_BYTES, confined, read_json
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ImageLoadError, load_image, resize_short_side
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' name for an image processor's settings
@@ -387,7 +387,7 @@ def preprocessing_for(config, source: Optional[str | os.PathLike] = None) -> Pre
     fixed-size model the file must crop to the model's `image_size`, or a ValueError names the file.
     """
     native = is_native(config)
-    file = Path(source) / PREPROCESSOR_CONFIG if source is not None and Path(source).is_dir() else None
+    file = confined(source, PREPROCESSOR_CONFIG) if source is not None and Path(source).is_dir() else None
     if file is not None and file.is_file():
         prep = Preprocessing.from_processor_file(file)
         if native:
