@@ -1,5 +1,6 @@
-"""A model folder's files are untrusted: what they name stays in the folder (`fileio.confined`), and a file that
-cannot be decoded is a ValueError naming it; the command line reports each as one error line, exit status 2."""
+"""A model folder's files are untrusted: what they name stays in the folder (`fileio.confined`), config values are
+of their type, and a file that cannot be decoded is a ValueError naming it; the command line reports each as one
+error line, exit status 2."""
 
 import json
 import os
@@ -140,7 +141,28 @@ def test_a_hub_snapshot_reads_its_blobs_and_nothing_outside_its_cache_folder(hon
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files that cannot be decoded.
+# Config values of the wrong type, and files that cannot be decoded.
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("depth", "3", "a 32-bit integer"),
+    ("depth", True, "a 32-bit integer"),
+    ("num_classes", "10", "a 32-bit integer"),
+    ("head_width", "32", "a 32-bit integer"),
+    ("mlp_ratio", "4", "a finite number"),
+    ("norm_eps", "1e-6", "a finite number"),
+    ("probe_layers", 5, "a list of integers or null"),
+    ("name", {"a": 1}, "a string or null"),
+    ("quantization", {"bits": "4", "group_size": 64}, 'positive integers "bits" and "group_size"'),
+])
+def test_config_values_of_the_wrong_type_are_refused_by_key(honest, tmp_path, key, value, expected):
+    folder = copy_of(honest, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    if key == "depth":
+        del config["probe_layers"]  # the default ones are computed from the depth
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=f"config {key}=.*: expected {expected}"):
+        mlx_aim.load(folder)
+
 
 CONFIG_MAX, TOKENIZER_MAX = 16 * 1024**2, 64 * 1024**2
 
@@ -208,7 +230,14 @@ def shard_outside(folder: Path) -> str:
     return f"{folder / INDEX}: weight_map["
 
 
-@pytest.mark.parametrize("defect", [nested_config, shard_outside],
+def string_depth(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    del config["probe_layers"]
+    (folder / "config.json").write_text(json.dumps({**config, "depth": "3"}))
+    return "config depth='3': expected a 32-bit integer"
+
+
+@pytest.mark.parametrize("defect", [nested_config, shard_outside, string_depth],
                          ids=lambda f: f.__name__)
 def test_classify_reports_a_hostile_folder_in_one_line(honest, tmp_path, capsys, defect):
     folder = copy_of(honest, tmp_path / "model")
