@@ -1,6 +1,6 @@
-"""A model folder's files are untrusted: what they name stays in the folder (`fileio.confined`), config values are
-of their type, and a file that cannot be decoded is a ValueError naming it; the command line reports each as one
-error line, exit status 2."""
+"""A model folder's files are untrusted: what they name stays in the folder (`fileio.confined`), a preprocessor file
+asks for sizes within the model's bound, config values are of their type, and a file that cannot be decoded is a
+ValueError naming it; the command line reports each as one error line, exit status 2."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from mlx_aim.data import preprocessing_for
 from mlx_aim.data.preprocessing import PREPROCESSOR_CONFIG
 from mlx_aim.loading import local_folder
 from mlx_aim.tokenizer import CLIPTokenizer
-from probe_helpers import make_model_folder, probe_config, save_image
+from probe_helpers import make_model_folder, native_config, probe_config, save_image
 from test_cli import only_error_line
 
 INDEX = "model.safetensors.index.json"
@@ -141,6 +141,22 @@ def test_a_hub_snapshot_reads_its_blobs_and_nothing_outside_its_cache_folder(hon
 
 
 # ---------------------------------------------------------------------------------------------------
+# What a preprocessor file may ask for.
+
+@pytest.mark.parametrize("config, bound, why", [
+    (probe_config(), 64, "4 x the model's image size 16"),
+    (native_config(), 4096 * 4, "max_patches 4096 x patch_size 4"),
+], ids=["fixed-size", "native"])
+def test_a_preprocessor_asking_past_the_models_bound_is_refused(tmp_path, config, bound, why):
+    file = tmp_path / PREPROCESSOR_CONFIG
+    file.write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": bound}}))
+    assert preprocessing_for(config, tmp_path).source == str(file)  # at the bound: taken
+    file.write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": 10**6}}))
+    with pytest.raises(ValueError, match=rf"{file}: size.shortest_edge=1000000: past the limit {bound} \({why}\)"):
+        preprocessing_for(config, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Config values of the wrong type, and files that cannot be decoded.
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -230,6 +246,11 @@ def shard_outside(folder: Path) -> str:
     return f"{folder / INDEX}: weight_map["
 
 
+def huge_resize(folder: Path) -> str:
+    (folder / PREPROCESSOR_CONFIG).write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": 10**6}}))
+    return "size.shortest_edge=1000000: past the limit 64"
+
+
 def string_depth(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text())
     del config["probe_layers"]
@@ -237,9 +258,13 @@ def string_depth(folder: Path) -> str:
     return "config depth='3': expected a 32-bit integer"
 
 
-@pytest.mark.parametrize("defect", [nested_config, shard_outside, string_depth],
+@pytest.mark.parametrize("defect", [nested_config, shard_outside, huge_resize, string_depth],
                          ids=lambda f: f.__name__)
-def test_classify_reports_a_hostile_folder_in_one_line(honest, tmp_path, capsys, defect):
+def test_classify_reports_a_hostile_folder_in_one_line(honest, tmp_path, monkeypatch, capsys, defect):
+    def no_resize(*args, **kwargs):
+        raise AssertionError("an image was resized")
+
+    monkeypatch.setattr("mlx_aim.data.preprocessing.resize_short_side", no_resize)
     folder = copy_of(honest, tmp_path / "model")
     expected = defect(folder)
     image = save_image(tmp_path / "x.png", np.zeros((16, 16, 3), np.uint8))
