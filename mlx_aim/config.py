@@ -4,12 +4,16 @@ named presets for both."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import math
+import numbers
 import os
+import reprlib
+import typing
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
-from .fileio import write_json
+from .fileio import read_json_object, write_json
 
 # Apple's hub `config.json` (huggingface_hub's PyTorch mixin) names only these, under other names.
 _APPLE_HUB_KEYS = {
@@ -89,21 +93,54 @@ class _TrunkConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike):
-        return cls.from_dict(_read_json_object(path))
+        return cls.from_dict(read_json_object(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
 
 
-def _read_json_object(path: str | os.PathLike) -> dict:
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
-    return params
+_INT_LIMIT = 2**31  # MLX holds sizes as 32-bit integers: a larger one fails inside it, with no key named
+_TYPE_NAMES = {int: "a 32-bit integer", float: "a finite number", str: "a string", dict: "a JSON object",
+               list[int]: "a list of integers", type(None): "null"}
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_of(value, hint) -> bool:
+    """Whether `value` is of the annotated type `hint`: JSON's bool is no integer, nor a float or a string a number."""
+    if typing.get_origin(hint) is Union:
+        return any(_is_of(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(_is_of(v, typing.get_args(hint)[0]) for v in value)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -_INT_LIMIT < value < _INT_LIMIT
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return _TYPE_NAMES.get(hint, "a JSON object")  # a nested config
+
+
+def _check_types(config) -> None:
+    """Every field of a config dataclass of its annotated type, before any is used: a config.json's "128", true,
+    12.0 or [1] where an integer belongs is refused here, naming the key and the type, not met as a TypeError later.
+    `quantization` holds positive integer "bits" and "group_size"."""
+    types = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _is_of(value, types[f.name]):
+            raise ValueError(f"config {f.name}={reprlib.repr(value)}: expected {_type_name(types[f.name])}")
+    q = config.quantization
+    if q is not None and not all(_is_of(q.get(k), int) and q[k] > 0 for k in ("bits", "group_size")):
+        raise ValueError(f"config quantization={reprlib.repr(q)}: expected positive integers \"bits\" and "
+                         "\"group_size\"")
 
 
 def _check_positive_ints(config, keys: Sequence[str]) -> None:
@@ -154,6 +191,7 @@ class AIMConfig(_TrunkConfig):
     name: Optional[str] = None
 
     def __post_init__(self):
+        _check_types(self)
         if self.probe_layers is None:
             self.probe_layers = _last_layers(self.depth)
         self.probe_layers = [int(i) for i in self.probe_layers]
@@ -232,6 +270,7 @@ class AIMv2Config(_TrunkConfig):
     quantization: Optional[dict] = None
 
     def __post_init__(self):
+        _check_types(self)
         if self.pos_embed is None:
             self.pos_embed = "sincos" if self.image_size is None else "learned"
         if self.probe_layers is None:
@@ -316,6 +355,7 @@ class AIMv2LiTConfig:
     def __post_init__(self):
         if isinstance(self.image, dict):
             self.image = AIMv2Config.from_dict(self.image)
+        _check_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -353,7 +393,7 @@ class AIMv2LiTConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AIMv2LiTConfig":
-        return cls.from_dict(_read_json_object(path))
+        return cls.from_dict(read_json_object(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
@@ -367,14 +407,14 @@ def config_from_dict(params: dict) -> Config:
     """The config a `config.json` describes, of the class its "model_type" names (none: AIM, as in Apple's
     AIM hub files)."""
     model_type = params.get("model_type", "aim")
-    if model_type not in _CONFIG_CLASSES:
+    if not isinstance(model_type, str) or model_type not in _CONFIG_CLASSES:
         raise ValueError(f"config model_type={model_type!r}: expected one of {', '.join(_CONFIG_CLASSES)}")
     return _CONFIG_CLASSES[model_type].from_dict(params)
 
 
 def config_from_file(path: str | os.PathLike) -> Config:
     """`config_from_dict` of a `config.json` file."""
-    return config_from_dict(_read_json_object(path))
+    return config_from_dict(read_json_object(path))
 
 
 def _span(first: int, last: int) -> list[int]:

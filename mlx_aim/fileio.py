@@ -9,6 +9,10 @@ at any moment leaves the old or the new one in place; `remove_stale_temporaries`
         mx.save_safetensors(str(tmp), weights)
     with atomic_directory(out / "checkpoint", replace=True) as tmp:
         write_json(tmp / "state.json", state)
+
+Reading a model folder, whose every file is untrusted: `confined` resolves a file name against the folder and
+refuses one that leaves it; `read_json` (`read_json_object`, `read_text`) turns any failure to decode a file (too
+large, not UTF-8, not JSON, nested past what the parser follows) into a ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+# The most a model folder's config, preprocessor settings or weight index may hold: real ones are kilobytes (an
+# index of a 7B model's shards well under one MiB), so this refuses a flood before it is read, not an honest file.
+MAX_CONFIG_BYTES = 16 * 1024**2
+# huggingface_hub's cache: a snapshot folder's files are symlinks into the repo's blobs/ (`confined`).
+_HUB_SNAPSHOT = "snapshots"
+_HUB_REPO_PREFIX = "models--"
 
 
 def temporary_glob(name: str) -> str:
@@ -56,14 +67,73 @@ def write_json(path: PathLike, obj: Any, *, indent: int = 2, default=None) -> No
     write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
 
 
-def read_json(path: PathLike) -> Any:
-    """The JSON in `path`; a missing file or invalid JSON raises an error that names the file."""
+def read_text(path: PathLike, max_bytes: Optional[int] = None) -> str:
+    """The UTF-8 text in `path`. A missing file raises FileNotFoundError; one past `max_bytes` (None: no limit,
+    for the library's own files) or not UTF-8 raises ValueError; both name the file. At most `max_bytes` + 1 bytes
+    are read, whatever the file is."""
     try:
-        return json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes} bytes, the most a file of its kind may hold")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads(text)`; any failure (invalid JSON, nesting too deep for the parser, an integer past Python's
+    digit limit) raises ValueError naming `where`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # json.JSONDecodeError, and int()'s digit limit
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+
+
+def read_json(path: PathLike, max_bytes: Optional[int] = None) -> Any:
+    """The JSON in `path` (`read_text`, `parse_json`): a missing file raises FileNotFoundError, any other failure
+    to read it as JSON ValueError; both name the file."""
+    return parse_json(read_text(path, max_bytes), str(path))
+
+
+def read_json_object(path: PathLike, max_bytes: Optional[int] = MAX_CONFIG_BYTES) -> dict:
+    """`read_json` of a file that must hold a JSON object (a config): anything else raises ValueError naming it."""
+    value = read_json(path, max_bytes)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def confined(folder: PathLike, name: Any, where: Optional[str] = None) -> Path:
+    """`folder / name`, for a file name that a model folder's file gives (a shard in an index) or that the loader
+    looks for there, once it is known to stay in the folder: a name that is not a string, holds a NUL, is absolute,
+    or resolves (symlinks followed) outside the folder raises ValueError naming `where` (the file and entry that
+    gave the name; default: the folder) and the name. The file need not exist.
+
+    A folder in huggingface_hub's cache (`.../models--OWNER--NAME/snapshots/REVISION`) holds symlinks into the
+    repo's `blobs/`: its bound is the repo's cache folder, `models--OWNER--NAME`."""
+    folder = Path(folder)
+    where = where or str(folder)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: {name!r}: expected the name of a file in {folder}")
+    if "\0" in name:
+        reason = "holds a NUL byte"
+    elif os.path.isabs(name):
+        reason = "is an absolute path"
+    else:
+        root = Path(os.path.realpath(folder))
+        if root.parent.name == _HUB_SNAPSHOT and root.parent.parent.name.startswith(_HUB_REPO_PREFIX):
+            root = root.parent.parent
+        resolved = Path(os.path.realpath(folder / name))
+        if resolved.is_relative_to(root):
+            return folder / name
+        reason = f"resolves to {resolved}, outside {root}"
+    raise ValueError(f"{where}: {name!r} {reason}: expected a file inside the model folder {folder}")
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
                    iter_image_batches, model_family, preprocessing_for)
 from . import platforms
-from .fileio import remove_stale_temporaries, write_json
+from .fileio import confined, read_json_object, remove_stale_temporaries, write_json
 from .loading import load, source_config
 from .model import AIM, build_model, dtype_name
 from .shards import (FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array,
@@ -106,12 +106,9 @@ def class_names(model_source, num_classes: int) -> list[str]:
     """Label names for a model: a trained probe's classes (its folder's probe.json), else ImageNet's for
     1000 classes, else the class indices as text."""
     if isinstance(model_source, (str, os.PathLike)):
-        info_path = Path(model_source) / PROBE_INFO
+        info_path = confined(model_source, PROBE_INFO)
         if info_path.is_file():
-            try:
-                classes = json.loads(info_path.read_text()).get("classes")
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{info_path}: cannot read the probe's class list ({e})") from None
+            classes = read_json_object(info_path).get("classes")
             if isinstance(classes, list) and len(classes) == num_classes:
                 return [str(c) for c in classes]
             raise ValueError(f"{info_path}: 'classes' should list {num_classes} names, the model's class count")

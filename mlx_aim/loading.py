@@ -31,7 +31,6 @@ torch or transformers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from mlx.utils import tree_flatten
 from .config import (AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config,
                      config_from_dict, get_config)
 from .data.preprocessing import PREPROCESSOR_CONFIG
+from .fileio import MAX_CONFIG_BYTES, confined, parse_json, read_json, read_json_object
 from .tokenizer import TOKENIZER_FILES
 from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
 from .torch_checkpoint import open_torch_checkpoint
@@ -257,15 +257,10 @@ def _infer_aimv2_config(tensors: dict[str, Tensor], stated: dict, name: Optional
 def _config_kind(folder: Path) -> tuple[Optional[str], dict]:
     """What a folder's config.json is, and what it holds: "mlx" (ours), "aim" (Apple's AIM hub config), "aimv2"
     (transformers' or Apple's remote-code AIMv2 config), or None (no config.json)."""
-    path = folder / "config.json"
+    path = confined(folder, "config.json")
     if not path.exists():
         return None, {}
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(params).__name__}")
+    params = read_json_object(path)
     model_type = params.get("model_type")
     if model_type in ("aim", "aimv2_lit") or (model_type == "aimv2" and "width" in params):  # ours: "width"
         return "mlx", params
@@ -301,8 +296,8 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
                           f"first checkpoint. Run it again ({again}; it starts from step 0): {MODEL_DIR}/ is "
                           "written at every checkpoint")
     try:
-        step = int(json.loads((found / "state.json").read_text())["step"])
-        steps = int(json.loads((run / TRAIN_CONFIG_NAME).read_text())["steps"])
+        step = int(read_json(found / "state.json", MAX_CONFIG_BYTES)["step"])
+        steps = int(read_json(run / TRAIN_CONFIG_NAME, MAX_CONFIG_BYTES)["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         step = steps = None
     export = (f'python -c "from mlx_aim.train import export_trunk, load_pretraining_checkpoint as c; '
@@ -372,10 +367,13 @@ class _Located:
 
 def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
     """A folder's weight files, in the documented order (module docstring), and a note naming those not read."""
+    def present(name: str) -> Optional[list[Path]]:
+        return [confined(folder, name)] if (folder / name).exists() else None
+
     candidates = [
         ("model.safetensors", weight_files(folder) if _has_own_weights(folder) else None),
-        ("pytorch_model.bin", [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").exists() else None),
-        (AIMV2_FILE, [folder / AIMV2_FILE] if (folder / AIMV2_FILE).exists() else None),
+        ("pytorch_model.bin", present("pytorch_model.bin")),
+        (AIMV2_FILE, present(AIMV2_FILE)),
     ]
     found = [(name, files) for name, files in candidates if files]
     if found:
@@ -384,7 +382,8 @@ def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
     if has_config:
         raise FileNotFoundError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or "
                                 f"{AIMV2_FILE})")
-    files = sorted(p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES + (".safetensors",))
+    files = sorted(confined(folder, p.name) for p in folder.iterdir()
+                   if p.suffix in TORCH_SUFFIXES + (".safetensors",))
     if not files:
         raise FileNotFoundError(f"{folder}: no config.json and no checkpoint files (.pth, .bin, .safetensors)")
     return files, ""
@@ -413,7 +412,7 @@ def _locate(sources, probe_layers) -> _Located:
         folder = _download_aimv2_files(preset)
         # The LiT's architecture from its file (whole, or its image encoder: `open_source`'s `lit`).
         config = None if preset == LIT_NAME else get_config(preset, probe_layers=probe_layers)
-        return _Located([folder / AIMV2_FILE], "mlx", config,
+        return _Located([confined(folder, AIMV2_FILE)], "mlx", config,
                         f"{folder / AIMV2_FILE} ({aimv2_repo(preset)} at Apple's revision)", name=preset, folder=folder)
     if preset is not None:
         return _locate(_download_apple_files(preset, probe_layers or "best"), probe_layers or "best")
@@ -498,7 +497,7 @@ def _open(located: _Located, probe_layers, lit: bool = False) -> Source:
         parts = sorted({re.match(r"(?:vision_model\.|image_encoder\.)?[^.]+", k)[0] for k in left_out})
         description += f" (image encoder only: {len(left_out)} tensors left out, of {', '.join(parts)})"
     beside = (PREPROCESSOR_CONFIG, *TOKENIZER_FILES)  # carried into a conversion: preprocessing, a LiT's tokenizer
-    extra = [located.folder / name for name in beside] if located.folder is not None else []
+    extra = [confined(located.folder, name) for name in beside] if located.folder is not None else []
     return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
 
 
@@ -803,7 +802,8 @@ def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Con
     config = config.replace(num_classes=head["head.linear.weight"].shape[0])
     if probe_layers is None and "probe_layers" in metadata:
         try:
-            config = config.replace(probe_layers=[int(i) for i in json.loads(metadata["probe_layers"])])
+            layers = parse_json(metadata["probe_layers"], f"{path}: metadata probe_layers")
+            config = config.replace(probe_layers=[int(i) for i in layers])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: metadata probe_layers={metadata['probe_layers']!r} is not a list of "
                              "block indices") from e

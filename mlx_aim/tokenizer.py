@@ -31,7 +31,6 @@ would be cut out of the text there, which CLIP's BPE (the one the model learned)
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -40,8 +39,12 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from . import fileio
+
 PathLike = Union[str, os.PathLike]
 
+# The most a tokenizer file may hold: CLIP's tokenizer.json is about 3.6 MB, its vocab.json 1 MB.
+MAX_TOKENIZER_BYTES = 64 * 1024**2
 CONTEXT_LENGTH = 77  # CLIP's and AIMv2-LiT's text context: its positional embedding has 77 rows
 
 # The file names transformers reads and writes.
@@ -120,7 +123,8 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"{folder}: no such folder (expected the tokenizer files of a checkpoint)")
 
         def present(name: str) -> Path | None:
-            return folder / name if (folder / name).is_file() else None
+            path = fileio.confined(folder, name)
+            return path if path.is_file() else None
 
         tokenizer_file = present(TOKENIZER_FILE)
         vocab_file, merges_file = present(VOCAB_FILE), present(MERGES_FILE)
@@ -195,16 +199,12 @@ class CLIPTokenizer:
 
 
 def read_json_object(path: PathLike) -> dict[str, Any]:
-    """The JSON object in `path`; TokenizerFileError naming the file when it is not valid UTF-8 JSON or not an
-    object."""
+    """The JSON object in `path` (`fileio.read_json_object`, up to `MAX_TOKENIZER_BYTES`); TokenizerFileError naming
+    the file when it cannot be read as one."""
     try:
-        with open(path, encoding="utf-8") as file:
-            value = json.load(file)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerFileError(f"{path}: not a JSON file: {error}") from error
-    if not isinstance(value, dict):
-        raise TokenizerFileError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
+        return fileio.read_json_object(path, MAX_TOKENIZER_BYTES)
+    except ValueError as error:
+        raise TokenizerFileError(str(error)) from None
 
 
 def read_vocab(path: PathLike) -> dict[str, int]:
@@ -229,9 +229,9 @@ def read_merges(path: PathLike) -> list[tuple[str, str]]:
     """`merges.txt`: one merge `left right` a line, by rank; `#version` lines and blank lines are skipped (as
     the tokenizers library reads it)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as error:
-        raise TokenizerFileError(f"{path}: not a UTF-8 text file: {error}") from error
+        lines = fileio.read_text(path, MAX_TOKENIZER_BYTES).split("\n")
+    except ValueError as error:
+        raise TokenizerFileError(str(error)) from None
     merges = []
     for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r")

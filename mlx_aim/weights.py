@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import AIMv2Config, AIMv2LiTConfig, Config
-from .fileio import atomic_directory
+from .fileio import atomic_directory, confined, read_json_object
 
 LAYOUTS = ("mlx", "torch", "transformers")
 # Bookkeeping no model here has a place for: PyTorch BatchNorm's step counter, transformers' index buffer.
@@ -459,16 +459,17 @@ def save_model(
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of an MLX model folder, from its index when sharded."""
-    index = folder / "model.safetensors.index.json"
+    """The safetensors files of an MLX model folder, from its index when sharded; each confined to the folder
+    (`fileio.confined`: an index naming a file outside it is refused, with the tensor key that names it)."""
+    index = confined(folder, "model.safetensors.index.json")
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a valid safetensors index (expected a \"weight_map\" object)")
+        files = list(dict.fromkeys(confined(folder, name, f"{index}: weight_map[{key!r}]")
+                                   for key, name in weight_map.items()))
     else:
-        files = [folder / "model.safetensors"]
+        files = [confined(folder, "model.safetensors")]
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"{f}: weight file missing from the model folder")

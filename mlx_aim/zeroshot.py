@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .fileio import atomic_file
+from .fileio import atomic_file, parse_json
 from .lit import TEXT_BATCH_SIZE, embed_images, embed_texts
 from .loading import load
 from .model import AIMv2LiT
@@ -244,8 +244,8 @@ def read_zero_shot_head(path: str | os.PathLike) -> ZeroShotHead:
         raise ValueError(f"{path}: not a zero-shot head file (metadata format {metadata.get('format')!r}, expected "
                          f"{HEAD_FORMAT!r}: `mlx-aim zero-shot --save-head` writes them)")
     try:
-        classes, templates = json.loads(metadata["classes"]), json.loads(metadata["templates"])
-        model_config = json.loads(metadata["model_config"])
+        classes, templates, model_config = (parse_json(metadata[key], repr(key))
+                                            for key in ("classes", "templates", "model_config"))
         embeddings = np.asarray(arrays["class_embeddings"].astype(mx.float32))
         logit_scale = float(arrays["logit_scale"].astype(mx.float32).item())
         model = metadata.get("model", "")

@@ -150,7 +150,7 @@ def test_bad_values_name_the_file_and_the_key(tmp_path, key, value, expected):
 def test_unreadable_and_sparse_files(tmp_path):
     path = tmp_path / PREPROCESSOR_CONFIG
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=f"{path}: not a readable JSON file"):
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
         Preprocessing.from_processor_file(path)
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object"):

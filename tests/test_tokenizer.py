@@ -229,7 +229,7 @@ def broken(clip_folder: Path, folder: Path, name: str, content: str) -> Path:
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("vocab.json", "{not json", r"vocab.json: not a JSON file"),
+    ("vocab.json", "{not json", r"vocab.json: not valid JSON"),
     ("vocab.json", "[1, 2]", r"vocab.json: expected a JSON object, found list"),
     ("vocab.json", '{"a": "1"}', r"vocab.json: token 'a' has id '1', not a non-negative integer"),
     ("vocab.json", '{"a": 1, "b": 1}', r"vocab.json: two tokens share an id"),

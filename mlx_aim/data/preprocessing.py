@@ -30,7 +30,6 @@ casting to float32 (transformers) equals torchvision's float32 `x / 255` for eve
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,12 +40,17 @@ import numpy as np
 from PIL import Image
 
 from ..config import MAX_PATCHES
+from ..fileio import MAX_CONFIG_BYTES, confined, read_json
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ImageLoadError, load_image, resize_short_side
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"  # transformers' name for an image processor's settings
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_ROUNDINGS = ("round", "floor")  # torchvision's int(round(excess / 2)), transformers' excess // 2
+# A checkpoint's preprocessor_config.json may resize a fixed-size model's images to at most this many times its image
+# size (the released files resize to 1x, AIM v1's transform to 1.14x): past it, a file could make each image a
+# machine-sized allocation. A native model's bound is its longest possible side, `max_patches` patches in one row.
+MAX_RESIZE_FACTOR = 4
 # PIL's resampling codes, as `resample` in a preprocessor_config.json holds them.
 RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _RESAMPLE_FILTERS = {name: Image.Resampling[name.upper()] for name in RESAMPLE_CODES.values()}
@@ -184,14 +188,7 @@ class Preprocessing:
     @classmethod
     def from_processor_file(cls, path: str | os.PathLike) -> "Preprocessing":
         """The settings of a CLIPImageProcessor `preprocessor_config.json`, read strictly (`from_processor_dict`)."""
-        path = Path(path)
-        try:
-            params = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-        return cls.from_processor_dict(params, str(path))
+        return cls.from_processor_dict(read_json(path, MAX_CONFIG_BYTES), str(path))
 
     @classmethod
     def from_processor_dict(cls, params: dict, source: str = PREPROCESSOR_CONFIG) -> "Preprocessing":
@@ -385,21 +382,35 @@ def model_family(config) -> str:
     return "aimv2" if to_dict is not None and to_dict().get("model_type") == "aimv2" else "aim"
 
 
+def _check_bound(prep: Preprocessing, bound: int, why: str, file: Path) -> None:
+    """A file's resize and crop sizes at most `bound` (`why` says what it is), or a ValueError naming the key."""
+    sizes = {"size.shortest_edge": prep.resize, "crop_size": max(prep.crop_size) if prep.crop_size else None}
+    for key, value in sizes.items():
+        if value is not None and value > bound:
+            raise ValueError(f"{file}: {key}={value}: past the limit {bound} ({why})")
+
+
 def preprocessing_for(config, source: Optional[str | os.PathLike] = None) -> Preprocessing:
     """The preprocessing of a model: its checkpoint folder's `preprocessor_config.json` when `source` is a
     folder holding one, else its family's default (module docstring).
 
     `config` is duck-typed: `image_size` (None: native resolution), `patch_size`, `max_patches` (native only)
     and `to_dict()["model_type"]`. A native model takes only the file's colour settings (`as_native`). For a
-    fixed-size model the file must crop to the model's `image_size`, or a ValueError names the file.
+    fixed-size model the file must crop to the model's `image_size`, or a ValueError names the file. Resize and crop
+    sizes past the model's bound (`MAX_RESIZE_FACTOR` times its image size; native: `max_patches` x `patch_size`)
+    are refused, with the key and the bound, before any image is read.
     """
     native = is_native(config)
-    file = Path(source) / PREPROCESSOR_CONFIG if source is not None and Path(source).is_dir() else None
+    file = confined(source, PREPROCESSOR_CONFIG) if source is not None and Path(source).is_dir() else None
     if file is not None and file.is_file():
         prep = Preprocessing.from_processor_file(file)
+        max_patches = getattr(config, "max_patches", MAX_PATCHES)
         if native:
-            return prep.as_native(config.patch_size, getattr(config, "max_patches", MAX_PATCHES))
+            _check_bound(prep, max_patches * config.patch_size,
+                         f"max_patches {max_patches} x patch_size {config.patch_size}", file)
+            return prep.as_native(config.patch_size, max_patches)
         size = config.image_size
+        _check_bound(prep, MAX_RESIZE_FACTOR * size, f"{MAX_RESIZE_FACTOR} x the model's image size {size}", file)
         if prep.crop_size != (size, size):
             found = "no crop" if prep.crop_size is None else f"crop_size {prep.crop_size[1]}x{prep.crop_size[0]}"
             raise ValueError(f"{file}: {found}, but the model takes {size}x{size} images")
