@@ -20,7 +20,7 @@ budget, and the same attentive probe (`mlx_aim.probe.train_probe`) on every chec
 and depth (`capacities`) and the number of distinct pre-training images (`data_fractions` of the training pool,
 nested subsets drawn in one fixed order) change; every cell runs every seed in `seeds`.
 
-Decisions where the brief left room (the measured figures are in the README):
+Decisions made here (the measured figures are in the README):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
   2-block pixel head as wide as the trunk). At 450 steps no pre-trained trunk beat its random initialisation, so
   the default budget is 1500 steps, where pre-training beats it in 8 of 9 cells, on three capacities (an 11x

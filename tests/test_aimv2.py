@@ -258,7 +258,8 @@ def test_seeded_build_is_reproducible_and_pretraining_is_refused():
 # ---------------------------------------------------------------------------------------------------
 # Config and presets
 
-# name -> (width, depth, heads, SwiGLU hidden size, image size): AIMV2-REFERENCE.md's table.
+# name -> (width, depth, heads, SwiGLU hidden size, image size): as apple/ml-aim's `aim-v2/aim/v2/torch/models.py`
+# builds them (aimv2_large, aimv2_huge, aimv2_1B, aimv2_3B).
 RELEASED = {
     **{f"aimv2-large-patch14-{s}": (1024, 24, 8, 2816, s) for s in (224, 336, 448)},
     **{f"aimv2-huge-patch14-{s}": (1536, 24, 12, 4096, s) for s in (224, 336, 448)},

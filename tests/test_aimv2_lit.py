@@ -89,8 +89,8 @@ def reference_text_embeddings(lit: Aimv2Model, ids: np.ndarray, causal: bool = T
 
 
 def apple_lit_keys(lit: Aimv2Model) -> dict[str, np.ndarray]:
-    """transformers' LiT weights under Apple's keys in Apple's PyTorch layouts (AIMV2-REFERENCE.md's table), renamed
-    here, apart from the library's mapping."""
+    """transformers' LiT weights under Apple's keys in Apple's PyTorch layouts (apple/ml-aim's `aim-v2/aim/v2/torch/`
+    against transformers' `models/aimv2/modeling_aimv2.py`), renamed here, apart from the library's mapping."""
     state = {k: v.detach().numpy().copy() for k, v in lit.state_dict().items() if not k.endswith("position_ids")}
 
     def tower(prefix):

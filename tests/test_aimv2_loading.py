@@ -65,7 +65,8 @@ def assert_stages_match(ours: dict, ref: dict) -> None:
 
 def apple_keys(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """transformers' weights under Apple's keys in Apple's PyTorch layouts: the tests' own renaming
-    (AIMV2-REFERENCE.md's table), kept apart from the library's."""
+    (Apple's names in apple/ml-aim's `aim-v2/aim/v2/torch/`, transformers' in
+    `models/aimv2/modeling_aimv2.py`), kept apart from the library's."""
     names = {"embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
              "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
              "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
