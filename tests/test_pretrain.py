@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -115,30 +114,47 @@ def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, 
         pretrain(small_config(), recipe(), data, out, resume=True, progress=False, echo=lambda _: None)
 
 
+# scripts/pretrain.py, run as itself, with one addition: a line on stdout after each log record is written, the cue
+# the test kills on (a blocking read, so no wall-clock limit that a loaded machine could run past).
+ANNOUNCING_CHILD = """
+import runpy, sys
+from mlx_aim import runs
+write = runs.RunLog.write
+def announced(self, record):
+    write(self, record)
+    print("logged step", record["step"], flush=True)
+runs.RunLog.write = announced
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(small_config().to_dict()))
     c = recipe()
-    command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_file), "--data",
-               str(data), "--out", str(out), "--no-progress", "--steps", str(c.steps), "--batch-size",
-               str(c.batch_size), "--lr", str(c.lr), "--warmup-frac", str(c.warmup_frac), "--log-interval", "1",
-               "--val-interval", str(c.val_interval), "--ckpt-interval", str(c.ckpt_interval),
-               "--keep-last", str(c.keep_last), "--val-images", str(c.val_images)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    args = ["--config", str(config_file), "--data", str(data), "--out", str(out), "--no-progress", "--steps",
+            str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--warmup-frac", str(c.warmup_frac),
+            "--log-interval", "1", "--val-interval", str(c.val_interval), "--ckpt-interval", str(c.ckpt_interval),
+            "--keep-last", str(c.keep_last), "--val-images", str(c.val_images)]
+    code = ANNOUNCING_CHILD.format(script=str(ROOT / "scripts" / "pretrain.py"), args=args)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
+    logged = 0
     try:
-        # Kill somewhere after the first checkpoint: mid-step, mid-checkpoint or mid-export alike.
-        while time.monotonic() < deadline and process.poll() is None:
-            log = out / "log.jsonl"
-            if log.exists() and len(log.read_text().splitlines()) >= 7:
+        # Kill somewhere after the first checkpoint (step 5): mid-step, mid-checkpoint or mid-export alike.
+        for line in process.stdout:
+            logged += line.startswith("logged step")
+            if logged == 7:
                 break
-            time.sleep(0.02)
-        assert process.poll() is None, process.stderr.read().decode()
+        assert logged == 7, f"the run ended after {logged} log records:\n{(tmp_path / 'stderr').read_text()}"
         process.send_signal(signal.SIGKILL)
     finally:
+        process.kill()  # (nothing, where it was killed or ended)
         process.wait()
+        process.stdout.close()
     killed_at = max(train_losses(out))
     assert killed_at < STEPS
     pretrain(small_config(), c, data, out, resume=True, progress=False, echo=lambda _: None)
