@@ -300,6 +300,46 @@ def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, cap
     assert_same_trunk(mlx_aim.load(demo_run), exported)
 
 
+def test_checkpoint_folder_stands_for_its_trunk(reference, data, tmp_path):
+    """`mlx_aim.load(RUN/checkpoints/step_X)` and the commands' --model read the checkpoint's trunk, leaving out the
+    pixel head and saying so: the last checkpoint gives the exported trunk, an earlier one its own weights."""
+    from mlx_aim.cli import extract_features as extract_cli
+    from mlx_aim.inference import load_features
+    from mlx_aim.loading import open_source
+    from mlx_aim.train import checkpoint_trunk
+
+    out, _ = reference
+    first, last = list_checkpoints(out)[0], list_checkpoints(out)[-1]
+    images = mx.random.normal((2, 16, 16, 3))
+    exported = mlx_aim.load(out / "model")
+    from_last = mlx_aim.load(last)
+    assert from_last.has_trained_head is False and from_last.config == exported.config
+    assert_same_trunk(from_last, exported)
+    np.testing.assert_array_equal(np.array(from_last.probe_features(images)), np.array(exported.probe_features(images)))
+
+    from_first, saved = mlx_aim.load(first), checkpoint_weights(first)
+    assert trunk_weights(from_first).keys() == {k for k in saved if not k.startswith("pixel_head.")}
+    assert all(np.array_equal(v, saved[k]) for k, v in trunk_weights(from_first).items())
+    np.testing.assert_array_equal(np.array(from_first.probe_features(images)),
+                                  np.array(checkpoint_trunk(first).probe_features(images)))
+    assert not np.array_equal(np.array(from_first.probe_features(images)), np.array(from_last.probe_features(images)))
+    source = open_source(first)
+    source.close()
+    assert source.description == (f"pre-training checkpoint {first} (its trunk: the pixel head's 12 tensors, which "
+                                  "only pre-training uses, left out)")
+    assert not any(k.startswith("pixel_head.") for k in source.tensors)
+    assert_same_trunk(mlx_aim.load(mlx_aim.convert(first, tmp_path / "converted")), from_first)
+
+    # mlx-aim extract-features --model CHECKPOINT: the tokens --model RUN/model gives.
+    for model, name in [(last, "from-checkpoint"), (out / "model", "from-export")]:
+        assert extract_cli.main([str(data / "val"), "--model", str(model), "--out", str(tmp_path / name),
+                                 "--features", "tokens", "--no-progress"]) == 0
+    (tokens, paths), (expected, expected_paths) = (load_features(tmp_path / name, "tokens")
+                                                   for name in ("from-checkpoint", "from-export"))
+    assert paths == expected_paths and len(paths) == 16
+    np.testing.assert_array_equal(tokens, expected)
+
+
 def test_run_folder_without_its_model_says_how_to_get_it(reference, tmp_path):
     out, _ = reference
     # Killed before the first checkpoint: the two configs (and perhaps a log), nothing else.
@@ -324,6 +364,8 @@ def test_run_folder_without_its_model_says_how_to_get_it(reference, tmp_path):
     with pytest.raises(ValueError, match="step 15 of 24") as error:
         mlx_aim.load(middle)
     assert "--resume" in str(error.value) and "step_00000015" in str(error.value)
+    assert "or name that checkpoint folder itself as the model" in str(error.value)
+    assert mlx_aim.load(middle / "checkpoints" / "step_00000015").config.width == 32
 
     # A finished run without model/: the export command the message gives writes it.
     finished = tmp_path / "finished"
