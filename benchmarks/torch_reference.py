@@ -1,5 +1,5 @@
-"""AIM in PyTorch, written from AIM-REFERENCE.md with Apple's key names: the tests' reference and the
-benchmark's opponent.
+"""AIM in PyTorch, written from the paper (arXiv 2401.08541) with the key names of Apple's checkpoints (apple/ml-aim,
+`aim-v1/`): the tests' reference and the benchmark's opponent.
 
 The parity tests (`tests/conftest.py` puts this folder on `sys.path`) compare the MLX model with it stage by
 stage; `scripts/benchmark.py --compare-torch` times it against MLX on the same weights, and the tools next to

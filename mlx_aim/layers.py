@@ -3,7 +3,7 @@ blocks, the attentive probe and the pre-training head.
 
 Both families share the patch conv, the attention and the pre-norm block; they differ in the norm (AIM's
 LayerNorm, AIMv2's RMSNorm), the MLP (GELU, SwiGLU) and the position embedding (sin-cos; AIMv2's fixed-size
-checkpoints learn theirs). Parameter names follow Apple's checkpoints (AIM-REFERENCE.md, AIMV2-REFERENCE.md)
+checkpoints learn theirs). Parameter names follow Apple's checkpoints (apple/ml-aim, `aim-v1/` and `aim-v2/`)
 so that their state dicts load with `strict=True`. Images are NHWC, MLX's native layout. Linear layers, layer norm, the
 attention core and the activations come from `mlx_aim.backend`, which picks each one's implementation for the
 device.

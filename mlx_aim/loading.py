@@ -3,6 +3,8 @@
 Sources, resolved in this order:
 - a pre-training run folder (what `scripts/pretrain.py --out RUN` writes): its exported trunk `RUN/model/`;
   likewise a demo run folder (`mlx_aim_demo/seed0`): the trunk of the pre-training run inside it;
+- one of a run's checkpoint folders (`RUN/checkpoints/step_X/`): its trunk, the pixel head (which only
+  pre-training uses) left out, as `Source.description` says;
 - a local MLX model folder (config.json with "model_type" "aim" or "aimv2" as we write it, model.safetensors or
   shards);
 - a local folder in a hub layout: AIM's (config.json with img_size/embed_dim/..., model.safetensors or
@@ -72,6 +74,7 @@ APPLE_FILE_STEMS = {
 }
 HUB_REPOS = {"aim-600M": "apple/AIM-600M", "aim-1B": "apple/AIM-1B", "aim-3B": "apple/AIM-3B", "aim-7B": "apple/AIM-7B"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PIXEL_HEAD_PREFIX = "pixel_head."  # `AIMForPretraining.pixel_head`, in a pre-training checkpoint beside the trunk
 
 # AIMv2 presets are read from Apple's MLX file in `apple/<name>` at the revision Apple's own loader pins
 # (apple/ml-aim, aim-v2/aim/v2/utils.py, `MODELS`): the files Apple's code was checked against, before the repos'
@@ -302,11 +305,20 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
         step = steps = None
     export = (f'python -c "from mlx_aim.train import export_trunk, load_pretraining_checkpoint as c; '
               f"export_trunk('{run / MODEL_DIR}', c('{found}')[0])\"")
+    as_is = "; or name that checkpoint folder itself as the model (its trunk is read)"
     if step is not None and step < steps:
         return ValueError(f"{where}. Its newest checkpoint is {found} (step {step} of {steps}): continue the run "
                           f"({again}; {MODEL_DIR}/ is written at its next checkpoint), or export that "
-                          f"checkpoint's trunk now: {export}")
-    return ValueError(f"{where}. Export it from the newest checkpoint, {found}: {export}")
+                          f"checkpoint's trunk now: {export}{as_is}")
+    return ValueError(f"{where}. Export it from the newest checkpoint, {found}: {export}{as_is}")
+
+
+def _is_pretraining_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder of `train.pretrain` (`RUN/checkpoints/step_X/`): state.json beside the weights of the
+    trunk and its pixel head."""
+    from .train import STATE_FILE, WEIGHTS_FILE
+
+    return (folder / STATE_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def _demo_run(folder: Path) -> Optional[Path]:
@@ -363,6 +375,7 @@ class _Located:
     stated_text: dict = field(default_factory=dict)  # AIMv2-LiT text fields a transformers config.json states
     name: Optional[str] = None  # the released AIMv2 name a hub repo id stands for
     folder: Optional[Path] = None  # where what ships beside the weights is (preprocessor_config.json)
+    drop_prefix: Optional[str] = None  # keys not read (a pre-training checkpoint's pixel head)
 
 
 def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
@@ -391,6 +404,9 @@ def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
 
 def _locate_folder(folder: Path) -> _Located:
     kind, params = _config_kind(folder)
+    if kind == "mlx" and _is_pretraining_checkpoint(folder):
+        return _Located(weight_files(folder), "mlx", config_from_dict(params), f"pre-training checkpoint {folder}",
+                        folder=folder, drop_prefix=PIXEL_HEAD_PREFIX)
     if kind == "mlx":
         return _Located(weight_files(folder), "mlx", config_from_dict(params), f"MLX model folder {folder}",
                         folder=folder)
@@ -493,6 +509,11 @@ def _open(located: _Located, probe_layers, lit: bool = False) -> Source:
             close()
         raise
     description = located.description
+    dropped = [k for k in tensors if located.drop_prefix and k.startswith(located.drop_prefix)]
+    for key in dropped:
+        del tensors[key]
+    if dropped:
+        description += f" (its trunk: the pixel head's {len(dropped)} tensors, which only pre-training uses, left out)"
     if left_out:
         parts = sorted({re.match(r"(?:vision_model\.|image_encoder\.)?[^.]+", k)[0] for k in left_out})
         description += f" (image encoder only: {len(left_out)} tensors left out, of {', '.join(parts)})"

@@ -190,8 +190,8 @@ class _AIMv2Base(_Encoder):
 
 
 class AIMv2(_Probed, _AIMv2Base):
-    """The AIMv2 vision encoder (AIMV2-REFERENCE.md) plus an attentive probe for the probes we train (Apple
-    released no heads): `model(images)` returns the probe's logits.
+    """The AIMv2 vision encoder (arXiv 2411.14402; apple/ml-aim, `aim-v2/aim/v2/torch/models.py`) plus an attentive
+    probe for the probes we train (Apple released no heads): `model(images)` returns the probe's logits.
 
     A fixed-size checkpoint (learned position embedding) takes images of its `image_size` only; at native
     resolution (`image_size` None, 2-D sin-cos position embedding computed per grid) any height and width that
@@ -252,7 +252,8 @@ class AIMv2TextEncoder(nn.Module):
 
 
 class AIMv2LiT(nn.Module):
-    """AIMv2-LiT, zero-shot image-text (AIMV2-REFERENCE.md "LiT"), with Apple's parameter names.
+    """AIMv2-LiT, zero-shot image-text (apple/ml-aim, `aim-v2/aim/v2/torch/models.py`, `AIMv2LiT`), with Apple's
+    parameter names.
 
     `encode_image` and `encode_text` give the projected (not normalised) embeddings; `model(images, token_ids)`
     returns Apple's pair (logits_per_image (B_img, B_text), logits_per_text = its transpose), each

@@ -5,7 +5,7 @@ from patches 0..i (and the whole prefix). Targets are the patch pixels normalise
 draws a prefix length S uniformly from [1, K - 1]; the first S patches attend to each other
 bidirectionally (`mlx_aim.layers.prefix_causal_mask`) and only targets outside the prefix count.
 
-Averaging (the brief left it open): the squared error is averaged over a patch's pixels, then over every
+Averaging (a choice made here): the squared error is averaged over a patch's pixels, then over every
 counted position of the batch together (token-weighted, as MAE's masked loss), not per sample first, so an
 image with a long prefix (few targets) weighs less than one with a short prefix. `next_patch_loss` takes
 the divisor `num_targets` explicitly, so that micro-batches and data-parallel shards can each divide by

@@ -18,9 +18,11 @@ The grid (`run_scaling`) reuses the demo's pieces and recipe: the built-in synth
 (`mlx_aim.synthetic`), one pre-training recipe (`mlx_aim.train.pretrain`) for every cell with the same step
 budget, and the same attentive probe (`mlx_aim.probe.train_probe`) on every checkpoint. Only the trunk's width
 and depth (`capacities`) and the number of distinct pre-training images (`data_fractions` of the training pool,
-nested subsets drawn in one fixed order) change; every cell runs every seed in `seeds`.
+nested subsets drawn in one fixed order) change; every cell runs every seed in `seeds`. On a pool too small for the
+fractions (their smallest set under one batch) the data sizes adapt to it (`grid_data_sizes`); `data_sizes` chooses
+them outright. Either way they span at least `MIN_DATA_SPREAD` times, the smallest one batch or more.
 
-Decisions where the brief left room (the measured figures are in the README):
+Decisions made here (the measured figures are in the README):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
   2-block pixel head as wide as the trunk). At 450 steps no pre-trained trunk beat its random initialisation, so
   the default budget is 1500 steps, where pre-training beats it in 8 of 9 cells, on three capacities (an 11x
@@ -31,6 +33,10 @@ Decisions where the brief left room (the measured figures are in the README):
   pool's labels, the top-1 measured on the held-out images. Its validation loss is measured on one draw of held-out
   images and prefix lengths for every run (`VAL_SEED`): each run's own log draws them from its seed, so its
   numbers do not compare across seeds.
+- Data sizes adapted to a small pool run from one batch (the smallest set that trains on whole batches, and the
+  widest spread) to the fractions' largest, the sizes between at the fractions' places on a log scale: a folder of
+  1797 images (scikit-learn's digits: a pool of 1438) gets 32, 215 and 1438, where the fractions give 14, 144 and
+  1438. The pool needs 8 batches at least (256 images at batch 32), so that the spread is 8x or more.
 - A line "rises" when the mean over seeds strictly increases at every step along it; the spread over seeds
   (standard deviation and min-max) is reported beside every mean, and no noise margin is granted.
 - Pre-training beats a random trunk in a cell when the cell's seeds all score above every seed of the random trunk
@@ -45,7 +51,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -82,6 +90,7 @@ RHO_TARGET = -0.8  # finding 2 holds when Spearman's rho (validation loss vs pro
 DATA_ORDER_SEED = 0  # the fixed order in which training images enter the nested pre-training subsets
 VAL_SEED = 0  # the one validation draw (images and prefix lengths) every checkpoint's validation loss uses
 POINT_FORMAT = 1  # bump when a cached checkpoint result's contents change
+MIN_DATA_SPREAD = 8  # the largest pre-training set at least this many times the smallest, adapted or chosen
 RANDOM_TRUNKS_DIR = "random-trunks"  # in a grid's folder: each random trunk's cached probe result
 RANDOM_TRUNK_COLOUR = (127, 127, 127)  # panel (a)'s dashed line of random trunks
 # Pre-training these small trunks on 32 px images is as much augmentation (one loader thread's Pillow work) as
@@ -128,7 +137,7 @@ class ScalingConfig:
     def __post_init__(self):
         if len(self.capacities) < 2 or len(self.data_fractions) < 2:
             raise ValueError("scaling config: expected at least two capacities and two data sizes")
-        if sorted(self.data_fractions) != list(self.data_fractions) or not 0 < self.data_fractions[0] \
+        if sorted(set(self.data_fractions)) != list(self.data_fractions) or not 0 < self.data_fractions[0] \
                 or self.data_fractions[-1] > 1:
             raise ValueError(f"scaling config data_fractions={self.data_fractions}: expected increasing fractions "
                              "in (0, 1]")
@@ -313,12 +322,104 @@ class GridData:
     val: ImageFolder
     description: str
     identity: dict
+    held_out: float = 0.0  # the share of the folder held out for validation (0: it has its own val/ images)
 
     def subset(self, n: int) -> list:
         return self.pool.samples[:n]
 
     def sizes(self, fractions: Sequence[float]) -> list[int]:
-        return [max(1, int(round(f * len(self.pool)))) for f in fractions]
+        return fraction_sizes(fractions, len(self.pool))
+
+
+def fraction_sizes(fractions: Sequence[float], pool_size: int) -> list[int]:
+    return [max(1, int(round(f * pool_size))) for f in fractions]
+
+
+class TooFewImages(ValueError):
+    """A training pool too small for the grid's data sizes, adapted or not; `needed` is the fewest images that do."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
+
+
+def check_data_sizes(sizes: Sequence[int], *, batch_size: Optional[int] = None,
+                     pool_size: Optional[int] = None) -> tuple[int, ...]:
+    """`sizes` as the grid's pre-training set sizes, or a ValueError that says what is wrong with them: at least two,
+    increasing, the largest at least `MIN_DATA_SPREAD` times the smallest; with `batch_size`, the smallest holding
+    one batch; with `pool_size`, the largest within the training pool."""
+    sizes = tuple(int(n) for n in sizes)
+    what = f"data sizes {','.join(map(str, sizes))}"
+    if len(sizes) < 2:
+        raise ValueError(f"{what}: expected at least two")
+    if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"{what}: expected increasing numbers of images, the smallest at least 1")
+    if sizes[-1] < MIN_DATA_SPREAD * sizes[0]:
+        raise ValueError(f"{what}: the largest is {sizes[-1] / sizes[0]:.3g}x the smallest; expected at least "
+                         f"{MIN_DATA_SPREAD}x (the smallest at most {sizes[-1] // MIN_DATA_SPREAD})")
+    if batch_size is not None and sizes[0] < batch_size:
+        raise ValueError(f"{what}: the smallest, {sizes[0]} images, is less than one batch ({batch_size} images)")
+    if pool_size is not None and sizes[-1] > pool_size:
+        raise TooFewImages(f"{what}: the largest, {sizes[-1]} images, is more than the training pool holds "
+                           f"({pool_size} images)", sizes[-1])
+    return sizes
+
+
+def smallest_folder(pool_size: int, held_out: float) -> int:
+    """The fewest images a folder needs for a training pool of `pool_size` once `held_out` of them are held out
+    (`data.split_image_folder` rounds per class, so a folder of several classes may need a few more)."""
+    n = pool_size
+    while n - int(round(n * held_out)) < pool_size:
+        n += 1
+    return n
+
+
+def _unchosen_sizes(cfg: ScalingConfig, pool_size: int) -> Optional[tuple[list[int], str]]:
+    """`grid_data_sizes` without a choice; None where the pool is too small."""
+    sizes = fraction_sizes(cfg.data_fractions, pool_size)
+    if sizes[0] >= cfg.batch_size and all(b > a for a, b in zip(sizes, sizes[1:])):
+        return sizes, "fractions"
+    smallest, largest, fractions = cfg.batch_size, sizes[-1], cfg.data_fractions
+    if largest < MIN_DATA_SPREAD * smallest:
+        return None
+    places = [math.log(f / fractions[0]) / math.log(fractions[-1] / fractions[0]) for f in fractions]
+    adapted = [int(round(smallest * (largest / smallest) ** u)) for u in places]
+    return (adapted, "adapted") if all(b > a for a, b in zip(adapted, adapted[1:])) else None
+
+
+def grid_data_sizes(cfg: ScalingConfig, pool_size: int, chosen: Optional[Sequence[int]] = None, *,
+                    held_out: float = 0.0) -> tuple[list[int], str]:
+    """The grid's pre-training set sizes on a training pool of `pool_size` images, and where they come from:
+    "chosen" (`chosen`, checked by `check_data_sizes`), "fractions" (`cfg.data_fractions` of the pool, where their
+    smallest holds a batch) or "adapted" (a pool too small for the fractions: from one batch to the fractions'
+    largest size, at least `MIN_DATA_SPREAD` times as many, the sizes between at the fractions' places on a log
+    scale). A pool too small for either raises `TooFewImages`, which names the smallest pool that works and, where
+    `held_out` of the folder is held out, the smallest folder."""
+    if chosen is not None:
+        return list(check_data_sizes(chosen, batch_size=cfg.batch_size, pool_size=pool_size)), "chosen"
+    found = _unchosen_sizes(cfg, pool_size)
+    if found is not None:
+        return found
+    needed = next(n for n in itertools.count(pool_size + 1) if _unchosen_sizes(cfg, n) is not None)
+    folder = (f"a folder of at least {smallest_folder(needed, held_out)} images ({held_out:.0%} of them are held out)"
+              if held_out else f"at least {needed} training images")
+    raise TooFewImages(f"a training pool of {pool_size} images is too small for the grid: its smallest pre-training "
+                       f"set must hold one batch ({cfg.batch_size} images) and, adapted to a small pool, its largest "
+                       f"{MIN_DATA_SPREAD} times as many, so it takes a pool of at least {needed} images: use {folder}",
+                       needed)
+
+
+def grid_folder_name(cfg: ScalingConfig, identity: dict, pool_size: int, sizes: Sequence[int]) -> str:
+    """The grid's folder: its preset's name and a digest of the settings and data that decide its numbers. Data sizes
+    other than the fractions' (adapted or chosen) are among them; grids of the fractions' sizes keep their names."""
+    key = {"config": dataclasses.asdict(cfg), "data": identity}
+    if list(sizes) != fraction_sizes(cfg.data_fractions, pool_size):
+        key["data_sizes"] = list(sizes)
+    return preset_name(cfg) + "-" + _digest(key)
+
+
+def preset_name(cfg: ScalingConfig) -> str:
+    return next((name for name, preset in PRESETS.items() if preset == cfg), "custom")
 
 
 def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLike]] = None,
@@ -334,6 +435,7 @@ def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLi
     else:
         root = Path(data)
         description = str(root)
+    held_out = 0.0 if (root / "train").is_dir() and (root / "val").is_dir() else val_ratio  # `load_splits`' rule
     train, val = load_splits(root, val_ratio=val_ratio, seed=DATA_ORDER_SEED)
     if val is None or not len(val):
         raise ValueError(f"{root}: no held-out images (a val/ folder, or enough images to hold some out)")
@@ -344,7 +446,7 @@ def grid_data(cfg: ScalingConfig, out: Path, data: Optional[Union[str, os.PathLi
                 "num_train": len(train), "num_val": len(val),
                 "pool": _digest([str(Path(p).relative_to(root)) for p, _ in pool.samples]),
                 "val": _digest([str(Path(p).relative_to(root)) for p, _ in val.samples])}
-    return GridData(pool, val, description, identity)
+    return GridData(pool, val, description, identity, held_out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,6 +653,7 @@ def run_scaling(
     quick: bool = False,
     long: bool = False,
     config: Optional[ScalingConfig] = None,
+    data_sizes: Optional[Sequence[int]] = None,
     force: bool = False,
     progress: bool = True,
     echo: Optional[Callable[[str], None]] = None,
@@ -559,32 +662,38 @@ def run_scaling(
     `scaling.png` in its folder.
 
     `data`: a labelled image folder of the user's instead of the built-in shapes. `quick` uses `QUICK` (a tiny
-    budget for tests) instead of `DEFAULT`, `long` uses `LONG`, `config` any other `ScalingConfig`. `force` discards
-    this grid's earlier runs (the image folder is kept). `echo` receives a line per stage; by default they go
-    nowhere.
+    budget for tests) instead of `DEFAULT`, `long` uses `LONG`, `config` any other `ScalingConfig`. `data_sizes`: the
+    pre-training set sizes, increasing, at least `MIN_DATA_SPREAD` times apart, the smallest one batch or more
+    (default: the config's fractions of the training pool, or sizes adapted to a pool too small for them:
+    `grid_data_sizes`). `force` discards this grid's earlier runs (the image folder is kept). `echo` receives a line
+    per stage; by default they go nowhere.
     """
     echo = echo or silent
     start_time = time.perf_counter()
     if quick and long:
         raise ValueError("run_scaling: quick and long are two different grids; choose one")
     cfg = config if config is not None else QUICK if quick else LONG if long else DEFAULT
+    if data_sizes is not None:  # what needs no images, checked before any is drawn or read
+        data_sizes = check_data_sizes(data_sizes, batch_size=cfg.batch_size)
     out = Path(out)
     grid = grid_data(cfg, out, data)
-    sizes = grid.sizes(cfg.data_fractions)
-    if len(set(sizes)) != len(sizes) or sizes[0] < cfg.batch_size:
-        raise ValueError(f"pre-training sets of {sizes} images from a pool of {len(grid.pool)}: expected distinct "
-                         f"sizes of at least one batch ({cfg.batch_size} images); use a larger image folder")
+    try:
+        sizes, sizes_from = grid_data_sizes(cfg, len(grid.pool), data_sizes, held_out=grid.held_out)
+    except TooFewImages as error:
+        raise TooFewImages(f"{grid.description}: {error}", error.needed) from None
     settings = dataclasses.asdict(cfg)
-    preset = next((name for name, preset in PRESETS.items() if preset == cfg), "custom")
-    grid_name = preset + "-" + _digest({"config": settings, "data": grid.identity})
-    runs_dir = out / grid_name
+    preset = preset_name(cfg)
+    runs_dir = out / grid_folder_name(cfg, grid.identity, len(grid.pool), sizes)
     if force and runs_dir.exists():
         shutil.rmtree(runs_dir)
     capacities = sorted(({"name": capacity_name(w, d), "width": w, "depth": d,
                           "parameters": parameter_count(cfg.model_config(w, d, len(grid.pool.classes)))}
                          for w, d in cfg.capacities), key=lambda c: c["parameters"])
     total = len(capacities) * len(sizes) * len(cfg.seeds)
-    echo(f"{grid.description}; pre-training sets of {', '.join(map(str, sizes))} images; capacities "
+    how = {"fractions": "", "chosen": " (chosen)",
+           "adapted": f" (adapted to the pool of {len(grid.pool)}, too small for the data fractions "
+                      f"{', '.join(f'{f:g}' for f in cfg.data_fractions)})"}[sizes_from]
+    echo(f"{grid.description}; pre-training sets of {', '.join(map(str, sizes))} images{how}; capacities "
          f"{', '.join(c['name'] + ' (' + _compact(c['parameters']) + ')' for c in capacities)}; seeds "
          f"{', '.join(map(str, cfg.seeds))}: {total} runs of {cfg.steps} steps of {cfg.batch_size} images, "
          f"{cfg.checkpoints} checkpoints each -> {runs_dir}")
@@ -625,6 +734,7 @@ def run_scaling(
         "seeds": list(cfg.seeds),
         "capacities": capacities,
         "data_sizes": sizes,
+        "data_sizes_from": sizes_from,
         "runs": runs,
         "random_trunks_s": round(random_s, 1),
         "cells": cells,

@@ -1,6 +1,6 @@
-"""Zero-shot classification with AIMv2-LiT (AIMV2-REFERENCE.md "LiT"): label names become class embeddings through
-prompt templates, and an image's class scores are its cosine similarities to them times the model's logit scale,
-as CLIP classifies, with no probe to train.
+"""Zero-shot classification with AIMv2-LiT (apple/ml-aim, `aim-v2/aim/v2/torch/models.py`, `AIMv2LiT`): label names
+become class embeddings through prompt templates, and an image's class scores are its cosine similarities to them
+times the model's logit scale, as CLIP classifies, with no probe to train.
 
 - Templates: `default_templates()` (CLIP's 80 ImageNet prompt templates, shipped as `clip_imagenet_templates.txt`),
   `read_templates(path)` (one per line, `{}` where the label goes).

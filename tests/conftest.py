@@ -1,6 +1,6 @@
 """What every test module shares: the tiny config, running a command-line script, reading its JSON, the
-PyTorch reference (`benchmarks/torch_reference.py`, imported as `torch_reference`), and the `backend_path`
-fixture."""
+PyTorch reference (`benchmarks/torch_reference.py`, imported as `torch_reference`), a quantized model's dequantized
+twin, and the `backend_path` fixture."""
 
 import json
 import subprocess
@@ -12,9 +12,12 @@ import pytest
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before anything imports mlx)
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_aim import native, platforms
 from mlx_aim.backend import cpu_workarounds, native_kernels
 from mlx_aim.config import AIMConfig
+from mlx_aim.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
@@ -70,6 +73,30 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+# How far a quantized model may be from its dequantized twin, as `rel_err`: in float32 the summation order only (0.0
+# measured on all three CPU paths; 1e-4 leaves room for a GPU kernel's order), in bfloat16 its rounding (up to 2.7e-2
+# measured over the tiny models' blocks with MLX's own quantized kernel, 2^-8 a matmul).
+TWIN_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def dequantized_twin(model):
+    """The float model that runs a quantized model's own weights: its config without quantization, in its float
+    dtype, each quantized linear's weight replaced by `mx.dequantize` of its (weight, scales, biases), every other
+    parameter as it is. A quantized model must compute what its twin computes, up to float rounding."""
+    weights = dict(tree_flatten(model.parameters()))
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weights[f"{path}.weight"] = mx.dequantize(weights[f"{path}.weight"], weights.pop(f"{path}.scales"),
+                                                      weights.pop(f"{path}.biases"), module.group_size, module.bits)
+    twin = build_model(model.config.replace(quantization=None), model.dtype)
+    twin.load_weights(list(weights.items()), strict=True)
+    mx.eval(twin.parameters())
+    twin.eval()
+    if getattr(model, "has_trained_head", False):
+        twin.attach_head(twin.head)
+    return twin
 
 
 @pytest.fixture(name="tiny_config")

@@ -20,7 +20,7 @@ from transformers import Aimv2Config, Aimv2Model
 import mlx.core as mx
 import mlx_aim
 from aimv2_reference import randomize, transformers_config
-from conftest import rel_err
+from conftest import TWIN_TOLERANCE, dequantized_twin, rel_err
 from mlx_aim.config import AIMv2Config, AIMv2LiTConfig
 from mlx_aim.loading import AIMV2_REVISIONS, LIT_NAME
 from mlx_aim.model import AIMv2LiT
@@ -89,8 +89,8 @@ def reference_text_embeddings(lit: Aimv2Model, ids: np.ndarray, causal: bool = T
 
 
 def apple_lit_keys(lit: Aimv2Model) -> dict[str, np.ndarray]:
-    """transformers' LiT weights under Apple's keys in Apple's PyTorch layouts (AIMV2-REFERENCE.md's table), renamed
-    here, apart from the library's mapping."""
+    """transformers' LiT weights under Apple's keys in Apple's PyTorch layouts (apple/ml-aim's `aim-v2/aim/v2/torch/`
+    against transformers' `models/aimv2/modeling_aimv2.py`), renamed here, apart from the library's mapping."""
     state = {k: v.detach().numpy().copy() for k, v in lit.state_dict().items() if not k.endswith("position_ids")}
 
     def tower(prefix):
@@ -201,6 +201,10 @@ def test_dtype_and_quantization(lit_folders):
     assert not isinstance(quantized.text_projector, mlx_aim.backend.QuantizedLinear)  # heads stay in float
     assert rel_err(np.array(quantized.encode_image(pixels)), ref_image) < 0.05
     assert rel_err(np.array(quantized.encode_text(ids)), ref_text) < 0.05
+    twin = dequantized_twin(quantized)  # what the 8-bit towers must compute: their dequantized weights, in float
+    assert rel_err(np.array(quantized.encode_image(pixels)), np.array(twin.encode_image(pixels))) < TWIN_TOLERANCE[
+        "float32"]
+    assert rel_err(np.array(quantized.encode_text(ids)), np.array(twin.encode_text(ids))) < TWIN_TOLERANCE["float32"]
 
 
 def test_token_ids_checked(lit_folders):

@@ -18,7 +18,7 @@ from transformers import Aimv2Config, Aimv2Model
 import mlx.core as mx
 import mlx_aim
 from aimv2_reference import make_reference, randomize, reference_stages, transformers_config
-from conftest import ROOT, last_json, rel_err, run_script
+from conftest import ROOT, TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from mlx.utils import tree_flatten
 from mlx_aim.config import AIMV2_PRESET_NAMES, AIMv2Config, get_config
 from mlx_aim.data import preprocessing_for
@@ -65,7 +65,8 @@ def assert_stages_match(ours: dict, ref: dict) -> None:
 
 def apple_keys(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """transformers' weights under Apple's keys in Apple's PyTorch layouts: the tests' own renaming
-    (AIMV2-REFERENCE.md's table), kept apart from the library's."""
+    (Apple's names in apple/ml-aim's `aim-v2/aim/v2/torch/`, transformers' in
+    `models/aimv2/modeling_aimv2.py`), kept apart from the library's."""
     names = {"embeddings.patch_embed.weight": "preprocessor.patchifier.proj.weight",
              "embeddings.patch_embed.bias": "preprocessor.patchifier.proj.bias",
              "embeddings.rms_norm.weight": "preprocessor.patchifier.norm.weight",
@@ -184,6 +185,11 @@ def test_folder_with_several_files_reads_model_safetensors_and_says_so(tiny):
         open_source(folders["apple-mlx"] / "mlx_model.safetensors")
 
 
+def features(model, images: np.ndarray) -> np.ndarray:
+    """The encoder's output tokens for `images`, as float32."""
+    return np.array(model.extract_features(mx.array(images))[0].astype(mx.float32))
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_convert_each_layout_dtype_and_quantize(tiny, name, tmp_path):
     """The command line converts each layout with --dtype bfloat16 --quantize 4; the library with each alone."""
@@ -197,13 +203,14 @@ def test_convert_each_layout_dtype_and_quantize(tiny, name, tmp_path):
     both = mlx_aim.load(out)
     assert both.config == config.replace(quantization={"bits": 4, "group_size": 64}) and both.dtype == mx.bfloat16
     assert type(both.trunk.blocks[0].mlp.fc3).__name__ == "QuantizedLinear"
-    assert np.isfinite(np.array(both.extract_features(mx.array(images))[0].astype(mx.float32))).all()
+    assert rel_err(features(both, images), features(dequantized_twin(both), images)) < TWIN_TOLERANCE["bfloat16"]
     half = mlx_aim.load(mlx_aim.convert(folders[name], tmp_path / "bf16", dtype="bfloat16"))
     assert half.trunk.blocks[0].mlp.fc3.weight.dtype == mx.bfloat16 and half.config == config
     assert rel_err(np.array(half.extract_features(mx.array(images))[0].astype(mx.float32)), expected) < 5e-2
     q4 = mlx_aim.load(mlx_aim.convert(folders[name], tmp_path / "q4", quantize=4))
     assert q4.trunk.blocks[2].attn.qkv.weight.dtype == mx.uint32 and q4.dtype == mx.float32
     assert rel_err(np.array(q4.extract_features(mx.array(images))[0]), expected) < 0.2
+    assert rel_err(features(q4, images), features(dequantized_twin(q4), images)) < TWIN_TOLERANCE["float32"]
     # Quantizing at load time gives what loading the quantized conversion gives.
     on_load = mlx_aim.load(folders[name], quantize=4)
     np.testing.assert_array_equal(np.array(on_load.extract_features(mx.array(images))[0]),
@@ -472,4 +479,5 @@ def test_mlx_folder_round_trip(config, tmp_path):
     q4 = mlx_aim.load(mlx_aim.convert(folder, tmp_path / "q4", quantize=4))
     assert q4.config.quantization == {"bits": 4, "group_size": 64}
     assert type(q4.trunk.blocks[0].mlp.fc3).__name__ == "QuantizedLinear"
+    assert rel_err(features(q4, images), features(dequantized_twin(q4), images)) < TWIN_TOLERANCE["float32"]
     assert local_folder(folder) == folder

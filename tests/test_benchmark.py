@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import mlx_aim
-from conftest import last_json, run_script
+from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from mlx_aim import benchmark
 from mlx_aim.cli import benchmark as benchmark_cli
 from mlx_aim.config import AIMv2Config, get_config
@@ -97,8 +97,11 @@ def test_random_folder_is_written_tensor_by_tensor_and_loads(tmp_path):
     model = mlx_aim.load(folder)
     assert model.config.quantization == {"bits": 4, "group_size": 64}
     assert model.trunk.blocks[0].mlp.fc1.weight.dtype == mx.uint32
-    logits = model(mx.array(benchmark.random_images(config, 2)))
-    assert logits.shape == (2, 1000) and np.isfinite(np.array(logits)).all()
+    images = mx.array(benchmark.random_images(config, 2))
+    logits = model(images)
+    assert logits.shape == (2, 1000)
+    twin = dequantized_twin(model)  # what the 4-bit model must compute: its dequantized weights, in float
+    assert rel_err(np.array(logits), np.array(twin(images))) < TWIN_TOLERANCE["float32"]
     # The same seed writes the same weights; float_weights dequantizes what the quantized layers hold.
     again = mlx_aim.load(benchmark.write_random_model(tmp_path / "again", config, quantize=4))
     a, b = benchmark.float_weights(model), benchmark.float_weights(again)

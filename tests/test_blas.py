@@ -152,6 +152,9 @@ def test_automatic_choice_follows_what_is_installed(tmp_path, present):
     info = report["info"]
     assert report["again"] == info  # a second preload_blas() changes nothing and does not warn again
     candidates, bundled = present
+    if PIP_BLAS:  # mlx[cpu]'s wheel ships its reference BLAS and both replacements are declared: the swap must happen
+        assert bundled is not None, "MLX's bundled reference BLAS was not found (mlx[cpu] is declared there)"
+        assert candidates, "neither mkl nor ngsolve-openblas was found (both are declared in pyproject.toml)"
     if not LINUX:
         assert info["loaded"] is False and "not needed" in info["reason"] and report["warnings"] == []
     elif bundled is None:
@@ -391,6 +394,7 @@ def test_a_cblas_without_lapack_keeps_mlx_lapack(tmp_path, present):
     MLX's bundled LAPACK, and inv and svd stay correct (run_child checks them)."""
     _, bundled = present
     if bundled is None or _blas._shim()[0] is None:
+        assert not PIP_BLAS, "MLX's bundled reference BLAS and the shim are there wherever pyproject.toml's pins hold"
         pytest.skip("needs MLX's bundled reference BLAS and the shim")
     report = run_child(tmp_path, blas=bundled)
     info = report["info"]

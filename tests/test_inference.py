@@ -14,7 +14,7 @@ from mlx_aim.data import (Preprocessing, Skipped, eval_transform, gather_images,
                            preprocessing_for)
 from mlx_aim.inference import RaggedTokens, classify, extract_features, load_features, open_model, peak_memory
 from mlx_aim.model import build_model
-from conftest import last_json, run_script
+from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from probe_helpers import make_model_folder, native_config, save_image
 
 
@@ -143,6 +143,10 @@ def test_dtype_and_quantize_pass_through(model_dir, images):
     assert summary["dtype"] == "bfloat16" and summary["quantization"] == {"bits": 4, "group_size": 64}
     model = open_model(model_dir, quantize=8)
     assert isinstance(model.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear)
+    x = mx.random.normal((2, model.config.image_size, model.config.image_size, 3))
+    twin = dequantized_twin(model)  # what the 8-bit trunk must compute: its dequantized weights, in float
+    assert rel_err(np.array(model.extract_features(x)[0]), np.array(twin.extract_features(x)[0])) < TWIN_TOLERANCE[
+        "float32"]
 
 
 def test_random_init_is_seeded_and_keeps_the_architecture(model_dir):

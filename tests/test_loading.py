@@ -13,7 +13,7 @@ import torch
 import mlx.core as mx
 import mlx_aim
 from mlx.utils import tree_flatten
-from conftest import last_json, rel_err, run_script, tiny_config
+from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script, tiny_config
 from mlx_aim.config import AIMConfig, get_config
 from mlx_aim.loading import open_source, source_config
 from torch_reference import AIMReference
@@ -129,6 +129,8 @@ def test_quantized_conversion(tiny_apple, tmp_path):
     assert type(model.head.linear).__name__ == "Linear"  # the probe head stays in float
     images = np.random.randn(2, 64, 64, 3).astype(np.float32)
     assert rel_err(np.array(model(mx.array(images))), ref_logits(ref, images)) < 0.1
+    twin = dequantized_twin(model)  # what the 4-bit trunk must compute: its dequantized weights, in float
+    assert rel_err(np.array(model(mx.array(images))), np.array(twin(mx.array(images)))) < TWIN_TOLERANCE["float32"]
     # Quantizing at load time gives the same model as loading the quantized conversion.
     on_load = mlx_aim.load(files, quantize=4)
     np.testing.assert_allclose(np.array(on_load(mx.array(images))), np.array(model(mx.array(images))), atol=1e-5)

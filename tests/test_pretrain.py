@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -115,30 +114,47 @@ def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, 
         pretrain(small_config(), recipe(), data, out, resume=True, progress=False, echo=lambda _: None)
 
 
+# scripts/pretrain.py, run as itself, with one addition: a line on stdout after each log record is written, the cue
+# the test kills on (a blocking read, so no wall-clock limit that a loaded machine could run past).
+ANNOUNCING_CHILD = """
+import runpy, sys
+from mlx_aim import runs
+write = runs.RunLog.write
+def announced(self, record):
+    write(self, record)
+    print("logged step", record["step"], flush=True)
+runs.RunLog.write = announced
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(small_config().to_dict()))
     c = recipe()
-    command = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_file), "--data",
-               str(data), "--out", str(out), "--no-progress", "--steps", str(c.steps), "--batch-size",
-               str(c.batch_size), "--lr", str(c.lr), "--warmup-frac", str(c.warmup_frac), "--log-interval", "1",
-               "--val-interval", str(c.val_interval), "--ckpt-interval", str(c.ckpt_interval),
-               "--keep-last", str(c.keep_last), "--val-images", str(c.val_images)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    args = ["--config", str(config_file), "--data", str(data), "--out", str(out), "--no-progress", "--steps",
+            str(c.steps), "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--warmup-frac", str(c.warmup_frac),
+            "--log-interval", "1", "--val-interval", str(c.val_interval), "--ckpt-interval", str(c.ckpt_interval),
+            "--keep-last", str(c.keep_last), "--val-images", str(c.val_images)]
+    code = ANNOUNCING_CHILD.format(script=str(ROOT / "scripts" / "pretrain.py"), args=args)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
+    logged = 0
     try:
-        # Kill somewhere after the first checkpoint: mid-step, mid-checkpoint or mid-export alike.
-        while time.monotonic() < deadline and process.poll() is None:
-            log = out / "log.jsonl"
-            if log.exists() and len(log.read_text().splitlines()) >= 7:
+        # Kill somewhere after the first checkpoint (step 5): mid-step, mid-checkpoint or mid-export alike.
+        for line in process.stdout:
+            logged += line.startswith("logged step")
+            if logged == 7:
                 break
-            time.sleep(0.02)
-        assert process.poll() is None, process.stderr.read().decode()
+        assert logged == 7, f"the run ended after {logged} log records:\n{(tmp_path / 'stderr').read_text()}"
         process.send_signal(signal.SIGKILL)
     finally:
+        process.kill()  # (nothing, where it was killed or ended)
         process.wait()
+        process.stdout.close()
     killed_at = max(train_losses(out))
     assert killed_at < STEPS
     pretrain(small_config(), c, data, out, resume=True, progress=False, echo=lambda _: None)
@@ -284,6 +300,46 @@ def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, cap
     assert_same_trunk(mlx_aim.load(demo_run), exported)
 
 
+def test_checkpoint_folder_stands_for_its_trunk(reference, data, tmp_path):
+    """`mlx_aim.load(RUN/checkpoints/step_X)` and the commands' --model read the checkpoint's trunk, leaving out the
+    pixel head and saying so: the last checkpoint gives the exported trunk, an earlier one its own weights."""
+    from mlx_aim.cli import extract_features as extract_cli
+    from mlx_aim.inference import load_features
+    from mlx_aim.loading import open_source
+    from mlx_aim.train import checkpoint_trunk
+
+    out, _ = reference
+    first, last = list_checkpoints(out)[0], list_checkpoints(out)[-1]
+    images = mx.random.normal((2, 16, 16, 3))
+    exported = mlx_aim.load(out / "model")
+    from_last = mlx_aim.load(last)
+    assert from_last.has_trained_head is False and from_last.config == exported.config
+    assert_same_trunk(from_last, exported)
+    np.testing.assert_array_equal(np.array(from_last.probe_features(images)), np.array(exported.probe_features(images)))
+
+    from_first, saved = mlx_aim.load(first), checkpoint_weights(first)
+    assert trunk_weights(from_first).keys() == {k for k in saved if not k.startswith("pixel_head.")}
+    assert all(np.array_equal(v, saved[k]) for k, v in trunk_weights(from_first).items())
+    np.testing.assert_array_equal(np.array(from_first.probe_features(images)),
+                                  np.array(checkpoint_trunk(first).probe_features(images)))
+    assert not np.array_equal(np.array(from_first.probe_features(images)), np.array(from_last.probe_features(images)))
+    source = open_source(first)
+    source.close()
+    assert source.description == (f"pre-training checkpoint {first} (its trunk: the pixel head's 12 tensors, which "
+                                  "only pre-training uses, left out)")
+    assert not any(k.startswith("pixel_head.") for k in source.tensors)
+    assert_same_trunk(mlx_aim.load(mlx_aim.convert(first, tmp_path / "converted")), from_first)
+
+    # mlx-aim extract-features --model CHECKPOINT: the tokens --model RUN/model gives.
+    for model, name in [(last, "from-checkpoint"), (out / "model", "from-export")]:
+        assert extract_cli.main([str(data / "val"), "--model", str(model), "--out", str(tmp_path / name),
+                                 "--features", "tokens", "--no-progress"]) == 0
+    (tokens, paths), (expected, expected_paths) = (load_features(tmp_path / name, "tokens")
+                                                   for name in ("from-checkpoint", "from-export"))
+    assert paths == expected_paths and len(paths) == 16
+    np.testing.assert_array_equal(tokens, expected)
+
+
 def test_run_folder_without_its_model_says_how_to_get_it(reference, tmp_path):
     out, _ = reference
     # Killed before the first checkpoint: the two configs (and perhaps a log), nothing else.
@@ -308,6 +364,8 @@ def test_run_folder_without_its_model_says_how_to_get_it(reference, tmp_path):
     with pytest.raises(ValueError, match="step 15 of 24") as error:
         mlx_aim.load(middle)
     assert "--resume" in str(error.value) and "step_00000015" in str(error.value)
+    assert "or name that checkpoint folder itself as the model" in str(error.value)
+    assert mlx_aim.load(middle / "checkpoints" / "step_00000015").config.width == 32
 
     # A finished run without model/: the export command the message gives writes it.
     finished = tmp_path / "finished"

@@ -1,6 +1,7 @@
 """The scaling grid (mlx_aim/scaling.py): its arithmetic on hand-made numbers (ranks, Spearman's rho, the verdicts,
 both ways), and `scripts/scaling.py --quick` end to end: the outputs' structure, resuming and reuse, --data."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ from PIL import Image
 
 from conftest import last_json, run_script
 from mlx_aim import scaling
+from mlx_aim.cli import scaling as scaling_cli
 from mlx_aim.synthetic import render
 from mlx_aim.train import list_checkpoints
 
@@ -166,6 +168,8 @@ def test_config_refuses_what_the_grid_cannot_run():
         scaling.DEFAULT.replace(steps=100, checkpoints=3)
     with pytest.raises(ValueError, match="increasing fractions"):
         scaling.DEFAULT.replace(data_fractions=(0.5, 0.25, 1.0))
+    with pytest.raises(ValueError, match="increasing fractions"):  # two sets of one size: no pool could hold the grid
+        scaling.DEFAULT.replace(data_fractions=(0.1, 0.1, 1.0))
     with pytest.raises(ValueError, match="at least two capacities"):
         scaling.DEFAULT.replace(capacities=((32, 2),))
 
@@ -319,14 +323,127 @@ def test_one_grid_at_a_time(tmp_path):
     assert "not allowed with argument" in done.stderr and not any(tmp_path.iterdir())
 
 
+def image_folder(root: Path, counts: dict[str, int]) -> Path:
+    """Class sub-folders of tiny images, `counts[name]` in each."""
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(root / name / f"{i}.png")
+    return root
+
+
 def test_too_small_a_folder_is_refused(tmp_path):
-    data = tmp_path / "small"
-    for name in ("a", "b"):
-        (data / name).mkdir(parents=True)
-        for i in range(5):
-            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / name / f"{i}.png")
+    data = image_folder(tmp_path / "small", {"a": 5, "b": 5})
     done = run_script("scripts/scaling.py", "--quick", "--data", data, "--out", tmp_path / "out", check_rc=2)
-    assert "expected distinct sizes of at least one batch" in done.stderr
+    # --quick: 25% and 100% of the pool, the smallest one batch of 16: a pool of 62 (16, 62) is the smallest.
+    assert (f"error: {data}: a training pool of 8 images is too small for the grid: its smallest pre-training set "
+            "must hold one batch (16 images) and, adapted to a small pool, its largest 8 times as many, so it takes a "
+            "pool of at least 62 images: use a folder of at least 77 images (20% of them are held out)") in done.stderr
+
+
+class GridStarted(Exception):
+    """Raised in place of the grid's first run: the tests below look at what the grid was set to run."""
+
+
+@pytest.fixture
+def grid_start(monkeypatch):
+    """`run_scaling` that stops at its first run: returns its echoed lines and the grid's folder."""
+
+    def first_run(cfg, grid, width, depth, size, seed, runs_dir, **_):
+        raise GridStarted(runs_dir)
+
+    def start(*args, **kwargs) -> tuple[list[str], Path]:
+        lines = []
+        with pytest.raises(GridStarted) as started:
+            scaling.run_scaling(*args, progress=False, echo=lines.append, **kwargs)
+        return lines, started.value.args[0]
+
+    monkeypatch.setattr(scaling, "run_cell", first_run)
+    return start
+
+
+DIGITS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # scikit-learn's digits: 1797 images in 10 classes
+
+
+def test_data_sizes_adapt_to_a_small_folder(tmp_path, grid_start):
+    """A folder of scikit-learn's digits' size: 1%, 10% and 100% of its pool (14, 144, 1438) start below one batch, so
+    the sizes run from one batch to the pool, the middle one at the same place on a log scale."""
+    data = image_folder(tmp_path / "digits", {str(k): n for k, n in enumerate(DIGITS)})
+    grid = scaling.grid_data(scaling.DEFAULT, tmp_path / "out", data)
+    assert len(grid.pool) == 1438 and grid.sizes(scaling.DEFAULT.data_fractions) == [14, 144, 1438]
+    # 215: the geometric mean of 32 and 1438, as 10% is of 1% and 100%.
+    assert scaling.grid_data_sizes(scaling.DEFAULT, len(grid.pool)) == ([32, 215, 1438], "adapted")
+    lines, runs_dir = grid_start(tmp_path / "out", data=data)
+    assert f"{data}; pre-training sets of 32, 215, 1438 images (adapted to the pool of 1438, too small for the data " \
+           "fractions 0.01, 0.1, 1); capacities" in lines[0]
+    assert runs_dir.parent == tmp_path / "out" and runs_dir.name.startswith("default-")
+    # Other pools: the fractions where their smallest holds a batch; adapted, 8x apart at the least.
+    assert scaling.grid_data_sizes(scaling.DEFAULT, 4000) == ([40, 400, 4000], "fractions")
+    assert scaling.grid_data_sizes(scaling.DEFAULT, 256) == ([32, 91, 256], "adapted")
+    assert scaling.grid_data_sizes(scaling.QUICK, 80) == ([20, 80], "fractions")
+
+
+def test_the_smallest_folder_the_refusal_names_works(tmp_path):
+    """The default grid takes a pool of 256 (32 and 8 x 32): with a fifth held out, a folder of 320 images; one of 319
+    is refused with that number."""
+    with pytest.raises(scaling.TooFewImages, match="use at least 256 training images") as refused:
+        scaling.grid_data_sizes(scaling.DEFAULT, 255)
+    assert refused.value.needed == 256
+    works = scaling.grid_data(scaling.DEFAULT, tmp_path, image_folder(tmp_path / "320", {"a": 160, "b": 160}))
+    assert scaling.grid_data_sizes(scaling.DEFAULT, len(works.pool), held_out=works.held_out)[0] == [32, 91, 256]
+    short = scaling.grid_data(scaling.DEFAULT, tmp_path, image_folder(tmp_path / "319", {"a": 160, "b": 159}))
+    with pytest.raises(ValueError, match=r"a pool of at least 256 images: use a folder of at least 320 images \(20% "):
+        scaling.grid_data_sizes(scaling.DEFAULT, len(short.pool), held_out=short.held_out)
+    # A folder with its own val/: the training images it needs.
+    assert scaling.grid_data(scaling.DEFAULT, tmp_path / "out", tmp_path / "320").held_out == 0.2
+    own = image_folder(tmp_path / "split" / "train", {"a": 100})
+    image_folder(tmp_path / "split" / "val", {"a": 10})
+    assert scaling.grid_data(scaling.DEFAULT, tmp_path / "out", own.parent).held_out == 0.0
+
+
+def test_data_sizes_option_is_parsed_and_checked(capsys):
+    parser = scaling_cli.build_parser()
+    assert parser.parse_args(["--data-sizes", "32,256,1438"]).data_sizes == (32, 256, 1438)
+    assert parser.parse_args([]).data_sizes is None
+    for text, reason in [("32,256,256", "expected increasing numbers of images"),
+                         ("256,32,2048", "expected increasing numbers of images"),
+                         ("0,256", "the smallest at least 1"),
+                         ("32,64,200", "the largest is 6.25x the smallest; expected at least 8x (the smallest at "
+                                       "most 25)"),
+                         ("256", "expected at least two"), ("32,many", "expected comma-separated integers")]:
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(["--data-sizes", text])
+        assert refused.value.code == 2 and reason in capsys.readouterr().err, text
+
+
+def test_chosen_data_sizes_are_checked_against_the_batch_and_the_pool(tmp_path, grid_start):
+    with pytest.raises(ValueError, match=r"data sizes 8,64: the smallest, 8 images, is less than one batch \(16"):
+        scaling.run_scaling(tmp_path / "out", quick=True, data_sizes=(8, 64))
+    assert not (tmp_path / "out").exists()  # refused before any image was drawn
+    data = image_folder(tmp_path / "small", {"a": 5, "b": 5})
+    with pytest.raises(scaling.TooFewImages, match=r"data sizes 16,128: the largest, 128 images, is more than the "
+                                                   r"training pool holds \(8 images\)"):
+        scaling.run_scaling(tmp_path / "out", quick=True, data=data, data_sizes=(16, 128))
+    done = run_script("scripts/scaling.py", "--quick", "--data", data, "--data-sizes", "16,128", "--out",
+                      tmp_path / "out", check_rc=2)
+    assert "is more than the training pool holds (8 images)" in done.stderr
+    # Within the pool: the grid runs them, and says they were chosen.
+    lines, _ = grid_start(tmp_path / "out", data=image_folder(tmp_path / "mine", {"a": 100, "b": 100}),
+                          quick=True, data_sizes=(16, 48, 160))
+    assert "pre-training sets of 16, 48, 160 images (chosen); capacities" in lines[0]
+
+
+def test_data_sizes_name_the_grid_folder():
+    """Sizes other than the fractions' (chosen or adapted) are in the digest of the grid's folder, so runs of one grid
+    are never reused for another; grids of the fractions' sizes keep the names they had."""
+    identity = {"root": "shapes", "num_train": 4000}
+    name = scaling.grid_folder_name
+    assert name(scaling.DEFAULT, identity, 4000, [40, 400, 4000]) == "default-" + scaling._digest(
+        {"config": dataclasses.asdict(scaling.DEFAULT), "data": identity})
+    names = {name(scaling.DEFAULT, identity, 4000, sizes)
+             for sizes in ([40, 400, 4000], [40, 400, 3200], [32, 400, 4000], [32, 215, 1438], [40, 4000])}
+    assert len(names) == 5 and all(n.startswith("default-") for n in names)
+    assert name(scaling.QUICK, identity, 4000, [32, 256]).startswith("quick-")
 
 
 def test_each_checkpoint_is_probed_with_its_own_trunk(quick_run):

@@ -3,12 +3,16 @@ built-in shapes or your own labelled images, probe every checkpoint, and say whe
 
     mlx-aim scaling                  # the default grid on the built-in shapes (minutes on a laptop CPU)
     mlx-aim scaling --data DIR       # your own folder: class sub-folders (or train/ and val/ of them)
+    mlx-aim scaling --data DIR --data-sizes 32,256,1438   # the pre-training set sizes, chosen
     mlx-aim scaling --long           # 2000 steps, larger trunks: a third more time
     mlx-aim scaling --quick --json   # a tiny grid of the same shape, for tests; one JSON object last
 
 Everything lands under --out (default ./mlx_aim_scaling): the image folder, one folder per grid with its runs
 (checkpoints, cached probe results), scaling.json and scaling.png. An interrupted grid continues where it stopped
-and finished runs are reused (--force starts the grid over). See mlx_aim/scaling.py for the grid and its decisions.
+and finished runs are reused (--force starts the grid over). The pre-training set sizes are fractions of the
+training pool (1%, 10% and 100%; --quick 25% and 100%); on a folder too small for those (the smallest under one
+batch) they run from one batch to the pool instead, at least 8x apart, unless --data-sizes chooses them. See
+mlx_aim/scaling.py for the grid and its decisions.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..scaling import DEFAULT, LONG, QUICK, run_scaling
+from ..scaling import DEFAULT, LONG, MIN_DATA_SPREAD, QUICK, check_data_sizes, run_scaling
 from .options import add_output_options
 from .output import EXIT_OK, print_json, run_command
 
@@ -31,6 +35,19 @@ def seed_list(text: str) -> tuple[int, ...]:
     if min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integers >= 0")
     return seeds
+
+
+def data_size_list(text: str) -> tuple[int, ...]:
+    """The argparse type of --data-sizes: comma-separated increasing image counts, at least `MIN_DATA_SPREAD` times
+    apart (whether the smallest holds a batch and the largest fits the pool is checked once both are known)."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    try:
+        return check_data_sizes(sizes)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -47,6 +64,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=seed_list, default=None,
                    help=f"seeds of every cell (default: {','.join(map(str, DEFAULT.seeds))}; with --quick "
                         f"{','.join(map(str, QUICK.seeds))})")
+    p.add_argument("--data-sizes", type=data_size_list, default=None, metavar="N,N,N",
+                   help=f"the pre-training set sizes, in images: increasing, the largest at least {MIN_DATA_SPREAD}x "
+                        "the smallest, which holds one batch (default: fractions of the training pool, or sizes "
+                        "adapted to a pool too small for them)")
     p.add_argument("--force", action="store_true", help="discard this grid's earlier runs and start over")
     add_output_options(p, json_help="print one JSON object with every run's figures on the last line")
     return p
@@ -97,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     config = QUICK if args.quick else LONG if args.long else DEFAULT
     if args.seeds is not None:
         config = config.replace(seeds=args.seeds)
-    result = run_scaling(args.out, data=args.data, quick=args.quick, long=args.long, config=config, force=args.force,
-                         progress=not args.no_progress, echo=print)
+    result = run_scaling(args.out, data=args.data, quick=args.quick, long=args.long, config=config,
+                         data_sizes=args.data_sizes, force=args.force, progress=not args.no_progress, echo=print)
     print()
     print(format_table(result))
     print()
