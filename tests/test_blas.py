@@ -422,9 +422,13 @@ def test_shim_binds_all_or_nothing():
 
 
 GLOBAL_CHILD = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("blas_alone", {path!r})
+import importlib.util, json, os, sys, types
+package = types.ModuleType("mlx_aim")  # the package without its __init__, which would preload the BLAS itself
+package.__path__ = [os.path.dirname({path!r})]
+sys.modules["mlx_aim"] = package
+spec = importlib.util.spec_from_file_location("mlx_aim._blas", {path!r})
 blas = importlib.util.module_from_spec(spec)
+sys.modules["mlx_aim._blas"] = blas
 spec.loader.exec_module(blas)
 blas._find_shim = lambda: (None, "hidden by the test")
 info = blas.preload_blas()
