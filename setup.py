@@ -4,7 +4,7 @@ neither is built and the package is pure Python (mlx_aim/platforms.py decides, f
 
 Everything else about the package is in pyproject.toml. The extension is optional: when it cannot be built (no C++
 compiler or CMake, an unsupported platform, a failed compile) the install still succeeds, the build prints why, and
-mlx_aim runs its portable kernels, saying once at first use why it is slower (mlx_aim/native.py).
+mlx_aim runs its portable kernels, saying once at first use why it is slower (mlx_aim/backend/native.py).
 MLX_AIM_BUILD_NATIVE=0 skips the build. The shim is optional too: without it mlx_aim/_blas.py makes the optimized
 BLAS global itself, as it did before the shim.
 """

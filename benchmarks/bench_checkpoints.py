@@ -31,8 +31,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": platforms.peak_rss_bytes() 
 def write_random_checkpoint(preset: str, folder: Path) -> list[Path]:
     import torch
 
-    from mlx_aim.config import get_config
-    from mlx_aim.loading import APPLE_FILE_STEMS
+    from mlx_aim.models.config import get_config
+    from mlx_aim.checkpoints.loading import APPLE_FILE_STEMS
 
     c = get_config(preset)
     d, hidden, p = c.width, int(c.width * c.mlp_ratio), c.patch_size

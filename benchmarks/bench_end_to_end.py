@@ -30,10 +30,10 @@ from PIL import Image, ImageChops, ImageDraw
 
 import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, before mlx)
 from mlx_aim import platforms
-from mlx_aim.benchmark import machine_info, write_random_model
-from mlx_aim.config import get_config
+from mlx_aim.apps.benchmark import machine_info, write_random_model
+from mlx_aim.models.config import get_config
 from mlx_aim.data import NUM_WORKERS, preprocessing_for
-from mlx_aim.inference import classify, extract_features, open_model
+from mlx_aim.tasks.inference import classify, extract_features, open_model
 
 CAMERA_SIZE = (4032, 3024)  # a 12-megapixel phone camera; photos alternate landscape and portrait
 JPEG_QUALITY = 90

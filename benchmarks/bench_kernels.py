@@ -2,8 +2,8 @@
 
 Each BLAS setting runs in a fresh process (MLX binds its CBLAS once, when mlx.core loads), set through
 MLX_AIM_BLAS: `0` keeps MLX's bundled reference BLAS, `auto` lets mlx_aim pick, a path names a library.
-Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.ops.gelu and, where
-built, mlx_aim.native.gelu: forward and compiled forward+backward), layer norm (mx.fast, native), and attention
+Reports float32 matmul GFLOP/s (square sizes and AIM-600M's MLP shape), GELU (nn.gelu, mlx_aim.backend.ops.gelu and, where
+built, mlx_aim.backend.native.gelu: forward and compiled forward+backward), layer norm (mx.fast, native), and attention
 (mx.fast.scaled_dot_product_attention, ops.attention, native.attention: forward and compiled forward+backward).
 With --torch, PyTorch's CPU kernels are timed in the same processes for reference (reference tool only).
 With --block, one pre-norm block's forward+backward (compiled, prefix mask) at aim-small's pre-training
@@ -56,7 +56,7 @@ def child(reps: int, sizes: list[int], with_torch: bool, with_block: bool = Fals
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_aim import native, ops
+    from mlx_aim.backend import native, ops
 
     results = {"blas": blas_info(), "rows": [], "native": native.available() or native.unavailable_reason()}
 
@@ -168,7 +168,7 @@ def block_profile(record, reps: int, with_torch: bool) -> None:
 
     import mlx.core as mx
 
-    from mlx_aim import layers
+    from mlx_aim.models import layers
 
     B, N = BLOCK_BATCH, BLOCK_TOKENS
     prefix = np.random.default_rng(0).integers(1, N, B)

@@ -1,4 +1,4 @@
-"""Measure photo search (mlx_aim.search): indexing a folder of generated images, re-indexing it unchanged, and
+"""Measure photo search (mlx_aim.tasks.search): indexing a folder of generated images, re-indexing it unchanged, and
 querying indexes of 10k and 100k photos, on this machine's CPU.
 
 - query: an index of N random unit rows of width 768 (the released LiT's projection_dim) is written directly
@@ -26,18 +26,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # clip_vocab: CLIP's tokenizer files for the full-size LiT folder
 
-from mlx_aim.benchmark import write_random_model  # noqa: E402
-from mlx_aim.config import AIMv2Config, AIMv2LiTConfig  # noqa: E402
-from mlx_aim.inference import SHARD_SIZE  # noqa: E402
-from mlx_aim.search import IndexFolder, file_stamp, index_key  # noqa: E402
-from mlx_aim.synthetic import SyntheticShapes  # noqa: E402
+from mlx_aim.apps.benchmark import write_random_model  # noqa: E402
+from mlx_aim.models.config import AIMv2Config, AIMv2LiTConfig  # noqa: E402
+from mlx_aim.tasks.inference import SHARD_SIZE  # noqa: E402
+from mlx_aim.tasks.search import IndexFolder, file_stamp, index_key  # noqa: E402
+from mlx_aim.data.synthetic import SyntheticShapes  # noqa: E402
 
 WIDTH = 768
 
 QUERY = """
 import json, sys, time
 import numpy as np
-from mlx_aim.search import SearchIndex
+from mlx_aim.tasks.search import SearchIndex
 folder, probe, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 query = np.random.default_rng(1).standard_normal(768).astype(np.float32)
 query /= np.linalg.norm(query)

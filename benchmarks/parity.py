@@ -16,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from mlx_aim.config import PRESET_NAMES, get_config
-from mlx_aim.model import build_model
-from mlx_aim.weights import load_state_dict
+from mlx_aim.models.config import PRESET_NAMES, get_config
+from mlx_aim.models.model import build_model
+from mlx_aim.checkpoints.weights import load_state_dict
 from torch_reference import AIMReference, state_dict_numpy  # benchmarks/, this script's folder
 
 

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     import numpy as np
 
     from mlx_aim import blas_info
-    from mlx_aim.config import get_config
-    from mlx_aim.model import build_model
-    from mlx_aim.train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
+    from mlx_aim.models.config import get_config
+    from mlx_aim.models.model import build_model
+    from mlx_aim.training.pretrain import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     overrides = {"image_size": args.image_size} if args.image_size else {}
     mc = get_config(args.preset, **overrides)

@@ -188,7 +188,7 @@ class AIMReference(tnn.Module):
 
 class PixelHead(tnn.Module):
     """Linear in, the sin-cos position embedding again, `depth` pre-norm residual MLP blocks, norm, linear out.
-    Key names as `mlx_aim.layers.PixelHead`, so weights copy across by name."""
+    Key names as `mlx_aim.models.layers.PixelHead`, so weights copy across by name."""
 
     def __init__(self, in_dim, dim, depth, out_dim, mlp_ratio=4.0):
         super().__init__()
@@ -225,7 +225,7 @@ class AIMPretrainingReference(tnn.Module):
 
 
 def patchify_nchw(images, p):
-    """(B, C, H, W) -> (B, N, p * p * C), pixels (row, col, channel) within a patch, as `mlx_aim.objective`."""
+    """(B, C, H, W) -> (B, N, p * p * C), pixels (row, col, channel) within a patch, as `mlx_aim.models.objective`."""
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
@@ -241,7 +241,7 @@ def aim_loss(pred, images_nchw, prefix_len, patch):
 
 
 class PretrainStep:
-    """One optimizer step as `mlx_aim.train.TrainStep` takes it: forward, next-patch loss, backward, clip the
+    """One optimizer step as `mlx_aim.training.pretrain.TrainStep` takes it: forward, next-patch loss, backward, clip the
     global gradient norm at 1.0, AdamW (betas 0.9/0.95, eps 1e-8, weight decay 0.05 on matrices only).
     `dtype=torch.bfloat16` runs forward and backward under autocast (on the images' device), float32 masters, as
     MLX's bfloat16."""

@@ -4,7 +4,7 @@ benchmark's opponent for AIMv2, as `torch_reference.py` is for AIM.
 - `transformers_config`: transformers' config of one of our `AIMv2Config`s (vision encoder only, no head);
 - `build_reference`: that model with its parameters allocated and not initialised (the caller fills them);
 - `transformers_state_dict`: our MLX weights under transformers' keys, the library's mapping
-  (`mlx_aim.weights`, whose docstring lists the checkpoint layouts) run backwards; `load_mlx_weights` puts our
+  (`mlx_aim.checkpoints.weights`, whose docstring lists the checkpoint layouts) run backwards; `load_mlx_weights` puts our
   weights into the reference, strictly;
 - `build_lit_reference`, `lit_weights`: transformers' whole AIMv2-LiT (`Aimv2Model`, its text attention made causal)
   with its own random weights, and those weights under our keys (the library's mapping run forwards).
@@ -24,7 +24,7 @@ from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2Vision
 
 import mlx.core as mx
 
-from mlx_aim.weights import TRANSFORMERS_BLOCK_KEYS, TRANSFORMERS_KEYS, TRANSFORMERS_QKV, plan_lit_keys
+from mlx_aim.checkpoints.weights import TRANSFORMERS_BLOCK_KEYS, TRANSFORMERS_KEYS, TRANSFORMERS_QKV, plan_lit_keys
 
 
 def transformers_config(config) -> Aimv2VisionConfig:

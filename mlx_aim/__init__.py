@@ -7,9 +7,9 @@ from ._blas import blas_info, preload_blas
 
 preload_blas()
 
-from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, PRESET_NAMES, get_config  # noqa: E402
-from .loading import convert, load  # noqa: E402
-from .model import AIM, AIMForPretraining, AIMv2, AIMv2LiT, build_model  # noqa: E402
+from .models.config import AIMConfig, AIMv2Config, AIMv2LiTConfig, PRESET_NAMES, get_config  # noqa: E402
+from .checkpoints.loading import convert, load  # noqa: E402
+from .models.model import AIM, AIMForPretraining, AIMv2, AIMv2LiT, build_model  # noqa: E402
 
 # A library logs (skipped images, ...) and leaves showing the records to its application: the command lines
 # (`mlx_aim.cli`) print them; without a handler here Python's last-resort handler would print them anyway.

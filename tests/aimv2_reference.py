@@ -1,6 +1,6 @@
 """transformers' `Aimv2VisionModel` as the independent AIMv2 reference for tests: random weights that make every
 stage count, its outputs stage by stage, and its weights loaded into our model through the library's transformers ->
-Apple key mapping (`mlx_aim.weights`). Its config and construction live in `benchmarks/transformers_reference.py`,
+Apple key mapping (`mlx_aim.checkpoints.weights`). Its config and construction live in `benchmarks/transformers_reference.py`,
 which the benchmark shares; they are re-exported here. Test-side only: the library never imports transformers or
 torch."""
 
@@ -14,8 +14,8 @@ from transformers import Aimv2VisionModel
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_aim.config import AIMv2Config
-from mlx_aim.weights import check_shapes, sanitize
+from mlx_aim.models.config import AIMv2Config
+from mlx_aim.checkpoints.weights import check_shapes, sanitize
 from transformers_reference import build_reference, state_dict_numpy, transformers_config
 
 __all__ = ["load_reference_weights", "make_reference", "randomize", "reference_stages", "state_dict_numpy",

@@ -14,10 +14,11 @@ import mlx_aim  # noqa: F401  (loads the optimized BLAS, where there is one, bef
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_aim import native, platforms
+from mlx_aim.backend import native
+from mlx_aim import platforms
 from mlx_aim.backend import cpu_workarounds, native_kernels
-from mlx_aim.config import AIMConfig
-from mlx_aim.model import build_model
+from mlx_aim.models.config import AIMConfig
+from mlx_aim.models.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
@@ -120,7 +121,7 @@ def lit_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lit(lit_folder):
-    """`mlx_aim.lit.open_lit(lit_folder)`: the model and its tokenizer."""
-    from mlx_aim.lit import open_lit
+    """`mlx_aim.tasks.lit.open_lit(lit_folder)`: the model and its tokenizer."""
+    from mlx_aim.tasks.lit import open_lit
 
     return open_lit(lit_folder)

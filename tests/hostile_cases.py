@@ -124,7 +124,7 @@ def _read_all(ckpt, values: dict) -> list[str]:
 
 def _check_honest(path: str, expected: dict):
     """None when the honest file reads back exactly as torch.load gave it, else what differed."""
-    from mlx_aim.torch_checkpoint import open_torch_checkpoint
+    from mlx_aim.checkpoints.torch_checkpoint import open_torch_checkpoint
 
     try:
         with open_torch_checkpoint(path) as ckpt:
@@ -151,13 +151,13 @@ def _folder_action(action: str, request: dict) -> None:
         mlx_aim.load(path, head=request.get("head"))
     elif action == "classify":
         from mlx_aim.data import preprocessing_for
-        from mlx_aim.inference import classify, open_model
+        from mlx_aim.tasks.inference import classify, open_model
 
         model = open_model(path)
         classify(model, [request["image"]], num_workers=0, progress=False,
                  preprocessing=preprocessing_for(model.config, Path(path)))
     elif action == "lit":
-        from mlx_aim.lit import embed_texts, open_lit
+        from mlx_aim.tasks.lit import embed_texts, open_lit
 
         model, tokenizer = open_lit(path)
         embed_texts(model, tokenizer, ["a photo of a cat"])
@@ -167,7 +167,7 @@ def _folder_action(action: str, request: dict) -> None:
 
 def _error_type(request: dict) -> type:
     """The one exception type a refusal must be (default: the reader's CheckpointError)."""
-    module, _, name = request.get("error_type", "mlx_aim.torch_checkpoint.CheckpointError").rpartition(".")
+    module, _, name = request.get("error_type", "mlx_aim.checkpoints.torch_checkpoint.CheckpointError").rpartition(".")
     return getattr(__import__(module, fromlist=[name]), name)
 
 
@@ -197,7 +197,7 @@ class _Opens:
 
 def _attempt(request: dict) -> dict:
     """The hostile part of a case: what happened, at which stage, and what it opened outside its folder."""
-    from mlx_aim.torch_checkpoint import open_torch_checkpoint
+    from mlx_aim.checkpoints.torch_checkpoint import open_torch_checkpoint
 
     action, path = request["action"], request["path"]
     refusal = _error_type(request)
@@ -264,7 +264,7 @@ def _spawned_child(argv: list) -> None:
     result_fd, request_path, limits = int(argv[2]), argv[3], tuple(argv[4].split(","))
     import numpy  # noqa: F401  (the reader's imports, before the child says it is ready)
 
-    import mlx_aim.torch_checkpoint  # noqa: F401
+    import mlx_aim.checkpoints.torch_checkpoint  # noqa: F401
 
     with open(request_path, "rb") as f:
         request = pickle.load(f)
@@ -436,7 +436,7 @@ def main(argv: list) -> int:
     if start == "fork":  # the children's code, loaded once here: the reader (and with it mlx.core) and numpy
         import numpy  # noqa: F401
 
-        import mlx_aim.torch_checkpoint  # noqa: F401
+        import mlx_aim.checkpoints.torch_checkpoint  # noqa: F401
 
     with open(requests_path, "rb") as f:
         requests = pickle.load(f)

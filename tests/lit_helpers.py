@@ -4,8 +4,8 @@ zero-shot, search and LiT-use tests load, as a user would load a converted LiT."
 from pathlib import Path
 
 from clip_vocab import write_clip_tokenizer_files
-from mlx_aim.benchmark import write_random_model
-from mlx_aim.config import AIMv2Config, AIMv2LiTConfig
+from mlx_aim.apps.benchmark import write_random_model
+from mlx_aim.models.config import AIMv2Config, AIMv2LiTConfig
 
 
 def tiny_lit_config(image_size: int = 32) -> AIMv2LiTConfig:

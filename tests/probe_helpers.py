@@ -10,9 +10,9 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from conftest import tiny_config
-from mlx_aim.config import AIMConfig, AIMv2Config, Config
-from mlx_aim.model import build_model
-from mlx_aim.weights import save_model
+from mlx_aim.models.config import AIMConfig, AIMv2Config, Config
+from mlx_aim.models.model import build_model
+from mlx_aim.checkpoints.weights import save_model
 
 COLOURS = {"blue": (20, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30), "white": (230, 230, 230)}
 

@@ -16,9 +16,9 @@ from mlx.utils import tree_flatten
 from aimv2_reference import load_reference_weights, make_reference, reference_stages, state_dict_numpy
 from conftest import TWIN_TOLERANCE, dequantized_twin, rel_err
 from mlx_aim.backend import cpu_workarounds
-from mlx_aim.config import (AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, config_from_dict, get_config)
-from mlx_aim.layers import sincos_pos_embed
-from mlx_aim.model import AIMv2, build_model, is_quantized, parse_quantize, quantize_predicate
+from mlx_aim.models.config import AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, config_from_dict, get_config
+from mlx_aim.models.layers import sincos_pos_embed
+from mlx_aim.models.model import AIMv2, build_model, is_quantized, parse_quantize, quantize_predicate
 
 TOL = 1e-5
 

@@ -21,9 +21,9 @@ import mlx.core as mx
 import mlx_aim
 from aimv2_reference import randomize, transformers_config
 from conftest import TWIN_TOLERANCE, dequantized_twin, rel_err
-from mlx_aim.config import AIMv2Config, AIMv2LiTConfig
-from mlx_aim.loading import AIMV2_REVISIONS, LIT_NAME
-from mlx_aim.model import AIMv2LiT
+from mlx_aim.models.config import AIMv2Config, AIMv2LiTConfig
+from mlx_aim.checkpoints.loading import AIMV2_REVISIONS, LIT_NAME
+from mlx_aim.models.model import AIMv2LiT
 from test_aimv2_loading import apple_keys, hub_snapshot, mlx_layout, offline_env
 
 TOL = 1e-5
@@ -218,7 +218,7 @@ def test_token_ids_checked(lit_folders):
 
 def test_lit_config_round_trip_and_no_probe():
     config = AIMv2LiTConfig(image=tiny_lit_image(), vocab_size=VOCAB, context_length=CONTEXT, eos_token_id=EOS)
-    assert mlx_aim.config.config_from_dict(config.to_dict()) == config
+    assert mlx_aim.models.config.config_from_dict(config.to_dict()) == config
     assert AIMv2LiTConfig().image == mlx_aim.get_config("aimv2-large-patch14-224-lit").replace(name=None)
     with pytest.raises(ValueError, match="no probe"):
         config.with_probe_layers("last")

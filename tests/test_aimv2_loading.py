@@ -20,12 +20,12 @@ import mlx_aim
 from aimv2_reference import make_reference, randomize, reference_stages, transformers_config
 from conftest import ROOT, TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from mlx.utils import tree_flatten
-from mlx_aim.config import AIMV2_PRESET_NAMES, AIMv2Config, get_config
+from mlx_aim.models.config import AIMV2_PRESET_NAMES, AIMv2Config, get_config
 from mlx_aim.data import preprocessing_for
-from mlx_aim.loading import AIMV2_REVISIONS, local_folder, open_source, source_config
-from mlx_aim.model import AIMv2LiT
-from mlx_aim.weights import save_model
-from mlx_aim.tokenizer import TOKENIZER_FILES
+from mlx_aim.checkpoints.loading import AIMV2_REVISIONS, local_folder, open_source, source_config
+from mlx_aim.models.model import AIMv2LiT
+from mlx_aim.checkpoints.weights import save_model
+from mlx_aim.models.tokenizer import TOKENIZER_FILES
 
 TOL = 1e-5
 LAYOUTS = ("transformers", "apple", "apple-mlx")
@@ -305,8 +305,8 @@ def test_released_name_from_an_offline_cache(large, tmp_path):
     loose.close()
     assert loose.config == config.replace(name=None)
     shutil.rmtree(tmp_path / "converted")
-    code = ("from mlx_aim.config import get_config; from mlx_aim.data import preprocessing_for; "
-            f"from mlx_aim.loading import local_folder; folder = local_folder({name!r}); "
+    code = ("from mlx_aim.models.config import get_config; from mlx_aim.data import preprocessing_for; "
+            f"from mlx_aim.checkpoints.loading import local_folder; folder = local_folder({name!r}); "
             f"print(folder); print(preprocessing_for(get_config({name!r}), folder).mean)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
@@ -346,7 +346,7 @@ def test_hub_id_from_an_offline_cache(tiny, tmp_path):
         shutil.copy(f, snapshot)
     [stages] = load_elsewhere(["someone/aimv2-tiny"], images, tmp_path, offline_env(tmp_path))
     assert_stages_match(stages, ref)
-    code = ("import mlx_aim; from mlx_aim.loading import local_folder, open_source; "
+    code = ("import mlx_aim; from mlx_aim.checkpoints.loading import local_folder, open_source; "
             "s = open_source('someone/aimv2-tiny'); print(s.description); print(local_folder('someone/aimv2-tiny'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=offline_env(tmp_path))

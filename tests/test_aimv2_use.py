@@ -11,12 +11,12 @@ import pytest
 import mlx_aim
 from conftest import last_json, run_script
 from mlx_aim.cli import classify, demo, extract_features, probe
-from mlx_aim.config import MAX_PATCHES, AIMv2Config, get_config
+from mlx_aim.models.config import MAX_PATCHES, AIMv2Config, get_config
 from mlx_aim.data import PREPROCESSOR_CONFIG, Preprocessing, load_image, preprocessing_for
-from mlx_aim.demo import sample_images
-from mlx_aim.inference import RaggedTokens, load_features, open_model
-from mlx_aim.model import build_model
-from mlx_aim.probe import load_head, new_head
+from mlx_aim.apps.demo import sample_images
+from mlx_aim.tasks.inference import RaggedTokens, load_features, open_model
+from mlx_aim.models.model import build_model
+from mlx_aim.training.probe import load_head, new_head
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config
 
 FAST_PROBE = ["--epochs", "15", "--batch-size", "16", "--lr", "3e-3", "--no-progress"]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_aim import backend, native, ops, platforms
+from mlx_aim import backend, platforms
+from mlx_aim.backend import native, ops
 from mlx_aim._blas import blas_info, set_num_threads
 from mlx_aim.backend import Linear, QuantizedLinear, cpu_workarounds, native_kernels
-from mlx_aim.layers import prefix_causal_mask
-from mlx_aim.ops import additive_mask, attention, dequantizer, exp_nonpositive
+from mlx_aim.models.layers import prefix_causal_mask
+from mlx_aim.backend.ops import additive_mask, attention, dequantizer, exp_nonpositive
 
 
 def rel(a, b):

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py (mlx_aim.cli.benchmark) and mlx_aim.benchmark: what the benchmark reports and how it
+"""scripts/benchmark.py (mlx_aim.cli.benchmark) and mlx_aim.apps.benchmark: what the benchmark reports and how it
 counts, never how fast.
 
 The command line runs on a tiny custom-sized preset (aim-tiny at 32 px) so each case takes seconds."""
@@ -10,9 +10,9 @@ from PIL import Image
 
 import mlx_aim
 from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
-from mlx_aim import benchmark
+from mlx_aim.apps import benchmark
 from mlx_aim.cli import benchmark as benchmark_cli
-from mlx_aim.config import AIMv2Config, get_config
+from mlx_aim.models.config import AIMv2Config, get_config
 
 TINY = ["--preset", "aim-tiny", "--image-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
 
@@ -124,7 +124,7 @@ def test_memory_suite_row(tmp_path):
 def test_block_profile_times_every_variant_and_restores_the_layers():
     import bench_kernels  # benchmarks/bench_kernels.py (conftest puts benchmarks/ on sys.path)
 
-    from mlx_aim import layers
+    from mlx_aim.models import layers
 
     rows = []
     gelu, attention = layers.gelu, layers.attention
@@ -192,7 +192,7 @@ def test_aimv2_folder_from_the_command_line(tmp_path):
 
 
 def tiny_lit():
-    from mlx_aim.config import AIMv2LiTConfig
+    from mlx_aim.models.config import AIMv2LiTConfig
 
     image = AIMv2Config(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, hidden_dim=64)
     return AIMv2LiTConfig(image=image, text_width=32, text_depth=2, text_num_heads=2, text_hidden_dim=64,

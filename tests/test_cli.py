@@ -17,7 +17,7 @@ from mlx_aim.cli import main as mlx_aim_cli
 from mlx_aim.cli.options import quantization
 from mlx_aim.cli.output import run_command
 from mlx_aim.data import Skipped, gather_images
-from mlx_aim.synthetic import write_image_folder
+from mlx_aim.data.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
 MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark",
@@ -213,7 +213,7 @@ def test_convert_takes_the_common_quantize_option(model_dir, tmp_path, capsys):
 
 def test_pretrain_exit_statuses(tmp_path, monkeypatch, capsys):
     """A diverged run exits 1 (its JSON says so); an existing run without --resume is an error line and 2."""
-    import mlx_aim.train as train_module
+    import mlx_aim.training.pretrain as train_module
     from mlx_aim.cli import pretrain
 
     data = write_image_folder(tmp_path / "data", num_train=16, num_val=4, image_size=16)

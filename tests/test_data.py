@@ -11,27 +11,9 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from mlx_aim.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchLoader,
-    EvalTransform,
-    ImageFolder,
-    ImageLoadError,
-    NoUsableImages,
-    Skipped,
-    TrainTransform,
-    center_crop_box,
-    color_jitter,
-    eval_transform,
-    imagenet_classes,
-    iter_image_batches,
-    list_images,
-    load_image,
-    load_splits,
-    resize_short_side,
-    sample_crop_box,
-    shift_hue,
-    split_image_folder,
+    IMAGENET_MEAN, IMAGENET_STD, BatchLoader, EvalTransform, ImageFolder, ImageLoadError, NoUsableImages, Skipped,
+    TrainTransform, center_crop_box, color_jitter, eval_transform, imagenet_classes, iter_image_batches, list_images,
+    load_image, load_splits, resize_short_side, sample_crop_box, shift_hue, split_image_folder,
 )
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ from PIL import Image
 import mlx.core as mx
 from conftest import last_json, run_script, tiny_config
 from mlx.utils import tree_flatten
-from mlx_aim import demo
+from mlx_aim.apps import demo
 from mlx_aim.cli import demo as demo_cli
 from mlx_aim.data import imagenet_classes
-from mlx_aim.model import AIM, AIMForPretraining, build_model
-from mlx_aim.weights import save_model
+from mlx_aim.models.model import AIM, AIMForPretraining, build_model
+from mlx_aim.checkpoints.weights import save_model
 
 
 def table_value(stdout: str, key: str) -> str:

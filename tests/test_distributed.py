@@ -14,9 +14,10 @@ import pytest
 
 import mlx.core as mx
 from conftest import ROOT, last_json, tiny_config
-from mlx_aim.synthetic import write_image_folder
-from mlx_aim.runs import read_log
-from mlx_aim.train import TrainConfig, list_checkpoints, pretrain
+from mlx_aim.data.synthetic import write_image_folder
+from mlx_aim.training.runs import read_log
+from mlx_aim.checkpoints.run_folders import list_checkpoints
+from mlx_aim.training.pretrain import TrainConfig, pretrain
 
 STEPS, BATCH = 6, 8
 

@@ -10,13 +10,7 @@ import pytest
 
 import mlx.core as mx
 from mlx_aim.fileio import (
-    atomic_directory,
-    atomic_file,
-    read_json,
-    remove_stale_temporaries,
-    temporary_glob,
-    write_json,
-    write_text,
+    atomic_directory, atomic_file, read_json, remove_stale_temporaries, temporary_glob, write_json, write_text,
 )
 
 

@@ -15,8 +15,8 @@ import mlx_aim
 from mlx_aim.cli import classify
 from mlx_aim.data import preprocessing_for
 from mlx_aim.data.preprocessing import PREPROCESSOR_CONFIG
-from mlx_aim.loading import local_folder
-from mlx_aim.tokenizer import CLIPTokenizer
+from mlx_aim.checkpoints.loading import local_folder
+from mlx_aim.models.tokenizer import CLIPTokenizer
 from probe_helpers import make_model_folder, native_config, probe_config, save_image
 from test_cli import only_error_line
 

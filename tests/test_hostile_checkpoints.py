@@ -865,7 +865,7 @@ _case("foreign", "memory_error_legacy_sys_info_binbytes8", lambda w: w.legacy_wi
 # Through mlx_aim.load: a hub-style folder (config.json + pytorch_model.bin).
 
 def _hub_state() -> dict:
-    from mlx_aim.config import AIMConfig
+    from mlx_aim.models.config import AIMConfig
     from torch_reference import AIMReference
 
     torch.manual_seed(0)

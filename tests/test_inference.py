@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 import mlx_aim
-from mlx_aim.data import (Preprocessing, Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches,
-                           preprocessing_for)
-from mlx_aim.inference import RaggedTokens, classify, extract_features, load_features, open_model, peak_memory
-from mlx_aim.model import build_model
+from mlx_aim.data import (
+    Preprocessing, Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches, preprocessing_for,
+)
+from mlx_aim.tasks.inference import RaggedTokens, classify, extract_features, load_features, open_model, peak_memory
+from mlx_aim.models.model import build_model
 from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from probe_helpers import make_model_folder, native_config, save_image
 
@@ -117,8 +118,8 @@ def test_classify_refuses_a_model_without_trained_head(tmp_path, images):
 def test_classify_with_a_probe_head_file(tmp_path, images, capsys):
     """classify --head FILE on a trunk: the model `load(trunk, head=FILE)` gives, named by the probe.json beside."""
     from mlx_aim.cli import classify as classify_cli
-    from mlx_aim.layers import AttentionProbe
-    from mlx_aim.probe import save_head
+    from mlx_aim.models.layers import AttentionProbe
+    from mlx_aim.training.probe import save_head
 
     trunk = make_model_folder(tmp_path / "trunk", with_head=False)
     mx.random.seed(3)

@@ -1,4 +1,4 @@
-"""mlx_aim.lit: a LiT with the tokenizer shipped beside it, and its unit-length text and image embeddings."""
+"""mlx_aim.tasks.lit: a LiT with the tokenizer shipped beside it, and its unit-length text and image embeddings."""
 
 import json
 import shutil
@@ -9,11 +9,11 @@ import pytest
 
 from lit_helpers import tiny_lit_config
 from mlx_aim import convert
-from mlx_aim.benchmark import write_random_model
-from mlx_aim.config import AIMv2Config
-from mlx_aim.lit import embed_images, embed_texts, load_tokenizer, open_lit, similarities
-from mlx_aim.loading import tokenizer_folder
-from mlx_aim.model import normalized
+from mlx_aim.apps.benchmark import write_random_model
+from mlx_aim.models.config import AIMv2Config
+from mlx_aim.tasks.lit import embed_images, embed_texts, load_tokenizer, open_lit, similarities
+from mlx_aim.checkpoints.loading import tokenizer_folder
+from mlx_aim.models.model import normalized
 
 
 def test_open_lit_reads_the_tokenizer_beside_the_weights(lit_folder):
@@ -85,13 +85,13 @@ def test_released_lits_tokenizer_from_an_offline_cache(lit_folder, tmp_path):
     import subprocess
     import sys
 
-    from mlx_aim.loading import AIMV2_REVISIONS, LIT_NAME
+    from mlx_aim.checkpoints.loading import AIMV2_REVISIONS, LIT_NAME
     from test_aimv2_loading import hub_snapshot, offline_env
 
     snapshot = hub_snapshot(tmp_path / "hub", f"apple/{LIT_NAME}", AIMV2_REVISIONS[LIT_NAME])
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(lit_folder / name, snapshot / name)
-    code = (f"from mlx_aim.lit import load_tokenizer; t = load_tokenizer({LIT_NAME!r}); "
+    code = (f"from mlx_aim.tasks.lit import load_tokenizer; t = load_tokenizer({LIT_NAME!r}); "
             "print(t.encode('a red bicycle at night')[0, :7].tolist())")
     result = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True,
                             timeout=120)

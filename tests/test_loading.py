@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx_aim
 from mlx.utils import tree_flatten
 from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script, tiny_config
-from mlx_aim.config import AIMConfig, get_config
-from mlx_aim.loading import open_source, source_config
+from mlx_aim.models.config import AIMConfig, get_config
+from mlx_aim.checkpoints.loading import open_source, source_config
 from torch_reference import AIMReference
 
 TINY_HUB = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "num_blocks": 4, "num_heads": 4}
@@ -253,7 +253,7 @@ def test_probe_head_file_sets_classes_and_layers(tiny_apple, tmp_path):
 def test_folders_that_are_not_runs_keep_their_errors(tmp_path):
     """Only a folder with a pre-training run's markers (train_config.json or checkpoints/step_*/, and no
     weights of its own) stands for its model/: other folders resolve, or fail, as before."""
-    from mlx_aim.weights import save_model
+    from mlx_aim.checkpoints.weights import save_model
 
     stray = tmp_path / "stray"  # neither a model nor a run
     (stray / "checkpoints" / "notes").mkdir(parents=True)

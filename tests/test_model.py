@@ -9,10 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from conftest import rel_err
-from mlx_aim.config import AIMConfig, get_config, parse_probe_layers
-from mlx_aim.layers import prefix_causal_mask, sincos_pos_embed
-from mlx_aim.model import AIM, build_model, is_quantized, parse_quantize
-from mlx_aim.weights import load_state_dict
+from mlx_aim.models.config import AIMConfig, get_config, parse_probe_layers
+from mlx_aim.models.layers import prefix_causal_mask, sincos_pos_embed
+from mlx_aim.models.model import AIM, build_model, is_quantized, parse_quantize
+from mlx_aim.checkpoints.weights import load_state_dict
 from torch_reference import AIMReference, sincos_2d, state_dict_numpy
 
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""mlx_aim.native, the C++ kernels: GELU and the attention softmax against float64 and against the paths they replace
+"""mlx_aim.backend.native, the C++ kernels: GELU and the attention softmax against float64 and against the paths they replace
 (ops, MLX's own), forward, backward, jvp, under mx.compile, on odd shapes and layouts, with the masks the model uses;
 and what the package does where the extension is missing or built for another mlx (one warning, the ops path).
 
@@ -16,8 +16,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_aim import _blas, backend, native, ops, platforms
-from mlx_aim.layers import prefix_causal_mask
+from mlx_aim import _blas, backend, platforms
+from mlx_aim.backend import native, ops
+from mlx_aim.models.layers import prefix_causal_mask
 from test_attention import graph_ops
 from test_ops import assert_gelu_within_a_few_ulps, gelu64, gelu_grad64
 
@@ -194,7 +195,7 @@ def test_a_training_step_through_native_and_ops_paths_agrees():
     """A tiny AIM block's loss and gradients (GELU and attention inside, prefix mask, compiled) on both CPU paths."""
     from mlx.utils import tree_flatten
 
-    from mlx_aim import layers
+    from mlx_aim.models import layers
 
     block = layers.aim_block(32, 4, 4.0, 1e-6)
     x, r = mx.random.normal((2, 12, 32)), mx.random.normal((2, 12, 32))
@@ -283,7 +284,8 @@ def run_python(*parts: str) -> dict:
 FALLBACK_PROBE = """
     import json, warnings
     import numpy as np
-    from mlx_aim import backend, native, ops
+    from mlx_aim import backend
+    from mlx_aim.backend import native, ops
     x = mx.random.normal((64,)) * 3.0
     with warnings.catch_warnings(record=True) as caught, mx.stream(mx.cpu):
         warnings.simplefilter("always")

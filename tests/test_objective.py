@@ -10,19 +10,12 @@ import torch
 import mlx.core as mx
 import mlx.nn as nn
 from conftest import rel_err, tiny_config
-from mlx_aim.model import build_model
-from mlx_aim.objective import (
-    aim_loss,
-    next_patch_loss,
-    norm_pix_target,
-    num_targets,
-    patchify,
-    sample_prefix_len,
-    target_mask,
-    unpatchify,
+from mlx_aim.models.model import build_model
+from mlx_aim.models.objective import (
+    aim_loss, next_patch_loss, norm_pix_target, num_targets, patchify, sample_prefix_len, target_mask, unpatchify,
 )
-from mlx_aim.runs import AdamW, learning_rate
-from mlx_aim.train import TrainConfig, step_prefix_len
+from mlx_aim.training.runs import AdamW, learning_rate
+from mlx_aim.training.pretrain import TrainConfig, step_prefix_len
 
 
 def torch_patchify(images_nhwc: np.ndarray, p: int) -> np.ndarray:

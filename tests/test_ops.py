@@ -1,4 +1,4 @@
-"""mlx_aim.ops.gelu: exact (erf) GELU to float32 accuracy, for every dtype, with a usable gradient; and the GELU
+"""mlx_aim.backend.ops.gelu: exact (erf) GELU to float32 accuracy, for every dtype, with a usable gradient; and the GELU
 mlx_aim.backend picks, on both its paths. Then the same for ops.silu (AIMv2's SwiGLU gate)."""
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_aim import backend
-from mlx_aim.ops import gelu, gelu_polynomial, silu
+from mlx_aim.backend.ops import gelu, gelu_polynomial, silu
 
 EPS32 = float(np.finfo(np.float32).eps)
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])

@@ -14,10 +14,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_aim import _blas, native, platforms
-from mlx_aim.benchmark import torch_synchronizer
+from mlx_aim import _blas, platforms
+from mlx_aim.backend import native
+from mlx_aim.apps.benchmark import torch_synchronizer
 from mlx_aim.platforms import LINUX_AARCH64, LINUX_X86_64, MACOS_ARM64, Platform
-from mlx_aim.weights import cast_weight
+from mlx_aim.checkpoints.weights import cast_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = (LINUX_X86_64, LINUX_AARCH64, MACOS_ARM64)
@@ -62,12 +63,12 @@ def test_thread_counts_come_from_the_machine():
 
 def test_the_thread_defaults_in_use_here():
     import mlx_aim.data
-    import mlx_aim.scaling
+    import mlx_aim.apps.scaling
 
     here = platforms.current()
     assert platforms.probe_compute_threads() >= 1
     assert mlx_aim.data.NUM_WORKERS == platforms.loader_threads(here, platforms.probe_compute_threads())
-    assert mlx_aim.scaling.PRETRAIN_COMPUTE_THREADS == max(1, platforms.probe_compute_threads() - 1)
+    assert mlx_aim.apps.scaling.PRETRAIN_COMPUTE_THREADS == max(1, platforms.probe_compute_threads() - 1)
 
 
 def test_memory_probes():

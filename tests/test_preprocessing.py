@@ -14,17 +14,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from mlx_aim.data import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    PREPROCESSOR_CONFIG,
-    ImageLoadError,
-    Preprocessing,
-    Skipped,
-    TooManyPatches,
-    eval_transform,
-    iter_image_batches,
-    preprocessing_for,
+    CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, PREPROCESSOR_CONFIG, ImageLoadError, Preprocessing, Skipped, TooManyPatches,
+    eval_transform, iter_image_batches, preprocessing_for,
 )
 
 # transformers' Pillow backend, named so: with torchvision installed, `CLIPImageProcessor` resizes with torchvision's
@@ -34,7 +25,7 @@ CLIPImageProcessor = transformers.CLIPImageProcessorPil
 
 @dataclass
 class StandIn:
-    """The attributes an AIMv2 config has (mlx_aim/config.py's AIMv2Config): image_size None = native."""
+    """The attributes an AIMv2 config has (mlx_aim/models/config.py's AIMv2Config): image_size None = native."""
 
     image_size: Optional[int] = 224
     patch_size: int = 14

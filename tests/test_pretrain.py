@@ -18,11 +18,12 @@ import mlx_aim
 from conftest import ROOT, last_json, tiny_config
 from mlx.utils import tree_flatten
 from mlx_aim.data import load_splits
-from mlx_aim.objective import norm_pix_target, patchify
-from mlx_aim.runs import TrainingDiverged, read_log
-from mlx_aim.synthetic import write_image_folder
-from mlx_aim.train import TrainConfig, list_checkpoints, load_pretraining_checkpoint, pretrain
-from mlx_aim.visualize import next_patch_predictions, to_uint8
+from mlx_aim.models.objective import norm_pix_target, patchify
+from mlx_aim.training.runs import TrainingDiverged, read_log
+from mlx_aim.data.synthetic import write_image_folder
+from mlx_aim.checkpoints.run_folders import list_checkpoints
+from mlx_aim.training.pretrain import TrainConfig, load_pretraining_checkpoint, pretrain
+from mlx_aim.tasks.visualize import next_patch_predictions, to_uint8
 
 STEPS = 24
 
@@ -118,7 +119,7 @@ def test_stop_then_resume_after_a_lost_checkpoint_reproduces_the_run(reference, 
 # the test kills on (a blocking read, so no wall-clock limit that a loaded machine could run past).
 ANNOUNCING_CHILD = """
 import runpy, sys
-from mlx_aim import runs
+from mlx_aim.training import runs
 write = runs.RunLog.write
 def announced(self, record):
     write(self, record)
@@ -165,7 +166,7 @@ def test_kill_at_any_moment_then_resume_reproduces_the_run(reference, data, tmp_
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import mlx_aim.train as train_module
+    import mlx_aim.training.pretrain as train_module
 
     calls = {"n": 0}
     real = train_module.TrainTransform
@@ -304,9 +305,9 @@ def test_checkpoint_folder_stands_for_its_trunk(reference, data, tmp_path):
     """`mlx_aim.load(RUN/checkpoints/step_X)` and the commands' --model read the checkpoint's trunk, leaving out the
     pixel head and saying so: the last checkpoint gives the exported trunk, an earlier one its own weights."""
     from mlx_aim.cli import extract_features as extract_cli
-    from mlx_aim.inference import load_features
-    from mlx_aim.loading import open_source
-    from mlx_aim.train import checkpoint_trunk
+    from mlx_aim.tasks.inference import load_features
+    from mlx_aim.checkpoints.loading import open_source
+    from mlx_aim.training.pretrain import checkpoint_trunk
 
     out, _ = reference
     first, last = list_checkpoints(out)[0], list_checkpoints(out)[-1]

@@ -13,20 +13,13 @@ from mlx.utils import tree_flatten
 
 import mlx_aim
 from mlx_aim.data import PREPROCESSOR_CONFIG, ImageFolder, Preprocessing, eval_transform, preprocessing_for
-from mlx_aim.inference import RaggedTokens
-from mlx_aim.model import build_model
-from mlx_aim.probe import (
-    FeatureSet,
-    ProbeConfig,
-    compute_features,
-    epoch_batches,
-    evaluate,
-    load_head,
-    new_head,
-    probe_forward,
+from mlx_aim.tasks.inference import RaggedTokens
+from mlx_aim.models.model import build_model
+from mlx_aim.training.probe import (
+    FeatureSet, ProbeConfig, compute_features, epoch_batches, evaluate, load_head, new_head, probe_forward,
     train_probe,
 )
-from mlx_aim.runs import TrainingDiverged, read_log
+from mlx_aim.training.runs import TrainingDiverged, read_log
 from conftest import last_json, run_script
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config, probe_config, save_image
 
@@ -105,7 +98,7 @@ def test_resume_refuses_other_settings_and_overwrites_only_with_force(trunk, col
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trunk, colours, tmp_path, monkeypatch):
-    import mlx_aim.probe as probe_module
+    import mlx_aim.training.probe as probe_module
 
     calls = {"n": 0}
     real = probe_module.TrainTransform

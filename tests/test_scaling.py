@@ -1,4 +1,4 @@
-"""The scaling grid (mlx_aim/scaling.py): its arithmetic on hand-made numbers (ranks, Spearman's rho, the verdicts,
+"""The scaling grid (mlx_aim/apps/scaling.py): its arithmetic on hand-made numbers (ranks, Spearman's rho, the verdicts,
 both ways), and `scripts/scaling.py --quick` end to end: the outputs' structure, resuming and reuse, --data."""
 
 import dataclasses
@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import last_json, run_script
-from mlx_aim import scaling
+from mlx_aim.apps import scaling
 from mlx_aim.cli import scaling as scaling_cli
-from mlx_aim.synthetic import render
-from mlx_aim.train import list_checkpoints
+from mlx_aim.data.synthetic import render
+from mlx_aim.checkpoints.run_folders import list_checkpoints
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def test_each_checkpoint_is_probed_with_its_own_trunk(quick_run):
     one differs from it."""
     import mlx_aim
     from mlx.utils import tree_flatten
-    from mlx_aim.train import checkpoint_trunk
+    from mlx_aim.training.pretrain import checkpoint_trunk
 
     _, _, result = quick_run
     pre_dir = Path(result["runs"][0]["run_dir"]) / "pretrain"

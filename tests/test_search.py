@@ -1,4 +1,4 @@
-"""Photo search (mlx_aim.search, `mlx-aim search`) on a tiny random-weight LiT and generated photo folders: scores
+"""Photo search (mlx_aim.tasks.search, `mlx-aim search`) on a tiny random-weight LiT and generated photo folders: scores
 against a brute-force numpy cosine of embeddings computed apart from the index, incremental and resumed runs,
 image queries without the model, the contact sheet, a wrong model and unreadable files."""
 
@@ -13,15 +13,16 @@ from PIL import Image
 
 from conftest import last_json, run_script
 from lit_helpers import write_tiny_lit
-from mlx_aim import load, search
+from mlx_aim import load
+from mlx_aim.tasks import search
 from mlx_aim.cli.main import main as mlx_aim_main
 from mlx_aim.cli.search import main as search_main
 from mlx_aim.data import preprocessing_for
-from mlx_aim.inference import load_features
-from mlx_aim.lit import open_lit
-from mlx_aim.search import SearchIndex, build_index, file_stamp, model_identity
-from mlx_aim.synthetic import SyntheticShapes
-from mlx_aim.visualize import contact_sheet_size
+from mlx_aim.tasks.inference import load_features
+from mlx_aim.tasks.lit import open_lit
+from mlx_aim.tasks.search import SearchIndex, build_index, file_stamp, model_identity
+from mlx_aim.data.synthetic import SyntheticShapes
+from mlx_aim.tasks.visualize import contact_sheet_size
 
 NUM_PHOTOS = 9
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_aim import synthetic
-from mlx_aim.synthetic import MANIFEST_NAME, SHAPE_CLASSES, SyntheticShapes, write_image_folder
+from mlx_aim.data import synthetic
+from mlx_aim.data.synthetic import MANIFEST_NAME, SHAPE_CLASSES, SyntheticShapes, write_image_folder
 
 PATTERNS = {"stripes", "checkerboard", "dots"}  # fill the whole image; every other class is one shape
 

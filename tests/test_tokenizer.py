@@ -1,4 +1,4 @@
-"""The CLIP tokenizer (`mlx_aim.tokenizer`) on CLIP's real vocabulary: ids identical to transformers'
+"""The CLIP tokenizer (`mlx_aim.models.tokenizer`) on CLIP's real vocabulary: ids identical to transformers'
 `CLIPTokenizer` (a test-only reference) on the same files over a corpus of well over a thousand strings, the
 same BPE as OpenAI's own tokenizer once its clean-up is applied, truncation that keeps the end token, padding
 with the pad token the files name, the files' precedence, and errors that name the file."""
@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 from clip_vocab import openai_simple_tokenizer, write_clip_tokenizer_files
-from mlx_aim.tokenizer import CONTEXT_LENGTH, CLIPTokenizer, TokenizerFileError
+from mlx_aim.models.tokenizer import CONTEXT_LENGTH, CLIPTokenizer, TokenizerFileError
 from tokenizer_corpus import corpus, long_texts
 
 SOT, EOT = 49406, 49407

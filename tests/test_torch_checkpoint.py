@@ -25,11 +25,8 @@ from checkpoint_crafting import global_op as _global  # noqa: E402
 from checkpoint_crafting import split_legacy as _split_legacy  # noqa: E402
 from checkpoint_crafting import text_op as _text  # noqa: E402
 from checkpoint_crafting import torch_numpy as _torch_numpy  # noqa: E402
-from mlx_aim.torch_checkpoint import (  # noqa: E402
-    CheckpointError,
-    UnsafeCheckpointError,
-    iter_torch_checkpoint,
-    open_torch_checkpoint,
+from mlx_aim.checkpoints.torch_checkpoint import (
+    CheckpointError, UnsafeCheckpointError, iter_torch_checkpoint, open_torch_checkpoint,
 )
 
 
@@ -399,7 +396,7 @@ def test_records_cannot_be_modified_after_validation(tmp_path):
 
 
 def test_stand_ins_are_new_for_every_pickle_and_refuse_build():
-    from mlx_aim import torch_checkpoint as tc
+    from mlx_aim.checkpoints import torch_checkpoint as tc
 
     first, second = tc._fresh_globals(), tc._fresh_globals()
     assert first.keys() == second.keys()
@@ -557,7 +554,7 @@ _PEAK_RSS_SCRIPT = """
 import sys
 import mlx.core as mx
 from mlx_aim import platforms
-from mlx_aim.torch_checkpoint import open_torch_checkpoint
+from mlx_aim.checkpoints.torch_checkpoint import open_torch_checkpoint
 
 def peak_mb():
     return platforms.peak_rss_bytes() / 2**20

@@ -1,10 +1,10 @@
-"""The plots of mlx_aim/visualize.py that need no model: the loss curve and its moving average. (Next-patch
+"""The plots of mlx_aim/tasks/visualize.py that need no model: the loss curve and its moving average. (Next-patch
 predictions and the grid script are tested in test_pretrain.py, the demo's whole figure in test_demo.py.)"""
 
 import numpy as np
 import pytest
 
-from mlx_aim import visualize
+from mlx_aim.tasks import visualize
 
 
 def colour_mask(image, rgb, tolerance=30):

@@ -1,4 +1,4 @@
-"""Zero-shot classification with AIMv2-LiT (mlx_aim.zeroshot, `mlx-aim zero-shot`, `classify --head` with a
+"""Zero-shot classification with AIMv2-LiT (mlx_aim.tasks.zeroshot, `mlx-aim zero-shot`, `classify --head` with a
 zero-shot head), on a tiny random-weight LiT and generated images, against independent computations: the model's
 own logits_per_image for one template, numpy template ensembling for several."""
 
@@ -10,16 +10,18 @@ from mlx.utils import tree_flatten
 from clip_vocab import write_clip_tokenizer_files
 from conftest import last_json, run_script
 from lit_helpers import tiny_lit_config
-from mlx_aim.benchmark import write_random_model
+from mlx_aim.apps.benchmark import write_random_model
 from mlx_aim.cli import classify as classify_cli
 from mlx_aim.cli import zero_shot as zero_shot_cli
-from mlx_aim.config import AIMv2Config
+from mlx_aim.models.config import AIMv2Config
 from mlx_aim.data import imagenet_classes, preprocessing_for
-from mlx_aim.inference import classify, open_model
-from mlx_aim.layers import AttentionProbe
-from mlx_aim.probe import save_head
-from mlx_aim.zeroshot import (ZeroShotClassifier, build_head, class_embeddings, default_templates, is_zero_shot_head,
-                              open_zero_shot, read_labels, read_templates, read_zero_shot_head)
+from mlx_aim.tasks.inference import classify, open_model
+from mlx_aim.models.layers import AttentionProbe
+from mlx_aim.training.probe import save_head
+from mlx_aim.tasks.zeroshot import (
+    ZeroShotClassifier, build_head, class_embeddings, default_templates, is_zero_shot_head, open_zero_shot,
+    read_labels, read_templates, read_zero_shot_head,
+)
 from probe_helpers import save_image
 
 LABELS = ["cat", "dog", "a red bicycle at night"]

@@ -11,7 +11,7 @@
 An AIMv2 preset times its encoder (every block and the final norm; Apple released no heads) against
 transformers' Aimv2VisionModel. --compare-torch runs from a clone of the repository (the PyTorch references are
 not installed with the package); run it as `python scripts/benchmark.py`, which imports PyTorch before MLX binds
-its BLAS, so that PyTorch runs with its own kernels. See mlx_aim/benchmark.py for what is measured and how.
+its BLAS, so that PyTorch runs with its own kernels. See mlx_aim/apps/benchmark.py for what is measured and how.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .. import benchmark, blas_info
-from ..config import PRESET_NAMES
-from .options import (add_max_patches_option, add_model_options, add_output_options, non_negative_int, positive_int,
-                      quantization)
+from ..apps import benchmark
+from .. import blas_info
+from ..models.config import PRESET_NAMES
+from .options import (
+    add_max_patches_option, add_model_options, add_output_options, non_negative_int, positive_int, quantization,
+)
 from .output import EXIT_OK, CommandError, format_bytes, print_json, run_command
 
 

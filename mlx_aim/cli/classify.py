@@ -17,11 +17,12 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from ..data import NUM_WORKERS, preprocessing_for
-from ..inference import (BATCH_SIZE, PROBE_INFO, TOP_K, ClassifyResult, class_names, classify, open_model,
-                         peak_memory)
-from ..loading import local_folder
-from ..model import dtype_name
-from ..zeroshot import ZeroShotClassifier
+from ..tasks.inference import (
+    BATCH_SIZE, PROBE_INFO, TOP_K, ClassifyResult, class_names, classify, open_model, peak_memory,
+)
+from ..checkpoints.loading import local_folder
+from ..models.model import dtype_name
+from ..tasks.zeroshot import ZeroShotClassifier
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 

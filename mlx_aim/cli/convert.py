@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..inference import peak_memory
-from ..loading import convert
+from ..tasks.inference import peak_memory
+from ..checkpoints.loading import convert
 from .options import add_model_options, add_output_options, quantization
 from .output import EXIT_OK, print_json, run_command
 

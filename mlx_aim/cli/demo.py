@@ -8,7 +8,7 @@ released AIM instead, or with a trunk and the probe trained on it (an AIMv2 prob
     mlx-aim demo --model PROBE/model # with an AIMv2 trunk and your probe (Apple released no AIMv2 heads)
 
 Everything lands under --out (default ./mlx_aim_demo): the image folder, the run (checkpoint, exported
-trunk, probes), demo.json and demo.png. See mlx_aim/demo.py for the recipe and its decisions.
+trunk, probes), demo.json and demo.png. See mlx_aim/apps/demo.py for the recipe and its decisions.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import AIMV2_PRESET_NAMES, get_config
-from ..demo import DEFAULT, run_demo, sample_images
-from ..inference import untrained_head_message
+from ..models.config import AIMV2_PRESET_NAMES, get_config
+from ..apps.demo import DEFAULT, run_demo, sample_images
+from ..tasks.inference import untrained_head_message
 from .classify import classify_and_report
 from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, quantization
 from .output import EXIT_OK, CommandError, print_json, run_command

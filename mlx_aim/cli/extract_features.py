@@ -16,9 +16,9 @@ import sys
 from typing import Optional, Sequence
 
 from ..data import preprocessing_for
-from ..inference import FEATURE_KINDS, SHARD_SIZE, extract_features, open_model, peak_memory
-from ..loading import local_folder
-from ..model import dtype_name
+from ..tasks.inference import FEATURE_KINDS, SHARD_SIZE, extract_features, open_model, peak_memory
+from ..checkpoints.loading import local_folder
+from ..models.model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Sequence
 
-from ..config import MAX_PATCHES, parse_probe_layers
+from ..models.config import MAX_PATCHES, parse_probe_layers
 from ..data import NUM_WORKERS
-from ..inference import BATCH_SIZE
-from ..model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_quantize
+from ..tasks.inference import BATCH_SIZE
+from ..models.model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_quantize
 
 MODEL_HELP = ("preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model), pre-training run folder "
               "(its model/) or checkpoint file")

@@ -7,7 +7,7 @@ DIR holds images in any sub-folders (class folders, or train/ and val/ of them; 
 is held out for the validation loss). OUT receives checkpoints/ (with the pixel head, for --resume and
 visualize), model/ (the trunk alone, which mlx_aim.load and the other commands' --model read when given
 OUT or OUT/model), log.jsonl and summary.json. --batch-size is the global batch of one optimizer step.
-Several Macs: see the docstring of mlx_aim/train.py (hostfile and mlx.launch command).
+Several Macs: see the docstring of mlx_aim/training/pretrain.py (hostfile and mlx.launch command).
 Exit status 1: the loss diverged (the last good checkpoint is kept and named).
 """
 
@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from ..config import PRESET_NAMES, AIMConfig, get_config
-from ..runs import TrainingDiverged
-from ..train import TrainConfig, pretrain
+from ..models.config import PRESET_NAMES, AIMConfig, get_config
+from ..training.runs import TrainingDiverged
+from ..training.pretrain import TrainConfig, pretrain
 from .options import add_config_options, add_output_options, non_negative_int, pair
 from .output import EXIT_EMPTY, EXIT_OK, print_error, print_json, run_command
 

@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import NUM_WORKERS, preprocessing_for
-from ..inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
-from ..loading import local_folder
-from ..probe import (HEAD_FILE, MODEL_DIR, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe,
-                     trunk_description)
-from ..runs import TrainingDiverged
-from .options import (MODEL_HELP, add_config_options, add_max_patches_option, add_model_options, add_output_options,
-                      non_negative_int, pair, positive_int, probe_layers, quantization)
+from ..tasks.inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
+from ..checkpoints.loading import local_folder
+from ..checkpoints.run_folders import MODEL_DIR
+from ..training.probe import (
+    HEAD_FILE, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe, trunk_description,
+)
+from ..training.runs import TrainingDiverged
+from .options import (
+    MODEL_HELP, add_config_options, add_max_patches_option, add_model_options, add_output_options, non_negative_int,
+    pair, positive_int, probe_layers, quantization,
+)
 from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, reported_as, run_command
 
 # ProbeConfig fields exposed as options; unset options keep ProbeConfig's defaults (the one place they live).

@@ -12,7 +12,7 @@ Everything lands under --out (default ./mlx_aim_scaling): the image folder, one 
 and finished runs are reused (--force starts the grid over). The pre-training set sizes are fractions of the
 training pool (1%, 10% and 100%; --quick 25% and 100%); on a folder too small for those (the smallest under one
 batch) they run from one batch to the pool instead, at least 8x apart, unless --data-sizes chooses them. See
-mlx_aim/scaling.py for the grid and its decisions.
+mlx_aim/apps/scaling.py for the grid and its decisions.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..scaling import DEFAULT, LONG, MIN_DATA_SPREAD, QUICK, check_data_sizes, run_scaling
+from ..apps.scaling import DEFAULT, LONG, MIN_DATA_SPREAD, QUICK, check_data_sizes, run_scaling
 from .options import add_output_options
 from .output import EXIT_OK, print_json, run_command
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import preprocessing_for
-from ..inference import SHARD_SIZE, peak_memory
-from ..lit import check_lit, embed_texts, open_lit
-from ..loading import load, local_folder
-from ..search import TOP_K, SearchIndex, build_index, image_query, recorded_run
-from ..visualize import draw_contact_sheet, save_png
+from ..tasks.inference import SHARD_SIZE, peak_memory
+from ..tasks.lit import check_lit, embed_texts, open_lit
+from ..checkpoints.loading import load, local_folder
+from ..tasks.search import TOP_K, SearchIndex, build_index, image_query, recorded_run
+from ..tasks.visualize import draw_contact_sheet, save_png
 from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 

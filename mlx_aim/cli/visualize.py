@@ -15,8 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..data import list_images
-from ..train import load_pretraining_checkpoint
-from ..visualize import save_prediction_grid
+from ..training.pretrain import load_pretraining_checkpoint
+from ..tasks.visualize import save_prediction_grid
 from .options import add_output_options, positive_int
 from .output import EXIT_OK, print_json, run_command
 

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import imagenet_classes, preprocessing_for
-from ..inference import TOP_K, classify
-from ..lit import open_lit
-from ..loading import local_folder
-from ..zeroshot import ZeroShotClassifier, build_head, check_labels, default_templates, read_labels, read_templates
+from ..tasks.inference import TOP_K, classify
+from ..tasks.lit import open_lit
+from ..checkpoints.loading import local_folder
+from ..tasks.zeroshot import (
+    ZeroShotClassifier, build_head, check_labels, default_templates, read_labels, read_templates,
+)
 from .classify import report_classification
 from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
 from .output import EXIT_OK, CommandError, print_json, reported_as, run_command

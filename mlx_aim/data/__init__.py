@@ -12,44 +12,16 @@
 """
 
 from .datasets import (
-    IMAGE_EXTENSIONS,
-    ImageFolder,
-    NoUsableImages,
-    PathInput,
-    Skipped,
-    gather_images,
-    imagenet_classes,
-    list_images,
-    load_splits,
-    split_image_folder,
-    split_images,
+    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, gather_images, imagenet_classes, list_images,
+    load_splits, split_image_folder, split_images,
 )
 from .images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MIN_IMAGE_SIDE,
-    EvalTransform,
-    ImageInput,
-    ImageLoadError,
-    TrainTransform,
-    center_crop_box,
-    color_jitter,
-    eval_transform,
-    load_image,
-    resize_short_side,
-    sample_crop_box,
-    shift_hue,
+    IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE, EvalTransform, ImageInput, ImageLoadError, TrainTransform,
+    center_crop_box, color_jitter, eval_transform, load_image, resize_short_side, sample_crop_box, shift_hue,
 )
 from .loader import NUM_WORKERS, BatchLoader, iter_image_batches
 from .preprocessing import (
-    CLIP_MEAN,
-    CLIP_STD,
-    MAX_PATCHES,
-    PREPROCESSOR_CONFIG,
-    Preprocessing,
-    TooManyPatches,
-    is_native,
-    model_family,
+    CLIP_MEAN, CLIP_STD, MAX_PATCHES, PREPROCESSOR_CONFIG, Preprocessing, TooManyPatches, is_native, model_family,
     preprocessing_for,
 )
 

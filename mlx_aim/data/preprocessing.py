@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..config import MAX_PATCHES
+from ..models.config import MAX_PATCHES
 from ..fileio import MAX_CONFIG_BYTES, confined, read_json
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, ImageLoadError, load_image, resize_short_side
 

@@ -1,7 +1,7 @@
 """Pre-training AIM on an image folder, on one machine or several (AIM section 3 and the released recipe).
 
     from mlx_aim import get_config
-    from mlx_aim.train import TrainConfig, pretrain
+    from mlx_aim.training.pretrain import TrainConfig, pretrain
     summary = pretrain(get_config("aim-tiny"), TrainConfig(steps=2000, batch_size=64), "data/shapes", "runs/tiny")
     model = mlx_aim.load("runs/tiny/model")  # the pre-trained trunk with a fresh probe head
 
@@ -62,34 +62,21 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from .config import AIMConfig, check_int_fields, strict_from_dict
-from .data import BatchLoader, EvalTransform, TrainTransform, load_splits
-from .fileio import read_json, write_json
-from .model import AIM, AIMForPretraining, build_model, parse_dtype
-from .objective import aim_loss, next_patch_loss, norm_pix_target, patchify
+from ..models.config import AIMConfig, check_int_fields, strict_from_dict
+from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
+from ..fileio import read_json, write_json
+from ..models.model import AIM, AIMForPretraining, build_model, parse_dtype
+from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .runs import (
-    STATE_FILE,
-    AdamW,
-    LossWindow,
-    RunFolder,
-    RunLog,
-    Schedule,
-    adamw,
-    check_finite,
-    compare_settings,
-    last_step,
-    read_log,
-    silent,
+    AdamW, LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, compare_settings, last_step, read_log, silent,
 )
-from .weights import check_weights, read_safetensors, save_model
+from ..checkpoints.run_folders import (
+    CHECKPOINTS_DIR, DEMO_RUN_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint, list_checkpoints,
+)
+from ..checkpoints.weights import check_weights, read_safetensors, save_model
 
 PREFIX_STREAM = 101  # first word of the seed of step s's prefix draws: [PREFIX_STREAM, seed, s]
 VAL_PREFIX_STREAM = 102  # the validation set's fixed prefix draws
-CHECKPOINT_DIR = "checkpoints"
-WEIGHTS_FILE = "model.safetensors"  # in a checkpoint: the trunk and the pixel head
-MODEL_DIR = "model"
-TRAIN_CONFIG_NAME = "train_config.json"  # with config.json, what marks a run folder (`loading` reads it)
-DEMO_RUN_DIR = "pretrain"  # the pre-training run inside a demo run folder (`loading` looks there too)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -347,21 +334,8 @@ class Validator:
 def pretraining_run(out_dir: Union[str, os.PathLike], keep_last: int = 1) -> RunFolder:
     """A pre-training run folder: numbered checkpoints `checkpoints/step_00001000/` with the model and its
     pixel head (model.safetensors), the optimizer state, config.json and state.json."""
-    return RunFolder(out_dir, checkpoint_dir=CHECKPOINT_DIR, weights_file=WEIGHTS_FILE, numbered=True,
+    return RunFolder(out_dir, checkpoint_dir=CHECKPOINTS_DIR, weights_file=WEIGHTS_FILE, numbered=True,
                      keep_last=keep_last)
-
-
-def list_checkpoints(out_dir: Union[str, os.PathLike]) -> list[Path]:
-    """Complete checkpoints under `out_dir/checkpoints`, oldest first (only complete ones carry the name)."""
-    return pretraining_run(out_dir).checkpoints()
-
-
-def latest_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
-    """`path` itself if it is a checkpoint folder, else the newest checkpoint of the run folder `path`."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    return pretraining_run(path).latest()
 
 
 def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPretraining, dict]:

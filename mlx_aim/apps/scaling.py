@@ -15,8 +15,8 @@ capacity (the paper's initialisation, as pre-training with each seed starts from
 with capacity that random trunks of the same sizes show as well is the architecture's and the probe's.
 
 The grid (`run_scaling`) reuses the demo's pieces and recipe: the built-in synthetic shapes
-(`mlx_aim.synthetic`), one pre-training recipe (`mlx_aim.train.pretrain`) for every cell with the same step
-budget, and the same attentive probe (`mlx_aim.probe.train_probe`) on every checkpoint. Only the trunk's width
+(`mlx_aim.data.synthetic`), one pre-training recipe (`mlx_aim.training.pretrain.pretrain`) for every cell with the same step
+budget, and the same attentive probe (`mlx_aim.training.probe.train_probe`) on every checkpoint. Only the trunk's width
 and depth (`capacities`) and the number of distinct pre-training images (`data_fractions` of the training pool,
 nested subsets drawn in one fixed order) change; every cell runs every seed in `seeds`. On a pool too small for the
 fractions (their smallest set under one batch) the data sizes adapt to it (`grid_data_sizes`); `data_sizes` chooses
@@ -65,26 +65,20 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from . import platforms
-from .backend import compute_threads
-from .config import AIMConfig, get_config
-from .data import ImageFolder, load_splits
-from .fileio import read_json, write_json
-from .model import build_model
-from .probe import ProbeConfig, train_probe, trunk_description
-from .runs import silent
-from .synthetic import write_image_folder
-from .train import (
-    WEIGHTS_FILE,
-    TrainConfig,
-    Validator,
-    checkpoint_trunk,
-    finished_pretraining,
-    list_checkpoints,
-    load_pretraining_checkpoint,
-    pretrain,
+from .. import platforms
+from ..backend import compute_threads
+from ..models.config import AIMConfig, get_config
+from ..data import ImageFolder, load_splits
+from ..fileio import read_json, write_json
+from ..models.model import build_model
+from ..training.probe import ProbeConfig, train_probe, trunk_description
+from ..training.runs import silent
+from ..data.synthetic import write_image_folder
+from ..checkpoints.run_folders import WEIGHTS_FILE, list_checkpoints
+from ..training.pretrain import (
+    TrainConfig, Validator, checkpoint_trunk, finished_pretraining, load_pretraining_checkpoint, pretrain,
 )
-from .visualize import Series, compose_figure, draw_chart, save_png
+from ..tasks.visualize import Series, compose_figure, draw_chart, save_png
 
 RHO_TARGET = -0.8  # finding 2 holds when Spearman's rho (validation loss vs probe top-1) is at most this
 DATA_ORDER_SEED = 0  # the fixed order in which training images enter the nested pre-training subsets

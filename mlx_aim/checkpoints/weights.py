@@ -13,7 +13,7 @@ AIMV2-REFERENCE.md, "Checkpoint layouts"):
 
 `plan_keys` is the one place where checkpoint keys and layouts are changed: each of our tensors as the checkpoint
 tensors it is made of and the function that makes it. `sanitize` applies it to arrays in memory; the loader
-(`mlx_aim.loading`) to tensors read one at a time.
+(`mlx_aim.checkpoints.loading`) to tensors read one at a time.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import AIMv2Config, AIMv2LiTConfig, Config
-from .fileio import atomic_directory, confined, read_json_object
+from ..models.config import AIMv2Config, AIMv2LiTConfig, Config
+from ..fileio import atomic_directory, confined, read_json_object
 
 LAYOUTS = ("mlx", "torch", "transformers")
 # Bookkeeping no model here has a place for: PyTorch BatchNorm's step counter, transformers' index buffer.

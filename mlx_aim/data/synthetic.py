@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .fileio import remove_stale_temporaries, temporary_glob, write_json
+from ..fileio import remove_stale_temporaries, temporary_glob, write_json
 
 # The first ten are the default task; the rest add harder pairs (plus/x, disc/hexagon/ellipse, square/frame).
 SHAPE_CLASSES: tuple[str, ...] = (

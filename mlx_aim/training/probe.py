@@ -1,7 +1,7 @@
 """Attentive probing of a frozen trunk (AIM section 4): train and evaluate the probe head on an image folder.
 
     import mlx_aim
-    from mlx_aim.probe import ProbeConfig, train_probe
+    from mlx_aim.training.probe import ProbeConfig, train_probe
     trunk = mlx_aim.load("runs/tiny/model")                 # any source `mlx_aim.load` accepts
     result = train_probe(trunk, "data/shapes", "runs/probe", ProbeConfig(epochs=10))
     print(result.metrics["val"]["top1"])
@@ -62,21 +62,22 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .config import check_int_fields, strict_from_dict
-from .data import (NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped,
-                   TrainTransform, is_native, iter_image_batches, load_splits, preprocessing_for)
-from .fileio import atomic_file, read_json, remove_stale_temporaries, write_json
-from .inference import PROBE_INFO, RaggedTokens, to_numpy
-from .layers import AttentionProbe
-from .model import AIM, dtype_name
+from ..models.config import check_int_fields, strict_from_dict
+from ..data import (
+    NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped,
+    TrainTransform, is_native, iter_image_batches, load_splits, preprocessing_for,
+)
+from ..fileio import atomic_file, read_json, remove_stale_temporaries, write_json
+from ..tasks.inference import PROBE_INFO, RaggedTokens, to_numpy
+from ..models.layers import AttentionProbe
+from ..models.model import AIM, dtype_name
 from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
-from .weights import read_safetensors, save_model
+from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR
+from ..checkpoints.weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
 HEAD_FILE = "head.safetensors"
 HEAD_PREFIX = "head."  # Apple's head keys: head.k.weight, ...
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "cache"
 HEAD_KEYS = ("k.weight", "v.weight", "cls_token", "linear.weight", "bn.running_mean", "bn.running_var")
 _CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -508,7 +509,7 @@ def trunk_description(model: AIM, source: Any = None, random_init: bool = False,
 def probe_run(out: Union[str, os.PathLike]) -> RunFolder:
     """A probe output folder: one checkpoint, `checkpoint/`, with the head (Apple's keys), the optimizer
     state and state.json, replaced at each save."""
-    return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
+    return RunFolder(out, checkpoint_dir=PROBE_CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
 
 
 def _check_augmentable(model: AIM, preprocessing: Preprocessing) -> None:

@@ -7,7 +7,7 @@ queries by text or by an example image, answered with the top-k photos and their
     hits = index.search(embed_texts(model, tokenizer, ["a red bicycle at night"])[0], top_k=10)
     hits = index.search(index.stored_embedding("~/Pictures/bike.jpg"), top_k=10)  # no model needed
 
-The index folder is a feature folder in `extract_features`'s shard format (`mlx_aim.shards`): finished
+The index folder is a feature folder in `extract_features`'s shard format (`mlx_aim.tasks.shards`): finished
 `shard-k.embedding.npy` + `shard-k.json` pairs, `run.json` (the model's identity, written first) and
 `index.json` (written last: the shards, in order, with each row's path). Rows are unit-length image embeddings
 (`lit.embed_images`), so a dot product is the cosine similarity; `load_features(INDEX)` reads them as features.
@@ -40,13 +40,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .data import NUM_WORKERS, Preprocessing, Skipped, gather_images, iter_image_batches, preprocessing_for
-from .fileio import read_json, remove_stale_temporaries, write_json
+from ..data import NUM_WORKERS, Preprocessing, Skipped, gather_images, iter_image_batches, preprocessing_for
+from ..fileio import read_json, remove_stale_temporaries, write_json
 from .inference import BATCH_SIZE, SHARD_SIZE, to_numpy
 from .lit import check_lit, embed_images
-from .model import AIMv2LiT, dtype_name
-from .shards import (INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, remove_shard, shard_number,
-                     shard_stem, write_shard)
+from ..models.model import AIMv2LiT, dtype_name
+from .shards import (
+    INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, remove_shard, shard_number, shard_stem,
+    write_shard,
+)
 
 SEARCH_FORMAT = "mlx-aim-search"
 KIND = "embedding"

@@ -25,9 +25,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageLoadError, eval_transform, load_image
-from .fileio import atomic_file
-from .objective import patchify, unpatchify
+from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageLoadError, eval_transform, load_image
+from ..fileio import atomic_file
+from ..models.objective import patchify, unpatchify
 
 _EPS = 1e-6  # the target normalisation's eps (norm_pix_target)
 _GAP = 4  # pixels between cells

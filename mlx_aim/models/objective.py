@@ -3,7 +3,7 @@
 Raster order: patches are numbered row by row, and the model's output at position i predicts patch i + 1
 from patches 0..i (and the whole prefix). Targets are the patch pixels normalised per patch. Each sample
 draws a prefix length S uniformly from [1, K - 1]; the first S patches attend to each other
-bidirectionally (`mlx_aim.layers.prefix_causal_mask`) and only targets outside the prefix count.
+bidirectionally (`mlx_aim.models.layers.prefix_causal_mask`) and only targets outside the prefix count.
 
 Averaging (a choice made here): the squared error is averaged over a patch's pixels, then over every
 counted position of the batch together (token-weighted, as MAE's masked loss), not per sample first, so an

@@ -15,10 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .backend import Linear
+from ..backend import Linear
 from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config
-from .layers import (AttentionPoolHead, AttentionProbe, PixelHead, Preprocessor, TextPreprocessor, Trunk, aim_block,
-                     aimv2_block, attention_mask, layer_norm, rms_norm)
+from .layers import (
+    AttentionPoolHead, AttentionProbe, PixelHead, Preprocessor, TextPreprocessor, Trunk, aim_block, aimv2_block,
+    attention_mask, layer_norm, rms_norm,
+)
 
 
 def check_images(images, config: Config) -> mx.array:

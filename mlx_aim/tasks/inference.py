@@ -31,14 +31,18 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .data import (NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native,
-                   iter_image_batches, model_family, preprocessing_for)
-from . import platforms
-from .fileio import confined, read_json_object, remove_stale_temporaries, write_json
-from .loading import load, source_config
-from .model import AIM, build_model, dtype_name
-from .shards import (FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array,
-                     shard_stem, write_shard)
+from ..data import (
+    NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native, iter_image_batches,
+    model_family, preprocessing_for,
+)
+from .. import platforms
+from ..fileio import confined, read_json_object, remove_stale_temporaries, write_json
+from ..checkpoints.loading import load, source_config
+from ..models.model import AIM, build_model, dtype_name
+from .shards import (
+    FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, shard_stem,
+    write_shard,
+)
 from .zeroshot import ZeroShotClassifier, is_zero_shot_head, open_zero_shot
 
 PROBE_INFO = "probe.json"  # written by probe training next to a trained head (classes, probe layers, metrics)

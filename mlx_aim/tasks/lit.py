@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .loading import load, tokenizer_folder
-from .model import AIMv2LiT, normalized
-from .tokenizer import CLIPTokenizer
+from ..checkpoints.loading import load, tokenizer_folder
+from ..models.model import AIMv2LiT, normalized
+from ..models.tokenizer import CLIPTokenizer
 
 TEXT_BATCH_SIZE = 64
 

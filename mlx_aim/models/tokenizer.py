@@ -39,7 +39,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from . import fileio
+from .. import fileio
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,13 +1,13 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.layers`) calls `Linear`, `LayerNorm`, `attention`, `gelu`, `silu` and `prepare_mask` from here
+The model (`mlx_aim.models.layers`) calls `Linear`, `LayerNorm`, `attention`, `gelu`, `silu` and `prepare_mask` from here
 and never looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`,
 `nn.QuantizedLinear`, `mx.fast.scaled_dot_product_attention`, `nn.LayerNorm` (`mx.fast.layer_norm`), `nn.gelu`
 (exact, erf) and `nn.silu`. On the CPU backend the workarounds replace the slow parts of MLX's CPU kernels:
 
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
-- GELU, the attention softmax and layer norm are `mlx_aim.native`'s C++ kernels (MLX primitives, multithreaded and
+- GELU, the attention softmax and layer norm are `mlx_aim.backend.native`'s C++ kernels (MLX primitives, multithreaded and
   vectorised for the running CPU), when that extension was built and matches the installed mlx;
 - otherwise, and with MLX_AIM_NATIVE=0, attention is `ops.attention` (a vectorised exp, a written-out backward,
   float32), GELU `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time), and
@@ -34,7 +34,8 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _blas, native, ops
+from .. import _blas
+from . import native, ops
 
 CPU_WORKAROUNDS_ENV = "MLX_AIM_CPU_WORKAROUNDS"
 NATIVE_ENV = "MLX_AIM_NATIVE"

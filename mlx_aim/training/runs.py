@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
-from .weights import check_weights, read_safetensors
+from ..fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
+from ..checkpoints.run_folders import STATE_FILE, numbered_checkpoints, step_dir
+from ..checkpoints.weights import check_weights, read_safetensors
 
-STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LOG_NAME = "log.jsonl"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHOWN_DIFFERENCES = 8
 
 
@@ -176,17 +174,13 @@ class RunFolder:
         self.can_force = can_force
 
     def checkpoint_path(self, step: int) -> Path:
-        return self.checkpoint_root / f"step_{step:08d}" if self.numbered else self.checkpoint_root
+        return step_dir(self.checkpoint_root, step) if self.numbered else self.checkpoint_root
 
     def checkpoints(self) -> list[Path]:
         """The complete checkpoints, oldest first."""
-        if not self.checkpoint_root.is_dir():
-            return []
         if not self.numbered:
-            return [self.checkpoint_root]
-        found = [(int(m.group(1)), p) for p in self.checkpoint_root.iterdir()
-                 if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+            return [self.checkpoint_root] if self.checkpoint_root.is_dir() else []
+        return numbered_checkpoints(self.checkpoint_root)
 
     def latest(self) -> Optional[Path]:
         found = self.checkpoints()

@@ -21,7 +21,7 @@ What is measured:
   a batch of images, and `embed_texts`' on a batch of texts (random ids, the end token at different places, the
   full 77-token context as the tower always runs it), against transformers' `Aimv2Model` (`get_image_features`,
   `get_text_features`, its text attention made causal as Apple's) on the same random weights;
-- `--train`: one pre-training step (`mlx_aim.train.TrainStep`: forward, prefix-causal next-patch loss,
+- `--train`: one pre-training step (`mlx_aim.training.pretrain.TrainStep`: forward, prefix-causal next-patch loss,
   backward, gradient clipping, AdamW), the preset's pixel head included;
 - the first call (compilation, first-touch allocation) apart, then `--warmup` more untimed calls, then
   `--repeats` timed calls; medians are reported. With `--compare-torch` the MLX and PyTorch calls alternate
@@ -59,16 +59,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__
-from ._blas import blas_info, set_num_threads
-from . import native, platforms
-from .backend import backend_path
-from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
-from .data import is_native
-from .inference import peak_memory
-from .loading import load, source_config
-from .model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized, parse_dtype
-from .weights import save_model
+from .. import __version__
+from .._blas import blas_info, set_num_threads
+from ..backend import native
+from .. import platforms
+from ..backend import backend_path
+from ..models.config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
+from ..data import is_native
+from ..tasks.inference import peak_memory
+from ..checkpoints.loading import load, source_config
+from ..models.model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized, parse_dtype
+from ..checkpoints.weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
 MEMORY_SUITES = {
@@ -79,7 +80,7 @@ MEMORY_SUITES = {
 }
 MEMORY_SUITE = MEMORY_SUITES["aim"]
 NATIVE_IMAGE_SIZE = 224  # a native-resolution model's benchmark input side, unless image_size says otherwise
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "benchmarks"  # next to mlx_aim/ in a source checkout
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "benchmarks"  # next to mlx_aim/ in a source checkout
 
 
 class TorchReferenceUnavailable(RuntimeError):
@@ -255,7 +256,7 @@ def random_images(config: Config, batch_size: int, seed: int = 0, image_size: Op
 
 def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, quantize=None,
                        seed: int = 0, force: bool = False) -> Path:
-    """An MLX model folder with random weights, written one tensor at a time (`mlx_aim.weights.save_model`),
+    """An MLX model folder with random weights, written one tensor at a time (`mlx_aim.checkpoints.weights.save_model`),
     so that a model much larger than memory in float32 (aim-7B) can be written in its quantized form.
 
     The model is built lazily: each tensor's random initialisation, cast and quantization run only when it
@@ -265,7 +266,7 @@ def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, qu
     flat = dict(tree_flatten(model.parameters()))
     del model  # the dict now holds the only references: each tensor is freed once written
     producers = {k: (v.dtype, tuple(v.shape), (lambda k=k: flat.pop(k))) for k, v in flat.items()}
-    note = f"Random weights (seed {seed}) written by mlx_aim.benchmark for speed and memory measurements."
+    note = f"Random weights (seed {seed}) written by mlx_aim.apps.benchmark for speed and memory measurements."
     return save_model(folder, producers, config, force=force, source_note=note)
 
 
@@ -465,7 +466,7 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
 
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
                       warmup: int = 2, repeats: int = 5, torch_device: str = "cpu") -> dict:
-    from .train import TrainConfig, TrainStep, make_optimizer, step_prefix_len
+    from ..training.pretrain import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     model = build_model(config, seed=0, pretraining=True)
     mx.eval(model.parameters())  # initialised here, not in the first timed call
@@ -634,8 +635,8 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
             folder = Path(tmp) / f"{preset}-{dtype}-q{bits or 0}"
             start = time.perf_counter()
             # Written in a child too, so that writing leaves nothing behind in this process's memory.
-            code = ("import sys; from mlx_aim.benchmark import write_random_model; "
-                    "from mlx_aim.config import model_config; "
+            code = ("import sys; from mlx_aim.apps.benchmark import write_random_model; "
+                    "from mlx_aim.models.config import model_config; "
                     "write_random_model(sys.argv[1], model_config(sys.argv[2]), sys.argv[3], "
                     "int(sys.argv[4]) or None)")
             subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
-from .fileio import read_json_object, write_json
+from ..fileio import read_json_object, write_json
 
 # Apple's hub `config.json` (huggingface_hub's PyTorch mixin) names only these, under other names.
 _APPLE_HUB_KEYS = {

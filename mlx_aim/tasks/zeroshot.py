@@ -32,12 +32,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .fileio import atomic_file, parse_json
+from ..fileio import atomic_file, parse_json
 from .lit import TEXT_BATCH_SIZE, embed_images, embed_texts
-from .loading import load
-from .model import AIMv2LiT
-from .tokenizer import CLIPTokenizer
-from .weights import read_safetensors
+from ..checkpoints.loading import load
+from ..models.model import AIMv2LiT
+from ..models.tokenizer import CLIPTokenizer
+from ..checkpoints.weights import read_safetensors
 
 HEAD_FORMAT = "mlx-aim-zero-shot-head"  # a head file's metadata "format": what tells it from a probe head
 HEAD_VERSION = "1"

@@ -43,25 +43,23 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import (AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config,
-                     config_from_dict, get_config)
-from .data.preprocessing import PREPROCESSOR_CONFIG
-from .fileio import MAX_CONFIG_BYTES, confined, parse_json, read_json, read_json_object
-from .tokenizer import TOKENIZER_FILES
-from .model import AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize
+from ..models.config import (
+    AIMV2_PRESET_NAMES, LIT_NAME, PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, config_from_dict,
+    get_config,
+)
+from ..data.preprocessing import PREPROCESSOR_CONFIG
+from ..fileio import MAX_CONFIG_BYTES, confined, parse_json, read_json, read_json_object
+from ..models.tokenizer import TOKENIZER_FILES
+from ..models.model import (
+    AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize,
+)
+from .run_folders import (
+    DEMO_RUN_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, is_pretraining_checkpoint, latest_checkpoint, list_checkpoints,
+)
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
-    cast_weight,
-    check_shapes,
-    detect_layout,
-    hub_aimv2_fields,
-    hub_lit_text_fields,
-    is_lit,
-    plan_keys,
-    plan_lit_keys,
-    read_safetensors,
-    save_model,
-    weight_files,
+    cast_weight, check_shapes, detect_layout, hub_aimv2_fields, hub_lit_text_fields, is_lit, plan_keys,
+    plan_lit_keys, read_safetensors, save_model, weight_files,
 )
 
 APPLE_REPO = "apple/AIM"
@@ -277,19 +275,15 @@ def _has_own_weights(folder: Path) -> bool:
 
 
 def _is_pretraining_run(folder: Path) -> bool:
-    """A run folder of `train.pretrain`: train_config.json or checkpoints/step_*/ (written there and nowhere
+    """A run folder of `mlx_aim.training.pretrain`: train_config.json or checkpoints/step_*/ (written there and nowhere
     else), and no weights of its own (a folder with model.safetensors is a model folder, whatever else it
     holds)."""
-    from .train import TRAIN_CONFIG_NAME, list_checkpoints
-
     if not folder.is_dir() or _has_own_weights(folder):
         return False
     return (folder / TRAIN_CONFIG_NAME).is_file() or bool(list_checkpoints(folder))
 
 
 def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
-    from .train import MODEL_DIR, TRAIN_CONFIG_NAME, latest_checkpoint
-
     found = latest_checkpoint(run)
     where = f"{run}: a pre-training run folder, but its exported trunk {run / MODEL_DIR} is missing"
     again = ("scripts/demo.py with the demo's --out and --seed" if demo else
@@ -303,7 +297,7 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
         steps = int(read_json(run / TRAIN_CONFIG_NAME, MAX_CONFIG_BYTES)["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         step = steps = None
-    export = (f'python -c "from mlx_aim.train import export_trunk, load_pretraining_checkpoint as c; '
+    export = (f'python -c "from mlx_aim.training.pretrain import export_trunk, load_pretraining_checkpoint as c; '
               f"export_trunk('{run / MODEL_DIR}', c('{found}')[0])\"")
     as_is = "; or name that checkpoint folder itself as the model (its trunk is read)"
     if step is not None and step < steps:
@@ -313,16 +307,9 @@ def _missing_trunk_error(run: Path, demo: bool) -> ValueError:
     return ValueError(f"{where}. Export it from the newest checkpoint, {found}: {export}{as_is}")
 
 
-def _is_pretraining_checkpoint(folder: Path) -> bool:
-    """A checkpoint folder of `train.pretrain` (`RUN/checkpoints/step_X/`): state.json beside the weights of the
-    trunk and its pixel head."""
-    from .train import STATE_FILE, WEIGHTS_FILE
-
-    return (folder / STATE_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def _demo_run(folder: Path) -> Optional[Path]:
-    from .train import DEMO_RUN_DIR
 
     return folder / DEMO_RUN_DIR if _is_pretraining_run(folder / DEMO_RUN_DIR) else None
 
@@ -332,7 +319,6 @@ def resolve_folder(folder: str | os.PathLike) -> Path:
     trunk `RUN/model/`, a demo run folder (`mlx_aim_demo/seed0`, no config.json of its own) for that of its
     pre-training run; any other folder for itself. A run folder without `model/` (a run stopped before its
     first checkpoint, or whose export was removed) raises a ValueError that says how to get it."""
-    from .train import MODEL_DIR
 
     folder = Path(folder)
     run = folder if _is_pretraining_run(folder) else None
@@ -404,7 +390,7 @@ def _folder_weights(folder: Path, has_config: bool) -> tuple[list[Path], str]:
 
 def _locate_folder(folder: Path) -> _Located:
     kind, params = _config_kind(folder)
-    if kind == "mlx" and _is_pretraining_checkpoint(folder):
+    if kind == "mlx" and is_pretraining_checkpoint(folder):
         return _Located(weight_files(folder), "mlx", config_from_dict(params), f"pre-training checkpoint {folder}",
                         folder=folder, drop_prefix=PIXEL_HEAD_PREFIX)
     if kind == "mlx":
@@ -772,7 +758,7 @@ def load(
         if head is not None and lit:
             raise ValueError(f"{head}: {source.description} is an AIMv2-LiT model, which pools with its own head "
                              "and takes no probe head file (a zero-shot head from `mlx-aim zero-shot --save-head` "
-                             "opens with mlx_aim.zeroshot.open_zero_shot, or `mlx-aim classify --head`)")
+                             "opens with mlx_aim.tasks.zeroshot.open_zero_shot, or `mlx-aim classify --head`)")
         if lit and not text_tower:
             for key in [k for k in source.tensors if k.startswith(("text_encoder.", "text_projector."))]:
                 del source.tensors[key]
@@ -806,7 +792,7 @@ def _merge_head(source: Source, path: Path, config: Config, probe_layers) -> Con
     """Puts a probe head file's `head.*` tensors over the source's; returns the config the head implies.
 
     The class count comes from the head's classifier rows; the probe layers from the file's metadata
-    (written by `mlx_aim.probe`) unless the caller named them.
+    (written by `mlx_aim.training.probe`) unless the caller named them.
     """
     if not path.exists():
         raise FileNotFoundError(f"{path}: probe head file not found")

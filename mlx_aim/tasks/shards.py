@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .fileio import atomic_file, write_json
-from .weights import read_safetensors
+from ..fileio import atomic_file, write_json
+from ..checkpoints.weights import read_safetensors
 
 FEATURES_FORMAT = "mlx-aim-features"
 INDEX_NAME = "index.json"  # written at the end of a run: every shard, in order

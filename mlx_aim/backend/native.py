@@ -6,7 +6,7 @@ kernels here are multithreaded and vectorised for the running CPU (AVX-512, AVX2
 loads; NEON on arm64). Each is an `mlx.core` primitive with its own vjp and jvp, so `mx.grad` and `mx.compile` work
 through them as through MLX's own ops:
 
-- `gelu`: x Phi(x), Phi from the same float32 rational erf as `mlx_aim.ops.gelu`; its backward uses the closed-form
+- `gelu`: x Phi(x), Phi from the same float32 rational erf as `mlx_aim.backend.ops.gelu`; its backward uses the closed-form
   slope Phi(x) + x pdf(x);
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
   backward, native;
@@ -21,12 +21,13 @@ macOS, where Metal runs the model (`mlx_aim.platforms.native_kernels_skipped`).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Optional
 
 import mlx.core as mx
 
-from . import platforms
+from .. import platforms
 from .ops import additive_mask
 
 
@@ -36,7 +37,9 @@ def _load():
     if skipped is not None:
         return None, skipped
     try:
-        from . import _native_kernels as kernels
+        # The compiled extension, built beside the package's __init__ (setup.py); imported by name, since an import
+        # of it from `mlx_aim` would read, to the import graph, as one of the whole package.
+        kernels = importlib.import_module("mlx_aim._native_kernels")
     except ImportError as error:
         return None, (f"the extension was not built or does not load ({error}); reinstall with a C++ compiler and "
                       "CMake present: pip install -e .")
@@ -94,7 +97,7 @@ def _require():
 
 
 def gelu(x: mx.array) -> mx.array:
-    """Exact GELU, as `mlx_aim.ops.gelu` (float32 accurate; other float dtypes computed in float32 and rounded
+    """Exact GELU, as `mlx_aim.backend.ops.gelu` (float32 accurate; other float dtypes computed in float32 and rounded
     back; integers give float32)."""
     kernels = _require()
     dtype = x.dtype
@@ -114,7 +117,7 @@ def softmax(scores: mx.array, mask: Optional[mx.array], scale: float) -> mx.arra
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
-    """softmax(scale q k^T + mask) v over (batch, heads, tokens, head_dim), as `mlx_aim.ops.attention` (same mask
+    """softmax(scale q k^T + mask) v over (batch, heads, tokens, head_dim), as `mlx_aim.backend.ops.attention` (same mask
     forms; half precision computed in float32 and rounded back; the mask is a constant)."""
     dtype = q.dtype
     if dtype != mx.float32:

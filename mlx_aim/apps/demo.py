@@ -6,11 +6,11 @@
 (or `python scripts/demo.py`; the command line is `mlx_aim.cli.demo`, which prints what `run_demo` returns.)
 
 The run (`run_demo`):
-1. draws the built-in synthetic shapes dataset (`mlx_aim.synthetic`: 10 classes that differ in shape, not
+1. draws the built-in synthetic shapes dataset (`mlx_aim.data.synthetic`: 10 classes that differ in shape, not
    in colour) into an image folder, once (a folder already complete is reused);
-2. pre-trains a small AIM on its training images for a fixed budget (`mlx_aim.train.pretrain`: the AIM
+2. pre-trains a small AIM on its training images for a fixed budget (`mlx_aim.training.pretrain.pretrain`: the AIM
    objective, prefix attention, the released recipe's optimiser and augmentation);
-3. trains the same attentive probe (`mlx_aim.probe.train_probe`, cached frozen features) on the
+3. trains the same attentive probe (`mlx_aim.training.probe.train_probe`, cached frozen features) on the
    pre-trained trunk and on the trunk as it was before pre-training (the same seeded initialisation), and
    reports both top-1 accuracies on held-out images: the difference is what pre-training learned;
 4. writes a PNG with the pre-training loss curve and the model's next-patch predictions on a few
@@ -47,25 +47,18 @@ from typing import Callable, Optional, Union
 import numpy as np
 from PIL import Image
 
-from .config import AIMConfig, get_config
-from .data import ImageFolder, load_splits
-from .fileio import write_json
-from .model import AIM, build_model
-from .probe import ProbeConfig, train_probe, trunk_description
-from .synthetic import SHAPE_CLASSES, render, write_image_folder
-from .runs import silent
-from .train import (
-    DEMO_RUN_DIR,
-    MODEL_DIR,
-    TrainConfig,
-    finished_pretraining,
-    load_pretraining_checkpoint,
-    loss_records,
-    pretrain,
-)
-from .visualize import compose_figure, draw_loss_curve, prediction_panel, save_png
+from ..models.config import AIMConfig, get_config
+from ..data import ImageFolder, load_splits
+from ..fileio import write_json
+from ..models.model import AIM, build_model
+from ..training.probe import ProbeConfig, train_probe, trunk_description
+from ..data.synthetic import SHAPE_CLASSES, render, write_image_folder
+from ..training.runs import silent
+from ..checkpoints.run_folders import DEMO_RUN_DIR, MODEL_DIR
+from ..training.pretrain import TrainConfig, finished_pretraining, load_pretraining_checkpoint, loss_records, pretrain
+from ..tasks.visualize import compose_figure, draw_loss_curve, prediction_panel, save_png
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 # The bundled sample images for `--model`: synthetic shapes at 128 px, drawn by `write_sample_images`.
 SAMPLE_CLASSES = ("disc", "ring", "star", "stripes", "checkerboard", "dots")
 SAMPLE_SIZE = 128
@@ -76,7 +69,7 @@ SAMPLE_SEED = 7
 class DemoConfig:
     """Everything that decides the demo's numbers: data, model, pre-training and probe budgets."""
 
-    # Data: the synthetic shapes (`mlx_aim.synthetic`), drawn once into an image folder.
+    # Data: the synthetic shapes (`mlx_aim.data.synthetic`), drawn once into an image folder.
     image_size: int = 32
     num_classes: int = 10
     num_train: int = 4000  # pre-training images, and the pool of the probe's training images
@@ -310,7 +303,7 @@ def sample_images() -> list[Path]:
     found = sorted(ASSETS.glob("sample_*.png"))
     if not found:
         raise FileNotFoundError(f"{ASSETS}: no sample_*.png images; the package data is incomplete "
-                                "(reinstall mlx-aim, or regenerate them with mlx_aim.demo.write_sample_images)")
+                                "(reinstall mlx-aim, or regenerate them with mlx_aim.apps.demo.write_sample_images)")
     return found
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .backend import LayerNorm, Linear, attention, gelu, prepare_mask, silu
+from ..backend import LayerNorm, Linear, attention, gelu, prepare_mask, silu
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
