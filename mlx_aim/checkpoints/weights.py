@@ -1,8 +1,8 @@
 """Weights I/O: checkpoint layouts mapped onto the MLX model, strict key and shape checks, and model folders
 written one tensor at a time.
 
-Our parameter names are Apple's keys. Checkpoints hold the same weights in three layouts (`LAYOUTS`;
-AIMV2-REFERENCE.md, "Checkpoint layouts"):
+Our parameter names are Apple's keys. Checkpoints hold the same weights in three layouts (`LAYOUTS`; Apple's
+apple/ml-aim `aim-v2/aim/v2/torch/models.py` and transformers' `models/aimv2/modeling_aimv2.py` name them):
 
 - "mlx": Apple's keys in MLX's layouts (patch conv OHWI): our model folders, Apple's `mlx_model.safetensors`;
 - "torch": Apple's keys in PyTorch's layouts (patch conv OIHW): AIM's `.pth`, `.bin` and hub files, AIMv2's

@@ -15,8 +15,8 @@ The defaults, per family, where no file ships:
   patch conv of Apple's and transformers' models reads from the uncropped image, so tokens match theirs; a
   centered crop would shift every patch), refused past `max_patches` (default `MAX_PATCHES`).
 
-Where the sources disagree (AIMV2-REFERENCE.md, "Preprocessing"): the hub files use CLIP mean/std and crop
-ratio 1.0; Apple's ml-aim README evaluates AIMv2 with AIM v1's transform (ImageNet mean/std, ratio 0.875); the
+Where the sources disagree: the hub's preprocessor_config.json files use CLIP mean/std and crop ratio 1.0; Apple's
+ml-aim README evaluates AIMv2 with AIM v1's transform (ImageNet mean/std, ratio 0.875); the
 released training configs (apple/ml-l3m) normalise with ImageNet statistics. We follow the file that ships
 with the weights, and the hub file's settings where none does. A native checkpoint's file contributes its
 colour settings only: native means no resize and no crop, whatever geometry the file names.

@@ -67,7 +67,7 @@ class _TrunkConfig:
 
     def with_probe_layers(self, probe_layers: ProbeLayers):
         """This config reading other blocks: "last" (the final 6), "best" (a released model's best layers,
-        AIM-REFERENCE.md; the final 6 for a preset that names none) or block indices; None keeps them."""
+        apple/ml-aim's `aim-v1` README; the final 6 for a preset that names none) or block indices; None keeps them."""
         if probe_layers is None:
             return self
         if probe_layers == "last":
@@ -245,8 +245,8 @@ class AIMConfig(_TrunkConfig):
 
 @dataclass
 class AIMv2Config(_TrunkConfig):
-    """Everything needed to build an AIMv2 vision encoder (AIMV2-REFERENCE.md). Saved as `config.json` next to
-    the weights, with "model_type": "aimv2"."""
+    """Everything needed to build an AIMv2 vision encoder (arXiv 2411.14402; apple/ml-aim `aim-v2/`). Saved as
+    `config.json` next to the weights, with "model_type": "aimv2"."""
 
     name: Optional[str] = None
     # None: native resolution (any size whose sides are multiples of the patch size, up to `max_patches`).
@@ -333,7 +333,7 @@ class AIMv2Config(_TrunkConfig):
 
 @dataclass
 class AIMv2LiTConfig:
-    """AIMv2-LiT (aimv2-large-patch14-224-lit, AIMV2-REFERENCE.md "LiT"): its image encoder's `AIMv2Config`, the
+    """AIMv2-LiT (aimv2-large-patch14-224-lit, the hub model card): its image encoder's `AIMv2Config`, the
     causal text tower's fields and the shared embedding's size. Saved as `config.json` with "model_type":
     "aimv2_lit" and the image encoder's config under "image"."""
 
@@ -427,7 +427,7 @@ class _Preset(NamedTuple):
     best: Optional[list[int]]  # best probe layers; None: the final 6 blocks ("last" always is)
 
 
-# AIMv2's released encoders (AIMV2-REFERENCE.md), by trunk size.
+# AIMv2's released encoders (the apple/aimv2-* hub configs), by trunk size.
 _AIMV2_TRUNKS = {
     "large": dict(width=1024, depth=24, num_heads=8, hidden_dim=2816),
     "huge": dict(width=1536, depth=24, num_heads=12, hidden_dim=4096),
