@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (the device tool), from the repository root, in two calls while the machine stays warm:
-#   bash benchmarks/gpu_check.sh stage    # carry .gpu/a: keeps the CUDA wheel's first half in /tmp
-#   bash benchmarks/gpu_check.sh run      # carry .gpu/b: joins it, installs MLX, runs the benchmarks, then the tests
-# Sized for one call of at most 600 s (timeout_s=590): about 60 s of set-up, 6 benchmarks of at most 60 s, the suite
-# cut off at 170 s (its log says how far it got).
-# .gpu/ is made here by benchmarks/gpu_prepare.sh. Results land in $OUT: pytest.log, bench-*.json, summary.txt.
+# On a machine with an NVIDIA GPU and CUDA (docs/gpu.md), from the repository root, one after the other there:
+#   bash benchmarks/gpu_check.sh stage    # needs .gpu/a: keeps the CUDA wheel's first half in /tmp
+#   bash benchmarks/gpu_check.sh run      # needs .gpu/b: joins it, installs MLX, runs the benchmarks, then the tests
+# Sized to finish within 600 s: about 60 s of set-up, 6 benchmarks of at most 60 s, the suite cut off at 170 s (its
+# log says how far it got).
+# .gpu/ is made beforehand by benchmarks/gpu_prepare.sh. Results land in $OUT: pytest.log, bench-*.json, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=/tmp/mlx-gpu

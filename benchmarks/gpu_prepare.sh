@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Here (a machine that reaches PyPI), from the repository root: fetch what benchmarks/gpu_check.sh needs on the lent
-# GPU machine (Python 3.12, CUDA 13, PyTorch 2.11, no MLX, no registry) into .gpu/, ignored by git:
-#   .gpu/a/  the first half of MLX's CUDA wheel (mlx-cuda-13, ~90 MB: over one call's 64 MiB carry limit)
+# On a machine that reaches PyPI, from the repository root: fetch what benchmarks/gpu_check.sh needs on the GPU
+# machine (Python 3.12, CUDA 13, PyTorch 2.11, no MLX, no registry) into .gpu/, ignored by git:
+#   .gpu/a/  the first half of MLX's CUDA wheel (mlx-cuda-13, ~90 MB, kept in two halves of under 64 MiB each)
 #   .gpu/b/  its second half and the small wheels (mlx itself, nanobind for building the native kernels there, the
 #            pinned transformers and openai-clip the tests use)
-# Then run gpu_check.sh in two device calls, as README.md (Performance, "The GPU path") says.
+# Then copy the clone to the GPU machine and run gpu_check.sh stage, then run, there, as docs/gpu.md says.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MLX_VERSION=$(python3 -c "import re; print(re.search(r'mlx\[cpu\]==([0-9.]+)', open('pyproject.toml').read())[1])")

@@ -5,7 +5,7 @@
 // the stream's thread); inside that task a small pool splits the rows or elements over the cores. The loops are
 // plain float code written for auto-vectorisation and compiled once per instruction set (AVX-512, AVX2+FMA,
 // baseline) with GCC's target_clones on x86-64 Linux, the clone picked at load time from the running CPU.
-// float32 only: mlx_aim.native casts other dtypes. Built by setup.py (CMakeLists.txt beside this file).
+// float32 only: mlx_aim.backend.native casts other dtypes. Built by setup.py (CMakeLists.txt beside this file).
 
 #include <algorithm>
 #include <array>
@@ -168,7 +168,7 @@ void set_num_threads(int n) {
 // Scalar math, branch-free so the loops vectorise.
 
 // erf(z) ~= z P(z^2) / Q(z^2) for |z| <= 4 (the float32 rational fit Eigen and XLA use), highest power first, turned
-// into Phi(x) = 0.5 + x N(x^2) / D(x^2) as mlx_aim.ops does.
+// into Phi(x) = 0.5 + x N(x^2) / D(x^2) as mlx_aim.backend.ops does.
 constexpr double kErfNum[7] = {-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
                                -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
                                -1.60960333262415e-02};
@@ -622,7 +622,7 @@ std::vector<mx::array> MaskedSoftmax::vjp(const std::vector<mx::array>& primals,
   for (int arg : argnums) {
     if (arg == 0) {
       grads.push_back(softmax_grad(outputs[0], cotangents[0], scale_));
-    } else {  // the mask is a constant, as in mlx_aim.ops.attention
+    } else {  // the mask is a constant, as in mlx_aim.backend.ops.attention
       grads.push_back(mx::zeros_like(primals[arg], stream()));
     }
   }
@@ -751,7 +751,7 @@ std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, con
 
 NB_MODULE(_native_kernels, m) {
   nb::module_::import_("mlx.core");  // registers mx.array's type with nanobind before any call
-  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax) as MLX primitives; see mlx_aim/native.py";
+  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax) as MLX primitives; see mlx_aim/backend/native.py";
   m.attr("built_mlx_version") = MLX_AIM_BUILT_MLX;
   m.attr("isa_dispatch") = bool(MLX_AIM_ISA_DISPATCH);
   m.def("num_threads", [] { return pool().size(); }, "Threads the kernels split their work over.");

@@ -16,7 +16,7 @@ The run (`run_demo`):
 4. writes a PNG with the pre-training loss curve and the model's next-patch predictions on a few
    held-out images.
 
-Decisions made here (measured on a 2-core x86 CPU; the figures are in the README):
+Decisions made here (measured on a 2-core x86 CPU; the figures are in docs/demo.md):
 - The model is aim-tiny's layout scaled down until a few minutes of pre-training on a laptop CPU clearly
   beat a random trunk: 32x32 images in 8x8-pixel patches (a 4x4 grid, 16 tokens), width 64, depth 4,
   4 heads, a 2-block pixel head, 2000 steps of 32 images at lr 2e-3. What mattered was the number of

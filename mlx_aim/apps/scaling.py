@@ -22,7 +22,7 @@ nested subsets drawn in one fixed order) change; every cell runs every seed in `
 fractions (their smallest set under one batch) the data sizes adapt to it (`grid_data_sizes`); `data_sizes` chooses
 them outright. Either way they span at least `MIN_DATA_SPREAD` times, the smallest one batch or more.
 
-Decisions made here (the measured figures are in the README):
+Decisions made here (the measured figures are in docs/findings.md):
 - Capacities are (width, depth) pairs of the demo's layout (8x8-pixel patches on 32 px images, 4 heads, a
   2-block pixel head as wide as the trunk). At 450 steps no pre-trained trunk beat its random initialisation, so
   the default budget is 1500 steps, where pre-training beats it in 8 of 9 cells, on three capacities (an 11x
