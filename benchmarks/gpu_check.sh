@@ -34,7 +34,7 @@ torch.__version__, torch.cuda.get_device_name())"
 
 # The native CPU kernels, built against this MLX (cmake is there): their tests run on this machine's CPU too.
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
-python3 -c "from mlx_aim import native; print('native kernels:', native.available() or native.unavailable_reason())" \
+python3 -c "from mlx_aim.backend import native; print('native kernels:', native.available() or native.unavailable_reason())" \
     | tee -a "$OUT/summary.txt"
 
 # MLX's CUDA backend against PyTorch CUDA on the same weights (scripts/benchmark.py; medians of 10 calls).

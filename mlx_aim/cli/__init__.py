@@ -4,7 +4,8 @@
     python -m mlx_aim.cli.classify --model ...     # one command as a module
     python scripts/classify.py --model ...         # the repository's shims
 
-Commands: classify, extract-features, probe (train | eval), pretrain, convert, demo, benchmark, visualize.
+Commands: classify, zero-shot, extract-features, probe (train | eval), search, pretrain, convert, demo, scaling,
+benchmark, visualize.
 `options.py` holds the options they share, `output.py` how they print and end. One convention for all:
 - exit status 0: done; 1: ran but produced nothing (every image skipped, the loss diverged); 2: usage and
   load errors (bad options, missing files, unreadable checkpoints);
