@@ -18,7 +18,7 @@ from mlx_aim.tasks import search
 from mlx_aim.cli.main import main as mlx_aim_main
 from mlx_aim.cli.search import main as search_main
 from mlx_aim.data import preprocessing_for
-from mlx_aim.tasks.inference import load_features
+from mlx_aim.tasks.features import load_features
 from mlx_aim.tasks.lit import open_lit
 from mlx_aim.tasks.search import SearchIndex, build_index, file_stamp, model_identity
 from mlx_aim.data.synthetic import SyntheticShapes

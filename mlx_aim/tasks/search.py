@@ -42,12 +42,12 @@ from tqdm import tqdm
 
 from ..data import NUM_WORKERS, Preprocessing, Skipped, gather_images, iter_image_batches, preprocessing_for
 from ..fileio import read_json, remove_stale_temporaries, write_json
-from .inference import BATCH_SIZE, SHARD_SIZE, to_numpy
+from .encode import BATCH_SIZE, to_numpy
 from .lit import check_lit, embed_images
 from ..models.model import AIMv2LiT, dtype_name
 from .shards import (
-    INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, remove_shard, shard_number, shard_stem,
-    write_shard,
+    INDEX_NAME, RUN_NAME, SAVE_DTYPES, SHARD_SIZE, read_shard, read_shard_array, remove_shard, shard_number,
+    shard_stem, write_shard,
 )
 
 SEARCH_FORMAT = "mlx-aim-search"

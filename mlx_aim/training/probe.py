@@ -35,7 +35,7 @@ Decisions where the paper is silent:
   the loader position, which is checkpointed).
 - Images are preprocessed as the trunk's checkpoint says (`data.preprocessing_for`). A native-resolution trunk
   keeps each image's own patch grid: its features are computed in batches of one grid; over images of several
-  grids they are ragged (`inference.RaggedTokens`), and training batches then hold one grid each
+  grids they are ragged (`shards.RaggedTokens`), and training batches then hold one grid each
   (`epoch_batches`); augmentation needs a fixed size and is refused there.
 - The schedule (`runs.Schedule`: linear warm-up, cosine to 0) and the optimizer (`runs.adamw`, weight
   decay on matrices only) are the pre-training ones; so are the checkpoints, resume rules and divergence
@@ -68,11 +68,12 @@ from ..data import (
     TrainTransform, is_native, iter_image_batches, load_splits, preprocessing_for,
 )
 from ..fileio import atomic_file, read_json, remove_stale_temporaries, write_json
-from ..tasks.inference import PROBE_INFO, RaggedTokens, to_numpy
+from ..tasks.encode import to_numpy
+from ..tasks.shards import RaggedTokens
 from ..models.layers import AttentionProbe
 from ..models.model import AIM, dtype_name
 from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
-from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR
+from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR, PROBE_INFO
 from ..checkpoints.weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
