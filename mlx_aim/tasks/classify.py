@@ -1,7 +1,8 @@
 """Top-k classification of image files: every image named by the inputs through a classifier, in input order, a file
 that cannot be used skipped and listed (`mlx-aim classify`, `mlx-aim zero-shot`).
 
-- `classify` returns a `ClassifyResult`. Its model is anything that answers `model(images)` with class logits and says
+- `classify` runs the encoding pipeline (`encode.EncodeRun`) with `encode.top_k_classes` into a `TopKRows` sink,
+  and returns a `ClassifyResult`. Its model is anything that answers `model(images)` with class logits and says
   `has_trained_head`: an AIM or AIMv2 with a trained probe head, or a `zeroshot.ZeroShotClassifier`.
 - `class_names` finds the label names that go with a model; `untrained_head_message` says why a trunk without a
   trained head cannot classify.
@@ -10,22 +11,14 @@ that cannot be used skipped and listed (`mlx-aim classify`, `mlx-aim zero-shot`)
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import mlx.core as mx
-import numpy as np
-from tqdm import tqdm
-
 from ..checkpoints.run_folders import PROBE_INFO
-from ..data import (
-    NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native, iter_image_batches, model_family,
-    preprocessing_for,
-)
+from ..data import NUM_WORKERS, Preprocessing, Skipped, imagenet_classes, is_native, model_family, preprocessing_for
 from ..fileio import confined, read_json_object
 from ..models.model import AIM
-from .encode import BATCH_SIZE
+from .encode import BATCH_SIZE, EncodedBatch, EncodeRun, top_k_classes
 
 TOP_K = 5
 
@@ -82,6 +75,29 @@ class ClassifyResult:
         }
 
 
+class TopKRows:
+    """`classify`'s sink: each image's top-k labels with their probabilities, put back in input order."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = labels
+        self.found: dict[int, dict] = {}  # input index -> prediction
+
+    def add(self, batch: EncodedBatch) -> None:
+        classes, probabilities = batch.outputs["classes"].tolist(), batch.outputs["probabilities"].tolist()
+        for index, path, idx, p in zip(batch.indices, batch.paths, classes, probabilities):
+            self.found[index] = {
+                "path": str(path),
+                "top_k": [{"index": i, "label": self.labels[i], "probability": q} for i, q in zip(idx, p)],
+            }
+
+    def close(self, skipped: Skipped) -> None:
+        pass  # the run lists them
+
+    @property
+    def predictions(self) -> list[dict]:
+        return [self.found[index] for index in sorted(self.found)]
+
+
 def classify(
     model: AIM,
     inputs: Sequence,
@@ -107,27 +123,8 @@ def classify(
     if not 1 <= top_k:
         raise ValueError(f"top_k={top_k}: expected a positive integer")
     top_k = min(top_k, num_classes)
-    start = time.perf_counter()
-    skipped = Skipped()
-    paths = gather_images(inputs, skipped)
-    transform = preprocessing or preprocessing_for(model.config)
-    found, model_seconds = {}, 0.0  # input index -> prediction
-    with tqdm(total=len(paths), desc="classify", unit="img", disable=not progress or None) as bar:
-        batches = iter_image_batches(paths, transform, batch_size, skipped, num_workers=num_workers,
-                                     labels=range(len(paths)), group_by_shape=is_native(model.config))
-        for images, batch_paths, indices in batches:
-            tick = time.perf_counter()
-            probs = mx.softmax(model(mx.array(images)).astype(mx.float32), axis=-1)
-            order = mx.argsort(-probs, axis=-1)[:, :top_k]
-            top = mx.take_along_axis(probs, order, axis=-1)
-            mx.eval(order, top)
-            model_seconds += time.perf_counter() - tick
-            for index, path, idx, p in zip(indices, batch_paths, np.asarray(order).tolist(), np.asarray(top).tolist()):
-                found[index] = {
-                    "path": str(path),
-                    "top_k": [{"index": i, "label": labels[i], "probability": q} for i, q in zip(idx, p)],
-                }
-            bar.update(len(batch_paths))
-        bar.update(len(paths) - bar.n)
-    predictions = [found[index] for index in sorted(found)]
-    return ClassifyResult(predictions, skipped, time.perf_counter() - start, model_seconds)
+    run = EncodeRun(preprocessing or preprocessing_for(model.config), batch_size=batch_size, num_workers=num_workers,
+                    group_by_shape=is_native(model.config), progress=progress, desc="classify")
+    rows = TopKRows(labels)
+    run.encode(run.gather(inputs), top_k_classes(model, top_k), rows)
+    return ClassifyResult(rows.predictions, run.skipped, run.seconds, run.model_seconds)
