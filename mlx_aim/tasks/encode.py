@@ -1,7 +1,8 @@
 """The image-encoding pipeline: images in, a model's outputs out as numpy, batch by batch, into a sink.
 
-The jobs that run a model over image files go through it: `classify` (top-k rows). Each gives an encode
-function (a batch of preprocessed images -> named MLX arrays) and a sink; the pipeline does the rest, in one place:
+The jobs that run a model over image files go through it: `classify` (top-k rows) and `extract_features` (feature
+shards). Each gives an encode function (a batch of preprocessed images -> named MLX arrays) and a sink; the pipeline
+does the rest, in one place:
 
 - inputs: `EncodeRun.gather` finds the image files that command-line inputs name (files, folders, globs), an
   input that names none recorded as skipped; `EncodeRun.encode` takes paths or (path, label) samples;
@@ -17,8 +18,9 @@ function (a batch of preprocessed images -> named MLX arrays) and a sink; the pi
   earlier run (`EncodeRun.advance`).
 
 A sink has two methods: `add(batch)`, called once per batch with an `EncodedBatch`, and `close(skipped)`, called
-once after a chunk's last batch with the files left out of it. A sharded job calls `EncodeRun.encode` once
-per shard with a fresh sink, which writes the shard on `close`: a run killed midway keeps the shards it finished.
+once after a chunk's last batch with the files left out of it. A sharded job (`extract_features`) calls
+`EncodeRun.encode` once per shard with a fresh sink, which writes the shard on `close`: a run killed midway keeps
+the shards it finished.
 
 The encode functions of the AIM and AIMv2 models are here (`top_k_classes`, `probe_outputs`): the jobs' only calls
 into their model API. `peak_memory` is the third figure each command reports beside the two timings.

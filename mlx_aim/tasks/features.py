@@ -1,30 +1,27 @@
 """Feature extraction: the probe's features of every image under the inputs, written to a folder in shards
 (`mlx-aim extract-features`), resumable, and read back by `load_features`.
 
-A shard finished by an earlier run with the same settings is reused. The folder's format is that of
-`mlx_aim.tasks.shards`.
+`extract_features` runs the encoding pipeline (`encode.EncodeRun`) with `encode.probe_outputs` once per shard, into
+a `ShardRows` sink that writes the shard (`shards.write_shard`) when it closes; a shard finished by an earlier run
+with the same settings is reused. The folder's format is that of `mlx_aim.tasks.shards`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
-from ..data import NUM_WORKERS, Preprocessing, Skipped, gather_images, is_native, iter_image_batches, preprocessing_for
+from ..data import NUM_WORKERS, Preprocessing, Skipped, is_native, preprocessing_for
 from ..fileio import remove_stale_temporaries, write_json
 from ..models.model import AIM, dtype_name
-from .encode import BATCH_SIZE, to_numpy
+from .encode import BATCH_SIZE, EncodedBatch, EncodeRun, input_order, probe_outputs
 from .shards import (
     FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, SHARD_SIZE, RaggedTokens, read_shard,
     read_shard_array, shard_stem, write_shard,
@@ -116,16 +113,16 @@ def extract_features(
             "or train a probe first"
         )
     kinds = ("embedding", "tokens") if features == "both" else (features,)
-    start = time.perf_counter()
-    out = Path(out)
-    skipped = Skipped()
-    paths = gather_images(inputs, skipped)
-    roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
-    relative = [_relative(p, roots) for p in paths]
     c = model.config
     native = is_native(c)
     transform = preprocessing or preprocessing_for(c)
-    run = {
+    run = EncodeRun(transform, batch_size=batch_size, num_workers=num_workers, group_by_shape=native,
+                    progress=progress, desc="features")
+    out = Path(out)
+    paths = run.gather(inputs)
+    roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
+    relative = [_relative(p, roots) for p in paths]
+    record = {
         "format": FEATURES_FORMAT,
         "version": 1,
         "model": model_name,
@@ -140,57 +137,30 @@ def extract_features(
         "num_files": len(paths),
         "files_sha256": hashlib.sha256("\n".join(relative).encode()).hexdigest(),
     }
-    _prepare_output(out, run, overwrite)
-    num_shards = math.ceil(len(paths) / shard_size)
-    shards, shards_reused, num_new, model_seconds = [], 0, 0, 0.0
-    dtype = SAVE_DTYPES[save_dtype]
-    with tqdm(total=len(paths), desc="features", unit="img", disable=not progress or None) as bar:
-        for k in range(num_shards):
-            lo, hi = k * shard_size, min((k + 1) * shard_size, len(paths))
-            stem = shard_stem(k)
+    _prepare_output(out, record, overwrite)
+    shards, shards_reused = [], 0
+    encode = probe_outputs(model, kinds)
+    with run.progress_bar(len(paths)):
+        for lo in range(0, len(paths), shard_size):
+            hi = min(lo + shard_size, len(paths))
+            stem = shard_stem(lo // shard_size)
             done = read_shard(out, stem)
             if done is not None:
                 for item in done["skipped"]:
-                    skipped.add(item["path"], item["reason"], warn=False)
+                    run.skipped.add(item["path"], item["reason"], warn=False)
                 shards.append(done)
                 shards_reused += 1
-                bar.update(hi - lo)
+                run.advance(hi - lo)
                 continue
-            shard_skipped = Skipped()
-            rows: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}  # one (N, ...) array per image
-            rows_index, grids = [], []
-            batches = iter_image_batches(paths[lo:hi], transform, batch_size, shard_skipped, num_workers=num_workers,
-                                         labels=range(lo, hi), group_by_shape=native)
-            for images, batch_paths, indices in batches:
-                tick = time.perf_counter()
-                tokens = model.probe_features(mx.array(images))
-                outputs = {"tokens": tokens}
-                if "embedding" in kinds:
-                    outputs["embedding"] = model.head.pool(tokens)
-                outputs = {kind: outputs[kind] for kind in kinds}
-                mx.eval(outputs)
-                model_seconds += time.perf_counter() - tick
-                for kind in kinds:
-                    rows[kind] += list(to_numpy(outputs[kind], dtype))
-                rows_index += indices
-                grids += [(images.shape[1] // c.patch_size, images.shape[2] // c.patch_size)] * len(indices)
-                num_new += len(batch_paths)
-                bar.update(len(batch_paths))
-            bar.update(len(shard_skipped))
-            order = np.argsort(rows_index, kind="stable")  # grouped batches come out of input order
-            arrays = {kind: [rows[kind][i] for i in order] for kind in kinds}
-            record = {"paths": [relative[rows_index[i]] for i in order]}
-            if native:
-                record["grids"] = [list(grids[i]) for i in order]
-            shard = write_shard(out, stem, kinds, file_format, arrays, record, shard_skipped.to_list())
-            for path, reason in shard_skipped.items:
-                skipped.add(path, reason, warn=False)
-            shards.append(shard)
+            sink = ShardRows(out, stem, kinds, file_format, SAVE_DTYPES[save_dtype], relative[lo:hi],
+                             c.patch_size if native else None)
+            run.encode(paths[lo:hi], encode, sink)
+            shards.append(sink.shard)
     row = 0
     for shard in shards:
         shard["start"] = row
         row += shard["rows"]
-    index = dict(run, num_rows=row, num_skipped=len(skipped), shards=shards, skipped=skipped.to_list(),
+    index = dict(record, num_rows=row, num_skipped=len(run.skipped), shards=shards, skipped=run.skipped.to_list(),
                  roots=[str(r) for r in roots])
     if "embedding" in kinds:
         index["embedding_shape"] = [c.width]
@@ -199,7 +169,38 @@ def extract_features(
         if native:
             index["tokens_layout"] = "ragged"
     write_json(out / INDEX_NAME, index, indent=1)
-    return ExtractResult(out, index, skipped, time.perf_counter() - start, model_seconds, num_new, shards_reused)
+    return ExtractResult(out, index, run.skipped, run.seconds, run.model_seconds, run.num_encoded, shards_reused)
+
+
+class ShardRows:
+    """`extract_features`' sink for one shard: each kind's rows in the save dtype as they come, written in input
+    order as shard `stem` when the shard closes (`shards.write_shard`; `names`: the shard's inputs' paths as the
+    index records them). With `patch_size` (a native-resolution model) each row's patch grid is recorded too, and
+    its tokens are stored ragged."""
+
+    def __init__(self, out: Path, stem: str, kinds: Sequence[str], file_format: str, dtype, names: Sequence[str],
+                 patch_size: Optional[int] = None):
+        self.out, self.stem, self.kinds, self.file_format, self.dtype = out, stem, kinds, file_format, dtype
+        self.names, self.patch_size = names, patch_size
+        self.rows: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}  # one (N, ...) array per image
+        self.indices: list[int] = []
+        self.grids: list[tuple[int, int]] = []
+        self.shard: Optional[dict] = None  # its record, once written
+
+    def add(self, batch: EncodedBatch) -> None:
+        for kind in self.kinds:
+            self.rows[kind] += list(batch.outputs[kind].astype(self.dtype, copy=False))
+        self.indices += batch.indices
+        if self.patch_size is not None:
+            self.grids += [batch.grid(self.patch_size)] * len(batch)
+
+    def close(self, skipped: Skipped) -> None:
+        order = input_order(self.indices)  # grouped batches come out of input order
+        arrays = {kind: [self.rows[kind][i] for i in order] for kind in self.kinds}
+        record = {"paths": [self.names[self.indices[i]] for i in order]}
+        if self.patch_size is not None:
+            record["grids"] = [list(self.grids[i]) for i in order]
+        self.shard = write_shard(self.out, self.stem, self.kinds, self.file_format, arrays, record, skipped.to_list())
 
 
 def _prepare_output(out: Path, run: dict, overwrite: bool) -> None:
