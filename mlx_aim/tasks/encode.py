@@ -1,8 +1,8 @@
 """The image-encoding pipeline: images in, a model's outputs out as numpy, batch by batch, into a sink.
 
-The jobs that run a model over image files go through it: `classify` (top-k rows) and `extract_features` (feature
-shards). Each gives an encode function (a batch of preprocessed images -> named MLX arrays) and a sink; the pipeline
-does the rest, in one place:
+The jobs that run a model over image files go through it: `classify` (top-k rows), `extract_features` (feature
+shards) and the probe's `compute_features` (its feature cache). Each gives an encode function (a batch of
+preprocessed images -> named MLX arrays) and a sink; the pipeline does the rest, in one place:
 
 - inputs: `EncodeRun.gather` finds the image files that command-line inputs name (files, folders, globs), an
   input that names none recorded as skipped; `EncodeRun.encode` takes paths or (path, label) samples;
