@@ -1,8 +1,9 @@
 """The image-encoding pipeline: images in, a model's outputs out as numpy, batch by batch, into a sink.
 
-The jobs that run a model over image files go through it: `classify` (top-k rows), `extract_features` (feature
-shards) and the probe's `compute_features` (its feature cache). Each gives an encode function (a batch of
-preprocessed images -> named MLX arrays) and a sink; the pipeline does the rest, in one place:
+Every job that runs a model over image files goes through it: `classify` (top-k rows), `extract_features` (feature
+shards), the probe's `compute_features` (its feature cache) and search's `build_index` (index shards). Each gives
+an encode function (a batch of preprocessed images -> named MLX arrays) and a sink; the pipeline does the rest, in
+one place:
 
 - inputs: `EncodeRun.gather` finds the image files that command-line inputs name (files, folders, globs), an
   input that names none recorded as skipped; `EncodeRun.encode` takes paths or (path, label) samples;
@@ -18,12 +19,13 @@ preprocessed images -> named MLX arrays) and a sink; the pipeline does the rest,
   earlier run (`EncodeRun.advance`).
 
 A sink has two methods: `add(batch)`, called once per batch with an `EncodedBatch`, and `close(skipped)`, called
-once after a chunk's last batch with the files left out of it. A sharded job (`extract_features`) calls
-`EncodeRun.encode` once per shard with a fresh sink, which writes the shard on `close`: a run killed midway keeps
-the shards it finished.
+once after a chunk's last batch with the files left out of it. A sharded job (`extract_features`, `build_index`)
+calls `EncodeRun.encode` once per shard with a fresh sink, which writes the shard on `close`: a run killed midway
+keeps the shards it finished.
 
 The encode functions of the AIM and AIMv2 models are here (`top_k_classes`, `probe_outputs`): the jobs' only calls
-into their model API. `peak_memory` is the third figure each command reports beside the two timings.
+into their model API. The LiT's is `lit.embed_images`, which search wraps. `peak_memory` is the third figure each
+command reports beside the two timings.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ weights (`build_model`), or with a head file a probe head on a trunk or a zero-s
 (`zeroshot.ZeroShotClassifier`, which `classify.classify` takes as it takes a model).
 
 It sits above the jobs and zero-shot: zero-shot classification is built on `classify`, and opening a zero-shot head
-is the one thing here that needs `zeroshot`; so the jobs (`classify`, `features`, `search`, the probe's features)
-import neither this module nor `zeroshot`.
+is the one thing here that needs `zeroshot`; so the jobs (`classify`, `features`, `search`, the probe's features) and
+the encoding pipeline under them (`encode`) import neither this module nor `zeroshot`.
 """
 
 from __future__ import annotations
