@@ -5,7 +5,7 @@
   3024x4032 portrait alternating, quality 90. Drawn from a seed once into --workdir and reused.
 - model: a random-weight --preset folder with its head (`write_random_model`); head.* weights load as a trained
   head, so classify accepts it.
-- one process runs `inference.classify` and then `inference.extract_features` (features "embedding") over the
+- one process runs `classify.classify` and then `features.extract_features` (features "embedding") over the
   folder, each reporting end-to-end images/s, model-only images/s (images / model_seconds, the time spent in the
   model's forward) and their ratio: the share of the model's speed the whole pipeline keeps. Decoding runs in the
   data layer's --num-workers threads while the model runs.
@@ -33,7 +33,9 @@ from mlx_aim import platforms
 from mlx_aim.apps.benchmark import machine_info, write_random_model
 from mlx_aim.models.config import get_config
 from mlx_aim.data import NUM_WORKERS, preprocessing_for
-from mlx_aim.tasks.inference import classify, extract_features, open_model
+from mlx_aim.tasks.classify import classify
+from mlx_aim.tasks.features import extract_features
+from mlx_aim.tasks.inference import open_model
 
 CAMERA_SIZE = (4032, 3024)  # a 12-megapixel phone camera; photos alternate landscape and portrait
 JPEG_QUALITY = 90

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # clip_vocab: CLIP's tokenizer files fo
 
 from mlx_aim.apps.benchmark import write_random_model  # noqa: E402
 from mlx_aim.models.config import AIMv2Config, AIMv2LiTConfig  # noqa: E402
-from mlx_aim.tasks.inference import SHARD_SIZE  # noqa: E402
+from mlx_aim.tasks.shards import SHARD_SIZE  # noqa: E402
 from mlx_aim.tasks.search import IndexFolder, file_stamp, index_key  # noqa: E402
 from mlx_aim.data.synthetic import SyntheticShapes  # noqa: E402
 

@@ -151,7 +151,8 @@ def _folder_action(action: str, request: dict) -> None:
         mlx_aim.load(path, head=request.get("head"))
     elif action == "classify":
         from mlx_aim.data import preprocessing_for
-        from mlx_aim.tasks.inference import classify, open_model
+        from mlx_aim.tasks.classify import classify
+        from mlx_aim.tasks.inference import open_model
 
         model = open_model(path)
         classify(model, [request["image"]], num_workers=0, progress=False,

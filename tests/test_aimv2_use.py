@@ -14,7 +14,9 @@ from mlx_aim.cli import classify, demo, extract_features, probe
 from mlx_aim.models.config import MAX_PATCHES, AIMv2Config, get_config
 from mlx_aim.data import PREPROCESSOR_CONFIG, Preprocessing, load_image, preprocessing_for
 from mlx_aim.apps.demo import sample_images
-from mlx_aim.tasks.inference import RaggedTokens, load_features, open_model
+from mlx_aim.tasks.features import load_features
+from mlx_aim.tasks.inference import open_model
+from mlx_aim.tasks.shards import RaggedTokens
 from mlx_aim.models.model import build_model
 from mlx_aim.training.probe import load_head, new_head
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config

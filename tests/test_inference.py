@@ -13,7 +13,11 @@ import mlx_aim
 from mlx_aim.data import (
     Preprocessing, Skipped, eval_transform, gather_images, imagenet_classes, iter_image_batches, preprocessing_for,
 )
-from mlx_aim.tasks.inference import RaggedTokens, classify, extract_features, load_features, open_model, peak_memory
+from mlx_aim.tasks.classify import classify
+from mlx_aim.tasks.encode import peak_memory
+from mlx_aim.tasks.features import extract_features, load_features
+from mlx_aim.tasks.inference import open_model
+from mlx_aim.tasks.shards import RaggedTokens
 from mlx_aim.models.model import build_model
 from conftest import TWIN_TOLERANCE, dequantized_twin, last_json, rel_err, run_script
 from probe_helpers import make_model_folder, native_config, save_image

@@ -305,7 +305,7 @@ def test_checkpoint_folder_stands_for_its_trunk(reference, data, tmp_path):
     """`mlx_aim.load(RUN/checkpoints/step_X)` and the commands' --model read the checkpoint's trunk, leaving out the
     pixel head and saying so: the last checkpoint gives the exported trunk, an earlier one its own weights."""
     from mlx_aim.cli import extract_features as extract_cli
-    from mlx_aim.tasks.inference import load_features
+    from mlx_aim.tasks.features import load_features
     from mlx_aim.checkpoints.loading import open_source
     from mlx_aim.training.pretrain import checkpoint_trunk
 

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 import mlx_aim
 from mlx_aim.data import PREPROCESSOR_CONFIG, ImageFolder, Preprocessing, eval_transform, preprocessing_for
-from mlx_aim.tasks.inference import RaggedTokens
+from mlx_aim.tasks.shards import RaggedTokens
 from mlx_aim.models.model import build_model
 from mlx_aim.training.probe import (
     FeatureSet, ProbeConfig, compute_features, epoch_batches, evaluate, load_head, new_head, probe_forward,

@@ -14,11 +14,11 @@ from PIL import Image
 from conftest import last_json, run_script
 from lit_helpers import write_tiny_lit
 from mlx_aim import load
-from mlx_aim.tasks import search
+from mlx_aim.tasks import encode, search
 from mlx_aim.cli.main import main as mlx_aim_main
 from mlx_aim.cli.search import main as search_main
 from mlx_aim.data import preprocessing_for
-from mlx_aim.tasks.inference import load_features
+from mlx_aim.tasks.features import load_features
 from mlx_aim.tasks.lit import open_lit
 from mlx_aim.tasks.search import SearchIndex, build_index, file_stamp, model_identity
 from mlx_aim.data.synthetic import SyntheticShapes
@@ -227,7 +227,7 @@ def test_unreadable_files_are_listed_and_not_retried_until_they_change(lit, phot
     assert all(item["reason"] and item["size"] > 0 for item in first.index["skipped"])
     seen = counting_embeds(monkeypatch)
     calls = []
-    monkeypatch.setattr(search, "iter_image_batches", lambda paths, *a, **k: calls.append(paths) or iter(()))
+    monkeypatch.setattr(encode, "iter_image_batches", lambda paths, *a, **k: calls.append(paths) or iter(()))
     again = index(model, photos, out, shard_size=4)
     assert (calls, seen, {p for p, _ in again.skipped.items}) == ([], [], bad)  # not read again
     monkeypatch.undo()

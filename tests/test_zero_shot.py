@@ -15,7 +15,8 @@ from mlx_aim.cli import classify as classify_cli
 from mlx_aim.cli import zero_shot as zero_shot_cli
 from mlx_aim.models.config import AIMv2Config
 from mlx_aim.data import imagenet_classes, preprocessing_for
-from mlx_aim.tasks.inference import classify, open_model
+from mlx_aim.tasks.classify import classify
+from mlx_aim.tasks.inference import open_model
 from mlx_aim.models.layers import AttentionProbe
 from mlx_aim.training.probe import save_head
 from mlx_aim.tasks.zeroshot import (

@@ -66,7 +66,7 @@ from .. import platforms
 from ..backend import backend_path
 from ..models.config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, model_config
 from ..data import is_native
-from ..tasks.inference import peak_memory
+from ..tasks.encode import peak_memory
 from ..checkpoints.loading import load, source_config
 from ..models.model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized, parse_dtype
 from ..checkpoints.weights import save_model

@@ -8,7 +8,9 @@ training code.
         model.safetensors              the trunk and its pixel head
         optimizer.safetensors, state.json, config.json
       checkpoint/                      probe training: its latest checkpoint only, replaced at each save
-      model/                           the exported model folder (pre-training: the trunk; probe: trunk and head)
+      probe.json                       probe training: the classes, probe layers, trunk, settings and metrics
+      model/                           the exported model folder (pre-training: the trunk; probe: trunk and head,
+                                       with probe.json, whose classes name the model's)
     DEMO/pretrain/                     a demo run folder holds its pre-training run here
 """
 
@@ -25,6 +27,7 @@ MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"  # pre-training's numbered checkpoints
 PROBE_CHECKPOINT_DIR = "checkpoint"  # the probe's one checkpoint
 TRAIN_CONFIG_NAME = "train_config.json"
+PROBE_INFO = "probe.json"  # written by probe training next to a trained head, read for its class names
 DEMO_RUN_DIR = "pretrain"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from ..data import NUM_WORKERS, preprocessing_for
-from ..tasks.inference import (
-    BATCH_SIZE, PROBE_INFO, TOP_K, ClassifyResult, class_names, classify, open_model, peak_memory,
-)
 from ..checkpoints.loading import local_folder
+from ..checkpoints.run_folders import PROBE_INFO
+from ..tasks.classify import TOP_K, ClassifyResult, class_names, classify
+from ..tasks.encode import BATCH_SIZE, peak_memory
+from ..tasks.inference import open_model
 from ..models.model import dtype_name
 from ..tasks.zeroshot import ZeroShotClassifier
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
@@ -72,7 +73,7 @@ def classify_and_report(
 
 def labels_for(aim, model: str, head: Optional[str]) -> list[str]:
     """The class names: a zero-shot head's labels; a probe head's from the probe.json beside it; else the model's
-    (`inference.class_names`)."""
+    (`classify.class_names`)."""
     if isinstance(aim, ZeroShotClassifier):
         return aim.classes
     if head is not None and (Path(head).parent / PROBE_INFO).is_file():

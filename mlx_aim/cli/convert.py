@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..tasks.inference import peak_memory
+from .. import platforms
 from ..checkpoints.loading import convert
 from .options import add_model_options, add_output_options, quantization
 from .output import EXIT_OK, print_json, run_command
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                   quantize=quantization(args), probe_layers=args.probe_layers, force=args.force,
                   upload_repo=args.upload_repo)
     seconds = time.perf_counter() - start
-    peak_mb = peak_memory()["peak_rss_bytes"] / 1024**2
+    peak_mb = platforms.peak_rss_bytes() / 1024**2
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1024**2
     print(f"wrote {out} ({size_mb:.1f} MB) in {seconds:.1f} s, peak RSS {peak_mb:.0f} MB")
     if args.json:

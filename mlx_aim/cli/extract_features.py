@@ -16,7 +16,10 @@ import sys
 from typing import Optional, Sequence
 
 from ..data import preprocessing_for
-from ..tasks.inference import FEATURE_KINDS, SHARD_SIZE, extract_features, open_model, peak_memory
+from ..tasks.encode import peak_memory
+from ..tasks.features import FEATURE_KINDS, extract_features
+from ..tasks.inference import open_model
+from ..tasks.shards import SHARD_SIZE
 from ..checkpoints.loading import local_folder
 from ..models.model import dtype_name
 from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization

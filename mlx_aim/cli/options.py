@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from ..models.config import MAX_PATCHES, parse_probe_layers
 from ..data import NUM_WORKERS
-from ..tasks.inference import BATCH_SIZE
+from ..tasks.encode import BATCH_SIZE
 from ..models.model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_quantize
 
 MODEL_HELP = ("preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model), pre-training run folder "

@@ -61,7 +61,7 @@ def format_bytes(n: float) -> str:
 
 
 def memory_line(memory: dict) -> str:
-    """The readable form of `inference.peak_memory()`."""
+    """The readable form of `encode.peak_memory()`."""
     return (f"peak memory: {format_bytes(memory['peak_rss_bytes'])} resident, "
             f"{format_bytes(memory['peak_mlx_bytes'])} MLX")
 

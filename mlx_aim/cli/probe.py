@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import NUM_WORKERS, preprocessing_for
-from ..tasks.inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
+from ..tasks.encode import BATCH_SIZE, peak_memory
+from ..tasks.inference import open_model
 from ..checkpoints.loading import local_folder
-from ..checkpoints.run_folders import MODEL_DIR
+from ..checkpoints.run_folders import MODEL_DIR, PROBE_INFO
 from ..training.probe import (
     HEAD_FILE, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe, trunk_description,
 )

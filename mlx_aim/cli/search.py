@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import preprocessing_for
-from ..tasks.inference import SHARD_SIZE, peak_memory
+from ..tasks.encode import peak_memory
+from ..tasks.shards import SHARD_SIZE
 from ..tasks.lit import check_lit, embed_texts, open_lit
 from ..checkpoints.loading import load, local_folder
 from ..tasks.search import TOP_K, SearchIndex, build_index, image_query, recorded_run

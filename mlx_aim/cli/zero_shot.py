@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import imagenet_classes, preprocessing_for
-from ..tasks.inference import TOP_K, classify
+from ..tasks.classify import TOP_K, classify
 from ..tasks.lit import open_lit
 from ..checkpoints.loading import local_folder
 from ..tasks.zeroshot import (

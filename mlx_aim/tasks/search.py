@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -38,16 +37,15 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
-from ..data import NUM_WORKERS, Preprocessing, Skipped, gather_images, iter_image_batches, preprocessing_for
+from ..data import NUM_WORKERS, Preprocessing, Skipped, gather_images, preprocessing_for
 from ..fileio import read_json, remove_stale_temporaries, write_json
-from .inference import BATCH_SIZE, SHARD_SIZE, to_numpy
+from .encode import BATCH_SIZE, EncodedBatch, EncodeRun, to_numpy
 from .lit import check_lit, embed_images
 from ..models.model import AIMv2LiT, dtype_name
 from .shards import (
-    INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, remove_shard, shard_number, shard_stem,
-    write_shard,
+    INDEX_NAME, RUN_NAME, SAVE_DTYPES, SHARD_SIZE, read_shard, read_shard_array, remove_shard, shard_number,
+    shard_stem, write_shard,
 )
 
 SEARCH_FORMAT = "mlx-aim-search"
@@ -296,11 +294,11 @@ def build_index(
     (default float32, or the index's). A model other than the index's is refused (`check_identity`)."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size}, shard_size={shard_size}: expected positive integers")
-    start = time.perf_counter()
     model = check_lit(model, model_name)
     transform = preprocessing or preprocessing_for(model.config.image)
+    run = EncodeRun(transform, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="index")
     folder = IndexFolder(out, model_identity(model, model_name, transform), save_dtype)
-    skipped, bad_inputs = Skipped(), Skipped()
+    bad_inputs = Skipped()
     files: dict[str, Stamp] = {}
     for path in gather_images(inputs, bad_inputs):
         try:
@@ -311,37 +309,41 @@ def build_index(
     for shard, rows, bad in plan.carry:
         folder.carry(shard, rows, bad)
     for item in plan.known_bad:
-        skipped.add(item["path"], item["reason"], warn=False)
+        run.skipped.add(item["path"], item["reason"], warn=False)
     todo = sorted(plan.embed)
-    model_seconds, num_embedded = 0.0, 0
-    with tqdm(total=len(todo), desc="index", unit="img", disable=not progress or None) as bar:
+
+    def encode(images):
+        return {KIND: embed_images(model, images)}
+
+    with run.progress_bar(len(todo)):
         for lo in range(0, len(todo), shard_size):
-            chunk = todo[lo : lo + shard_size]
-            shard_skipped = Skipped()
-            paths, embeddings = [], []
-            batches = iter_image_batches([Path(p) for p in chunk], transform, batch_size, shard_skipped,
-                                         num_workers=num_workers)
-            for images, batch_paths, _ in batches:
-                tick = time.perf_counter()
-                embedding = embed_images(model, mx.array(images))
-                mx.eval(embedding)
-                model_seconds += time.perf_counter() - tick
-                paths += [str(p) for p in batch_paths]
-                embeddings += list(to_numpy(embedding))
-                num_embedded += len(batch_paths)
-                bar.update(len(batch_paths))
-            bar.update(len(shard_skipped))
-            bad = [{"path": p, "reason": r, "size": plan.embed[p][0], "mtime_ns": plan.embed[p][1]}
-                   for p, r in shard_skipped.items]
-            folder.add_shard(paths, [plan.embed[p] for p in paths], embeddings, bad)
-            for path, reason in shard_skipped.items:
-                skipped.add(path, reason, warn=False)
+            run.encode(todo[lo : lo + shard_size], encode, IndexShard(folder, plan.embed))
     for path, reason in bad_inputs.items:
-        skipped.add(path, reason, warn=False)
+        run.skipped.add(path, reason, warn=False)
     extra = {"model": model_name, "inputs": [index_key(i) for i in inputs], "skipped_inputs": bad_inputs.to_list()}
     index = folder.finish(plan.keep, plan.dead, extra)
-    return IndexResult(folder.folder, index, skipped, time.perf_counter() - start, model_seconds, num_embedded,
+    return IndexResult(folder.folder, index, run.skipped, run.seconds, run.model_seconds, run.num_encoded,
                        plan.num_reused, plan.num_dropped)
+
+
+class IndexShard:
+    """`build_index`'s sink for one shard: the rows' index keys and embeddings as they come (in input order: a LiT
+    takes one image size), added to the index folder as a finished shard when it closes, with the unreadable files
+    and their `stamps` (index key -> stamp)."""
+
+    def __init__(self, folder: IndexFolder, stamps: Mapping[str, Stamp]):
+        self.folder, self.stamps = folder, stamps
+        self.paths: list[str] = []
+        self.embeddings: list[np.ndarray] = []
+
+    def add(self, batch: EncodedBatch) -> None:
+        self.paths += [str(p) for p in batch.paths]
+        self.embeddings += list(batch.outputs[KIND])
+
+    def close(self, skipped: Skipped) -> None:
+        bad = [{"path": p, "reason": r, "size": self.stamps[p][0], "mtime_ns": self.stamps[p][1]}
+               for p, r in skipped.items]
+        self.folder.add_shard(self.paths, [self.stamps[p] for p in self.paths], self.embeddings, bad)
 
 
 # ---------------------------------------------------------------------------------------------------

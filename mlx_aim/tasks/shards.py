@@ -8,7 +8,8 @@ A shard is rows of one or more feature kinds ("embedding", "tokens") plus its re
 The arrays are written first, each atomically (`fileio.atomic_file`), and the record last: a shard whose record
 is there is finished, so a killed run keeps every shard it finished. What a record holds besides the name, row
 count, files and skipped inputs is the writer's (`extract_features`: the rows' paths and grids; search: the
-rows' paths, sizes and modification times).
+rows' paths, sizes and modification times). A native-resolution model's tokens are stored ragged, read back as
+`RaggedTokens`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,41 @@ INDEX_NAME = "index.json"  # written at the end of a run: every shard, in order
 RUN_NAME = "run.json"  # written at the start of a run: its settings, which a resumed run must share
 SAVE_DTYPES = {"float32": np.float32, "float16": np.float16}
 FILE_FORMATS = ("npy", "safetensors")
+SHARD_SIZE = 1024  # rows a shard, the default of the writers and their command lines
+
+
+class RaggedTokens:
+    """Token rows of different lengths, as a native-resolution model gives them: row i is the (N_i, D) tokens
+    of a `grids[i]` = (rows, cols) patch grid (N_i = rows * cols, row by row), stored one after another in
+    `tokens` (sum of N_i, D), a numpy array or a memory map. `ragged[i]` is row i; `len` counts rows."""
+
+    def __init__(self, tokens: np.ndarray, grids: Sequence[Sequence[int]]):
+        self.tokens = tokens
+        self.grids = [(int(h), int(w)) for h, w in grids]
+        self.offsets = np.concatenate([[0], np.cumsum([h * w for h, w in self.grids], dtype=np.int64)])
+        if tokens.ndim != 2 or tokens.shape[0] != self.offsets[-1]:
+            raise ValueError(f"ragged tokens: {tuple(tokens.shape)} does not hold the {self.offsets[-1]} tokens "
+                             f"of {len(self.grids)} grids")
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def take(self, indices: Sequence[int]) -> np.ndarray:
+        """Rows `indices`, all of one grid, stacked: (len(indices), N, D)."""
+        grids = {self.grids[i] for i in indices}
+        if len(grids) > 1:
+            raise ValueError(f"ragged tokens: rows of different grids {sorted(grids)} cannot be stacked")
+        return np.stack([self[i] for i in indices])
+
+    def by_grid(self) -> dict[tuple[int, int], np.ndarray]:
+        """Row indices per grid, in row order; grids in order of first appearance."""
+        found: dict[tuple[int, int], list[int]] = {}
+        for i, grid in enumerate(self.grids):
+            found.setdefault(grid, []).append(i)
+        return {grid: np.asarray(rows, np.int64) for grid, rows in found.items()}
 
 
 def shard_stem(index: int) -> str:

@@ -10,7 +10,7 @@ times the model's logit scale, as CLIP classifies, with no probe to train.
 - `ZeroShotHead`: those class embeddings with the logit scale, the labels, the templates and the model they came
   from (`build_head`); `save` writes a safetensors head file, `read_zero_shot_head` reads it back, and
   `is_zero_shot_head` tells it from a probe head file by its metadata.
-- `ZeroShotClassifier`: a LiT's image side with a head, shaped as `inference.classify` takes a model
+- `ZeroShotClassifier`: a LiT's image side with a head, shaped as `classify.classify` takes a model
   (`config.num_classes`, `has_trained_head`, `classifier(images) -> logits`); `open_zero_shot` opens a saved head
   on its LiT without the text tower (`load(..., text_tower=False)`), so classifying costs what the image side does.
 
@@ -262,7 +262,7 @@ def read_zero_shot_head(path: str | os.PathLike) -> ZeroShotHead:
 
 
 class ZeroShotClassifier:
-    """A LiT's image side with a zero-shot head, shaped as `inference.classify` takes a model: `config` is the
+    """A LiT's image side with a zero-shot head, shaped as `classify.classify` takes a model: `config` is the
     image encoder's with `num_classes` the head's label count (what preprocessing reads), `has_trained_head` is
     True, and `classifier(images)` gives (B, C) logits, logit_scale × the cosine similarity of each image to each
     class embedding (softmax over them: the label probabilities)."""

@@ -35,7 +35,7 @@ Decisions where the paper is silent:
   the loader position, which is checkpointed).
 - Images are preprocessed as the trunk's checkpoint says (`data.preprocessing_for`). A native-resolution trunk
   keeps each image's own patch grid: its features are computed in batches of one grid; over images of several
-  grids they are ragged (`inference.RaggedTokens`), and training batches then hold one grid each
+  grids they are ragged (`shards.RaggedTokens`), and training batches then hold one grid each
   (`epoch_batches`); augmentation needs a fixed size and is refused there.
 - The schedule (`runs.Schedule`: linear warm-up, cosine to 0) and the optimizer (`runs.adamw`, weight
   decay on matrices only) are the pre-training ones; so are the checkpoints, resume rules and divergence
@@ -65,14 +65,15 @@ from tqdm import tqdm
 from ..models.config import check_int_fields, strict_from_dict
 from ..data import (
     NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped,
-    TrainTransform, is_native, iter_image_batches, load_splits, preprocessing_for,
+    TrainTransform, is_native, load_splits, preprocessing_for,
 )
 from ..fileio import atomic_file, read_json, remove_stale_temporaries, write_json
-from ..tasks.inference import PROBE_INFO, RaggedTokens, to_numpy
+from ..tasks.encode import EncodedBatch, EncodeRun, probe_outputs
+from ..tasks.shards import RaggedTokens
 from ..models.layers import AttentionProbe
 from ..models.model import AIM, dtype_name
 from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
-from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR
+from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR, PROBE_INFO
 from ..checkpoints.weights import read_safetensors, save_model
 
 PROBE_FORMAT = "mlx-aim-probe"
@@ -208,9 +209,10 @@ def compute_features(
         if found is not None:
             return found
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+    run = EncodeRun(transform, batch_size=batch_size, num_workers=num_workers, group_by_shape=is_native(c),
+                    progress=progress, desc=desc)
     if is_native(c):
-        return _native_features(model, samples, transform, batch_size, np_dtype, num_workers, cache_file, meta,
-                                progress, desc)
+        return _native_features(model, samples, run, np_dtype, cache_file, meta)
     shape = (len(samples), c.num_patches, c.width)
     writing = atomic_file(cache_file) if cache_file is not None else contextlib.nullcontext()
     with writing as tmp:
@@ -218,26 +220,17 @@ def compute_features(
             features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
         else:
             features = np.empty(shape, np_dtype)
-        skipped = Skipped()
-        labels, paths, row = [], [], 0
-        with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
-            batches = iter_image_batches([p for p, _ in samples], transform, batch_size, skipped,
-                                         num_workers=num_workers, labels=[l for _, l in samples])
-            for images, batch_paths, batch_labels in batches:
-                feats = _checked(to_numpy(model.probe_features(mx.array(images)), np.float32), np_dtype)
-                features[row : row + len(feats)] = feats
-                row += len(feats)
-                labels += batch_labels
-                paths += [str(p) for p in batch_paths]
-                bar.update(len(batch_paths))
-            bar.update(len(samples) - bar.n)
+        rows = FeatureRows(features, np_dtype)
+        run.encode(samples, probe_outputs(model), rows)
         if tmp is not None:
             features.flush()
-            del features  # closes the map before the rename
+            del features
+            rows.features = None  # closes the map before the rename
+    row, labels, paths = rows.count, rows.labels, rows.paths
     if cache_file is None:
-        return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, skipped)
+        return FeatureSet(features[:row], np.asarray(labels, np.int64), paths, run.skipped)
     _write_json(cache_file.with_suffix(".json"),
-                dict(meta, rows=row, labels=labels, paths=paths, skipped=skipped.to_list()))
+                dict(meta, rows=row, labels=labels, paths=paths, skipped=run.skipped.to_list()))
     return _read_cached(cache_file, meta)
 
 
@@ -250,24 +243,52 @@ def _checked(feats: np.ndarray, np_dtype) -> np.ndarray:
     return feats
 
 
-def _native_features(model: AIM, samples: list[tuple[Path, int]], transform: Preprocessing, batch_size: int, np_dtype,
-                     num_workers: int, cache_file: Optional[Path], meta: dict, progress: bool, desc: str) -> FeatureSet:
+class FeatureRows:
+    """`compute_features`' sink for a fixed-size trunk: each batch's probe features written in place into
+    `features` (an (n, N, D) array or memory map of the cache dtype) as they come, in sample order, with their
+    labels and paths; `count` rows so far."""
+
+    def __init__(self, features: np.ndarray, np_dtype):
+        self.features, self.np_dtype = features, np_dtype
+        self.count, self.labels, self.paths = 0, [], []
+
+    def add(self, batch: EncodedBatch) -> None:
+        feats = _checked(batch.outputs["tokens"].astype(np.float32, copy=False), self.np_dtype)
+        self.features[self.count : self.count + len(feats)] = feats
+        self.count += len(feats)
+        self.labels += batch.labels
+        self.paths += [str(p) for p in batch.paths]
+
+    def close(self, skipped: Skipped) -> None:
+        pass  # the run lists them
+
+
+class GridRows:
+    """`compute_features`' sink for a native-resolution trunk: each image's probe features (N_i, D) in the cache
+    dtype with its patch grid, by sample index (batches of one grid come out of sample order)."""
+
+    def __init__(self, np_dtype, patch_size: int):
+        self.np_dtype, self.patch_size = np_dtype, patch_size
+        self.rows: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}  # sample index -> (features (N, D), grid)
+
+    def add(self, batch: EncodedBatch) -> None:
+        feats = _checked(batch.outputs["tokens"].astype(np.float32, copy=False), self.np_dtype)
+        grid = batch.grid(self.patch_size)
+        for index, row in zip(batch.indices, feats.astype(self.np_dtype)):
+            self.rows[index] = (row, grid)
+
+    def close(self, skipped: Skipped) -> None:
+        pass  # the run lists them
+
+
+def _native_features(model: AIM, samples: list[tuple[Path, int]], run: EncodeRun, np_dtype,
+                     cache_file: Optional[Path], meta: dict) -> FeatureSet:
     """`compute_features` for a native-resolution trunk: batches of one patch grid each, gathered in memory (a
     row's token count is known only once its image is read) and put back in sample order. One grid gives an
     (n, N, D) array, as a fixed-size trunk does; several give a `RaggedTokens` (cached with the grids)."""
-    skipped = Skipped()
-    rows: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}  # sample index -> (features (N, D), grid)
-    p = model.config.patch_size
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or None) as bar:
-        batches = iter_image_batches([path for path, _ in samples], transform, batch_size, skipped,
-                                     num_workers=num_workers, labels=range(len(samples)), group_by_shape=True)
-        for images, _, indices in batches:
-            feats = _checked(to_numpy(model.probe_features(mx.array(images)), np.float32), np_dtype)
-            grid = (images.shape[1] // p, images.shape[2] // p)
-            for index, row in zip(indices, feats.astype(np_dtype)):
-                rows[index] = (row, grid)
-            bar.update(len(indices))
-        bar.update(len(samples) - bar.n)
+    found = GridRows(np_dtype, model.config.patch_size)
+    run.encode(samples, probe_outputs(model), found)
+    rows, skipped = found.rows, run.skipped
     order = sorted(rows)
     labels, paths = [samples[i][1] for i in order], [str(samples[i][0]) for i in order]
     grids = [rows[i][1] for i in order]
