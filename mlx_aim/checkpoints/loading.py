@@ -15,7 +15,8 @@ so that neither ever holds two copies of the model.
 
 dtype and quantization are parsed once, where they come in (`load`, `convert`); what lies below takes the parsed
 values (an mx.Dtype or None; a quantization dict or None). A preset is converted once into the cache (`hub.cache_dir`)
-and loaded from there.
+and loaded from there. The model `load` returns records where it came from (`model.source`, a
+`sources.ModelSource`: what was named, its local folder, the files read), so that a caller never works it out again.
 
 A whole LiT checkpoint (both projections; `weights.is_lit`) is read by `load` and `convert` as `AIMv2LiT`, its text
 tower's architecture from its shapes and transformers' config.json; `open_source` reads its image encoder only
@@ -45,14 +46,14 @@ from ..models.model import (
 from ..models.tokenizer import TOKENIZER_FILES
 from . import infer
 from .hub import AIMV2_REVISIONS, APPLE_FILE_STEMS, cache_dir, upload
-from .sources import Located, local_folder, locate, preset_name, resolve_folder, tokenizer_folder
+from .sources import Located, ModelSource, as_list, local_folder, locate, preset_name, resolve_folder, tokenizer_folder
 from .torch_checkpoint import open_torch_checkpoint
 from .weights import (
     cast_weight, check_shapes, detect_layout, is_lit, plan_keys, plan_lit_keys, read_safetensors, save_model,
 )
 
 # Where callers have found them: the hub's pins, the LiT's name, the folder look-ups.
-__all__ = ["AIMV2_REVISIONS", "APPLE_FILE_STEMS", "LIT_NAME", "Source", "Tensor", "cache_dir",
+__all__ = ["AIMV2_REVISIONS", "APPLE_FILE_STEMS", "LIT_NAME", "ModelSource", "Source", "Tensor", "cache_dir",
            "convert", "load", "local_folder", "open_source", "resolve_folder", "source_config", "tokenizer_folder",
            "upload"]
 
@@ -75,6 +76,7 @@ class Source:
     closers: list
     # What ships beside the weights and is carried into a conversion (a preprocessor_config.json).
     extra_files: list[Path] = field(default_factory=list)
+    folder: Optional[Path] = None  # the local folder those are read from (`Located.folder`)
 
     def close(self):
         for close in self.closers:
@@ -164,7 +166,7 @@ def _open(located: Located, probe_layers, lit: bool = False) -> Source:
         description += f" (image encoder only: {len(left_out)} tensors left out, of {', '.join(parts)})"
     beside = (PREPROCESSOR_CONFIG, *TOKENIZER_FILES)  # carried into a conversion: preprocessing, a LiT's tokenizer
     extra = [confined(located.folder, name) for name in beside] if located.folder is not None else []
-    return Source(config, tensors, description, closers, [f for f in extra if f.is_file()])
+    return Source(config, tensors, description, closers, [f for f in extra if f.is_file()], located.folder)
 
 
 def open_source(sources: str | os.PathLike | Sequence, probe_layers=None, lit: bool = False) -> Source:
@@ -316,11 +318,12 @@ def load(
     `head.*` keys) to load over the source's. A source without `head.*` weights (a pre-training export) gets a
     freshly initialised probe, and `model.has_trained_head` is False. text_tower=False: a LiT's text tower and
     text projection are neither read nor built (`AIMv2LiT.drop_text_tower`), for image-only use; other models
-    ignore it.
+    ignore it. The model records where it came from in `model.source` (`sources.ModelSource`).
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
-    preset = preset_name(name_or_path)
+    named = tuple(as_list(name_or_path))
+    preset = preset_name(named)
     if preset is not None:
         name_or_path = _cached_conversion(preset, probe_layers, dtype, quantization)
         dtype = quantization = None
@@ -359,6 +362,7 @@ def load(
         source.close()
     if any(k.startswith("head.") for k in converted):
         model.attach_head(model.head)  # its weights, just loaded, are a trained probe
+    model.source = ModelSource(named, source.folder, source.description)
     return model
 
 

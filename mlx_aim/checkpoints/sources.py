@@ -31,7 +31,8 @@ Folders in a hub layout hold up to three weight files, read in this order, the f
 revisions, beside Apple's remote-code config.json), then `pytorch_model.bin`, then `mlx_model.safetensors` (Apple's
 keys in MLX layouts). The description names the file read and the ones left.
 
-`local_folder` and `tokenizer_folder` answer where a source's files are on this machine without loading it.
+`local_folder` and `tokenizer_folder` answer where a source's files are on this machine without loading it;
+`ModelSource` is what `load` records on a model it loads (`model.source`), so that nobody works it out again.
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ class Located:
     name: Optional[str] = None  # the released AIMv2 name the source stands for
     folder: Optional[Path] = None  # where what ships beside the weights is (preprocessor_config.json)
     drop_prefix: Optional[str] = None  # keys not read (a pre-training checkpoint's pixel head)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: what the caller named, the local folder of what ships beside its weights
+    (preprocessor_config.json, a LiT's tokenizer files; None for loose files in several folders), and the files
+    read. A preset's folder is its converted copy in the cache, which carries those files over."""
+
+    named: tuple[str, ...]
+    folder: Optional[Path]
+    description: str
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.named)
 
 
 def as_list(sources) -> list[str]:
@@ -337,7 +353,8 @@ def local_folder(sources: str | os.PathLike | Sequence) -> Optional[Path]:
     """The local folder that holds a source's files, where what ships beside the weights is read from (a
     preprocessor_config.json: `data.preprocessing_for(config, local_folder(source))`); nothing is downloaded.
     A preset's or hub repo's download in huggingface_hub's cache (None where it is not there, or for AIM's presets,
-    whose files ship nothing beside them); a local folder (a run folder: its model/); loose files' folder."""
+    whose files ship nothing beside them); a local folder (a run folder: its model/); loose files' folder.
+    A model `load` returned knows its own (`model.source.folder`)."""
     named = Named(sources)
     if named.preset is not None:
         return hub.cached_snapshot(named.preset) if named.preset in AIMV2_PRESET_NAMES else None
@@ -353,11 +370,17 @@ def _has_tokenizer(folder: Optional[Path]) -> bool:
     return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def tokenizer_folder(sources: str | os.PathLike | Sequence) -> Path:
-    """The folder of the tokenizer files that ship with a source (an AIMv2-LiT's CLIP tokenizer; `local_folder`
-    says where): the released LiT's or a hub repo's are downloaded on their own (not the weights) when the cache
-    lacks them. FileNotFoundError naming the folder where no tokenizer file is there."""
-    folder = local_folder(sources)
+def tokenizer_folder(sources: str | os.PathLike | Sequence | ModelSource) -> Path:
+    """The folder of the tokenizer files that ship with a source (an AIMv2-LiT's CLIP tokenizer): the loaded
+    model's folder (a `ModelSource`) or the source's `local_folder` where they are there; else the released LiT's
+    or a hub repo's are downloaded on their own (not the weights). FileNotFoundError naming the folder where no
+    tokenizer file is there."""
+    if isinstance(sources, ModelSource):
+        folder, sources = sources.folder, list(sources.named)
+        if not _has_tokenizer(folder):  # e.g. a preset converted before its tokenizer was carried over
+            folder = local_folder(sources)
+    else:
+        folder = local_folder(sources)
     if _has_tokenizer(folder):
         return folder
     named = Named(sources)

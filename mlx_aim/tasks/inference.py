@@ -38,6 +38,7 @@ from ..data import (
 from .. import platforms
 from ..fileio import confined, read_json_object, remove_stale_temporaries, write_json
 from ..checkpoints.loading import load, source_config
+from ..checkpoints.sources import ModelSource, as_list, local_folder
 from ..models.model import AIM, build_model, dtype_name
 from .shards import (
     FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, shard_stem,
@@ -77,7 +78,8 @@ def open_model(
     head: Optional[str | os.PathLike] = None,
 ) -> AIM | ZeroShotClassifier:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
-    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline.
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline. Either records its
+    source in `.source` (`ModelSource`: what was named, the folder of its preprocessor_config.json, ...).
 
     `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
     reads too); a fixed-size model refuses it, having no use for it.
@@ -95,6 +97,8 @@ def open_model(
     if random_init:
         config = source_config(model, probe_layers).replace(quantization=None)
         opened = build_model(config, dtype, quantize, seed=seed)
+        opened.source = ModelSource(tuple(as_list(model)), local_folder(model),
+                                    f"random init (seed {seed}) of the architecture of {model}")
     else:
         opened = load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, head=head)
     if max_patches is not None:
