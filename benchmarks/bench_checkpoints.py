@@ -32,7 +32,7 @@ def write_random_checkpoint(preset: str, folder: Path) -> list[Path]:
     import torch
 
     from mlx_aim.models.config import get_config
-    from mlx_aim.checkpoints.loading import APPLE_FILE_STEMS
+    from mlx_aim.checkpoints.hub import APPLE_FILE_STEMS
 
     c = get_config(preset)
     d, hidden, p = c.width, int(c.width * c.mlp_ratio), c.patch_size

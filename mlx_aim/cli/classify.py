@@ -17,14 +17,13 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from ..data import NUM_WORKERS, preprocessing_for
-from ..checkpoints.loading import local_folder
 from ..checkpoints.run_folders import PROBE_INFO
 from ..tasks.classify import TOP_K, ClassifyResult, class_names, classify
 from ..tasks.encode import BATCH_SIZE, peak_memory
 from ..tasks.inference import open_model
 from ..models.model import dtype_name
 from ..tasks.zeroshot import ZeroShotClassifier
-from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
+from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, precision
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 
@@ -47,7 +46,7 @@ def classify_and_report(
     *,
     top_k: int = TOP_K,
     batch_size: int = BATCH_SIZE,
-    dtype: Optional[str] = None,
+    dtype=None,
     quantize: Optional[dict] = None,
     probe_layers=None,
     num_workers: int = NUM_WORKERS,
@@ -63,7 +62,7 @@ def classify_and_report(
         aim = open_model(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, max_patches=max_patches,
                          head=head)
         # The checkpoint folder's preprocessor_config.json, else the family's default.
-        preprocessing = preprocessing_for(aim.config, local_folder(model))
+        preprocessing = preprocessing_for(aim.config, aim.source.folder)
         names = labels_for(aim, model, head)
     result = classify(aim, inputs, top_k=top_k, batch_size=batch_size, labels=names, num_workers=num_workers,
                       model_name=str(model), progress=progress, preprocessing=preprocessing)
@@ -102,7 +101,7 @@ def report_classification(result: ClassifyResult, aim, *, as_json: bool = False,
 
 def run(args: argparse.Namespace) -> int:
     return classify_and_report(args.model, args.paths, top_k=args.top_k, batch_size=args.batch_size,
-                               dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
+                               **precision(args), probe_layers=args.probe_layers,
                                num_workers=args.num_workers, progress=not args.no_progress, as_json=args.json,
                                max_patches=args.max_patches, head=args.head)
 

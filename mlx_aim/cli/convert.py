@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from .. import platforms
 from ..checkpoints.loading import convert
-from .options import add_model_options, add_output_options, quantization
+from .options import add_model_options, add_output_options, precision
 from .output import EXIT_OK, print_json, run_command
 
 
@@ -38,9 +38,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = convert(args.src[0] if len(args.src) == 1 else args.src, args.out, dtype=args.dtype,
-                  quantize=quantization(args), probe_layers=args.probe_layers, force=args.force,
-                  upload_repo=args.upload_repo)
+    out = convert(args.src[0] if len(args.src) == 1 else args.src, args.out, **precision(args),
+                  probe_layers=args.probe_layers, force=args.force, upload_repo=args.upload_repo)
     seconds = time.perf_counter() - start
     peak_mb = platforms.peak_rss_bytes() / 1024**2
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1024**2

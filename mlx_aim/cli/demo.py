@@ -22,7 +22,7 @@ from ..models.config import AIMV2_PRESET_NAMES, get_config
 from ..apps.demo import DEFAULT, run_demo, sample_images
 from ..tasks.classify import untrained_head_message
 from .classify import classify_and_report
-from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, quantization
+from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, precision
 from .output import EXIT_OK, CommandError, print_json, run_command
 
 
@@ -81,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
         name = released_aimv2(args.model)
         if name is not None:  # refused before a download: no AIMv2 checkpoint holds a head
             raise CommandError(untrained_head_message(get_config(name), args.model))
-        return classify_and_report(args.model, [str(p) for p in sample_images()], top_k=args.top_k, dtype=args.dtype,
-                                   quantize=quantization(args), progress=not args.no_progress, as_json=args.json,
-                                   max_patches=args.max_patches)
+        return classify_and_report(args.model, [str(p) for p in sample_images()], top_k=args.top_k, **precision(args),
+                                   progress=not args.no_progress, as_json=args.json, max_patches=args.max_patches)
     result = run_demo(args.out, args.seed, quick=args.quick, steps=args.steps, force=args.force,
                       progress=not args.no_progress, echo=print)
     print()

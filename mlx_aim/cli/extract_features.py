@@ -20,9 +20,8 @@ from ..tasks.encode import peak_memory
 from ..tasks.features import FEATURE_KINDS, extract_features
 from ..tasks.inference import open_model
 from ..tasks.shards import SHARD_SIZE
-from ..checkpoints.loading import local_folder
 from ..models.model import dtype_name
-from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, quantization
+from .options import MODEL_HELP, add_inference_options, add_output_options, positive_int, precision
 from .output import EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 
@@ -44,9 +43,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Writes the shards and index, prints where and how fast; returns the exit status."""
     with reported_as("cannot load the model"):
-        aim = open_model(args.model, dtype=args.dtype, quantize=quantization(args), probe_layers=args.probe_layers,
-                         max_patches=args.max_patches)
-        preprocessing = preprocessing_for(aim.config, local_folder(args.model))
+        aim = open_model(args.model, **precision(args), probe_layers=args.probe_layers, max_patches=args.max_patches)
+        preprocessing = preprocessing_for(aim.config, aim.source.folder)
     result = extract_features(aim, args.inputs, args.out, features=args.features, shard_size=args.shard_size,
                               file_format=args.file_format, save_dtype=args.save_dtype, batch_size=args.batch_size,
                               num_workers=args.num_workers, model_name=str(args.model), overwrite=args.overwrite,

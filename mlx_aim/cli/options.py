@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 from ..models.config import MAX_PATCHES, parse_probe_layers
 from ..data import NUM_WORKERS
 from ..tasks.encode import BATCH_SIZE
-from ..models.model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_quantize
+from ..models.model import DTYPES, QUANTIZED_BITS, QUANTIZED_GROUP_SIZES, parse_dtype, parse_quantize
 
 MODEL_HELP = ("preset name, hub repo id, MLX model folder (e.g. a probe's OUT/model), pre-training run folder "
               "(its model/) or checkpoint file")
@@ -88,6 +88,12 @@ def quantization(args: argparse.Namespace) -> Optional[dict]:
     if args.quantize is None:
         return None
     return parse_quantize(args.quantize, *([] if args.q_group_size is None else [args.q_group_size]))
+
+
+def precision(args: argparse.Namespace) -> dict:
+    """--dtype, --quantize and --q-group-size parsed once, here, into what `load` and `convert` take:
+    {"dtype": an mx.Dtype or None, "quantize": a quantization dict or None}."""
+    return {"dtype": parse_dtype(args.dtype), "quantize": quantization(args)}
 
 
 def add_max_patches_option(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 from ..data import NUM_WORKERS, preprocessing_for
 from ..tasks.encode import BATCH_SIZE, peak_memory
 from ..tasks.inference import open_model
-from ..checkpoints.loading import local_folder
 from ..checkpoints.run_folders import MODEL_DIR, PROBE_INFO
 from ..training.probe import (
     HEAD_FILE, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe, trunk_description,
@@ -28,7 +27,7 @@ from ..training.probe import (
 from ..training.runs import TrainingDiverged
 from .options import (
     MODEL_HELP, add_config_options, add_max_patches_option, add_model_options, add_output_options, non_negative_int,
-    pair, positive_int, probe_layers, quantization,
+    pair, positive_int, precision, probe_layers,
 )
 from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, reported_as, run_command
 
@@ -106,10 +105,9 @@ def format_metrics(name: str, metrics: Optional[dict]) -> str:
 def train(args: argparse.Namespace, config: ProbeConfig) -> int:
     """`probe train`: trains the head, prints its metrics and where it was saved; returns the exit status."""
     with reported_as("cannot load the model"):
-        trunk_model = open_model(args.model, dtype=args.dtype, quantize=quantization(args),
-                                 probe_layers=args.probe_layers, random_init=args.random_init, seed=config.seed,
-                                 max_patches=args.max_patches)
-        preprocessing = preprocessing_for(trunk_model.config, local_folder(args.model))
+        trunk_model = open_model(args.model, **precision(args), probe_layers=args.probe_layers,
+                                 random_init=args.random_init, seed=config.seed, max_patches=args.max_patches)
+        preprocessing = preprocessing_for(trunk_model.config, trunk_model.source.folder)
     trunk = trunk_description(trunk_model, args.model, args.random_init, config.seed)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
     try:
@@ -151,10 +149,10 @@ def evaluate(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else trunk_source(args.head, info)
     head_path = Path(args.head) / HEAD_FILE
     with reported_as("cannot load the model and head"):
-        aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"],
+        aim = open_model(model, **precision(args), probe_layers=info["probe_layers"],
                          max_patches=args.max_patches)
         aim.attach_head(load_head(head_path, aim))
-        preprocessing = preprocessing_for(aim.config, local_folder(model))
+        preprocessing = preprocessing_for(aim.config, aim.source.folder)
     config = info.get("config", {})
     metrics, skipped = evaluate_probe(aim, args.data, info["classes"], split=args.split,
                                       val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),

@@ -27,10 +27,10 @@ from ..data import preprocessing_for
 from ..tasks.encode import peak_memory
 from ..tasks.shards import SHARD_SIZE
 from ..tasks.lit import check_lit, embed_texts, open_lit
-from ..checkpoints.loading import load, local_folder
+from ..checkpoints.loading import load
 from ..tasks.search import TOP_K, SearchIndex, build_index, image_query, recorded_run
 from ..tasks.visualize import draw_contact_sheet, save_png
-from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
+from .options import add_batching_options, add_model_options, add_output_options, positive_int, precision
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 LIT_HELP = ("the AIMv2-LiT: aimv2-large-patch14-224-lit, a hub repo id or a converted folder (with its tokenizer "
@@ -73,11 +73,10 @@ def model_name(text: str) -> str:
 def load_settings(args: argparse.Namespace, recorded: Optional[dict]) -> dict:
     """dtype and quantization for loading the model: the options given, else the index's, so a re-run or a
     query loads the model as the index was built."""
-    recorded = recorded or {}
-    quantize = quantization(args)
-    if quantize is None:
-        quantize = (recorded.get("model_config") or {}).get("quantization")
-    return {"dtype": args.dtype or recorded.get("model_dtype"), "quantize": quantize}
+    recorded, given = recorded or {}, precision(args)
+    if given["quantize"] is None:
+        given["quantize"] = (recorded.get("model_config") or {}).get("quantization")
+    return {"dtype": given["dtype"] or recorded.get("model_dtype"), "quantize": given["quantize"]}
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -92,7 +91,7 @@ def run_index(args: argparse.Namespace) -> int:
     name = model_name(name)
     with reported_as(f"cannot load the model {name}"):
         model = check_lit(load(name, **load_settings(args, recorded), text_tower=False), name)  # image side only
-        preprocessing = preprocessing_for(model.config.image, local_folder(name))
+        preprocessing = preprocessing_for(model.config.image, model.source.folder)
     result = build_index(model, inputs, args.out, model_name=name, preprocessing=preprocessing,
                          batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
                          save_dtype=args.save_dtype, progress=not args.no_progress)
@@ -127,7 +126,7 @@ def run_query(args: argparse.Namespace) -> int:
                 model, tokenizer = open_lit(name, **settings)
             else:
                 model, tokenizer = check_lit(load(name, **settings, text_tower=False), name), None
-            preprocessing = preprocessing_for(model.config.image, local_folder(name))
+            preprocessing = preprocessing_for(model.config.image, model.source.folder)
         model_seconds += time.perf_counter() - tick
         return model, tokenizer, preprocessing
 

@@ -22,12 +22,11 @@ from typing import Optional, Sequence
 from ..data import imagenet_classes, preprocessing_for
 from ..tasks.classify import TOP_K, classify
 from ..tasks.lit import open_lit
-from ..checkpoints.loading import local_folder
 from ..tasks.zeroshot import (
     ZeroShotClassifier, build_head, check_labels, default_templates, read_labels, read_templates,
 )
 from .classify import report_classification
-from .options import add_batching_options, add_model_options, add_output_options, positive_int, quantization
+from .options import add_batching_options, add_model_options, add_output_options, positive_int, precision
 from .output import EXIT_OK, CommandError, print_json, reported_as, run_command
 
 
@@ -68,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.save_head is not None and not Path(args.save_head).resolve().parent.is_dir():
         raise CommandError(f"--save-head {args.save_head}: its folder does not exist")
     with reported_as("cannot load the model"):
-        model, tokenizer = open_lit(args.model, dtype=args.dtype, quantize=quantization(args))
-        preprocessing = preprocessing_for(model.config.image, local_folder(args.model))
+        model, tokenizer = open_lit(args.model, **precision(args))
+        preprocessing = preprocessing_for(model.config.image, model.source.folder)
     head = build_head(model, tokenizer, labels, templates, model_name=args.model, progress=not args.no_progress)
     fields = {"model": args.model, "num_labels": len(labels), "num_templates": len(templates),
               "templates": args.templates or "clip-imagenet-80"}

@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 from ..checkpoints.loading import load, source_config
+from ..checkpoints.sources import ModelSource, as_list, local_folder
 from ..data import is_native
 from ..models.model import AIM, build_model
 from .zeroshot import ZeroShotClassifier, is_zero_shot_head, open_zero_shot
@@ -32,7 +33,8 @@ def open_model(
     head: Optional[str | os.PathLike] = None,
 ) -> AIM | ZeroShotClassifier:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
-    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline.
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline. Either records its
+    source in `.source` (`ModelSource`: what was named, the folder of its preprocessor_config.json, ...).
 
     `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
     reads too); a fixed-size model refuses it, having no use for it.
@@ -50,6 +52,8 @@ def open_model(
     if random_init:
         config = source_config(model, probe_layers).replace(quantization=None)
         opened = build_model(config, dtype, quantize, seed=seed)
+        opened.source = ModelSource(tuple(as_list(model)), local_folder(model),
+                                    f"random init (seed {seed}) of the architecture of {model}")
     else:
         opened = load(model, dtype=dtype, quantize=quantize, probe_layers=probe_layers, head=head)
     if max_patches is not None:

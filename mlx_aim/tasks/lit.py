@@ -16,16 +16,18 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.loading import load, tokenizer_folder
+from ..checkpoints.loading import load
+from ..checkpoints.sources import ModelSource, tokenizer_folder
 from ..models.model import AIMv2LiT, normalized
 from ..models.tokenizer import CLIPTokenizer
 
 TEXT_BATCH_SIZE = 64
 
 
-def load_tokenizer(source: str | os.PathLike | Sequence) -> CLIPTokenizer:
+def load_tokenizer(source: str | os.PathLike | Sequence | ModelSource) -> CLIPTokenizer:
     """The CLIP tokenizer that ships with a LiT source: anything `mlx_aim.load` takes (the released name, a hub repo
-    id, a transformers or converted folder; `loading.tokenizer_folder` finds the files)."""
+    id, a transformers or converted folder), or a loaded LiT's `model.source`; `sources.tokenizer_folder` finds the
+    files."""
     return CLIPTokenizer.from_folder(tokenizer_folder(source))
 
 
@@ -49,10 +51,11 @@ def check_tokenizer(model: AIMv2LiT, tokenizer: CLIPTokenizer, name: str = "") -
 
 def open_lit(source: str | os.PathLike | Sequence, dtype=None, quantize=None,
              q_group_size: int = 64) -> tuple[AIMv2LiT, CLIPTokenizer]:
-    """`mlx_aim.load(source, ...)` and its tokenizer, checked to be a LiT and to fit each other."""
+    """`mlx_aim.load(source, ...)` and its tokenizer (from the folder the model was read from), checked to be a LiT
+    and to fit each other."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else ""
     model = check_lit(load(source, dtype=dtype, quantize=quantize, q_group_size=q_group_size), name)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(model.source)
     check_tokenizer(model, tokenizer, name)
     return model, tokenizer
 

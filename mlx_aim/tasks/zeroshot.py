@@ -281,6 +281,11 @@ class ZeroShotClassifier:
     def dtype(self) -> mx.Dtype:
         return self.model.dtype
 
+    @property
+    def source(self):
+        """Where the LiT came from (`load` records it: `sources.ModelSource`)."""
+        return self.model.source
+
     def __call__(self, images: mx.array) -> mx.array:
         """(B, H, W, C) preprocessed images -> (B, num_classes) float32 logits."""
         return embed_images(self.model, images) @ self.scaled_classes.T
