@@ -22,7 +22,7 @@ from ..tasks.inference import BATCH_SIZE, PROBE_INFO, open_model, peak_memory
 from ..checkpoints.loading import local_folder
 from ..checkpoints.run_folders import MODEL_DIR
 from ..training.probe import (
-    HEAD_FILE, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe, trunk_description,
+    HEAD_FILE, ProbeConfig, evaluate_probe, load_probe_info, train_probe, trunk_description, with_trained_head,
 )
 from ..training.runs import TrainingDiverged
 from .options import (
@@ -150,9 +150,9 @@ def evaluate(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else trunk_source(args.head, info)
     head_path = Path(args.head) / HEAD_FILE
     with reported_as("cannot load the model and head"):
-        aim = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"],
-                         max_patches=args.max_patches)
-        aim.attach_head(load_head(head_path, aim))
+        trunk = open_model(model, dtype=args.dtype, quantize=quantization(args), probe_layers=info["probe_layers"],
+                           max_patches=args.max_patches)
+        aim = with_trained_head(trunk, head_path)
         preprocessing = preprocessing_for(aim.config, local_folder(model))
     config = info.get("config", {})
     metrics, skipped = evaluate_probe(aim, args.data, info["classes"], split=args.split,

@@ -33,12 +33,14 @@ from tqdm import tqdm
 
 from ..data import (
     NUM_WORKERS, Preprocessing, Skipped, gather_images, imagenet_classes, is_native, iter_image_batches,
-    model_family, preprocessing_for,
+    preprocessing_for,
 )
 from .. import platforms
 from ..fileio import confined, read_json_object, remove_stale_temporaries, write_json
 from ..checkpoints.loading import load, source_config
-from ..models.model import AIM, build_model, dtype_name
+from ..models.model import (
+    AIM, Probed, ProbedAIMv2, TrunkModel, UntrainedHeadError, build_model, dtype_name, untrained_head_message,
+)
 from .shards import (
     FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, read_shard, read_shard_array, shard_stem,
     write_shard,
@@ -75,9 +77,9 @@ def open_model(
     seed: int = 0,
     max_patches: Optional[int] = None,
     head: Optional[str | os.PathLike] = None,
-) -> AIM | ZeroShotClassifier:
+) -> TrunkModel | ZeroShotClassifier:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
-    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline.
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline, a trunk without a probe.
 
     `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
     reads too); a fixed-size model refuses it, having no use for it.
@@ -132,17 +134,12 @@ def to_numpy(a: mx.array, dtype=np.float32) -> np.ndarray:
 # Classification
 
 
-def untrained_head_message(config, model_name: str = "") -> str:
-    """Why a trunk without a trained probe cannot classify, and the probe path that gives it one. AIMv2 trunks are
-    all such: Apple released no AIMv2 heads."""
-    name = model_name or "the model"
-    train = (f"train one with `mlx-aim probe train --model {model_name or 'MODEL'} --data DIR --out PROBE` "
-             "(scripts/probe.py train) and classify with the model folder it writes, PROBE/model")
-    if model_family(config) == "aimv2":
-        return (f"{name} has no trained classification head: Apple released no AIMv2 heads, so classifying with "
-                f"AIMv2 means training an attentive probe on your labelled images first; {train}")
-    return (f"{name} has no trained classification head (a trunk without head.* weights, e.g. a pre-training "
-            f"export); {train}")
+def check_classifier(model, model_name: str = "", wanted: str = "classes", hint: str = "") -> None:
+    """A model that answers with a trained head's output: a probed trunk (`AIM`, `ProbedAIMv2`) or a zero-shot
+    classifier. A trunk without one (an AIMv2 encoder, an AIM trunk export, a random init) raises
+    `UntrainedHeadError`, naming the command that trains a probe: its classes would be noise."""
+    if not isinstance(model, (Probed, ZeroShotClassifier)):
+        raise UntrainedHeadError(untrained_head_message(model.config, model_name, wanted, hint))
 
 
 @dataclass
@@ -170,7 +167,7 @@ class ClassifyResult:
 
 
 def classify(
-    model: AIM,
+    model: AIM | ProbedAIMv2 | ZeroShotClassifier,
     inputs: Sequence,
     *,
     top_k: int = TOP_K,
@@ -183,10 +180,8 @@ def classify(
 ) -> ClassifyResult:
     """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs), in
     input order. `preprocessing`: default `preprocessing_for(model.config)` (the family's default; the command
-    line passes the checkpoint folder's file). A model without a trained probe head (a pre-training export) is
-    refused: its classes would be noise."""
-    if not model.has_trained_head:
-        raise ValueError(untrained_head_message(model.config, model_name))
+    line passes the checkpoint folder's file). A model without a trained head is refused (`check_classifier`)."""
+    check_classifier(model, model_name)
     num_classes = model.config.num_classes
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
@@ -264,7 +259,7 @@ def _relative(path: Path, roots: list[Path]) -> str:
 
 
 def extract_features(
-    model: AIM,
+    model: TrunkModel,
     inputs: Sequence,
     out: str | os.PathLike,
     *,
@@ -281,9 +276,9 @@ def extract_features(
 ) -> ExtractResult:
     """Features of every image under `inputs` (folders, files, globs), written to `out` in shards.
 
-    `features`: "embedding" (the probe's attention-pooled vector, (D,)), "tokens" (the probe layers'
-    averaged patch tokens, (N, D)) or "both". Shard k holds the images k * shard_size ... in sorted path
-    order (fewer rows where files were skipped); `file_format` "npy" writes `shard-k.embedding.npy` /
+    `features`: "embedding" (the probe's attention-pooled vector, (D,): a probed model's only), "tokens" (the
+    probe layers' averaged patch tokens, (N, D): the probe's input, any trunk's) or "both". Shard k holds the
+    images k * shard_size ... in sorted path order (fewer rows where files were skipped); `file_format` "npy" writes `shard-k.embedding.npy` /
     `shard-k.tokens.npy`, "safetensors" one `shard-k.safetensors` with keys "embedding" / "tokens". Each
     shard's `shard-k.json` (paths of its rows, skipped files) is written last and marks it finished, so a
     re-run with the same settings skips finished shards. `index.json`, written at the end, lists every shard
@@ -303,12 +298,9 @@ def extract_features(
         raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive integer")
-    if features != "tokens" and not model.has_trained_head:
-        raise ValueError(
-            f"{model_name or 'the model'} has no trained probe head, so its pooled embedding would come from a "
-            "random attention probe; extract the probe-layer tokens only (features='tokens', --features tokens) "
-            "or train a probe first"
-        )
+    if features != "tokens":
+        check_classifier(model, model_name, "pooled embedding", "extract the probe-layer tokens, which need no "
+                         "head, with features='tokens', --features tokens")
     kinds = ("embedding", "tokens") if features == "both" else (features,)
     start = time.perf_counter()
     out = Path(out)
