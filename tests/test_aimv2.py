@@ -268,6 +268,8 @@ def test_seeded_build_is_reproducible_and_pretraining_is_refused():
     for key in ("trunk.blocks.0.mlp.fc3.weight", "preprocessor.pos_embed"):
         assert np.array_equal(np.array(a[key]), np.array(b[key])) and not np.array_equal(np.array(a[key]),
                                                                                           np.array(c[key]))
+    probed = dict(tree_flatten(build_model(tiny_v2(), seed=3, probe=True).parameters()))
+    assert all(np.array_equal(np.array(v), np.array(probed[k])) for k, v in a.items())  # one seed, one trunk
     with pytest.raises(ValueError, match="AIMv2 has no pre-training model"):
         build_model(tiny_v2(), pretraining=True)
 

@@ -492,15 +492,21 @@ def _model_class(config: Config, pretraining: bool, probe: bool) -> type:
 
 def _seeded(config: Config, seed: int, pretraining: bool, probe: bool) -> _Encoder:
     mx.random.seed(seed)
-    if not isinstance(config, AIMConfig):
-        return _init_weights(_model_class(config, pretraining, probe)(config))
-    start = _init_weights(AIMForPretraining(config))
-    if pretraining:
-        return start
+    if isinstance(config, AIMv2LiTConfig):
+        return _init_weights(AIMv2LiT(config))
+    if isinstance(config, AIMv2Config):
+        # Drawn as the probed model: a seeded encoder and a seeded probed model share their trunk.
+        start = _init_weights(ProbedAIMv2(config))
+        if probe:
+            return start
+    else:
+        start = _init_weights(AIMForPretraining(config))
+        if pretraining:
+            return start
     model = _model_class(config, False, probe)(config)
     if probe:
         _init_weights(model.head)
-    # The pre-training model's own modules: a seeded trunk starts where pre-training with `seed` does.
+    # AIM: the pre-training model's own modules, so a seeded trunk starts where pre-training with `seed` does.
     model.preprocessor, model.trunk = start.preprocessor, start.trunk
     return model
 
