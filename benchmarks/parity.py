@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mlx_aim.models.config import PRESET_NAMES, get_config
-from mlx_aim.models.model import build_model
+from mlx_aim.models.model import build_model, build_probe, with_probe
 from mlx_aim.checkpoints.weights import load_state_dict
 from torch_reference import AIMReference, state_dict_numpy  # benchmarks/, this script's folder
 
@@ -33,7 +33,7 @@ def main(argv=None):
     config = get_config(args.preset)
     torch.manual_seed(0)
     ref = AIMReference.from_config(config).randomize_norms(0).eval()
-    model = build_model(config)
+    model = with_probe(build_model(config), build_probe(config))  # the trunk and its head, both the reference's
     load_state_dict(model, {k: mx.array(v) for k, v in state_dict_numpy(ref).items()}, "reference")
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size, config.image_size, config.image_size, 3), dtype=np.float32)

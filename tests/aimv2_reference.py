@@ -45,8 +45,8 @@ def make_reference(config: AIMv2Config, seed: int = 0) -> Aimv2VisionModel:
 
 def load_reference_weights(model, hf_state: dict[str, np.ndarray]):
     """transformers' weights into our model through the library's own mapping (`sanitize` of the "transformers"
-    layout): every preprocessor and trunk parameter, with its shape (the probe head keeps its fresh weights: no
-    released checkpoint has one)."""
+    layout): every preprocessor and trunk parameter, with its shape (a probed model's head is left as it is:
+    transformers' encoder, like every released checkpoint, has none)."""
     weights = sanitize({k: mx.array(v) for k, v in hf_state.items()}, "transformers")
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
     check_shapes(expected, {k: tuple(v.shape) for k, v in weights.items()}, "transformers weights")

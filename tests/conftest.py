@@ -18,7 +18,7 @@ from mlx_aim.backend import native
 from mlx_aim import platforms
 from mlx_aim.backend import cpu_workarounds, native_kernels
 from mlx_aim.models.config import AIMConfig
-from mlx_aim.models.model import build_model
+from mlx_aim.models.model import Probed, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = str(ROOT / "benchmarks")  # the PyTorch reference lives with the developer tools, outside the package
@@ -91,12 +91,10 @@ def dequantized_twin(model):
         if isinstance(module, nn.QuantizedLinear):
             weights[f"{path}.weight"] = mx.dequantize(weights[f"{path}.weight"], weights.pop(f"{path}.scales"),
                                                       weights.pop(f"{path}.biases"), module.group_size, module.bits)
-    twin = build_model(model.config.replace(quantization=None), model.dtype)
+    twin = build_model(model.config.replace(quantization=None), model.dtype, probe=isinstance(model, Probed))
     twin.load_weights(list(weights.items()), strict=True)
     mx.eval(twin.parameters())
     twin.eval()
-    if getattr(model, "has_trained_head", False):
-        twin.attach_head(twin.head)
     return twin
 
 

@@ -31,12 +31,12 @@ def native_config(num_classes: int = 1000) -> AIMv2Config:
 
 def make_model_folder(folder: Path, num_classes: int = 1000, seed: int = 0, with_head: bool = True,
                       config: Optional[Config] = None) -> Path:
-    """A random-weight tiny model (`config`, default `probe_config`) saved as an MLX model folder (without head.*
-    keys: a trunk export, as every released AIMv2 checkpoint is)."""
+    """A random-weight tiny model (`config`, default `probe_config`) saved as an MLX model folder: with a probe's
+    head.* keys (`load` reads it as a probed classifier, as it reads a probe's model folder), or with `with_head`
+    False without them (a trunk export, as every released AIMv2 checkpoint is)."""
     mx.random.seed(seed)
-    model = build_model(config or probe_config(num_classes))
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if with_head or not k.startswith("head.")}
-    return save_model(folder, weights, model.config)
+    model = build_model(config or probe_config(num_classes), probe=with_head)
+    return save_model(folder, dict(tree_flatten(model.parameters())), model.config)
 
 
 def save_image(path: Path, array: np.ndarray) -> Path:

@@ -18,7 +18,10 @@ from conftest import TWIN_TOLERANCE, dequantized_twin, rel_err
 from mlx_aim.backend import cpu_workarounds
 from mlx_aim.models.config import AIMV2_PRESET_NAMES, PRESET_NAMES, AIMConfig, AIMv2Config, config_from_dict, get_config
 from mlx_aim.models.layers import sincos_pos_embed
-from mlx_aim.models.model import AIMv2, build_model, is_quantized, parse_quantize, quantize_predicate
+from mlx_aim.models.model import (
+    AIMv2, ProbedAIMv2, UntrainedHeadError, build_model, build_probe, is_quantized, parse_quantize, quantize_predicate,
+    with_probe,
+)
 
 TOL = 1e-5
 
@@ -69,8 +72,11 @@ def random_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndar
 def test_parity_tiny(config, size, backend_path):
     ref, model = make_pair(config, seed=1)
     images = random_images(2, *size)
-    errors = stage_errors(our_stages(model, images), reference_stages(ref, images))
+    theirs = reference_stages(ref, images)
+    errors = stage_errors(our_stages(model, images), theirs)
     assert len(errors) == config.depth + 2
+    # The encoder's answer is Apple's: the final normalised tokens, transformers' last_hidden_state.
+    assert rel_err(model(mx.array(images)), theirs["trunk"]) <= TOL
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +135,12 @@ def test_parameters_are_apples_keys():
            "preprocessor.patchifier.norm.weight"}
     head = {"head.bn.running_mean", "head.bn.running_var", "head.k.weight", "head.v.weight", "head.cls_token",
             "head.linear.weight"}
-    assert keys == trunk | pre | head | {"preprocessor.pos_embed"}
+    assert keys == trunk | pre | {"preprocessor.pos_embed"}  # an encoder, as Apple released it: no head
     assert model.preprocessor.pos_embed.shape == (1, 16, 64)
     native = {k for k, _ in tree_flatten(build_model(tiny_native()).parameters())}
-    assert native == trunk | pre | head  # no stored position embedding: it is computed per grid
+    assert native == trunk | pre  # no stored position embedding: it is computed per grid
+    probed = {k for k, _ in tree_flatten(build_model(tiny_v2(), probe=True).parameters())}
+    assert probed == keys | head  # a probe's head under Apple's head.* names
 
 
 def test_extract_features_contract():
@@ -152,7 +160,10 @@ def test_extract_features_contract():
     # The probe reads the mean of its layers (1 and 2) and needs the trunk only up to block 2.
     expected = (np.array(features[1]) + np.array(features[2])) / 2
     np.testing.assert_allclose(np.array(model.probe_features(images)), expected, atol=1e-6)
-    assert model(images).shape == (3, 10) and model.embed(images).shape == (3, 64)
+    # The call is Apple's: the final normalised tokens; a pooled embedding needs a trained probe.
+    np.testing.assert_array_equal(np.array(model(images)), np.array(normed))
+    with pytest.raises(UntrainedHeadError, match="mlx-aim probe train"):
+        model.embed(images)
 
 
 def test_batch_elements_are_independent(backend_path):
@@ -183,7 +194,7 @@ def test_native_model_takes_any_grid_up_to_max_patches():
     with pytest.raises(ValueError, match="multiples of the patch size 4"):
         model(mx.zeros((1, 14, 16, 3)))
     raised = build_model(model.config.replace(max_patches=16))
-    assert raised(mx.zeros((1, 16, 16, 3))).shape == (1, 10)
+    assert raised(mx.zeros((1, 16, 16, 3))).shape == (1, 16, 64)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
@@ -201,7 +212,7 @@ def test_half_precision(dtype, backend_path):
 
 def test_quantized_build():
     config = tiny_v2()
-    model = build_model(config, dtype="bfloat16", quantization=4)
+    model = build_model(config, dtype="bfloat16", quantization=4, probe=True)
     assert model.config.quantization == {"bits": 4, "group_size": 64}
     block = model.trunk.blocks[0]
     for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.mlp.fc3):
@@ -232,13 +243,12 @@ def test_quantized_build():
             assert rel_err(out, reference) < 2e-2
 
 
-def test_fresh_model_has_no_trained_head():
+def test_encoder_has_no_head_and_a_probe_composes_onto_it():
     model = build_model(tiny_v2())
-    assert model.has_trained_head is False and not model.training
-    head = build_model(tiny_v2(num_classes=3)).head
-    assert model.attach_head(head) is model
-    assert model.has_trained_head and model.config.num_classes == 3
-    assert model(mx.zeros((2, 16, 16, 3))).shape == (2, 3)
+    assert isinstance(model, AIMv2) and not model.training and "head" not in model
+    probed = with_probe(model, build_probe(tiny_v2(), 3))
+    assert isinstance(probed, ProbedAIMv2) and probed.config.num_classes == 3 and probed.trunk is model.trunk
+    assert probed(mx.zeros((2, 16, 16, 3))).shape == (2, 3) and model(mx.zeros((2, 16, 16, 3))).shape == (2, 16, 64)
 
 
 def test_runs_without_torch_or_transformers():
@@ -258,6 +268,8 @@ def test_seeded_build_is_reproducible_and_pretraining_is_refused():
     for key in ("trunk.blocks.0.mlp.fc3.weight", "preprocessor.pos_embed"):
         assert np.array_equal(np.array(a[key]), np.array(b[key])) and not np.array_equal(np.array(a[key]),
                                                                                           np.array(c[key]))
+    probed = dict(tree_flatten(build_model(tiny_v2(), seed=3, probe=True).parameters()))
+    assert all(np.array_equal(np.array(v), np.array(probed[k])) for k, v in a.items())  # one seed, one trunk
     with pytest.raises(ValueError, match="AIMv2 has no pre-training model"):
         build_model(tiny_v2(), pretraining=True)
 

@@ -170,7 +170,7 @@ def test_every_layout_loads_torch_free_and_matches_transformers(tiny, tmp_path):
             np.testing.assert_array_equal(stages[stage], loaded[0][stage])
     for name in LAYOUTS:
         model = mlx_aim.load(folders[name])
-        assert model.config == config and not model.has_trained_head
+        assert model.config == config and type(model) is mlx_aim.AIMv2  # an encoder: no probe head
 
 
 def test_folder_with_several_files_reads_model_safetensors_and_says_so(tiny):
@@ -459,20 +459,20 @@ def test_config_json_without_weights(tmp_path):
 def test_mlx_folder_round_trip(config, tmp_path):
     """A folder `save_model` writes ("model_type": "aimv2" + model.safetensors) loads back as the same model,
     with or without a trained probe head; `convert` rewrites it in bfloat16 and 4 bits."""
-    model = mlx_aim.build_model(config, seed=1)
+    model = mlx_aim.build_model(config, seed=1, probe=True)
     trunk = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("head.")}
     folder = save_model(tmp_path / "trunk", trunk, config)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "aimv2"
     assert "AIMv2" in (folder / "README.md").read_text()
     assert open_source(folder).description == f"MLX model folder {folder}"
     loaded = mlx_aim.load(folder)
-    assert isinstance(loaded, mlx_aim.AIMv2) and loaded.config == config and not loaded.has_trained_head
+    assert type(loaded) is mlx_aim.AIMv2 and loaded.config == config
     images = random_images(2, 16, 16 if config.image_size else 24)
     np.testing.assert_array_equal(np.array(loaded.extract_features(mx.array(images))[0]),
                                   np.array(model.extract_features(mx.array(images))[0]))
     with_head = save_model(tmp_path / "probed", dict(tree_flatten(model.parameters())), config)
     probed = mlx_aim.load(with_head, probe_layers=[0, 2])
-    assert probed.has_trained_head and probed.config.probe_layers == [0, 2]
+    assert type(probed) is mlx_aim.ProbedAIMv2 and probed.config.probe_layers == [0, 2]
     np.testing.assert_array_equal(np.array(probed.head.linear.weight), np.array(model.head.linear.weight))
     half = mlx_aim.load(mlx_aim.convert(folder, tmp_path / "bf16", dtype="bfloat16"))
     assert half.dtype == mx.bfloat16 and half.config == config

@@ -18,7 +18,7 @@ from mlx_aim.tasks.features import load_features
 from mlx_aim.tasks.inference import open_model
 from mlx_aim.tasks.shards import RaggedTokens
 from mlx_aim.models.model import build_model
-from mlx_aim.training.probe import load_head, new_head
+from mlx_aim.training.probe import new_head, with_trained_head
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config
 
 FAST_PROBE = ["--epochs", "15", "--batch-size", "16", "--lr", "3e-3", "--no-progress"]
@@ -66,7 +66,7 @@ def test_extract_features_on_a_trunk(trunk_dir, colours, tmp_path, capsys):
     assert summary["num_images"] == 16 and summary["num_skipped"] == 0
     tokens, paths = load_features(tmp_path / "f", "tokens")
     model = mlx_aim.load(trunk_dir)
-    assert isinstance(model, mlx_aim.AIMv2) and not model.has_trained_head
+    assert type(model) is mlx_aim.AIMv2  # an encoder: no probe head
     expected = expected_tokens(model, trunk_dir, [images / p for p in paths])
     if model.config.native:  # mixed sizes: one (rows x cols, width) block per image
         assert isinstance(tokens, RaggedTokens) and len(set(tokens.grids)) > 3
@@ -89,17 +89,17 @@ def test_probe_trains_evaluates_and_classifies(trunk_dir, probe_dir, colours, ca
     # No released probe layers for AIMv2: the default is the last 6 blocks (all 3 of this tiny trunk).
     assert info["probe_layers"] == [0, 1, 2] and info["trunk"]["config"]["model_type"] == "aimv2"
     model = mlx_aim.load(out / "model")
-    assert isinstance(model, mlx_aim.AIMv2) and model.has_trained_head and model.config.num_classes == 4
+    assert isinstance(model, mlx_aim.ProbedAIMv2) and model.config.num_classes == 4
     assert (out / "model" / PREPROCESSOR_CONFIG).is_file()
     assert preprocessing_for(model.config, out / "model") == preprocessing_for(model.config, trunk_dir)
     # The head file on the trunk computes what the saved folder computes.
     trunk = mlx_aim.load(trunk_dir)
-    trunk.attach_head(load_head(out / "head.safetensors", trunk))
-    assert trunk.head.bn.eps == model.head.bn.eps == new_head(trunk, 4, 0).bn.eps
+    with_head = with_trained_head(trunk, out / "head.safetensors")
+    assert with_head.head.bn.eps == model.head.bn.eps == new_head(trunk, 4, 0).bn.eps
     prep = preprocessing_for(model.config, trunk_dir)
     for path in sorted((colours / "val" / "blue").iterdir())[:2]:
         x = mx.array(prep(path)[None])
-        np.testing.assert_allclose(np.asarray(model(x)), np.asarray(trunk(x)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
 
     assert probe.main(["eval", "--head", str(out), "--data", str(colours), "--no-progress", "--json"]) == 0
     val = last_json(capsys.readouterr().out)["val"]
@@ -125,7 +125,7 @@ def test_a_trunk_without_probe_says_how_to_train_one(trunk_dir, tmp_path, capsys
     assert classify.main(["--model", str(trunk_dir), "--no-progress", *samples]) == 2
     err = capsys.readouterr().err
     assert "Apple released no AIMv2 heads" in err and f"probe train --model {trunk_dir}" in err
-    assert "PROBE/model" in err
+    assert "--model OUT/model" in err
     assert demo.main(["--model", str(trunk_dir), "--no-progress"]) == 2
     assert "Apple released no AIMv2 heads" in capsys.readouterr().err
     # A released name is refused before anything is downloaded or loaded: no AIMv2 checkpoint holds a head.
@@ -186,5 +186,5 @@ def test_new_head_matches_the_trunk_head_on_both_families():
     from probe_helpers import probe_config
 
     for config in (probe_config(), native_config(), fixed_config()):
-        model = build_model(config, seed=0)
-        assert new_head(model, 3, seed=0).bn.eps == model.head.bn.eps
+        model = build_model(config, seed=0)  # a trunk: the eps is that of the head a probed model loads into
+        assert new_head(model, 3, seed=0).bn.eps == build_model(config, probe=True).head.bn.eps

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_aim.apps import demo
 from mlx_aim.cli import demo as demo_cli
 from mlx_aim.data import imagenet_classes
-from mlx_aim.models.model import AIM, AIMForPretraining, build_model
+from mlx_aim.models.model import AIMEncoder, AIMForPretraining, build_model
 from mlx_aim.checkpoints.weights import save_model
 
 
@@ -87,7 +87,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
 def tiny_imagenet_model(folder: Path) -> Path:
     config = tiny_config(width=32, depth=2, num_heads=2, num_classes=1000, probe_layers=[0, 1])
     mx.random.seed(0)
-    model = AIM(config)
+    model = build_model(config, probe=True)  # a classifier: the trunk with a probe head
     weights = dict(tree_flatten(model.parameters()))
     # Spread the classifier so that the top-5 differ from image to image.
     weights["head.linear.weight"] = mx.random.normal(weights["head.linear.weight"].shape) * 3.0
@@ -142,13 +142,13 @@ def _params(model) -> dict:
 
 
 def test_random_baseline_is_the_pretraining_start_and_pinned():
-    """A seeded classifier's trunk is the one pre-training with that seed starts from (the demo's random
-    baseline), and the draws keep their order: values pinned from the builders this one replaced."""
+    """A seeded trunk is the one pre-training with that seed starts from (the demo's random baseline), and the
+    draws keep their order: values pinned from the builders this one replaced."""
     config = demo.DEFAULT.model_config()
     start = build_model(config, seed=0, pretraining=True)
     classifier = build_model(config, seed=0)
     assert isinstance(start, AIMForPretraining) and start.training
-    assert isinstance(classifier, AIM) and not classifier.training and not classifier.has_trained_head
+    assert isinstance(classifier, AIMEncoder) and not classifier.training and "head" not in classifier
     pre, cls = _params(start), _params(classifier)
     trunk = [k for k in cls if k.startswith(("preprocessor.", "trunk."))]
     assert trunk and all(np.array_equal(pre[k], cls[k]) for k in trunk)

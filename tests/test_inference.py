@@ -114,7 +114,8 @@ def test_classify_and_extract_skip_bad_inputs(model_dir, images, tmp_path):
 def test_classify_refuses_a_model_without_trained_head(tmp_path, images):
     trunk = make_model_folder(tmp_path / "trunk", with_head=False)
     result = run_script("scripts/classify.py", "--model", trunk, images, check_rc=2)
-    assert "no trained classification head" in result.stderr and "probe.py train" in result.stderr
+    assert "no trained classification head" in result.stderr
+    assert f"mlx-aim probe train --model {trunk} --data DIR --out OUT" in result.stderr
     result = run_script("scripts/classify.py", "--model", tmp_path / "nowhere", images, check_rc=2)
     assert "nowhere" in result.stderr
 
@@ -159,7 +160,7 @@ def test_random_init_is_seeded_and_keeps_the_architecture(model_dir):
     a = open_model(model_dir, random_init=True, seed=1)
     b = open_model(model_dir, random_init=True, seed=1)
     c = open_model(model_dir, random_init=True, seed=2)
-    assert a.config.to_dict() == loaded.config.to_dict() and not a.has_trained_head
+    assert a.config.to_dict() == loaded.config.to_dict() and isinstance(a, mlx_aim.AIMEncoder)  # no probe head
     w = lambda m: np.asarray(m.trunk.blocks[1].attn.qkv.weight)  # noqa: E731
     assert np.array_equal(w(a), w(b)) and not np.array_equal(w(a), w(c)) and not np.array_equal(w(a), w(loaded))
     preset = open_model("aim-tiny", random_init=True, seed=0)  # a preset: built from its config, no download
@@ -199,7 +200,7 @@ def test_extract_features_cli_rows_match_the_model_and_resume(model_dir, images,
 def test_extract_features_safetensors_and_untrained_head(tmp_path, images):
     trunk = make_model_folder(tmp_path / "trunk", with_head=False)
     model = mlx_aim.load(trunk)
-    with pytest.raises(ValueError, match="no trained probe head"):
+    with pytest.raises(ValueError, match="no trained classification head.*--features tokens"):
         extract_features(model, [images], tmp_path / "f0", progress=False)
     result = extract_features(model, [images], tmp_path / "f1", features="tokens", file_format="safetensors",
                               save_dtype="float16", progress=False)
@@ -252,8 +253,7 @@ def test_probe_layers_option_parses_and_explains(capsys):
 
 @pytest.fixture(scope="module")
 def native_model():
-    model = build_model(native_config(), seed=0)
-    return model.attach_head(model.head)  # its random head stands in for a trained one
+    return build_model(native_config(), seed=0, probe=True)  # a random probe, composed on, stands in for a trained one
 
 
 @pytest.fixture(scope="module")

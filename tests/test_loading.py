@@ -52,7 +52,7 @@ def test_convert_apple_split_files_and_load(tiny_apple, tmp_path):
     assert saved["model_type"] == "aim" and saved["probe_layers"] == config.probe_layers
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
     model = mlx_aim.load(out)
-    assert not model.training and model.has_trained_head
+    assert not model.training and type(model) is mlx_aim.AIM  # the backbone with its released head
     images = np.random.randn(2, 64, 64, 3).astype(np.float32)
     assert rel_err(np.array(model(mx.array(images))), ref_logits(ref, images)) < 1e-5
     # The same files load directly, without a conversion step.
@@ -235,14 +235,14 @@ def test_probe_head_file_sets_classes_and_layers(tiny_apple, tmp_path):
     """A trained head with 7 classes, saved with Apple's head keys, loads over a trunk whose config says 1000."""
     folder, ref, config = tiny_apple
     trunk = mlx_aim.convert([str(folder / "aim_tiny_attnprobe_backbone.pth")], tmp_path / "trunk")
-    assert not mlx_aim.load(trunk).has_trained_head
+    assert type(mlx_aim.load(trunk)) is mlx_aim.AIMEncoder  # the backbone alone: no probe head
     d = config.width
     head = {"head.k.weight": mx.random.normal((d, d)), "head.v.weight": mx.random.normal((d, d)),
             "head.cls_token": mx.random.normal((1, 1, d)), "head.linear.weight": mx.random.normal((7, d)),
             "head.bn.running_mean": mx.zeros((d,)), "head.bn.running_var": mx.ones((d,))}
     mx.save_safetensors(str(tmp_path / "head.safetensors"), head, metadata={"probe_layers": "[4, 7]"})
     model = mlx_aim.load(trunk, head=tmp_path / "head.safetensors")
-    assert model.has_trained_head and model.config.num_classes == 7 and model.config.probe_layers == [4, 7]
+    assert type(model) is mlx_aim.AIM and model.config.num_classes == 7 and model.config.probe_layers == [4, 7]
     assert model(mx.random.normal((2, 64, 64, 3))).shape == (2, 7)
     np.testing.assert_array_equal(np.array(model.head.linear.weight), np.array(head["head.linear.weight"]))
     with pytest.raises(ValueError, match="head.\\* keys"):

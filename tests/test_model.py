@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from conftest import rel_err
 from mlx_aim.models.config import AIMConfig, get_config, parse_probe_layers
 from mlx_aim.models.layers import prefix_causal_mask, sincos_pos_embed
-from mlx_aim.models.model import AIM, build_model, is_quantized, parse_quantize
+from mlx_aim.models.model import AIM, AIMEncoder, build_model, build_probe, is_quantized, parse_quantize, with_probe
 from mlx_aim.checkpoints.weights import load_state_dict
 from torch_reference import AIMReference, sincos_2d, state_dict_numpy
 
@@ -19,9 +19,11 @@ TOL = 1e-5
 
 
 def make_pair(config: AIMConfig, seed: int = 0):
+    """The reference with random weights, and our classifier holding them: the trunk composed with the probe head,
+    both loaded from the reference (a trunk alone has no logits to compare)."""
     torch.manual_seed(seed)
     ref = AIMReference.from_config(config).randomize_norms(seed).eval()
-    model = build_model(config)
+    model = with_probe(build_model(config), build_probe(config))
     load_state_dict(model, {k: mx.array(v) for k, v in state_dict_numpy(ref).items()}, "reference")
     return ref, model
 
@@ -122,7 +124,7 @@ def test_causal_attention_ignores_the_future(tiny_config, backend_path):
 def test_half_precision_inference(tiny_config, dtype, backend_path):
     ref, model32 = make_pair(tiny_config)
     weights = {k: mx.array(v) for k, v in state_dict_numpy(ref).items()}
-    model = build_model(tiny_config, dtype)
+    model = build_model(tiny_config, dtype, probe=True)  # the reference's head is loaded into its probe
     load_state_dict(model, weights)
     assert model.trunk.blocks[0].attn.qkv.weight.dtype == dtype
     images = mx.random.normal((2, 16, 16, 3))
@@ -142,7 +144,7 @@ def test_half_precision_inference(tiny_config, dtype, backend_path):
     ],
 )
 def test_bad_images_raise(tiny_config, shape, dtype, message):
-    model = build_model(tiny_config)
+    model = build_model(tiny_config, probe=True)
     with pytest.raises(ValueError, match=message):
         model(mx.zeros(shape, dtype=dtype))
 
@@ -210,7 +212,7 @@ def test_unseeded_build_keeps_mlx_default_init(tiny_config):
 
 
 def test_build_dtype_and_quantization(tiny_config):
-    model = build_model(tiny_config, dtype="bfloat16", quantization=4)
+    model = build_model(tiny_config, dtype="bfloat16", quantization=4, probe=True)
     assert model.config.quantization == {"bits": 4, "group_size": 64}
     assert isinstance(model.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
     assert not isinstance(model.head.linear, nn.QuantizedLinear)  # the probe head stays in float
@@ -241,14 +243,17 @@ def test_quantization_policy():
     assert not is_quantized("trunk.blocks.3.mlp.fc1.weight", (256, 64), None)
 
 
-def test_attach_head_marks_a_trained_head(tiny_config):
-    model = build_model(tiny_config)
-    assert model.has_trained_head is False
-    head = build_model(tiny_config.replace(num_classes=3)).head
+def test_with_probe_composes_a_trained_head(tiny_config):
+    trunk = build_model(tiny_config)
+    assert isinstance(trunk, AIMEncoder) and not any(k.startswith("head.") for k, _ in tree_flatten(trunk.parameters()))
+    head = build_probe(tiny_config, 3)
     head.train()
-    assert model.attach_head(head) is model
-    assert model.has_trained_head and model.config.num_classes == 3 and not model.head.training
+    model = with_probe(trunk, head)
+    assert isinstance(model, AIM) and model.trunk is trunk.trunk and model.preprocessor is trunk.preprocessor
+    assert model.config.num_classes == 3 and not model.head.training and model.head is head
     assert model(mx.zeros((1, 16, 16, 3))).shape == (1, 3)
+    with pytest.raises(ValueError, match="width 32 on a trunk of width 64"):
+        with_probe(trunk, build_probe(tiny_config.replace(width=32, num_heads=2), 3))
 
 
 def test_probe_layers_best_last_and_indices():

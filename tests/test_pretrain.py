@@ -77,14 +77,16 @@ def test_loss_falls_clearly_on_generated_images(reference):
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
-def test_exported_trunk_loads_as_a_classifier(reference):
+def test_exported_trunk_loads_as_a_trunk(reference):
     out, _ = reference
     model = mlx_aim.load(out / "model")
-    assert model.has_trained_head is False and model.config.attention == "bidirectional"
+    assert type(model) is mlx_aim.AIMEncoder and model.config.attention == "bidirectional"
     saved = checkpoint_weights(list_checkpoints(out)[-1])
     np.testing.assert_array_equal(np.array(model.trunk.blocks[1].mlp.fc2.weight),
                                   saved["trunk.blocks.1.mlp.fc2.weight"])
-    assert model(mx.zeros((2, 16, 16, 3))).shape == (2, 10)
+    assert model.probe_features(mx.zeros((2, 16, 16, 3))).shape == (2, 16, 32)
+    with pytest.raises(mlx_aim.UntrainedHeadError, match="mlx-aim probe train --model SRC"):
+        model(mx.zeros((2, 16, 16, 3)))  # no trained head, no logits: never a random probe's
     pretrained, state = load_pretraining_checkpoint(out)
     assert state["step"] == STEPS and "pixel_head.out_proj.weight" in dict(tree_flatten(pretrained.parameters()))
 
@@ -280,7 +282,7 @@ def test_run_folder_stands_for_its_exported_trunk(reference, data, tmp_path, cap
     out, _ = reference
     exported = mlx_aim.load(out / "model")
     from_run = mlx_aim.load(out)
-    assert from_run.has_trained_head is False and from_run.config == exported.config
+    assert type(from_run) is mlx_aim.AIMEncoder and from_run.config == exported.config
     assert_same_trunk(from_run, exported)
     converted = mlx_aim.convert(out, tmp_path / "converted")
     assert_same_trunk(mlx_aim.load(converted), exported)
@@ -314,7 +316,7 @@ def test_checkpoint_folder_stands_for_its_trunk(reference, data, tmp_path):
     images = mx.random.normal((2, 16, 16, 3))
     exported = mlx_aim.load(out / "model")
     from_last = mlx_aim.load(last)
-    assert from_last.has_trained_head is False and from_last.config == exported.config
+    assert type(from_last) is mlx_aim.AIMEncoder and from_last.config == exported.config
     assert_same_trunk(from_last, exported)
     np.testing.assert_array_equal(np.array(from_last.probe_features(images)), np.array(exported.probe_features(images)))
 

@@ -205,10 +205,10 @@ def test_probe_cli_train_eval_classify(tmp_path, colours):
     info = json.loads((out / "probe.json").read_text())
     assert info["probe_layers"] == [1, 2] and info["trunk"]["source"] == str(trunk_dir)
     model = mlx_aim.load(out / "model")
-    assert model.has_trained_head and model.config.num_classes == 4
+    assert type(model) is mlx_aim.AIM and model.config.num_classes == 4  # the trunk with its trained head
     trunk = mlx_aim.load(trunk_dir)
     x = mx.array(np.stack([eval_transform(p, 16) for p in sorted((colours / "val" / "red").iterdir())]))
-    with_head = trunk.attach_head(load_head(out / "head.safetensors", trunk))
+    with_head = mlx_aim.with_probe(trunk, load_head(out / "head.safetensors", trunk))
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(with_head(x)), rtol=1e-5, atol=1e-6)
 
     evaluated = run_script("scripts/probe.py", "eval", "--head", out, "--data", colours, "--json")

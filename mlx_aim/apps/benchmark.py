@@ -12,8 +12,9 @@
 `measure` and `memory_suite` return the figures; the command line (`mlx_aim.cli.benchmark`) prints them.
 
 What is measured:
-- inference: `model(images)` of the classifier (trunk up to the deepest probe layer, then the probe), random
-  weights (or `--weights FOLDER`, loaded with `mlx_aim.load`), random normalised images;
+- inference: `model(images)` of AIM's classifier (trunk up to the deepest probe layer, then the probe), random
+  weights, a random probe composed on explicitly (or `--weights FOLDER`, loaded with `mlx_aim.load`: a trunk without
+  its probe has no logits to time), random normalised images;
 - for AIMv2 ("encoder"): the released encoder, `model.extract_features(images)` through every block and the final
   norm (Apple released no heads), against transformers' `Aimv2VisionModel` (its `last_hidden_state`) with
   `--compare-torch`; a native-resolution model takes `image_size` x `image_size` inputs (default 224);
@@ -68,7 +69,9 @@ from ..models.config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config, mode
 from ..data import is_native
 from ..tasks.encode import peak_memory
 from ..checkpoints.loading import load, source_config
-from ..models.model import AIM, AIMv2, AIMv2LiT, build_model, check_image_size, dtype_name, normalized, parse_dtype
+from ..models.model import (
+    AIMv2, AIMv2LiT, TrunkModel, build_model, check_image_size, dtype_name, normalized, parse_dtype,
+)
 from ..checkpoints.weights import save_model
 
 PEAK_SIZE = 2048  # the square float32 matmul whose speed stands for this machine's peak
@@ -260,8 +263,10 @@ def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, qu
     so that a model much larger than memory in float32 (aim-7B) can be written in its quantized form.
 
     The model is built lazily: each tensor's random initialisation, cast and quantization run only when it
-    is written, and it is dropped right after. Quantized like `mlx_aim.convert` (trunk linears only)."""
-    model = build_model(config.replace(quantization=None), dtype, quantize, seed=seed)  # lazy until written
+    is written, and it is dropped right after. Quantized like `mlx_aim.convert` (trunk linears only). AIM's with a
+    random probe (what the inference measurement times: `load` reads it as a classifier), AIMv2's encoder alone."""
+    model = build_model(config.replace(quantization=None), dtype, quantize, seed=seed,
+                        probe=isinstance(config, AIMConfig))  # lazy until written
     config = model.config
     flat = dict(tree_flatten(model.parameters()))
     del model  # the dict now holds the only references: each tensor is freed once written
@@ -275,14 +280,14 @@ def write_random_model(folder: str | os.PathLike, config: Config, dtype=None, qu
 
 
 def _load_model(config: Config, dtype, quantize, weights: Optional[str],
-                max_patches: Optional[int] = None) -> tuple[AIM | AIMv2, dict]:
+                max_patches: Optional[int] = None) -> tuple[TrunkModel | AIMv2LiT, dict]:
     info = {}
     start = time.perf_counter()
     if weights is not None:
         model = load(weights, dtype=dtype, quantize=quantize)
         info["weights"] = str(weights)
-    else:
-        model = build_model(config, dtype, quantize, seed=0)
+    else:  # AIM's classifier is timed with a random probe, composed on explicitly: speed needs no trained weights
+        model = build_model(config, dtype, quantize, seed=0, probe=isinstance(config, AIMConfig))
         info["weights"] = "random"
     if max_patches is not None:
         if not is_native(model.config):

@@ -50,7 +50,7 @@ from PIL import Image
 from ..models.config import AIMConfig, get_config
 from ..data import ImageFolder, load_splits
 from ..fileio import write_json
-from ..models.model import AIM, build_model
+from ..models.model import AIMEncoder, build_model
 from ..training.probe import ProbeConfig, train_probe, trunk_description
 from ..data.synthetic import SHAPE_CLASSES, render, write_image_folder
 from ..training.runs import silent
@@ -155,7 +155,7 @@ def _file_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def probe_trunk(model: AIM, trunk: dict, data: tuple[ImageFolder, ImageFolder], out: Path, cfg: DemoConfig,
+def probe_trunk(model: AIMEncoder, trunk: dict, data: tuple[ImageFolder, ImageFolder], out: Path, cfg: DemoConfig,
                 seed: int, progress: bool, echo: Callable) -> dict:
     """Trains the attentive probe on `model`'s frozen features; returns its validation metrics."""
     result = train_probe(model, data, out, cfg.probe_config(seed), trunk=trunk, force=True,

@@ -41,7 +41,8 @@ from ..data.preprocessing import PREPROCESSOR_CONFIG
 from ..fileio import confined, parse_json
 from ..models.config import AIMV2_PRESET_NAMES, LIT_NAME, AIMv2LiTConfig, Config, get_config
 from ..models.model import (
-    AIM, AIMv2, AIMv2LiT, DTYPES, build_model, dtype_name, is_quantized, parse_dtype, parse_quantize,
+    AIM, AIMEncoder, AIMv2, AIMv2LiT, DTYPES, ProbedAIMv2, TrunkModel, build_model, dtype_name, is_quantized,
+    parse_dtype, parse_quantize,
 )
 from ..models.tokenizer import TOKENIZER_FILES
 from . import infer
@@ -233,11 +234,15 @@ def _converted(source: Source, dtype: Optional[mx.Dtype], quantization: Optional
     return out
 
 
-def _check_source(model: AIM | AIMv2, source: Source, converted: dict) -> None:
-    """Every key and shape against the config, before any tensor is read or written."""
+def _has_probe(converted: dict) -> bool:
+    """Whether a source holds a trained probe (Apple's `head.*` keys): the model it builds is then probed."""
+    return any(k.startswith("head.") for k in converted)
+
+
+def _check_source(model: TrunkModel | AIMv2LiT, source: Source, converted: dict) -> None:
+    """Every key and shape against the model the config and the source's probe (or none) build, before any tensor
+    is read or written."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    if not any(k.startswith("head.") for k in converted):  # a trunk without a trained probe (pre-training export)
-        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
     check_shapes(expected, {k: shape for k, (_, shape, _) in converted.items()}, source.description)
 
 
@@ -269,7 +274,7 @@ def _convert(src, out: Path, dtype: Optional[mx.Dtype], quantization: Optional[d
     try:
         config = source.config.replace(quantization=quantization)
         converted = _converted(source, dtype, quantization)
-        _check_source(build_model(config), source, converted)
+        _check_source(build_model(config, probe=_has_probe(converted)), source, converted)
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         save_model(out, converted, config, force=force, source_note=f"Converted from {source.description}.",
                    extra_files=source.extra_files, **kwargs)
@@ -307,18 +312,20 @@ def load(
     head: Optional[str | os.PathLike] = None,
     q_group_size: int = 64,
     text_tower: bool = True,
-) -> AIM | AIMv2 | AIMv2LiT:
-    """Loads an AIM classifier or an AIMv2 encoder (with its attentive probe, `AIMv2`) in eval mode from a preset,
-    hub repo id, folder or checkpoint files; a whole AIMv2-LiT checkpoint (transformers' `Aimv2Model` layout,
-    Apple's keys in PyTorch or MLX layouts, or our folder of one) as `AIMv2LiT`.
+) -> AIM | AIMEncoder | AIMv2 | ProbedAIMv2 | AIMv2LiT:
+    """Loads a model in eval mode from a preset, hub repo id, folder or checkpoint files: an AIM or AIMv2 trunk
+    with a trained probe (`head.*` weights in the source, or `head`) as `AIM` / `ProbedAIMv2` (`model(images)`:
+    logits); without one as `AIMEncoder` / `AIMv2` (an AIMv2 encoder's `model(images)`: its normalised tokens, as
+    Apple's); a whole AIMv2-LiT checkpoint (transformers' `Aimv2Model` layout, Apple's keys in PyTorch or MLX
+    layouts, or our folder of one) as `AIMv2LiT`.
 
     dtype: "float32", "bfloat16", "float16" or an mx.Dtype (default: as stored). quantize: 4 or 8 bits for the
     trunk's linear layers, or a quantization dict. probe_layers: "best", "last" or indices (default: what the
     source says; Apple's hub configs mean the last 6 blocks). head: a probe head file (safetensors with Apple's
-    `head.*` keys) to load over the source's. A source without `head.*` weights (a pre-training export) gets a
-    freshly initialised probe, and `model.has_trained_head` is False. text_tower=False: a LiT's text tower and
-    text projection are neither read nor built (`AIMv2LiT.drop_text_tower`), for image-only use; other models
-    ignore it. The model records where it came from in `model.source` (`sources.ModelSource`).
+    `head.*` keys) to load over the source's. A source without `head.*` weights (a pre-training export, every
+    released AIMv2) gets no probe: no untrained head ever answers. text_tower=False: a LiT's text tower and text
+    projection are neither read nor built (`AIMv2LiT.drop_text_tower`), for image-only use; other models ignore it.
+    The model records where it came from in `model.source` (`sources.ModelSource`).
     """
     dtype = parse_dtype(dtype)
     quantization = parse_quantize(quantize, q_group_size)
@@ -348,7 +355,7 @@ def load(
         if head is not None:
             config = _merge_head(source, Path(head), config, probe_layers)
         converted = _converted(source, dtype, quantization)
-        model = build_model(config, dtype)  # a fresh probe head, where the source has none, in `dtype` too
+        model = build_model(config, dtype, probe=_has_probe(converted))  # probed where a trained probe is loaded
         if lit and not text_tower:
             model.drop_text_tower()  # before any of its (lazy) weights is materialised
         _check_source(model, source, converted)
@@ -360,8 +367,6 @@ def load(
         model.load_weights(loaded, strict=False)  # keys and shapes were checked above
     finally:
         source.close()
-    if any(k.startswith("head.") for k in converted):
-        model.attach_head(model.head)  # its weights, just loaded, are a trained probe
     model.source = ModelSource(named, source.folder, source.description)
     return model
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from ..models.config import AIMV2_PRESET_NAMES, get_config
 from ..apps.demo import DEFAULT, run_demo, sample_images
-from ..tasks.classify import untrained_head_message
+from ..models.model import untrained_head_message
 from .classify import classify_and_report
 from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, precision
 from .output import EXIT_OK, CommandError, print_json, run_command

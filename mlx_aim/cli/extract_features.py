@@ -2,9 +2,10 @@
 
     mlx-aim extract-features --model M --out DIR IMAGE_DIR [--features embedding|tokens|both]
 
-"embedding" is the probe's attention-pooled vector (width,); "tokens" the probe layers' averaged patch
-tokens (patches, width); a native-resolution model's tokens are stored ragged (one (patches_i, width) block per
-image, its grid in the shard's .json). Shards of --shard-size images are written as .npy (or one .safetensors each);
+"embedding" is the trained probe's attention-pooled vector (width,), which a model without one (an AIMv2 encoder, an
+AIM trunk) refuses; "tokens" the probe layers' averaged patch tokens (patches, width), any trunk's; a
+native-resolution model's tokens are stored ragged (one (patches_i, width) block per image, its grid in the
+shard's .json). Shards of --shard-size images are written as .npy (or one .safetensors each);
 DIR/index.json maps every row to its image. A re-run with the same settings skips finished shards.
 Unreadable files are skipped and listed; the exit status is 1 when no image could be used.
 """

@@ -22,7 +22,7 @@ from ..tasks.encode import BATCH_SIZE, peak_memory
 from ..tasks.inference import open_model
 from ..checkpoints.run_folders import MODEL_DIR, PROBE_INFO
 from ..training.probe import (
-    HEAD_FILE, ProbeConfig, evaluate_probe, load_head, load_probe_info, train_probe, trunk_description,
+    HEAD_FILE, ProbeConfig, evaluate_probe, load_probe_info, train_probe, trunk_description, with_trained_head,
 )
 from ..training.runs import TrainingDiverged
 from .options import (
@@ -149,10 +149,10 @@ def evaluate(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else trunk_source(args.head, info)
     head_path = Path(args.head) / HEAD_FILE
     with reported_as("cannot load the model and head"):
-        aim = open_model(model, **precision(args), probe_layers=info["probe_layers"],
-                         max_patches=args.max_patches)
-        aim.attach_head(load_head(head_path, aim))
-        preprocessing = preprocessing_for(aim.config, aim.source.folder)
+        trunk = open_model(model, **precision(args), probe_layers=info["probe_layers"],
+                           max_patches=args.max_patches)
+        aim = with_trained_head(trunk, head_path)
+        preprocessing = preprocessing_for(aim.config, trunk.source.folder)
     config = info.get("config", {})
     metrics, skipped = evaluate_probe(aim, args.data, info["classes"], split=args.split,
                                       val_ratio=config.get("val_ratio", 0.2), seed=config.get("seed", 0),

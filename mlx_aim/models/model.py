@@ -1,6 +1,13 @@
-"""AIM and AIMv2 models: AIM's classifier (trunk + attentive probe) and pre-training model (trunk + pixel head),
-AIMv2's vision encoder (trunk + an attentive probe we train), their one constructor `build_model`
-(initialisation, dtype, quantization) and the quantization policy.
+"""AIM and AIMv2 models: AIM's classifier (trunk + its released attentive probe), its trunk alone and its
+pre-training model (trunk + pixel head); AIMv2's vision encoder, and an encoder composed with a probe trained here;
+the AIMv2-LiT; their one constructor `build_model` (initialisation, dtype, quantization) and the quantization
+policy.
+
+The contract, as Apple's code answers (apple/ml-aim, `aim-v1/aim/v1/torch/models.py` and
+`aim-v2/aim/v2/torch/models.py`): `model(images)` of AIM's classifier gives its probe's logits; of an AIMv2 encoder
+the final normalised tokens (B, N, D), as transformers' `Aimv2VisionModel` gives `last_hidden_state`. A head is
+composed onto a trunk (`with_probe`, `load(..., head=...)`), never hidden inside one: a model without a trained head
+raises `UntrainedHeadError` where an answer would need one, naming the command that trains it.
 
 Input layout: NHWC float images, (batch, height, width, channels), normalised as in `mlx_aim.data`.
 NHWC is MLX's native convolution layout; NCHW input is rejected with an error that says how to transpose.
@@ -16,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..backend import Linear
-from .config import AIMConfig, AIMv2Config, AIMv2LiTConfig, Config
+from .config import PRESET_NAMES, AIMConfig, AIMv2Config, AIMv2LiTConfig, Config
 from .layers import (
     AttentionPoolHead, AttentionProbe, PixelHead, Preprocessor, TextPreprocessor, Trunk, aim_block, aimv2_block,
     attention_mask, layer_norm, rms_norm,
@@ -75,8 +82,42 @@ def _check_max_block_id(max_block_id: Optional[int], depth: int) -> Optional[int
     return max_block_id + depth if max_block_id < 0 else max_block_id
 
 
+# ---------------------------------------------------------------------------------------------------
+# A trunk without a trained head
+
+
+class UntrainedHeadError(ValueError):
+    """A call whose answer needs a trained head, on a model that has none (an AIMv2 encoder: Apple released no
+    AIMv2 heads; an AIM trunk without `head.*` weights). Its message names the command that trains one."""
+
+
+PROBE_COMMAND = "mlx-aim probe train --model {src} --data DIR --out OUT"
+
+
+def untrained_head_message(config: Config, source: str = "", wanted: str = "classes", hint: str = "") -> str:
+    """Why a model without a trained head gives no `wanted` (classes, logits, a pooled embedding), and how to give
+    it one: `PROBE_COMMAND`, then the head file on the trunk (`--head`, `load(..., head=...)`) or the model folder
+    the probe writes. `source`: the model as the user named it (default: the config's name); `hint`: what the model
+    does give."""
+    name = source or config.name or "the model"
+    src = source or (config.name if config.name in PRESET_NAMES else "SRC")  # a name `load` takes, else a placeholder
+    why = ("Apple released no AIMv2 heads" if isinstance(config, AIMv2Config) else
+           "a trunk without head.* weights, e.g. a pre-training export or a random init")
+    return (f"{name} has no trained classification head ({why}), so it gives no {wanted}"
+            + (f" ({hint})" if hint else "")
+            + f". Train an attentive probe on your labelled images: `{PROBE_COMMAND.format(src=src)}`, then "
+            f"classify with `--head OUT/head.safetensors` or `--model OUT/model` (in Python: "
+            f"`mlx_aim.load({src!r}, head='OUT/head.safetensors')`)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoders and probed encoders
+
+
 class _Encoder(nn.Module):
-    """What every model has: a preprocessor and a trunk with Apple's parameter names, and its dtype."""
+    """What every model has: a preprocessor and a trunk with Apple's parameter names, its dtype, and the probe's
+    input (`probe_features`), which a trunk computes whether or not a probe reads it. `trunk_options` are what the
+    model's `extract_features` takes beyond the images and `max_block_id` (AIM: `attention`)."""
 
     config: Config
     preprocessor: Preprocessor
@@ -86,34 +127,40 @@ class _Encoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.trunk.post_trunk_norm.weight.dtype
 
-
-class _Probed(_Encoder):
-    """An encoder read by an attentive probe (AIM section 4): `model(images)` returns ImageNet (or
-    `num_classes`) logits.
-
-    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`): a fresh head's
-    logits and pooled embeddings mean nothing, its probe features (`probe_features`) do. `trunk_options` are
-    what the model's `extract_features` takes beyond the images and `max_block_id` (AIM: `attention`).
-    """
-
-    def _add_head(self, eps: float) -> None:
-        c = self.config
-        self.head = AttentionProbe(c.width, c.num_heads, c.num_classes, eps)
-        self.has_trained_head = False
-
-    def attach_head(self, head: AttentionProbe):
-        """Marks `head` as the model's trained probe: it replaces the current head (pass `model.head` when its
-        trained weights were loaded in place), the config takes its class count, it follows the model's mode."""
-        self.head = head
-        self.config = self.config.replace(num_classes=head.linear.weight.shape[0])
-        self.has_trained_head = True
-        head.train(self.training)
-        return self
-
     def probe_features(self, images: mx.array, **trunk_options) -> mx.array:
         """The probe's input: the mean of the probe layers' raw outputs, (B, N, D)."""
         _, features = self.extract_features(images, self.config.max_block_id, **trunk_options)
         return mx.stack([features[i] for i in self.config.probe_layers]).mean(axis=0)
+
+    def _no_head(self, wanted: str, hint: str) -> UntrainedHeadError:
+        return UntrainedHeadError(untrained_head_message(self.config, wanted=wanted, hint=hint))
+
+
+def probe_eps(config: Config) -> float:
+    """The probe BatchNorm's eps of `config`'s family: AIM's is its trunk's LayerNorm eps (Apple's heads); AIMv2's is
+    AIM's 1e-6 (its `norm_eps` is the trunk's RMSNorm's)."""
+    return 1e-6 if isinstance(config, AIMv2Config) else config.norm_eps
+
+
+def build_probe(config: Config, num_classes: Optional[int] = None) -> AttentionProbe:
+    """A fresh attentive probe for `config`'s trunk (width, heads, the family's eps) with `num_classes` outputs
+    (default: the config's), MLX's default initialisation: to train (`mlx_aim.training.probe`) or to load trained
+    weights into; compose it with a trunk with `with_probe`."""
+    return AttentionProbe(config.width, config.num_heads, num_classes or config.num_classes, probe_eps(config))
+
+
+class Probed(_Encoder):
+    """A trunk composed with a trained attentive probe (AIM section 4), with Apple's parameter names
+    (`preprocessor.*`, `trunk.*`, `head.*`): `model(images)` gives the probe's (B, num_classes) logits, `embed` its
+    attention-pooled (B, D) descriptor, `probe_features` its (B, N, D) input. `load` gives one for a source with
+    `head.*` weights or a `head=` file; `with_probe(trunk, head)` composes one; `build_model(config, probe=True)`
+    builds the shapes a trained probe is loaded into."""
+
+    head: AttentionProbe
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.head = build_probe(config)
 
     def __call__(self, images: mx.array, **trunk_options) -> mx.array:
         logits, _ = self.head(self.probe_features(images, **trunk_options))
@@ -155,13 +202,23 @@ class _AIMBase(_Encoder):
         return self.trunk(x, mask, max_block_id)
 
 
-class AIM(_Probed, _AIMBase):
-    """AIM's trunk plus attentive probe: `model(images)` returns ImageNet (or `num_classes`) logits. It,
-    `probe_features` and `embed` take `attention=` ("bidirectional" or "causal"; default: the config's)."""
+class AIM(Probed, _AIMBase):
+    """AIM's classifier, as Apple's `AIM` (apple/ml-aim, `aim-v1/aim/v1/torch/models.py`): the trunk with its trained
+    attentive probe; `model(images)` returns ImageNet (or `num_classes`) logits. It, `probe_features` and `embed` take
+    `attention=` ("bidirectional" or "causal"; default: the config's)."""
 
-    def __init__(self, config: AIMConfig):
-        super().__init__(config)
-        self._add_head(config.norm_eps)
+
+class AIMEncoder(_AIMBase):
+    """AIM's preprocessor and trunk without a classification head: a pre-training export, a random initialisation
+    (`build_model`), a trunk to probe. Apple's AIM answers `model(images)` with its probe's logits; a trunk alone has
+    none to give, so the call (and `embed`) raise `UntrainedHeadError`, naming the command that trains a probe.
+    `extract_features` and `probe_features` are what it computes."""
+
+    def __call__(self, images: mx.array, **trunk_options) -> mx.array:
+        raise self._no_head("logits", "extract_features(images) gives its features")
+
+    def embed(self, images: mx.array, **trunk_options) -> mx.array:
+        raise self._no_head("pooled embedding", "probe_features(images) gives the probe's input")
 
 
 class _AIMv2Base(_Encoder):
@@ -191,19 +248,33 @@ class _AIMv2Base(_Encoder):
         return self.trunk(x, None, max_block_id)
 
 
-class AIMv2(_Probed, _AIMv2Base):
-    """The AIMv2 vision encoder (arXiv 2411.14402; apple/ml-aim, `aim-v2/aim/v2/torch/models.py`) plus an attentive
-    probe for the probes we train (Apple released no heads): `model(images)` returns the probe's logits.
+class AIMv2(_AIMv2Base):
+    """The AIMv2 vision encoder (arXiv 2411.14402; apple/ml-aim, `aim-v2/aim/v2/torch/models.py`, `AIMv2`):
+    `model(images)` returns what Apple's gives, the final normalised tokens (B, N, D) (after `post_trunk_norm`;
+    transformers' `Aimv2VisionModel` `last_hidden_state`). Apple released no heads: `embed` raises
+    `UntrainedHeadError`; a probe trained here composes with it as `ProbedAIMv2`.
 
     A fixed-size checkpoint (learned position embedding) takes images of its `image_size` only; at native
     resolution (`image_size` None, 2-D sin-cos position embedding computed per grid) any height and width that
     are multiples of the patch size, up to `max_patches` patches. No CLS token, bidirectional attention.
-    `has_trained_head` is False until a trained probe is loaded or attached (`attach_head`).
     """
 
-    def __init__(self, config: AIMv2Config):
-        super().__init__(config)
-        self._add_head(1e-6)  # the probe's BatchNorm eps, AIM's (norm_eps is the trunk's RMSNorm's)
+    def __call__(self, images: mx.array) -> mx.array:
+        normed, _ = self.extract_features(images)
+        return normed
+
+    def embed(self, images: mx.array) -> mx.array:
+        raise self._no_head("pooled embedding", "model(images) gives its tokens, probe_features(images) the probe's "
+                            "input")
+
+
+class ProbedAIMv2(Probed, _AIMv2Base):
+    """An AIMv2 encoder with an attentive probe trained here (`mlx-aim probe train`): `model(images)` returns the
+    probe's (B, num_classes) logits, `embed` its pooled descriptor, `probe_features` its input (`Probed`)."""
+
+
+# What a probe reads (`probe_features`): any AIM or AIMv2 trunk, probed or not.
+TrunkModel = Union[AIMEncoder, AIM, AIMv2, ProbedAIMv2]
 
 
 class AIMv2ImageEncoder(_AIMv2Base):
@@ -411,20 +482,51 @@ def _init_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def _seeded(config: Config, seed: int, pretraining: bool) -> _Encoder:
-    mx.random.seed(seed)
+def _model_class(config: Config, pretraining: bool, probe: bool) -> type:
+    if isinstance(config, AIMv2LiTConfig):
+        return AIMv2LiT
     if isinstance(config, AIMv2Config):
-        return _init_weights(AIMv2(config))
+        return ProbedAIMv2 if probe else AIMv2
+    return AIMForPretraining if pretraining else AIM if probe else AIMEncoder
+
+
+def _seeded(config: Config, seed: int, pretraining: bool, probe: bool) -> _Encoder:
+    mx.random.seed(seed)
     if isinstance(config, AIMv2LiTConfig):
         return _init_weights(AIMv2LiT(config))
-    start = _init_weights(AIMForPretraining(config))
-    if pretraining:
-        return start
-    model = AIM(config)
-    _init_weights(model.head)
-    # The pre-training model's own modules: a seeded classifier starts where pre-training with `seed` does.
+    if isinstance(config, AIMv2Config):
+        # Drawn as the probed model: a seeded encoder and a seeded probed model share their trunk.
+        start = _init_weights(ProbedAIMv2(config))
+        if probe:
+            return start
+    else:
+        start = _init_weights(AIMForPretraining(config))
+        if pretraining:
+            return start
+    model = _model_class(config, False, probe)(config)
+    if probe:
+        _init_weights(model.head)
+    # AIM: the pre-training model's own modules, so a seeded trunk starts where pre-training with `seed` does.
     model.preprocessor, model.trunk = start.preprocessor, start.trunk
     return model
+
+
+def with_probe(trunk: _Encoder, head: AttentionProbe) -> Union[AIM, ProbedAIMv2]:
+    """`trunk`'s preprocessor and trunk (shared, not copied) composed with the trained probe `head`: an `AIM` for an
+    AIM trunk, a `ProbedAIMv2` for an AIMv2 one (a probed model's head is replaced). The config takes the head's
+    class count; the head follows the trunk's mode."""
+    if not isinstance(trunk, (_AIMBase, _AIMv2Base)) or not isinstance(head, AttentionProbe):
+        raise TypeError(f"with_probe: expected an AIM or AIMv2 trunk and an AttentionProbe, got "
+                        f"{type(trunk).__name__} and {type(head).__name__}")
+    if head.linear.weight.shape[1] != trunk.config.width:
+        raise ValueError(f"with_probe: a head of width {head.linear.weight.shape[1]} on a trunk of width "
+                         f"{trunk.config.width}")
+    cls = AIM if isinstance(trunk, _AIMBase) else ProbedAIMv2
+    model = cls.__new__(cls)  # composed of existing modules: nothing built, nothing drawn from MLX's generator
+    nn.Module.__init__(model)
+    model.config = trunk.config.replace(num_classes=head.linear.weight.shape[0])
+    model.preprocessor, model.trunk, model.head = trunk.preprocessor, trunk.trunk, head
+    return model.train(trunk.training)
 
 
 def build_model(
@@ -434,17 +536,20 @@ def build_model(
     seed: Optional[int] = None,
     *,
     pretraining: bool = False,
-) -> Union[AIM, AIMForPretraining, AIMv2, AIMv2LiT]:
-    """The one constructor of a model: for an `AIMConfig` the classifier `AIM`, or with `pretraining` the
-    `AIMForPretraining` (in training mode; the classifier is in eval mode); for an `AIMv2Config` the encoder
-    `AIMv2` (eval mode); for an `AIMv2LiTConfig` the zero-shot `AIMv2LiT` (eval mode). Parameters stay lazy
-    until first used, so a model about to be loaded never materialises its random weights.
+    probe: bool = False,
+) -> Union[AIMEncoder, AIM, AIMForPretraining, AIMv2, ProbedAIMv2, AIMv2LiT]:
+    """The one constructor of a model: for an `AIMConfig` the trunk `AIMEncoder`, or with `pretraining` the
+    `AIMForPretraining` (in training mode; the others are in eval mode); for an `AIMv2Config` the encoder `AIMv2`;
+    for an `AIMv2LiTConfig` the zero-shot `AIMv2LiT`. With `probe`, an AIM or AIMv2 trunk composed with an attentive
+    probe of `config.num_classes` classes (`AIM`, `ProbedAIMv2`), freshly initialised: the shapes a trained probe
+    is loaded into (as `load` does), or a classifier to time. Parameters stay lazy until first used, so a model
+    about to be loaded never materialises its random weights.
 
     dtype: an mx.Dtype or a name in `DTYPES` (default float32). quantization: 4 or 8 bits or a dict
     (`parse_quantize`) for the trunk's linear layers (`is_quantized`), recorded in the model's config
     (default: what `config.quantization` says). seed: None keeps MLX's default initialisation, drawn from MLX's
     global generator as it stands; an int seeds that generator and draws the paper's initialisation (xavier-
-    uniform linears and patch embedding, zero biases). A seeded classifier's preprocessor and trunk are exactly
+    uniform linears and patch embedding, zero biases). A seeded AIM trunk's preprocessor and trunk are exactly
     those the pre-training model of the same seed starts from: the random baseline of that pre-training run.
     AIMv2's learned position embedding is drawn as Apple initialises it, normal with std 0.02, seeded or not.
     """
@@ -454,6 +559,9 @@ def build_model(
     if pretraining and isinstance(config, (AIMv2Config, AIMv2LiTConfig)):
         raise ValueError("AIMv2 has no pre-training model here: its encoders were pre-trained with a multimodal "
                          "decoder that Apple did not release; build it without pretraining")
+    if probe and (pretraining or isinstance(config, AIMv2LiTConfig)):
+        raise ValueError("probe: an attentive probe goes on an AIM or AIMv2 trunk, not on the pre-training model "
+                         "nor on an AIMv2-LiT (which pools with its own head)")
     dtype = parse_dtype(dtype)
     quantization = config.quantization if quantization is None else parse_quantize(quantization)
     if config.quantization and quantization != config.quantization:
@@ -462,13 +570,9 @@ def build_model(
         raise ValueError("the pre-training model is trained in float: build it without quantization")
     config = config.replace(quantization=None)
     if seed is not None:
-        model = _seeded(config, seed, pretraining)
-    elif isinstance(config, AIMv2Config):
-        model = AIMv2(config)
-    elif isinstance(config, AIMv2LiTConfig):
-        model = AIMv2LiT(config)
+        model = _seeded(config, seed, pretraining, probe)
     else:
-        model = AIMForPretraining(config) if pretraining else AIM(config)
+        model = _model_class(config, pretraining, probe)(config)
     if dtype is not None and dtype != mx.float32:
         model.set_dtype(dtype)
     if quantization:

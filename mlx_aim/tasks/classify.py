@@ -2,23 +2,26 @@
 that cannot be used skipped and listed (`mlx-aim classify`, `mlx-aim zero-shot`).
 
 - `classify` runs the encoding pipeline (`encode.EncodeRun`) with `encode.top_k_classes` into a `TopKRows` sink,
-  and returns a `ClassifyResult`. Its model is anything that answers `model(images)` with class logits and says
-  `has_trained_head`: an AIM or AIMv2 with a trained probe head, or a `zeroshot.ZeroShotClassifier`.
-- `class_names` finds the label names that go with a model; `untrained_head_message` says why a trunk without a
-  trained head cannot classify.
+  and returns a `ClassifyResult`. Its model is anything that answers `model(images)` with class logits: an AIM or
+  AIMv2 with a trained probe head, or a `zeroshot.ZeroShotClassifier`. A trunk without a trained head is refused
+  (`check_classifier`), naming the command that trains one.
+- `class_names` finds the label names that go with a model.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..checkpoints.run_folders import PROBE_INFO
-from ..data import NUM_WORKERS, Preprocessing, Skipped, imagenet_classes, is_native, model_family, preprocessing_for
+from ..data import NUM_WORKERS, Preprocessing, Skipped, imagenet_classes, is_native, preprocessing_for
 from ..fileio import confined, read_json_object
-from ..models.model import AIM
+from ..models.model import AIM, AIMEncoder, AIMv2, ProbedAIMv2, UntrainedHeadError, untrained_head_message
 from .encode import BATCH_SIZE, EncodedBatch, EncodeRun, top_k_classes
+
+if TYPE_CHECKING:  # zero-shot is built on classify; the type alone names it
+    from .zeroshot import ZeroShotClassifier
 
 TOP_K = 5
 
@@ -38,17 +41,12 @@ def class_names(model_source, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def untrained_head_message(config, model_name: str = "") -> str:
-    """Why a trunk without a trained probe cannot classify, and the probe path that gives it one. AIMv2 trunks are
-    all such: Apple released no AIMv2 heads."""
-    name = model_name or "the model"
-    train = (f"train one with `mlx-aim probe train --model {model_name or 'MODEL'} --data DIR --out PROBE` "
-             "(scripts/probe.py train) and classify with the model folder it writes, PROBE/model")
-    if model_family(config) == "aimv2":
-        return (f"{name} has no trained classification head: Apple released no AIMv2 heads, so classifying with "
-                f"AIMv2 means training an attentive probe on your labelled images first; {train}")
-    return (f"{name} has no trained classification head (a trunk without head.* weights, e.g. a pre-training "
-            f"export); {train}")
+def check_classifier(model, model_name: str = "", wanted: str = "classes", hint: str = "") -> None:
+    """A trunk without a trained head (an AIMv2 encoder, an AIM trunk export, a random init) raises
+    `UntrainedHeadError`, naming the command that trains a probe: its classes would be noise. A probed trunk
+    (`AIM`, `ProbedAIMv2`) or a zero-shot classifier passes."""
+    if isinstance(model, (AIMEncoder, AIMv2)):
+        raise UntrainedHeadError(untrained_head_message(model.config, model_name, wanted, hint))
 
 
 @dataclass
@@ -99,7 +97,7 @@ class TopKRows:
 
 
 def classify(
-    model: AIM,
+    model: "AIM | ProbedAIMv2 | ZeroShotClassifier",
     inputs: Sequence,
     *,
     top_k: int = TOP_K,
@@ -112,10 +110,8 @@ def classify(
 ) -> ClassifyResult:
     """Top-k classes with softmax probabilities for every image named by `inputs` (files, folders, globs), in
     input order. `preprocessing`: default `preprocessing_for(model.config)` (the family's default; the command
-    line passes the checkpoint folder's file). A model without a trained probe head (a pre-training export) is
-    refused: its classes would be noise."""
-    if not model.has_trained_head:
-        raise ValueError(untrained_head_message(model.config, model_name))
+    line passes the checkpoint folder's file). A trunk without a trained head is refused (`check_classifier`)."""
+    check_classifier(model, model_name)
     num_classes = model.config.num_classes
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..data import NUM_WORKERS, Preprocessing, Skipped, is_native, preprocessing_for
 from ..fileio import remove_stale_temporaries, write_json
-from ..models.model import AIM, dtype_name
+from ..models.model import TrunkModel, dtype_name
+from .classify import check_classifier
 from .encode import BATCH_SIZE, EncodedBatch, EncodeRun, input_order, probe_outputs
 from .shards import (
     FEATURES_FORMAT, FILE_FORMATS, INDEX_NAME, RUN_NAME, SAVE_DTYPES, SHARD_SIZE, RaggedTokens, read_shard,
@@ -67,7 +68,7 @@ def _relative(path: Path, roots: list[Path]) -> str:
 
 
 def extract_features(
-    model: AIM,
+    model: TrunkModel,
     inputs: Sequence,
     out: str | os.PathLike,
     *,
@@ -106,12 +107,9 @@ def extract_features(
         raise ValueError(f"save_dtype={save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive integer")
-    if features != "tokens" and not model.has_trained_head:
-        raise ValueError(
-            f"{model_name or 'the model'} has no trained probe head, so its pooled embedding would come from a "
-            "random attention probe; extract the probe-layer tokens only (features='tokens', --features tokens) "
-            "or train a probe first"
-        )
+    if features != "tokens":
+        check_classifier(model, model_name, "pooled embedding", "extract the probe-layer tokens, which need no "
+                         "head, with features='tokens', --features tokens")
     kinds = ("embedding", "tokens") if features == "both" else (features,)
     c = model.config
     native = is_native(c)

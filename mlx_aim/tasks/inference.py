@@ -17,7 +17,7 @@ from typing import Optional
 from ..checkpoints.loading import load, source_config
 from ..checkpoints.sources import ModelSource, as_list, local_folder
 from ..data import is_native
-from ..models.model import AIM, build_model
+from ..models.model import TrunkModel, build_model
 from .zeroshot import ZeroShotClassifier, is_zero_shot_head, open_zero_shot
 
 
@@ -31,10 +31,11 @@ def open_model(
     seed: int = 0,
     max_patches: Optional[int] = None,
     head: Optional[str | os.PathLike] = None,
-) -> AIM | ZeroShotClassifier:
+) -> TrunkModel | ZeroShotClassifier:
     """`mlx_aim.load(model, ...)`, or with `random_init` the same architecture (stored quantization aside) with
-    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline. Either records its
-    source in `.source` (`ModelSource`: what was named, the folder of its preprocessor_config.json, ...).
+    the paper's initialisation drawn from `seed` (`build_model`): the random-init baseline, a trunk without a probe.
+    Either records its source in `.source` (`ModelSource`: what was named, the folder of its preprocessor_config.json,
+    ...).
 
     `max_patches` replaces a native-resolution model's guard (config `max_patches`, which `preprocessing_for`
     reads too); a fixed-size model refuses it, having no use for it.

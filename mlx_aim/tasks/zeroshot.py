@@ -11,7 +11,7 @@ times the model's logit scale, as CLIP classifies, with no probe to train.
   from (`build_head`); `save` writes a safetensors head file, `read_zero_shot_head` reads it back, and
   `is_zero_shot_head` tells it from a probe head file by its metadata.
 - `ZeroShotClassifier`: a LiT's image side with a head, shaped as `classify.classify` takes a model
-  (`config.num_classes`, `has_trained_head`, `classifier(images) -> logits`); `open_zero_shot` opens a saved head
+  (`config.num_classes`, `classifier(images) -> logits`); `open_zero_shot` opens a saved head
   on its LiT without the text tower (`load(..., text_tower=False)`), so classifying costs what the image side does.
 
     model, tokenizer = open_lit("aimv2-large-patch14-224-lit")
@@ -263,11 +263,9 @@ def read_zero_shot_head(path: str | os.PathLike) -> ZeroShotHead:
 
 class ZeroShotClassifier:
     """A LiT's image side with a zero-shot head, shaped as `classify.classify` takes a model: `config` is the
-    image encoder's with `num_classes` the head's label count (what preprocessing reads), `has_trained_head` is
-    True, and `classifier(images)` gives (B, C) logits, logit_scale × the cosine similarity of each image to each
-    class embedding (softmax over them: the label probabilities)."""
-
-    has_trained_head = True  # the classes come from text: nothing to train
+    image encoder's with `num_classes` the head's label count (what preprocessing reads), and `classifier(images)`
+    gives (B, C) logits, logit_scale × the cosine similarity of each image to each class embedding (softmax over
+    them: the label probabilities). Its classes come from text: it has no probe to train."""
 
     def __init__(self, model: AIMv2LiT, head: ZeroShotHead, where: str = "the zero-shot head", model_name: str = ""):
         head.check_fits(model, where, model_name)

@@ -3,7 +3,7 @@
     from mlx_aim import get_config
     from mlx_aim.training.pretrain import TrainConfig, pretrain
     summary = pretrain(get_config("aim-tiny"), TrainConfig(steps=2000, batch_size=64), "data/shapes", "runs/tiny")
-    model = mlx_aim.load("runs/tiny/model")  # the pre-trained trunk with a fresh probe head
+    model = mlx_aim.load("runs/tiny/model")  # the pre-trained trunk (`AIMEncoder`): probe it to classify
 
 The output folder:
 
@@ -65,7 +65,7 @@ from tqdm import tqdm
 from ..models.config import AIMConfig, check_int_fields, strict_from_dict
 from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
-from ..models.model import AIM, AIMForPretraining, build_model, parse_dtype
+from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .runs import (
     AdamW, LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, compare_settings, last_step, read_log, silent,
@@ -357,9 +357,9 @@ def load_pretraining_checkpoint(path: Union[str, os.PathLike]) -> tuple[AIMForPr
     return model, RunFolder.read_state(found)
 
 
-def checkpoint_trunk(path: Union[str, os.PathLike]) -> AIM:
-    """The trunk of a pre-training checkpoint (or of a run folder's newest) as an eval-mode classifier `AIM` with a
-    freshly initialised probe head, as `mlx_aim.load` gives for its exported trunk: a checkpoint to probe."""
+def checkpoint_trunk(path: Union[str, os.PathLike]) -> AIMEncoder:
+    """The trunk of a pre-training checkpoint (or of a run folder's newest) as an eval-mode `AIMEncoder`, as
+    `mlx_aim.load` gives for its exported trunk: a checkpoint to probe (it has no probe head)."""
     pretraining, _ = load_pretraining_checkpoint(path)
     model = build_model(pretraining.config)
     model.preprocessor, model.trunk = pretraining.preprocessor, pretraining.trunk
@@ -372,7 +372,8 @@ def export_trunk(folder: Path, model: AIMForPretraining) -> Path:
     """The pre-trained trunk as an MLX model folder (`preprocessor.*`, `trunk.*`): `mlx_aim.load` reads it."""
     weights = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(("preprocessor.", "trunk."))}
     return save_model(folder, weights, model.config, force=True,
-                      source_note="Pre-trained with mlx-aim (scripts/pretrain.py); the probe head is untrained.")
+                      source_note="Pre-trained with mlx-aim (scripts/pretrain.py); a trunk without a probe head "
+                                  "(train one: mlx-aim probe train).")
 
 
 def run_settings(model_config: AIMConfig, train_config: TrainConfig) -> dict:

@@ -5,7 +5,8 @@
     trunk = mlx_aim.load("runs/tiny/model")                 # any source `mlx_aim.load` accepts
     result = train_probe(trunk, "data/shapes", "runs/probe", ProbeConfig(epochs=10))
     print(result.metrics["val"]["top1"])
-    model = mlx_aim.load("runs/probe/model")               # trunk + trained head, classifies directly
+    model = mlx_aim.with_probe(trunk, result.head)         # trunk + trained head: model(images) gives logits
+    model = mlx_aim.load("runs/probe/model")               # the same, from the folder the run writes
 
 The probe reads the mean of the chosen blocks' raw outputs, normalises it with BatchNorm (no affine),
 pools it with one learned query (multi-head attention) and classifies the pooled vector with a bias-free
@@ -71,7 +72,10 @@ from ..fileio import atomic_file, read_json, remove_stale_temporaries, write_jso
 from ..tasks.encode import EncodedBatch, EncodeRun, probe_outputs
 from ..tasks.shards import RaggedTokens
 from ..models.layers import AttentionProbe
-from ..models.model import AIM, dtype_name
+from ..models.model import (
+    AIM, Probed, TrunkModel, UntrainedHeadError, build_probe, dtype_name, untrained_head_message, with_probe,
+)
+from ..models.model import probe_eps as family_probe_eps
 from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
 from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR, PROBE_INFO
 from ..checkpoints.weights import read_safetensors, save_model
@@ -363,17 +367,16 @@ def epoch_batches(data: FeatureSet, batch_size: int, seed: int, epoch: int) -> l
 # The head, its evaluation, its files
 
 
-def probe_eps(model: AIM) -> float:
-    """The probe BatchNorm's eps of `model`'s family, as its own head has it (AIM: the trunk's LayerNorm eps; AIMv2:
-    AIM's 1e-6, not its RMSNorm's 1e-5), so that a head trained here and one loaded with the model agree."""
-    return model.head.bn.eps
+def probe_eps(model: TrunkModel) -> float:
+    """The probe BatchNorm's eps of `model`'s family (AIM: the trunk's LayerNorm eps, as Apple's heads; AIMv2: AIM's
+    1e-6, not its RMSNorm's 1e-5), so that a head trained here and one loaded with a model agree."""
+    return family_probe_eps(model.config)
 
 
-def new_head(model: AIM, num_classes: int, seed: int) -> AttentionProbe:
+def new_head(model: TrunkModel, num_classes: int, seed: int) -> AttentionProbe:
     """A freshly initialised float32 probe for `model`'s width and heads, drawn from `seed`."""
-    c = model.config
     mx.random.seed(seed)
-    head = AttentionProbe(c.width, c.num_heads, num_classes, probe_eps(model))
+    head = build_probe(model.config, num_classes)
     mx.eval(head.parameters())
     return head
 
@@ -416,7 +419,7 @@ def save_head(
     return path
 
 
-def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
+def load_head(path: Union[str, os.PathLike], model: TrunkModel) -> AttentionProbe:
     """A probe head file (Apple's `head.*` keys) as an eval-mode `AttentionProbe` for `model`'s trunk."""
     path = Path(path)
     if not path.is_file():
@@ -429,11 +432,17 @@ def load_head(path: Union[str, os.PathLike], model: AIM) -> AttentionProbe:
     rows, width = weights["head.linear.weight"].shape
     if width != c.width:
         raise ValueError(f"{path}: head width {width} does not match the trunk's width {c.width}")
-    head = AttentionProbe(c.width, c.num_heads, rows, probe_eps(model))
+    head = build_probe(c, rows)
     head.load_weights([(k.removeprefix(HEAD_PREFIX), v.astype(mx.float32)) for k, v in weights.items()], strict=True)
     mx.eval(head.parameters())
     head.eval()
     return head
+
+
+def with_trained_head(model: TrunkModel, path: Union[str, os.PathLike]) -> Probed:
+    """`model`'s trunk composed with the probe head file at `path` (`load_head`, `with_probe`): a probed model whose
+    `model(images)` gives the probe's logits, as `mlx_aim.load(source, head=path)` gives from a source."""
+    return with_probe(model, load_head(path, model))
 
 
 def evaluate(
@@ -519,7 +528,7 @@ def _splits(data, val_ratio: float, seed: int) -> tuple[ImageFolder, Optional[Im
     raise ValueError("data: expected an image folder path or a (train ImageFolder, val ImageFolder) pair")
 
 
-def trunk_description(model: AIM, source: Any = None, random_init: bool = False, seed: int = 0) -> dict:
+def trunk_description(model: TrunkModel, source: Any = None, random_init: bool = False, seed: int = 0) -> dict:
     """What identifies a trunk's features: its source, weights' origin, dtype and architecture."""
     return {"source": None if source is None else str(source), "random_init": bool(random_init),
             "seed": int(seed) if random_init else None, "dtype": dtype_name(model.dtype),
@@ -533,7 +542,7 @@ def probe_run(out: Union[str, os.PathLike]) -> RunFolder:
     return RunFolder(out, checkpoint_dir=PROBE_CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
 
 
-def _check_augmentable(model: AIM, preprocessing: Preprocessing) -> None:
+def _check_augmentable(model: TrunkModel, preprocessing: Preprocessing) -> None:
     """Augmentation crops and resizes to the trunk's fixed image size and scales pixels by 1/255: refuses what
     it cannot honour."""
     if is_native(model.config):
@@ -563,7 +572,7 @@ def _make_step(head: AttentionProbe, optimizer, label_smoothing: float):
     return step
 
 
-def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolder], config: ProbeConfig,
+def _features(model: TrunkModel, train_part: ImageFolder, val_part: Optional[ImageFolder], config: ProbeConfig,
               cache_dir: Optional[Path], trunk: dict, progress: bool, preprocessing: Preprocessing
               ) -> tuple[Optional[FeatureSet], Optional[FeatureSet], Skipped]:
     """The trunk features of the training images (None with `augment`: the trunk then runs on every
@@ -584,7 +593,7 @@ def _features(model: AIM, train_part: ImageFolder, val_part: Optional[ImageFolde
     return train_set, val_set, skipped
 
 
-def _batches(model: AIM, train_set: Optional[FeatureSet], loader: Optional[BatchLoader], batch_size: int,
+def _batches(model: TrunkModel, train_set: Optional[FeatureSet], loader: Optional[BatchLoader], batch_size: int,
              seed: int, start_step: int) -> Iterator[tuple[mx.array, mx.array]]:
     """(probe features, labels) of the steps after `start_step`: augmented images through the frozen trunk
     (no gradient reaches it), or cached features in the batches `epoch_batches` gives."""
@@ -605,7 +614,7 @@ def _batches(model: AIM, train_set: Optional[FeatureSet], loader: Optional[Batch
 
 
 def train_probe(
-    model: AIM,
+    model: TrunkModel,
     data,
     out: Optional[Union[str, os.PathLike]] = None,
     config: Optional[ProbeConfig] = None,
@@ -753,7 +762,7 @@ def train_probe(
                        skipped, run.path if run is not None else None, info)
 
 
-def _write_outputs(out: Path, model: AIM, head: AttentionProbe, info: dict, save_model_folder: bool,
+def _write_outputs(out: Path, model: TrunkModel, head: AttentionProbe, info: dict, save_model_folder: bool,
                    preprocessing: Preprocessing) -> None:
     save_head(out / HEAD_FILE, head, info["probe_layers"])
     if save_model_folder:
@@ -805,7 +814,7 @@ def eval_split(data, split: str, classes: Sequence[str], val_ratio: float, seed:
 
 
 def evaluate_probe(
-    model: AIM,
+    model: Probed,
     data,
     classes: Sequence[str],
     *,
@@ -817,8 +826,10 @@ def evaluate_probe(
     progress: bool = True,
     preprocessing: Optional[Preprocessing] = None,
 ) -> tuple[dict, Skipped]:
-    """Metrics of `model` (with its trained head attached) on a split of an image folder, preprocessed by
-    `preprocessing` (default `preprocessing_for(model.config)`)."""
+    """Metrics of the probed `model` (a trunk with its trained head: `with_trained_head`) on a split of an image
+    folder, preprocessed by `preprocessing` (default `preprocessing_for(model.config)`)."""
+    if not isinstance(model, Probed):
+        raise UntrainedHeadError(untrained_head_message(model.config, wanted="probe metrics"))
     part = eval_split(data, split, classes, val_ratio, seed)
     features = compute_features(model, part.samples, batch_size=batch_size, dtype="float32",
                                 num_workers=num_workers, progress=progress, desc=f"{split} features",
