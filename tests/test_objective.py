@@ -14,7 +14,7 @@ from mlx_aim.models.model import build_model
 from mlx_aim.models.objective import (
     aim_loss, next_patch_loss, norm_pix_target, num_targets, patchify, sample_prefix_len, target_mask, unpatchify,
 )
-from mlx_aim.training.runs import AdamW, learning_rate
+from mlx_aim.training.optim import AdamW, learning_rate
 from mlx_aim.training.pretrain import TrainConfig, step_prefix_len
 
 

@@ -6,7 +6,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_aim.training.runs import RunFolder, RunLog, Schedule, adamw, compare_settings, read_log
+from mlx_aim.training.optim import Schedule, adamw
+from mlx_aim.training.runs import RunFolder, RunLog, compare_settings, read_log
 
 
 def test_compare_settings_names_nested_fields_and_ignores_tuple_versus_list():

@@ -1,2 +1,3 @@
 """Training: the run scaffold shared by every job that trains (`runs`: resumable folders, atomic checkpoints, the log,
-AdamW and its schedule), pre-training (`pretrain`) and the attentive probe (`probe`)."""
+the divergence error), the optimizer and its schedule (`optim`), pre-training (`pretrain`) and the attentive probe
+(`probe`)."""

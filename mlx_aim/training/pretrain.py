@@ -67,9 +67,8 @@ from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
 from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
-from .runs import (
-    AdamW, LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, compare_settings, last_step, read_log, silent,
-)
+from .optim import AdamW, Schedule, adamw
+from .runs import LossWindow, RunFolder, RunLog, check_finite, compare_settings, last_step, read_log, silent
 from ..checkpoints.run_folders import (
     CHECKPOINTS_DIR, DEMO_RUN_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint, list_checkpoints,
 )

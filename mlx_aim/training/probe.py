@@ -38,7 +38,7 @@ Decisions where the paper is silent:
   keeps each image's own patch grid: its features are computed in batches of one grid; over images of several
   grids they are ragged (`shards.RaggedTokens`), and training batches then hold one grid each
   (`epoch_batches`); augmentation needs a fixed size and is refused there.
-- The schedule (`runs.Schedule`: linear warm-up, cosine to 0) and the optimizer (`runs.adamw`, weight
+- The schedule (`optim.Schedule`: linear warm-up, cosine to 0) and the optimizer (`optim.adamw`, weight
   decay on matrices only) are the pre-training ones; so are the checkpoints, resume rules and divergence
   check (`runs`).
 """
@@ -76,7 +76,8 @@ from ..models.model import (
     AIM, Probed, TrunkModel, UntrainedHeadError, build_probe, dtype_name, untrained_head_message, with_probe,
 )
 from ..models.model import probe_eps as family_probe_eps
-from .runs import LossWindow, RunFolder, RunLog, Schedule, adamw, check_finite, last_step, silent
+from .optim import Schedule, adamw
+from .runs import LossWindow, RunFolder, RunLog, check_finite, last_step, silent
 from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR, PROBE_INFO
 from ..checkpoints.weights import read_safetensors, save_model
 

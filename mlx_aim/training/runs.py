@@ -11,8 +11,6 @@
 
 - `RunFolder`: a run's output folder, its checkpoints (written atomically) and the rules for starting,
   resuming and refusing.
-- `Schedule`: the learning rate as a function of the step (linear warm-up, then cosine to 0); `adamw` the
-  optimizer of both loops (weight decay on matrices only).
 - `RunLog`, `read_log`: the run's log.jsonl, rewound to the checkpoint when a run resumes.
 - `check_finite`, `TrainingDiverged`: the one error both loops raise when the loss stops being finite.
 - `compare_settings`: which settings differ between a checkpoint and this run.
@@ -24,9 +22,8 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,57 +71,6 @@ def last_step(stop_at: Optional[int], total_steps: int) -> int:
     if not 1 <= stop_at <= total_steps:
         raise ValueError(f"stop_at={stop_at}: expected a step in [1, {total_steps}]")
     return stop_at
-
-
-# ----------------------------------------------------------------------------------------------------
-# The schedule and the optimizer
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Linear warm-up from `warmup_init_lr` to `lr` over `warmup_steps`, then cosine to 0 at `steps`."""
-
-    steps: int
-    lr: float
-    warmup_init_lr: float
-    warmup_steps: int
-
-    @classmethod
-    def warmup_cosine(cls, steps: int, lr: float, warmup_init_lr: float, warmup_frac: float) -> "Schedule":
-        """The schedule of a run of `steps` steps whose first `warmup_frac` of them warm up."""
-        return cls(steps, lr, warmup_init_lr, int(round(warmup_frac * steps)))
-
-    def __call__(self, step):
-        return learning_rate(step, self)
-
-
-def learning_rate(step, schedule):
-    """The learning rate of optimizer step `step` (0-based) under `schedule` (a `Schedule`, or anything with
-    its four fields, as `train.TrainConfig`). Takes and returns an int/float or an mx.array."""
-    as_array = isinstance(step, mx.array)
-    s = step.astype(mx.float32) if as_array else mx.array(float(step))
-    warmup = schedule.warmup_steps
-    peak, init = schedule.lr, schedule.warmup_init_lr
-    warm = init + (peak - init) * s / max(warmup, 1)
-    progress = mx.clip((s - warmup) / max(schedule.steps - warmup, 1), 0.0, 1.0)
-    cosine = 0.5 * peak * (1.0 + mx.cos(math.pi * progress))
-    lr = mx.where(s < warmup, warm, cosine)
-    return lr if as_array else float(lr)
-
-
-class AdamW(optim.AdamW):
-    """AdamW whose weight decay skips 1-D parameters (biases, LayerNorm scales and shifts)."""
-
-    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        if parameter.ndim < 2:
-            return optim.Adam.apply_single(self, gradient, parameter, state)
-        return super().apply_single(gradient, parameter, state)
-
-
-def adamw(schedule: Schedule, betas: Sequence[float], eps: float, weight_decay: float) -> AdamW:
-    """The optimizer of both loops, its learning rate following `schedule`."""
-    return AdamW(learning_rate=schedule, betas=list(betas), eps=eps, weight_decay=weight_decay,
-                 bias_correction=True)  # as PyTorch's AdamW, which the paper's recipe used
 
 
 # ----------------------------------------------------------------------------------------------------
