@@ -168,7 +168,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The recipe's pieces: optimizer (`runs`: schedule and AdamW; the initialisation is `model.build_model`'s)
+# The recipe's pieces: optimizer (`optim`: schedule and AdamW; the initialisation is `model.build_model`'s)
 
 
 def make_optimizer(config: TrainConfig) -> AdamW:
