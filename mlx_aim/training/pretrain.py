@@ -69,9 +69,7 @@ from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dty
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .optim import AdamW, Schedule, adamw
 from .runs import LossWindow, RunFolder, RunLog, check_finite, compare_settings, last_step, read_log, silent
-from ..checkpoints.run_folders import (
-    CHECKPOINTS_DIR, DEMO_RUN_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint, list_checkpoints,
-)
+from ..checkpoints.run_folders import CHECKPOINTS_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint
 from ..checkpoints.weights import check_weights, read_safetensors, save_model
 
 PREFIX_STREAM = 101  # first word of the seed of step s's prefix draws: [PREFIX_STREAM, seed, s]
