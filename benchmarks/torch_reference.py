@@ -256,6 +256,11 @@ class PretrainStep:
         )
 
     def __call__(self, images_nchw, prefix_len):
+        loss = self.backward(images_nchw, prefix_len)
+        return loss, self.update()
+
+    def backward(self, images_nchw, prefix_len):
+        """The step's first half: the loss, its gradients left in each parameter's `.grad` (before clipping)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.dtype is not None and self.dtype != torch.float32:
             with torch.autocast(images_nchw.device.type, dtype=self.dtype):
@@ -264,9 +269,14 @@ class PretrainStep:
             pred = self.model(images_nchw, prefix_len)
         loss = aim_loss(pred, images_nchw, prefix_len, self.model.patch)
         loss.backward()
+        return loss.detach()
+
+    def update(self):
+        """The step's second half: clips the gradients in place, takes the AdamW step; returns the norm before
+        clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        return loss.detach(), norm
+        return norm
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -211,6 +211,15 @@ def _loss_and_grad(model: nn.Module, compute_dtype: mx.Dtype, attention: str) ->
     return run
 
 
+def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
+    """(gradients scaled so that their global norm is at most `max_norm`, the global norm before scaling), as
+    `torch.nn.utils.clip_grad_norm_` (scale max_norm / (norm + 1e-6) when below 1); `max_norm` 0 leaves them as
+    they are."""
+    if max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    return grads, mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
+
+
 class TrainStep:
     """One optimizer step on this process's share of a global batch.
 
@@ -236,16 +245,19 @@ class TrainStep:
             if self.world_size > 1:
                 grads = nn.average_gradients(grads, group=self.group)
                 loss = mx.distributed.all_sum(loss, group=self.group) / self.world_size
-            if config.grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
-            else:
-                norm = mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
+            grads, norm = clip_gradients(grads, config.grad_clip)
             optimizer.update(model, grads)
             return loss, norm
 
         self._update = update
 
     def __call__(self, images: np.ndarray, prefix_len: np.ndarray, num_targets: int) -> tuple[mx.array, mx.array]:
+        loss, grads = self.gradients(images, prefix_len, num_targets)
+        return self.apply(loss, grads)
+
+    def gradients(self, images: np.ndarray, prefix_len: np.ndarray, num_targets: int) -> tuple[mx.array, dict]:
+        """The first half of `__call__`: this process's loss and gradients, summed over the micro-batches, before
+        averaging across processes and clipping (the parity test reads them between the two halves)."""
         accum = self.config.grad_accum
         micro = len(images) // accum
         # Each process divides by its share of the global count, so that the average over processes of
@@ -261,6 +273,11 @@ class TrainStep:
                 loss, grads = loss + l, tree_map(mx.add, grads, g)
             if accum > 1:
                 mx.eval(loss, grads)
+        return loss, grads
+
+    def apply(self, loss: mx.array, grads: dict) -> tuple[mx.array, mx.array]:
+        """The second half of `__call__`: averages `gradients`' result across processes, clips it and updates the
+        model and optimizer; returns the global batch's (loss, gradient norm before clipping)."""
         loss, norm = self._update(grads, loss)
         mx.eval(loss, norm, self.model.state, self.optimizer.state)
         return loss, norm
