@@ -1,0 +1,162 @@
+"""LoRA (mlx_aim/models/lora.py): an adapted model starts equal to its base, fuses into plain weights that compute
+what it computes, and trains only its adapters over a frozen quantized trunk."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from conftest import rel_err, tiny_config
+from mlx_aim.models.config import AIMv2Config, get_config
+from mlx_aim.models.lora import (
+    LoRALinear, LoRAQKV, adapter_parameters, apply_lora, fuse_lora, lora_settings, trainable_parameters,
+)
+from mlx_aim.models.model import build_model
+
+
+def tiny_v2(**overrides) -> AIMv2Config:
+    fields = dict(image_size=16, patch_size=4, width=64, depth=4, num_heads=4, hidden_dim=128, num_classes=10,
+                  probe_layers=[1, 2])
+    return AIMv2Config(**{**fields, **overrides})
+
+
+# The AIM classifier (probed trunk, GELU MLP) and the AIMv2 encoder (SwiGLU MLP): each with every key it has.
+FAMILIES = {
+    "aim": (lambda: build_model(tiny_config(), seed=0, probe=True), ("qkv", "proj", "fc1", "fc2")),
+    "aimv2": (lambda: build_model(tiny_v2(), seed=0), ("qkv", "proj", "fc1", "fc2", "fc3")),
+}
+
+
+def images(batch=2):
+    return mx.random.normal((batch, 16, 16, 3), key=mx.random.key(1))
+
+
+def randomize_adapters(model, seed=2):
+    """Random B (and A): the adapters then change the model's output."""
+    updates = [(k, 0.05 * mx.random.normal(v.shape, key=mx.random.key(seed + i)))
+               for i, (k, v) in enumerate(adapter_parameters(model).items())]
+    model.load_weights(updates, strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def names_and_shapes(model):
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_zero_b_leaves_the_base_exactly(family):
+    build, keys = FAMILIES[family]
+    model = build()
+    x = images()
+    base = model(x)
+    mx.eval(base)
+    apply_lora(model, keys=keys)
+    adapted = model(x)
+    assert mx.array_equal(adapted, base).item()
+    # q, k and v each their own pair on the fused qkv; the rest one pair each; B zeros, A not.
+    block = model.trunk.blocks[0]
+    assert isinstance(block.attn.qkv, LoRAQKV) and isinstance(block.attn.proj, LoRALinear)
+    assert block.attn.qkv.lora_a.shape == (3, 64, 8) and block.attn.qkv.lora_b.shape == (3, 8, 64)
+    assert all(isinstance(block.mlp[k], LoRALinear) for k in keys if k.startswith("fc"))
+    assert block.attn.qkv.scale == 1 / 8
+    assert not mx.any(block.attn.qkv.lora_b).item() and mx.all(block.attn.qkv.lora_a != 0).item()
+    # Only the adapters train.
+    assert {k for k, _ in tree_flatten(model.trainable_parameters())} == set(adapter_parameters(model))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_model_computes_what_the_adapted_one_does(family):
+    build, keys = FAMILIES[family]
+    model = build()
+    base_names = names_and_shapes(model)
+    x = images()
+    base = model(x)
+    randomize_adapters(apply_lora(model, keys=keys))
+    adapted = model(x)
+    mx.eval(base, adapted)
+    assert rel_err(adapted, base) > 1e-3  # the adapters matter
+    fuse_lora(model)
+    assert names_and_shapes(model) == base_names  # plain layers under the base's names again
+    assert lora_settings(model) is None
+    assert rel_err(model(x), adapted) < 1e-4
+
+
+def test_apply_lora_on_the_last_layers_only():
+    model = build_model(tiny_config(), seed=0)
+    apply_lora(model, num_layers=2)
+    assert lora_settings(model).layers == (2, 3)
+    assert not isinstance(model.trunk.blocks[1].attn.qkv, LoRAQKV)
+    assert isinstance(model.trunk.blocks[2].attn.qkv, LoRAQKV)
+
+
+def quantized_aim():
+    return build_model(tiny_config(), quantization={"bits": 4, "group_size": 32}, seed=0, probe=True)
+
+
+def test_qlora_trains_only_float_adapters_over_a_frozen_quantized_trunk():
+    model = quantized_aim()
+    frozen_before = {k: mx.array(v) for k, v in tree_flatten(model.trunk.parameters())}
+    randomize_adapters(apply_lora(model))
+    qkv = model.trunk.blocks[0].attn.qkv
+    assert isinstance(qkv.linear, nn.QuantizedLinear) and qkv.linear.bits == 4
+    assert qkv.lora_a.dtype == mx.float32 and qkv.lora_b.dtype == mx.float32
+    model.train()
+
+    def loss_fn(model, x):
+        return (model(x) ** 2).mean()
+
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, images())
+    grads = dict(tree_flatten(grads))
+    assert set(grads) == set(adapter_parameters(model))
+    # Every adapter the probe's input passes through gets a gradient (block 3 lies past the probe layers 1, 2).
+    nonzero = {k for k, g in grads.items() if mx.any(g != 0).item()}
+    assert nonzero == {k for k in grads if not k.startswith("trunk.blocks.3.")}
+    # The quantized trunk is untouched by the adaptation.
+    for key, value in frozen_before.items():
+        if not key.endswith(("lora_a", "lora_b")):
+            now = dict(tree_flatten(model.trunk.parameters()))
+            assert mx.array_equal(now[key.replace(".attn.qkv.", ".attn.qkv.linear.")
+                                      .replace(".attn.proj.", ".attn.proj.linear.")], value).item()
+
+
+def test_fuse_requantizes_a_quantized_base_and_dequantize_gives_float():
+    x = images()
+    model = randomize_adapters(apply_lora(quantized_aim()))
+    adapted = model(x)
+    qkv = model.trunk.blocks[0].attn.qkv
+    expected = mx.quantize((mx.dequantize(qkv.linear.weight, qkv.linear.scales, qkv.linear.biases, 32, 4)
+                            + qkv.delta()), 32, 4)
+    fuse_lora(model)
+    fused = model.trunk.blocks[0].attn.qkv
+    assert isinstance(fused, nn.QuantizedLinear) and (fused.bits, fused.group_size) == (4, 32)
+    assert mx.array_equal(fused.weight, expected[0]).item() and mx.allclose(fused.scales, expected[1]).item()
+    assert model.config.quantization == {"bits": 4, "group_size": 32}
+
+    model = randomize_adapters(apply_lora(quantized_aim()))
+    fuse_lora(model, dequantize=True)
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    assert model.config.quantization is None
+    assert rel_err(model(x), adapted) < 1e-4  # dequantized W + scale B A: what the adapted model computes
+
+
+def test_rank_must_fit_the_layer():
+    model = build_model(tiny_config(), seed=0)
+    for rank in (65, 0):
+        with pytest.raises(ValueError, match=rf"rank {rank}\b.*width 64"):
+            apply_lora(model, rank=rank)
+    assert lora_settings(model) is None  # refused before anything changed
+    assert apply_lora(model, rank=64) is model
+    with pytest.raises(ValueError, match=r"rank 9\b.*width 8"):
+        LoRALinear(nn.Linear(8, 32), rank=9)
+
+
+def test_trainable_fraction_of_aim_600m_is_the_adapters(capsys):
+    model = build_model(get_config("aim-600M"))  # lazy: shapes are counted, nothing is evaluated
+    total = trainable_parameters(model)
+    apply_lora(model)
+    width, depth = 1536, 24
+    adapters = depth * (3 * 8 * (width + width) + 8 * (width + width))
+    assert trainable_parameters(model) == adapters == 2_359_296
+    assert 0.003 < adapters / total < 0.004  # about 0.4% of the 600M trunk
+    assert capsys.readouterr() == ("", "")
