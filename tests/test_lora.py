@@ -1,17 +1,23 @@
-"""LoRA (mlx_aim/models/lora.py): an adapted model starts equal to its base, fuses into plain weights that compute
-what it computes, and trains only its adapters over a frozen quantized trunk."""
+"""LoRA (mlx_aim/models/lora.py, mlx_aim/checkpoints/adapters.py): an adapted model starts equal to
+its base, fuses into plain weights that compute what it computes, trains only its adapters over a frozen quantized
+trunk, saves and loads as mlx-lm's adapter folders, and refuses adapters made for another base."""
+
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
+import mlx_aim
 from conftest import rel_err, tiny_config
+from mlx_aim.checkpoints.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
+from mlx_aim.checkpoints.weights import save_model
 from mlx_aim.models.config import AIMv2Config, get_config
 from mlx_aim.models.lora import (
     LoRALinear, LoRAQKV, adapter_parameters, apply_lora, fuse_lora, lora_settings, trainable_parameters,
 )
-from mlx_aim.models.model import build_model
+from mlx_aim.models.model import build_model, build_probe, with_probe
 
 
 def tiny_v2(**overrides) -> AIMv2Config:
@@ -140,6 +146,39 @@ def test_fuse_requantizes_a_quantized_base_and_dequantize_gives_float():
     assert rel_err(model(x), adapted) < 1e-4  # dequantized W + scale B A: what the adapted model computes
 
 
+def base_folder(tmp_path, config=None, name="base", probe=False):
+    model = build_model(config or tiny_config(), seed=0, probe=probe)
+    return save_model(tmp_path / name, dict(tree_flatten(model.parameters())), model.config)
+
+
+def test_saved_adapters_load_onto_their_base(tmp_path):
+    base = base_folder(tmp_path)  # a trunk without a head: the adapted model carries a new probe
+    model = with_probe(apply_lora(mlx_aim.load(base), rank=4, alpha=2.0, num_layers=3), build_probe(tiny_config(), 5))
+    randomize_adapters(model)
+    model.head.update({"cls_token": mx.random.normal(model.head.cls_token.shape, key=mx.random.key(9))})
+    save_adapters(tmp_path / "adapters", model, {"learning_rate": 1e-4, "rank": 4})
+    saved = json.loads((tmp_path / "adapters" / ADAPTER_CONFIG).read_text())
+    assert {k: saved[k] for k in ("mode", "rank", "alpha", "dropout", "keys", "layers", "num_classes")} == {
+        "mode": "lora", "rank": 4, "alpha": 2.0, "dropout": 0.0, "keys": ["qkv", "proj"], "layers": [1, 2, 3],
+        "num_classes": 5}
+    assert saved["learning_rate"] == 1e-4 and saved["base_config"]["width"] == 64 and len(saved["base_digest"]) == 64
+    stored = mx.load(str(tmp_path / "adapters" / ADAPTER_WEIGHTS))
+    assert set(stored) == set(adapter_parameters(model)) | {f"head.{k}" for k, _ in tree_flatten(model.head.parameters())}
+
+    loaded = mlx_aim.load(base, adapters=tmp_path / "adapters")
+    model.eval()
+    x = images()
+    assert mx.array_equal(loaded(x), model(x)).item()
+    assert lora_settings(loaded) == lora_settings(model)
+
+
+def test_save_adapters_refuses_a_config_that_contradicts_the_model(tmp_path):
+    model = apply_lora(build_model(tiny_config(), seed=0))
+    with pytest.raises(ValueError, match="rank=16.*rank=8"):
+        save_adapters(tmp_path / "a", model, {"rank": 16})
+    assert not (tmp_path / "a").exists()
+
+
 def test_rank_must_fit_the_layer():
     model = build_model(tiny_config(), seed=0)
     for rank in (65, 0):
@@ -149,6 +188,43 @@ def test_rank_must_fit_the_layer():
     assert apply_lora(model, rank=64) is model
     with pytest.raises(ValueError, match=r"rank 9\b.*width 8"):
         LoRALinear(nn.Linear(8, 32), rank=9)
+
+
+def adapted_folder(tmp_path, config=None):
+    base = base_folder(tmp_path, config)
+    model = randomize_adapters(apply_lora(mlx_aim.load(base)))
+    return base, save_adapters(tmp_path / "adapters", model), model
+
+
+def test_adapters_for_another_base_are_refused(tmp_path):
+    _, adapters, _ = adapted_folder(tmp_path)
+    # Same shapes, another config: the digest tells them apart.
+    other = base_folder(tmp_path, tiny_config(num_heads=2), name="other-heads")
+    with pytest.raises(ValueError, match=r"adapters for the base .*num_heads=4.* not for the loaded base .*num_heads=2"):
+        mlx_aim.load(other, adapters=adapters)
+    wider = base_folder(tmp_path, tiny_config(width=128), name="other-width")
+    with pytest.raises(ValueError, match=r"width=64.*width=128.*differ in width"):
+        mlx_aim.load(wider, adapters=adapters)
+
+
+def test_adapters_of_another_shape_are_refused(tmp_path):
+    base, adapters, _ = adapted_folder(tmp_path)
+    tensors = dict(mx.load(str(adapters / ADAPTER_WEIGHTS)))
+    tensors["trunk.blocks.0.attn.proj.lora_a"] = mx.zeros((64, 4))
+    mx.save_safetensors(str(adapters / ADAPTER_WEIGHTS), tensors)
+    with pytest.raises(ValueError, match=r"do not fit the loaded base .*trunk\.blocks\.0\.attn\.proj\.lora_a \(64, 4\) "
+                                         r"\(expected \(64, 8\)\)"):
+        mlx_aim.load(base, adapters=adapters)
+
+
+@pytest.mark.parametrize("key", ["rank", "base_digest", "keys"])
+def test_an_adapter_config_missing_a_key_is_refused(tmp_path, key):
+    base, adapters, _ = adapted_folder(tmp_path)
+    config = json.loads((adapters / ADAPTER_CONFIG).read_text())
+    del config[key]
+    (adapters / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{ADAPTER_CONFIG}: missing {key}"):
+        mlx_aim.load(base, adapters=adapters)
 
 
 def test_trainable_fraction_of_aim_600m_is_the_adapters(capsys):
