@@ -1,4 +1,4 @@
-"""LoRA (mlx_aim/models/lora.py, mlx_aim/checkpoints/adapters.py): an adapted model starts equal to
+"""LoRA (mlx_aim/models/lora.py, mlx_aim/checkpoints/adapters.py, `mlx-aim fuse`): an adapted model starts equal to
 its base, fuses into plain weights that compute what it computes, trains only its adapters over a frozen quantized
 trunk, saves and loads as mlx-lm's adapter folders, and refuses adapters made for another base."""
 
@@ -13,6 +13,7 @@ import mlx_aim
 from conftest import rel_err, tiny_config
 from mlx_aim.checkpoints.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
 from mlx_aim.checkpoints.weights import save_model
+from mlx_aim.cli import fuse as fuse_cli
 from mlx_aim.models.config import AIMv2Config, get_config
 from mlx_aim.models.lora import (
     LoRALinear, LoRAQKV, adapter_parameters, apply_lora, fuse_lora, lora_settings, trainable_parameters,
@@ -236,3 +237,36 @@ def test_trainable_fraction_of_aim_600m_is_the_adapters(capsys):
     assert trainable_parameters(model) == adapters == 2_359_296
     assert 0.003 < adapters / total < 0.004  # about 0.4% of the 600M trunk
     assert capsys.readouterr() == ("", "")
+
+
+def test_fuse_command_writes_a_model_folder_every_command_reads(tmp_path, capsys):
+    base, adapters, model = adapted_folder(tmp_path)
+    model.eval()
+    out = tmp_path / "fused"
+    assert fuse_cli.main(["--model", str(base), "--adapters", str(adapters), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}")
+    fused = mlx_aim.load(out)
+    x = images()
+    assert rel_err(fused.probe_features(x), model.probe_features(x)) < 1e-4
+    assert names_and_shapes(fused) == names_and_shapes(mlx_aim.load(base))
+
+    wrong = base_folder(tmp_path, tiny_config(norm_eps=1e-5), name="wrong")
+    assert fuse_cli.main(["--model", str(wrong), "--adapters", str(adapters), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "not for the loaded base" in lines[0] and "norm_eps" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_fuse_command_dequantizes_a_quantized_base(tmp_path):
+    qbase = build_model(tiny_config(), quantization={"bits": 4, "group_size": 32}, seed=0)
+    base = save_model(tmp_path / "q", dict(tree_flatten(qbase.parameters())), qbase.config)
+    adapters = save_adapters(tmp_path / "adapters", randomize_adapters(apply_lora(mlx_aim.load(base))))
+    assert fuse_cli.main(["--model", str(base), "--adapters", str(adapters), "--out", str(tmp_path / "q-fused")]) == 0
+    assert mlx_aim.load(tmp_path / "q-fused").config.quantization == {"bits": 4, "group_size": 32}
+    assert fuse_cli.main(["--model", str(base), "--adapters", str(adapters), "--out", str(tmp_path / "f"),
+                          "--dequantize"]) == 0
+    fused = mlx_aim.load(tmp_path / "f")
+    assert fused.config.quantization is None
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fused.named_modules())
