@@ -52,7 +52,7 @@ def names_and_shapes(model):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_zero_b_leaves_the_base_exactly(family):
+def test_zero_b_leaves_the_base_exactly(family, backend_path):
     build, keys = FAMILIES[family]
     model = build()
     x = images()
@@ -73,7 +73,7 @@ def test_zero_b_leaves_the_base_exactly(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_fused_model_computes_what_the_adapted_one_does(family):
+def test_fused_model_computes_what_the_adapted_one_does(family, backend_path):
     build, keys = FAMILIES[family]
     model = build()
     base_names = names_and_shapes(model)
@@ -101,7 +101,7 @@ def quantized_aim():
     return build_model(tiny_config(), quantization={"bits": 4, "group_size": 32}, seed=0, probe=True)
 
 
-def test_qlora_trains_only_float_adapters_over_a_frozen_quantized_trunk():
+def test_qlora_trains_only_float_adapters_over_a_frozen_quantized_trunk(backend_path):
     model = quantized_aim()
     frozen_before = {k: mx.array(v) for k, v in tree_flatten(model.trunk.parameters())}
     randomize_adapters(apply_lora(model))
