@@ -21,7 +21,7 @@ from mlx_aim.data.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
 MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark",
-           "visualize", "search"]
+           "visualize", "search", "fuse"]
 
 # The least each command's parser accepts (probe, search: both sub-commands).
 MINIMAL = {
@@ -32,6 +32,7 @@ MINIMAL = {
     "probe eval": ["eval", "--head", "h", "--data", "d"],
     "pretrain": ["--preset", "aim-tiny", "--data", "d", "--out", "o"],
     "convert": ["src", "--out", "o"],
+    "fuse": ["--model", "m", "--adapters", "a", "--out", "o"],
     "demo": [],
     "scaling": [],
     "benchmark": [],

@@ -46,6 +46,7 @@ from ..models.model import (
 )
 from ..models.tokenizer import TOKENIZER_FILES
 from . import infer
+from .adapters import apply_adapters
 from .hub import AIMV2_REVISIONS, APPLE_FILE_STEMS, cache_dir, upload
 from .sources import Located, ModelSource, as_list, local_folder, locate, preset_name, resolve_folder, tokenizer_folder
 from .torch_checkpoint import open_torch_checkpoint
@@ -312,6 +313,7 @@ def load(
     head: Optional[str | os.PathLike] = None,
     q_group_size: int = 64,
     text_tower: bool = True,
+    adapters: Optional[str | os.PathLike] = None,
 ) -> AIM | AIMEncoder | AIMv2 | ProbedAIMv2 | AIMv2LiT:
     """Loads a model in eval mode from a preset, hub repo id, folder or checkpoint files: an AIM or AIMv2 trunk
     with a trained probe (`head.*` weights in the source, or `head`) as `AIM` / `ProbedAIMv2` (`model(images)`:
@@ -325,6 +327,8 @@ def load(
     `head.*` keys) to load over the source's. A source without `head.*` weights (a pre-training export, every
     released AIMv2) gets no probe: no untrained head ever answers. text_tower=False: a LiT's text tower and text
     projection are neither read nor built (`AIMv2LiT.drop_text_tower`), for image-only use; other models ignore it.
+    adapters: a LoRA adapter folder (`adapters.save_adapters`: adapters.safetensors + adapter_config.json) to put on
+    the loaded model (`adapters.apply_adapters`), refused when it was made for another base or its shapes differ.
     The model records where it came from in `model.source` (`sources.ModelSource`).
     """
     dtype = parse_dtype(dtype)
@@ -367,6 +371,11 @@ def load(
         model.load_weights(loaded, strict=False)  # keys and shapes were checked above
     finally:
         source.close()
+    if adapters is not None:
+        if lit:
+            raise ValueError(f"{adapters}: {source.description} is an AIMv2-LiT model; LoRA adapters go on an AIM or "
+                             "AIMv2 trunk")
+        model = apply_adapters(model, adapters)
     model.source = ModelSource(named, source.folder, source.description)
     return model
 
