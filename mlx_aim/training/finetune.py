@@ -1,0 +1,408 @@
+"""Fine-tuning a trunk with LoRA and an attentive probe (AIM section 5.5, Table 8): head and adapters trained jointly.
+
+    import mlx_aim
+    from mlx_aim.training.finetune import FinetuneConfig, finetune
+    result = finetune("runs/tiny/model", "data/shapes", "runs/ft", FinetuneConfig(steps=200))
+    model = mlx_aim.load("runs/tiny/model", adapters="runs/ft")   # the fine-tuned classifier
+
+The base is loaded with `mlx_aim.load` (with `quantize`, 4 or 8 bits: QLoRA, the base quantized and frozen, the
+adapters float), LoRA is put on its blocks (`models.lora.apply_lora`: rank 8, alpha 1, qkv and proj by default, as
+apple/ml-l3m's `LoraAttention`), and a fresh attentive probe (`probe.new_head`, seeded) is composed onto it
+(`with_probe`). Only the adapters and the head train; the probe's BatchNorm trains on batch statistics and updates
+its running statistics, as in probing. Attention is bidirectional (the config's, as for probing).
+
+The output folder:
+
+    out/adapters.safetensors   the LoRA factors and the head (`checkpoints.adapters.save_adapters`)
+    out/adapter_config.json    the adapters' settings, the base's identity, the classes, the preprocessing, the run's
+                               recipe and its final metrics: `mlx_aim.load(base, adapters=out)` reads the two files,
+                               `mlx-aim fuse` folds them into an ordinary model folder
+    out/checkpoint/            the latest checkpoint: adapters + head (adapters.safetensors), optimizer state, step,
+                               data position, losses
+    out/log.jsonl              the training loss and learning rate every `log_interval` steps, validation top-1 and
+                               top-5 at each evaluation
+
+Decisions where the paper is silent:
+- Step-based, on augmented batches (random resized crop + flip, as the probe's `augment`) drawn by a looping
+  `BatchLoader` whose position is checkpointed; without `augment` the images are only preprocessed. The schedule
+  (warm-up, cosine to 0) and AdamW (weight decay on matrices only) are the probe's and pre-training's (`optim`).
+- The step is compiled (`mx.compile` with `[model.state, optimizer.state, mx.random.state]` as inputs and outputs);
+  before each step the generator is seeded from (seed, step), so LoRA dropout draws the same masks in a resumed run.
+- Fine-tuning needs validation images of every class: a folder with one class, or a class without validation
+  images, is refused before anything is written. Native-resolution trunks (batches need one image size) and
+  `fine_tune_type="full"` are not supported yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from ..checkpoints.adapters import ADAPTER_WEIGHTS, base_identity, config_digest, save_adapters
+from ..checkpoints.loading import load
+from ..data import (
+    NUM_WORKERS, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, TrainTransform, is_native, preprocessing_for,
+)
+from ..models.config import check_int_fields, strict_from_dict
+from ..models.lora import apply_lora, trainable_parameters
+from ..models.model import Probed, with_probe
+from .optim import Schedule, adamw
+from .probe import _check_augmentable, _samples_key, _splits, compute_features, evaluate, new_head
+from .runs import LossWindow, RunFolder, RunLog, check_finite, last_step, silent
+
+CHECKPOINT_DIR = "checkpoint"
+FINE_TUNE_TYPES = ("lora", "full")
+_SEED_STREAM = 1_000_003  # the step's generator seed is seed * _SEED_STREAM + step
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tuning recipe and the run's bookkeeping (`RUNTIME_FIELDS` change only what is written and how
+    fast; the other fields decide the numbers, and a resumed run must keep them)."""
+
+    fine_tune_type: str = "lora"
+    rank: int = 8
+    alpha: float = 1.0
+    dropout: float = 0.0
+    lora_keys: tuple[str, ...] = ("qkv", "proj")
+    num_layers: Optional[int] = None  # the last N blocks; None: all
+    head: str = "probe"
+    epochs: int = 10
+    steps: int = 0  # optimizer steps; 0: epochs x batches per epoch
+    batch_size: int = 64
+    lr: float = 1e-3  # peak
+    warmup_init_lr: float = 1e-6
+    warmup_frac: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    seed: int = 0
+    val_ratio: float = 0.2  # of the data held out when it has no val/ folder
+
+    eval_interval: int = 0  # steps between evaluations; 0: at the end only
+    eval_batch_size: int = 64
+    ckpt_interval: int = 0  # steps between checkpoints; 0: at the end only
+    log_interval: int = 20
+    num_workers: int = NUM_WORKERS
+    compile: bool = True
+
+    RUNTIME_FIELDS = ("eval_interval", "eval_batch_size", "ckpt_interval", "log_interval", "num_workers", "compile")
+
+    def __post_init__(self):
+        if isinstance(self.lora_keys, str):
+            self.lora_keys = tuple(k for k in self.lora_keys.split(",") if k)
+        self.lora_keys = tuple(self.lora_keys)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        where = "fine-tune config"
+        check_int_fields(self, ("epochs", "steps", "ckpt_interval", "eval_interval", "num_workers", "seed"), 0, where)
+        check_int_fields(self, ("rank", "batch_size", "eval_batch_size", "log_interval"), 1, where)
+        if self.num_layers is not None:
+            check_int_fields(self, ("num_layers",), 1, where)
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(f"{where} fine_tune_type={self.fine_tune_type!r}: expected 'lora' or 'full'")
+        if self.fine_tune_type == "full":
+            raise ValueError(f"{where} fine_tune_type='full': not yet supported (layer-wise lr decay and drop path "
+                             "are still to come); use 'lora'")
+        if self.head != "probe":
+            raise ValueError(f"{where} head={self.head!r}: only 'probe' (the attentive probe) is supported")
+        if self.steps == 0 and self.epochs == 0:
+            raise ValueError(f"{where}: epochs=0 and steps=0; expected a number of epochs or of steps")
+        if not self.lr > 0 or self.warmup_init_lr < 0 or self.weight_decay < 0 or self.eps <= 0:
+            raise ValueError(f"{where}: expected lr > 0, warmup_init_lr >= 0, weight_decay >= 0, eps > 0")
+        if not 0 <= self.warmup_frac <= 1:
+            raise ValueError(f"{where} warmup_frac={self.warmup_frac}: expected a fraction in [0, 1]")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"{where} label_smoothing={self.label_smoothing}: expected a value in [0, 1)")
+        if not 0 <= self.val_ratio < 1:
+            raise ValueError(f"{where} val_ratio={self.val_ratio}: expected a fraction in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"{where} dropout={self.dropout}: expected 0 <= dropout < 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "FinetuneConfig":
+        return strict_from_dict(cls, params, "fine-tune config")
+
+    def recipe(self) -> dict:
+        """The fields that decide the numbers (all but the runtime ones)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+
+
+@dataclass
+class FinetuneResult:
+    model: Probed  # the adapted trunk with its trained head, in eval mode
+    classes: list[str]
+    metrics: dict  # {"val": ...} of the last evaluation
+    evaluations: list[dict]  # {"step", "top1", "top5", "loss"} of each evaluation in this call
+    losses: list[float]  # the training loss of every step run in this call, in order
+    steps: int  # the step reached
+    total_steps: int
+    trainable: int  # parameters trained (adapters + head)
+    total: int  # parameters of the adapted model
+    seconds: float
+    out: Optional[Path] = None
+    adapter_config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.steps,
+            "total_steps": self.total_steps,
+            "classes": self.classes,
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "trainable_fraction": self.trainable / self.total if self.total else None,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "evaluations": self.evaluations,
+            "val": self.metrics.get("val"),
+            "seconds": round(self.seconds, 3),
+            "out": str(self.out) if self.out else None,
+        }
+
+
+class TrainedPart(nn.Module):
+    """What a fine-tuning checkpoint holds of `model`: its LoRA factors and its head (running statistics included),
+    under their model paths; `trainable_parameters` (what the optimizer state is shaped by) are the model's own.
+    Lets `RunFolder.save`/`restore` checkpoint a few megabytes instead of the whole base."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_adapted", model)  # not a child: the trunk stays out of this module's tree
+
+    @staticmethod
+    def kept(key: str) -> bool:
+        return key.startswith("head.") or key.endswith((".lora_a", ".lora_b"))
+
+    def parameters(self):
+        return tree_unflatten([(k, v) for k, v in tree_flatten(self._adapted.parameters()) if self.kept(k)])
+
+    def trainable_parameters(self):
+        return self._adapted.trainable_parameters()
+
+    def load_weights(self, file_or_weights, strict: bool = True):
+        weights = list(file_or_weights)
+        if strict:
+            expected = {k for k, _ in tree_flatten(self.parameters())}
+            found = {k for k, _ in weights}
+            if found != expected:
+                raise ValueError(f"checkpoint weights differ from the adapters and head: missing "
+                                 f"{sorted(expected - found)[:4]}, unexpected {sorted(found - expected)[:4]}")
+        self._adapted.load_weights(weights, strict=False)
+        return self
+
+
+def finetune_run(out: Union[str, os.PathLike]) -> RunFolder:
+    """A fine-tuning output folder: one checkpoint, `checkpoint/`, replaced at each save."""
+    return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=ADAPTER_WEIGHTS, numbered=False, can_force=True)
+
+
+def adapted_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) -> Probed:
+    """`trunk` (a loaded base, changed in place) with LoRA (`config`'s rank, alpha, dropout, keys and layers; the rest
+    frozen) and a fresh probe of `num_classes`, both drawn from `config.seed` (trainable but for its BatchNorm's running
+    statistics). At step 0 it gives what the base with that fresh head gives: each adapter's B is zero."""
+    mx.random.seed(config.seed)  # the adapters' A factors, so that a run is a function of its settings
+    apply_lora(trunk, config.rank, config.alpha, config.dropout, config.lora_keys, config.num_layers)
+    return with_probe(trunk, new_head(trunk, num_classes, config.seed))
+
+
+def _check_splits(train_part: ImageFolder, val_part: Optional[ImageFolder]) -> list[str]:
+    classes = list(train_part.classes)
+    if len(classes) < 2:
+        raise ValueError(f"fine-tuning data has {len(classes)} class(es) ({classes}): expected at least 2")
+    counts = Counter(label for _, label in (val_part.samples if val_part is not None else []))
+    missing = [name for i, name in enumerate(classes) if not counts[i]]
+    if missing:
+        raise ValueError(f"fine-tuning data: no validation images of {len(missing)} class(es) ({missing[:8]}); add "
+                         "a val/ folder with every class, or raise val_ratio (--val-ratio)")
+    return classes
+
+
+def _train_transform(model: Probed, preprocessing: Preprocessing, config: FinetuneConfig):
+    if not config.augment:
+        return preprocessing
+    _check_augmentable(model, preprocessing)
+    normalize = preprocessing.mean is not None
+    return TrainTransform(model.config.image_size, scale=config.crop_scale, hflip=config.hflip,
+                          color_jitter=(0, 0, 0, 0), jitter_prob=0.0, normalize=normalize,
+                          **({"mean": preprocessing.mean, "std": preprocessing.std} if normalize else {}))
+
+
+def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = True) -> Callable:
+    """One optimizer step of the adapters and head on a batch (images, labels) -> loss. Compiled with
+    `[model.state, optimizer.state, mx.random.state]` as inputs and outputs (the probe's BatchNorm running
+    statistics are part of model.state; LoRA dropout draws from the generator)."""
+
+    def loss_fn(model, images, labels):
+        return nn.losses.cross_entropy(model(images), labels, label_smoothing=label_smoothing, reduction="mean")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(images, labels):
+        loss, grads = loss_and_grad(model, images, labels)
+        optimizer.update(model, grads)
+        return loss
+
+    if not compile:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
+
+
+def validate(model: Probed, val_part: ImageFolder, classes: list[str], preprocessing: Preprocessing,
+             config: FinetuneConfig) -> dict:
+    """`probe.evaluate`'s metrics (top-1, top-5, loss, per class) of the adapted model on the validation images."""
+    was_training = model.training
+    model.eval()
+    features = compute_features(model, val_part.samples, batch_size=config.eval_batch_size, dtype="float32",
+                                num_workers=config.num_workers, progress=False, desc="val",
+                                preprocessing=preprocessing)
+    metrics = evaluate(model.head, features, classes, config.eval_batch_size)
+    model.train(was_training)
+    return metrics
+
+
+def finetune(
+    base,
+    data,
+    out: Optional[Union[str, os.PathLike]] = None,
+    config: Optional[FinetuneConfig] = None,
+    *,
+    quantize=None,
+    resume: bool = False,
+    force: bool = False,
+    stop_at: Optional[int] = None,
+    progress: bool = True,
+    echo: Optional[Callable[[str], None]] = None,
+) -> FinetuneResult:
+    """Fine-tunes `base` (any source `mlx_aim.load` accepts, or a loaded trunk; loaded with `quantize`, 4 or 8 bits or a
+    quantization dict, if given: QLoRA) with LoRA
+    and a fresh attentive probe on an image folder; returns the result (its `model` the fine-tuned classifier).
+
+    `data`: a folder with class sub-folders (split by `config.val_ratio`), with `train/` and `val/` folders of them,
+    or a (train, val) pair of `ImageFolder`s. `out` (optional): where the adapters, checkpoints and log go (see the
+    module docstring). `resume` continues from out/checkpoint; `force` discards one. `stop_at` ends this call after
+    that step with a checkpoint, the schedule left as for the full run. `echo` receives one line per evaluation.
+
+    Refuses before writing anything: one class, a class without validation images, a rank above a layer's width,
+    a native-resolution trunk. Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
+    """
+    echo = echo or silent
+    config = config or FinetuneConfig()
+    start_time = time.perf_counter()
+    source = None if isinstance(base, nn.Module) else str(base)
+    trunk = base if isinstance(base, nn.Module) else load(base, quantize=quantize)
+    if is_native(trunk.config):
+        raise ValueError("fine-tuning a native-resolution trunk is not supported yet (batches need one image size)")
+    preprocessing = preprocessing_for(trunk.config, getattr(getattr(trunk, "source", None), "folder", None))
+    train_part, val_part = _splits(data, config.val_ratio, config.seed)
+    classes = _check_splits(train_part, val_part)
+    identity = base_identity(trunk.config)
+    model = adapted_model(trunk, len(classes), config)
+    transform = _train_transform(model, preprocessing, config)
+    num_train = len(train_part)
+    if num_train < 2:
+        raise NoUsableImages(f"fine-tuning data: {num_train} training image(s); expected at least 2")
+    trained = trainable_parameters(model)
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    batch_size = min(config.batch_size, num_train)
+    total_steps = config.steps or config.epochs * (num_train // batch_size)
+    end_step = last_step(stop_at, total_steps)
+    schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
+    optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
+                         num_workers=config.num_workers, loop=True)
+    settings = {"recipe": config.recipe(), "base_digest": config_digest(identity), "quantization":
+                trunk.config.quantization, "total_steps": total_steps,
+                "data": {"classes": classes, "num_train": num_train, "train_sha256": _samples_key(train_part.samples)}}
+
+    run = finetune_run(out) if out is not None else None  # after every refusal: nothing written before
+    found = run.prepare(resume=resume, force=force) if run is not None else None
+    part = TrainedPart(model)
+    start_step, losses_before = 0, []
+    if found is not None:
+        state = run.read_state(found)
+        run.check_settings(found, {k: state.get(k) for k in settings}, settings)
+        run.restore(found, part, optimizer)
+        start_step, losses_before = int(state["step"]), list(state["losses"])
+        loader.load_state_dict(state["loader"])
+        echo(f"resuming from {found} at step {start_step} of {total_steps}")
+
+    model.train()
+    step_fn = make_step(model, optimizer, config.label_smoothing, config.compile)
+    log = RunLog(run.path, start_step if found is not None else None) if run is not None else None
+    losses: list[float] = []
+    evaluations: list[dict] = []
+    metrics: dict = {}
+    last_checkpoint = found
+    window = LossWindow()
+    batches = iter(loader)
+    with contextlib.closing(batches), tqdm(total=end_step, initial=start_step, desc="fine-tune", unit="step",
+                                           disable=not progress or None, dynamic_ncols=True) as bar:
+        for step in range(start_step + 1, end_step + 1):
+            images, labels, _ = next(batches)
+            mx.random.seed(config.seed * _SEED_STREAM + step)
+            loss = step_fn(mx.array(images), mx.array(labels))
+            mx.eval(loss, model.state, optimizer.state)
+            loss = float(loss)
+            check_finite(loss, step, last_checkpoint, config.lr)
+            losses.append(loss)
+            window.add(loss)
+            if step % config.log_interval == 0 or step == end_step:
+                lr = schedule(step - 1)
+                if log is not None:
+                    log.write({"step": step, "loss": window.mean_loss, "lr": lr})
+                bar.set_postfix(loss=f"{window.mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                window = LossWindow()
+            if (config.eval_interval and step % config.eval_interval == 0) or step == total_steps:
+                metrics = {"val": validate(model, val_part, classes, preprocessing, config)}
+                record = {"step": step, "top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"],
+                          "top5_k": metrics["val"]["top5_k"], "loss": metrics["val"]["loss"]}
+                evaluations.append(record)
+                if log is not None:
+                    log.write({"step": step, "val_top1": record["top1"], "val_top5": record["top5"],
+                               "val_loss": record["loss"]})
+                echo(f"step {step}: val top-1 {100 * record['top1']:.2f}%, top-{record['top5_k']} "
+                     f"{100 * record['top5']:.2f}%, loss {record['loss']:.4f}")
+            bar.update(1)
+            if run is not None and ((config.ckpt_interval and step % config.ckpt_interval == 0) or step == end_step):
+                state = dict(settings, losses=losses_before + losses, loader=loader.state_dict())
+                last_checkpoint = run.save(step, part, optimizer, state)
+
+    model.eval()
+    adapter_config = {
+        "fine_tune_type": config.fine_tune_type,
+        "base": source,
+        "classes": classes,
+        "preprocessing": preprocessing.to_dict(),
+        "recipe": config.recipe(),
+        "steps": end_step,
+        "total_steps": total_steps,
+        "batch_size": batch_size,
+        "num_train": num_train,
+        "num_val": len(val_part),
+        "metrics": metrics,
+    }
+    if run is not None and end_step == total_steps:
+        save_adapters(run.path, model, adapter_config)
+    return FinetuneResult(model, classes, metrics, evaluations, losses, end_step, total_steps, trained, total,
+                          time.perf_counter() - start_time, run.path if run is not None else None, adapter_config)

@@ -1,0 +1,118 @@
+"""LoRA fine-tuning with an attentive probe (mlx_aim/training/finetune.py) on tiny
+random-weight bases and generated colour folders."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlx_aim
+from mlx_aim.models.lora import LoRALinear, LoRAQKV
+from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
+from mlx_aim.training.probe import new_head
+from mlx_aim.training.runs import read_log
+from probe_helpers import COLOURS, make_colour_folder, make_model_folder, save_image
+
+
+def config(**overrides) -> FinetuneConfig:
+    """Eight steps on batches of 8, uncompiled unless a test says (compiling costs ~10 s on the CPU backend)."""
+    fields = dict(steps=8, batch_size=8, lr=1e-2, warmup_frac=0.25, num_workers=0, log_interval=1, compile=False)
+    return FinetuneConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_colour_folder(tmp_path_factory.mktemp("colours"), num_train=6, num_val=2)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("base") / "model", with_head=False)
+
+
+def images(n=3, seed=1):
+    return mx.random.uniform(shape=(n, 16, 16, 3), key=mx.random.key(seed))
+
+
+def test_adapted_model_at_step_0_is_the_base_with_a_fresh_head(base):
+    cfg = config(rank=4, lora_keys=("qkv", "proj", "fc1", "fc2"))
+    expected = mlx_aim.with_probe(mlx_aim.load(base), new_head(mlx_aim.load(base), 4, cfg.seed)).eval()
+    model = adapted_model(mlx_aim.load(base), 4, cfg).eval()
+    assert isinstance(model.trunk.blocks[0].attn.qkv, LoRAQKV)
+    assert isinstance(model.trunk.blocks[0].mlp.fc1, LoRALinear)
+    x = images()
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(expected(x)))
+    trainable = {k for k, _ in nn.utils.tree_flatten(model.trainable_parameters())}
+    assert trainable and all(k.startswith("head.") or k.endswith((".lora_a", ".lora_b")) for k in trainable)
+    assert not any("running" in k for k in trainable)  # BatchNorm statistics are state, not trained
+
+
+def test_lora_run_lowers_the_loss_and_its_adapters_load_back(base, colours, tmp_path):
+    out = tmp_path / "ft"
+    result = finetune(str(base), str(colours), out, config(steps=12, eval_interval=6), progress=False)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert [e["step"] for e in result.evaluations] == [6, 12]
+    assert 0 < result.trainable < result.total
+    log = read_log(out)
+    assert [r["step"] for r in log if "val_top1" in r] == [6, 12]
+    assert all(0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in log if "val_top1" in r)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["classes"] == sorted(COLOURS) and adapter_config["rank"] == 8
+    assert adapter_config["fine_tune_type"] == "lora" and adapter_config["preprocessing"]
+    loaded = mlx_aim.load(base, adapters=out)
+    x = images()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.model(x)))
+    assert loaded.config.num_classes == len(COLOURS)
+
+
+def test_killed_run_resumes_exactly(base, colours, tmp_path):
+    # The compiled step (the library default), with LoRA dropout: the resumed slice must draw the same masks.
+    cfg = config(steps=6, compile=True, dropout=0.1)
+    whole = finetune(str(base), str(colours), tmp_path / "whole", cfg, progress=False)
+    out = tmp_path / "sliced"
+    first = finetune(str(base), str(colours), out, cfg, stop_at=3, progress=False)
+    assert first.steps == 3 and not (out / "adapter_config.json").exists()
+    with pytest.raises(FileExistsError):
+        finetune(str(base), str(colours), out, cfg, progress=False)
+    second = finetune(str(base), str(colours), out, cfg, resume=True, progress=False)
+    assert first.losses + second.losses == whole.losses
+    x = images()
+    np.testing.assert_array_equal(np.asarray(mlx_aim.load(base, adapters=out)(x)),
+                                  np.asarray(mlx_aim.load(base, adapters=tmp_path / "whole")(x)))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 7))
+    finetune(str(base), str(colours), tmp_path / "other", cfg, stop_at=2, progress=False)
+    with pytest.raises(ValueError, match="settings differ"):
+        finetune(str(base), str(colours), tmp_path / "other", config(steps=6, compile=True, dropout=0.1, lr=0.5),
+                 resume=True, progress=False)
+
+
+def test_qlora_keeps_the_base_quantized(base, colours, tmp_path):
+    result = finetune(str(base), str(colours), tmp_path / "q", config(steps=4), quantize=4, progress=False)
+    qkv = result.model.trunk.blocks[0].attn.qkv
+    assert isinstance(qkv.linear, nn.QuantizedLinear) and qkv.lora_a.dtype == mx.float32
+    assert result.model.config.quantization is not None
+    loaded = mlx_aim.load(base, quantize=4, adapters=tmp_path / "q")
+    x = images()
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(result.model(x)), atol=1e-5)
+
+
+def test_refusals_write_nothing(base, colours, tmp_path):
+    one = tmp_path / "one"
+    for i in range(4):
+        save_image(one / "red" / f"{i}.png", np.full((16, 16, 3), 200, np.uint8))
+    with pytest.raises(ValueError, match="1 class"):
+        finetune(str(base), str(one), tmp_path / "o1", config(), progress=False)
+    no_val = tmp_path / "noval"
+    for split, names in (("train", ("red", "blue")), ("val", ("red",))):
+        for name in names:
+            for i in range(3):
+                save_image(no_val / split / name / f"{i}.png", np.full((16, 16, 3), 100, np.uint8))
+    with pytest.raises(ValueError, match=r"no validation images of 1 class\(es\) \(\['blue'\]\)"):
+        finetune(str(base), str(no_val), tmp_path / "o2", config(), progress=False)
+    with pytest.raises(ValueError, match="rank"):
+        finetune(str(base), str(colours), tmp_path / "o3", config(rank=65), progress=False)
+    with pytest.raises(ValueError, match="not yet supported"):
+        config(fine_tune_type="full")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
