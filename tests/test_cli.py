@@ -21,7 +21,7 @@ from mlx_aim.data.synthetic import write_image_folder
 from probe_helpers import make_model_folder, save_image
 
 MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark",
-           "visualize", "search", "fuse"]
+           "visualize", "search", "fuse", "finetune"]
 
 # The least each command's parser accepts (probe, search: both sub-commands).
 MINIMAL = {
@@ -33,6 +33,7 @@ MINIMAL = {
     "pretrain": ["--preset", "aim-tiny", "--data", "d", "--out", "o"],
     "convert": ["src", "--out", "o"],
     "fuse": ["--model", "m", "--adapters", "a", "--out", "o"],
+    "finetune": ["--model", "m", "--data", "d", "--out", "o"],
     "demo": [],
     "scaling": [],
     "benchmark": [],

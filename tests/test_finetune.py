@@ -1,4 +1,4 @@
-"""LoRA fine-tuning with an attentive probe (mlx_aim/training/finetune.py) on tiny
+"""LoRA fine-tuning with an attentive probe (mlx_aim/training/finetune.py, mlx_aim/cli/finetune.py) on tiny
 random-weight bases and generated colour folders."""
 
 import json
@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import mlx_aim
+from conftest import last_json
+from mlx_aim.cli import finetune as finetune_cli
 from mlx_aim.models.lora import LoRALinear, LoRAQKV
 from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
 from mlx_aim.training.probe import new_head
@@ -116,3 +118,47 @@ def test_refusals_write_nothing(base, colours, tmp_path):
     with pytest.raises(ValueError, match="not yet supported"):
         config(fine_tune_type="full")
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_cli_end_to_end(base, colours, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = finetune_cli.main(["--model", str(base), "--data", str(colours), "--out", str(out), "--steps", "4",
+                            "--batch-size", "8", "--rank", "4", "--lora-keys", "qkv,proj,fc1,fc2", "--num-layers",
+                            "2", "--eval-interval", "2", "--num-workers", "0", "--no-compile", "--json",
+                            "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = last_json(captured.out)
+    assert summary["steps"] == 4 and 0 < summary["trainable_fraction"] < 1
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]
+    assert "trainable" in captured.out and "val: top-1" in captured.out
+    assert captured.err.count("val top-1") == 2  # each evaluation, on stderr beside --json
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["rank"] == 4 and adapter_config["layers"] == [1, 2]
+    assert adapter_config["keys"] == ["qkv", "proj", "fc1", "fc2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "65"], "rank"),
+    (["--fine-tune-type", "full"], "not yet supported"),
+])
+def test_cli_refusals_are_one_line(base, colours, tmp_path, capsys, args, message):
+    argv = ["--model", str(base), "--data", str(colours), "--out", str(tmp_path / "o"), "--steps", "2",
+            "--no-progress", *args]
+    try:
+        rc = finetune_cli.main(argv)
+    except SystemExit as done:  # argparse's own refusal of a bad config value
+        rc = done.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_refuses_one_class(base, tmp_path, capsys):
+    for i in range(4):
+        save_image(tmp_path / "one" / "red" / f"{i}.png", np.full((16, 16, 3), 200, np.uint8))
+    rc = finetune_cli.main(["--model", str(base), "--data", str(tmp_path / "one"), "--out", str(tmp_path / "o"),
+                            "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: fine-tuning data has 1 class(es) (['red']): expected at least 2"]
+    assert not (tmp_path / "o").exists()

@@ -17,6 +17,7 @@ COMMANDS = {
     "extract-features": ("extract_features", "features of every image under a folder, in shards"),
     "probe": ("probe", "train or evaluate an attentive probe on a frozen trunk"),
     "pretrain": ("pretrain", "pre-train AIM on a folder of images"),
+    "finetune": ("finetune", "fine-tune a trunk with LoRA and an attentive probe; writes adapters"),
     "fuse": ("fuse", "fuse LoRA adapters into their base model, an ordinary model folder"),
     "convert": ("convert", "convert Apple's checkpoints (or any model source) to an MLX model folder"),
     "demo": ("demo", "pre-train a small AIM on built-in shapes and compare probes; nothing to download"),

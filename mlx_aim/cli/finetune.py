@@ -1,0 +1,105 @@
+"""Fine-tuning with LoRA and an attentive probe (AIM section 5.5): head and adapters trained jointly.
+
+    mlx-aim finetune --model BASE --data DIR --out OUT [--rank 8 --alpha 1 --lora-keys qkv,proj] [--quantize 4]
+
+DIR holds one sub-folder per class, or train/ and val/ folders of them (otherwise --val-ratio of it is held out);
+every class needs validation images. OUT receives adapters.safetensors and adapter_config.json (mlx-lm's
+convention: `mlx_aim.load(BASE, adapters=OUT)` reads them, `mlx-aim fuse` folds them into a model folder), the
+latest checkpoint and log.jsonl. --quantize 4|8 loads the base quantized (QLoRA: the base stays quantized and
+frozen, the adapters float). Exit status 1: training diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..tasks.encode import peak_memory
+from ..training.finetune import FinetuneConfig, finetune
+from ..training.runs import TrainingDiverged
+from .options import (
+    MODEL_HELP, add_config_options, add_output_options, add_quantize_options, non_negative_int, pair, quantization,
+)
+from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, run_command
+from .probe import format_metrics
+
+# FinetuneConfig fields exposed as options; unset options keep FinetuneConfig's defaults (the one place they live).
+RECIPE_OPTIONS = [
+    ("--fine-tune-type", str, "lora ('full' is not supported yet)"),
+    ("--rank", int, "LoRA rank"),
+    ("--alpha", float, "LoRA alpha (the scale is alpha / rank)"),
+    ("--dropout", float, "LoRA dropout"),
+    ("--lora-keys", str, "comma-separated layers of each block to adapt: qkv, proj, fc1, fc2 (fc3 for AIMv2)"),
+    ("--num-layers", int, "adapt the last N blocks"),
+    ("--epochs", int, "epochs"),
+    ("--steps", int, "optimizer steps (0: epochs x batches per epoch)"),
+    ("--batch-size", int, "training batch"),
+    ("--lr", float, "peak learning rate"),
+    ("--warmup-frac", float, "fraction of steps of linear warm-up"),
+    ("--weight-decay", float, "AdamW weight decay (matrices only)"),
+    ("--betas", pair(float), "AdamW betas, e.g. 0.9,0.999"),
+    ("--label-smoothing", float, "cross-entropy label smoothing"),
+    ("--crop-scale", pair(float), "random resized crop scale range"),
+    ("--seed", int, "seed of the head's and adapters' initialisation, data order and split"),
+    ("--val-ratio", float, "fraction held out when DIR has no val/ folder"),
+    ("--eval-interval", int, "steps between evaluations (0: at the end)"),
+    ("--eval-batch-size", int, "evaluation batch"),
+    ("--ckpt-interval", int, "steps between checkpoints (0: at the end)"),
+    ("--log-interval", int, "steps between logged losses"),
+    ("--num-workers", non_negative_int, "image decoding threads"),
+]
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", required=True, help="image folder: class sub-folders, or train/ and val/ of them")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(recipe=add_config_options(p, RECIPE_OPTIONS, FinetuneConfig))
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
+                   help="train on preprocessed images without random crops and flips")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=argparse.SUPPRESS,
+                   help="run the training step uncompiled (compiling costs seconds up front on the CPU backend)")
+    add_quantize_options(p)  # --quantize 4|8: QLoRA, the base quantized and frozen, the adapters float
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--force", action="store_true", help="discard a checkpoint in OUT and start again")
+    add_output_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
+    try:
+        result = finetune(args.model, args.data, args.out, args.finetune_config, quantize=quantization(args),
+                          resume=args.resume, force=args.force, progress=not args.no_progress, echo=say)
+    except TrainingDiverged as error:  # the run produced no adapters
+        raise CommandError(str(error), EXIT_EMPTY) from None
+    summary = result.summary()
+    summary.update(peak_memory(), model=args.model, quantize=args.quantize)
+    c = args.finetune_config
+    print(f"LoRA (rank {c.rank}, alpha {c.alpha}, {','.join(c.lora_keys)}) + probe on {args.model}"
+          f"{f' ({args.quantize}-bit, QLoRA)' if args.quantize else ''}: trainable {result.trainable:,} of "
+          f"{result.total:,} parameters ({100 * summary['trainable_fraction']:.3f}%)")
+    print(f"{result.steps} steps, loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
+    print(format_metrics("val", result.metrics.get("val")))
+    print(f"saved to {args.out}: adapters.safetensors, adapter_config.json")
+    print(memory_line(summary))
+    if args.json:
+        print_json(summary)
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        args.finetune_config = FinetuneConfig(**{k: v for k, v in vars(args).items()
+                                                 if k in args.recipe | {"augment", "compile"}})
+    except ValueError as error:
+        parser.error(str(error))
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
