@@ -11,6 +11,7 @@ import pytest
 import mlx_aim
 from conftest import last_json
 from mlx_aim.cli import finetune as finetune_cli
+from mlx_aim.cli import fuse as fuse_cli
 from mlx_aim.models.lora import LoRALinear, LoRAQKV
 from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
 from mlx_aim.training.probe import new_head
@@ -136,6 +137,11 @@ def test_cli_end_to_end(base, colours, tmp_path, capsys):
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["rank"] == 4 and adapter_config["layers"] == [1, 2]
     assert adapter_config["keys"] == ["qkv", "proj", "fc1", "fc2"]
+    # `mlx-aim fuse` folds them into an ordinary model folder that classifies as base + adapters does.
+    assert fuse_cli.main(["--model", str(base), "--adapters", str(out), "--out", str(tmp_path / "fused")]) == 0
+    x = images()
+    np.testing.assert_allclose(np.asarray(mlx_aim.load(tmp_path / "fused")(x)),
+                               np.asarray(mlx_aim.load(base, adapters=out)(x)), atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
