@@ -96,6 +96,8 @@ def test_qlora_keeps_the_base_quantized(base, colours, tmp_path):
     qkv = result.model.trunk.blocks[0].attn.qkv
     assert isinstance(qkv.linear, nn.QuantizedLinear) and qkv.lora_a.dtype == mx.float32
     assert result.model.config.quantization is not None
+    float_run = finetune(str(base), str(colours), None, config(steps=1), progress=False)
+    assert (result.trainable, result.total) == (float_run.trainable, float_run.total)  # quantized weights as float
     loaded = mlx_aim.load(base, quantize=4, adapters=tmp_path / "q")
     x = images()
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(result.model(x)), atol=1e-5)

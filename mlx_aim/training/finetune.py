@@ -209,6 +209,22 @@ class TrainedPart(nn.Module):
         return self
 
 
+def parameter_count(model: nn.Module) -> int:
+    """How many parameters `model` has, a quantized layer's weight counted as the float matrix it stands for (its
+    packed words times 32 / bits; its scales and biases left out), so that a QLoRA run's trainable fraction reads as
+    a float run's."""
+    quantized = {path: m for path, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    total = 0
+    for key, value in tree_flatten(model.parameters()):
+        owner, _, name = key.rpartition(".")
+        layer = quantized.get(owner)
+        if layer is None or name == "bias":
+            total += value.size
+        elif name == "weight":
+            total += value.size * 32 // layer.bits
+    return total
+
+
 def finetune_run(out: Union[str, os.PathLike]) -> RunFolder:
     """A fine-tuning output folder: one checkpoint, `checkpoint/`, replaced at each save."""
     return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=ADAPTER_WEIGHTS, numbered=False, can_force=True)
@@ -321,7 +337,7 @@ def finetune(
     if num_train < 2:
         raise NoUsableImages(f"fine-tuning data: {num_train} training image(s); expected at least 2")
     trained = trainable_parameters(model)
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    total = parameter_count(model)
 
     batch_size = min(config.batch_size, num_train)
     total_steps = config.steps or config.epochs * (num_train // batch_size)
