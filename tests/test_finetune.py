@@ -12,7 +12,9 @@ import mlx_aim
 from conftest import last_json
 from mlx_aim.cli import finetune as finetune_cli
 from mlx_aim.cli import fuse as fuse_cli
+from mlx_aim.models.config import AIMv2Config
 from mlx_aim.models.lora import LoRALinear, LoRAQKV
+from mlx_aim.models.model import ProbedAIMv2
 from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
 from mlx_aim.training.probe import new_head
 from mlx_aim.training.runs import read_log
@@ -101,6 +103,18 @@ def test_qlora_keeps_the_base_quantized(base, colours, tmp_path):
     loaded = mlx_aim.load(base, quantize=4, adapters=tmp_path / "q")
     x = images()
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(result.model(x)), atol=1e-5)
+
+
+def test_aimv2_base_with_its_swiglu_adapted(colours, tmp_path):
+    aimv2 = AIMv2Config(image_size=16, patch_size=4, width=64, depth=3, num_heads=2, hidden_dim=128, num_classes=10,
+                        probe_layers=[1, 2], name="tiny-v2")
+    base = make_model_folder(tmp_path / "base", with_head=False, config=aimv2)
+    keys = ("qkv", "proj", "fc1", "fc2", "fc3")
+    result = finetune(str(base), str(colours), tmp_path / "ft", config(steps=4, lora_keys=keys), progress=False)
+    loaded = mlx_aim.load(base, adapters=tmp_path / "ft")
+    assert isinstance(loaded, ProbedAIMv2) and isinstance(loaded.trunk.blocks[0].mlp.fc3, LoRALinear)
+    x = images()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.model(x)))
 
 
 def test_refusals_write_nothing(base, colours, tmp_path):
