@@ -169,7 +169,13 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block, x + attn(norm_1(x)) then x + mlp(norm_2(x)), with the family's norm and MLP;
-    no biases in its linear layers (neither AIM nor AIMv2 has any)."""
+    no biases in its linear layers (neither AIM nor AIMv2 has any).
+
+    `drop_path` (0 unless a fine-tuning run sets it): in training mode each residual branch is dropped for a whole
+    sample with that probability and the kept ones scaled by 1 / (1 - p), as timm's `DropPath` (stochastic depth).
+    """
+
+    drop_path: float = 0.0
 
     def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: Norm):
         super().__init__()
@@ -179,8 +185,15 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def __call__(self, x: mx.array, mask: AttentionMask = None) -> mx.array:
-        x = x + self.attn(self.norm_1(x), mask)
-        return x + self.mlp(self.norm_2(x))
+        x = x + self._dropped(self.attn(self.norm_1(x), mask))
+        return x + self._dropped(self.mlp(self.norm_2(x)))
+
+    def _dropped(self, branch: mx.array) -> mx.array:
+        if not self.training or not self.drop_path:
+            return branch
+        keep = 1.0 - self.drop_path
+        kept = mx.random.bernoulli(keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+        return branch * (kept.astype(branch.dtype) / keep)
 
 
 def aim_block(dim: int, num_heads: int, mlp_ratio: float, eps: float) -> Block:
