@@ -14,11 +14,13 @@ from mlx_aim.cli import finetune as finetune_cli
 from mlx_aim.cli import fuse as fuse_cli
 from mlx_aim.models.config import AIMv2Config
 from mlx_aim.models.lora import LoRALinear, LoRAQKV
-from mlx_aim.models.model import ProbedAIMv2
+from mlx_aim.models.model import ProbedAIMv2, build_model
+from mlx_aim.training.optim import Schedule, layer_id, layerwise_adamw
+from mlx.utils import tree_map
 from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
 from mlx_aim.training.probe import new_head
 from mlx_aim.training.runs import read_log
-from probe_helpers import COLOURS, make_colour_folder, make_model_folder, save_image
+from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
 
 
 def config(**overrides) -> FinetuneConfig:
@@ -115,6 +117,44 @@ def test_aimv2_base_with_its_swiglu_adapted(colours, tmp_path):
     assert isinstance(loaded, ProbedAIMv2) and isinstance(loaded.trunk.blocks[0].mlp.fc3, LoRALinear)
     x = images()
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.model(x)))
+
+
+def test_layerwise_lr_decay_scales_each_layers_first_step():
+    model = build_model(probe_config(4), probe=True)  # depth 3
+    depth = model.config.depth
+    optimizer = layerwise_adamw(Schedule(10, 1e-2, 1e-2, 0), depth, 0.5, (0.9, 0.999), 1e-8, 0.0)
+    optimizer.init(model.trainable_parameters())
+    before = dict(nn.utils.tree_flatten(model.parameters()))
+    optimizer.update(model, tree_map(mx.ones_like, model.trainable_parameters()))
+    after = dict(nn.utils.tree_flatten(model.parameters()))
+    for key, layer in (("preprocessor.patchifier.proj.weight", 0), ("trunk.blocks.0.attn.qkv.weight", 1),
+                       ("trunk.blocks.2.mlp.fc1.weight", 3), ("head.k.weight", depth + 1)):
+        assert layer_id(key, depth) == layer
+        step = float(mx.abs(before[key] - after[key]).max())  # Adam's first step is lr per element
+        assert step == pytest.approx(1e-2 * 0.5 ** (depth + 1 - layer), rel=1e-3), key
+
+
+def test_drop_path_drops_whole_residual_branches_in_training_only():
+    model = build_model(probe_config(4), probe=True)
+    block = model.trunk.blocks[0]
+    x = mx.random.normal((64, 16, 64), key=mx.random.key(3))
+    block.eval()
+    plain = block(x)
+    block.drop_path = 0.5
+    np.testing.assert_array_equal(np.asarray(block(x)), np.asarray(plain))  # eval: no drop
+    block.train()
+    mx.random.seed(0)
+    dropped = block(x)
+    a = block.attn(block.norm_1(x))
+    candidates = []
+    for ka in (0.0, 2.0):  # each branch kept (scaled by 1 / (1 - p)) or dropped, per sample
+        h = x + ka * a
+        m = block.mlp(block.norm_2(h))
+        candidates += [h, h + 2.0 * m]
+    errors = mx.stack([mx.abs(dropped - c).max(axis=(1, 2)) for c in candidates])  # (4, samples)
+    assert float(errors.min(axis=0).max()) < 1e-4
+    kinds = np.asarray(mx.argmin(errors, axis=0))
+    assert len(set(kinds.tolist())) == 4  # every combination occurs over 64 samples
 
 
 def test_refusals_write_nothing(base, colours, tmp_path):

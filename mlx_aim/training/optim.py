@@ -57,3 +57,29 @@ def adamw(schedule: Schedule, betas: Sequence[float], eps: float, weight_decay: 
     """The optimizer of both loops, its learning rate following `schedule`."""
     return AdamW(learning_rate=schedule, betas=list(betas), eps=eps, weight_decay=weight_decay,
                  bias_correction=True)  # as PyTorch's AdamW, which the paper's recipe used
+
+
+def layer_id(path: str, depth: int) -> int:
+    """The layer a parameter of a probed trunk belongs to for layer-wise learning-rate decay (BEiT, MAE's
+    `lr_decay.py`): the patch embedding and positional embedding (`preprocessor.*`) 0, block i (`trunk.blocks.i.*`)
+    i + 1, the final norm and the head depth + 1."""
+    if path.startswith("preprocessor."):
+        return 0
+    if path.startswith("trunk.blocks."):
+        return int(path.split(".")[2]) + 1
+    return depth + 1
+
+
+def layerwise_adamw(schedule: Schedule, depth: int, decay: float, betas: Sequence[float], eps: float,
+                    weight_decay: float) -> optim.MultiOptimizer:
+    """`adamw` with layer-wise learning-rate decay: layer `layer_id` follows `schedule` scaled by
+    decay ** (depth + 1 - layer_id), so the head and final norm train at the full rate and each block below at
+    `decay` times the one above. One AdamW per layer (mlx's `MultiOptimizer`), the head's last (the fallback)."""
+
+    def scaled(layer: int) -> Schedule:
+        scale = decay ** (depth + 1 - layer)
+        return Schedule(schedule.steps, schedule.lr * scale, schedule.warmup_init_lr * scale, schedule.warmup_steps)
+
+    optimizers = [adamw(scaled(layer), betas, eps, weight_decay) for layer in range(depth + 2)]
+    filters = [lambda path, _, layer=layer: layer_id(path, depth) == layer for layer in range(depth + 1)]
+    return optim.MultiOptimizer(optimizers, filters)
