@@ -119,6 +119,23 @@ def test_aimv2_base_with_its_swiglu_adapted(colours, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.model(x)))
 
 
+def test_full_run_resumes_exactly_and_writes_a_model_folder(base, colours, tmp_path):
+    cfg = config(fine_tune_type="full", steps=6, lr=1e-3, compile=True)
+    whole = finetune(str(base), str(colours), tmp_path / "whole", cfg, progress=False)
+    assert whole.trainable == sum(v.size for _, v in nn.utils.tree_flatten(whole.model.trainable_parameters()))
+    assert whole.trainable > 0.9 * whole.total  # all but the BatchNorm's running statistics
+    out = tmp_path / "sliced"
+    first = finetune(str(base), str(colours), out, cfg, stop_at=3, progress=False)
+    second = finetune(str(base), str(colours), out, cfg, resume=True, progress=False)
+    assert first.losses + second.losses == whole.losses
+    assert np.mean(whole.losses[-2:]) < np.mean(whole.losses[:2])
+    loaded = mlx_aim.load(out / "model")
+    x = images()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(whole.model(x)))
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["fine_tune_type"] == "full" and info["classes"] == sorted(COLOURS)
+
+
 def test_layerwise_lr_decay_scales_each_layers_first_step():
     model = build_model(probe_config(4), probe=True)  # depth 3
     depth = model.config.depth
@@ -172,9 +189,11 @@ def test_refusals_write_nothing(base, colours, tmp_path):
         finetune(str(base), str(no_val), tmp_path / "o2", config(), progress=False)
     with pytest.raises(ValueError, match="rank"):
         finetune(str(base), str(colours), tmp_path / "o3", config(rank=65), progress=False)
-    with pytest.raises(ValueError, match="not yet supported"):
-        config(fine_tune_type="full")
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    with pytest.raises(ValueError, match="expected 'lora' or 'full'"):
+        config(fine_tune_type="dora")
+    with pytest.raises(ValueError, match="not a quantized one"):
+        finetune(str(base), str(colours), tmp_path / "o4", config(fine_tune_type="full"), quantize=4, progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
 
 
 def test_cli_end_to_end(base, colours, tmp_path, capsys):
@@ -202,7 +221,7 @@ def test_cli_end_to_end(base, colours, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--rank", "65"], "rank"),
-    (["--fine-tune-type", "full"], "not yet supported"),
+    (["--fine-tune-type", "dora"], "expected 'lora' or 'full'"),
 ])
 def test_cli_refusals_are_one_line(base, colours, tmp_path, capsys, args, message):
     argv = ["--model", str(base), "--data", str(colours), "--out", str(tmp_path / "o"), "--steps", "2",
@@ -224,3 +243,16 @@ def test_cli_refuses_one_class(base, tmp_path, capsys):
     assert rc == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: fine-tuning data has 1 class(es) (['red']): expected at least 2"]
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_full_mode_writes_a_model_folder(base, colours, tmp_path, capsys):
+    out = tmp_path / "full"
+    rc = finetune_cli.main(["--model", str(base), "--data", str(colours), "--out", str(out), "--fine-tune-type",
+                            "full", "--steps", "2", "--batch-size", "8", "--layer-decay", "0.65", "--drop-path", "0.2",
+                            "--num-workers", "0", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "full fine-tuning + probe" in captured.out and "model/, finetune.json" in captured.out
+    recipe = json.loads((out / "finetune.json").read_text())["recipe"]
+    assert (recipe["layer_decay"], recipe["drop_path"]) == (0.65, 0.2)
+    assert mlx_aim.load(out / "model").config.num_classes == len(COLOURS)

@@ -1,12 +1,14 @@
-"""Fine-tuning with LoRA and an attentive probe (AIM section 5.5): head and adapters trained jointly.
+"""Fine-tuning with an attentive probe (AIM section 5.5): LoRA adapters and the head trained jointly, or every weight.
 
     mlx-aim finetune --model BASE --data DIR --out OUT [--rank 8 --alpha 1 --lora-keys qkv,proj] [--quantize 4]
+    mlx-aim finetune --model BASE --data DIR --out OUT --fine-tune-type full [--layer-decay 0.75 --drop-path 0.1]
 
 DIR holds one sub-folder per class, or train/ and val/ folders of them (otherwise --val-ratio of it is held out);
 every class needs validation images. OUT receives adapters.safetensors and adapter_config.json (mlx-lm's
 convention: `mlx_aim.load(BASE, adapters=OUT)` reads them, `mlx-aim fuse` folds them into a model folder), the
 latest checkpoint and log.jsonl. --quantize 4|8 loads the base quantized (QLoRA: the base stays quantized and
-frozen, the adapters float). Exit status 1: training diverged.
+frozen, the adapters float). --fine-tune-type full trains every weight of a float base (layer-wise lr decay, drop
+path) and writes OUT/model, an ordinary model folder. Exit status 1: training diverged.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from .probe import format_metrics
 
 # FinetuneConfig fields exposed as options; unset options keep FinetuneConfig's defaults (the one place they live).
 RECIPE_OPTIONS = [
-    ("--fine-tune-type", str, "lora ('full' is not supported yet)"),
+    ("--fine-tune-type", str, "lora (adapters + head) or full (every weight)"),
     ("--rank", int, "LoRA rank"),
     ("--alpha", float, "LoRA alpha (the scale is alpha / rank)"),
     ("--dropout", float, "LoRA dropout"),
     ("--lora-keys", str, "comma-separated layers of each block to adapt: qkv, proj, fc1, fc2 (fc3 for AIMv2)"),
     ("--num-layers", int, "adapt the last N blocks"),
+    ("--layer-decay", float, "full: layer-wise learning-rate decay"),
+    ("--drop-path", float, "full: drop-path rate of the last block (rising linearly from 0)"),
     ("--epochs", int, "epochs"),
     ("--steps", int, "optimizer steps (0: epochs x batches per epoch)"),
     ("--batch-size", int, "training batch"),
@@ -78,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
     summary = result.summary()
     summary.update(peak_memory(), model=args.model, quantize=args.quantize)
     c = args.finetune_config
-    print(f"LoRA (rank {c.rank}, alpha {c.alpha}, {','.join(c.lora_keys)}) + probe on {args.model}"
+    mode = ("full fine-tuning" if c.fine_tune_type == "full"
+            else f"LoRA (rank {c.rank}, alpha {c.alpha}, {','.join(c.lora_keys)})")
+    print(f"{mode} + probe on {args.model}"
           f"{f' ({args.quantize}-bit, QLoRA)' if args.quantize else ''}: trainable {result.trainable:,} of "
           f"{result.total:,} parameters ({100 * summary['trainable_fraction']:.3f}%)")
     print(f"{result.steps} steps, loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
     print(format_metrics("val", result.metrics.get("val")))
-    print(f"saved to {args.out}: adapters.safetensors, adapter_config.json")
+    written = "model/, finetune.json" if c.fine_tune_type == "full" else "adapters.safetensors, adapter_config.json"
+    print(f"saved to {args.out}: {written}")
     print(memory_line(summary))
     if args.json:
         print_json(summary)

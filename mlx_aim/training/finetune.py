@@ -1,4 +1,5 @@
-"""Fine-tuning a trunk with LoRA and an attentive probe (AIM section 5.5, Table 8): head and adapters trained jointly.
+"""Fine-tuning a trunk with an attentive probe (AIM section 5.5, Table 8): LoRA adapters and the head trained jointly
+(`fine_tune_type="lora"`, the default), or every weight (`"full"`).
 
     import mlx_aim
     from mlx_aim.training.finetune import FinetuneConfig, finetune
@@ -11,7 +12,12 @@ apple/ml-l3m's `LoraAttention`), and a fresh attentive probe (`probe.new_head`, 
 (`with_probe`). Only the adapters and the head train; the probe's BatchNorm trains on batch statistics and updates
 its running statistics, as in probing. Attention is bidirectional (the config's, as for probing).
 
-The output folder:
+Full fine-tuning (`"full"`) trains every parameter of a float base (cast to float32) with the recipes of BEiT and MAE
+(`main_finetune.py`, `util/lr_decay.py`): layer-wise learning-rate decay (`layer_decay`, 0.75: the head at the peak
+rate, each block below at 0.75 times the one above; `optim.layerwise_adamw`) and drop path rising linearly over the
+blocks to `drop_path` (0.1; `layers.Block.drop_path`). A quantized base is refused there.
+
+The output folder (LoRA):
 
     out/adapters.safetensors   the LoRA factors and the head (`checkpoints.adapters.save_adapters`)
     out/adapter_config.json    the adapters' settings, the base's identity, the classes, the preprocessing, the run's
@@ -22,6 +28,9 @@ The output folder:
     out/log.jsonl              the training loss and learning rate every `log_interval` steps, validation top-1 and
                                top-5 at each evaluation
 
+In full mode out/model/ (an ordinary model folder: the fine-tuned trunk with its head, and finetune.json) and
+out/finetune.json take the adapter files' place, and the checkpoint holds the whole model (model.safetensors).
+
 Decisions where the paper is silent:
 - Step-based, on augmented batches (random resized crop + flip, as the probe's `augment`) drawn by a looping
   `BatchLoader` whose position is checkpointed; without `augment` the images are only preprocessed. The schedule
@@ -29,8 +38,8 @@ Decisions where the paper is silent:
 - The step is compiled (`mx.compile` with `[model.state, optimizer.state, mx.random.state]` as inputs and outputs);
   before each step the generator is seeded from (seed, step), so LoRA dropout draws the same masks in a resumed run.
 - Fine-tuning needs validation images of every class: a folder with one class, or a class without validation
-  images, is refused before anything is written. Native-resolution trunks (batches need one image size) and
-  `fine_tune_type="full"` are not supported yet.
+  images, is refused before anything is written. Native-resolution trunks (batches need one image size) are not
+  supported yet.
 """
 
 from __future__ import annotations
@@ -51,17 +60,22 @@ from tqdm import tqdm
 
 from ..checkpoints.adapters import ADAPTER_WEIGHTS, base_identity, config_digest, save_adapters
 from ..checkpoints.loading import load
+from ..checkpoints.run_folders import MODEL_DIR
+from ..checkpoints.weights import save_model
 from ..data import (
-    NUM_WORKERS, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, TrainTransform, is_native, preprocessing_for,
+    NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, TrainTransform, is_native, preprocessing_for,
 )
 from ..models.config import check_int_fields, strict_from_dict
 from ..models.lora import apply_lora, trainable_parameters
 from ..models.model import Probed, with_probe
-from .optim import Schedule, adamw
+from ..fileio import write_json
+from .optim import Schedule, adamw, layerwise_adamw
 from .probe import _check_augmentable, _samples_key, _splits, compute_features, evaluate, new_head
 from .runs import LossWindow, RunFolder, RunLog, check_finite, last_step, silent
 
 CHECKPOINT_DIR = "checkpoint"
+FULL_WEIGHTS = "model.safetensors"
+FINETUNE_INFO = "finetune.json"  # full mode: the run's description, beside out/model/
 FINE_TUNE_TYPES = ("lora", "full")
 _SEED_STREAM = 1_000_003  # the step's generator seed is seed * _SEED_STREAM + step
 
@@ -77,6 +91,8 @@ class FinetuneConfig:
     dropout: float = 0.0
     lora_keys: tuple[str, ...] = ("qkv", "proj")
     num_layers: Optional[int] = None  # the last N blocks; None: all
+    layer_decay: float = 0.75  # full only: layer-wise learning-rate decay (BEiT, MAE: 0.75 for large models)
+    drop_path: float = 0.1  # full only: the deepest block's drop-path rate, rising linearly from 0 at the first
     head: str = "probe"
     epochs: int = 10
     steps: int = 0  # optimizer steps; 0: epochs x batches per epoch
@@ -116,9 +132,10 @@ class FinetuneConfig:
             check_int_fields(self, ("num_layers",), 1, where)
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(f"{where} fine_tune_type={self.fine_tune_type!r}: expected 'lora' or 'full'")
-        if self.fine_tune_type == "full":
-            raise ValueError(f"{where} fine_tune_type='full': not yet supported (layer-wise lr decay and drop path "
-                             "are still to come); use 'lora'")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"{where} layer_decay={self.layer_decay}: expected 0 < layer_decay <= 1")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"{where} drop_path={self.drop_path}: expected 0 <= drop_path < 1")
         if self.head != "probe":
             raise ValueError(f"{where} head={self.head!r}: only 'probe' (the attentive probe) is supported")
         if self.steps == 0 and self.epochs == 0:
@@ -225,9 +242,11 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
-def finetune_run(out: Union[str, os.PathLike]) -> RunFolder:
-    """A fine-tuning output folder: one checkpoint, `checkpoint/`, replaced at each save."""
-    return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=ADAPTER_WEIGHTS, numbered=False, can_force=True)
+def finetune_run(out: Union[str, os.PathLike], full: bool = False) -> RunFolder:
+    """A fine-tuning output folder: one checkpoint, `checkpoint/`, replaced at each save (LoRA: the adapters and head
+    in adapters.safetensors; full: the whole model in model.safetensors)."""
+    return RunFolder(out, checkpoint_dir=CHECKPOINT_DIR, weights_file=FULL_WEIGHTS if full else ADAPTER_WEIGHTS,
+                     numbered=False, can_force=True)
 
 
 def adapted_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) -> Probed:
@@ -237,6 +256,25 @@ def adapted_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) ->
     mx.random.seed(config.seed)  # the adapters' A factors, so that a run is a function of its settings
     apply_lora(trunk, config.rank, config.alpha, config.dropout, config.lora_keys, config.num_layers)
     return with_probe(trunk, new_head(trunk, num_classes, config.seed))
+
+
+def full_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) -> Probed:
+    """`trunk` (a loaded float base, changed in place: cast to float32, the master weights) with a fresh probe of
+    `num_classes` drawn from `config.seed`, every parameter trainable but the BatchNorm's running statistics, and
+    drop path rising linearly over the blocks from 0 to `config.drop_path` (timm's and MAE's `dpr`)."""
+    if trunk.config.quantization:
+        raise ValueError("full fine-tuning needs a float base, not a quantized one: fine-tune it with LoRA (QLoRA), "
+                         "or load it in float")
+    trunk.set_dtype(mx.float32)
+    model = with_probe(trunk, new_head(trunk, num_classes, config.seed))
+    model.unfreeze()
+    for module in model.head.modules():
+        if isinstance(module, nn.BatchNorm):
+            module.freeze(keys=["running_mean", "running_var"], recurse=False)
+    blocks = model.trunk.blocks
+    for i, block in enumerate(blocks):
+        block.drop_path = config.drop_path * i / max(len(blocks) - 1, 1)
+    return model
 
 
 def _check_splits(train_part: ImageFolder, val_part: Optional[ImageFolder]) -> list[str]:
@@ -295,6 +333,20 @@ def validate(model: Probed, val_part: ImageFolder, classes: list[str], preproces
     return metrics
 
 
+def _write_full_model(out: Path, model: Probed, info: dict, preprocessing: Preprocessing) -> None:
+    """Full mode's outputs: out/model/, the fine-tuned trunk with its head as an ordinary model folder (with the run's
+    finetune.json and, where that format can hold the preprocessing, its preprocessor_config.json), and
+    out/finetune.json."""
+    note = (f"A trunk ({info.get('base')}) fine-tuned in full with an attentive probe by mlx-aim (mlx-aim finetune) on "
+            f"{len(info['classes'])} classes.")
+    folder = save_model(out / MODEL_DIR, dict(tree_flatten(model.parameters())), model.config, force=True,
+                        source_note=note)
+    write_json(folder / FINETUNE_INFO, info, indent=1, default=str)
+    if preprocessing.crop_rounding == "floor":  # so that classifying with the folder preprocesses alike
+        write_json(folder / PREPROCESSOR_CONFIG, preprocessing.processor_dict())
+    write_json(out / FINETUNE_INFO, info, indent=1, default=str)
+
+
 def finetune(
     base,
     data,
@@ -331,7 +383,8 @@ def finetune(
     train_part, val_part = _splits(data, config.val_ratio, config.seed)
     classes = _check_splits(train_part, val_part)
     identity = base_identity(trunk.config)
-    model = adapted_model(trunk, len(classes), config)
+    full = config.fine_tune_type == "full"
+    model = full_model(trunk, len(classes), config) if full else adapted_model(trunk, len(classes), config)
     transform = _train_transform(model, preprocessing, config)
     num_train = len(train_part)
     if num_train < 2:
@@ -343,7 +396,11 @@ def finetune(
     total_steps = config.steps or config.epochs * (num_train // batch_size)
     end_step = last_step(stop_at, total_steps)
     schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
-    optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
+    if full:
+        optimizer = layerwise_adamw(schedule, model.config.depth, config.layer_decay, config.betas, config.eps,
+                                    config.weight_decay)
+    else:
+        optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
     optimizer.init(model.trainable_parameters())
     loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
                          num_workers=config.num_workers, loop=True)
@@ -351,9 +408,9 @@ def finetune(
                 trunk.config.quantization, "total_steps": total_steps,
                 "data": {"classes": classes, "num_train": num_train, "train_sha256": _samples_key(train_part.samples)}}
 
-    run = finetune_run(out) if out is not None else None  # after every refusal: nothing written before
+    run = finetune_run(out, full) if out is not None else None  # after every refusal: nothing written before
     found = run.prepare(resume=resume, force=force) if run is not None else None
-    part = TrainedPart(model)
+    part = model if full else TrainedPart(model)
     start_step, losses_before = 0, []
     if found is not None:
         state = run.read_state(found)
@@ -419,6 +476,9 @@ def finetune(
         "metrics": metrics,
     }
     if run is not None and end_step == total_steps:
-        save_adapters(run.path, model, adapter_config)
+        if full:
+            _write_full_model(run.path, model, adapter_config, preprocessing)
+        else:
+            save_adapters(run.path, model, adapter_config)
     return FinetuneResult(model, classes, metrics, evaluations, losses, end_step, total_steps, trained, total,
                           time.perf_counter() - start_time, run.path if run is not None else None, adapter_config)
