@@ -360,9 +360,10 @@ def finetune(
     progress: bool = True,
     echo: Optional[Callable[[str], None]] = None,
 ) -> FinetuneResult:
-    """Fine-tunes `base` (any source `mlx_aim.load` accepts, or a loaded trunk; loaded with `quantize`, 4 or 8 bits or a
-    quantization dict, if given: QLoRA) with LoRA
-    and a fresh attentive probe on an image folder; returns the result (its `model` the fine-tuned classifier).
+    """Fine-tunes `base` with LoRA (or, with `config.fine_tune_type` 'full', every weight) and a fresh attentive
+    probe on an image folder; returns the result (its `model` the fine-tuned classifier). `base`: any source
+    `mlx_aim.load` accepts, loaded with `quantize` (4 or 8 bits or a quantization dict: QLoRA) if given, or a loaded
+    trunk, which is changed in place.
 
     `data`: a folder with class sub-folders (split by `config.val_ratio`), with `train/` and `val/` folders of them,
     or a (train, val) pair of `ImageFolder`s. `out` (optional): where the adapters, checkpoints and log go (see the
