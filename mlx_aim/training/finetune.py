@@ -45,7 +45,6 @@ Decisions where the paper is silent:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections import Counter
@@ -65,13 +64,13 @@ from ..checkpoints.weights import save_model
 from ..data import (
     NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, TrainTransform, is_native, preprocessing_for,
 )
-from ..models.config import check_int_fields, strict_from_dict
+from ..models.config import check_int_fields
 from ..models.lora import apply_lora, trainable_parameters
 from ..models.model import Probed, with_probe
 from ..fileio import write_json
 from .optim import Schedule, adamw, layerwise_adamw
 from .probe import _check_augmentable, _samples_key, _splits, compute_features, evaluate, new_head
-from .runs import LossWindow, RunFolder, RunLog, check_finite, last_step, silent
+from .runs import LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, last_step, silent
 
 CHECKPOINT_DIR = "checkpoint"
 FULL_WEIGHTS = "model.safetensors"
@@ -81,7 +80,7 @@ _SEED_STREAM = 1_000_003  # the step's generator seed is seed * _SEED_STREAM + s
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RecipeConfig):
     """The fine-tuning recipe and the run's bookkeeping (`RUNTIME_FIELDS` change only what is written and how
     fast; the other fields decide the numbers, and a resumed run must keep them)."""
 
@@ -118,6 +117,7 @@ class FinetuneConfig:
     compile: bool = True
 
     RUNTIME_FIELDS = ("eval_interval", "eval_batch_size", "ckpt_interval", "log_interval", "num_workers", "compile")
+    WHAT = "fine-tune config"
 
     def __post_init__(self):
         if isinstance(self.lora_keys, str):
@@ -151,16 +151,8 @@ class FinetuneConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{where} dropout={self.dropout}: expected 0 <= dropout < 1")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "FinetuneConfig":
-        return strict_from_dict(cls, params, "fine-tune config")
 
-    def recipe(self) -> dict:
-        """The fields that decide the numbers (all but the runtime ones)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
 
 @dataclass

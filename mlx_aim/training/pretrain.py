@@ -62,13 +62,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
-from ..models.config import AIMConfig, check_int_fields, strict_from_dict
+from ..models.config import AIMConfig, check_int_fields
 from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
 from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .optim import AdamW, Schedule, adamw
-from .runs import LossWindow, RunFolder, RunLog, check_finite, compare_settings, last_step, read_log, silent
+from .runs import (
+    LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, compare_settings, last_step, read_log, silent,
+)
 from ..checkpoints.run_folders import CHECKPOINTS_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint
 from ..checkpoints.weights import check_weights, read_safetensors, save_model
 
@@ -78,7 +80,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RecipeConfig):
     """The optimisation recipe (AIM's released config, scaled down) and the run's bookkeeping.
 
     The first group of fields decides the numbers a run produces; a resumed run must keep them. The
@@ -112,6 +114,7 @@ class TrainConfig:
     prefetch: int = 4
 
     RUNTIME_FIELDS = ("log_interval", "val_interval", "ckpt_interval", "keep_last", "num_workers", "prefetch")
+    WHAT = "train config"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -150,16 +153,8 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return self.schedule.warmup_steps
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    def recipe(self) -> dict:
-        """The fields that decide the numbers (all but the runtime ones)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "TrainConfig":
-        return strict_from_dict(cls, params, "train config")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

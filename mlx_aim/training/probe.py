@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -63,7 +62,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from ..models.config import check_int_fields, strict_from_dict
+from ..models.config import check_int_fields
 from ..data import (
     NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped,
     TrainTransform, is_native, load_splits, preprocessing_for,
@@ -77,7 +76,7 @@ from ..models.model import (
 )
 from ..models.model import probe_eps as family_probe_eps
 from .optim import Schedule, adamw
-from .runs import LossWindow, RunFolder, RunLog, check_finite, last_step, silent
+from .runs import LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, last_step, silent
 from ..checkpoints.run_folders import MODEL_DIR, PROBE_CHECKPOINT_DIR, PROBE_INFO
 from ..checkpoints.weights import read_safetensors, save_model
 
@@ -92,7 +91,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(RecipeConfig):
     """The probe's optimisation recipe and the run's bookkeeping.
 
     The first group decides the numbers a run produces (a resumed run must keep them); the second
@@ -123,6 +122,7 @@ class ProbeConfig:
     cache: str = "disk"  # "disk": out/cache/ (reused on resume); "memory"
 
     RUNTIME_FIELDS = ("eval_batch_size", "ckpt_interval", "log_interval", "num_workers", "cache")
+    WHAT = "probe config"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -144,16 +144,8 @@ class ProbeConfig:
         if self.cache not in ("disk", "memory"):
             raise ValueError(f"probe config cache={self.cache!r}: expected 'disk' or 'memory'")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "ProbeConfig":
-        return strict_from_dict(cls, params, "probe config")
 
-    def recipe(self) -> dict:
-        """The fields that decide the numbers (all but the runtime ones)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------------

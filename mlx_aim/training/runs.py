@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..models.config import strict_from_dict
 from ..fileio import atomic_directory, read_json, remove_stale_temporaries, write_json, write_text
 from ..checkpoints.run_folders import STATE_FILE, numbered_checkpoints, step_dir
 from ..checkpoints.weights import check_weights, read_safetensors
@@ -93,6 +95,25 @@ def compare_settings(saved: Mapping, current: Mapping) -> list[str]:
     saved, current = (_flat(json.loads(json.dumps(s, default=str))) for s in (saved, current))
     return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+class RecipeConfig:
+    """What the training configs share (`pretrain.TrainConfig`, `probe.ProbeConfig`, `finetune.FinetuneConfig`,
+    each a dataclass): their fields as a dict, built back strictly (unknown keys refused), and the recipe: the fields
+    that decide the numbers, all but `RUNTIME_FIELDS`, which change only what is written and how fast."""
+
+    RUNTIME_FIELDS: tuple = ()
+    WHAT = "config"  # how errors name it
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def recipe(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+
+    @classmethod
+    def from_dict(cls, params: dict):
+        return strict_from_dict(cls, params, cls.WHAT)
 
 
 # ----------------------------------------------------------------------------------------------------
