@@ -21,7 +21,8 @@ from ..tasks.encode import peak_memory
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.runs import TrainingDiverged
 from .options import (
-    MODEL_HELP, add_config_options, add_output_options, add_quantize_options, non_negative_int, pair, quantization,
+    LABELLED_TRAINING_OPTIONS, MODEL_HELP, add_config_options, add_output_options, add_quantize_options, pair,
+    quantization,
 )
 from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, run_command
 from .probe import format_metrics
@@ -36,23 +37,12 @@ RECIPE_OPTIONS = [
     ("--num-layers", int, "adapt the last N blocks"),
     ("--layer-decay", float, "full: layer-wise learning-rate decay"),
     ("--drop-path", float, "full: drop-path rate of the last block (rising linearly from 0)"),
-    ("--epochs", int, "epochs"),
-    ("--steps", int, "optimizer steps (0: epochs x batches per epoch)"),
-    ("--batch-size", int, "training batch"),
-    ("--lr", float, "peak learning rate"),
-    ("--warmup-frac", float, "fraction of steps of linear warm-up"),
-    ("--weight-decay", float, "AdamW weight decay (matrices only)"),
-    ("--betas", pair(float), "AdamW betas, e.g. 0.9,0.999"),
-    ("--label-smoothing", float, "cross-entropy label smoothing"),
     ("--crop-scale", pair(float), "random resized crop scale range"),
     ("--seed", int, "seed of the head's and adapters' initialisation, data order and split"),
-    ("--val-ratio", float, "fraction held out when DIR has no val/ folder"),
     ("--eval-interval", int, "steps between evaluations (0: at the end)"),
     ("--eval-batch-size", int, "evaluation batch"),
-    ("--ckpt-interval", int, "steps between checkpoints (0: at the end)"),
     ("--log-interval", int, "steps between logged losses"),
-    ("--num-workers", non_negative_int, "image decoding threads"),
-]
+] + LABELLED_TRAINING_OPTIONS
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

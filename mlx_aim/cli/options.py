@@ -128,3 +128,20 @@ def add_output_options(parser: argparse.ArgumentParser, json_help: Optional[str]
                         help=json_help or "also print one JSON object with the results, on the last line")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (downloads included)")
+
+
+# The config fields shared by the commands that train a head on labelled images (`probe train`, `finetune`), as
+# options; each command adds its own to them. Unset options keep the config's defaults (the one place they live).
+LABELLED_TRAINING_OPTIONS = [
+    ("--epochs", int, "epochs"),
+    ("--steps", int, "optimizer steps (0: epochs x batches per epoch)"),
+    ("--batch-size", int, "training batch"),
+    ("--lr", float, "peak learning rate"),
+    ("--warmup-frac", float, "fraction of steps of linear warm-up"),
+    ("--weight-decay", float, "AdamW weight decay (matrices only)"),
+    ("--betas", pair(float), "AdamW betas, e.g. 0.9,0.999"),
+    ("--label-smoothing", float, "cross-entropy label smoothing"),
+    ("--val-ratio", float, "fraction held out when DIR has no val/ folder"),
+    ("--ckpt-interval", int, "steps between checkpoints (0: at the end)"),
+    ("--num-workers", non_negative_int, "image decoding threads"),
+]

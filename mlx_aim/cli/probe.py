@@ -26,31 +26,20 @@ from ..training.probe import (
 )
 from ..training.runs import TrainingDiverged
 from .options import (
-    MODEL_HELP, add_config_options, add_max_patches_option, add_model_options, add_output_options, non_negative_int,
-    pair, positive_int, precision, probe_layers,
+    LABELLED_TRAINING_OPTIONS, MODEL_HELP, add_config_options, add_max_patches_option, add_model_options,
+    add_output_options, non_negative_int, pair, positive_int, precision, probe_layers,
 )
 from .output import EXIT_EMPTY, EXIT_OK, CommandError, memory_line, print_json, reported_as, run_command
 
 # ProbeConfig fields exposed as options; unset options keep ProbeConfig's defaults (the one place they live).
 RECIPE_OPTIONS = [
-    ("--epochs", int, "epochs"),
-    ("--steps", int, "optimizer steps (0: epochs x batches per epoch)"),
-    ("--batch-size", int, "training batch"),
-    ("--lr", float, "peak learning rate"),
-    ("--warmup-frac", float, "fraction of steps of linear warm-up"),
-    ("--weight-decay", float, "AdamW weight decay (matrices only)"),
-    ("--betas", pair(float), "AdamW betas, e.g. 0.9,0.999"),
-    ("--label-smoothing", float, "cross-entropy label smoothing"),
     ("--crop-scale", pair(float), "random resized crop scale range with --augment"),
     ("--seed", int, "seed of the probe's initialisation, data order and split (and of --random-init)"),
-    ("--val-ratio", float, "fraction held out when DIR has no val/ folder"),
     ("--cache-dtype", str, "dtype of cached trunk features: float16 or float32"),
     ("--eval-batch-size", int, "batch for feature extraction and evaluation"),
-    ("--ckpt-interval", int, "steps between checkpoints (0: at the end)"),
     ("--log-interval", int, "steps between progress-bar loss updates"),
-    ("--num-workers", non_negative_int, "image decoding threads"),
     ("--cache", str, "where cached features live: disk (OUT/cache, reused on resume) or memory"),
-]
+] + LABELLED_TRAINING_OPTIONS
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
