@@ -279,6 +279,84 @@ class PretrainStep:
         return norm
 
 
+class LoRA(tnn.Module):
+    """A frozen linear layer plus scale * (x @ lora_a) @ lora_b, scale = alpha / rank (Hu et al. 2021): with `pairs`
+    3, the fused qkv projection with one factor pair each for q, k and v (apple/ml-l3m's `LoraAttention`), the
+    factors stacked as (3, in, rank) and (3, rank, width). Key names and layouts are mlx_aim.models.lora's."""
+
+    def __init__(self, linear: tnn.Linear, rank: int = 8, alpha: float = 1.0, pairs: Optional[int] = None):
+        super().__init__()
+        linear.weight.requires_grad_(False)
+        self.linear, self.pairs, self.scale = linear, pairs, alpha / rank
+        lead = () if pairs is None else (pairs,)
+        width = linear.out_features // (pairs or 1)
+        bound = linear.in_features ** -0.5
+        self.lora_a = tnn.Parameter(torch.empty(*lead, linear.in_features, rank).uniform_(-bound, bound))
+        self.lora_b = tnn.Parameter(torch.zeros(*lead, rank, width))
+
+    def forward(self, x):
+        if self.pairs is None:
+            delta = (x @ self.lora_a) @ self.lora_b
+        else:
+            delta = torch.cat([(x @ self.lora_a[i]) @ self.lora_b[i] for i in range(self.pairs)], dim=-1)
+        return self.linear(x) + self.scale * delta
+
+
+def add_lora(model: AIMReference, rank: int = 8, alpha: float = 1.0) -> AIMReference:
+    """LoRA on every block's qkv (q, k, v apart) and proj, the rest of the trunk frozen, the probe trainable: what
+    `mlx_aim.models.lora.apply_lora` with its defaults and a fresh probe make."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.trunk.blocks:
+        block.attn.qkv = LoRA(block.attn.qkv, rank, alpha, pairs=3)
+        block.attn.proj = LoRA(block.attn.proj, rank, alpha)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+class FinetuneStep:
+    """One optimizer step as `mlx_aim.training.finetune.make_step` takes it: forward in training mode (the probe's
+    BatchNorm on batch statistics), cross-entropy on the logits, backward, AdamW (betas 0.9/0.999, eps 1e-8, weight
+    decay 0.05 on matrices only) on the parameters that train: the adapters and the probe after `add_lora`, every
+    parameter otherwise (full fine-tuning, where `layer_decay` gives each layer its own rate as BEiT's and MAE's
+    `param_groups_lrd`: the patch embedding layer 0, block i layer i + 1, the rest depth + 1)."""
+
+    def __init__(self, model: AIMReference, lr=1e-3, dtype: Optional[torch.dtype] = None,
+                 layer_decay: Optional[float] = None):
+        self.model, self.dtype = model.train(), dtype
+        depth = len(model.trunk.blocks)
+        groups = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = depth + 1
+            if name.startswith("preprocessor."):
+                layer = 0
+            elif name.startswith("trunk.blocks."):
+                layer = int(name.split(".")[2]) + 1
+            scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+            key = (scale, p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": lr * scale, "weight_decay": 0.05 if decayed else 0.0}
+             for (scale, decayed), ps in groups.items()],
+            lr=lr, betas=(0.9, 0.999), eps=1e-8,
+        )
+
+    def __call__(self, images_nchw, labels):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dtype is not None and self.dtype != torch.float32:
+            with torch.autocast(images_nchw.device.type, dtype=self.dtype):
+                logits = self.model(images_nchw)
+        else:
+            logits = self.model(images_nchw)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Weights between the two frameworks
 
@@ -309,7 +387,7 @@ def torch_info() -> dict:
 
 
 __all__ = [
-    "AIMPretrainingReference", "AIMReference", "Attention", "Block", "Head", "Mlp", "Patchifier", "PixelHead",
-    "PretrainStep", "Preprocessor", "Trunk", "aim_loss", "load_mlx_weights", "patchify_nchw", "sincos_2d",
-    "state_dict_numpy", "torch_mask",
+    "AIMPretrainingReference", "AIMReference", "Attention", "Block", "FinetuneStep", "Head", "LoRA", "Mlp",
+    "Patchifier", "PixelHead", "PretrainStep", "Preprocessor", "Trunk", "add_lora", "aim_loss", "load_mlx_weights",
+    "patchify_nchw", "sincos_2d", "state_dict_numpy", "torch_mask",
 ]

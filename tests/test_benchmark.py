@@ -44,6 +44,34 @@ def test_json_report_with_torch_and_training():
     assert result["memory"]["peak_rss_bytes"] > result["memory"]["peak_mlx_bytes"] > 0
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_finetune_step_against_torch(mode):
+    config = get_config("aim-tiny", image_size=32)
+    run = benchmark.bench_finetune(config, 2, mode, compare_torch=True, warmup=1, repeats=2)
+    assert run["task"] == f"fine-tuning step ({mode})" and set(run["timings"]) == {"mlx", "torch"}
+    # The same step: equal losses before and after one update (adapters' B = 0 at first, then AdamW moved both).
+    for key in ("first_losses", "second_losses"):
+        assert run[key]["mlx"] == pytest.approx(run[key]["torch"], rel=1e-4)
+    assert run["second_losses"]["mlx"] != run["first_losses"]["mlx"]
+    assert run["flops"] == (3 if mode == "full" else 2) * benchmark.inference_flops(config, 2)
+    width, depth, classes = config.width, config.depth, benchmark.FINETUNE_CLASSES
+    adapters = depth * 8 * (3 * (width + width) + (width + width))  # rank 8: q, k, v pairs and proj's
+    head = 2 * width * width + width + width * classes  # k, v, the class token (1, 1, width), linear (no bias)
+    if mode == "lora":
+        assert run["trainable_parameters"] == adapters + head
+    else:
+        assert run["trainable_parameters"] > 10 * (adapters + head)
+
+
+def test_finetune_qlora_from_the_command_line():
+    proc = run_benchmark(*TINY, "--finetune", "lora", "--quantize", "4", "--json")
+    (run,) = last_json(proc.stdout)["runs"]
+    assert run["task"] == "fine-tuning step (QLoRA)" and run["quantization"]["bits"] == 4
+    assert set(run["timings"]) == {"mlx"} and run["timings"]["mlx"]["median_s"] > 0
+    proc = run_benchmark(*TINY, "--finetune", "full", "--quantize", "4", check_rc=None)
+    assert proc.returncode == 2 and "QLoRA is lora" in proc.stderr
+
+
 def test_table_for_a_quantized_model_without_torch():
     proc = run_benchmark(*TINY, "--quantize", "4", "--threads", "1")
     out = proc.stdout

@@ -505,6 +505,78 @@ def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32"
     return result
 
 
+FINETUNE_CLASSES = 1000  # the fine-tuning benchmark's probe: ImageNet's classes, as the paper's Table 8
+
+
+def finetune_flops(config: AIMConfig, batch_size: int, mode: str) -> int:
+    """A fine-tuning step's matmul FLOPs: the forward, the backward's input gradients and, in full mode, its weight
+    gradients (3x the forward; LoRA's 2x, the adapters' own products left out)."""
+    return (3 if mode == "full" else 2) * inference_flops(config, batch_size)
+
+
+def bench_finetune(config: Optional[AIMConfig], batch_size: int, mode: str = "lora", dtype: str = "float32",
+                   quantize=None, weights: Optional[str] = None, grad_checkpoint: bool = False,
+                   compare_torch: bool = False, warmup: int = 2, repeats: int = 5, torch_device: str = "cpu") -> dict:
+    """One fine-tuning step (`mlx_aim.training.finetune.make_step`, compiled): LoRA (rank 8 on qkv and proj, the
+    probe trained with it; with `quantize`, QLoRA) or full (every weight, drop path off so that both frameworks do
+    the same work), on random images and labels. With `compare_torch`, `benchmarks/torch_reference.py`'s
+    `FinetuneStep` on the same weights and adapters, alternating: the first losses agree (the adapters' B is 0)."""
+    from ..training.finetune import FinetuneConfig, adapted_model, full_model, make_optimizer, make_step
+    from ..training.optim import Schedule
+
+    if mode not in ("lora", "full"):
+        raise ValueError(f"finetune mode {mode!r}: expected 'lora' or 'full'")
+    if mode == "full" and quantize:
+        raise ValueError("a full fine-tune trains every weight of a float model: pass no quantize (QLoRA is lora)")
+    trunk, info = _load_model(config, None if weights else dtype, quantize, weights)
+    config = trunk.config
+    if not isinstance(config, AIMConfig):
+        raise ValueError(f"the fine-tuning benchmark times AIM trunks; got {type(config).__name__}")
+    recipe = FinetuneConfig(fine_tune_type=mode, drop_path=0.0, steps=1000, lr=1e-4)
+    model = (full_model if mode == "full" else adapted_model)(trunk, FINETUNE_CLASSES, recipe)
+    optimizer = make_optimizer(model, recipe, Schedule(recipe.steps, recipe.lr, recipe.lr, 0))
+    model.train()
+    step = make_step(model, optimizer, recipe.label_smoothing)
+    images_np = random_images(config, batch_size)
+    labels_np = np.random.default_rng(1).integers(0, FINETUNE_CLASSES, batch_size)
+    images, labels = mx.array(images_np), mx.array(labels_np)
+
+    def mlx_step():
+        loss = step(images, labels)
+        mx.eval(loss, model.state, optimizer.state)
+        return loss
+
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    result = {"task": f"fine-tuning step ({'QLoRA' if quantize else mode})", "config": config.name or "custom",
+              "image_size": config.image_size, "batch_size": batch_size, "dtype": dtype,
+              "quantization": config.quantization, "grad_checkpoint": grad_checkpoint,
+              "trainable_parameters": trainable, "weight_bytes": weight_bytes(model), **info,
+              "flops": finetune_flops(config, batch_size, mode)}
+    fns = {"mlx": mlx_step}
+    if compare_torch:
+        import torch
+
+        if quantize:
+            raise ValueError("compare_torch: PyTorch has no quantized CPU step to compare QLoRA with")
+        reference = torch_reference()
+        ref = reference.AIMReference.from_config(config.replace(num_classes=FINETUNE_CLASSES))
+        if mode == "lora":
+            ref = reference.add_lora(ref)
+        reference.load_mlx_weights(ref, float_weights(model)).to(torch_device)
+        torch_step = reference.FinetuneStep(ref, lr=recipe.lr, dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                                            layer_decay=recipe.layer_decay if mode == "full" else None)
+        images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device)
+        labels_t = torch.from_numpy(labels_np).to(torch_device)
+        fns["torch"] = torch_synced(lambda: torch_step(images_t, labels_t), torch_device)
+        # The same step on the same weights: the first two losses agree (the second after one update of each).
+        losses = [(float(mlx_step()), float(fns["torch"]())) for _ in range(2)]
+        result["first_losses"] = {"mlx": losses[0][0], "torch": losses[0][1]}
+        result["second_losses"] = {"mlx": losses[1][0], "torch": losses[1][1]}
+        result["torch_dtype"] = "bfloat16 autocast" if dtype == "bfloat16" else "float32"
+    result["timings"] = time_calls(fns, warmup, repeats)
+    return result
+
+
 def _rows(result: dict, peak: dict) -> None:
     for name, t in result["timings"].items():
         t["images_per_s"] = result["batch_size"] / t["median_s"]
@@ -549,6 +621,7 @@ def measure(
     train: bool = False,
     train_only: bool = False,
     train_batch_size: Optional[int] = None,
+    finetune: Optional[str] = None,
     compare_torch: bool = False,
     torch_device: str = "cpu",
     threads: Optional[int] = None,
@@ -565,11 +638,14 @@ def measure(
     square inputs, default `NATIVE_IMAGE_SIZE`); `max_patches`: a native model's guard; `quantize`: 4 or 8 bits, or
     a quantization dict, for inference; `threads`: BLAS (and torch) threads; `text_batch_size`: an AIMv2-LiT's
     texts per call (its image tower takes `batch_size`); `torch_device`: where PyTorch runs with `compare_torch`
-    ("cpu", or "cuda" to compare MLX's CUDA backend with PyTorch's)."""
+    ("cpu", or "cuda" to compare MLX's CUDA backend with PyTorch's); `finetune` ("lora" or "full"): time one
+    fine-tuning step instead (`bench_finetune`; with `quantize`, QLoRA)."""
     if min(batch_size, text_batch_size, repeats) < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise ValueError(f"batch_size={batch_size}, text_batch_size={text_batch_size}, repeats={repeats}, "
                          f"warmup={warmup}, threads={threads}: expected batch sizes, repeats and threads >= 1, "
                          "warmup >= 0")
+    if finetune and (train or train_only):
+        raise ValueError("finetune times a fine-tuning step alone: pass train=False and train_only=False")
     if (train or train_only) and (quantize or weights):
         raise ValueError("train=True times pre-training a fresh float model: pass no quantize and no weights")
     input_size = None
@@ -607,7 +683,13 @@ def measure(
     lit = isinstance(config if weights is None else source_config(weights), AIMv2LiTConfig)
     if lit and (train or train_only):
         raise ValueError("train=True: AIMv2-LiT has no pre-training model here; time its two towers")
-    if lit:
+    if finetune:
+        if lit or isinstance(config, AIMv2Config):
+            raise ValueError("finetune: the fine-tuning benchmark times AIM trunks (its PyTorch reference is AIM's)")
+        runs.append(bench_finetune(config, batch_size, finetune, dtype or "float32", quantize, weights,
+                                   compare_torch=compare_torch, warmup=warmup, repeats=repeats,
+                                   torch_device=torch_device))
+    elif lit:
         runs += bench_lit(config, batch_size, text_batch_size, dtype, quantize, weights, compare_torch, warmup,
                           repeats, torch_device)
     elif not train_only:

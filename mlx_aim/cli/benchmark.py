@@ -45,6 +45,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--train-only", action="store_true", help="time only the pre-training step")
     p.add_argument("--train-batch-size", type=positive_int,
                    help="batch of the pre-training step (default: --batch-size)")
+    p.add_argument("--finetune", choices=["lora", "full"],
+                   help="time one fine-tuning step of an AIM trunk instead: LoRA (rank 8 on qkv and proj, with the "
+                        "probe; with --quantize, QLoRA) or full")
     p.add_argument("--compare-torch", action="store_true",
                    help="time PyTorch on the same model and weights in the same run, alternating")
     p.add_argument("--torch-device", default="cpu",
@@ -155,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
             preset=args.preset, weights=args.weights, image_size=args.image_size, max_patches=args.max_patches,
             dtype=args.dtype, quantize=quantization(args), batch_size=args.batch_size,
             text_batch_size=args.text_batch_size, train=args.train,
-            train_only=args.train_only, train_batch_size=args.train_batch_size, compare_torch=args.compare_torch,
+            train_only=args.train_only, train_batch_size=args.train_batch_size, finetune=args.finetune,
+            compare_torch=args.compare_torch,
             threads=args.threads, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
             torch_device=args.torch_device,
         )
@@ -171,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.finetune and (args.train or args.train_only):
+        parser.error("--finetune times a fine-tuning step alone: drop --train and --train-only")
     if (args.train or args.train_only) and (args.quantize or args.weights):
         parser.error("--train times pre-training a fresh float model: drop --quantize and --weights")
     return run_command(run, args)

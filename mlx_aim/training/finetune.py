@@ -312,6 +312,17 @@ def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = 
     return mx.compile(step, inputs=state, outputs=state)
 
 
+def make_optimizer(model: Probed, config: FinetuneConfig, schedule: Schedule):
+    """AdamW over what trains in `model`, initialised: in full mode with layer-wise learning-rate decay."""
+    if config.fine_tune_type == "full":
+        optimizer = layerwise_adamw(schedule, model.config.depth, config.layer_decay, config.betas, config.eps,
+                                    config.weight_decay)
+    else:
+        optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    return optimizer
+
+
 def validate(model: Probed, val_part: ImageFolder, classes: list[str], preprocessing: Preprocessing,
              config: FinetuneConfig) -> dict:
     """`probe.evaluate`'s metrics (top-1, top-5, loss, per class) of the adapted model on the validation images."""
@@ -389,12 +400,7 @@ def finetune(
     total_steps = config.steps or config.epochs * (num_train // batch_size)
     end_step = last_step(stop_at, total_steps)
     schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
-    if full:
-        optimizer = layerwise_adamw(schedule, model.config.depth, config.layer_decay, config.betas, config.eps,
-                                    config.weight_decay)
-    else:
-        optimizer = adamw(schedule, config.betas, config.eps, config.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    optimizer = make_optimizer(model, config, schedule)
     loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
                          num_workers=config.num_workers, loop=True)
     settings = {"recipe": config.recipe(), "base_digest": config_digest(identity), "quantization":
