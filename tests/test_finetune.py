@@ -17,7 +17,7 @@ from mlx_aim.models.lora import LoRALinear, LoRAQKV
 from mlx_aim.models.model import ProbedAIMv2, build_model
 from mlx_aim.training.optim import Schedule, layer_id, layerwise_adamw
 from mlx.utils import tree_map
-from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune
+from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune, full_model
 from mlx_aim.training.probe import new_head
 from mlx_aim.training.runs import read_log
 from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
@@ -249,10 +249,53 @@ def test_cli_full_mode_writes_a_model_folder(base, colours, tmp_path, capsys):
     out = tmp_path / "full"
     rc = finetune_cli.main(["--model", str(base), "--data", str(colours), "--out", str(out), "--fine-tune-type",
                             "full", "--steps", "2", "--batch-size", "8", "--layer-decay", "0.65", "--drop-path", "0.2",
-                            "--num-workers", "0", "--no-progress"])
+                            "--grad-checkpoint", "--num-workers", "0", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "full fine-tuning + probe" in captured.out and "model/, finetune.json" in captured.out
     recipe = json.loads((out / "finetune.json").read_text())["recipe"]
-    assert (recipe["layer_decay"], recipe["drop_path"]) == (0.65, 0.2)
+    assert (recipe["layer_decay"], recipe["drop_path"], recipe["grad_checkpoint"]) == (0.65, 0.2, True)
     assert mlx_aim.load(out / "model").config.num_classes == len(COLOURS)
+
+
+def _loss_and_grads(model, x, y, checkpoint: bool, seed: int = 5):
+    """The compiled loss and gradients of a training step of `model` on (x, y), with or without grad checkpointing,
+    the generator seeded as the fine-tuning loop seeds each step."""
+    model.trunk.grad_checkpoint = checkpoint
+    model.train()
+
+    def loss_fn(model, x, y):
+        return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, mx.random.state]
+    step = mx.compile(lambda x, y: loss_and_grad(model, x, y), inputs=state, outputs=state)
+    mx.random.seed(seed)
+    loss, grads = step(x, y)
+    mx.eval(loss, grads)
+    return float(loss), dict(nn.utils.tree_flatten(grads))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(base, mode, monkeypatch):
+    x, y = images(4), mx.array([0, 1, 2, 3])
+    build = (lambda cfg: full_model(mlx_aim.load(base), 4, cfg)) if mode == "full" else (
+        lambda cfg: adapted_model(mlx_aim.load(base), 4, cfg))
+    # Without random draws in the blocks: checkpointing changes nothing but memory.
+    plain = config(fine_tune_type=mode, drop_path=0.0, lora_keys=("qkv", "proj", "fc1"))
+    loss, grads = _loss_and_grads(build(plain), x, y, checkpoint=False)
+    loss_ck, grads_ck = _loss_and_grads(build(plain), x, y, checkpoint=True)
+    assert loss_ck == pytest.approx(loss, rel=1e-6)
+    assert set(grads_ck) == set(grads) and any(np.abs(np.asarray(g)).max() > 0 for g in grads.values())
+    for key, g in grads.items():
+        np.testing.assert_allclose(np.asarray(grads_ck[key]), np.asarray(g), rtol=1e-5, atol=1e-6, err_msg=key)
+    # With drop path or LoRA dropout the recomputed blocks draw the masks their forward pass drew: the checkpointed
+    # gradients equal those of the same computation kept in memory (mx.checkpoint made a no-op).
+    noisy = config(fine_tune_type=mode, drop_path=0.3, dropout=0.3, lora_keys=("qkv", "proj", "fc1"))
+    loss_ck, grads_ck = _loss_and_grads(build(noisy), x, y, checkpoint=True)
+    monkeypatch.setattr(mx, "checkpoint", lambda fn: fn)
+    loss_kept, grads_kept = _loss_and_grads(build(noisy), x, y, checkpoint=True)
+    assert loss_ck == pytest.approx(loss_kept, rel=1e-6)
+    assert any(not np.allclose(np.asarray(grads_ck[k]), np.asarray(g), rtol=1e-3) for k, g in grads.items())  # masks
+    for key, g in grads_kept.items():
+        np.testing.assert_allclose(np.asarray(grads_ck[key]), np.asarray(g), rtol=1e-5, atol=1e-6, err_msg=key)

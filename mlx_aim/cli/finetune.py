@@ -55,6 +55,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="train on preprocessed images without random crops and flips")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=argparse.SUPPRESS,
                    help="run the training step uncompiled (compiling costs seconds up front on the CPU backend)")
+    p.add_argument("--grad-checkpoint", action="store_true", default=argparse.SUPPRESS,
+                   help="recompute each block's activations in the backward pass: less memory, ~1 more forward pass")
     add_quantize_options(p)  # --quantize 4|8: QLoRA, the base quantized and frozen, the adapters float
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--force", action="store_true", help="discard a checkpoint in OUT and start again")
@@ -92,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = parser.parse_args(argv)
     try:
         args.finetune_config = FinetuneConfig(**{k: v for k, v in vars(args).items()
-                                                 if k in args.recipe | {"augment", "compile"}})
+                                                 if k in args.recipe | {"augment", "compile", "grad_checkpoint"}})
     except ValueError as error:
         parser.error(str(error))
     return run_command(run, args)

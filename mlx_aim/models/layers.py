@@ -11,8 +11,9 @@ device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +28,31 @@ AttentionMask = Optional[Union[str, mx.array]]
 
 # A norm layer's constructor: width -> module. AIM's is `layer_norm(eps)`, AIMv2's `rms_norm(eps)`.
 Norm = Callable[[int], nn.Module]
+
+
+# The key a checkpointed block's random draws split from (`block_key`); None: MLX's global generator.
+_BLOCK_KEY: list[Optional[mx.array]] = [None]
+
+
+@contextlib.contextmanager
+def block_key(key: Optional[mx.array]) -> Iterator[None]:
+    """Within it, `random_key()` splits its keys off `key`: a block recomputed in the backward pass
+    (`Trunk.grad_checkpoint`) then draws the same drop-path and dropout masks as its forward pass did."""
+    saved = _BLOCK_KEY[0]
+    _BLOCK_KEY[0] = key
+    try:
+        yield
+    finally:
+        _BLOCK_KEY[0] = saved
+
+
+def random_key() -> Optional[mx.array]:
+    """The key of a block's next random draw: split off `block_key`'s when one is set, else None (the global
+    generator)."""
+    if _BLOCK_KEY[0] is None:
+        return None
+    _BLOCK_KEY[0], key = mx.random.split(_BLOCK_KEY[0])
+    return key
 
 
 def layer_norm(eps: float) -> Norm:
@@ -192,7 +218,7 @@ class Block(nn.Module):
         if not self.training or not self.drop_path:
             return branch
         keep = 1.0 - self.drop_path
-        kept = mx.random.bernoulli(keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+        kept = mx.random.bernoulli(keep, (branch.shape[0],) + (1,) * (branch.ndim - 1), key=random_key())
         return branch * (kept.astype(branch.dtype) / keep)
 
 
@@ -207,7 +233,15 @@ def aimv2_block(dim: int, num_heads: int, hidden_dim: int, eps: float) -> Block:
 
 
 class Trunk(nn.Module):
-    """The blocks and the final norm (`post_trunk_norm`)."""
+    """The blocks and the final norm (`post_trunk_norm`).
+
+    `grad_checkpoint` (False unless a training run sets it): in training mode each block's activations are not kept
+    for the backward pass but recomputed there (`mx.checkpoint`), trading a second forward pass for activation
+    memory. Each block's random draws (drop path, LoRA dropout) then come from a key drawn for it from the global
+    generator, so that the recomputation draws the same masks.
+    """
+
+    grad_checkpoint: bool = False
 
     def __init__(self, blocks: list[Block], post_trunk_norm: nn.Module):
         super().__init__()
@@ -224,10 +258,25 @@ class Trunk(nn.Module):
         last = len(self.blocks) - 1 if max_block_id is None else max_block_id
         mask = prepare_mask(mask, x.shape[1])  # once, not in every block
         features = []
+        checkpointed = self.grad_checkpoint and self.training
         for block in self.blocks[: last + 1]:
-            x = block(x, mask)
+            x = _checkpointed(block, x, mask) if checkpointed else block(x, mask)
             features.append(x)
         return self.post_trunk_norm(x), features
+
+
+def _checkpointed(block: Block, x: mx.array, mask: AttentionMask) -> mx.array:
+    """`block(x, mask)` whose activations are recomputed in the backward pass; its trainable parameters are
+    inputs of the checkpointed function so that their gradients flow (as mlx-lm's `grad_checkpoint`)."""
+
+    key = mx.random.randint(0, 2**31 - 1, (2,), dtype=mx.uint32)  # not an input: nothing to differentiate
+
+    def run(params, x):
+        block.update(params)
+        with block_key(key):
+            return block(x, mask)
+
+    return mx.checkpoint(run)(block.trainable_parameters(), x)
 
 
 def attention_pool(head: nn.Module, x: mx.array) -> mx.array:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..backend import Linear, QuantizedLinear
+from .layers import random_key
 
 RANK = 8
 ALPHA = 1.0  # loralib's default, which Apple's LoraAttention keeps: scale = alpha / rank = 1/8 at rank 8
@@ -81,7 +82,14 @@ class _LoRA(nn.Module):
         self.linear = linear
         self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(p=dropout)
+
+    def dropout(self, x: mx.array) -> mx.array:
+        """nn.Dropout's inverted dropout in training mode, its mask drawn with `layers.random_key` (so that a
+        checkpointed block recomputes the same mask)."""
+        if not self.training or not self.dropout_p:
+            return x
+        keep = 1.0 - self.dropout_p
+        return (mx.random.bernoulli(keep, x.shape, key=random_key()) * x) * (1 / keep)
 
     def delta(self) -> mx.array:
         """scale * B A as a (output_dims, input_dims) weight update, float32."""

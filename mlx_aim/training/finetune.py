@@ -17,6 +17,11 @@ Full fine-tuning (`"full"`) trains every parameter of a float base (cast to floa
 rate, each block below at 0.75 times the one above; `optim.layerwise_adamw`) and drop path rising linearly over the
 blocks to `drop_path` (0.1; `layers.Block.drop_path`). A quantized base is refused there.
 
+Memory and speed: `grad_checkpoint` (--grad-checkpoint) recomputes each block's activations in the backward pass
+(`mx.checkpoint`, `layers.Trunk.grad_checkpoint`) instead of keeping them: activation memory of one block instead of
+all, for about one more forward pass of time; the loss and gradients are those of a run without it (drop path and LoRA
+dropout then draw their masks from a key per block, so that the recomputation draws the same ones).
+
 The output folder (LoRA):
 
     out/adapters.safetensors   the LoRA factors and the head (`checkpoints.adapters.save_adapters`)
@@ -108,6 +113,10 @@ class FinetuneConfig(RecipeConfig):
     hflip: float = 0.5
     seed: int = 0
     val_ratio: float = 0.2  # of the data held out when it has no val/ folder
+    # Recompute each block's activations in the backward pass (`layers.Trunk.grad_checkpoint`): less memory, about
+    # one more forward pass of time. A recipe field: with drop path or LoRA dropout it draws other (equally
+    # distributed) masks than a run without it.
+    grad_checkpoint: bool = False
 
     eval_interval: int = 0  # steps between evaluations; 0: at the end only
     eval_batch_size: int = 64
@@ -389,6 +398,7 @@ def finetune(
     identity = base_identity(trunk.config)
     full = config.fine_tune_type == "full"
     model = full_model(trunk, len(classes), config) if full else adapted_model(trunk, len(classes), config)
+    model.trunk.grad_checkpoint = config.grad_checkpoint
     transform = _train_transform(model, preprocessing, config)
     num_train = len(train_part)
     if num_train < 2:
