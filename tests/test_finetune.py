@@ -249,12 +249,13 @@ def test_cli_full_mode_writes_a_model_folder(base, colours, tmp_path, capsys):
     out = tmp_path / "full"
     rc = finetune_cli.main(["--model", str(base), "--data", str(colours), "--out", str(out), "--fine-tune-type",
                             "full", "--steps", "2", "--batch-size", "8", "--layer-decay", "0.65", "--drop-path", "0.2",
-                            "--grad-checkpoint", "--num-workers", "0", "--no-progress"])
+                            "--grad-checkpoint", "--dtype", "bfloat16", "--num-workers", "0", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "full fine-tuning + probe" in captured.out and "model/, finetune.json" in captured.out
     recipe = json.loads((out / "finetune.json").read_text())["recipe"]
-    assert (recipe["layer_decay"], recipe["drop_path"], recipe["grad_checkpoint"]) == (0.65, 0.2, True)
+    assert (recipe["layer_decay"], recipe["drop_path"], recipe["grad_checkpoint"], recipe["dtype"]) == (
+        0.65, 0.2, True, "bfloat16")
     assert mlx_aim.load(out / "model").config.num_classes == len(COLOURS)
 
 
@@ -299,3 +300,35 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients(base, mode, monkeypat
     assert any(not np.allclose(np.asarray(grads_ck[k]), np.asarray(g), rtol=1e-3) for k, g in grads.items())  # masks
     for key, g in grads_kept.items():
         np.testing.assert_allclose(np.asarray(grads_ck[key]), np.asarray(g), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_bfloat16_trains_float32_masters_and_resumes_exactly(base, colours, tmp_path):
+    reference = finetune(str(base), str(colours), None, config(steps=1), progress=False)
+    cfg = config(steps=4, dtype="bfloat16", compile=True)
+    whole = finetune(str(base), str(colours), tmp_path / "whole", cfg, progress=False)
+    assert whole.model.trunk.blocks[0].norm_1.weight.dtype == mx.bfloat16  # the frozen base, cast once
+    assert all(np.isfinite(whole.losses))
+    assert whole.losses[0] == pytest.approx(reference.losses[0], rel=5e-2)  # the same step in half precision
+    assert whole.losses[0] != reference.losses[0]
+    saved = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
+    assert {v.dtype for v in saved.values()} == {mx.float32}
+    assert {v.dtype for v in mx.load(str(tmp_path / "whole" / "checkpoint" / "adapters.safetensors")).values()} == {
+        mx.float32}
+    out = tmp_path / "sliced"
+    first = finetune(str(base), str(colours), out, cfg, stop_at=2, progress=False)
+    second = finetune(str(base), str(colours), out, cfg, resume=True, progress=False)
+    assert first.losses + second.losses == whole.losses
+    with pytest.raises(ValueError, match="dtype"):
+        finetune(str(base), str(colours), out, config(steps=4, compile=True), resume=True, progress=False)
+
+
+def test_bfloat16_qlora_and_full(base, colours, tmp_path):
+    q = finetune(str(base), str(colours), tmp_path / "q", config(steps=2, dtype="bfloat16"), quantize=4,
+                 progress=False)
+    qkv = q.model.trunk.blocks[0].attn.qkv
+    assert isinstance(qkv.linear, nn.QuantizedLinear) and qkv.linear.scales.dtype == mx.bfloat16
+    assert qkv.lora_a.dtype == mx.float32 and all(np.isfinite(q.losses))
+    full = finetune(str(base), str(colours), tmp_path / "full", config(fine_tune_type="full", steps=2, lr=1e-3,
+                                                                       dtype="bfloat16"), progress=False)
+    assert all(np.isfinite(full.losses))
+    assert {v.dtype for v in mx.load(str(tmp_path / "full" / "model" / "model.safetensors")).values()} == {mx.float32}

@@ -8,7 +8,8 @@ every class needs validation images. OUT receives adapters.safetensors and adapt
 convention: `mlx_aim.load(BASE, adapters=OUT)` reads them, `mlx-aim fuse` folds them into a model folder), the
 latest checkpoint and log.jsonl. --quantize 4|8 loads the base quantized (QLoRA: the base stays quantized and
 frozen, the adapters float). --fine-tune-type full trains every weight of a float base (layer-wise lr decay, drop
-path) and writes OUT/model, an ordinary model folder. Exit status 1: training diverged.
+path) and writes OUT/model, an ordinary model folder. --grad-checkpoint and --dtype bfloat16 save memory (mlx_aim/
+training/finetune.py's docstring). Exit status 1: training diverged.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ RECIPE_OPTIONS = [
     ("--num-layers", int, "adapt the last N blocks"),
     ("--layer-decay", float, "full: layer-wise learning-rate decay"),
     ("--drop-path", float, "full: drop-path rate of the last block (rising linearly from 0)"),
+    ("--dtype", str, "compute dtype of the trunk: float32 or bfloat16 (adapters, head and optimizer stay float32)"),
     ("--crop-scale", pair(float), "random resized crop scale range"),
     ("--seed", int, "seed of the head's and adapters' initialisation, data order and split"),
     ("--eval-interval", int, "steps between evaluations (0: at the end)"),

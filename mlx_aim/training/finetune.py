@@ -20,7 +20,13 @@ blocks to `drop_path` (0.1; `layers.Block.drop_path`). A quantized base is refus
 Memory and speed: `grad_checkpoint` (--grad-checkpoint) recomputes each block's activations in the backward pass
 (`mx.checkpoint`, `layers.Trunk.grad_checkpoint`) instead of keeping them: activation memory of one block instead of
 all, for about one more forward pass of time; the loss and gradients are those of a run without it (drop path and LoRA
-dropout then draw their masks from a key per block, so that the recomputation draws the same ones).
+dropout then draw their masks from a key per block, so that the recomputation draws the same ones). `dtype`
+"bfloat16" (--dtype bfloat16) computes in half precision with float32 master weights, as pre-training does: the frozen
+base is cast to bfloat16 once (a quantized base's scales and biases too: QLoRA in bfloat16), the trainable parameters
+stay float32 in the optimizer and the checkpoints and are cast for each step's forward and backward pass
+(`make_step`); the head runs in float32 on the trunk's output cast up, so its BatchNorm, softmax and the loss stay in
+float32. Validation runs the model as it stands (LoRA: the bfloat16 base with float32 adapters; full: the float32
+masters). The saved adapters and full model are float32.
 
 The output folder (LoRA):
 
@@ -59,7 +65,7 @@ from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from tqdm import tqdm
 
 from ..checkpoints.adapters import ADAPTER_WEIGHTS, base_identity, config_digest, save_adapters
@@ -71,9 +77,10 @@ from ..data import (
 )
 from ..models.config import check_int_fields
 from ..models.lora import apply_lora, trainable_parameters
-from ..models.model import Probed, with_probe
+from ..models.model import Probed, parse_dtype, with_probe
 from ..fileio import write_json
 from .optim import Schedule, adamw, layerwise_adamw
+from .pretrain import COMPUTE_DTYPES
 from .probe import _check_augmentable, _samples_key, _splits, compute_features, evaluate, new_head
 from .runs import LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, last_step, silent
 
@@ -117,6 +124,7 @@ class FinetuneConfig(RecipeConfig):
     # one more forward pass of time. A recipe field: with drop path or LoRA dropout it draws other (equally
     # distributed) masks than a run without it.
     grad_checkpoint: bool = False
+    dtype: str = "float32"  # compute dtype of the trunk: "float32" or "bfloat16" (trained weights stay float32)
 
     eval_interval: int = 0  # steps between evaluations; 0: at the end only
     eval_batch_size: int = 64
@@ -145,6 +153,8 @@ class FinetuneConfig(RecipeConfig):
             raise ValueError(f"{where} layer_decay={self.layer_decay}: expected 0 < layer_decay <= 1")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"{where} drop_path={self.drop_path}: expected 0 <= drop_path < 1")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{where} dtype={self.dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
         if self.head != "probe":
             raise ValueError(f"{where} head={self.head!r}: only 'probe' (the attentive probe) is supported")
         if self.steps == 0 and self.epochs == 0:
@@ -254,6 +264,7 @@ def adapted_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) ->
     """`trunk` (a loaded base, changed in place) with LoRA (`config`'s rank, alpha, dropout, keys and layers; the rest
     frozen) and a fresh probe of `num_classes`, both drawn from `config.seed` (trainable but for its BatchNorm's running
     statistics). At step 0 it gives what the base with that fresh head gives: each adapter's B is zero."""
+    trunk.set_dtype(parse_dtype(config.dtype))  # the frozen base in the compute dtype, once; the adapters float32
     mx.random.seed(config.seed)  # the adapters' A factors, so that a run is a function of its settings
     apply_lora(trunk, config.rank, config.alpha, config.dropout, config.lora_keys, config.num_layers)
     return with_probe(trunk, new_head(trunk, num_classes, config.seed))
@@ -300,18 +311,36 @@ def _train_transform(model: Probed, preprocessing: Preprocessing, config: Finetu
                           **({"mean": preprocessing.mean, "std": preprocessing.std} if normalize else {}))
 
 
-def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = True) -> Callable:
+def compute_copy(params: dict, dtype: mx.Dtype) -> dict:
+    """The trainable parameters as the forward pass uses them: the trunk's (adapters, or every weight in full mode)
+    in the compute `dtype`, the head's float32."""
+    if dtype == mx.float32:
+        return params
+    return tree_map_with_path(lambda path, p: p if path.startswith("head.") else p.astype(dtype), params)
+
+
+def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = True,
+              dtype: mx.Dtype = mx.float32) -> Callable:
     """One optimizer step of the adapters and head on a batch (images, labels) -> loss. Compiled with
     `[model.state, optimizer.state, mx.random.state]` as inputs and outputs (the probe's BatchNorm running
-    statistics are part of model.state; LoRA dropout draws from the generator)."""
+    statistics are part of model.state; LoRA dropout draws from the generator).
 
-    def loss_fn(model, images, labels):
-        return nn.losses.cross_entropy(model(images), labels, label_smoothing=label_smoothing, reduction="mean")
+    Mixed precision, as pre-training does it: the trainable parameters stay float32 (the masters the optimizer
+    updates and the checkpoints hold); the loss runs the trunk on a `dtype` copy of them (`compute_copy`), so the
+    gradients flow back to the masters in float32. The probe's input is cast to float32, so its BatchNorm statistics,
+    attention softmax and the cross-entropy are float32 whatever the trunk's dtype."""
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    def loss_fn(params, images, labels):
+        model.update(compute_copy(params, dtype))
+        logits, _ = model.head(model.probe_features(images).astype(mx.float32))
+        return nn.losses.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="mean")
+
+    loss_and_grad = mx.value_and_grad(loss_fn)
 
     def step(images, labels):
-        loss, grads = loss_and_grad(model, images, labels)
+        params = model.trainable_parameters()
+        loss, grads = loss_and_grad(params, images, labels)
+        model.update(params)  # the float32 masters back in place of the compute copy
         optimizer.update(model, grads)
         return loss
 
@@ -430,7 +459,7 @@ def finetune(
         echo(f"resuming from {found} at step {start_step} of {total_steps}")
 
     model.train()
-    step_fn = make_step(model, optimizer, config.label_smoothing, config.compile)
+    step_fn = make_step(model, optimizer, config.label_smoothing, config.compile, parse_dtype(config.dtype))
     log = RunLog(run.path, start_step if found is not None else None) if run is not None else None
     losses: list[float] = []
     evaluations: list[dict] = []
