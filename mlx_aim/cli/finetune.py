@@ -9,7 +9,8 @@ convention: `mlx_aim.load(BASE, adapters=OUT)` reads them, `mlx-aim fuse` folds 
 latest checkpoint and log.jsonl. --quantize 4|8 loads the base quantized (QLoRA: the base stays quantized and
 frozen, the adapters float). --fine-tune-type full trains every weight of a float base (layer-wise lr decay, drop
 path) and writes OUT/model, an ordinary model folder. --grad-checkpoint and --dtype bfloat16 save memory (mlx_aim/
-training/finetune.py's docstring). Exit status 1: training diverged.
+training/finetune.py's docstring). `mlx.launch -n 2 python scripts/finetune.py ...` trains data-parallel (--batch-size
+is the global batch). Exit status 1: training diverged.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Optional, Sequence
+
+import mlx.core as mx
 
 from ..tasks.encode import peak_memory
 from ..training.finetune import FinetuneConfig, finetune
@@ -67,12 +70,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs `finetune` (on every process `mlx.launch` started) and prints its summary (rank 0 only)."""
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print  # stdout ends with the JSON
+    group = mx.distributed.init()
     try:
         result = finetune(args.model, args.data, args.out, args.finetune_config, quantize=quantization(args),
-                          resume=args.resume, force=args.force, progress=not args.no_progress, echo=say)
-    except TrainingDiverged as error:  # the run produced no adapters
+                          resume=args.resume, force=args.force, progress=not args.no_progress, echo=say, group=group)
+    except TrainingDiverged as error:  # the run produced no adapters; every process saw the same averaged loss
+        if group.rank() != 0:
+            return EXIT_EMPTY
         raise CommandError(str(error), EXIT_EMPTY) from None
+    if group.rank() != 0:
+        return EXIT_OK
     summary = result.summary()
     summary.update(peak_memory(), model=args.model, quantize=args.quantize)
     c = args.finetune_config

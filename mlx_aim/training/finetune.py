@@ -28,6 +28,19 @@ stay float32 in the optimizer and the checkpoints and are cast for each step's f
 float32. Validation runs the model as it stands (LoRA: the bfloat16 base with float32 adapters; full: the float32
 masters). The saved adapters and full model are float32.
 
+Several processes (data parallel, `mx.distributed`), as pre-training: every process builds the same model from the
+same seed, takes its share of each global batch (`batch_size` is the global batch, a multiple of the process count;
+`BatchLoader(rank, world_size)`), and the gradients are averaged over the processes before the update. The probe's
+BatchNorm takes its batch statistics over all the shares (`GroupBatchNorm`), so the losses and weights equal one
+process's on the same global batch (LoRA dropout and drop path aside: each process draws the masks of its share).
+Every process validates (the same numbers); only rank 0 writes the log, checkpoints and outputs.
+
+    mlx.launch -n 2 python scripts/finetune.py --model BASE --data DIR --out OUT
+    mlx.launch --hostfile hosts.json --backend ring -- python scripts/finetune.py --model BASE --data DIR --out OUT
+
+Several Macs need what pre-training needs (`training/pretrain.py`): the same environment, repository, base and data
+paths on every host, and for `resume` the output folder readable by every host.
+
 The output folder (LoRA):
 
     out/adapters.safetensors   the LoRA factors and the head (`checkpoints.adapters.save_adapters`)
@@ -82,7 +95,7 @@ from ..fileio import write_json
 from .optim import Schedule, adamw, layerwise_adamw
 from .pretrain import COMPUTE_DTYPES
 from .probe import _check_augmentable, _samples_key, _splits, compute_features, evaluate, new_head
-from .runs import LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, last_step, silent
+from .runs import LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, check_same_start, last_step, silent
 
 CHECKPOINT_DIR = "checkpoint"
 FULL_WEIGHTS = "model.safetensors"
@@ -188,6 +201,7 @@ class FinetuneResult:
     seconds: float
     out: Optional[Path] = None
     adapter_config: dict = field(default_factory=dict)
+    processes: int = 1  # data-parallel processes (mlx.launch)
 
     def summary(self) -> dict:
         return {
@@ -202,6 +216,7 @@ class FinetuneResult:
             "evaluations": self.evaluations,
             "val": self.metrics.get("val"),
             "seconds": round(self.seconds, 3),
+            "processes": self.processes,
             "out": str(self.out) if self.out else None,
         }
 
@@ -289,6 +304,43 @@ def full_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) -> Pr
     return model
 
 
+def _group_sum(group: mx.distributed.Group) -> Callable[[mx.array], mx.array]:
+    """`all_sum` over `group` whose backward pass sums the cotangents over the group too (MLX's passes each
+    process's own through): the gradient of the sum of every process's loss, as synchronised statistics need."""
+
+    @mx.custom_function
+    def total(x):
+        return mx.distributed.all_sum(x, group=group)
+
+    @total.vjp
+    def total_vjp(primals, cotangent, output):
+        return mx.distributed.all_sum(cotangent, group=group)
+
+    return total
+
+
+class GroupBatchNorm(nn.BatchNorm):
+    """The probe's BatchNorm with its training statistics over the whole data-parallel batch (all processes' shares,
+    as PyTorch's SyncBatchNorm), so that several processes train what one process on the global batch trains; its
+    running statistics, the same on every process, are what it evaluates with."""
+
+    def __init__(self, bn: nn.BatchNorm, group: mx.distributed.Group):
+        super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine="weight" in bn,
+                         track_running_stats=bn.track_running_stats)
+        self.update(bn.parameters())
+        self.train(bn.training)
+        self._total, self._processes = _group_sum(group), group.size()
+
+    def _calc_stats(self, x: mx.array, ddof: int = 0) -> tuple[mx.array, mx.array]:
+        if not self.training:  # evaluation uses the running statistics: no collective needed
+            return super()._calc_stats(x, ddof)
+        axes = tuple(range(x.ndim - 1))
+        count = x.size // x.shape[-1] * self._processes  # every process holds as many rows
+        mean = self._total(x.sum(axis=axes)) / count
+        var = self._total(mx.square(x - mean).sum(axis=axes)) / (count - ddof)
+        return mean, var
+
+
 def _check_splits(train_part: ImageFolder, val_part: Optional[ImageFolder]) -> list[str]:
     classes = list(train_part.classes)
     if len(classes) < 2:
@@ -320,7 +372,7 @@ def compute_copy(params: dict, dtype: mx.Dtype) -> dict:
 
 
 def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = True,
-              dtype: mx.Dtype = mx.float32) -> Callable:
+              dtype: mx.Dtype = mx.float32, group: Optional[mx.distributed.Group] = None) -> Callable:
     """One optimizer step of the adapters and head on a batch (images, labels) -> loss. Compiled with
     `[model.state, optimizer.state, mx.random.state]` as inputs and outputs (the probe's BatchNorm running
     statistics are part of model.state; LoRA dropout draws from the generator).
@@ -328,7 +380,11 @@ def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = 
     Mixed precision, as pre-training does it: the trainable parameters stay float32 (the masters the optimizer
     updates and the checkpoints hold); the loss runs the trunk on a `dtype` copy of them (`compute_copy`), so the
     gradients flow back to the masters in float32. The probe's input is cast to float32, so its BatchNorm statistics,
-    attention softmax and the cross-entropy are float32 whatever the trunk's dtype."""
+    attention softmax and the cross-entropy are float32 whatever the trunk's dtype.
+
+    With a `group` of several processes (data parallel), each process's batch is its share of the global batch;
+    the gradients are averaged over the group and the loss returned is the global batch's."""
+    world = group.size() if group is not None else 1
 
     def loss_fn(params, images, labels):
         model.update(compute_copy(params, dtype))
@@ -341,6 +397,9 @@ def make_step(model: Probed, optimizer, label_smoothing: float, compile: bool = 
         params = model.trainable_parameters()
         loss, grads = loss_and_grad(params, images, labels)
         model.update(params)  # the float32 masters back in place of the compute copy
+        if world > 1:
+            grads = nn.average_gradients(grads, group=group)
+            loss = mx.distributed.all_sum(loss, group=group) / world
         optimizer.update(model, grads)
         return loss
 
@@ -400,6 +459,7 @@ def finetune(
     stop_at: Optional[int] = None,
     progress: bool = True,
     echo: Optional[Callable[[str], None]] = None,
+    group: Optional[mx.distributed.Group] = None,
 ) -> FinetuneResult:
     """Fine-tunes `base` with LoRA (or, with `config.fine_tune_type` 'full', every weight) and a fresh attentive
     probe on an image folder; returns the result (its `model` the fine-tuned classifier). `base`: any source
@@ -410,13 +470,18 @@ def finetune(
     or a (train, val) pair of `ImageFolder`s. `out` (optional): where the adapters, checkpoints and log go (see the
     module docstring). `resume` continues from out/checkpoint; `force` discards one. `stop_at` ends this call after
     that step with a checkpoint, the schedule left as for the full run. `echo` receives one line per evaluation.
+`group`: the `mx.distributed` group (default `mx.distributed.init()`: one process unless started by `mlx.launch`);
+with several processes each trains on its share of every batch and only rank 0 writes and echoes.
 
     Refuses before writing anything: one class, a class without validation images, a rank above a layer's width,
     a native-resolution trunk. Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
-    echo = echo or silent
     config = config or FinetuneConfig()
     start_time = time.perf_counter()
+    group = group if group is not None else mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    is_main = rank == 0
+    echo = (echo or silent) if is_main else silent
     source = None if isinstance(base, nn.Module) else str(base)
     trunk = base if isinstance(base, nn.Module) else load(base, quantize=quantize)
     if is_native(trunk.config):
@@ -428,6 +493,8 @@ def finetune(
     full = config.fine_tune_type == "full"
     model = full_model(trunk, len(classes), config) if full else adapted_model(trunk, len(classes), config)
     model.trunk.grad_checkpoint = config.grad_checkpoint
+    if world > 1:
+        model.head.bn = GroupBatchNorm(model.head.bn, group)
     transform = _train_transform(model, preprocessing, config)
     num_train = len(train_part)
     if num_train < 2:
@@ -436,18 +503,24 @@ def finetune(
     total = parameter_count(model)
 
     batch_size = min(config.batch_size, num_train)
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes: each takes an equal "
+                         "share of every batch")
     total_steps = config.steps or config.epochs * (num_train // batch_size)
     end_step = last_step(stop_at, total_steps)
     schedule = Schedule.warmup_cosine(total_steps, config.lr, config.warmup_init_lr, config.warmup_frac)
     optimizer = make_optimizer(model, config, schedule)
-    loader = BatchLoader(train_part, batch_size, transform, seed=config.seed, shuffle=True, drop_last=True,
-                         num_workers=config.num_workers, loop=True)
+    # Process r takes entries r, r + world, ... of each global batch (BatchLoader's sharding).
+    loader = BatchLoader(train_part, batch_size // world, transform, seed=config.seed, shuffle=True, drop_last=True,
+                         num_workers=config.num_workers, loop=True, rank=rank, world_size=world)
     settings = {"recipe": config.recipe(), "base_digest": config_digest(identity), "quantization":
                 trunk.config.quantization, "total_steps": total_steps,
                 "data": {"classes": classes, "num_train": num_train, "train_sha256": _samples_key(train_part.samples)}}
 
     run = finetune_run(out, full) if out is not None else None  # after every refusal: nothing written before
-    found = run.prepare(resume=resume, force=force) if run is not None else None
+    found = None
+    if run is not None and (is_main or not force):  # rank 0 discards a checkpoint with `force`
+        found = run.prepare(resume=resume, force=force, writer=is_main)
     part = model if full else TrainedPart(model)
     start_step, losses_before = 0, []
     if found is not None:
@@ -457,10 +530,11 @@ def finetune(
         start_step, losses_before = int(state["step"]), list(state["losses"])
         loader.load_state_dict(state["loader"])
         echo(f"resuming from {found} at step {start_step} of {total_steps}")
+    check_same_start(start_step, group, out)
 
     model.train()
-    step_fn = make_step(model, optimizer, config.label_smoothing, config.compile, parse_dtype(config.dtype))
-    log = RunLog(run.path, start_step if found is not None else None) if run is not None else None
+    step_fn = make_step(model, optimizer, config.label_smoothing, config.compile, parse_dtype(config.dtype), group)
+    log = RunLog(run.path, start_step if found is not None else None, enabled=is_main) if run is not None else None
     losses: list[float] = []
     evaluations: list[dict] = []
     metrics: dict = {}
@@ -468,7 +542,7 @@ def finetune(
     window = LossWindow()
     batches = iter(loader)
     with contextlib.closing(batches), tqdm(total=end_step, initial=start_step, desc="fine-tune", unit="step",
-                                           disable=not progress or None, dynamic_ncols=True) as bar:
+                                           disable=not (progress and is_main) or None, dynamic_ncols=True) as bar:
         for step in range(start_step + 1, end_step + 1):
             images, labels, _ = next(batches)
             mx.random.seed(config.seed * _SEED_STREAM + step)
@@ -495,7 +569,8 @@ def finetune(
                 echo(f"step {step}: val top-1 {100 * record['top1']:.2f}%, top-{record['top5_k']} "
                      f"{100 * record['top5']:.2f}%, loss {record['loss']:.4f}")
             bar.update(1)
-            if run is not None and ((config.ckpt_interval and step % config.ckpt_interval == 0) or step == end_step):
+            if is_main and run is not None and ((config.ckpt_interval and step % config.ckpt_interval == 0)
+                                                or step == end_step):
                 state = dict(settings, losses=losses_before + losses, loader=loader.state_dict())
                 last_checkpoint = run.save(step, part, optimizer, state)
 
@@ -513,10 +588,11 @@ def finetune(
         "num_val": len(val_part),
         "metrics": metrics,
     }
-    if run is not None and end_step == total_steps:
+    if is_main and run is not None and end_step == total_steps:
         if full:
             _write_full_model(run.path, model, adapter_config, preprocessing)
         else:
             save_adapters(run.path, model, adapter_config)
     return FinetuneResult(model, classes, metrics, evaluations, losses, end_step, total_steps, trained, total,
-                          time.perf_counter() - start_time, run.path if run is not None else None, adapter_config)
+                          time.perf_counter() - start_time, run.path if run is not None else None, adapter_config,
+                          world)

@@ -69,7 +69,8 @@ from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dty
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
 from .optim import AdamW, Schedule, adamw
 from .runs import (
-    LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, compare_settings, last_step, read_log, silent,
+    LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, check_same_start, compare_settings, last_step, read_log,
+    silent,
 )
 from ..checkpoints.run_folders import CHECKPOINTS_DIR, MODEL_DIR, TRAIN_CONFIG_NAME, WEIGHTS_FILE, latest_checkpoint
 from ..checkpoints.weights import check_weights, read_safetensors, save_model
@@ -519,11 +520,7 @@ def pretrain(
             echo(f"resuming from {found} (step {start_step})")
     elif resume and is_main:
         echo(f"no checkpoint in {out_dir}: starting from step 0")
-    if world > 1:  # every process must continue from the same step (e.g. each one found the checkpoint)
-        steps = np.array(mx.distributed.all_gather(mx.array([start_step]), group=group)).tolist()
-        if len(set(steps)) > 1:
-            raise RuntimeError(f"processes start from different steps {steps}: every host needs the same "
-                               f"checkpoints in {out_dir} to resume (a shared folder, or copies)")
+    check_same_start(start_step, group, out_dir)  # e.g. each host found the checkpoint
     if start_step >= tc.steps:
         raise ValueError(f"{found} is the end of the run (step {start_step} of {tc.steps}): nothing to resume; "
                          "use its model/ folder, or start a longer run in another folder")

@@ -66,6 +66,17 @@ def check_finite(loss: float, step: int, checkpoint: Optional[Path], lr: float) 
                            step, loss, checkpoint)
 
 
+def check_same_start(start_step: int, group: Optional[mx.distributed.Group], out: Union[str, os.PathLike]) -> None:
+    """Refuses (RuntimeError) when the processes of a data-parallel run would continue from different steps (one
+    host found a checkpoint in `out` that another did not)."""
+    if group is None or group.size() == 1:
+        return
+    steps = [int(s) for s in mx.distributed.all_gather(mx.array([start_step]), group=group).tolist()]
+    if len(set(steps)) > 1:
+        raise RuntimeError(f"processes start from different steps {steps}: every host needs the same "
+                           f"checkpoints in {out} to resume (a shared folder, or copies)")
+
+
 def last_step(stop_at: Optional[int], total_steps: int) -> int:
     """The step this call ends at: `stop_at` (a step of the run, to train in slices) or the run's last."""
     if stop_at is None:
