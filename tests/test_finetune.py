@@ -20,7 +20,7 @@ from mlx.utils import tree_map
 from mlx_aim.training.finetune import FinetuneConfig, adapted_model, finetune, full_model
 from mlx_aim.training.probe import new_head
 from mlx_aim.training.runs import read_log
-from probe_helpers import COLOURS, make_colour_folder, make_model_folder, probe_config, save_image
+from probe_helpers import COLOURS, make_colour_folder, make_model_folder, native_config, probe_config, save_image
 
 
 def config(**overrides) -> FinetuneConfig:
@@ -332,3 +332,28 @@ def test_bfloat16_qlora_and_full(base, colours, tmp_path):
                                                                        dtype="bfloat16"), progress=False)
     assert all(np.isfinite(full.losses))
     assert {v.dtype for v in mx.load(str(tmp_path / "full" / "model" / "model.safetensors")).values()} == {mx.float32}
+
+
+def test_native_resolution_trunk_trains_at_one_size_and_stays_native(colours, tmp_path):
+    base = make_model_folder(tmp_path / "native", with_head=False, config=native_config())
+    out = tmp_path / "ft"
+    result = finetune(str(base), str(colours), out, config(steps=6, image_size=16), progress=False)
+    assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])
+    assert result.evaluations[-1]["top1"] is not None
+    recorded = json.loads((out / "adapter_config.json").read_text())["preprocessing"]
+    assert (recorded["resize"], recorded["crop_size"], recorded["native"]) == (16, [16, 16], False)
+    loaded = mlx_aim.load(base, adapters=out)
+    assert loaded.config.image_size is None  # still native: any multiple of the patch size
+    for shape in ((2, 16, 16, 3), (2, 24, 20, 3)):
+        x = mx.random.uniform(shape=shape, key=mx.random.key(4))
+        np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(result.model(x)))
+    for size, message in ((18, "multiple of its patch size 4"), (4096, "max_patches")):
+        with pytest.raises(ValueError, match=message):
+            finetune(str(base), str(colours), tmp_path / "bad", config(image_size=size), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_image_size_is_refused_for_a_fixed_size_trunk(base, colours, tmp_path):
+    with pytest.raises(ValueError, match="takes 16x16 images only"):
+        finetune(str(base), str(colours), tmp_path / "bad", config(image_size=32), progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -250,3 +250,14 @@ def test_native_guard_names_the_image_its_grid_and_the_limit(tmp_path):
     batches = list(iter_image_batches([path, small], prep, 4, skipped, num_workers=0))
     assert [b[1] for b in batches] == [[small]] and skipped.items[0][0] == str(path)
     assert "max_patches=1000" in skipped.items[0][1]
+
+
+def test_at_size_keeps_the_colour_settings_at_one_square_size():
+    native = Preprocessing.aimv2_native(patch_size=4)
+    fixed = native.at_size(16)
+    assert (fixed.resize, fixed.crop_size, fixed.native) == (16, (16, 16), False)
+    assert (fixed.mean, fixed.std, fixed.crop_rounding) == (native.mean, native.std, native.crop_rounding)
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    assert fixed(image).shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="size"):
+        native.at_size(0)

@@ -42,6 +42,8 @@ RECIPE_OPTIONS = [
     ("--layer-decay", float, "full: layer-wise learning-rate decay"),
     ("--drop-path", float, "full: drop-path rate of the last block (rising linearly from 0)"),
     ("--dtype", str, "compute dtype of the trunk: float32 or bfloat16 (adapters, head and optimizer stay float32)"),
+    ("--image-size", int, "native-resolution trunks: the side of the square training and validation images "
+                          "(None: 224)"),
     ("--crop-scale", pair(float), "random resized crop scale range"),
     ("--seed", int, "seed of the head's and adapters' initialisation, data order and split"),
     ("--eval-interval", int, "steps between evaluations (0: at the end)"),

@@ -182,6 +182,12 @@ class Preprocessing:
         return dataclasses.replace(self, resize=None, crop_size=None, native=True, patch_size=patch_size,
                                    max_patches=max_patches)
 
+    def at_size(self, size: int) -> "Preprocessing":
+        """These colour settings on square images of `size`: the short side resized to it, then a center crop (a
+        native-resolution model trained on batches of one size, as fine-tuning does)."""
+        _positive_int(size, "size")
+        return dataclasses.replace(self, resize=size, crop_size=(size, size), native=False)
+
     # ------------------------------------------------------------------------------------------------
     # transformers' preprocessor_config.json
 

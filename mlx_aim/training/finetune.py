@@ -62,8 +62,14 @@ Decisions where the paper is silent:
 - The step is compiled (`mx.compile` with `[model.state, optimizer.state, mx.random.state]` as inputs and outputs);
   before each step the generator is seeded from (seed, step), so LoRA dropout draws the same masks in a resumed run.
 - Fine-tuning needs validation images of every class: a folder with one class, or a class without validation
-  images, is refused before anything is written. Native-resolution trunks (batches need one image size) are not
-  supported yet.
+  images, is refused before anything is written.
+- Native-resolution trunks (AIMv2 `*-native`, `image_size` None): a batch needs one image size, so a run trains and
+  validates on square images of `image_size` (default `NATIVE_IMAGE_SIZE`, 224: 16 x 16 patches of 14 pixels, as
+  the 224-pixel AIMv2 models), resized and center-cropped with the checkpoint's colour settings (`Preprocessing.
+  at_size`; random resized crops of that size when augmenting); the position embedding is the trunk's sin-cos one
+  for that grid. The model stays native: the adapted or fused model takes any size, as its base does, and
+  classifies at native resolution unless the images are preprocessed as adapter_config.json records. `image_size`
+  must be a multiple of the patch size within `max_patches`; a fixed-size trunk takes only its own size.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ CHECKPOINT_DIR = "checkpoint"
 FULL_WEIGHTS = "model.safetensors"
 FINETUNE_INFO = "finetune.json"  # full mode: the run's description, beside out/model/
 FINE_TUNE_TYPES = ("lora", "full")
+NATIVE_IMAGE_SIZE = 224  # a native-resolution trunk's training size when `image_size` is None
 _SEED_STREAM = 1_000_003  # the step's generator seed is seed * _SEED_STREAM + step
 
 
@@ -138,6 +145,7 @@ class FinetuneConfig(RecipeConfig):
     # distributed) masks than a run without it.
     grad_checkpoint: bool = False
     dtype: str = "float32"  # compute dtype of the trunk: "float32" or "bfloat16" (trained weights stay float32)
+    image_size: Optional[int] = None  # native-resolution trunks: the side of the square training images (None: 224)
 
     eval_interval: int = 0  # steps between evaluations; 0: at the end only
     eval_batch_size: int = 64
@@ -158,8 +166,9 @@ class FinetuneConfig(RecipeConfig):
         where = "fine-tune config"
         check_int_fields(self, ("epochs", "steps", "ckpt_interval", "eval_interval", "num_workers", "seed"), 0, where)
         check_int_fields(self, ("rank", "batch_size", "eval_batch_size", "log_interval"), 1, where)
-        if self.num_layers is not None:
-            check_int_fields(self, ("num_layers",), 1, where)
+        for name in ("num_layers", "image_size"):
+            if getattr(self, name) is not None:
+                check_int_fields(self, (name,), 1, where)
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(f"{where} fine_tune_type={self.fine_tune_type!r}: expected 'lora' or 'full'")
         if not 0 < self.layer_decay <= 1:
@@ -353,12 +362,30 @@ def _check_splits(train_part: ImageFolder, val_part: Optional[ImageFolder]) -> l
     return classes
 
 
-def _train_transform(model: Probed, preprocessing: Preprocessing, config: FinetuneConfig):
+def run_preprocessing(trunk: nn.Module, config: FinetuneConfig) -> Preprocessing:
+    """How the run's images become trunk input: the checkpoint's preprocessing (`preprocessing_for`), which for a
+    native-resolution trunk is taken to square images of `config.image_size` (module docstring)."""
+    c = trunk.config
+    preprocessing = preprocessing_for(c, getattr(getattr(trunk, "source", None), "folder", None))
+    if not is_native(c):
+        if config.image_size not in (None, c.image_size):
+            raise ValueError(f"fine-tune config image_size={config.image_size}: {c.name or 'this trunk'} takes "
+                             f"{c.image_size}x{c.image_size} images only (image_size is for native-resolution trunks)")
+        return preprocessing
+    size = config.image_size or NATIVE_IMAGE_SIZE
+    patches = (size // c.patch_size) ** 2
+    if size % c.patch_size or patches > c.max_patches:
+        raise ValueError(f"fine-tune config image_size={size}: a native-resolution trunk trains on a multiple of its "
+                         f"patch size {c.patch_size} of at most max_patches={c.max_patches} patches ({patches})")
+    return preprocessing.at_size(size)
+
+
+def _train_transform(preprocessing: Preprocessing, config: FinetuneConfig):
     if not config.augment:
         return preprocessing
-    _check_augmentable(model, preprocessing)
+    _check_augmentable(preprocessing)
     normalize = preprocessing.mean is not None
-    return TrainTransform(model.config.image_size, scale=config.crop_scale, hflip=config.hflip,
+    return TrainTransform(preprocessing.crop_size[0], scale=config.crop_scale, hflip=config.hflip,
                           color_jitter=(0, 0, 0, 0), jitter_prob=0.0, normalize=normalize,
                           **({"mean": preprocessing.mean, "std": preprocessing.std} if normalize else {}))
 
@@ -470,11 +497,11 @@ def finetune(
     or a (train, val) pair of `ImageFolder`s. `out` (optional): where the adapters, checkpoints and log go (see the
     module docstring). `resume` continues from out/checkpoint; `force` discards one. `stop_at` ends this call after
     that step with a checkpoint, the schedule left as for the full run. `echo` receives one line per evaluation.
-`group`: the `mx.distributed` group (default `mx.distributed.init()`: one process unless started by `mlx.launch`);
-with several processes each trains on its share of every batch and only rank 0 writes and echoes.
+    `group`: the `mx.distributed` group (default `mx.distributed.init()`: one process unless started by
+    `mlx.launch`); with several processes each trains on its share of every batch and only rank 0 writes and echoes.
 
     Refuses before writing anything: one class, a class without validation images, a rank above a layer's width,
-    a native-resolution trunk. Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
+    an `image_size` a native-resolution trunk cannot take. Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
     """
     config = config or FinetuneConfig()
     start_time = time.perf_counter()
@@ -484,9 +511,7 @@ with several processes each trains on its share of every batch and only rank 0 w
     echo = (echo or silent) if is_main else silent
     source = None if isinstance(base, nn.Module) else str(base)
     trunk = base if isinstance(base, nn.Module) else load(base, quantize=quantize)
-    if is_native(trunk.config):
-        raise ValueError("fine-tuning a native-resolution trunk is not supported yet (batches need one image size)")
-    preprocessing = preprocessing_for(trunk.config, getattr(getattr(trunk, "source", None), "folder", None))
+    preprocessing = run_preprocessing(trunk, config)
     train_part, val_part = _splits(data, config.val_ratio, config.seed)
     classes = _check_splits(train_part, val_part)
     identity = base_identity(trunk.config)
@@ -495,7 +520,7 @@ with several processes each trains on its share of every batch and only rank 0 w
     model.trunk.grad_checkpoint = config.grad_checkpoint
     if world > 1:
         model.head.bn = GroupBatchNorm(model.head.bn, group)
-    transform = _train_transform(model, preprocessing, config)
+    transform = _train_transform(preprocessing, config)
     num_train = len(train_part)
     if num_train < 2:
         raise NoUsableImages(f"fine-tuning data: {num_train} training image(s); expected at least 2")

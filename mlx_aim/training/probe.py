@@ -535,10 +535,10 @@ def probe_run(out: Union[str, os.PathLike]) -> RunFolder:
     return RunFolder(out, checkpoint_dir=PROBE_CHECKPOINT_DIR, weights_file=HEAD_FILE, numbered=False, can_force=True)
 
 
-def _check_augmentable(model: TrunkModel, preprocessing: Preprocessing) -> None:
-    """Augmentation crops and resizes to the trunk's fixed image size and scales pixels by 1/255: refuses what
-    it cannot honour."""
-    if is_native(model.config):
+def _check_augmentable(preprocessing: Preprocessing) -> None:
+    """Augmentation crops and resizes to a fixed image size and scales pixels by 1/255: refuses preprocessing
+    it cannot honour (native resolution, another scale)."""
+    if preprocessing.native:
         raise ValueError("augment: random resized crops need a fixed image size; a native-resolution trunk trains "
                          "on its cached features (leave out augment, --augment)")
     if preprocessing.rescale_factor != 1 / 255:
@@ -647,7 +647,7 @@ def train_probe(
     model.eval()
     preprocessing = preprocessing or preprocessing_for(model.config)
     if config.augment:
-        _check_augmentable(model, preprocessing)
+        _check_augmentable(preprocessing)
     train_part, val_part = _splits(data, config.val_ratio, config.seed)
     classes = list(train_part.classes)
     if len(classes) < 2:
