@@ -357,3 +357,23 @@ def test_image_size_is_refused_for_a_fixed_size_trunk(base, colours, tmp_path):
     with pytest.raises(ValueError, match="takes 16x16 images only"):
         finetune(str(base), str(colours), tmp_path / "bad", config(image_size=32), progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_unreadable_images_are_skipped_and_reported(base, tmp_path, capsys):
+    data = make_colour_folder(tmp_path / "data", num_train=6, num_val=2)
+    (data / "train" / "red" / "broken.png").write_bytes(b"not an image")
+    (data / "val" / "blue" / "broken.png").write_bytes(b"")
+    out = tmp_path / "ft"
+    # 25 training images in batches of 5: the first epoch meets the broken one.
+    rc = finetune_cli.main(["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "5",
+                            "--batch-size", "5", "--num-workers", "0", "--no-compile", "--no-progress", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = last_json(captured.out)
+    broken = {str(data / "train" / "red" / "broken.png"), str(data / "val" / "blue" / "broken.png")}
+    assert summary["num_skipped"] == 2 and {item["path"] for item in summary["skipped"]} == broken
+    assert "skipped 2 unreadable image(s)" in captured.out
+    records = [r for r in read_log(out) if "num_skipped" in r]
+    assert records and records[-1]["num_skipped"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["num_skipped"] == 2
+    assert summary["val"]["num_images"] == 8  # the broken validation image left out

@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
           f"{result.total:,} parameters ({100 * summary['trainable_fraction']:.3f}%)")
     print(f"{result.steps} steps, loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
     print(format_metrics("val", result.metrics.get("val")))
+    if summary["num_skipped"]:
+        listed = ", ".join(item["path"] for item in summary["skipped"])
+        more = f" and {summary['num_skipped'] - len(summary['skipped'])} more" if summary["num_skipped"] > len(
+            summary["skipped"]) else ""
+        print(f"skipped {summary['num_skipped']} unreadable image(s): {listed}{more}")
     written = "model/, finetune.json" if c.fine_tune_type == "full" else "adapters.safetensors, adapter_config.json"
     print(f"saved to {args.out}: {written}")
     print(memory_line(summary))

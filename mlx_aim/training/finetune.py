@@ -63,6 +63,11 @@ Decisions where the paper is silent:
   before each step the generator is seeded from (seed, step), so LoRA dropout draws the same masks in a resumed run.
 - Fine-tuning needs validation images of every class: a folder with one class, or a class without validation
   images, is refused before anything is written.
+- Unreadable images do not stop a run: a training one is replaced by a seeded draw (`BatchLoader`), a validation one
+  is left out of the metrics. Each is counted and the first `SHOWN_SKIPPED` listed with the reason in the result's
+  summary, in log.jsonl (a record whenever the count grows), in adapter_config.json / finetune.json and in the
+  command's output; a resumed run carries the earlier slices' list in its checkpoint. With several processes the
+  training images are those rank 0's share met.
 - Native-resolution trunks (AIMv2 `*-native`, `image_size` None): a batch needs one image size, so a run trains and
   validates on square images of `image_size` (default `NATIVE_IMAGE_SIZE`, 224: 16 x 16 patches of 14 pixels, as
   the 224-pixel AIMv2 models), resized and center-cropped with the checkpoint's colour settings (`Preprocessing.
@@ -92,7 +97,8 @@ from ..checkpoints.loading import load
 from ..checkpoints.run_folders import MODEL_DIR
 from ..checkpoints.weights import save_model
 from ..data import (
-    NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, TrainTransform, is_native, preprocessing_for,
+    NUM_WORKERS, PREPROCESSOR_CONFIG, BatchLoader, ImageFolder, NoUsableImages, Preprocessing, Skipped, TrainTransform,
+    is_native, preprocessing_for,
 )
 from ..models.config import check_int_fields
 from ..models.lora import apply_lora, trainable_parameters
@@ -107,6 +113,7 @@ CHECKPOINT_DIR = "checkpoint"
 FULL_WEIGHTS = "model.safetensors"
 FINETUNE_INFO = "finetune.json"  # full mode: the run's description, beside out/model/
 FINE_TUNE_TYPES = ("lora", "full")
+SHOWN_SKIPPED = 10  # skipped images listed in the summary, the log and adapter_config.json (all are counted)
 NATIVE_IMAGE_SIZE = 224  # a native-resolution trunk's training size when `image_size` is None
 _SEED_STREAM = 1_000_003  # the step's generator seed is seed * _SEED_STREAM + step
 
@@ -211,6 +218,7 @@ class FinetuneResult:
     out: Optional[Path] = None
     adapter_config: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel processes (mlx.launch)
+    skipped: Skipped = field(default_factory=Skipped)  # unreadable images met by the run (resumed slices included)
 
     def summary(self) -> dict:
         return {
@@ -226,6 +234,7 @@ class FinetuneResult:
             "val": self.metrics.get("val"),
             "seconds": round(self.seconds, 3),
             "processes": self.processes,
+            **skipped_record(self.skipped),
             "out": str(self.out) if self.out else None,
         }
 
@@ -259,6 +268,20 @@ class TrainedPart(nn.Module):
                                  f"{sorted(expected - found)[:4]}, unexpected {sorted(found - expected)[:4]}")
         self._adapted.load_weights(weights, strict=False)
         return self
+
+
+def skipped_record(skipped: Skipped) -> dict:
+    """How a run reports the images it could not read: their count and the first `SHOWN_SKIPPED` (path, reason)."""
+    return {"num_skipped": len(skipped), "skipped": skipped.to_list()[:SHOWN_SKIPPED]}
+
+
+def _add_new(skipped: Skipped, items) -> bool:
+    """Adds the (path, reason) pairs of `items` not yet in `skipped` (without warning again); whether any was new."""
+    known = {path for path, _ in skipped.items}
+    new = [(str(path), reason) for path, reason in items if str(path) not in known]
+    for path, reason in dict(new).items():
+        skipped.add(path, reason, warn=False)
+    return bool(new)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -448,8 +471,9 @@ def make_optimizer(model: Probed, config: FinetuneConfig, schedule: Schedule):
 
 
 def validate(model: Probed, val_part: ImageFolder, classes: list[str], preprocessing: Preprocessing,
-             config: FinetuneConfig) -> dict:
-    """`probe.evaluate`'s metrics (top-1, top-5, loss, per class) of the adapted model on the validation images."""
+             config: FinetuneConfig) -> tuple[dict, Skipped]:
+    """`probe.evaluate`'s metrics (top-1, top-5, loss, per class) of the adapted model on the validation images, and
+    the images it could not read (left out of the metrics)."""
     was_training = model.training
     model.eval()
     features = compute_features(model, val_part.samples, batch_size=config.eval_batch_size, dtype="float32",
@@ -457,7 +481,7 @@ def validate(model: Probed, val_part: ImageFolder, classes: list[str], preproces
                                 preprocessing=preprocessing)
     metrics = evaluate(model.head, features, classes, config.eval_batch_size)
     model.train(was_training)
-    return metrics
+    return metrics, features.skipped
 
 
 def _write_full_model(out: Path, model: Probed, info: dict, preprocessing: Preprocessing) -> None:
@@ -548,12 +572,14 @@ def finetune(
         found = run.prepare(resume=resume, force=force, writer=is_main)
     part = model if full else TrainedPart(model)
     start_step, losses_before = 0, []
+    skipped = Skipped()  # unreadable images: training ones are replaced by seeded draws, validation ones left out
     if found is not None:
         state = run.read_state(found)
         run.check_settings(found, {k: state.get(k) for k in settings}, settings)
         run.restore(found, part, optimizer)
         start_step, losses_before = int(state["step"]), list(state["losses"])
         loader.load_state_dict(state["loader"])
+        _add_new(skipped, [(item["path"], item["reason"]) for item in state.get("skipped", [])])
         echo(f"resuming from {found} at step {start_step} of {total_steps}")
     check_same_start(start_step, group, out)
 
@@ -583,8 +609,11 @@ def finetune(
                     log.write({"step": step, "loss": window.mean_loss, "lr": lr})
                 bar.set_postfix(loss=f"{window.mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 window = LossWindow()
+            new_skips = _add_new(skipped, loader.skipped)
             if (config.eval_interval and step % config.eval_interval == 0) or step == total_steps:
-                metrics = {"val": validate(model, val_part, classes, preprocessing, config)}
+                val_metrics, val_skipped = validate(model, val_part, classes, preprocessing, config)
+                metrics = {"val": val_metrics}
+                new_skips = _add_new(skipped, val_skipped.items) or new_skips
                 record = {"step": step, "top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"],
                           "top5_k": metrics["val"]["top5_k"], "loss": metrics["val"]["loss"]}
                 evaluations.append(record)
@@ -593,10 +622,15 @@ def finetune(
                                "val_loss": record["loss"]})
                 echo(f"step {step}: val top-1 {100 * record['top1']:.2f}%, top-{record['top5_k']} "
                      f"{100 * record['top5']:.2f}%, loss {record['loss']:.4f}")
+            if new_skips:
+                if log is not None:
+                    log.write({"step": step, **skipped_record(skipped)})
+                echo(f"step {step}: {len(skipped)} unreadable image(s) skipped so far")
             bar.update(1)
             if is_main and run is not None and ((config.ckpt_interval and step % config.ckpt_interval == 0)
                                                 or step == end_step):
-                state = dict(settings, losses=losses_before + losses, loader=loader.state_dict())
+                state = dict(settings, losses=losses_before + losses, loader=loader.state_dict(),
+                             skipped=skipped.to_list())
                 last_checkpoint = run.save(step, part, optimizer, state)
 
     model.eval()
@@ -612,6 +646,7 @@ def finetune(
         "num_train": num_train,
         "num_val": len(val_part),
         "metrics": metrics,
+        **skipped_record(skipped),
     }
     if is_main and run is not None and end_step == total_steps:
         if full:
@@ -620,4 +655,4 @@ def finetune(
             save_adapters(run.path, model, adapter_config)
     return FinetuneResult(model, classes, metrics, evaluations, losses, end_step, total_steps, trained, total,
                           time.perf_counter() - start_time, run.path if run is not None else None, adapter_config,
-                          world)
+                          world, skipped)
