@@ -53,6 +53,16 @@ def free_port_pair() -> int:
     raise RuntimeError("no pair of free ports")
 
 
+def launch_two(script: str, *args: str, timeout: float = 180) -> tuple[dict, str]:
+    """Runs scripts/`script` with `args` in 2 processes under `mlx.launch` (ring backend, localhost); asserts it
+    succeeded and returns (the JSON summary on its last line, its stdout)."""
+    command = launcher() + ["-n", "2", "--starting-port", str(free_port_pair()), sys.executable,
+                            str(ROOT / "scripts" / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return last_json(done.stdout), done.stdout
+
+
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_log(out) if "loss" in r]
 
@@ -74,17 +84,13 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
                   ckpt_interval=0, val_images=41, num_workers=1)
 
     out2 = tmp_path / "two"
-    command = launcher() + ["-n", "2", "--starting-port", str(free_port_pair()), sys.executable,
-                            str(ROOT / "scripts" / "pretrain.py"), "--config", str(config_file), "--data", str(data),
-                            "--out", str(out2), "--no-progress", "--json", "--steps", str(STEPS),
-                            "--batch-size", str(BATCH), "--lr", "2e-3", "--warmup-frac", "0.2", "--log-interval", "1",
-                            "--val-interval", str(STEPS), "--ckpt-interval", "0", "--val-images", "41",
-                            "--num-workers", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = last_json(done.stdout)
+    summary, stdout = launch_two("pretrain.py", "--config", str(config_file), "--data", str(data), "--out", str(out2),
+                                 "--no-progress", "--json", "--steps", str(STEPS), "--batch-size", str(BATCH),
+                                 "--lr", "2e-3", "--warmup-frac", "0.2", "--log-interval", "1",
+                                 "--val-interval", str(STEPS), "--ckpt-interval", "0", "--val-images", "41",
+                                 "--num-workers", "1")
     assert summary["processes"] == 2 and summary["global_batch"] == BATCH
-    assert done.stdout.count("pre-trained AIM") == 1  # only rank 0 reports
+    assert stdout.count("pre-trained AIM") == 1  # only rank 0 reports
 
     out1 = tmp_path / "one"
     pretrain(small_config(), TrainConfig(**recipe), data, out1, progress=False, echo=lambda _: None)

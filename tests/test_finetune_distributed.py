@@ -2,17 +2,13 @@
 adapters and the head that 1 process gives on the same global batch (the probe's BatchNorm statistics taken over
 both processes' shares); only rank 0 writes and reports."""
 
-import subprocess
-import sys
-
 import mlx.core as mx
 import numpy as np
 
-from conftest import ROOT, last_json
 from mlx_aim.training.finetune import FinetuneConfig, finetune
 from mlx_aim.training.runs import read_log
 from probe_helpers import make_colour_folder, make_model_folder
-from test_distributed import free_port_pair, launcher
+from test_distributed import launch_two
 
 STEPS, BATCH = 4, 8
 
@@ -25,16 +21,11 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     base = make_model_folder(tmp_path / "base", with_head=False)
     data = make_colour_folder(tmp_path / "data", num_train=6, num_val=2)
     out2 = tmp_path / "two"
-    command = launcher() + ["-n", "2", "--starting-port", str(free_port_pair()), sys.executable,
-                            str(ROOT / "scripts" / "finetune.py"), "--model", str(base), "--data", str(data),
-                            "--out", str(out2), "--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "1e-2",
-                            "--log-interval", "1", "--num-workers", "0", "--no-compile",
-                            "--no-progress", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = last_json(done.stdout)
+    summary, stdout = launch_two("finetune.py", "--model", str(base), "--data", str(data), "--out", str(out2),
+                                 "--steps", str(STEPS), "--batch-size", str(BATCH), "--lr", "1e-2", "--log-interval",
+                                 "1", "--num-workers", "0", "--no-compile", "--no-progress", "--json", timeout=240)
     assert summary["processes"] == 2 and summary["steps"] == STEPS
-    assert done.stdout.count("+ probe on") == 1  # only rank 0 reports
+    assert stdout.count("+ probe on") == 1  # only rank 0 reports
 
     out1 = tmp_path / "one"
     cfg = FinetuneConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, log_interval=1, num_workers=0,

@@ -525,7 +525,8 @@ def finetune(
     `mlx.launch`); with several processes each trains on its share of every batch and only rank 0 writes and echoes.
 
     Refuses before writing anything: one class, a class without validation images, a rank above a layer's width,
-    an `image_size` a native-resolution trunk cannot take. Raises `runs.TrainingDiverged` when the loss becomes NaN or infinite.
+    an `image_size` the trunk cannot take, a batch that the processes cannot share. Raises `runs.TrainingDiverged`
+    when the loss becomes NaN or infinite.
     """
     config = config or FinetuneConfig()
     start_time = time.perf_counter()
