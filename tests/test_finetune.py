@@ -253,6 +253,7 @@ def test_cli_full_mode_writes_a_model_folder(base, colours, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "full fine-tuning + probe" in captured.out and "model/, finetune.json" in captured.out
+    assert "2 steps (bfloat16, grad checkpointing)" in captured.out
     recipe = json.loads((out / "finetune.json").read_text())["recipe"]
     assert (recipe["layer_decay"], recipe["drop_path"], recipe["grad_checkpoint"], recipe["dtype"]) == (
         0.65, 0.2, True, "bfloat16")
@@ -323,8 +324,9 @@ def test_bfloat16_trains_float32_masters_and_resumes_exactly(base, colours, tmp_
 
 
 def test_bfloat16_qlora_and_full(base, colours, tmp_path):
-    q = finetune(str(base), str(colours), tmp_path / "q", config(steps=2, dtype="bfloat16"), quantize=4,
-                 progress=False)
+    # QLoRA in bfloat16 with grad checkpointing: how a 7B trunk is meant to fit a 16 GB Mac.
+    q = finetune(str(base), str(colours), tmp_path / "q", config(steps=2, dtype="bfloat16", grad_checkpoint=True),
+                 quantize=4, progress=False)
     qkv = q.model.trunk.blocks[0].attn.qkv
     assert isinstance(qkv.linear, nn.QuantizedLinear) and qkv.linear.scales.dtype == mx.bfloat16
     assert qkv.lora_a.dtype == mx.float32 and all(np.isfinite(q.losses))

@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{mode} + probe on {args.model}"
           f"{f' ({args.quantize}-bit, QLoRA)' if args.quantize else ''}: trainable {result.trainable:,} of "
           f"{result.total:,} parameters ({100 * summary['trainable_fraction']:.3f}%)")
-    print(f"{result.steps} steps, loss {summary['first_loss']} -> {summary['last_loss']}, {result.seconds:.1f} s")
+    how = [c.dtype] + ["grad checkpointing"] * c.grad_checkpoint + [f"{result.processes} processes"] * (
+        result.processes > 1)
+    print(f"{result.steps} steps ({', '.join(how)}), loss {summary['first_loss']} -> {summary['last_loss']}, "
+          f"{result.seconds:.1f} s")
     print(format_metrics("val", result.metrics.get("val")))
     if summary["num_skipped"]:
         listed = ", ".join(item["path"] for item in summary["skipped"])
