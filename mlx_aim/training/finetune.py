@@ -18,9 +18,10 @@ rate, each block below at 0.75 times the one above; `optim.layerwise_adamw`) and
 blocks to `drop_path` (0.1; `layers.Block.drop_path`). A quantized base is refused there.
 
 Memory and speed: `grad_checkpoint` (--grad-checkpoint) recomputes each block's activations in the backward pass
-(`mx.checkpoint`, `layers.Trunk.grad_checkpoint`) instead of keeping them: activation memory of one block instead of
-all, for about one more forward pass of time; the loss and gradients are those of a run without it (drop path and LoRA
-dropout then draw their masks from a key per block, so that the recomputation draws the same ones). `dtype`
+(`mx.checkpoint`, `layers.Trunk.grad_checkpoint`) instead of keeping them: each block's output is kept, its
+intermediates only while it is recomputed, for about one more forward pass of time. The loss and gradients are those
+of a run without it; with drop path or LoRA dropout, though, the masks come from a key drawn per block (so that the
+recomputation draws the same ones), other draws than a run without it makes, so the flag is part of the recipe. `dtype`
 "bfloat16" (--dtype bfloat16) computes in half precision with float32 master weights, as pre-training does: the frozen
 base is cast to bfloat16 once (a quantized base's scales and biases too: QLoRA in bfloat16), the trainable parameters
 stay float32 in the optimizer and the checkpoints and are cast for each step's forward and backward pass
