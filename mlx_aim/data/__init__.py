@@ -12,8 +12,8 @@
 """
 
 from .datasets import (
-    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, gather_images, imagenet_classes, list_images,
-    load_splits, split_image_folder, split_images,
+    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, WalkRules, gather_images, imagenet_classes,
+    list_images, load_splits, split_image_folder, split_images,
 )
 from .images import (
     IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE, EvalTransform, ImageInput, ImageLoadError, TrainTransform,
@@ -46,6 +46,7 @@ __all__ = [
     "Skipped",
     "TooManyPatches",
     "TrainTransform",
+    "WalkRules",
     "center_crop_box",
     "color_jitter",
     "eval_transform",
