@@ -134,6 +134,31 @@ def test_moved_renamed_copied_and_touched_photos_keep_their_rows_without_a_model
     assert_same_index(out, index(model, photos, tmp_path / "clean").out)
 
 
+def test_a_run_interrupted_while_copying_rows_by_content_resumes_without_the_model(lit, photos, tmp_path,
+                                                                                    monkeypatch):
+    model, _ = lit
+    out = tmp_path / "index"
+    index(model, photos, out, shard_size=2, batch_size=2)
+    for path in sorted(photos.rglob("*.*")):
+        path.rename(path.with_name("moved-" + path.name))
+    real, calls = search.IndexFolder.copy_rows, []
+
+    def dies_on_the_third_copy(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a user's Ctrl-C, between two finished shards
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(search.IndexFolder, "copy_rows", dies_on_the_third_copy)
+    seen = counting_embeds(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        index(model, photos, out, shard_size=2, batch_size=2)
+    monkeypatch.setattr(search.IndexFolder, "copy_rows", real)
+    resumed = index(model, photos, out, shard_size=2, batch_size=2)
+    assert (seen, resumed.num_embedded, resumed.num_reused, resumed.num_by_content) == ([], 0, 4, NUM_PHOTOS - 4)
+    assert_same_index(out, index(model, photos, tmp_path / "clean").out)
+
+
 def test_cli_reports_moves_and_exact_duplicates(lit_folder, photos, tmp_path, capsys):
     out = tmp_path / "index"
     assert search_main(["index", "--model", str(lit_folder), "--out", str(out), str(photos), "--no-progress"]) == 0

@@ -2,9 +2,9 @@
 
 - `images`: loading (`load_image`, `ImageLoadError`) and the transforms (`eval_transform`, `EvalTransform`,
   `TrainTransform`).
-- `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`, `NoUsableImages`), labelled
-  image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names
-  (`imagenet_classes`).
+- `datasets`: finding images on disk (`list_images`, `gather_images`, what a walk skips: `WalkRules`, `Skipped`,
+  `NoUsableImages`), labelled image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`)
+  and class names (`imagenet_classes`).
 - `preprocessing`: each checkpoint's own preprocessing as data (`Preprocessing`, `preprocessing_for`), read
   from its `preprocessor_config.json` or a family default; native resolution (`TooManyPatches`, `is_native`).
 - `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference (which groups
