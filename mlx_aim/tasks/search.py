@@ -472,8 +472,9 @@ def _fingerprint_or_none(path: str) -> Optional[str]:
 def _add_new_files(folder: IndexFolder, plan: Plan, run: EncodeRun, model: AIMv2LiT, shard_size: int,
                    num_workers: int) -> int:
     """Adds `plan.embed`'s files (new stamps) shard by shard: each one's fingerprint, hashed by `num_workers`
-    threads a chunk ahead of the model, finds its embedding in a row of equal content, or the model embeds it
-    (the first of several equal files met now; the others copy its row). Returns the files found by content."""
+    threads while the model runs (in order, so a shard waits only for its own files), finds its embedding in a
+    row of equal content, or the model embeds it (the first of several equal files met now; the others copy its
+    row). Returns the files found by content."""
     todo = sorted(plan.embed)
     known = dict(plan.by_fingerprint)
     num_by_content = 0
