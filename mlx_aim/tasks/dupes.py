@@ -3,8 +3,8 @@
 Two photos are linked when the cosine similarity of their rows is at least `threshold`; a group is a connected
 set of links (single linkage), so a burst whose neighbouring shots are linked forms one group even where its first
 and last shots are less alike than `threshold` (each group reports its least link). The pairs are scored in
-`BLOCK` x `BLOCK` tiles of the upper triangle, so memory holds the rows (N x D float32), one tile and the links,
-never an N x N matrix; the work is N^2 D / 2 multiply-adds.
+`BLOCK` x `BLOCK` tiles of the upper triangle on MLX's default device (a Mac's GPU), so memory holds the rows
+(N x D float32), one tile and the links, never an N x N matrix; the work is N^2 D / 2 multiply-adds.
 
     groups = near_duplicates(SearchIndex.open("photos.index"), threshold=0.97)
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
 from .search import KIND, SearchIndex
@@ -43,25 +44,33 @@ def index_rows(index: SearchIndex) -> tuple[np.ndarray, list[str]]:
 
 
 def similar_pairs(rows: np.ndarray, threshold: float, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair i < j with rows[i] . rows[j] >= `threshold`: (i, j, score) arrays, scored tile by tile. ValueError
-    when there are more than `MAX_LINKS_PER_PHOTO` per row on average (the threshold is too low to mean
-    "near-duplicate", and the links would fill memory)."""
+    """Every pair i < j with rows[i] . rows[j] >= `threshold` (> 0): (i, j, score) arrays, scored tile by tile on
+    MLX's default device (a Mac's GPU), a tile read back only when it holds a link. ValueError when there are more
+    than `MAX_LINKS_PER_PHOTO` per row on average (the threshold is too low to mean "near-duplicate", and the links
+    would fill memory)."""
+    if not threshold > 0:
+        raise ValueError(f"threshold={threshold}: expected a positive cosine similarity")
     n = len(rows)
+    everything = mx.array(np.asarray(rows, np.float32))
     found_i, found_j, found_s, total = [], [], [], 0
     for lo in range(0, n, block):
-        a = rows[lo : lo + block]
+        a = everything[lo : lo + block]
         for start in range(lo, n, block):
-            scores = a @ rows[start : start + block].T
+            scores = a @ everything[start : start + block].T
             if start == lo:
-                scores[np.tril_indices(len(a), 0, scores.shape[1])] = -np.inf  # each pair once, no self-pairs
-            i, j = np.nonzero(scores >= threshold)
-            total += len(i)
+                scores = mx.triu(scores, k=1)  # each pair once, no self-pairs (zeros are below any threshold)
+            links = scores >= threshold
+            count = mx.sum(links).item()
+            if not count:
+                continue
+            total += count
             if total > MAX_LINKS_PER_PHOTO * max(n, 1):
                 raise ValueError(f"threshold={threshold}: more than {MAX_LINKS_PER_PHOTO} links per photo on "
                                  "average; near-duplicates are far more alike than that (try 0.95 or higher)")
+            i, j = np.nonzero(np.array(links))
             found_i.append(i + lo)
             found_j.append(j + start)
-            found_s.append(scores[i, j])
+            found_s.append(np.array(scores)[i, j])
     if not found_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s).astype(np.float32)
