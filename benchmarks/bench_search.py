@@ -4,10 +4,12 @@ querying indexes of 10k and 100k photos, on this machine's CPU.
 - query: an index of N random unit rows of width 768 (the released LiT's projection_dim) is written directly
   through the index writer (`search.IndexFolder`, the same shards `build_index` writes), then a fresh process
   times `SearchIndex.open` + `search` (a text query's work once its embedding is there: no model) and an image
-  query of an indexed file (its stored row, no model), best and median of --repeats, page cache warm.
+  query of an indexed file (its stored row, no model), best and median of --repeats, page cache warm; and
+  `search dupes --threshold 0.97` over the float32 index (every pair scored, blockwise).
 - index: --images generated photos (SyntheticShapes, --photo-size pixels, PNG) indexed with a tiny random LiT (49
   tokens) at 224x224 (the released LiT's preprocessing: decode, resize, crop, normalise; a model that costs little),
-  so the time is the pipeline's own; then the same folder re-indexed with nothing changed.
+  so the time is the pipeline's own; then the same folder re-indexed with nothing changed; then with one of its
+  1,000-photo folders moved (renamed), which must cost no model call; then `search dupes` over it.
 - full: the full-size LiT (random weights, AIMv2LiTConfig()) indexing --full-images photos: its images/s.
 
     python benchmarks/bench_search.py --stages query index full --workdir /tmp/mlx-aim-search-bench
@@ -74,6 +76,7 @@ def write_synthetic_index(out: Path, rows: int, save_dtype: str, probe: Path) ->
             paths[0], stamps[0] = index_key(probe), file_stamp(probe)
         folder.add_shard(paths, stamps, embeddings)
     folder.finish(plan.keep, plan.dead, {"inputs": ["/photos"], "skipped_inputs": []})
+    folder.close()
 
 
 def bench_query(workdir: Path, sizes, repeats: int) -> dict:
@@ -97,6 +100,12 @@ def bench_query(workdir: Path, sizes, repeats: int) -> dict:
                   f"{results[key]['text_seconds']['median']:.3f} s median; image query of an indexed file "
                   f"{results[key]['image_seconds']['best']:.3f} s best, {results[key]['image_seconds']['median']:.3f}"
                   " s median", flush=True)
+            if save_dtype == "float32":
+                tick = time.perf_counter()
+                dupes = run_search("dupes", "--index", out, "--threshold", "0.97")
+                results[key]["dupes"] = {"seconds": dupes["seconds"], "command_seconds": time.perf_counter() - tick}
+                print(f"dupes {key}: {dupes['seconds']:.2f} s in the library, "
+                      f"{results[key]['dupes']['command_seconds']:.2f} s for the whole command", flush=True)
     return results
 
 
@@ -115,9 +124,13 @@ def write_photos(folder: Path, count: int, size: int) -> Path:
 
 
 def run_index(model: Path, photos: Path, out: Path, batch_size: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "mlx_aim.cli.main", "search", "index", "--model", str(model),
-                           "--out", str(out), str(photos), "--batch-size", str(batch_size), "--json",
-                           "--no-progress"], capture_output=True, text=True, env=_env())
+    return run_search("index", "--model", model, "--out", out, photos, "--batch-size", batch_size, "--no-progress")
+
+
+def run_search(*args) -> dict:
+    """`mlx-aim search ARGS --json` in a fresh process: its JSON summary."""
+    done = subprocess.run([sys.executable, "-m", "mlx_aim.cli.main", "search", *map(str, args), "--json"],
+                          capture_output=True, text=True, env=_env())
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,7 +157,20 @@ def bench_index(workdir: Path, count: int, size: int, batch_size: int) -> dict:
           f"model {first['model_images_per_second']:.0f} images/s)", flush=True)
     print(f"re-index {count} photos, nothing changed: {again['seconds']:.2f} s in the library, {wall:.2f} s for the "
           "whole command (interpreter, imports, model load)", flush=True)
-    return {"index": first, "reindex": again, "reindex_command_seconds": wall}
+    moved = photos / "00-moved"
+    (photos / "00").rename(moved)  # 1,000 photos (or all of them, for fewer than 1,000)
+    try:
+        tick = time.perf_counter()
+        after_move = run_index(model, photos, out, batch_size)
+        move_wall = time.perf_counter() - tick
+    finally:
+        moved.rename(photos / "00")
+    assert after_move["num_embedded"] == 0 and after_move["model_images_per_second"] is None, after_move
+    print(f"re-index after moving a folder of {after_move['num_by_content']} photos: {after_move['num_embedded']} "
+          f"embedded, {after_move['seconds']:.2f} s in the library, {move_wall:.2f} s for the whole command",
+          flush=True)
+    return {"index": first, "reindex": again, "reindex_command_seconds": wall, "moved": after_move,
+            "moved_command_seconds": move_wall}
 
 
 def bench_full(workdir: Path, count: int, batch_size: int) -> dict:

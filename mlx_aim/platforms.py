@@ -10,7 +10,8 @@ CPU backend, for development and CI). What differs:
 - thread counts: the CPUs this process may run on (Linux), the performance cores (Apple silicon);
 - memory probes: ru_maxrss counts KiB on Linux and bytes on macOS; another process's resident memory comes from
   /proc on Linux and from libproc on macOS;
-- the machine's description for benchmark records: /proc/cpuinfo on Linux, sysctl on macOS.
+- the machine's description for benchmark records: /proc/cpuinfo on Linux, sysctl on macOS;
+- the lock that keeps one writer at a time on a search index: flock(2) on both, and no other.
 
 This module imports nothing of mlx (setup.py loads it before mlx is installed) and reads the machine only in the
 `probe_*` functions and `current()`; the decisions are pure.
@@ -199,6 +200,34 @@ def virtual_memory_bytes() -> int:
     """This process's mapped address space now (Linux: what RLIMIT_AS bounds), in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------------------------------------
+# File locks
+
+
+def file_lock(p: Platform) -> Optional[str]:
+    """How a process holds a folder for itself (one writer at a time on a search index): "flock", BSD flock(2), a
+    whole-file advisory lock on Linux and macOS alike. The kernel drops it when its holder exits, killed or not, so
+    a crashed writer never leaves the folder locked, and a waiting writer wakes as soon as it is free. None
+    elsewhere: no lock is known there, and a writer refuses to start rather than risk interleaving."""
+    return "flock" if p.linux or p.macos else None
+
+
+def lock_file(fd: int, wait: bool) -> bool:
+    """Takes the exclusive `file_lock` on the open file `fd`: True once held (closing `fd` releases it); False when
+    another process holds it and not `wait` (with `wait`, blocks until it is free). OSError where this platform
+    has no lock, or the file system refuses one."""
+    here = current()
+    if file_lock(here) != "flock":
+        raise OSError(f"no file lock on {here.system}: a search index can only be written on Linux or macOS")
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ MINIMAL = {
     "visualize": ["--model", "m", "img"],
     "search index": ["index", "--model", "m", "--out", "o", "img"],
     "search query": ["query", "--index", "i", "text"],
+    "search dupes": ["dupes", "--index", "i"],
 }
 LOADS_A_MODEL = ["classify", "zero_shot", "extract_features", "probe train", "probe eval", "convert", "demo",
                  "benchmark"]

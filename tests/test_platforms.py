@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -106,6 +107,26 @@ def test_cpu_record_for_benchmarks():
     assert platforms.cpu_record(LINUX_AARCH64, sysctl.get, "processor\t: 0\nBogoMIPS\t: 50.00\n") == {}
 
 
+def test_one_writer_lock_on_each_platform(tmp_path, monkeypatch):
+    assert _by_platform(platforms.file_lock) == {LINUX_X86_64: "flock", LINUX_AARCH64: "flock", MACOS_ARM64: "flock"}
+    assert platforms.file_lock(Platform("win32", "AMD64")) is None
+    path = tmp_path / "lock"
+    first, second = (os.open(path, os.O_RDWR | os.O_CREAT) for _ in range(2))  # two open file descriptions
+    try:
+        assert platforms.lock_file(first, wait=False)
+        assert not platforms.lock_file(second, wait=False)  # held: refused at once, not waited for
+        os.close(first)
+        first = None
+        assert platforms.lock_file(second, wait=False)  # closing the holder's file released it
+    finally:
+        for fd in (first, second):
+            if fd is not None:
+                os.close(fd)
+    monkeypatch.setattr(platforms, "current", lambda: Platform("win32", "AMD64"))
+    with pytest.raises(OSError, match="no file lock on win32"):
+        platforms.lock_file(0, wait=False)
+
+
 def _setup_py():
     spec = importlib.util.spec_from_file_location("_mlx_aim_setup", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
@@ -186,7 +207,7 @@ def test_torch_synchronizes_the_device_it_runs_on(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # No platform-specific facility outside the places that decide it per platform
 
-_NAMES = {"fork", "forkpty", "RLIMIT_AS", "dlopen", "CDLL", "sched_getaffinity", "pthread_atfork"}
+_NAMES = {"fork", "forkpty", "RLIMIT_AS", "dlopen", "CDLL", "sched_getaffinity", "pthread_atfork", "flock"}
 _TEXT = re.compile(r"/proc|(?<![A-Za-z0-9_])LD_[A-Z]|RLIMIT_AS|dlopen")
 # file -> {function (or "*" for the whole file): the guard that keeps it to its platform}
 GUARDED = {

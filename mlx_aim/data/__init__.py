@@ -2,9 +2,9 @@
 
 - `images`: loading (`load_image`, `ImageLoadError`) and the transforms (`eval_transform`, `EvalTransform`,
   `TrainTransform`).
-- `datasets`: finding images on disk (`list_images`, `gather_images`, `Skipped`, `NoUsableImages`), labelled
-  image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`) and class names
-  (`imagenet_classes`).
+- `datasets`: finding images on disk (`list_images`, `gather_images`, what a walk skips: `WalkRules`, `Skipped`,
+  `NoUsableImages`), labelled image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`)
+  and class names (`imagenet_classes`).
 - `preprocessing`: each checkpoint's own preprocessing as data (`Preprocessing`, `preprocessing_for`), read
   from its `preprocessor_config.json` or a family default; native resolution (`TooManyPatches`, `is_native`).
 - `loader`: threaded batching, `BatchLoader` for training and `iter_image_batches` for inference (which groups
@@ -12,8 +12,8 @@
 """
 
 from .datasets import (
-    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, gather_images, imagenet_classes, list_images,
-    load_splits, split_image_folder, split_images,
+    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, WalkRules, gather_images, imagenet_classes,
+    list_images, load_splits, split_image_folder, split_images,
 )
 from .images import (
     IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE, EvalTransform, ImageInput, ImageLoadError, TrainTransform,
@@ -46,6 +46,7 @@ __all__ = [
     "Skipped",
     "TooManyPatches",
     "TrainTransform",
+    "WalkRules",
     "center_crop_box",
     "color_jitter",
     "eval_transform",

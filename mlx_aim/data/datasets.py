@@ -47,8 +47,55 @@ def _has_glob_magic(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
-def _walk_images(folder: Path, extensions: frozenset) -> Iterator[Path]:
-    """Image files under `folder`, recursively, following symbolic links once; hidden names skipped."""
+@dataclass(frozen=True)
+class WalkRules:
+    """What a folder walk leaves out. Hidden names (starting with ".") unless `include_hidden`; macOS's "._name"
+    metadata files always (they are not images). `exclude_dirs`: a bare name (no "/") leaves out every folder of
+    that name at any depth below the walked folder ("@eaDir", "Thumbs"); a value with a "/" is a path and leaves
+    out that one folder (made absolute: "./raw", "~/Pictures/raw"). The walked folder itself is the user's and is
+    always walked."""
+
+    exclude_dirs: tuple[str, ...] = ()
+    include_hidden: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.exclude_dirs, (str, os.PathLike)):
+            raise TypeError("WalkRules.exclude_dirs: expected a sequence of folder names or paths, not one string")
+        for item in self.exclude_dirs:
+            if not os.fspath(item).strip() or os.path.basename(os.fspath(item).rstrip("/")) in (".", ".."):
+                raise ValueError(f"exclude_dirs: {os.fspath(item)!r} is not a folder name or path")
+        object.__setattr__(self, "exclude_dirs", tuple(self.normalized(os.fspath(d)) for d in self.exclude_dirs))
+
+    @staticmethod
+    def normalized(item: str) -> str:
+        """A name as given; a path made absolute (home expanded), as an index records it."""
+        return os.path.abspath(os.path.expanduser(item)) if "/" in item or os.sep in item else item
+
+    @functools.cached_property
+    def _names(self) -> frozenset:
+        return frozenset(d for d in self.exclude_dirs if "/" not in d and os.sep not in d)
+
+    @functools.cached_property
+    def _paths(self) -> frozenset:
+        paths = {d for d in self.exclude_dirs if d not in self._names}
+        return frozenset(paths | {os.path.realpath(d) for d in paths})
+
+    def walks_into(self, parent: str, name: str) -> bool:
+        """Whether a walk goes into the sub-folder `name` of `parent`."""
+        if (name.startswith(".") and not self.include_hidden) or name in self._names:
+            return False
+        if self._paths:
+            path = os.path.abspath(os.path.join(parent, name))
+            return path not in self._paths and os.path.realpath(path) not in self._paths
+        return True
+
+    def takes(self, name: str) -> bool:
+        """Whether a walk takes the file `name` (its extension aside)."""
+        return not name.startswith("._") and (self.include_hidden or not name.startswith("."))
+
+
+def _walk_images(folder: Path, extensions: frozenset, rules: WalkRules = WalkRules()) -> Iterator[Path]:
+    """Image files under `folder`, recursively, following symbolic links once; what `rules` leaves out skipped."""
     seen = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -56,21 +103,22 @@ def _walk_images(folder: Path, extensions: frozenset) -> Iterator[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if rules.walks_into(dirpath, d)]
         for name in filenames:
-            # Hidden files include macOS's "._name.jpg" metadata files, which are not images.
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+            if rules.takes(name) and os.path.splitext(name)[1].lower() in extensions:
                 yield Path(dirpath) / name
 
 
 def list_images(
-    inputs: Union[PathInput, Iterable[PathInput]], extensions: Iterable[str] = IMAGE_EXTENSIONS
+    inputs: Union[PathInput, Iterable[PathInput]], extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    rules: WalkRules = WalkRules(),
 ) -> list[Path]:
     """Image files named by `inputs`: sorted, without duplicates.
 
     Each input is a file (kept whatever its extension), a folder (searched recursively, following
-    symbolic links, skipping hidden files and folders), or a glob pattern (`**` spans folders; matched
-    folders are searched, matched files are kept when their extension is an image one). Extensions are
+    symbolic links, skipping hidden files and folders and what else `rules` leaves out), or a glob pattern
+    (`**` spans folders; matched folders are searched, matched files are kept when their extension is an image
+    one). A file named, or matched by a glob, is taken as named. Extensions are
     compared case-insensitively. A path that does not exist raises FileNotFoundError naming it; an input
     that yields no image raises ValueError naming it.
     """
@@ -83,7 +131,7 @@ def list_images(
         path = Path(text)
         if path.exists():
             if path.is_dir():
-                images = set(_walk_images(path, extensions))
+                images = set(_walk_images(path, extensions, rules))
             else:
                 images = {path}
         elif _has_glob_magic(text):
@@ -93,7 +141,7 @@ def list_images(
             images = set()
             for match in map(Path, matches):
                 if match.is_dir():
-                    images.update(_walk_images(match, extensions))
+                    images.update(_walk_images(match, extensions, rules))
                 elif match.suffix.lower() in extensions:
                     images.add(match)
         else:
@@ -133,12 +181,13 @@ class Skipped:
         return "\n".join(lines)
 
 
-def gather_images(inputs: Sequence, skipped: Skipped) -> list[Path]:
-    """Image files named by `inputs` (files, folders, globs); an input that yields none goes to `skipped`."""
+def gather_images(inputs: Sequence, skipped: Skipped, rules: WalkRules = WalkRules()) -> list[Path]:
+    """Image files named by `inputs` (files, folders, globs; folders walked by `rules`); an input that yields none
+    goes to `skipped`."""
     found: dict[Path, None] = {}
     for item in inputs:
         try:
-            for path in list_images(item):
+            for path in list_images(item, rules=rules):
                 found.setdefault(path)
         except (FileNotFoundError, ValueError) as e:
             skipped.add(item, str(e))
