@@ -28,13 +28,21 @@ from ..tasks.encode import peak_memory
 from ..tasks.shards import SHARD_SIZE
 from ..tasks.lit import check_lit, embed_texts, open_lit
 from ..checkpoints.loading import load
-from ..tasks.search import TOP_K, SearchIndex, build_index, image_query, recorded_run
+from ..tasks.query import Query, QueryError, check_threshold, parse_query, query_vector
+from ..tasks.search import TOP_K, SearchIndex, build_index, recorded_run
 from ..tasks.visualize import draw_contact_sheet, save_png
 from .options import add_batching_options, add_model_options, add_output_options, positive_int, precision
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 LIT_HELP = ("the AIMv2-LiT: aimv2-large-patch14-224-lit, a hub repo id or a converted folder (with its tokenizer "
             "files)")
+
+
+def cosine(text: str) -> float:
+    try:
+        return check_threshold(text)
+    except QueryError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -54,11 +62,17 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     add_output_options(i)
 
     q = sub.add_parser("query", help="the photos most similar to a text or to an example image")
-    q.add_argument("text", nargs="?", help="what to look for, e.g. \"a red bicycle at night\"")
+    q.add_argument("text", nargs="?", metavar="QUERY",
+                   help="what to look for: a text, or terms joined by + and -, each a text, an image path (./x.jpg) "
+                        "or #ROW, optionally weighted (2:dog): \"beach + sunset - people\", \"2:dog + ./my_dog.jpg\"")
     q.add_argument("--image", metavar="FILE", help="look for photos like this one instead of a text")
     q.add_argument("--index", required=True, metavar="INDEX", help="an index folder written by `search index`")
     q.add_argument("--model", help=f"{LIT_HELP} (default: the one the index was built with)")
-    q.add_argument("--top-k", type=positive_int, default=TOP_K)
+    q.add_argument("--top-k", type=positive_int,
+                   help=f"how many photos at most (default {TOP_K}; with --threshold, all that pass it)")
+    q.add_argument("--threshold", type=cosine, metavar="S", help="only photos whose cosine similarity is at least S")
+    q.add_argument("--paths-only", action="store_true",
+                   help="print only the paths, one per line (for `| xargs open`); errors still go to stderr")
     q.add_argument("--grid", metavar="OUT.png", help="also write a contact sheet of the results")
     add_model_options(q, dtype_help="compute dtype (default: the index's)")
     add_output_options(q)
@@ -108,16 +122,12 @@ def run_index(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["num_images"] else EXIT_EMPTY
 
 
-def run_query(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    with reported_as("cannot open the index"):
-        index = SearchIndex.open(args.index)
-    name = model_name(args.model) if args.model else index.model_name
+def model_opener(args: argparse.Namespace, index: SearchIndex, name: str, timer: dict):
+    """`open_model(with_tokenizer)` for `query_vector`: the index's model (or --model), loaded as the index was
+    built, its image side only when no text needs the tokenizer; the seconds it took go to timer["model"]."""
     settings = load_settings(args, index.index)
-    model_seconds = 0.0
 
     def open_model(with_tokenizer: bool):
-        nonlocal model_seconds
         tick = time.perf_counter()
         if not name:
             raise CommandError("the index records no model name; pass --model")
@@ -127,42 +137,49 @@ def run_query(args: argparse.Namespace) -> int:
             else:
                 model, tokenizer = check_lit(load(name, **settings, text_tower=False), name), None
             preprocessing = preprocessing_for(model.config.image, model.source.folder)
-        model_seconds += time.perf_counter() - tick
+        timer["model"] = timer.get("model", 0.0) + time.perf_counter() - tick
         return model, tokenizer, preprocessing
 
-    if args.text is not None:
-        what = repr(args.text)
-        model, tokenizer, _ = open_model(with_tokenizer=True)
-        index.check_model(model, name)
-        query, model_loaded = embed_texts(model, tokenizer, [args.text])[0], True
-    else:
-        what = f"photos like {args.image}"
+    return open_model
 
-        def model_for_image():
-            model, _, preprocessing = open_model(with_tokenizer=False)
-            return model, name, preprocessing
 
-        query, model_loaded = image_query(index, args.image, model_for_image)
+def run_query(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    with reported_as("cannot open the index"):
+        index = SearchIndex.open(args.index)
+    name = model_name(args.model) if args.model else index.model_name
+    query = Query.image(args.image) if args.image is not None else parse_query(args.text)
+    timer: dict = {}
+    found = query_vector(query, index, model_opener(args, index, name, timer), name)
+    top_k = args.top_k or (None if args.threshold is not None else TOP_K)
     tick = time.perf_counter()
-    hits = index.search(query, args.top_k)
+    hits = index.search(found.vector, top_k, args.threshold)
     search_seconds = time.perf_counter() - tick
-    print(f"top {len(hits)} of {len(index)} photo(s) for {what}"
-          + ("" if model_loaded else " (its stored embedding: no model loaded)"))
-    for hit in hits:
-        print(f"{hit.rank:>4}. {hit.score:+.4f}  {hit.path}")
+    what = f"photos like {args.image}" if args.image is not None else repr(args.text)
+    if args.paths_only:
+        for hit in hits:
+            print(hit.path)
+    else:
+        above = f" scoring at least {args.threshold:g}" if args.threshold is not None else ""
+        print(f"top {len(hits)} of {len(index)} photo(s){above} for {what}"
+              + ("" if found.model_loaded else " (stored embeddings: no model loaded)"))
+        for hit in hits:
+            print(f"{hit.rank:>4}. {hit.score:+.4f}  {hit.path}")
     if args.grid and hits:
         captions = [[f"#{h.rank}  {h.score:+.3f}", os.path.basename(h.path)] for h in hits]
         save_png(draw_contact_sheet([h.path for h in hits], captions, title=f"top {len(hits)} for {what}"),
                  args.grid)
-        print(f"contact sheet: {args.grid}")
+        print(f"contact sheet: {args.grid}", file=sys.stderr if args.paths_only else sys.stdout)
     if args.json:
-        print_json({"index": str(args.index), "query": {"text": args.text} if args.text is not None else
-                    {"image": args.image}, "model": name, "model_loaded": model_loaded, "num_images": len(index),
-                    "top_k": args.top_k, "results": [h.to_dict() for h in hits],
+        print_json({"index": str(args.index), "query": query.to_dict(), "model": name,
+                    "model_loaded": found.model_loaded, "num_images": len(index), "top_k": top_k,
+                    "threshold": args.threshold, "results": [h.to_dict() for h in hits],
                     "grid": args.grid if args.grid and hits else None,
-                    "seconds": round(time.perf_counter() - start, 4), "model_seconds": round(model_seconds, 4),
-                    "search_seconds": round(search_seconds, 4)})
+                    "seconds": round(time.perf_counter() - start, 4),
+                    "model_seconds": round(timer.get("model", 0.0), 4), "search_seconds": round(search_seconds, 4)})
     if not hits:
+        if len(index) and args.threshold is not None:
+            raise CommandError(f"no photo scores at least {args.threshold:g} for {what}", EXIT_EMPTY)
         raise CommandError(f"{args.index}: the index holds no photos", EXIT_EMPTY)
     return EXIT_OK
 
@@ -176,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = parser.parse_args(argv)
     if args.command == "query" and (args.text is None) == (args.image is None):
         parser.error("query: give a text or --image FILE (one of them)")
+    if args.command == "query" and args.paths_only and args.json:
+        parser.error("query: --paths-only prints paths alone; leave out --json")
     return run_command(run, args)
 
 
