@@ -20,9 +20,11 @@ import argparse
 import os
 import sys
 import time
+import webbrowser
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..apps.search_server import PORT, SearchService, is_loopback, make_server
 from ..data import preprocessing_for
 from ..tasks.encode import peak_memory
 from ..tasks.shards import SHARD_SIZE
@@ -31,7 +33,9 @@ from ..checkpoints.loading import load
 from ..tasks.query import Query, QueryError, check_threshold, parse_query, query_vector
 from ..tasks.search import TOP_K, SearchIndex, build_index, recorded_run
 from ..tasks.visualize import draw_contact_sheet, save_png
-from .options import add_batching_options, add_model_options, add_output_options, positive_int, precision
+from .options import (
+    add_batching_options, add_model_options, add_output_options, at_least, positive_int, precision,
+)
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 LIT_HELP = ("the AIMv2-LiT: aimv2-large-patch14-224-lit, a hub repo id or a converted folder (with its tokenizer "
@@ -76,6 +80,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     q.add_argument("--grid", metavar="OUT.png", help="also write a contact sheet of the results")
     add_model_options(q, dtype_help="compute dtype (default: the index's)")
     add_output_options(q)
+
+    v = sub.add_parser("serve", help="a local web page to search the index, with the model kept loaded")
+    v.add_argument("--index", required=True, metavar="INDEX", help="an index folder written by `search index`")
+    v.add_argument("--model", help=f"{LIT_HELP} (default: the one the index was built with)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only; any other is warned about)")
+    v.add_argument("--port", type=at_least(0), default=PORT, help=f"the port (default {PORT}; 0: any free one)")
+    v.add_argument("--open", action="store_true", help="open the page in the default browser")
+    add_model_options(v, dtype_help="compute dtype (default: the index's)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars (downloads included)")
     return p
 
 
@@ -184,8 +198,35 @@ def run_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    with reported_as("cannot open the index"):
+        index = SearchIndex.open(args.index)
+    name = model_name(args.model) if args.model else index.model_name
+    timer: dict = {}
+    with reported_as("cannot open the index"):
+        service = SearchService(args.index, model_opener(args, index, name, timer), name)
+    service.load_model()
+    print(f"model {name} loaded in {timer['model']:.1f} s", flush=True)
+    with reported_as(f"cannot listen on {args.host} port {args.port}"):
+        server = make_server(service, args.host, args.port)
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine on port {server.port} can "
+              "search these photos and see them; use the default --host 127.0.0.1 to keep them to this machine",
+              file=sys.stderr, flush=True)
+    print(f"serving {len(service.index)} photo(s) of {args.index} at {server.url} (Ctrl-C to stop)", flush=True)
+    if args.open:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_index(args) if args.command == "index" else run_query(args)
+    return {"index": run_index, "query": run_query, "serve": run_serve}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
