@@ -14,6 +14,7 @@ from mlx_aim.data import preprocessing_for
 from mlx_aim.tasks.query import (
     IMAGE, MAX_QUERY_CHARS, MAX_TERMS, ROW, TEXT, Query, QueryError, check_threshold, parse_query, query_vector,
 )
+from mlx_aim.tasks.lit import embed_texts, trim_padding
 from mlx_aim.tasks.search import SearchIndex, build_index
 from test_search import NUM_PHOTOS, listed, photos, write_photo  # noqa: F401 (photos is a fixture)
 
@@ -172,3 +173,15 @@ def test_threshold_and_paths_only(lit_folder, photos, tmp_path, capsys):
         search_main(["query", "--index", str(out), "a disc", "--threshold", "2"])
     with pytest.raises(SystemExit):
         search_main(["query", "--index", str(out), "a disc", "--paths-only", "--json"])
+
+
+def test_texts_skip_the_padding_after_their_end_token(lit):
+    """The text tower is causal and pools each row's first end token: embedding only up to the longest row's end
+    token (what a query costs) gives the full context's embeddings."""
+    model, tokenizer = lit
+    texts = ["a dog", "a very long description of a red bicycle leaning on a wall at night", "sunset"]
+    ids = tokenizer.encode(texts, context_length=model.config.context_length)
+    trimmed = trim_padding(ids, model.config.eos_token_id)
+    assert trimmed.shape == (3, int(np.argmax(ids[1] == model.config.eos_token_id)) + 1) and trimmed.shape[1] < 40
+    full = np.stack([unit(row) for row in np.asarray(model.encode_text(mx.array(ids)))])
+    np.testing.assert_allclose(embed_texts(model, tokenizer, texts), full, rtol=1e-5, atol=1e-6)

@@ -50,6 +50,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image, ImageOps
 
+from ..backend import compute_threads
 from ..data import ImageLoadError, load_image
 from ..fileio import atomic_file
 from ..tasks.query import MAX_QUERY_CHARS, ModelOpener, QueryError, check_threshold, parse_query, query_vector
@@ -58,6 +59,11 @@ from ..tasks.search import SearchIndex, file_stamp
 log = logging.getLogger(__name__)
 
 PORT = 8765
+# BLAS and native-kernel threads for a query (`backend.compute_threads`; 0: the libraries' own counts). A text query
+# is a few tokens through the text tower: skinny matrix products, which one thread does in about the time two do on
+# a quiet machine, and many times faster on a busy one, where each multithreaded product waits at its barrier for a
+# descheduled thread (mlx_aim/_blas.py; `benchmarks/bench_search.py --stages serve` measures both).
+QUERY_THREADS = 1
 TOP_K = 40
 MAX_TOP_K = 500
 MAX_TARGET_CHARS = 4 * MAX_QUERY_CHARS  # a query percent-encoded, and the other parameters
@@ -87,9 +93,10 @@ class SearchService:
     files it may serve by row (`indexed_file`, `thumbnail`, `photo`). The index is reopened when an indexer has
     rewritten it since. `open_model(with_tokenizer)` is called on the first query that needs the model."""
 
-    def __init__(self, folder: str | os.PathLike, open_model: ModelOpener, model_name: str = ""):
+    def __init__(self, folder: str | os.PathLike, open_model: ModelOpener, model_name: str = "",
+                 threads: int = QUERY_THREADS):
         self.folder = Path(folder)
-        self._open_model, self.model_name = open_model, model_name
+        self._open_model, self.model_name, self.threads = open_model, model_name, threads
         self._model = None
         self._lock = threading.Lock()  # one query at a time: the model and the index reopen
         self._stamp = None
@@ -98,31 +105,35 @@ class SearchService:
     def _reopen(self) -> SearchIndex:
         stamp = file_stamp(self.folder / "index.json")
         if stamp != self._stamp:
-            self.index = SearchIndex.open(self.folder)
-            self.roots = indexed_roots(self.index.index.get("inputs", []))
-            self._stamp = stamp
+            index = SearchIndex.open(self.folder).keep_in_memory()
+            if self._model is not None:
+                index.check_model(self._model[0], self.model_name)
+            self.index, self._stamp = index, stamp
+            self.roots = indexed_roots(index.index.get("inputs", []))
         return self.index
 
     def model(self, with_tokenizer: bool):
-        """The model, opened once (with its tokenizer: the page's queries are mostly texts)."""
+        """The model, opened once (with its tokenizer: the page's queries are mostly texts) and checked to be the
+        index's (ValueError naming both otherwise); checked again only when the index is reopened."""
         if self._model is None:
-            self._model = self._open_model(True)
+            model = self._open_model(True)
+            self.index.check_model(model[0], self.model_name)
+            self._model = model
         return self._model
 
     def load_model(self) -> None:
-        """Opens the model now, so the first query does not wait for it, and checks it is the index's (ValueError
-        naming both otherwise)."""
+        """Opens the model now, so the first query does not wait for it."""
         with self._lock:
-            self.index.check_model(self.model(True)[0], self.model_name)
+            self.model(True)
 
     def search(self, text: str, top_k: int = TOP_K, threshold: Optional[float] = None) -> dict:
         """The hits for `text` (the query algebra, texts and rows only) as the page shows them; QueryError when it
         cannot be answered."""
         tick = time.perf_counter()
         query = parse_query(text, image_paths=False)
-        with self._lock:
+        with self._lock, compute_threads(self.threads):
             index = self._reopen()
-            found = query_vector(query, index, self.model, self.model_name)
+            found = query_vector(query, index, self.model, self.model_name, check_model=False)
             hits = index.search(found.vector, top_k, threshold)
         return {"query": query.to_dict(), "num_images": len(index), "top_k": top_k, "threshold": threshold,
                 "results": [{"row": h.row, "score": round(h.score, 6), "name": os.path.basename(h.path),

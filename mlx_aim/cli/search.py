@@ -2,16 +2,28 @@
 
     mlx-aim search index --model aimv2-large-patch14-224-lit --out photos.index ~/Pictures
     mlx-aim search query --index photos.index "a red bicycle at night" [--top-k 10] [--grid hits.png]
+    mlx-aim search query --index photos.index "beach + sunset - people"
+    mlx-aim search query --index photos.index "2:dog + ./my_dog.jpg" --threshold 0.2 --paths-only | xargs open
     mlx-aim search query --index photos.index --image ~/Pictures/bike.jpg
+    mlx-aim search serve --index photos.index [--open]
 
 `index` embeds every image under the folders into INDEX. Re-run it to bring INDEX up to date: only new or changed
 files are embedded (a file is known by its path, size and modification time) and deleted ones are dropped; a run
 that was stopped resumes from its finished shards; PHOTOS and --model default to the index's own. Unreadable files
 are skipped, listed, and not retried until they change.
 
-`query` prints the top-k photos with their cosine similarity. An --image already in the index (unchanged) is
-answered from its stored embedding, without loading the model; --model defaults to the index's. --grid writes a
-contact sheet of the results. Exit status: 1 when nothing was indexed or found, 2 on bad input.
+`query` prints the top-k photos with their cosine similarity. QUERY is terms joined by " + " and " - ", each a
+text, an image path (starting with /, ./, ../ or ~/) or #ROW (a row of the index), optionally weighted (2:dog); the
+query vector is normalize(sum of sign * weight * unit embedding) (mlx_aim/tasks/query.py). An image already in the
+index (unchanged) is answered from its stored embedding, without loading the model; --model defaults to the
+index's. --threshold S keeps the photos scoring at least S (all of them unless --top-k is given); --paths-only
+prints the paths alone, one per line. --grid writes a contact sheet of the results.
+
+`serve` opens a local web page (http://127.0.0.1:8765/) with the model kept loaded: a search box taking the same
+queries (texts and #ROW), a grid of thumbnails with scores, the full photo on a click and "more like this". It
+listens on 127.0.0.1 unless --host says otherwise, and serves only the index's files, by row.
+
+Exit status: 1 when nothing was indexed or found, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import webbrowser
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..apps.search_server import PORT, SearchService, is_loopback, make_server
+from ..apps.search_server import PORT, QUERY_THREADS, SearchService, is_loopback, make_server
 from ..data import preprocessing_for
 from ..tasks.encode import peak_memory
 from ..tasks.shards import SHARD_SIZE
@@ -88,6 +100,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="the address to listen on (default 127.0.0.1: this machine only; any other is warned about)")
     v.add_argument("--port", type=at_least(0), default=PORT, help=f"the port (default {PORT}; 0: any free one)")
     v.add_argument("--open", action="store_true", help="open the page in the default browser")
+    v.add_argument("--threads", type=at_least(0), default=QUERY_THREADS,
+                   help=f"BLAS threads for a query (default {QUERY_THREADS}: a short text runs as fast on one, and "
+                        "far faster on a busy machine; 0: the libraries' own counts)")
     add_model_options(v, dtype_help="compute dtype (default: the index's)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars (downloads included)")
     return p
@@ -204,7 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = model_name(args.model) if args.model else index.model_name
     timer: dict = {}
     with reported_as("cannot open the index"):
-        service = SearchService(args.index, model_opener(args, index, name, timer), name)
+        service = SearchService(args.index, model_opener(args, index, name, timer), name, args.threads)
     service.load_model()
     print(f"model {name} loaded in {timer['model']:.1f} s", flush=True)
     with reported_as(f"cannot listen on {args.host} port {args.port}"):

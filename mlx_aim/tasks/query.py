@@ -180,12 +180,14 @@ class QueryVector:
     model_loaded: bool  # whether the model was needed (text terms, images not in the index)
 
 
-def query_vector(query: Query, index: SearchIndex, open_model: ModelOpener, model_name: str = "") -> QueryVector:
+def query_vector(query: Query, index: SearchIndex, open_model: ModelOpener, model_name: str = "",
+                 check_model: bool = True) -> QueryVector:
     """q = normalize(sum_i s_i w_i e_i / |e_i|) over `query`'s terms (module docstring), with `index`'s stored rows
     for index rows and for unchanged indexed images. `open_model(with_tokenizer)` is called at most once, when a
-    text or an image outside the index needs the model; the model is checked to be the index's. A term that cannot
-    be embedded (a missing or unreadable image, a row past the end, a zero embedding), or terms that cancel out,
-    raise QueryError naming them."""
+    text or an image outside the index needs the model; the model is checked to be the index's (unless
+    `check_model` is False: a caller that keeps one model checks it once, as the check hashes its weights). A term
+    that cannot be embedded (a missing or unreadable image, a row past the end, a zero embedding), or terms that
+    cancel out, raise QueryError naming them."""
     embeddings: list[Optional[np.ndarray]] = [None] * len(query.terms)
     texts, images = [], []
     for i, term in enumerate(query.terms):
@@ -203,7 +205,8 @@ def query_vector(query: Query, index: SearchIndex, open_model: ModelOpener, mode
     model_loaded = bool(texts or images)
     if model_loaded:
         model, tokenizer, preprocessing = open_model(bool(texts))
-        index.check_model(model, model_name, preprocessing if images else None)
+        if check_model:
+            index.check_model(model, model_name, preprocessing if images else None)
         if texts:
             rows = embed_texts(model, tokenizer, [query.terms[i].value for i in texts])
             for i, row in zip(texts, rows):
