@@ -223,7 +223,8 @@ def test_the_command_warns_off_loopback_and_refuses_a_wrong_index(lit_folder, li
     monkeypatch.setattr(search_cli, "make_server", capture)
     results = []
     thread = threading.Thread(target=lambda: results.append(search_cli.main(
-        ["serve", "--index", str(folder), "--model", str(lit_folder), "--host", "0.0.0.0", "--port", "0"])))
+        ["serve", "--index", str(folder), "--model", str(lit_folder), "--host", "0.0.0.0", "--port", "0",
+         "--json"])))
     thread.start()
     for _ in range(300):
         if servers and servers[0].socket.fileno() >= 0:
@@ -243,5 +244,7 @@ def test_the_command_warns_off_loopback_and_refuses_a_wrong_index(lit_folder, li
     captured = capsys.readouterr()
     assert results == [0]
     assert "warning: listening on 0.0.0.0" in captured.err and f"127.0.0.1:{servers[0].port}/" in captured.out
+    started = json.loads(captured.out.splitlines()[-1])
+    assert started["port"] == servers[0].port and started["num_images"] == NUM_PHOTOS + 2
     assert search_cli.main(["serve", "--index", str(folder.parent / "nowhere")]) == 2
     assert "cannot open the index" in capsys.readouterr().err

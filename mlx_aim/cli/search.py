@@ -104,7 +104,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help=f"BLAS threads for a query (default {QUERY_THREADS}: a short text runs as fast on one, and "
                         "far faster on a busy machine; 0: the libraries' own counts)")
     add_model_options(v, dtype_help="compute dtype (default: the index's)")
-    v.add_argument("--no-progress", action="store_true", help="no progress bars (downloads included)")
+    add_output_options(v, json_help="also print one JSON object (url, port, index, photos, model) once listening: "
+                                    "with --port 0, how a script learns the port")
     return p
 
 
@@ -229,6 +230,9 @@ def run_serve(args: argparse.Namespace) -> int:
               "search these photos and see them; use the default --host 127.0.0.1 to keep them to this machine",
               file=sys.stderr, flush=True)
     print(f"serving {len(service.index)} photo(s) of {args.index} at {server.url} (Ctrl-C to stop)", flush=True)
+    if args.json:
+        print_json({"url": server.url, "host": args.host, "port": server.port, "index": str(args.index),
+                    "num_images": len(service.index), "model": name, "model_seconds": round(timer["model"], 4)})
     if args.open:
         webbrowser.open(server.url)
     try:
