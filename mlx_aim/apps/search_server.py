@@ -9,10 +9,10 @@ to the full photo and a "more like this" button (an image query by index row, `#
 The server is the standard library's `http.server.ThreadingHTTPServer`: it parses HTTP itself (request lines,
 headers, their limits, malformed requests answered 400/414/431/501), it is maintained with Python, and it adds no
 dependency: the runtime dependencies are kept to mlx, numpy, pillow, huggingface_hub, tqdm and tokenizers, and a
-framework (Flask, aiohttp) would bring its own tree for four GET routes. It is meant for one user on one machine,
-which is what it is.
+framework (Flask, aiohttp) would bring its own tree for four GET routes. Its documentation warns it is not meant for
+production: the page is for one user on one machine, and listens on the loopback address unless told otherwise.
 
-Routes (GET only; anything else is 404, and the server keeps serving):
+Routes (GET only; any other path is 404, and the server keeps serving):
 
 - `/`, `/app.js`: the page, two files of `mlx_aim/assets` (plain HTML and JavaScript, nothing from the network);
 - `/api/search?q=QUERY[&k=N][&threshold=S]`: JSON, the hits with their rows, scores and file names; a query that
@@ -90,7 +90,7 @@ _GLOB_MAGIC = re.compile(r"[*?[]")
 
 class SearchService:
     """The page's work, apart from HTTP: answers queries with the model kept loaded (`search`), and finds the
-    files it may serve by row (`indexed_file`, `thumbnail`, `photo`). The index is reopened when an indexer has
+    files it may serve by row (`indexed_file`, `thumbnail`, `open_photo`). The index is reopened when an indexer has
     rewritten it since. `open_model(with_tokenizer)` is called on the first query that needs the model."""
 
     def __init__(self, folder: str | os.PathLike, open_model: ModelOpener, model_name: str = "",
@@ -112,9 +112,10 @@ class SearchService:
             self.roots = indexed_roots(index.index.get("inputs", []))
         return self.index
 
-    def model(self, with_tokenizer: bool):
-        """The model, opened once (with its tokenizer: the page's queries are mostly texts) and checked to be the
-        index's (ValueError naming both otherwise); checked again only when the index is reopened."""
+    def model(self, with_tokenizer: bool = True):
+        """`query_vector`'s opener: the model, opened once, always with its tokenizer (the page's queries are mostly
+        texts), and checked to be the index's (ValueError naming both otherwise); checked again only when the index
+        is reopened."""
         if self._model is None:
             model = self._open_model(True)
             self.index.check_model(model[0], self.model_name)
@@ -193,6 +194,7 @@ class SearchService:
             with atomic_file(cached) as tmp:
                 image.save(tmp, format="JPEG", quality=85)
         return cached
+
 
 def is_stamped(st: os.stat_result, stamp: tuple[int, int]) -> bool:
     """Whether `st` is a regular file's with the (size, mtime_ns) `stamp`."""
