@@ -167,6 +167,8 @@ def test_an_indexed_image_is_queried_without_the_model(lit_folder, lit, photos, 
     assert search_main(["query", "--index", str(out), "--image", str(probe), "--top-k", "3", "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert not result["model_loaded"] and result["model_seconds"] == 0
+    assert result["query"] == {"image": str(probe), "terms": [{"sign": 1, "weight": 1.0, "kind": "image",
+                                                                "value": str(probe)}]}
     stored = SearchIndex.open(out)
     row = stored.search(stored.stored_embedding(probe), 1)[0].row
     assert stored.row_path(row) == str(probe)

@@ -137,6 +137,10 @@ def test_thumbnails_are_cached_and_photos_are_the_indexed_files(served):
     status, headers, body = get(server, f"/photo/{row_of(index, root / 'scan.tif')}")
     assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
     assert not [p for p in (folder / "thumbnails").iterdir() if p.name.startswith(".")]  # no temporaries left
+    # What a server killed mid-write leaves is cleared by the next one.
+    (folder / "thumbnails" / f".{cached[0].name}.tmp-1-abcd.jpg").write_bytes(b"half a JPEG")
+    SearchService(folder, None)
+    assert [p.name for p in (folder / "thumbnails").iterdir()] == [cached[0].name]
 
 
 def test_hostile_requests_are_refused_and_the_server_keeps_serving(served, tmp_path):

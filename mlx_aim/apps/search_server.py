@@ -52,7 +52,7 @@ from PIL import Image, ImageOps
 
 from ..backend import compute_threads
 from ..data import ImageLoadError, load_image
-from ..fileio import atomic_file
+from ..fileio import atomic_file, remove_stale_temporaries
 from ..tasks.query import MAX_QUERY_CHARS, ModelOpener, QueryError, check_threshold, parse_query, query_vector
 from ..tasks.search import SearchIndex, file_stamp
 
@@ -101,6 +101,8 @@ class SearchService:
         self._lock = threading.Lock()  # one query at a time: the model and the index reopen
         self._stamp = None
         self.index = self._reopen()
+        if (self.folder / THUMBNAILS).is_dir():
+            remove_stale_temporaries(self.folder / THUMBNAILS)  # thumbnails a killed server was writing
 
     def _reopen(self) -> SearchIndex:
         stamp = file_stamp(self.folder / "index.json")

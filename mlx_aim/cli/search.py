@@ -201,7 +201,8 @@ def run_query(args: argparse.Namespace) -> int:
                  args.grid)
         print(f"contact sheet: {args.grid}", file=sys.stderr if args.paths_only else sys.stdout)
     if args.json:
-        print_json({"index": str(args.index), "query": query.to_dict(), "model": name,
+        asked = {"text": args.text} if args.image is None else {"image": args.image}
+        print_json({"index": str(args.index), "query": {**asked, "terms": query.to_dict()["terms"]}, "model": name,
                     "model_loaded": found.model_loaded, "num_images": len(index), "top_k": top_k,
                     "threshold": args.threshold, "results": [h.to_dict() for h in hits],
                     "grid": args.grid if args.grid and hits else None,
