@@ -11,8 +11,10 @@ querying indexes of 10k and 100k photos, on this machine's CPU.
   so the time is the pipeline's own; then the same folder re-indexed with nothing changed; then with one of its
   1,000-photo folders moved (renamed), which must cost no model call; then `search dupes` over it.
 - full: the full-size LiT (random weights, AIMv2LiTConfig()) indexing --full-images photos: its images/s.
+- serve: `search serve`'s text-query latency over HTTP (p50, p95 of --serve-queries texts) with the full-size LiT
+  loaded once and an index of --serve-rows random rows recorded as that LiT's (`bench_serve`).
 
-    python benchmarks/bench_search.py --stages query index full --workdir /tmp/mlx-aim-search-bench
+    python benchmarks/bench_search.py --stages query index full serve --workdir /tmp/mlx-aim-search-bench
 """
 
 import argparse
@@ -59,10 +61,13 @@ print(json.dumps({"text_seconds": text, "image_seconds": image}))
 """
 
 
-def write_synthetic_index(out: Path, rows: int, save_dtype: str, probe: Path) -> None:
-    """`rows` random unit rows under made-up paths, row 0 being the real file `probe` (so an image query finds it)."""
-    identity = {"model": "synthetic", "model_config": {"projection_dim": WIDTH}, "model_dtype": "float32",
-                "preprocessing": {}, "image_weights_sha256": "0" * 64}
+SYNTHETIC = {"model": "synthetic", "model_config": {"projection_dim": WIDTH}, "model_dtype": "float32",
+             "preprocessing": {}, "image_weights_sha256": "0" * 64}
+
+
+def write_synthetic_index(out: Path, rows: int, save_dtype: str, probe: Path, identity: dict = SYNTHETIC) -> None:
+    """`rows` random unit rows under made-up paths, row 0 being the real file `probe` (so an image query finds it),
+    recorded as written by the model `identity` (`search.model_identity`; default: none that exists)."""
     folder = IndexFolder(out, identity, save_dtype)
     plan = folder.plan({})
     rng = np.random.default_rng(0)
@@ -173,13 +178,20 @@ def bench_index(workdir: Path, count: int, size: int, batch_size: int) -> dict:
             "moved_command_seconds": move_wall}
 
 
-def bench_full(workdir: Path, count: int, batch_size: int) -> dict:
+def full_size_lit(workdir: Path) -> Path:
+    """The released LiT's architecture (AIMv2LiTConfig(), aimv2-large-patch14-224-lit's config) with random
+    weights and CLIP's tokenizer files, as a model folder."""
     from clip_vocab import write_clip_tokenizer_files
 
     model = workdir / "lit-large-random"
     if not (model / "config.json").exists():
         write_random_model(model, AIMv2LiTConfig())
         write_clip_tokenizer_files(model)
+    return model
+
+
+def bench_full(workdir: Path, count: int, batch_size: int) -> dict:
+    model = full_size_lit(workdir)
     photos = write_photos(workdir / f"photos-{count}-256", count, 256)
     out = workdir / f"index-full-{count}"
     if out.exists():
@@ -193,9 +205,64 @@ def bench_full(workdir: Path, count: int, batch_size: int) -> dict:
     return result
 
 
+def bench_serve(workdir: Path, rows: int, count: int, threads: int) -> dict:
+    """`search serve`'s text-query latency over HTTP: the full-size LiT loaded once, an index of `rows` stored rows
+    recorded as the LiT's, `count` different texts (after 3 warm-up queries), each timed from request to parsed
+    answer (the text tower, the scan of every row, the top 40 as JSON); `threads` BLAS threads per query (0: the
+    libraries' own counts), as `search serve --threads`."""
+    import http.client
+    import threading
+    from urllib.parse import quote
+
+    from mlx_aim.apps.search_server import SearchService, make_server
+    from mlx_aim.data import imagenet_classes, preprocessing_for
+    from mlx_aim.tasks.lit import open_lit
+    from mlx_aim.tasks.search import model_identity
+
+    folder = full_size_lit(workdir)
+    tick = time.perf_counter()
+    model, tokenizer = open_lit(folder)
+    load_seconds = time.perf_counter() - tick
+    preprocessing = preprocessing_for(model.config.image, folder)
+    probe = workdir / "probe.png"
+    if not probe.exists():
+        SyntheticShapes(1, image_size=64)[0][0].save(probe)
+    out = workdir / f"serve-{rows}"
+    if not (out / "index.json").exists():
+        write_synthetic_index(out, rows, "float32", probe, model_identity(model, str(folder), preprocessing))
+    service = SearchService(out, lambda _: (model, tokenizer, preprocessing), str(folder), threads)
+    service.load_model()
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    texts = [f"a photo of a {name}" for name in imagenet_classes()[: count + 3]]
+    seconds, in_server = [], []
+    connection = http.client.HTTPConnection("127.0.0.1", server.port)
+    try:
+        for i, text in enumerate(texts):
+            tick = time.perf_counter()
+            connection.request("GET", f"/api/search?q={quote(text)}&k=40")
+            answer = json.loads(connection.getresponse().read())
+            if i >= 3:
+                seconds.append(time.perf_counter() - tick)
+                in_server.append(answer["seconds"])
+            assert answer["num_images"] == rows and len(answer["results"]) == 40, answer
+    finally:
+        connection.close()
+        server.shutdown()
+        server.server_close()
+    result = {"rows": rows, "queries": len(seconds), "threads": threads, "model_load_seconds": load_seconds,
+              "p50_seconds": float(np.percentile(seconds, 50)), "p95_seconds": float(np.percentile(seconds, 95)),
+              "max_seconds": max(seconds), "server_p50_seconds": float(np.percentile(in_server, 50))}
+    print(f"serve, full-size LiT (random weights, float32), {rows} rows, {len(seconds)} text queries over HTTP, "
+          f"--threads {threads}: "
+          f"p50 {result['p50_seconds']:.3f} s, p95 {result['p95_seconds']:.3f} s, max {result['max_seconds']:.3f} s "
+          f"(in the server: p50 {result['server_p50_seconds']:.3f} s; model load {load_seconds:.1f} s)", flush=True)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", choices=["query", "index", "full"], default=["query", "index"])
+    p.add_argument("--stages", nargs="+", choices=["query", "index", "full", "serve"], default=["query", "index"])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-aim-search-bench"))
     p.add_argument("--query-sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--repeats", type=int, default=5)
@@ -204,6 +271,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--full-images", type=int, default=32)
     p.add_argument("--full-batch-size", type=int, default=8)
+    p.add_argument("--serve-rows", type=int, default=100_000)
+    p.add_argument("--serve-queries", type=int, default=50)
+    p.add_argument("--serve-threads", type=int, nargs="+", default=[1, 0],
+                   help="BLAS threads per query, one run each (0: the libraries' own counts)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -213,6 +284,9 @@ def main() -> None:
         results["index"] = bench_index(args.workdir, args.images, args.photo_size, args.batch_size)
     if "full" in args.stages:
         results["full"] = bench_full(args.workdir, args.full_images, args.full_batch_size)
+    if "serve" in args.stages:
+        results["serve"] = [bench_serve(args.workdir, args.serve_rows, args.serve_queries, threads)
+                            for threads in args.serve_threads]
     print(json.dumps(results, default=str))
 
 

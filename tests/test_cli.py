@@ -23,7 +23,7 @@ from probe_helpers import make_model_folder, save_image
 MODULES = ["classify", "zero_shot", "extract_features", "probe", "pretrain", "convert", "demo", "scaling", "benchmark",
            "visualize", "search", "fuse", "finetune"]
 
-# The least each command's parser accepts (probe, search: both sub-commands).
+# The least each command's parser accepts (probe, search: each sub-command).
 MINIMAL = {
     "classify": ["--model", "m", "img"],
     "zero_shot": ["--model", "m", "--labels", "a,b", "img"],
@@ -41,10 +41,11 @@ MINIMAL = {
     "search index": ["index", "--model", "m", "--out", "o", "img"],
     "search query": ["query", "--index", "i", "text"],
     "search dupes": ["dupes", "--index", "i"],
+    "search serve": ["serve", "--index", "i"],
 }
 LOADS_A_MODEL = ["classify", "zero_shot", "extract_features", "probe train", "probe eval", "convert", "demo",
                  "benchmark"]
-LOADS_A_LIT = ["search index", "search query"]  # fixed-size models: no --max-patches
+LOADS_A_LIT = ["search index", "search query", "search serve"]  # fixed-size models: no --max-patches
 
 
 def parser_of(command: str) -> argparse.ArgumentParser:

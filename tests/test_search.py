@@ -167,8 +167,12 @@ def test_an_indexed_image_is_queried_without_the_model(lit_folder, lit, photos, 
     assert search_main(["query", "--index", str(out), "--image", str(probe), "--top-k", "3", "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert not result["model_loaded"] and result["model_seconds"] == 0
-    assert result["results"][0] == {"rank": 1, "path": str(probe), "score": pytest.approx(1.0, abs=1e-6)}
+    assert result["query"] == {"image": str(probe), "terms": [{"sign": 1, "weight": 1.0, "kind": "image",
+                                                                "value": str(probe)}]}
     stored = SearchIndex.open(out)
+    row = stored.search(stored.stored_embedding(probe), 1)[0].row
+    assert stored.row_path(row) == str(probe)
+    assert result["results"][0] == {"rank": 1, "path": str(probe), "score": pytest.approx(1.0, abs=1e-6), "row": row}
     expected = stored.search(stored.stored_embedding(probe), 3)
     assert [r["path"] for r in result["results"]] == [h.path for h in expected]
     # A changed file is not the indexed one: the model is needed, and its absence is reported.

@@ -2,8 +2,11 @@
 
     mlx-aim search index --model aimv2-large-patch14-224-lit --out photos.index ~/Pictures
     mlx-aim search query --index photos.index "a red bicycle at night" [--top-k 10] [--grid hits.png]
+    mlx-aim search query --index photos.index "beach + sunset - people"
+    mlx-aim search query --index photos.index "2:dog + ./my_dog.jpg" --threshold 0.2 --paths-only | xargs open
     mlx-aim search query --index photos.index --image ~/Pictures/bike.jpg
     mlx-aim search dupes --index photos.index --threshold 0.97 [--grid dupes/]
+    mlx-aim search serve --index photos.index [--open]
 
 `index` embeds every image under the folders into INDEX. Re-run it to bring INDEX up to date: only new or changed
 files are embedded (a file is known by its path, size and modification time) and deleted ones are dropped; a run
@@ -14,14 +17,23 @@ files and folders are skipped unless --include-hidden; --exclude-dir NAME leaves
 --exclude-dir PATH (with a "/") that one folder; without PHOTOS, the index's recorded settings are kept. One
 indexer at a time: a second one stops naming the first one's pid, or with --wait starts after it.
 
-`query` prints the top-k photos with their cosine similarity. An --image already in the index (unchanged) is
-answered from its stored embedding, without loading the model; --model defaults to the index's. --grid writes a
-contact sheet of the results.
+`query` prints the top-k photos with their cosine similarity. QUERY is terms joined by " + " and " - ", each a
+text, an image path (starting with /, ./, ../ or ~/) or #ROW (a row of the index), optionally weighted (2:dog); the
+query vector is normalize(sum of sign * weight * unit embedding) (mlx_aim/tasks/query.py). An image already in the
+index (unchanged) is answered from its stored embedding, without loading the model; --model defaults to the
+index's. --threshold S keeps the photos scoring at least S (all of them unless --top-k is given); --paths-only
+prints the paths alone, one per line. --grid writes a contact sheet of the results.
+
+`serve` opens a local web page (http://127.0.0.1:8765/) with the model kept loaded: a search box taking the same
+queries (texts and #ROW), a grid of thumbnails with scores, the full photo on a click and "more like this". It
+listens on 127.0.0.1 unless --host says otherwise, and serves only the index's files, by row.
 
 `dupes` groups near-identical photos (bursts, edits, re-saves) from the stored embeddings, without a model: photos
 whose cosine similarity is at least --threshold are linked, and each group is a connected set of links. --grid DIR
-draws a contact sheet per group. Exit status: 1 when nothing was indexed or found, 2 on bad input (and when another
-indexer holds the index).
+draws a contact sheet per group.
+
+Exit status: 1 when nothing was indexed or found, 2 on bad input (and when another indexer holds the
+index).
 """
 
 from __future__ import annotations
@@ -30,22 +42,34 @@ import argparse
 import os
 import sys
 import time
+import webbrowser
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..apps.search_server import PORT, QUERY_THREADS, SearchService, is_loopback, make_server
 from ..data import preprocessing_for
 from ..tasks.encode import peak_memory
 from ..tasks.shards import SHARD_SIZE
-from ..tasks.lit import check_lit, embed_texts, open_lit
+from ..tasks.lit import check_lit, open_lit
 from ..checkpoints.loading import load
 from ..tasks.dupes import DUPES_THRESHOLD, near_duplicates
-from ..tasks.search import TOP_K, SearchIndex, build_index, image_query, recorded_run
+from ..tasks.query import Query, QueryError, check_threshold, parse_query, query_vector
+from ..tasks.search import TOP_K, SearchIndex, build_index, recorded_run
 from ..tasks.visualize import draw_contact_sheet, save_png
-from .options import add_batching_options, add_model_options, add_output_options, positive_int, precision
+from .options import (
+    add_batching_options, add_model_options, add_output_options, at_least, positive_int, precision,
+)
 from .output import CommandError, EXIT_EMPTY, EXIT_OK, memory_line, print_json, reported_as, run_command
 
 LIT_HELP = ("the AIMv2-LiT: aimv2-large-patch14-224-lit, a hub repo id or a converted folder (with its tokenizer "
             "files)")
+
+
+def cosine(text: str) -> float:
+    try:
+        return check_threshold(text)
+    except QueryError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -73,11 +97,17 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     add_output_options(i)
 
     q = sub.add_parser("query", help="the photos most similar to a text or to an example image")
-    q.add_argument("text", nargs="?", help="what to look for, e.g. \"a red bicycle at night\"")
+    q.add_argument("text", nargs="?", metavar="QUERY",
+                   help="what to look for: a text, or terms joined by + and -, each a text, an image path (./x.jpg) "
+                        "or #ROW, optionally weighted (2:dog): \"beach + sunset - people\", \"2:dog + ./my_dog.jpg\"")
     q.add_argument("--image", metavar="FILE", help="look for photos like this one instead of a text")
     q.add_argument("--index", required=True, metavar="INDEX", help="an index folder written by `search index`")
     q.add_argument("--model", help=f"{LIT_HELP} (default: the one the index was built with)")
-    q.add_argument("--top-k", type=positive_int, default=TOP_K)
+    q.add_argument("--top-k", type=positive_int,
+                   help=f"how many photos at most (default {TOP_K}; with --threshold, all that pass it)")
+    q.add_argument("--threshold", type=cosine, metavar="S", help="only photos whose cosine similarity is at least S")
+    q.add_argument("--paths-only", action="store_true",
+                   help="print only the paths, one per line (for `| xargs open`); errors still go to stderr")
     q.add_argument("--grid", metavar="OUT.png", help="also write a contact sheet of the results")
     add_model_options(q, dtype_help="compute dtype (default: the index's)")
     add_output_options(q)
@@ -89,6 +119,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         f"{DUPES_THRESHOLD})")
     d.add_argument("--grid", metavar="DIR", help="also write a contact sheet per group into DIR (group-0001.png...)")
     add_output_options(d)
+
+    v = sub.add_parser("serve", help="a local web page to search the index, with the model kept loaded")
+    v.add_argument("--index", required=True, metavar="INDEX", help="an index folder written by `search index`")
+    v.add_argument("--model", help=f"{LIT_HELP} (default: the one the index was built with)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only; any other is warned about)")
+    v.add_argument("--port", type=at_least(0), default=PORT, help=f"the port (default {PORT}; 0: any free one)")
+    v.add_argument("--open", action="store_true", help="open the page in the default browser")
+    v.add_argument("--threads", type=at_least(0), default=QUERY_THREADS,
+                   help=f"BLAS threads for a query (default {QUERY_THREADS}: a short text runs as fast on one, and "
+                        "far faster on a busy machine; 0: the libraries' own counts)")
+    add_model_options(v, dtype_help="compute dtype (default: the index's)")
+    add_output_options(v, json_help="also print one JSON object (url, port, index, photos, model) once listening: "
+                                    "with --port 0, how a script learns the port")
     return p
 
 
@@ -155,16 +199,12 @@ def run_index(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["num_images"] else EXIT_EMPTY
 
 
-def run_query(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    with reported_as("cannot open the index"):
-        index = SearchIndex.open(args.index)
-    name = model_name(args.model) if args.model else index.model_name
+def model_opener(args: argparse.Namespace, index: SearchIndex, name: str, timer: dict):
+    """`open_model(with_tokenizer)` for `query_vector`: the index's model (or --model), loaded as the index was
+    built, its image side only when no text needs the tokenizer; the seconds it took go to timer["model"]."""
     settings = load_settings(args, index.index)
-    model_seconds = 0.0
 
     def open_model(with_tokenizer: bool):
-        nonlocal model_seconds
         tick = time.perf_counter()
         if not name:
             raise CommandError("the index records no model name; pass --model")
@@ -174,42 +214,50 @@ def run_query(args: argparse.Namespace) -> int:
             else:
                 model, tokenizer = check_lit(load(name, **settings, text_tower=False), name), None
             preprocessing = preprocessing_for(model.config.image, model.source.folder)
-        model_seconds += time.perf_counter() - tick
+        timer["model"] = timer.get("model", 0.0) + time.perf_counter() - tick
         return model, tokenizer, preprocessing
 
-    if args.text is not None:
-        what = repr(args.text)
-        model, tokenizer, _ = open_model(with_tokenizer=True)
-        index.check_model(model, name)
-        query, model_loaded = embed_texts(model, tokenizer, [args.text])[0], True
-    else:
-        what = f"photos like {args.image}"
+    return open_model
 
-        def model_for_image():
-            model, _, preprocessing = open_model(with_tokenizer=False)
-            return model, name, preprocessing
 
-        query, model_loaded = image_query(index, args.image, model_for_image)
+def run_query(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    with reported_as("cannot open the index"):
+        index = SearchIndex.open(args.index)
+    name = model_name(args.model) if args.model else index.model_name
+    query = Query.image(args.image) if args.image is not None else parse_query(args.text)
+    timer: dict = {}
+    found = query_vector(query, index, model_opener(args, index, name, timer), name)
+    top_k = args.top_k or (None if args.threshold is not None else TOP_K)
     tick = time.perf_counter()
-    hits = index.search(query, args.top_k)
+    hits = index.search(found.vector, top_k, args.threshold)
     search_seconds = time.perf_counter() - tick
-    print(f"top {len(hits)} of {len(index)} photo(s) for {what}"
-          + ("" if model_loaded else " (its stored embedding: no model loaded)"))
-    for hit in hits:
-        print(f"{hit.rank:>4}. {hit.score:+.4f}  {hit.path}")
+    what = f"photos like {args.image}" if args.image is not None else repr(args.text)
+    if args.paths_only:
+        for hit in hits:
+            print(hit.path)
+    else:
+        above = f" scoring at least {args.threshold:g}" if args.threshold is not None else ""
+        print(f"top {len(hits)} of {len(index)} photo(s){above} for {what}"
+              + ("" if found.model_loaded else " (stored embeddings: no model loaded)"))
+        for hit in hits:
+            print(f"{hit.rank:>4}. {hit.score:+.4f}  {hit.path}")
     if args.grid and hits:
         captions = [[f"#{h.rank}  {h.score:+.3f}", os.path.basename(h.path)] for h in hits]
         save_png(draw_contact_sheet([h.path for h in hits], captions, title=f"top {len(hits)} for {what}"),
                  args.grid)
-        print(f"contact sheet: {args.grid}")
+        print(f"contact sheet: {args.grid}", file=sys.stderr if args.paths_only else sys.stdout)
     if args.json:
-        print_json({"index": str(args.index), "query": {"text": args.text} if args.text is not None else
-                    {"image": args.image}, "model": name, "model_loaded": model_loaded, "num_images": len(index),
-                    "top_k": args.top_k, "results": [h.to_dict() for h in hits],
+        asked = {"text": args.text} if args.image is None else {"image": args.image}
+        print_json({"index": str(args.index), "query": {**asked, "terms": query.to_dict()["terms"]}, "model": name,
+                    "model_loaded": found.model_loaded, "num_images": len(index), "top_k": top_k,
+                    "threshold": args.threshold, "results": [h.to_dict() for h in hits],
                     "grid": args.grid if args.grid and hits else None,
-                    "seconds": round(time.perf_counter() - start, 4), "model_seconds": round(model_seconds, 4),
-                    "search_seconds": round(search_seconds, 4)})
+                    "seconds": round(time.perf_counter() - start, 4),
+                    "model_seconds": round(timer.get("model", 0.0), 4), "search_seconds": round(search_seconds, 4)})
     if not hits:
+        if len(index) and args.threshold is not None:
+            raise CommandError(f"no photo scores at least {args.threshold:g} for {what}", EXIT_EMPTY)
         raise CommandError(f"{args.index}: the index holds no photos", EXIT_EMPTY)
     return EXIT_OK
 
@@ -245,8 +293,38 @@ def run_dupes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    with reported_as("cannot open the index"):
+        index = SearchIndex.open(args.index)
+    name = model_name(args.model) if args.model else index.model_name
+    timer: dict = {}
+    with reported_as("cannot open the index"):
+        service = SearchService(args.index, model_opener(args, index, name, timer), name, args.threads)
+    service.load_model()
+    print(f"model {name} loaded in {timer['model']:.1f} s", flush=True)
+    with reported_as(f"cannot listen on {args.host} port {args.port}"):
+        server = make_server(service, args.host, args.port)
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine on port {server.port} can "
+              "search these photos and see them; use the default --host 127.0.0.1 to keep them to this machine",
+              file=sys.stderr, flush=True)
+    print(f"serving {len(service.index)} photo(s) of {args.index} at {server.url} (Ctrl-C to stop)", flush=True)
+    if args.json:
+        print_json({"url": server.url, "host": args.host, "port": server.port, "index": str(args.index),
+                    "num_images": len(service.index), "model": name, "model_seconds": round(timer["model"], 4)})
+    if args.open:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"index": run_index, "query": run_query, "dupes": run_dupes}[args.command](args)
+    return {"index": run_index, "query": run_query, "dupes": run_dupes, "serve": run_serve}[args.command](args)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
@@ -254,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = parser.parse_args(argv)
     if args.command == "query" and (args.text is None) == (args.image is None):
         parser.error("query: give a text or --image FILE (one of them)")
+    if args.command == "query" and args.paths_only and args.json:
+        parser.error("query: --paths-only prints paths alone; leave out --json")
     return run_command(run, args)
 
 

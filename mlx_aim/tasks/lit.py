@@ -69,9 +69,17 @@ def embed_texts(model: AIMv2LiT, tokenizer: CLIPTokenizer, texts: Sequence[str],
     rows = [np.zeros((0, model.config.projection_dim), np.float32)]
     for start in range(0, len(texts), batch_size):
         ids = tokenizer.encode(texts[start:start + batch_size], context_length=model.config.context_length)
-        embedding = normalized(model.encode_text(mx.array(ids)).astype(mx.float32))
+        embedding = normalized(model.encode_text(mx.array(trim_padding(ids, model.config.eos_token_id))).astype(
+            mx.float32))
         rows.append(np.asarray(embedding))
     return np.concatenate(rows)
+
+
+def trim_padding(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """`ids` without the columns after the last row's end token. The text tower is causal and pools each row's first
+    end token, so they change nothing, and a short text (most queries, class prompts) costs a few tokens of work
+    instead of the full context length."""
+    return ids[:, : int((ids == eos_token_id).argmax(axis=1).max()) + 1]
 
 
 def embed_images(model: AIMv2LiT, images: mx.array) -> mx.array:
