@@ -72,6 +72,17 @@ def test_finetune_qlora_from_the_command_line():
     assert proc.returncode == 2 and "QLoRA is lora" in proc.stderr
 
 
+def test_finetune_memory_suite_row(tmp_path):
+    rows = benchmark.finetune_memory_suite([("aim-tiny", "lora", 4, 2, True)], work_dir=str(tmp_path), steps=1)
+    (row,) = rows
+    assert (row["preset"], row["mode"], row["bits"], row["batch_size"], row["grad_checkpoint"]) == (
+        "aim-tiny", "QLoRA", 4, 2, True)
+    assert row["peak_rss_bytes"] > row["weight_bytes_on_disk"] > 0 and row["step_s"] > 0
+    assert row["trainable_parameters"] > 0
+    assert list(tmp_path.iterdir()) == []  # folders are removed once measured
+    assert "QLoRA 4-bit" in benchmark_cli.format_finetune_memory(rows)
+
+
 def test_table_for_a_quantized_model_without_torch():
     proc = run_benchmark(*TINY, "--quantize", "4", "--threads", "1")
     out = proc.stdout

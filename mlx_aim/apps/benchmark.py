@@ -8,6 +8,8 @@
     python scripts/benchmark.py --preset aimv2-large-patch14-224-lit --batch-size 4 --text-batch-size 16 --compare-torch
     python scripts/benchmark.py --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
     python scripts/benchmark.py --memory-suite aimv2    # aimv2-3B bfloat16 / 4-bit
+    python scripts/benchmark.py --preset aim-600M --finetune lora --batch-size 8 --compare-torch   # a LoRA step
+    python scripts/benchmark.py --memory-suite finetune # aim-600M LoRA / full, aim-7B QLoRA 4-bit
 
 `measure` and `memory_suite` return the figures; the command line (`mlx_aim.cli.benchmark`) prints them.
 
@@ -521,22 +523,24 @@ def bench_finetune(config: Optional[AIMConfig], batch_size: int, mode: str = "lo
     probe trained with it; with `quantize`, QLoRA) or full (every weight, drop path off so that both frameworks do
     the same work), on random images and labels. With `compare_torch`, `benchmarks/torch_reference.py`'s
     `FinetuneStep` on the same weights and adapters, alternating: the first losses agree (the adapters' B is 0)."""
-    from ..training.finetune import FinetuneConfig, adapted_model, full_model, make_optimizer, make_step
+    from ..training.finetune import FinetuneConfig, finetune_model, make_optimizer, make_step
     from ..training.optim import Schedule
 
     if mode not in ("lora", "full"):
         raise ValueError(f"finetune mode {mode!r}: expected 'lora' or 'full'")
     if mode == "full" and quantize:
         raise ValueError("a full fine-tune trains every weight of a float model: pass no quantize (QLoRA is lora)")
-    trunk, info = _load_model(config, None if weights else dtype, quantize, weights)
+    trunk, info = _load_model(config, None, quantize, weights)  # float32: the recipe's dtype casts the frozen base
     config = trunk.config
+    quantize = config.quantization  # a quantized folder is QLoRA too
     if not isinstance(config, AIMConfig):
         raise ValueError(f"the fine-tuning benchmark times AIM trunks; got {type(config).__name__}")
-    recipe = FinetuneConfig(fine_tune_type=mode, drop_path=0.0, steps=1000, lr=1e-4)
-    model = (full_model if mode == "full" else adapted_model)(trunk, FINETUNE_CLASSES, recipe)
+    recipe = FinetuneConfig(fine_tune_type=mode, drop_path=0.0, steps=1000, lr=1e-4, dtype=dtype,
+                            grad_checkpoint=grad_checkpoint)
+    model = finetune_model(trunk, FINETUNE_CLASSES, recipe)
     optimizer = make_optimizer(model, recipe, Schedule(recipe.steps, recipe.lr, recipe.lr, 0))
     model.train()
-    step = make_step(model, optimizer, recipe.label_smoothing)
+    step = make_step(model, optimizer, recipe.label_smoothing, dtype=parse_dtype(dtype))
     images_np = random_images(config, batch_size)
     labels_np = np.random.default_rng(1).integers(0, FINETUNE_CLASSES, batch_size)
     images, labels = mx.array(images_np), mx.array(labels_np)
@@ -622,6 +626,7 @@ def measure(
     train_only: bool = False,
     train_batch_size: Optional[int] = None,
     finetune: Optional[str] = None,
+    grad_checkpoint: bool = False,
     compare_torch: bool = False,
     torch_device: str = "cpu",
     threads: Optional[int] = None,
@@ -639,7 +644,8 @@ def measure(
     a quantization dict, for inference; `threads`: BLAS (and torch) threads; `text_batch_size`: an AIMv2-LiT's
     texts per call (its image tower takes `batch_size`); `torch_device`: where PyTorch runs with `compare_torch`
     ("cpu", or "cuda" to compare MLX's CUDA backend with PyTorch's); `finetune` ("lora" or "full"): time one
-    fine-tuning step instead (`bench_finetune`; with `quantize`, QLoRA)."""
+    fine-tuning step instead (`bench_finetune`; with `quantize`, QLoRA; `grad_checkpoint` recomputes block
+    activations in its backward pass)."""
     if min(batch_size, text_batch_size, repeats) < 1 or warmup < 0 or (threads is not None and threads < 1):
         raise ValueError(f"batch_size={batch_size}, text_batch_size={text_batch_size}, repeats={repeats}, "
                          f"warmup={warmup}, threads={threads}: expected batch sizes, repeats and threads >= 1, "
@@ -687,7 +693,7 @@ def measure(
         if lit or isinstance(config, AIMv2Config):
             raise ValueError("finetune: the fine-tuning benchmark times AIM trunks (its PyTorch reference is AIM's)")
         runs.append(bench_finetune(config, batch_size, finetune, dtype or "float32", quantize, weights,
-                                   compare_torch=compare_torch, warmup=warmup, repeats=repeats,
+                                   grad_checkpoint, compare_torch=compare_torch, warmup=warmup, repeats=repeats,
                                    torch_device=torch_device))
     elif lit:
         runs += bench_lit(config, batch_size, text_batch_size, dtype, quantize, weights, compare_torch, warmup,
@@ -711,6 +717,60 @@ def measure(
 # Memory: load + one forward, each model in a fresh process
 
 
+FINETUNE_MEMORY_SUITE = (
+    # (preset, mode, bits, batch, grad_checkpoint): the fine-tuning issue's three figures
+    ("aim-600M", "lora", None, 8, False),
+    ("aim-600M", "full", None, 8, False),
+    ("aim-7B", "lora", 4, 1, True),
+)
+
+
+def _child_json(cmd: list[str], what: str) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run for {what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _write_random_folder(folder: Path, preset: str, dtype: str, bits: Optional[int]) -> float:
+    """Writes a random-weight folder in a child process (so that writing leaves nothing behind in this one's memory);
+    returns the seconds it took."""
+    start = time.perf_counter()
+    code = ("import sys; from mlx_aim.apps.benchmark import write_random_model; "
+            "from mlx_aim.models.config import model_config; "
+            "write_random_model(sys.argv[1], model_config(sys.argv[2]), sys.argv[3], int(sys.argv[4]) or None)")
+    subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
+    return time.perf_counter() - start
+
+
+def finetune_memory_suite(specs: Sequence[tuple] = FINETUNE_MEMORY_SUITE, work_dir: Optional[str] = None,
+                          steps: int = 2) -> list[dict]:
+    """For each (preset, mode, bits, batch, grad_checkpoint): write a random-weight float32 (or `bits`-bit) folder,
+    then in a fresh process load it and take `steps` compiled fine-tuning steps (`bench_finetune`: LoRA rank 8 with
+    the probe, QLoRA on a quantized folder, or full); report the peak resident memory. Each folder is deleted once
+    measured."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="mlx_aim_memory-") as tmp:
+        for preset, mode, bits, batch, checkpointed in specs:
+            folder = Path(tmp) / f"{preset}-q{bits or 0}"
+            write_s = _write_random_folder(folder, preset, "float32", bits)
+            disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            cmd = [sys.executable, "-m", "mlx_aim.cli.benchmark", "--weights", str(folder), "--finetune", mode,
+                   "--batch-size", str(batch), "--warmup", "0", "--repeats", str(steps), "--json"]
+            child = _child_json(cmd + (["--grad-checkpoint"] if checkpointed else []), folder.name)
+            run_ = child["runs"][0]
+            rows.append({"preset": preset, "mode": "QLoRA" if bits else mode, "bits": bits, "batch_size": batch,
+                         "grad_checkpoint": checkpointed, "image_size": run_["image_size"],
+                         "weight_bytes_on_disk": disk, "write_s": write_s, "load_s": run_["load_s"],
+                         "trainable_parameters": run_["trainable_parameters"],
+                         "first_step_s": run_["timings"]["mlx"]["first_s"],
+                         "step_s": run_["timings"]["mlx"]["median_s"],
+                         "peak_rss_bytes": child["memory"]["peak_rss_bytes"],
+                         "peak_mlx_bytes": child["memory"]["peak_mlx_bytes"]})
+            shutil.rmtree(folder)
+    return rows
+
+
 def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE, work_dir: Optional[str] = None,
                  batch_size: int = 1) -> list[dict]:
     """For each (preset, dtype, bits): write a random-weight folder, then in a fresh process load it with
@@ -720,21 +780,11 @@ def memory_suite(specs: Sequence[tuple[str, str, Optional[int]]] = MEMORY_SUITE,
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="mlx_aim_memory-") as tmp:
         for preset, dtype, bits in specs:
             folder = Path(tmp) / f"{preset}-{dtype}-q{bits or 0}"
-            start = time.perf_counter()
-            # Written in a child too, so that writing leaves nothing behind in this process's memory.
-            code = ("import sys; from mlx_aim.apps.benchmark import write_random_model; "
-                    "from mlx_aim.models.config import model_config; "
-                    "write_random_model(sys.argv[1], model_config(sys.argv[2]), sys.argv[3], "
-                    "int(sys.argv[4]) or None)")
-            subprocess.run([sys.executable, "-c", code, str(folder), preset, dtype, str(bits or 0)], check=True)
-            write_s = time.perf_counter() - start
+            write_s = _write_random_folder(folder, preset, dtype, bits)
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             cmd = [sys.executable, "-m", "mlx_aim.cli.benchmark", "--weights", str(folder), "--batch-size",
                    str(batch_size), "--warmup", "0", "--repeats", "1", "--json"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory run for {folder.name} failed:\n{proc.stderr[-2000:]}")
-            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            child = _child_json(cmd, folder.name)
             run_ = child["runs"][0]
             rows.append({"preset": preset, "dtype": dtype, "bits": bits, "weight_bytes_on_disk": disk,
                          "weight_bytes_in_memory": run_["weight_bytes"], "write_s": write_s,

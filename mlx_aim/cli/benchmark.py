@@ -7,6 +7,8 @@
     mlx-aim benchmark --preset aimv2-large-patch14-native --image-size 448   # 1024 patches
     mlx-aim benchmark --memory-suite          # aim-1B float32 / bfloat16 / 4-bit, aim-7B 4-bit
     mlx-aim benchmark --memory-suite aimv2    # aimv2-3B bfloat16 / 4-bit
+    python scripts/benchmark.py --preset aim-600M --finetune lora --batch-size 8 --compare-torch
+    mlx-aim benchmark --memory-suite finetune # fine-tuning: aim-600M LoRA and full, aim-7B QLoRA
 
 An AIMv2 preset times its encoder (every block and the final norm; Apple released no heads) against
 transformers' Aimv2VisionModel. --compare-torch runs from a clone of the repository (the PyTorch references are
@@ -48,6 +50,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--finetune", choices=["lora", "full"],
                    help="time one fine-tuning step of an AIM trunk instead: LoRA (rank 8 on qkv and proj, with the "
                         "probe; with --quantize, QLoRA) or full")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="--finetune: recompute each block's activations in the backward pass")
     p.add_argument("--compare-torch", action="store_true",
                    help="time PyTorch on the same model and weights in the same run, alternating")
     p.add_argument("--torch-device", default="cpu",
@@ -60,10 +64,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed calls, the first (compiling) one included")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls; the median is reported")
-    p.add_argument("--memory-suite", nargs="?", const="aim", choices=list(benchmark.MEMORY_SUITES),
+    p.add_argument("--memory-suite", nargs="?", const="aim", choices=[*benchmark.MEMORY_SUITES, "finetune"],
                    help="peak memory of load + forward: aim (the default) aim-1B float32/bfloat16/4-bit and aim-7B "
                         "4-bit; aimv2: aimv2-3B bfloat16 and 4-bit; lit: aimv2-large-patch14-224-lit float32 and "
-                        "4-bit")
+                        "4-bit; finetune: fine-tuning steps of aim-600M (LoRA and full, batch 8) and aim-7B (QLoRA "
+                        "4-bit, batch 1, --grad-checkpoint)")
     p.add_argument("--work-dir", help="where --memory-suite writes its random-weight folders (default: temp)")
     add_output_options(p, json_help="print one JSON object (last line) instead of the table")
     return p
@@ -137,6 +142,21 @@ def format_memory(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_finetune_memory(rows: list[dict]) -> str:
+    """`benchmark.finetune_memory_suite`'s rows as a table."""
+    header = ("model", "mode", "batch", "grad checkpoint", "weights on disk", "trainable", "step s", "peak resident")
+    table = [header]
+    for r in rows:
+        table.append((f"{r['preset']} {r['image_size']}px", r["mode"] + (f" {r['bits']}-bit" if r["bits"] else ""),
+                      str(r["batch_size"]), "yes" if r["grad_checkpoint"] else "no",
+                      format_bytes(r["weight_bytes_on_disk"]), f"{r['trainable_parameters']:,}",
+                      f"{r['step_s']:.1f}", format_bytes(r["peak_rss_bytes"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["load + compiled fine-tuning steps, each model in a fresh process"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.compare_torch:
         try:
@@ -147,11 +167,14 @@ def run(args: argparse.Namespace) -> int:
             print("note: PyTorch is imported after mlx_aim bound MLX's BLAS, and calls that BLAS too; for PyTorch "
                   "as its users have it, run python scripts/benchmark.py", file=sys.stderr)
     if args.memory_suite:
-        rows = benchmark.memory_suite(benchmark.MEMORY_SUITES[args.memory_suite], work_dir=args.work_dir)
+        if args.memory_suite == "finetune":
+            rows = benchmark.finetune_memory_suite(work_dir=args.work_dir)
+        else:
+            rows = benchmark.memory_suite(benchmark.MEMORY_SUITES[args.memory_suite], work_dir=args.work_dir)
         if args.json:
             print_json({"machine": benchmark.machine_info(), "memory_suite": rows})
         else:
-            print(format_memory(rows))
+            print(format_finetune_memory(rows) if args.memory_suite == "finetune" else format_memory(rows))
         return EXIT_OK
     try:
         result = benchmark.measure(
@@ -159,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, quantize=quantization(args), batch_size=args.batch_size,
             text_batch_size=args.text_batch_size, train=args.train,
             train_only=args.train_only, train_batch_size=args.train_batch_size, finetune=args.finetune,
+            grad_checkpoint=args.grad_checkpoint,
             compare_torch=args.compare_torch,
             threads=args.threads, compile=args.compile, warmup=args.warmup, repeats=args.repeats,
             torch_device=args.torch_device,
@@ -175,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.grad_checkpoint and not args.finetune:
+        parser.error("--grad-checkpoint applies to --finetune")
     if args.finetune and (args.train or args.train_only):
         parser.error("--finetune times a fine-tuning step alone: drop --train and --train-only")
     if (args.train or args.train_only) and (args.quantize or args.weights):

@@ -374,6 +374,15 @@ class GroupBatchNorm(nn.BatchNorm):
         return mean, var
 
 
+def finetune_model(trunk: nn.Module, num_classes: int, config: FinetuneConfig) -> Probed:
+    """The model a run trains: `full_model` or `adapted_model` as `config.fine_tune_type` says, its trunk recomputing
+    block activations in the backward pass if `config.grad_checkpoint`."""
+    build = full_model if config.fine_tune_type == "full" else adapted_model
+    model = build(trunk, num_classes, config)
+    model.trunk.grad_checkpoint = config.grad_checkpoint
+    return model
+
+
 def _check_splits(train_part: ImageFolder, val_part: Optional[ImageFolder]) -> list[str]:
     classes = list(train_part.classes)
     if len(classes) < 2:
@@ -542,8 +551,7 @@ def finetune(
     classes = _check_splits(train_part, val_part)
     identity = base_identity(trunk.config)
     full = config.fine_tune_type == "full"
-    model = full_model(trunk, len(classes), config) if full else adapted_model(trunk, len(classes), config)
-    model.trunk.grad_checkpoint = config.grad_checkpoint
+    model = finetune_model(trunk, len(classes), config)
     if world > 1:
         model.head.bn = GroupBatchNorm(model.head.bn, group)
     transform = _train_transform(preprocessing, config)
