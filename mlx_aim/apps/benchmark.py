@@ -744,7 +744,7 @@ def _write_random_folder(folder: Path, preset: str, dtype: str, bits: Optional[i
 
 
 def finetune_memory_suite(specs: Sequence[tuple] = FINETUNE_MEMORY_SUITE, work_dir: Optional[str] = None,
-                          steps: int = 2) -> list[dict]:
+                          steps: int = 1) -> list[dict]:
     """For each (preset, mode, bits, batch, grad_checkpoint): write a random-weight float32 (or `bits`-bit) folder,
     then in a fresh process load it and take `steps` compiled fine-tuning steps (`bench_finetune`: LoRA rank 8 with
     the probe, QLoRA on a quantized folder, or full); report the peak resident memory. Each folder is deleted once
