@@ -76,6 +76,40 @@ def test_rerun_reuses_the_finished_pretraining(tmp_path):
     assert second["probe"] == first["probe"]
 
 
+def test_finetune_comparison_on_the_quick_demo(tmp_path, capsys):
+    """`demo --finetune`: probe, LoRA and full on the pre-trained trunk per seed, a table of the JSON's figures, and
+    a second call that reuses every recorded result instead of training again."""
+    assert demo_cli.main(["--quick", "--out", str(tmp_path), "--finetune", "--finetune-seeds", "0,1", "--json",
+                          "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    result = last_json(stdout)["finetune"]
+    assert result["seeds"] == [0, 1] and list(result["methods"]) == ["probe", "lora", "full"]
+    for method, m in result["methods"].items():
+        assert [r["seed"] for r in m["runs"]] == [0, 1]
+        top1 = [r["top1"] for r in m["runs"]]
+        assert (m["top1_min"], m["top1_max"]) == (min(top1), max(top1))
+        row = [line for line in stdout.splitlines() if line.startswith(demo_cli.METHOD_NAMES[method])]
+        assert len(row) == 1 and f"{100 * top1[1]:.1f}%" in row[0] and f"{m['trainable_parameters']:,}" in row[0]
+    methods = result["methods"]
+    # What trains: the probe's head; LoRA's adapters beside the same head; every weight in full mode.
+    assert methods["probe"]["trainable_parameters"] < methods["lora"]["trainable_parameters"] < (
+        methods["full"]["trainable_parameters"])
+    assert result["beats"]["lora_over_probe"] == (methods["lora"]["top1_min"] > methods["probe"]["top1_max"])
+    assert result["beats"]["full_over_lora"] == (methods["full"]["top1_min"] > methods["lora"]["top1_max"])
+
+    run_dir = Path(last_json(stdout)["run_dir"])
+    records = sorted(p.name for p in (run_dir / "finetune").glob("*.json"))
+    assert records == sorted(f"{m}-seed{s}.json" for m in ("probe", "lora", "full") for s in (0, 1))
+    lines = []
+    again = demo.compare_finetuning(last_json(stdout), [0, 1], quick=True, progress=False, echo=lines.append)
+    assert again["methods"] == result["methods"] and all("reusing" in line for line in lines)
+    with pytest.raises(ValueError, match="seeds"):
+        demo.compare_finetuning(last_json(stdout), [1, 1], quick=True, progress=False)
+    with pytest.raises(SystemExit):
+        demo_cli.main(["--model", "aim-600M", "--finetune"])
+    assert "drop --model" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_refused(tmp_path, capsys):
     assert demo_cli.main(["--quick", "--steps", "0", "--out", str(tmp_path / "d")]) == 2
     assert "steps=0" in capsys.readouterr().err

@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
+from mlx.utils import tree_flatten
 from PIL import Image
 
 from ..models.config import AIMConfig, get_config
 from ..data import ImageFolder, load_splits
 from ..fileio import write_json
 from ..models.model import AIMEncoder, build_model
+from ..training.finetune import FinetuneConfig, finetune
 from ..training.probe import ProbeConfig, train_probe, trunk_description
 from ..data.synthetic import SHAPE_CLASSES, render, write_image_folder
 from ..training.runs import silent
@@ -94,6 +96,12 @@ class DemoConfig:
     probe_epochs: int = 40
     probe_batch_size: int = 128
     probe_lr: float = 1e-2
+    # Fine-tuning (`--finetune`; the rest is `FinetuneConfig`'s): the pre-trained trunk with the same probe head,
+    # LoRA (rank 8 on qkv and proj) or every weight, on the probe's training images without augmentation.
+    finetune_epochs: int = 20
+    finetune_batch_size: int = 128
+    lora_lr: float = 1e-2
+    full_lr: float = 2e-3
 
     def model_config(self) -> AIMConfig:
         layers = list(self.probe_layers) if self.probe_layers is not None else "last"
@@ -114,6 +122,11 @@ class DemoConfig:
         return ProbeConfig(epochs=self.probe_epochs, batch_size=self.probe_batch_size, lr=self.probe_lr,
                            seed=seed, eval_batch_size=256)
 
+    def finetune_config(self, mode: str, seed: int) -> FinetuneConfig:
+        return FinetuneConfig(fine_tune_type=mode, epochs=self.finetune_epochs, batch_size=self.finetune_batch_size,
+                              lr=self.lora_lr if mode == "lora" else self.full_lr, augment=False, seed=seed,
+                              eval_batch_size=256, log_interval=10)
+
     def replace(self, **changes) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
 
@@ -123,7 +136,7 @@ DEFAULT = DemoConfig()
 QUICK = DemoConfig(
     image_size=16, num_classes=4, num_train=96, num_val=32, probe_train=64, patch_size=4, width=32, depth=2,
     num_heads=2, head_width=32, head_depth=1, steps=6, batch_size=16, val_images=32, probe_epochs=3,
-    probe_batch_size=32,
+    probe_batch_size=32, finetune_epochs=2, finetune_batch_size=32,
 )
 
 
@@ -286,11 +299,95 @@ def run_demo(
         "gain_points": 100 * (probes["pretrained"]["val"]["top1"] - probes["random"]["val"]["top1"]),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "run_dir": str(run_dir),
+        "data_root": str(data_root),
         "checkpoint": summary.get("checkpoint"),
         "model_dir": str(model_dir),
         "figure": str(figure_path),
     }
     write_json(run_dir / "demo.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# `--finetune`: the probe against LoRA and full fine-tuning of the pre-trained trunk (AIM section 5.5)
+
+
+FINETUNE_METHODS = ("probe", "lora", "full")
+FINETUNE_DIR = "finetune"
+
+
+def _trained_count(module) -> int:
+    return sum(v.size for _, v in tree_flatten(module.trainable_parameters()))
+
+
+def _finetune_once(method: str, seed: int, model_dir: Path, data: tuple[ImageFolder, ImageFolder], folder: Path,
+                   cfg: DemoConfig, progress: bool, echo: Callable) -> dict:
+    """One method with one seed, from the pre-trained trunk: its validation top-1 and top-5, what it trained, its
+    wall time."""
+    import mlx_aim  # the package's loader: the exported trunk is an ordinary model folder
+
+    tick = time.perf_counter()
+    if method == "probe":
+        model = mlx_aim.load(model_dir)
+        result = train_probe(model, data, folder, cfg.probe_config(seed), trunk=trunk_description(model, str(model_dir)),
+                             force=True, save_model_folder=False, progress=progress, echo=echo)
+        val, trained = result.metrics["val"], _trained_count(result.head)
+    else:
+        result = finetune(model_dir, data, folder, cfg.finetune_config(method, seed), force=True, progress=progress,
+                          echo=echo)
+        val, trained = result.metrics["val"], result.trainable
+    return {"method": method, "seed": seed, "top1": val["top1"], "top5": val["top5"], "num_images": val["num_images"],
+            "trainable_parameters": trained, "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def compare_finetuning(demo: dict, seeds=(0, 1, 2), *, config: Optional[DemoConfig] = None, quick: bool = False,
+                       progress: bool = True, echo: Optional[Callable[[str], None]] = None) -> dict:
+    """The attentive probe (the demo's recipe), LoRA and full fine-tuning (`DemoConfig.finetune_config`) of the
+    demo's pre-trained trunk (`demo`: what `run_demo` returned), each with every seed in `seeds` (the head's and
+    adapters' initialisation and the data order; the trunk and the images stay), evaluated on the held-out images.
+
+    Each (method, seed) result is written to RUN/finetune/METHOD-seedN.json and reused by a later call, so an
+    interrupted comparison continues where it stopped. Returns per method its runs, the range of top-1 over the seeds,
+    the trainable parameters and the median wall time, and which method beats which: "beats" means the seeds' ranges
+    do not overlap (the worst seed of one above the best of the other)."""
+    echo = echo or silent
+    cfg = config if config is not None else QUICK if quick else DEFAULT
+    seeds = [int(s) for s in seeds]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds}: expected distinct integers >= 0")
+    run_dir, model_dir = Path(demo["run_dir"]), Path(demo["model_dir"])
+    data_root = Path(demo["data_root"])
+    data = probe_splits(data_root, cfg.probe_train)
+    methods = {}
+    for method in FINETUNE_METHODS:
+        runs = []
+        for seed in seeds:
+            record = run_dir / FINETUNE_DIR / f"{method}-seed{seed}.json"
+            if record.is_file():
+                runs.append(json.loads(record.read_text()))
+                echo(f"  {method}, seed {seed}: reusing {record}")
+                continue
+            echo(f"  {method}, seed {seed}")
+            result = _finetune_once(method, seed, model_dir, data, run_dir / FINETUNE_DIR / f"{method}-seed{seed}",
+                                    cfg, progress, echo)
+            write_json(record, result)
+            runs.append(result)
+        top1 = [r["top1"] for r in runs]
+        methods[method] = {"runs": runs, "top1_min": min(top1), "top1_max": max(top1),
+                           "top1_mean": float(np.mean(top1)), "trainable_parameters": runs[0]["trainable_parameters"],
+                           "seconds_median": float(np.median([r["seconds"] for r in runs]))}
+
+    def beats(a: str, b: str) -> bool:
+        return methods[a]["top1_min"] > methods[b]["top1_max"]
+
+    result = {"seeds": seeds, "num_images": methods["probe"]["runs"][0]["num_images"],
+              "num_train": len(data[0]), "methods": methods,
+              "beats": {"lora_over_probe": beats("lora", "probe"), "full_over_lora": beats("full", "lora"),
+                        "full_over_probe": beats("full", "probe")},
+              "recipes": {"probe": cfg.probe_config(seeds[0]).recipe(),
+                          "lora": cfg.finetune_config("lora", seeds[0]).recipe(),
+                          "full": cfg.finetune_config("full", seeds[0]).recipe()}}
+    write_json(run_dir / "finetune.json", result, default=str)
     return result
 
 

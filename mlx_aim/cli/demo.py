@@ -4,6 +4,7 @@ released AIM instead, or with a trunk and the probe trained on it (an AIMv2 prob
 
     mlx-aim demo                     # the default run: a few minutes on a laptop CPU
     mlx-aim demo --seed 1 --json     # another seed; one JSON object with the figures last
+    mlx-aim demo --finetune          # then the probe against LoRA and full fine-tuning, over 3 seeds
     mlx-aim demo --model aim-600M    # classify the bundled sample images with a released model
     mlx-aim demo --model PROBE/model # with an AIMv2 trunk and your probe (Apple released no AIMv2 heads)
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..models.config import AIMV2_PRESET_NAMES, get_config
-from ..apps.demo import DEFAULT, run_demo, sample_images
+from ..apps.demo import DEFAULT, compare_finetuning, run_demo, sample_images
 from ..models.model import untrained_head_message
 from .classify import classify_and_report
 from .options import add_max_patches_option, add_model_options, add_output_options, positive_int, precision
@@ -33,6 +34,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"pre-training steps (default: {DEFAULT.steps})")
     p.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for tests: numbers not meaningful")
     p.add_argument("--force", action="store_true", help="discard this seed's earlier run folder and start over")
+    p.add_argument("--finetune", action="store_true",
+                   help="then train the attentive probe, LoRA and full fine-tuning on the pre-trained trunk with each "
+                        "--finetune-seeds seed, and compare them (AIM section 5.5)")
+    p.add_argument("--finetune-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2],
+                   metavar="S,S,...", help="seeds of the comparison (default: 0,1,2)")
     p.add_argument("--model", default=None,
                    help="instead of pre-training: classify the bundled sample images with this model "
                         "(aim-600M, a hub repo id, or a local model folder such as a probe's PROBE/model)")
@@ -68,6 +74,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+METHOD_NAMES = {"probe": "attentive probe (frozen trunk)", "lora": "LoRA rank 8 + probe", "full": "full fine-tuning + probe"}
+
+
+def format_comparison(result: dict) -> str:
+    """`compare_finetuning`'s table: top-1 per seed and its range, trainable parameters, median wall time."""
+    seeds = result["seeds"]
+    header = ("method", *[f"seed {s}" for s in seeds], "range", "trainable", "wall time")
+    table = [header]
+    for method, m in result["methods"].items():
+        table.append((METHOD_NAMES[method], *[f"{100 * r['top1']:.1f}%" for r in m["runs"]],
+                      f"{100 * m['top1_min']:.1f}-{100 * m['top1_max']:.1f}", f"{m['trainable_parameters']:,}",
+                      f"{m['seconds_median']:.0f} s"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    said = {True: "beats", False: "does not beat"}
+    b = result["beats"]
+    lines.append(f"top-1 on {result['num_images']} held-out images; LoRA {said[b['lora_over_probe']]} the probe, full "
+                 f"fine-tuning {said[b['full_over_lora']]} LoRA and {said[b['full_over_probe']]} the probe (beats: "
+                 "the seeds' ranges do not overlap)")
+    return "\n".join(lines)
+
+
 def released_aimv2(model: str) -> Optional[str]:
     """The AIMv2 name `model` gives (a name or Apple's hub id, not a local path), else None: a head-less trunk."""
     if Path(model).exists():
@@ -91,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"pre-trained trunk: {result['model_dir']} (mlx_aim.load); checkpoint: {result['checkpoint']}")
     print(f"wall time: {result['seconds']['total']:.0f} s (data {result['seconds']['data']:.0f}, pre-training "
           f"{result['seconds']['pretrain']:.0f}, probes {result['seconds']['probe']:.0f})")
+    if args.finetune:
+        print(f"\nfine-tuning: the attentive probe, LoRA and full fine-tuning of the pre-trained trunk, seeds "
+              f"{','.join(map(str, args.finetune_seeds))}")
+        result["finetune"] = compare_finetuning(result, args.finetune_seeds, quick=args.quick,
+                                                progress=not args.no_progress, echo=print)
+        print()
+        print(format_comparison(result["finetune"]))
     if args.json:
         print_json(result)
     return EXIT_OK
@@ -99,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.model is not None and args.finetune:
+        parser.error("--finetune compares on the demo's own pre-trained trunk: drop --model")
     if args.model is None and (args.dtype or args.quantize or args.q_group_size or args.max_patches):
         parser.error("--dtype, --quantize, --q-group-size and --max-patches apply to --model (the demo's own run is "
                      "a float32 AIM)")
