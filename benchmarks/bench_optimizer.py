@@ -3,11 +3,15 @@
 `mlx.optimizers.AdamW`) and on the native one (`mlx_aim.backend.native.adamw_update`, one multithreaded kernel over the
 whole parameter tree), alternating in one process on the same model and gradients.
 
-    python benchmarks/bench_optimizer.py --preset aim-small --batch-size 4 --repeats 7
+    python benchmarks/bench_optimizer.py --preset aim-small --batch-size 4
+    python benchmarks/bench_optimizer.py --preset aim-small --batch-size 4 --repeats 2 --block 3 --with-gradients
 
 Each path's update is traced once with its setting (`backend.native_kernels`) and keeps it: a compiled function keeps
-the path it was traced with. The rounds alternate the paths, reversing their order every round; medians and minima are
-printed, with the CPU model and the load average (the machine may be shared: compare the paths within one run).
+the path it was traced with. Each round runs a block of consecutive updates of each path, the paths' order reversed
+every round, and times all but the first update of a block: training runs one path, and an update right after the
+other path's measured up to 2x off here (the buffers it reuses and the caches it finds are the other path's). Medians
+and minima are printed, with the CPU model and the load average (the machine may be shared: compare the paths within
+one run).
 """
 
 import argparse
@@ -34,16 +38,17 @@ def measure(steps: dict, first, images, prefix, count: int, args) -> dict[str, l
         with backend.native_kernels(path == "native"):
             step.apply(loss, grads)
     times = {"gradients": [], **{f"apply {path}": [] for path in args.paths}}
-    for _ in range(args.grad_repeats):
-        start = time.perf_counter()
-        loss, grads = gradients()
-        times["gradients"].append(time.perf_counter() - start)
     for r in range(args.repeats):
         for path in args.paths if r % 2 == 0 else args.paths[::-1]:
-            start = time.perf_counter()
-            steps[path].apply(loss, grads)
-            times[f"apply {path}"].append(time.perf_counter() - start)
-
+            for call in range(args.block):
+                if args.with_gradients:  # as in training: each update follows a forward and backward
+                    start = time.perf_counter()
+                    loss, grads = gradients()
+                    times["gradients"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                steps[path].apply(loss, grads)
+                if call > 0:  # the first update of a block follows the other path's, whose buffers it inherits
+                    times[f"apply {path}"].append(time.perf_counter() - start)
     return times
 
 
@@ -51,8 +56,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="aim-small")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds of the updates")
-    p.add_argument("--grad-repeats", type=int, default=3, help="timed calls of TrainStep.gradients, for scale")
+    p.add_argument("--repeats", type=int, default=5, help="rounds: a block of updates of each path per round")
+    p.add_argument("--block", type=int, default=3, help="consecutive updates of one path, all but the first timed")
+    p.add_argument("--with-gradients", action="store_true",
+                   help="a forward and backward (TrainStep.gradients, timed too) before every update, as in training")
     p.add_argument("--threads", type=int, default=0, help="native kernels' and BLAS threads (0: leave them)")
     p.add_argument("--paths", nargs="+", default=["portable", "native"], choices=["portable", "native"])
     p.add_argument("--json", action="store_true")

@@ -781,16 +781,16 @@ struct AdamConstants {
   float b1, one_minus_b1, b2, one_minus_b2, eps, scale, c1, c2, decay;
 };
 
-// In place: p, m and v hold the step's inputs and receive its outputs (distinct buffers, none of them g's).
-MLX_AIM_CLONES void adamw_block(const float* __restrict g, float* __restrict p, float* __restrict m,
-                                float* __restrict v, int64_t n, AdamConstants k) {
+MLX_AIM_CLONES void adamw_block(const float* __restrict g, const float* __restrict p, const float* __restrict m,
+                                const float* __restrict v, float* __restrict p_out, float* __restrict m_out,
+                                float* __restrict v_out, int64_t n, AdamConstants k) {
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * k.scale;
     float mi = k.b1 * m[i] + k.one_minus_b1 * gi;
     float vi = k.b2 * v[i] + k.one_minus_b2 * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * k.decay - (k.c1 * mi) / (std::sqrt(vi) * k.c2 + k.eps);
+    m_out[i] = mi;
+    v_out[i] = vi;
+    p_out[i] = p[i] * k.decay - (k.c1 * mi) / (std::sqrt(vi) * k.c2 + k.eps);
   }
 }
 
@@ -842,7 +842,7 @@ std::vector<mx::array> adamw_update(const std::vector<mx::array>& grads, const s
       check_float32(a, "adamw_update");
       if (a.shape() != params[i].shape())
         throw std::invalid_argument("adamw_update: a gradient or moment differs in shape from its parameter");
-      inputs.push_back(a);
+      inputs.push_back(mx::contiguous(a, false, s));  // a no-op for the row-contiguous arrays training has
     }
   }
   inputs.push_back(mx::contiguous(mx::flatten(scalars, s), false, s));
@@ -857,48 +857,22 @@ std::vector<mx::array> adamw_update(const std::vector<mx::array>& grads, const s
                                 std::make_shared<AdamW>(s, b1, b2, eps, max_norm, decayed), std::move(inputs));
 }
 
-// A row-contiguous float32 array's elements in place, else (broadcast, transposed, sliced) gathered into `copy`.
-const float* dense(const mx::array& a, std::vector<float>& copy) {
-  if (a.flags().row_contiguous && int64_t(a.data_size()) == int64_t(a.size())) return a.data<float>();
-  copy.resize(a.size());
-  const mx::Shape& shape = a.shape();
-  int64_t n = shape.empty() ? 1 : shape.back();
-  if (n == 0) return copy.data();
-  Rows rows = rows_of(a, shape);
-  for (size_t r = 0; r < rows.offsets.size(); ++r)
-    for (int64_t j = 0; j < n; ++j) copy[r * n + j] = a.data<float>()[rows.offsets[r] + j * rows.step];
-  return copy.data();
-}
-
 void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  // Parameters and moments are updated in place where MLX may reuse their buffers (nothing else holds them: in a
-  // training step the model and optimizer state already point at this step's outputs), else in new buffers that start
-  // as copies (in the dispatched task, a block at a time).
-  size_t n = decayed_.size();
-  std::vector<char> copied(3 * n, 0);
-  for (size_t i = 0; i < 3 * n; ++i) {
-    const auto& in = inputs[n + i];
-    if (in.is_donatable() && in.flags().row_contiguous && int64_t(in.data_size()) == int64_t(in.size())) {
-      outputs[i].copy_shared_buffer(in);
-    } else {
-      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
-      copied[i] = 1;
-    }
-  }
-  outputs[3 * n].set_data(mx::allocator::malloc(outputs[3 * n].nbytes()));
+  // New buffers for every output. Updating in place where MLX allows donation was tried: in the compiled training step
+  // MLX never offered the parameters' or moments' buffers for reuse (is_donatable false for all), so it only cost code.
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) encoder.set_input_array(in);
   for (auto& o : outputs) encoder.set_output_array(o);
-  std::vector<mx::array> in;
+  std::vector<const float*> src;
   std::vector<float*> out;
-  for (auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+  for (auto& a : inputs) src.push_back(a.data<float>());
   for (auto& a : outputs) out.push_back(a.data<float>());
-  encoder.dispatch([n, in = std::move(in), out = std::move(out), copied = std::move(copied), b1 = b1_, b2 = b2_,
+  std::vector<int64_t> sizes;
+  size_t n = decayed_.size();
+  for (size_t i = 0; i < n; ++i) sizes.push_back(inputs[i].size());
+  encoder.dispatch([n, src = std::move(src), out = std::move(out), sizes = std::move(sizes), b1 = b1_, b2 = b2_,
                     eps = eps_, max_norm = max_norm_, decayed = decayed_]() {
-    // Inputs read where they lie when row-contiguous (what training has), else gathered once here.
-    std::vector<std::vector<float>> gathered(4 * n);
-    std::vector<const float*> src(4 * n);
-    for (size_t i = 0; i < 4 * n; ++i) src[i] = dense(in[i], gathered[i]);
     struct Block {
       size_t tensor;
       int64_t begin, end;
@@ -906,7 +880,7 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
     std::vector<Block> blocks;
     int64_t total = 0;
     for (size_t i = 0; i < n; ++i) {
-      int64_t size = in[i].size();
+      int64_t size = sizes[i];
       total += size;
       for (int64_t b = 0; b < size; b += kAdamBlock) blocks.push_back({i, b, std::min(size, b + kAdamBlock)});
     }
@@ -926,7 +900,7 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
     float norm = static_cast<float>(std::sqrt(squares));
     *out[3 * n] = norm;
 
-    const float* scalars = in[4 * n].data<float>();
+    const float* scalars = src[4 * n];
     AdamConstants k{static_cast<float>(b1), static_cast<float>(1.0 - b1), static_cast<float>(b2),
                     static_cast<float>(1.0 - b2), eps, 1.0f, scalars[0], scalars[1], scalars[2]};
     if (max_norm > 0) {  // as optim.clip_grad_norm in float32: min(max_norm / (norm + 1e-6), 1), nan kept
@@ -939,11 +913,9 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
         size_t i = blk.tensor;
         AdamConstants ki = k;
         if (!decayed[i]) ki.decay = 1.0f;
-        int64_t o = blk.begin, len = blk.end - blk.begin;
-        for (size_t list = 0; list < 3; ++list)  // p, m, v: the inputs copied into new outputs
-          if (copied[list * n + i])
-            std::copy(src[(list + 1) * n + i] + o, src[(list + 1) * n + i] + o + len, out[list * n + i] + o);
-        adamw_block(src[i] + o, out[i] + o, out[n + i] + o, out[2 * n + i] + o, len, ki);
+        int64_t o = blk.begin;
+        adamw_block(src[i] + o, src[n + i] + o, src[2 * n + i] + o, src[3 * n + i] + o, out[i] + o, out[n + i] + o,
+                    out[2 * n + i] + o, blk.end - blk.begin, ki);
       }
     });
   });

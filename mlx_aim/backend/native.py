@@ -1,5 +1,5 @@
-"""mlx_aim's native CPU kernels: exact GELU, the attention softmax and layer norm as MLX primitives written in C++
-(`csrc/`).
+"""mlx_aim's native CPU kernels: exact GELU, the attention softmax, layer norm and AdamW as MLX primitives written in
+C++ (`csrc/`).
 
 MLX's CPU backend runs each element-wise kernel on one thread, and its `erf` and `exp` one element at a time. The
 kernels here are multithreaded and vectorised for the running CPU (AVX-512, AVX2 or baseline, picked when the module
@@ -145,7 +145,8 @@ def adamw_update(grads: Sequence[mx.array], params: Sequence[mx.array], ms: Sequ
     """One AdamW step over lists of float32 arrays (gradients, parameters and their two moments, in one order), the
     gradients first scaled by min(max_norm / (norm + 1e-6), 1) with `norm` their global norm (`max_norm` 0: not
     scaled). `scalars` holds the step's (c1, c2, decay): lr / (1 - b1^t), 1 / sqrt(1 - b2^t) and 1 - lr weight_decay;
-    `decayed[i]` says whether parameter i is decayed. Returns (new parameters, new m, new v, norm before clipping)."""
+    `decayed[i]` says whether parameter i is decayed. Returns (new parameters, new m, new v, the norm before
+    clipping)."""
     n = len(grads)
     out = _require().adamw_update(list(grads), list(params), list(ms), list(vs), scalars, float(betas[0]),
                                   float(betas[1]), float(eps), float(max_norm), [bool(d) for d in decayed])

@@ -14,8 +14,11 @@ workarounds on, the extension built, MLX_AIM_NATIVE not 0):
   - the global norm is summed in float64 per block of at most 32768 elements (a block never straddles two tensors),
     the partial sums added in block order: the same norm whatever the thread count, and closer to exact than
     float32 sums (the portable path's);
-  - threads: the native kernels' fixed pool (MLX_AIM_NATIVE_THREADS, else the CPUs this process may use;
-    `backend.compute_threads` changes it); the calling MLX stream thread takes a share;
+  - threads: the native kernels' fixed pool, shared with GELU, the softmax and layer norm (MLX_AIM_NATIVE_THREADS,
+    else the CPUs this process may run on, which is `platforms.compute_threads` on Linux, the one platform that builds
+    the kernels; `backend.compute_threads` changes it); the calling MLX stream thread takes a share. Memory-bound
+    work: one pass reads the gradients for the norm, a second reads gradients, parameters and moments and writes the
+    new ones (new buffers: MLX offered none of the old ones for reuse in the compiled step);
   - the step's scalars (lr from the schedule, bias corrections c1 = lr / (1 - b1^t), c2 = 1 / sqrt(1 - b2^t), and
     1 - lr weight_decay) are computed with MLX's ops exactly as mlx's Adam computes them, and the kernel then does
     mlx's float32 element-wise operations in mlx's order; weight decay is masked as `AdamW.apply_single` masks it
