@@ -30,6 +30,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -747,11 +748,185 @@ std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, con
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// AdamW with global gradient-norm clipping over a whole parameter tree, as one primitive over lists of arrays.
+//
+// Inputs: n gradients, n parameters, n first moments m, n second moments v (each row-contiguous float32, the four
+// lists in the same order and shapes), then the step's scalars {c1, c2, decay}: c1 = lr / (1 - b1^t), c2 = 1 /
+// sqrt(1 - b2^t), decay = 1 - lr wd, computed by the caller with MLX's ops exactly as mlx.optimizers.Adam(W) computes
+// them. Outputs: n parameters, n m, n v, then the global norm of the gradients before clipping (a scalar).
+// Per element, with s = min(max_norm / (norm + 1e-6), 1) (1 when max_norm is 0) and g' = s g:
+//   m' = b1 m + (1 - b1) g',  v' = b2 v + (1 - b2) g'^2,  p' = p decay - c1 m' / (sqrt(v') c2 + eps)
+// where decay is 1 for the tensors `decayed` leaves out: mlx.optimizers.AdamW's float32 operations in its order, and
+// torch.nn.utils.clip_grad_norm_'s scale.
+//
+// The work is cut into blocks of at most kAdamBlock elements, none straddling two tensors, shared out over the pool in
+// two passes: the sums of squares (float64, one partial per block, added in block order, so the norm does not depend
+// on the thread count), then the update, which reads each gradient a second time.
+
+constexpr int64_t kAdamBlock = 1 << 15;
+
+MLX_AIM_CLONES double sum_of_squares(const float* __restrict g, int64_t n) {
+  double lanes[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) lanes[k] += static_cast<double>(g[j + k]) * static_cast<double>(g[j + k]);
+  double total = 0.0;
+  for (int k = 0; k < 8; ++k) total += lanes[k];
+  for (; j < n; ++j) total += static_cast<double>(g[j]) * static_cast<double>(g[j]);
+  return total;
+}
+
+struct AdamConstants {
+  float b1, one_minus_b1, b2, one_minus_b2, eps, scale, c1, c2, decay;
+};
+
+MLX_AIM_CLONES void adamw_block(const float* __restrict g, const float* __restrict p, const float* __restrict m,
+                                const float* __restrict v, float* __restrict p_out, float* __restrict m_out,
+                                float* __restrict v_out, int64_t n, AdamConstants k) {
+  for (int64_t i = 0; i < n; ++i) {
+    float gi = g[i] * k.scale;
+    float mi = k.b1 * m[i] + k.one_minus_b1 * gi;
+    float vi = k.b2 * v[i] + k.one_minus_b2 * (gi * gi);
+    m_out[i] = mi;
+    v_out[i] = vi;
+    p_out[i] = p[i] * k.decay - (k.c1 * mi) / (std::sqrt(vi) * k.c2 + k.eps);
+  }
+}
+
+class AdamW : public mx::Primitive {
+ public:
+  AdamW(mx::Stream s, double b1, double b2, float eps, float max_norm, std::vector<bool> decayed)
+      : Primitive(s), b1_(b1), b2_(b2), eps_(eps), max_norm_(max_norm), decayed_(std::move(decayed)) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native AdamW runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimAdamW"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const AdamW&>(other);
+    return b1_ == o.b1_ && b2_ == o.b2_ && eps_ == o.eps_ && max_norm_ == o.max_norm_ && decayed_ == o.decayed_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    size_t n = decayed_.size();
+    std::vector<mx::Shape> shapes;
+    for (int list = 0; list < 3; ++list)
+      for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[(list + 1) * n + i].shape());
+    shapes.push_back({});
+    return shapes;
+  }
+
+ private:
+  double b1_, b2_;
+  float eps_, max_norm_;
+  std::vector<bool> decayed_;
+};
+
+std::vector<mx::array> adamw_update(const std::vector<mx::array>& grads, const std::vector<mx::array>& params,
+                                    const std::vector<mx::array>& ms, const std::vector<mx::array>& vs,
+                                    const mx::array& scalars, double b1, double b2, float eps, float max_norm,
+                                    const std::vector<bool>& decayed) {
+  size_t n = grads.size();
+  if (n == 0 || params.size() != n || ms.size() != n || vs.size() != n || decayed.size() != n)
+    throw std::invalid_argument("adamw_update: expected as many parameters, moments and decay flags as gradients");
+  if (scalars.dtype() != mx::float32 || scalars.size() != 3)
+    throw std::invalid_argument("adamw_update: scalars must be float32 {c1, c2, decay}");
+  if (max_norm < 0) throw std::invalid_argument("adamw_update: max_norm must be >= 0 (0: no clipping)");
+  auto s = mx::default_stream(mx::default_device());
+  std::vector<mx::array> inputs;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (const auto* list : {&grads, &params, &ms, &vs}) {
+    for (size_t i = 0; i < n; ++i) {
+      const auto& a = (*list)[i];
+      check_float32(a, "adamw_update");
+      if (a.shape() != params[i].shape())
+        throw std::invalid_argument("adamw_update: a gradient or moment differs in shape from its parameter");
+      inputs.push_back(mx::contiguous(a, false, s));  // a no-op for the row-contiguous arrays training has
+    }
+  }
+  inputs.push_back(mx::contiguous(mx::flatten(scalars, s), false, s));
+  for (int list = 0; list < 3; ++list)
+    for (size_t i = 0; i < n; ++i) {
+      shapes.push_back(params[i].shape());
+      dtypes.push_back(mx::float32);
+    }
+  shapes.push_back({});
+  dtypes.push_back(mx::float32);
+  return mx::array::make_arrays(std::move(shapes), dtypes,
+                                std::make_shared<AdamW>(s, b1, b2, eps, max_norm, decayed), std::move(inputs));
+}
+
+void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  // New buffers for every output. Updating in place where MLX allows donation was tried: in the compiled training step
+  // MLX never offered the parameters' or moments' buffers for reuse (is_donatable false for all), so it only cost code.
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  for (auto& o : outputs) encoder.set_output_array(o);
+  std::vector<const float*> src;
+  std::vector<float*> out;
+  for (auto& a : inputs) src.push_back(a.data<float>());
+  for (auto& a : outputs) out.push_back(a.data<float>());
+  std::vector<int64_t> sizes;
+  size_t n = decayed_.size();
+  for (size_t i = 0; i < n; ++i) sizes.push_back(inputs[i].size());
+  encoder.dispatch([n, src = std::move(src), out = std::move(out), sizes = std::move(sizes), b1 = b1_, b2 = b2_,
+                    eps = eps_, max_norm = max_norm_, decayed = decayed_]() {
+    struct Block {
+      size_t tensor;
+      int64_t begin, end;
+    };
+    std::vector<Block> blocks;
+    int64_t total = 0;
+    for (size_t i = 0; i < n; ++i) {
+      int64_t size = sizes[i];
+      total += size;
+      for (int64_t b = 0; b < size; b += kAdamBlock) blocks.push_back({i, b, std::min(size, b + kAdamBlock)});
+    }
+    int64_t n_blocks = static_cast<int64_t>(blocks.size());
+    // Blocks per thread at least: enough that each thread has kMinElements on average.
+    int64_t min_chunk = n_blocks ? std::max<int64_t>(1, kMinElements * n_blocks / std::max<int64_t>(total, 1)) : 1;
+
+    std::vector<double> partial(n_blocks, 0.0);
+    pool().run(n_blocks, min_chunk, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const Block& blk = blocks[k];
+        partial[k] = sum_of_squares(src[blk.tensor] + blk.begin, blk.end - blk.begin);
+      }
+    });
+    double squares = 0.0;
+    for (double x : partial) squares += x;
+    float norm = static_cast<float>(std::sqrt(squares));
+    *out[3 * n] = norm;
+
+    const float* scalars = src[4 * n];
+    AdamConstants k{static_cast<float>(b1), static_cast<float>(1.0 - b1), static_cast<float>(b2),
+                    static_cast<float>(1.0 - b2), eps, 1.0f, scalars[0], scalars[1], scalars[2]};
+    if (max_norm > 0) {  // as optim.clip_grad_norm in float32: min(max_norm / (norm + 1e-6), 1), nan kept
+      float ratio = max_norm / (norm + 1e-6f);
+      k.scale = (ratio < 1.0f || std::isnan(ratio)) ? ratio : 1.0f;
+    }
+    pool().run(n_blocks, min_chunk, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const Block& blk = blocks[j];
+        size_t i = blk.tensor;
+        AdamConstants ki = k;
+        if (!decayed[i]) ki.decay = 1.0f;
+        int64_t o = blk.begin;
+        adamw_block(src[i] + o, src[n + i] + o, src[2 * n + i] + o, src[3 * n + i] + o, out[i] + o, out[n + i] + o,
+                    out[2 * n + i] + o, blk.end - blk.begin, ki);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 NB_MODULE(_native_kernels, m) {
   nb::module_::import_("mlx.core");  // registers mx.array's type with nanobind before any call
-  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax) as MLX primitives; see mlx_aim/backend/native.py";
+  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax, layer norm, AdamW) as MLX primitives; see "
+            "mlx_aim/backend/native.py";
   m.attr("built_mlx_version") = MLX_AIM_BUILT_MLX;
   m.attr("isa_dispatch") = bool(MLX_AIM_ISA_DISPATCH);
   m.def("num_threads", [] { return pool().size(); }, "Threads the kernels split their work over.");
@@ -764,4 +939,8 @@ NB_MODULE(_native_kernels, m) {
         "Layer norm over the last axis of float32 x with (D,) weight and bias.");
   m.def("softmax_grad", &softmax_grad, "probs"_a, "cotangent"_a, "scale"_a,
         "scale * p * (g - sum(p g)) over the last axis.");
+  m.def("adamw_update", &adamw_update, "grads"_a, "params"_a, "ms"_a, "vs"_a, "scalars"_a, "b1"_a, "b2"_a, "eps"_a,
+        "max_norm"_a, "decayed"_a,
+        "One AdamW step with global-norm clipping over lists of float32 arrays: the new parameters, m and v (3n "
+        "arrays), then the gradients' norm before clipping.");
 }

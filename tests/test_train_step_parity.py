@@ -11,6 +11,7 @@ import mlx.core as mx
 import torch_reference
 from conftest import rel_err, tiny_config
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_aim.backend import native
 from mlx_aim.models.model import build_model
 from mlx_aim.training.pretrain import TrainConfig, TrainStep, clip_gradients, make_optimizer
 
@@ -85,9 +86,12 @@ def grads_of(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_one_training_step_matches_torch(backend_path, case):
+def test_one_training_step_matches_torch(backend_path, case, monkeypatch):
     config, prefix_len, out_scale, clipping = CASES[case]
+    calls, kernel = [], native.adamw_update
+    monkeypatch.setattr(native, "adamw_update", lambda *args: calls.append(1) or kernel(*args))
     ours = mlx_step(config, prefix_len, out_scale)
+    assert bool(calls) == (backend_path == "native")  # the native path's step is the native AdamW's
     lr = ours["train_config"].schedule(0)
     assert ours["step"] == 1 and ours["lr"] == pytest.approx(lr, rel=1e-7)  # the rate the schedule gives step 1
 

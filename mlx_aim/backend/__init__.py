@@ -13,6 +13,8 @@ and never looks at the device. The portable path, what Metal and CUDA run, is ML
   float32), GELU `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time), and
   layer norm `mx.fast.layer_norm`; when the extension is missing, the first layer that would have used it warns
   once, saying why;
+- AdamW with gradient clipping (`mlx_aim.training.optim`, which asks `use_native_kernels` when its step is traced) is
+  `native.adamw_update`, one kernel over the whole parameter tree, else mlx's own optimizer;
 - either way the trunk's mask is made additive once rather than in every block;
 - SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 

@@ -1,5 +1,5 @@
-"""mlx_aim's native CPU kernels: exact GELU, the attention softmax and layer norm as MLX primitives written in C++
-(`csrc/`).
+"""mlx_aim's native CPU kernels: exact GELU, the attention softmax, layer norm and AdamW as MLX primitives written in
+C++ (`csrc/`).
 
 MLX's CPU backend runs each element-wise kernel on one thread, and its `erf` and `exp` one element at a time. The
 kernels here are multithreaded and vectorised for the running CPU (AVX-512, AVX2 or baseline, picked when the module
@@ -11,7 +11,9 @@ through them as through MLX's own ops:
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
   backward, native;
 - `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
-  through it raise).
+  through it raise);
+- `adamw_update`: one AdamW step with global gradient-norm clipping over a whole parameter tree, one primitive over
+  lists of arrays (`mlx_aim.training.optim` feeds it; no derivatives: nothing differentiates an optimizer step).
 
 They run on the CPU only; `mlx_aim.backend` decides when (the CPU device, the workarounds on, MLX_AIM_NATIVE not 0).
 The extension is built by `pip install` on Linux where a compiler and CMake are present, against the mlx the build
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
@@ -135,3 +137,17 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
         return kernels.layer_norm(x, weight, bias, eps)
     f32 = mx.float32
     return kernels.layer_norm(x.astype(f32), weight.astype(f32), bias.astype(f32), eps).astype(dtype)
+
+
+def adamw_update(grads: Sequence[mx.array], params: Sequence[mx.array], ms: Sequence[mx.array],
+                 vs: Sequence[mx.array], scalars: mx.array, betas: Sequence[float], eps: float, max_norm: float,
+                 decayed: Sequence[bool]) -> tuple[list, list, list, mx.array]:
+    """One AdamW step over lists of float32 arrays (gradients, parameters and their two moments, in one order), the
+    gradients first scaled by min(max_norm / (norm + 1e-6), 1) with `norm` their global norm (`max_norm` 0: not
+    scaled). `scalars` holds the step's (c1, c2, decay): lr / (1 - b1^t), 1 / sqrt(1 - b2^t) and 1 - lr weight_decay;
+    `decayed[i]` says whether parameter i is decayed. Returns (new parameters, new m, new v, the norm before
+    clipping)."""
+    n = len(grads)
+    out = _require().adamw_update(list(grads), list(params), list(ms), list(vs), scalars, float(betas[0]),
+                                  float(betas[1]), float(eps), float(max_norm), [bool(d) for d in decayed])
+    return out[:n], out[n:2 * n], out[2 * n:3 * n], out[3 * n]

@@ -67,7 +67,7 @@ from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
 from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
 from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
-from .optim import AdamW, Schedule, adamw
+from .optim import AdamW, Schedule, adamw, clip_and_update, clip_gradients  # noqa: F401 (clip_gradients: the tests')
 from .runs import (
     LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, check_same_start, compare_settings, last_step, read_log,
     silent,
@@ -207,15 +207,6 @@ def _loss_and_grad(model: nn.Module, compute_dtype: mx.Dtype, attention: str) ->
     return run
 
 
-def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
-    """(gradients scaled so that their global norm is at most `max_norm`, the global norm before scaling), as
-    `torch.nn.utils.clip_grad_norm_` (scale max_norm / (norm + 1e-6) when below 1); `max_norm` 0 leaves them as
-    they are."""
-    if max_norm > 0:
-        return optim.clip_grad_norm(grads, max_norm)
-    return grads, mx.sqrt(sum(mx.square(g).sum() for _, g in tree_flatten(grads)))
-
-
 class TrainStep:
     """One optimizer step on this process's share of a global batch.
 
@@ -241,9 +232,7 @@ class TrainStep:
             if self.world_size > 1:
                 grads = nn.average_gradients(grads, group=self.group)
                 loss = mx.distributed.all_sum(loss, group=self.group) / self.world_size
-            grads, norm = clip_gradients(grads, config.grad_clip)
-            optimizer.update(model, grads)
-            return loss, norm
+            return loss, clip_and_update(optimizer, model, grads, config.grad_clip)
 
         self._update = update
 
