@@ -222,3 +222,28 @@ def test_search_index_reads_every_format_and_a_raw_file_after_the_extra_is_insta
     rows, paths = load_features(out)
     assert rows.shape[0] == 8 and sorted(os.path.basename(p) for p in paths) == sorted(
         [f"photo{s}" for s in (".jpg", ".heic", ".avif", ".dng")] * 2)
+
+
+def test_extract_features_zero_shot_probe_and_pretrain_read_every_format(mixed_folder, lit_folder, tmp_path, capsys,
+                                                                         recwarn):
+    from mlx_aim.cli import extract_features, pretrain, probe, zero_shot
+    from conftest import tiny_config
+
+    model = make_model_folder(tmp_path / "model")
+    assert extract_features.main(["--model", str(model), "--out", str(tmp_path / "f"), "--no-progress", "--json",
+                                  str(mixed_folder)]) == 0
+    assert (last_json(capsys.readouterr().out)["num_images"], load_features(tmp_path / "f")[0].shape[0]) == (8, 8)
+    assert zero_shot.main(["--model", str(lit_folder), "--labels", "a,b", "--no-progress", "--json",
+                           str(mixed_folder)]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert (result["num_images"], result["num_skipped"]) == (8, 0)
+    trunk = make_model_folder(tmp_path / "trunk", with_head=False)
+    assert probe.main(["train", "--model", str(trunk), "--data", str(mixed_folder), "--out", str(tmp_path / "p"),
+                       "--steps", "2", "--batch-size", "4", "--val-ratio", "0.25", "--no-progress", "--json"]) == 0
+    config = tmp_path / "tiny.json"
+    config.write_text(__import__("json").dumps(
+        tiny_config(width=32, depth=1, num_heads=2, head_depth=1, probe_layers=[0]).to_dict()))
+    assert pretrain.main(["--config", str(config), "--data", str(mixed_folder), "--out", str(tmp_path / "run"),
+                          "--steps", "1", "--batch-size", "4", "--val-ratio", "0", "--no-progress"]) == 0
+    assert "skipping" not in capsys.readouterr().err
+    assert not [w for w in recwarn if "skipping" in str(w.message)]
