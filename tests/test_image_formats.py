@@ -84,6 +84,32 @@ def test_orientation_is_applied_once(tmp_path, suffix, orientation):
     assert np.abs(centres(loaded) - centres(expected)).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_a_truncated_file_is_an_image_load_error(tmp_path, suffix):
+    data = save(tmp_path / f"photo{suffix}", quadrants()).read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) - 50])
+    with pytest.raises(ImageLoadError, match=f"cut\\{suffix}"):
+        load_image(tmp_path / f"cut{suffix}")
+
+
+@pytest.mark.parametrize("module, suffix, fix", [("pillow_heif", ".heic", "pip install pillow-heif"),
+                                                 ("pillow_avif", ".avif", "pip install pillow-avif-plugin")])
+def test_a_format_this_installation_cannot_read_is_refused_with_the_fix(tmp_path, monkeypatch, module, suffix, fix):
+    path = save(tmp_path / f"photo{suffix}", quadrants())
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # importing it fails, as where it is missing
+    monkeypatch.setattr(formats.features, "check", lambda feature: False)  # a Pillow built without AVIF
+    formats._heif_support.cache_clear()
+    formats._avif_support.cache_clear()
+    try:
+        with pytest.raises(ImageLoadError, match=fix):
+            load_image(path)
+        skipped = Skipped()
+        assert gather_images([path], skipped) == [] and fix in skipped.items[0][1]
+    finally:
+        formats._heif_support.cache_clear()
+        formats._avif_support.cache_clear()
+
+
 def test_heic_and_avif_are_listed_as_images_whatever_the_case_of_the_extension(tmp_path):
     for name in ("a.HEIC", "b.heif", "c.hif", "d.avif", "e.DNG", "f.cr3", "g.txt"):
         (tmp_path / name).write_bytes(b"")
