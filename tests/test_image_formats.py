@@ -13,8 +13,8 @@ from conftest import last_json
 from dng_helpers import write_dng
 from probe_helpers import make_model_folder
 from mlx_aim.data import (
-    IMAGENET_STD, BatchLoader, EvalTransform, ImageFolder, ImageLoadError, Skipped, formats, gather_images, iter_image_batches,
-    list_images, load_image,
+    IMAGENET_STD, BatchLoader, EvalTransform, ImageFolder, ImageLoadError, Skipped, formats, gather_images,
+    iter_image_batches, list_images, load_image,
 )
 from mlx_aim.data.images import RAW_PREVIEW_MIN_SIDE
 from mlx_aim.tasks.features import load_features
