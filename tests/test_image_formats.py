@@ -273,3 +273,42 @@ def test_extract_features_zero_shot_probe_and_pretrain_read_every_format(mixed_f
                           "--steps", "1", "--batch-size", "4", "--val-ratio", "0", "--no-progress"]) == 0
     assert "skipping" not in capsys.readouterr().err
     assert not [w for w in recwarn if "skipping" in str(w.message)]
+
+
+def test_an_open_file_reads_as_its_path_does(mixed_folder):
+    for path in sorted((mixed_folder / "a").iterdir()):
+        with open(path, "rb") as f:
+            assert np.array_equal(np.asarray(load_image(f)), np.asarray(load_image(path))), path.name
+
+
+def test_search_serve_shows_every_format_upright(lit, mixed_folder, tmp_path):
+    import http.client
+    import io
+    import threading
+
+    from mlx_aim.apps.search_server import SearchService, make_server
+    from mlx_aim.tasks.search import SearchIndex, build_index
+
+    write_dng(mixed_folder / "bare.dng", bayer(), orientation=6)  # no preview: Pillow alone cannot show it
+    build_index(lit[0], [mixed_folder], tmp_path / "index", model_name="tiny-lit", progress=False)
+    index = SearchIndex.open(tmp_path / "index")
+    assert len(index) == 9
+    server = make_server(SearchService(tmp_path / "index", None, "tiny-lit"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for row in range(len(index)):
+            path = index.row_path(row)
+            for kind in ("photo", "thumb"):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                connection.request("GET", f"/{kind}/{row}")
+                response = connection.getresponse()
+                body = response.read()
+                connection.close()
+                assert response.status == 200, (kind, path)
+                # As a browser shows it: a file served as it is turns by its EXIF tag.
+                shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(body))).convert("RGB"))
+                expected = np.asarray(load_image(path).resize(shown.shape[1::-1], Image.Resampling.BICUBIC))
+                assert np.abs(centres(shown) - centres(expected)).max() <= 2 * TOLERANCE, (kind, path)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,10 +3,11 @@
 - `IMAGE_EXTENSIONS`: the file extensions every image-reading job looks for in folders (`datasets.list_images`),
   the union of the sets below; one list, so that classify, extract-features, probe, pretrain, zero-shot and
   search all take the same files.
-- HEIC/HEIF (`HEIF_EXTENSIONS`, iPhone photos): pillow-heif's Pillow opener, registered once, on the first call
-  of `missing_support` (which `load_image` makes before opening any file). pillow-heif applies the file's
-  rotation and mirror (its `irot`/`imir` boxes) as it decodes and sets the EXIF orientation it reports to 1, so
-  the EXIF step of `load_image` leaves its result as it is: the photo is turned once.
+- HEIC/HEIF (`HEIF_EXTENSIONS`, iPhone photos): pillow-heif's Pillow opener, registered once, when this module is
+  imported (with `mlx_aim.data`), so that any `Image.open` in the process reads HEIC, not only `load_image`'s
+  (importing pillow-heif costs some 20-40 ms). pillow-heif applies the file's rotation and mirror (its
+  `irot`/`imir` boxes) as it decodes and sets the EXIF orientation it reports to 1, so the EXIF step of
+  `load_image` leaves its result as it is: the photo is turned once.
 - AVIF (`AVIF_EXTENSIONS`): Pillow's own plugin (in Pillow's wheels since 11.3), or pillow-avif-plugin where an
   older Pillow lacks it. Pillow reports the file's `irot`/`imir` as an EXIF orientation, which `load_image`
   honours as it does for JPEG.
@@ -51,8 +52,7 @@ def is_raw(path: str | os.PathLike) -> bool:
 
 def missing_support(path: str | os.PathLike) -> Optional[str]:
     """Why this installation cannot read `path`'s format, judged by its extension; None when it can (or when the
-    extension is not one of the formats that need more than Pillow). The first call for a HEIF file registers
-    pillow-heif's opener."""
+    extension is not one of the formats that need more than Pillow)."""
     suffix = extension(path)
     if suffix in HEIF_EXTENSIONS:
         return _heif_support()
@@ -71,6 +71,9 @@ def _heif_support() -> Optional[str]:
         return f"HEIC/HEIF support needs pillow-heif (`pip install pillow-heif`; importing it failed: {error})"
     pillow_heif.register_heif_opener()  # once per process: the cache answers later calls
     return None
+
+
+_heif_support()
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
@@ -32,7 +32,7 @@ MIN_IMAGE_SIDE = 2
 # resizes to) would lose detail the raw data has: the raw data is demosaiced instead.
 RAW_PREVIEW_MIN_SIDE = 256
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, BinaryIO, Image.Image, np.ndarray]
 
 _BICUBIC = Image.Resampling.BICUBIC
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -58,7 +58,8 @@ class ImageLoadError(ValueError):
 def load_image(image: ImageInput) -> Image.Image:
     """Return `image` as an upright 8-bit RGB PIL image.
 
-    `image` is a path, a PIL image, or a uint8 numpy array (HxW gray, HxWx1, HxWx3 RGB or HxWx4 RGBA).
+    `image` is a path, a binary file open for reading (its `name`, when it has one, says its format, as a path's
+    extension does), a PIL image, or a uint8 numpy array (HxW gray, HxWx1, HxWx3 RGB or HxWx4 RGBA).
     The EXIF orientation tag is honoured (`ImageOps.exif_transpose`); multi-frame files give their first
     frame (a HEIF file its primary image). HEIC/HEIF files are decoded by pillow-heif, which applies their
     rotation itself and reports orientation 1, AVIF files by Pillow, which reports theirs as EXIF orientation.
@@ -96,15 +97,23 @@ def load_image(image: ImageInput) -> Image.Image:
             raise ImageLoadError(path, "no such file")
         if path.is_dir():
             raise ImageLoadError(path, "is a directory, not an image file")
-        reason = missing_support(path)  # also registers pillow-heif's opener, the first time
-        if reason is not None:
-            raise ImageLoadError(path, reason)
-        if is_raw(path):
-            return _decode(lambda: _open_raw(path), path, check_pixels=True)
-        return _decode(lambda: (Image.open(path), ImageOps.exif_transpose), path, check_pixels=True)
+        return _open_file(path, path)
+    if hasattr(image, "read"):
+        name = getattr(image, "name", None)
+        return _open_file(image, name if isinstance(name, (str, os.PathLike)) else "<file object>")
     raise TypeError(
-        f"load_image: expected a path, a PIL image or a uint8 numpy array, got {type(image).__name__}"
+        f"load_image: expected a path, a binary file, a PIL image or a uint8 numpy array, got {type(image).__name__}"
     )
+
+
+def _open_file(file: Union[Path, BinaryIO], source: Any) -> Image.Image:
+    """A file (a path, or an open binary file named `source`), read by what its format needs."""
+    reason = missing_support(source)
+    if reason is not None:
+        raise ImageLoadError(source, reason)
+    if is_raw(source):
+        return _decode(lambda: _open_raw(file), source, check_pixels=True)
+    return _decode(lambda: (Image.open(file), ImageOps.exif_transpose), source, check_pixels=True)
 
 
 Orient = Callable[[Image.Image], Image.Image]
@@ -141,12 +150,12 @@ _LIBRAW_FLIPS = {
 }
 
 
-def _open_raw(path: Path) -> tuple[Image.Image, Orient]:
+def _open_raw(file: Union[Path, BinaryIO]) -> tuple[Image.Image, Orient]:
     """A RAW file's embedded preview and the transpose that turns it upright (LibRaw's orientation), or, without a
     usable preview, its raw data demosaiced at half size (LibRaw turns that itself)."""
     rawpy = rawpy_module()
     try:
-        with rawpy.imread(os.fspath(path)) as raw:
+        with rawpy.imread(file if hasattr(file, "read") else os.fspath(file)) as raw:
             preview = _raw_preview(raw, rawpy)
             if preview is not None and min(preview.size) >= RAW_PREVIEW_MIN_SIDE:
                 transpose = _LIBRAW_FLIPS.get(raw.sizes.flip)
