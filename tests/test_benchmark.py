@@ -271,7 +271,8 @@ def test_end_to_end_report(tmp_path):
     assert [load_image(p).size for p in photos[:4]] == [(160, 120), (120, 160)] * 2
     assert Image.open(photos[0]).format == "JPEG"
     assert {kind: d["images"] for kind, d in report["decode"].items()} == {"jpeg": 3, "heic": 2}
-    assert all(d["mean_seconds"] > 0 and d["load_image_mean_seconds"] > 0 for d in report["decode"].values())
+    assert all(d["mean_seconds"] > 0 and d["load_image_mean_seconds"] > 0 and d["load_image_cpu_mean_seconds"] > 0
+               for d in report["decode"].values())
     for job in ("classify", "extract_features"):
         row = report[job]
         assert row["num_images"] == 5
