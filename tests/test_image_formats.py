@@ -1,12 +1,15 @@
 """HEIC/HEIF, AVIF and camera RAW files (mlx_aim/data/formats.py, `load_image`): files written here decode to the
 pixels saved (within the codec's loss), their orientation is applied once, RAW files give their embedded preview
 (or their demosaiced data) with the `raw` extra and are skipped with the reason without it, and the folder
-listing, the loaders, classify and `mlx-aim search index` all take them."""
+listing, the loaders, classify, extract-features, zero-shot, probe, pretrain, `mlx-aim search index` and the
+search page all take them."""
 
 import os
 
 import numpy as np
+import pillow_heif  # a dependency of the default install
 import pytest
+import rawpy  # noqa: F401  (the `raw` extra, in the dev install: these tests read the DNG files they write)
 from PIL import Image, ImageOps
 
 from conftest import last_json
@@ -18,9 +21,6 @@ from mlx_aim.data import (
 )
 from mlx_aim.data.images import RAW_PREVIEW_MIN_SIDE
 from mlx_aim.tasks.features import load_features
-
-pillow_heif = pytest.importorskip("pillow_heif")  # a dependency of the default install
-rawpy = pytest.importorskip("rawpy")  # the `raw` extra, in the dev install
 
 ORIENTATION = 0x0112
 # Four flat quadrants: a photo turned or mirrored the wrong way shows a different colour in some corner.
