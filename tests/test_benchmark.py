@@ -265,21 +265,25 @@ def test_lit_folder_quantized_from_the_command_line(tmp_path):
 
 
 def test_end_to_end_report(tmp_path):
-    """benchmarks/bench_end_to_end.py on a handful of small JPEGs with aim-tiny: the report's structure, and that
-    every photo went through both jobs."""
+    """benchmarks/bench_end_to_end.py on a handful of small photos, JPEG and HEIC mixed, with aim-tiny: the report's
+    structure, and that every photo went through both jobs."""
     proc = run_script("benchmarks/bench_end_to_end.py", "--preset", "aim-tiny", "--num-images", "5",
-                      "--photo-size", "160x120", "--batch-size", "2", "--decode-images", "3",
+                      "--photo-size", "160x120", "--batch-size", "2", "--decode-images", "3", "--format", "mixed",
                       "--workdir", tmp_path, "--json", timeout=600)
     report = last_json(proc.stdout)
     assert report["machine"]["backend_path"] and report["machine"]["cpu_model"] and "blas" in report["machine"]
     blas = report["machine"]["blas"]
     assert not blas["loaded"] or blas["binding"] in ("shim", "global")  # how MLX got the library, with the figures
     assert report["settings"]["photo_sizes"] == [[160, 120], [120, 160]]
-    photos = sorted((tmp_path / "photos-160x120-q90").glob("*.jpg"))
-    assert len(photos) == 5
-    assert [Image.open(p).size for p in photos[:2]] == [(160, 120), (120, 160)]
+    photos = sorted((tmp_path / "photos-160x120-q90").glob("*.*"))
+    assert [p.suffix for p in photos] == [".jpg", ".jpg", ".heic", ".heic", ".jpg"]  # two of each in turn
+    from mlx_aim.data import load_image
+
+    assert [load_image(p).size for p in photos[:4]] == [(160, 120), (120, 160)] * 2
     assert Image.open(photos[0]).format == "JPEG"
-    assert report["decode"]["images"] == 3 and report["decode"]["mean_seconds"] > 0
+    assert {kind: d["images"] for kind, d in report["decode"].items()} == {"jpeg": 3, "heic": 2}
+    assert all(d["mean_seconds"] > 0 and d["load_image_mean_seconds"] > 0 and d["load_image_cpu_mean_seconds"] > 0
+               for d in report["decode"].values())
     for job in ("classify", "extract_features"):
         row = report[job]
         assert row["num_images"] == 5

@@ -167,7 +167,8 @@ class SearchService:
             return None
         path, stamp = found
         try:
-            f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+            # Named by its path (load_image reads the format from it), opened without following a link.
+            f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))
         except OSError:
             return None
         if not is_stamped(os.fstat(f.fileno()), stamp):
@@ -301,7 +302,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._headers(200, content_type, os.fstat(f.fileno()).st_size)
                 return shutil.copyfileobj(f, self.wfile)
             try:
-                image = load_image(Image.open(f))
+                image = load_image(f)  # by its name's format: a RAW file gives its preview
             except (ImageLoadError, OSError):
                 return self.send_error(404)
         image.thumbnail((PHOTO_SIZE, PHOTO_SIZE), Image.Resampling.BICUBIC)

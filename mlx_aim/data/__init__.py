@@ -1,7 +1,10 @@
-"""The data layer: images in, batches of float32 NHWC arrays out. numpy + Pillow only (no MLX).
+"""The data layer: images in, batches of float32 NHWC arrays out. numpy + Pillow (with pillow-heif, and rawpy
+for RAW files) only, no MLX.
 
 - `images`: loading (`load_image`, `ImageLoadError`) and the transforms (`eval_transform`, `EvalTransform`,
   `TrainTransform`).
+- `formats`: which files are images (`IMAGE_EXTENSIONS`: Pillow's formats, HEIC/HEIF, AVIF, camera RAW) and
+  what reads them (`missing_support`).
 - `datasets`: finding images on disk (`list_images`, `gather_images`, what a walk skips: `WalkRules`, `Skipped`,
   `NoUsableImages`), labelled image folders (`ImageFolder`), their splits (`split_image_folder`, `load_splits`)
   and class names (`imagenet_classes`).
@@ -11,9 +14,10 @@
   images of equal shape for native resolution).
 """
 
+from .formats import AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS, RAW_EXTENSIONS, missing_support
 from .datasets import (
-    IMAGE_EXTENSIONS, ImageFolder, NoUsableImages, PathInput, Skipped, WalkRules, gather_images, imagenet_classes,
-    list_images, load_splits, split_image_folder, split_images,
+    ImageFolder, NoUsableImages, PathInput, Skipped, WalkRules, gather_images, imagenet_classes, list_images,
+    load_splits, split_image_folder, split_images,
 )
 from .images import (
     IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE, EvalTransform, ImageInput, ImageLoadError, TrainTransform,
@@ -26,8 +30,10 @@ from .preprocessing import (
 )
 
 __all__ = [
+    "AVIF_EXTENSIONS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "HEIF_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -43,6 +49,7 @@ __all__ = [
     "NoUsableImages",
     "PathInput",
     "Preprocessing",
+    "RAW_EXTENSIONS",
     "Skipped",
     "TooManyPatches",
     "TrainTransform",
@@ -57,6 +64,7 @@ __all__ = [
     "list_images",
     "load_image",
     "load_splits",
+    "missing_support",
     "model_family",
     "preprocessing_for",
     "resize_short_side",

@@ -2,9 +2,11 @@
 class names. No image is decoded here (that is `images.py`).
 
 - `list_images`: the image files named by files, folders and glob patterns, sorted.
-- `gather_images`: the same over command-line inputs, recording an input that yields no image in `Skipped`
-  instead of raising, so a run goes on with the rest. A skip is also logged (logger `mlx_aim.data.datasets`,
-  level WARNING); the command lines print those records, the library prints nothing.
+- `gather_images`: the same over command-line inputs, recording an input that yields no image, and a file whose
+  format this installation cannot read (RAW without the `raw` extra), in `Skipped` instead of raising, so a run
+  goes on with the rest. A skip is also logged (logger `mlx_aim.data.datasets`, level WARNING); the command lines
+  print those records, the library prints nothing.
+- Which extensions are images (`IMAGE_EXTENSIONS`) is decided in `formats.py`.
 - `NoUsableImages`: raised where a job needs images and too few of its inputs could be used.
 - `ImageFolder`, `split_image_folder`, `load_splits`: labelled images laid out one sub-folder per class, and
   their (train, val) splits; `split_images` and `load_splits(labelled=False)` split unlabelled images.
@@ -26,7 +28,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+from .formats import IMAGE_EXTENSIONS, missing_support
+
 UNLABELLED_SPLIT_STREAM = 103  # first word of the seed that picks the held-out images of `split_images`
 
 PathInput = Union[str, os.PathLike]
@@ -183,15 +186,25 @@ class Skipped:
 
 def gather_images(inputs: Sequence, skipped: Skipped, rules: WalkRules = WalkRules()) -> list[Path]:
     """Image files named by `inputs` (files, folders, globs; folders walked by `rules`); an input that yields none
-    goes to `skipped`."""
-    found: dict[Path, None] = {}
+    goes to `skipped`, and so does a file whose format this installation cannot read (`formats.missing_support`),
+    with the reason. Such a file is left out here, before any job records it as unreadable, so that it is read
+    once the support is installed."""
+    found: list[Path] = []
+    seen: set[Path] = set()
     for item in inputs:
         try:
             for path in list_images(item, rules=rules):
-                found.setdefault(path)
+                if path in seen:
+                    continue
+                seen.add(path)
+                reason = missing_support(path)
+                if reason is None:
+                    found.append(path)
+                else:
+                    skipped.add(path, reason)
         except (FileNotFoundError, ValueError) as e:
             skipped.add(item, str(e))
-    return list(found)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------

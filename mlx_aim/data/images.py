@@ -1,7 +1,9 @@
-"""Images in, float32 HWC arrays out: loading, and the evaluation and training transforms. numpy + Pillow only.
+"""Images in, float32 HWC arrays out: loading, and the evaluation and training transforms. numpy and Pillow,
+with pillow-heif for HEIC and rawpy (optional) for camera RAW files.
 
 - `load_image` turns a path, a PIL image or a uint8 array into an upright 8-bit RGB PIL image, or raises
-  `ImageLoadError` naming the file and the reason.
+  `ImageLoadError` naming the file and the reason. Besides Pillow's own formats it reads HEIC/HEIF, AVIF and
+  camera RAW files (their embedded preview); `formats.py` says which files are images and what reads them.
 - `eval_transform` / `EvalTransform`: Apple's evaluation preprocessing (short side to 256 with bicubic,
   center crop 224, ImageNet normalisation), generalised to other sizes, with torchvision's rounding rules.
 - `TrainTransform`: AIM's pre-training augmentation (random resized crop, horizontal flip, color jitter),
@@ -10,21 +12,27 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+
+from .formats import is_raw, missing_support, rawpy_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Smaller images carry no usable content (and break the crop arithmetic): they are rejected.
 MIN_IMAGE_SIDE = 2
+# A RAW file's embedded preview smaller than this on its short side (the 256 that the 224 evaluation transform
+# resizes to) would lose detail the raw data has: the raw data is demosaiced instead.
+RAW_PREVIEW_MIN_SIDE = 256
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, BinaryIO, Image.Image, np.ndarray]
 
 _BICUBIC = Image.Resampling.BICUBIC
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -50,9 +58,15 @@ class ImageLoadError(ValueError):
 def load_image(image: ImageInput) -> Image.Image:
     """Return `image` as an upright 8-bit RGB PIL image.
 
-    `image` is a path, a PIL image, or a uint8 numpy array (HxW gray, HxWx1, HxWx3 RGB or HxWx4 RGBA).
+    `image` is a path, a binary file open for reading (its `name`, when it has one, says its format, as a path's
+    extension does), a PIL image, or a uint8 numpy array (HxW gray, HxWx1, HxWx3 RGB or HxWx4 RGBA).
     The EXIF orientation tag is honoured (`ImageOps.exif_transpose`); multi-frame files give their first
-    frame. Modes become RGB this way:
+    frame (a HEIF file its primary image). HEIC/HEIF files are decoded by pillow-heif, which applies their
+    rotation itself and reports orientation 1, AVIF files by Pillow, which reports theirs as EXIF orientation.
+    A camera RAW file (`formats.RAW_EXTENSIONS`, with the `raw` extra) gives its embedded preview, turned as
+    LibRaw says the photo is (the preview's own EXIF orientation is not applied on top); a RAW file without
+    a preview, or with one under `RAW_PREVIEW_MIN_SIDE` pixels on its short side, gives its raw data
+    demosaiced by LibRaw at half size with the camera's white balance. Modes become RGB this way:
 
     - alpha (LA, La, PA, RGBA, RGBa, and P/L/RGB images with a transparency key) is composited onto a
       white background: `round(c * a / 255 + 255 * (1 - a / 255))`, so transparent pixels are white
@@ -65,7 +79,8 @@ def load_image(image: ImageInput) -> Image.Image:
     - every other mode (1, L, P, CMYK, YCbCr, HSV, ...) uses Pillow's `convert("RGB")` (for CMYK that is
       the plain formula, without ICC colour management).
 
-    Raises `ImageLoadError` (a ValueError) naming the file and the reason for a missing file, a file Pillow
+    Raises `ImageLoadError` (a ValueError) naming the file and the reason for a missing file, a format this
+    installation cannot read (`formats.missing_support`: RAW without the `raw` extra, say), a file Pillow
     cannot identify, a truncated or corrupt file, an image with a side under `MIN_IMAGE_SIDE` pixels, and
     a file with more pixels than Pillow's decompression-bomb limit `PIL.Image.MAX_IMAGE_PIXELS` (raise or
     clear that limit to load such files; Pillow also warns about them).
@@ -75,27 +90,44 @@ def load_image(image: ImageInput) -> Image.Image:
         return _finish(_array_to_pil(image, source), source)
     if isinstance(image, Image.Image):
         source = getattr(image, "filename", "") or f"<PIL image mode={image.mode} size={image.size}>"
-        return _decode(lambda: image, source, check_pixels=False)
+        return _decode(lambda: (image, ImageOps.exif_transpose), source, check_pixels=False)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
             raise ImageLoadError(path, "no such file")
         if path.is_dir():
             raise ImageLoadError(path, "is a directory, not an image file")
-        return _decode(lambda: Image.open(path), path, check_pixels=True)
+        return _open_file(path, path)
+    if hasattr(image, "read"):
+        name = getattr(image, "name", None)
+        return _open_file(image, name if isinstance(name, (str, os.PathLike)) else "<file object>")
     raise TypeError(
-        f"load_image: expected a path, a PIL image or a uint8 numpy array, got {type(image).__name__}"
+        f"load_image: expected a path, a binary file, a PIL image or a uint8 numpy array, got {type(image).__name__}"
     )
 
 
-def _decode(open_image: Callable[[], Image.Image], source: Any, check_pixels: bool) -> Image.Image:
+def _open_file(file: Union[Path, BinaryIO], source: Any) -> Image.Image:
+    """A file (a path, or an open binary file named `source`), read by what its format needs."""
+    reason = missing_support(source)
+    if reason is not None:
+        raise ImageLoadError(source, reason)
+    if is_raw(source):
+        return _decode(lambda: _open_raw(file), source, check_pixels=True)
+    return _decode(lambda: (Image.open(file), ImageOps.exif_transpose), source, check_pixels=True)
+
+
+Orient = Callable[[Image.Image], Image.Image]
+
+
+def _decode(open_image: Callable[[], tuple[Image.Image, Orient]], source: Any, check_pixels: bool) -> Image.Image:
+    """`open_image()` gives the (lazily decoded) image and the function that turns it upright."""
     try:
-        opened = open_image()
+        opened, orient = open_image()
         try:
             if check_pixels:
                 _check_pixel_limit(opened, source)
             opened.load()  # decode now, so truncation shows up here and not in a later transform
-            upright = ImageOps.exif_transpose(opened)  # a new image: closing the file leaves it intact
+            upright = orient(opened)  # a new image: closing the file leaves it intact
             return _finish(_to_rgb(upright), source)
         finally:
             if check_pixels:
@@ -108,6 +140,45 @@ def _decode(open_image: Callable[[], Image.Image], source: Any, check_pixels: bo
         raise ImageLoadError(source, "not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as error:
         raise ImageLoadError(source, f"decoding failed: {type(error).__name__}: {error}") from None
+
+
+# LibRaw's `flip` (dcraw's: bit 4 swaps the axes, then bit 2 flips rows, bit 1 columns) as Pillow's transposes.
+_LIBRAW_FLIPS = {
+    1: Image.Transpose.FLIP_LEFT_RIGHT, 2: Image.Transpose.FLIP_TOP_BOTTOM, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.TRANSPOSE, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+}
+
+
+def _open_raw(file: Union[Path, BinaryIO]) -> tuple[Image.Image, Orient]:
+    """A RAW file's embedded preview and the transpose that turns it upright (LibRaw's orientation), or, without a
+    usable preview, its raw data demosaiced at half size (LibRaw turns that itself)."""
+    rawpy = rawpy_module()
+    try:
+        with rawpy.imread(file if hasattr(file, "read") else os.fspath(file)) as raw:
+            preview = _raw_preview(raw, rawpy)
+            if preview is not None and min(preview.size) >= RAW_PREVIEW_MIN_SIDE:
+                transpose = _LIBRAW_FLIPS.get(raw.sizes.flip)
+                return preview, (lambda img: img.transpose(transpose) if transpose is not None else img.copy())
+            rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
+    except rawpy.LibRawError as error:  # LibRaw's errors are plain Exceptions: say what failed
+        raise OSError(f"LibRaw cannot read it ({type(error).__name__}: {error})") from None
+    return Image.fromarray(rgb), Image.Image.copy  # a copy, as the caller closes what it opened
+
+
+def _raw_preview(raw, rawpy) -> Optional[Image.Image]:
+    """The embedded preview LibRaw picks (the largest), not yet decoded; None where the file has none it can give.
+    A JPEG preview's own EXIF orientation is dropped: LibRaw's orientation of the RAW file is the one applied."""
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format == rawpy.ThumbFormat.JPEG:
+        return Image.open(io.BytesIO(thumb.data))
+    if thumb.format == rawpy.ThumbFormat.BITMAP and thumb.data.dtype == np.uint8:  # HxWx3 RGB, or HxWx1 gray
+        return Image.fromarray(np.ascontiguousarray(thumb.data[..., :3] if thumb.data.shape[-1] >= 3
+                                                    else thumb.data[..., 0]))
+    return None
 
 
 def _check_pixel_limit(img: Image.Image, source: Any) -> None:
