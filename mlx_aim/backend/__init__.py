@@ -30,6 +30,7 @@ path it was traced with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -202,17 +203,47 @@ class LayerNorm(nn.LayerNorm):
         return super().__call__(x)
 
 
+@functools.lru_cache(maxsize=None)
+def _dequantizing_matmul(bits: int, group_size: int):
+    """x @ dequantize(weight).T for a frozen affine-quantized weight, through the float32 BLAS, whose backward
+    dequantizes the weight again instead of keeping the float copy: the backward pass needs only x's gradient,
+    cotangent @ W. Each dequantization depends on the array it multiplies (`mx.depends`: x forward, the cotangent
+    backward), so that `mx.compile` cannot merge them, which would keep every layer's float weight alive from the
+    forward to the backward pass (the weight alone is a constant of the step): measured on aim-600M 4-bit at batch 1,
+    a compiled QLoRA step with gradient checkpointing peaked at 2.76 GB of MLX memory with a plain dequantize, the
+    whole float32 trunk, and 0.83 GB this way, against 0.42 GB of weights. The weight's own gradients are zeros
+    (frozen)."""
+    dequantize = ops.dequantizer(bits, group_size)
+
+    @mx.custom_function
+    def matmul(x, weight, scales, biases):
+        # Tied to x, so that a gradient checkpoint's recomputation dequantizes anew too (its x is another node).
+        return _float32_matmul(x, dequantize(mx.depends(weight, x), scales, biases), None)
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, weight, scales, biases = primals
+        weight = mx.depends(weight, cotangent)
+        w = dequantize(weight, scales, biases)
+        grad_x = (cotangent.astype(mx.float32) @ w.astype(mx.float32)).astype(x.dtype)
+        return grad_x, mx.zeros_like(weight), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear that, with the CPU workarounds, dequantizes its weight and multiplies with the
     float32 BLAS: the same values (the dequantized weight is what the quantized kernel multiplies by), much
-    faster there than MLX's CPU quantized matmul. Elsewhere the quantized kernel."""
+    faster there than MLX's CPU quantized matmul; its backward pass dequantizes again rather than keep the float
+    weight (`_dequantizing_matmul`), so a QLoRA step holds no float copy of the base. Elsewhere the quantized
+    kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not use_cpu_workarounds():
             return super().__call__(x)
+        bias = self.get("bias")
         if self.mode == "affine" and 32 % self.bits == 0:
-            w = ops.dequantizer(self.bits, self.group_size)(self.weight, self.scales, self.biases)
-        else:
-            w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
-                              mode=self.mode)
-        return _float32_matmul(x, w, self.get("bias"))
+            y = _dequantizing_matmul(self.bits, self.group_size)(x, self.weight, self.scales, self.biases)
+            return y if bias is None else (y.astype(mx.float32) + bias.astype(mx.float32)).astype(x.dtype)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+        return _float32_matmul(x, w, bias)
