@@ -128,9 +128,9 @@ def test_qlora_trains_only_float_adapters_over_a_frozen_quantized_trunk(backend_
                                       .replace(".attn.proj.", ".attn.proj.linear.")], value).item()
 
 
-def qlora_step_grads(checkpoint: bool):
-    """The adapters' gradients of one compiled QLoRA loss on a quantized tiny AIM, and the peak MLX memory of it."""
-    model = randomize_adapters(apply_lora(quantized_aim()))
+def qlora_grads(model, x, checkpoint: bool = False):
+    """The adapters' gradients of one compiled QLoRA loss on `model` (adapted, quantized), and the peak MLX memory
+    of computing them."""
     model.trunk.grad_checkpoint = checkpoint
     model.train()
     params = model.trainable_parameters()
@@ -140,9 +140,9 @@ def qlora_step_grads(checkpoint: bool):
         return (model(x) ** 2).mean()
 
     grad_fn = mx.compile(mx.grad(loss_fn))
-    mx.eval(params)
+    mx.eval(params, x, model.parameters())
     mx.reset_peak_memory()
-    grads = grad_fn(params, images())
+    grads = grad_fn(params, x)
     mx.eval(grads)
     return dict(tree_flatten(grads)), mx.get_peak_memory()
 
@@ -152,9 +152,9 @@ def test_qlora_gradients_agree_on_every_path(checkpoint):
     """The CPU workaround's quantized linear (dequantize + BLAS forward, a backward that dequantizes again) gives
     the gradients MLX's quantized kernel gives, compiled, with and without gradient checkpointing."""
     with cpu_workarounds(False):
-        expected, _ = qlora_step_grads(checkpoint)
+        expected, _ = qlora_grads(randomize_adapters(apply_lora(quantized_aim())), images(), checkpoint)
     with mx.stream(mx.cpu), cpu_workarounds(True):
-        got, _ = qlora_step_grads(checkpoint)
+        got, _ = qlora_grads(randomize_adapters(apply_lora(quantized_aim())), images(), checkpoint)
     assert set(got) == set(expected)
     for key in expected:
         assert rel_err(got[key], expected[key]) < 1e-4, key
@@ -168,20 +168,8 @@ def test_compiled_qlora_step_keeps_no_float_copy_of_the_base():
     float_bytes = 8 * 12 * 512 * 512 * 4  # qkv, proj, fc1, fc2 of each block: 12 x width^2 weights, in float32
     with mx.stream(mx.cpu), cpu_workarounds(True):
         model = build_model(config, quantization={"bits": 4, "group_size": 64}, seed=0, probe=True)
-        model = randomize_adapters(apply_lora(model))
-        model.train()
-        params = model.trainable_parameters()
-
-        def loss_fn(params, x):
-            model.update(params)
-            return (model(x) ** 2).mean()
-
-        grad_fn = mx.compile(mx.grad(loss_fn))
-        x = mx.random.normal((1, 16, 16, 3))
-        mx.eval(params, x, model.parameters())
-        mx.reset_peak_memory()
-        mx.eval(grad_fn(params, x))
-        assert mx.get_peak_memory() < 0.75 * float_bytes
+        _, peak = qlora_grads(randomize_adapters(apply_lora(model)), mx.random.normal((1, 16, 16, 3)))
+    assert peak < 0.75 * float_bytes
 
 
 def test_fuse_requantizes_a_quantized_base_and_dequantize_gives_float():
