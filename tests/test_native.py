@@ -310,6 +310,28 @@ def test_backend_takes_blocked_attention_only_unmasked_from_its_threshold(monkey
         assert "MlxAimFlashAttention" not in graph_ops(backend.attention(q, q, q, 0.25))
 
 
+def test_a_native_resolution_encoder_through_blocked_attention_matches_dense(monkeypatch):
+    """A tiny native-resolution AIMv2 (100 tokens) with the threshold lowered: features and their gradients as the
+    dense path gives them, compiled."""
+    from mlx_aim.models.model import build_model
+    from test_aimv2 import tiny_native
+
+    model = build_model(tiny_native())
+    images = mx.random.normal((2, 40, 40, 3))
+    w = mx.random.normal((2, 100, 64))
+
+    def loss(x):  # the last block's features against fixed weights (the final norm's output is scale-free in x)
+        return (model.extract_features(x)[1][-1] * w).sum()
+
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 100)
+    assert "MlxAimFlashAttention" in graph_ops(loss(images))
+    blocked = mx.compile(mx.value_and_grad(loss))(images)
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 101)
+    assert "MlxAimFlashAttention" not in graph_ops(loss(images))
+    dense = mx.value_and_grad(loss)(images)
+    assert rel(blocked[0], dense[0]) < 1e-5 and rel(blocked[1], dense[1]) < 1e-5
+
+
 def test_a_training_step_through_native_and_ops_paths_agrees():
     """A tiny AIM block's loss and gradients (GELU and attention inside, prefix mask, compiled) on both CPU paths."""
     from mlx.utils import tree_flatten
