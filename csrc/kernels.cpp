@@ -928,11 +928,11 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
 // forward keeps per query row a running maximum and sum while it walks the keys kFlashKeys at a time, and saves the
 // output and each row's logsumexp; the backward recomputes each (query block, key block) tile of the weights from
 // the logsumexp. The tile products go to cblas_sgemm: the BLAS MLX's own matmul calls (the name is resolved as
-// libmlx's is, so mlx_aim/_blas.py's choice applies to both). With `split`, work is split over the pool by (batch x
-// head, query block) in the forward and by batch x head in the backward (each task owns its dq, dk and dv rows: no
-// merging); the caller asks for it only when the BLAS runs one thread, since a multithreaded BLAS called from several
-// pool threads at once waits at its barriers (far slower on a busy machine). Without it the tasks run in turn on
-// MLX's stream thread and the BLAS's own threads share each product.
+// libmlx's is, so mlx_aim/_blas.py's choice applies to both). Work is split over the pool by (batch x head, query
+// block) in the forward and by batch x head in the backward (each task owns its dq, dk and dv rows: no merging), each
+// tile product on one BLAS thread: while the kernel runs, the BLAS is set to one thread (through the functions
+// mlx_aim/_blas.py hands over) and then back. Several pool threads calling a multithreaded BLAS at once wait at its
+// barriers: measured 1.7x to 4x slower than the dense attention, where one-thread products are faster than it.
 
 extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -1008,7 +1008,7 @@ FlashShape flash_shape(const mx::array& q, const mx::array& k) {
 // softmax(scale q k^T) v and each query's logsumexp of scale q k^T; inputs {q, k, v} row-contiguous.
 class FlashAttention : public mx::Primitive {
  public:
-  FlashAttention(mx::Stream s, float scale, bool split) : Primitive(s), scale_(scale), split_(split) {}
+  FlashAttention(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("mlx_aim native FlashAttention runs on the CPU only");
@@ -1017,8 +1017,7 @@ class FlashAttention : public mx::Primitive {
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxAimFlashAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const FlashAttention&>(other);
-    return scale_ == o.scale_ && split_ == o.split_;
+    return scale_ == static_cast<const FlashAttention&>(other).scale_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto lse = inputs[0].shape();
@@ -1028,21 +1027,19 @@ class FlashAttention : public mx::Primitive {
 
  private:
   float scale_;
-  bool split_;
 };
 
 // Inputs {q, k, v, out, lse, d_out}, outputs {dq, dk, dv}.
 class FlashAttentionGrad : public mx::Primitive {
  public:
-  FlashAttentionGrad(mx::Stream s, float scale, bool split) : Primitive(s), scale_(scale), split_(split) {}
+  FlashAttentionGrad(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("mlx_aim native FlashAttentionGrad runs on the CPU only");
   }
   const char* name() const override { return "MlxAimFlashAttentionGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const FlashAttentionGrad&>(other);
-    return scale_ == o.scale_ && split_ == o.split_;
+    return scale_ == static_cast<const FlashAttentionGrad&>(other).scale_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
@@ -1050,20 +1047,30 @@ class FlashAttentionGrad : public mx::Primitive {
 
  private:
   float scale_;
-  bool split_;
 };
 
-// fn(begin, end) over [0, n) tasks: split over the pool, or all on this thread.
-void run_tasks(bool split, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  if (split) {
-    pool().run(n, 1, fn);
-  } else {
-    fn(0, n);
-  }
+// The optimized BLAS's thread-count functions (openblas_get/set_num_threads or MKL's), from mlx_aim/_blas.py; null
+// where none was loaded (MLX's bundled reference BLAS runs on the calling thread).
+std::atomic<int (*)()> blas_get_threads{nullptr};
+std::atomic<void (*)(int)> blas_set_threads{nullptr};
+
+void set_blas_thread_functions(uintptr_t get, uintptr_t set) {
+  blas_get_threads.store(reinterpret_cast<int (*)()>(get));
+  blas_set_threads.store(reinterpret_cast<void (*)(int)>(set));
 }
 
-std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
-                                       bool split) {
+// fn(begin, end) over [0, n) tasks split over the pool, the BLAS on one thread meanwhile when the pool has several.
+// (MLX's CPU stream runs one task at a time, so no other matmul of its sees the change.)
+void run_tasks(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  auto get = blas_get_threads.load();
+  auto set = blas_set_threads.load();
+  int before = (get && set && pool().size() > 1 && n > 1) ? get() : 1;
+  if (before > 1) set(1);
+  pool().run(n, 1, fn);
+  if (before > 1) set(before);
+}
+
+std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale) {
   for (auto* a : {&q, &k, &v}) check_float32(*a, "flash_attention");
   if (q.ndim() < 2 || k.ndim() != q.ndim() || v.shape() != k.shape() || q.shape(-1) != k.shape(-1))
     throw std::invalid_argument("flash_attention: expected q (..., N, D) and k, v (..., M, D)");
@@ -1074,7 +1081,7 @@ std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, c
   auto lse_shape = q.shape();
   lse_shape.pop_back();
   return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
-                                std::make_shared<FlashAttention>(s, scale, split),
+                                std::make_shared<FlashAttention>(s, scale),
                                 {mx::contiguous(q, false, s), mx::contiguous(k, false, s), mx::contiguous(v, false, s)});
 }
 
@@ -1082,12 +1089,12 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1]});
   encoder.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]), k = mx::array::unsafe_weak_copy(inputs[1]),
                     v = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = outputs[0].data<float>(),
-                    lse_ptr = outputs[1].data<float>(), scale = scale_, split = split_]() {
+                    lse_ptr = outputs[1].data<float>(), scale = scale_]() {
     FlashShape sh = flash_shape(q, k);
     int64_t q_blocks = (sh.n + kFlashQueries - 1) / kFlashQueries;
     const float *q_ptr = q.data<float>(), *k_ptr = k.data<float>(), *v_ptr = v.data<float>();
     int d = static_cast<int>(sh.d);
-    run_tasks(split, sh.heads * q_blocks, [&](int64_t begin, int64_t end) {
+    run_tasks(sh.heads * q_blocks, [&](int64_t begin, int64_t end) {
       std::vector<float> tile(kFlashQueries * kFlashKeys), m(kFlashQueries), l(kFlashQueries);
       for (int64_t task = begin; task < end; ++task) {
         int64_t h = task / q_blocks, q0 = (task % q_blocks) * kFlashQueries;
@@ -1126,7 +1133,7 @@ void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vec
                               mx::array::unsafe_weak_copy(inputs[2]), mx::array::unsafe_weak_copy(inputs[3]),
                               mx::array::unsafe_weak_copy(inputs[4]), mx::array::unsafe_weak_copy(inputs[5])};
   encoder.dispatch([in, dq_ptr = outputs[0].data<float>(), dk_ptr = outputs[1].data<float>(),
-                    dv_ptr = outputs[2].data<float>(), scale = scale_, split = split_]() {
+                    dv_ptr = outputs[2].data<float>(), scale = scale_]() {
     FlashShape sh = flash_shape(in[0], in[1]);
     const float *q_ptr = in[0].data<float>(), *k_ptr = in[1].data<float>(), *v_ptr = in[2].data<float>(),
                 *o_ptr = in[3].data<float>(), *lse_ptr = in[4].data<float>(), *g_ptr = in[5].data<float>();
@@ -1134,7 +1141,7 @@ void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vec
     std::fill(dq_ptr, dq_ptr + sh.heads * sh.n * sh.d, 0.0f);
     std::fill(dk_ptr, dk_ptr + sh.heads * sh.m * sh.d, 0.0f);
     std::fill(dv_ptr, dv_ptr + sh.heads * sh.m * sh.d, 0.0f);
-    run_tasks(split, sh.heads, [&](int64_t begin, int64_t end) {
+    run_tasks(sh.heads, [&](int64_t begin, int64_t end) {
       std::vector<float> p(kFlashQueries * kFlashKeys), dp(kFlashQueries * kFlashKeys), delta(sh.n);
       for (int64_t h = begin; h < end; ++h) {
         int64_t qo = h * sh.n * sh.d, ko = h * sh.m * sh.d;
@@ -1173,7 +1180,7 @@ std::vector<mx::array> FlashAttention::vjp(const std::vector<mx::array>& primals
                               false, s);
   auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
                                       {mx::float32, mx::float32, mx::float32},
-                                      std::make_shared<FlashAttentionGrad>(s, scale_, split_),
+                                      std::make_shared<FlashAttentionGrad>(s, scale_),
                                       {primals[0], primals[1], primals[2], outputs[0], outputs[1], d_out});
   std::vector<mx::array> out;
   for (int arg : argnums) out.push_back(grads[arg]);
@@ -1198,9 +1205,11 @@ NB_MODULE(_native_kernels, m) {
         "Layer norm over the last axis of float32 x with (D,) weight and bias.");
   m.def("softmax_grad", &softmax_grad, "probs"_a, "cotangent"_a, "scale"_a,
         "scale * p * (g - sum(p g)) over the last axis.");
-  m.def("flash_attention", &flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a, "split"_a,
-        "softmax(scale q k^T) v over float32 (..., N, D) in blocks, without the (N, M) weights: [out, logsumexp]; "
-        "split: share the blocks over the kernels' threads (only with a one-thread BLAS).");
+  m.def("flash_attention", &flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "softmax(scale q k^T) v over float32 (..., N, D) in blocks, without the (N, M) weights: [out, logsumexp].");
+  m.def("set_blas_thread_functions", &set_blas_thread_functions, "get"_a, "set"_a,
+        "Addresses of the BLAS's int get_threads() and void set_threads(int), which blocked attention uses to run "
+        "its tile products on one thread each (0, 0: none).");
   m.def("adamw_update", &adamw_update, "grads"_a, "params"_a, "ms"_a, "vs"_a, "scalars"_a, "b1"_a, "b2"_a, "eps"_a,
         "max_norm"_a, "decayed"_a,
         "One AdamW step with global-norm clipping over lists of float32 arrays: the new parameters, m and v (3n "

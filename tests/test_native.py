@@ -256,12 +256,13 @@ def test_flash_attention_reads_transposed_inputs_keeps_half_precision_and_propag
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_flash_attention_with_a_one_thread_or_threaded_blas(threads):
-    """One BLAS thread: the kernel's threads share the tiles; more: the tiles run in turn, the BLAS threaded."""
+    """The kernel's threads share the tiles, each product on one BLAS thread; the BLAS's count is back after."""
     q, k, v, w = (mx.random.normal((2, 3, 530, 32)) for _ in range(4))
     with backend.compute_threads(threads):
         out = native.flash_attention(q, k, v, 0.2)
         grads = flash_grads(0.2, w)(q, k, v)
         mx.eval(out, grads)
+        assert _blas.get_num_threads() in (None, threads)
     assert rel(out, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2)) < 1e-5
     refs = mx.grad(lambda a, b, c: (mx.fast.scaled_dot_product_attention(a, b, c, scale=0.2) * w).sum(),
                    argnums=(0, 1, 2))(q, k, v)

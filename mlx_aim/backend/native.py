@@ -54,6 +54,8 @@ def _load():
         kernels.gelu(mx.zeros((1,)))  # built, not evaluated: importing mlx_aim starts no thread (forking servers)
     except (TypeError, RuntimeError) as error:
         return None, f"the extension does not work with this mlx ({error})"
+    # Blocked attention runs its tile products on one BLAS thread each, from several threads of its own.
+    kernels.set_blas_thread_functions(*(_blas.thread_functions() or (0, 0)))
     return kernels, None
 
 
@@ -138,10 +140,7 @@ def flash_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.a
     dtype = q.dtype
     if dtype != mx.float32:
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    # The kernel's threads share the blocks only when each BLAS product runs on one thread (mlx_aim._blas); else the
-    # blocks run in turn and the BLAS's threads share each product (several threaded products at once stall).
-    split = _blas.get_num_threads() in (None, 1)
-    out, _ = _require().flash_attention(q, k, v, scale, split)
+    out, _ = _require().flash_attention(q, k, v, scale)
     return out.astype(dtype)
 
 
