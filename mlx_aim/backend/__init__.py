@@ -163,6 +163,8 @@ def prepare_mask(mask, num_tokens: int):
 # of 4 rounds; 2-core AMD EPYC VM shared with other jobs, load average 7.2), blocked over dense time, forward and
 # forward+backward: 256 tokens 1.10x and 1.22x, 576 tokens 0.91x and 1.66x, 1024 tokens 0.26x and 0.62x, 2304 tokens
 # 0.41x and 0.41x. So from 1024 on both pay; below, dense keeps training faster (576: inference 9% slower dense).
+# With the BLAS on both cores (--threads 0, load 5.8) blocked was faster from 256 on (0.28x and 0.34x there), dense
+# attention's threaded products stalling under the load; the one-thread figures decide, as the steadier.
 FLASH_ATTENTION_MIN_TOKENS = 1024
 
 
