@@ -10,8 +10,8 @@ through them as through MLX's own ops:
   slope Phi(x) + x pdf(x);
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
   backward, native;
-- `flash_attention`: the same attention without a mask, in blocks with an online softmax (forward and backward), the
-  (N, N) weights never held whole: for long sequences;
+- `flash_attention`: the same attention without a mask, in blocks with an online softmax (forward and backward, no
+  jvp), the (N, N) weights never held whole: for long sequences;
 - `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
   through it raise);
 - `adamw_update`: one AdamW step with global gradient-norm clipping over a whole parameter tree, one primitive over
