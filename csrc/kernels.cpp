@@ -921,11 +921,277 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
   });
 }
 
+
+// ------------------------------------------------------------------------------------------------------------------
+// Blocked attention with an online softmax (the forward and backward of Dao et al., "FlashAttention", 2022, on the
+// CPU): softmax(scale q k^T) v over (..., N, D) without the (N, M) weights. Bidirectional only (no mask). The
+// forward keeps per query row a running maximum and sum while it walks the keys kFlashKeys at a time, and saves the
+// output and each row's logsumexp; the backward recomputes each (query block, key block) tile of the weights from
+// the logsumexp. The tile products go to cblas_sgemm: the BLAS MLX's own matmul calls (the name is resolved as
+// libmlx's is, so mlx_aim/_blas.py's choice applies to both). Work is split over the pool by (batch x head, query
+// block) in the forward and by batch x head in the backward (each task owns its dq, dk and dv rows: no merging), each
+// tile product on one BLAS thread: while the kernel runs, the BLAS is set to one thread (through the functions
+// mlx_aim/_blas.py hands over) and then back. Several pool threads calling a multithreaded BLAS at once wait at its
+// barriers: measured 1.7x to 4x slower than the dense attention, where one-thread products are faster than it.
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// Tile sizes: kFlashQueries x kFlashKeys scores (128 KiB of float32) stay in a core's L2 between their products.
+constexpr int64_t kFlashQueries = 64, kFlashKeys = 512;
+
+// One tile row of the forward: p = exp(scale (s - m')) with m' = max(m, max s), returns the row sum; updates m and
+// says by how much the earlier sum and output shrink, exp(scale (m - m')). A nan score stays nan in p.
+MLX_AIM_CLONES float flash_row(float* s, int64_t n, float scale, float& m, float& shrink) {
+  float lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] = s[j + k] > lanes[k] ? s[j + k] : lanes[k];
+  float row_max = m;
+  for (int k = 0; k < kLanes; ++k) row_max = lanes[k] > row_max ? lanes[k] : row_max;
+  for (; j < n; ++j) row_max = s[j] > row_max ? s[j] : row_max;
+  shrink = m == -INFINITY ? 0.0f : exp_nonpositive((m - row_max) * scale);
+  m = row_max;
+  float sums[kLanes] = {};
+  for (j = 0; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      float d = (s[j + k] - row_max) * scale, e = exp_nonpositive(d);
+      s[j + k] = __builtin_isnan(d) ? d : e;
+      sums[k] += s[j + k];
+    }
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += sums[k];
+  for (; j < n; ++j) {
+    float d = (s[j] - row_max) * scale, e = exp_nonpositive(d);
+    s[j] = __builtin_isnan(d) ? d : e;
+    total += s[j];
+  }
+  return total;
+}
+
+MLX_AIM_CLONES void scale_row(float* x, int64_t n, float factor) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+// One tile row of the backward: p = exp(scale s - lse) into s, and ds = scale p (dp - delta) into dp.
+MLX_AIM_CLONES void flash_backward_row(float* s, float* dp, int64_t n, float scale, float lse, float delta) {
+  for (int64_t j = 0; j < n; ++j) {
+    float d = s[j] * scale - lse, e = exp_nonpositive(d);
+    float p = __builtin_isnan(d) ? d : e;
+    s[j] = p;
+    dp[j] = scale * p * (dp[j] - delta);
+  }
+}
+
+MLX_AIM_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += a[j + k] * b[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+
+struct FlashShape {
+  int64_t heads, n, m, d;  // batch x heads, queries, keys, head dim
+};
+
+FlashShape flash_shape(const mx::array& q, const mx::array& k) {
+  int64_t n = q.shape(-2), m = k.shape(-2), d = q.shape(-1);
+  return {n * d ? int64_t(q.size()) / (n * d) : 0, n, m, d};
+}
+
+// softmax(scale q k^T) v and each query's logsumexp of scale q k^T; inputs {q, k, v} row-contiguous.
+class FlashAttention : public mx::Primitive {
+ public:
+  FlashAttention(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native FlashAttention runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxAimFlashAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const FlashAttention&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto lse = inputs[0].shape();
+    lse.pop_back();
+    return {inputs[0].shape(), lse};
+  }
+
+ private:
+  float scale_;
+};
+
+// Inputs {q, k, v, out, lse, d_out}, outputs {dq, dk, dv}.
+class FlashAttentionGrad : public mx::Primitive {
+ public:
+  FlashAttentionGrad(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native FlashAttentionGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimFlashAttentionGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const FlashAttentionGrad&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+  }
+
+ private:
+  float scale_;
+};
+
+// The optimized BLAS's thread-count functions (openblas_get/set_num_threads or MKL's), from mlx_aim/_blas.py; null
+// where none was loaded (MLX's bundled reference BLAS runs on the calling thread).
+std::atomic<int (*)()> blas_get_threads{nullptr};
+std::atomic<void (*)(int)> blas_set_threads{nullptr};
+
+void set_blas_thread_functions(uintptr_t get, uintptr_t set) {
+  blas_get_threads.store(reinterpret_cast<int (*)()>(get));
+  blas_set_threads.store(reinterpret_cast<void (*)(int)>(set));
+}
+
+// fn(begin, end) over [0, n) tasks split over the pool, the BLAS on one thread meanwhile when the pool has several.
+// (MLX's CPU stream runs one task at a time, so no other matmul of its sees the change.)
+void run_tasks(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  auto get = blas_get_threads.load();
+  auto set = blas_set_threads.load();
+  int before = (get && set && pool().size() > 1 && n > 1) ? get() : 1;
+  if (before > 1) set(1);
+  pool().run(n, 1, fn);
+  if (before > 1) set(before);
+}
+
+std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale) {
+  for (auto* a : {&q, &k, &v}) check_float32(*a, "flash_attention");
+  if (q.ndim() < 2 || k.ndim() != q.ndim() || v.shape() != k.shape() || q.shape(-1) != k.shape(-1))
+    throw std::invalid_argument("flash_attention: expected q (..., N, D) and k, v (..., M, D)");
+  for (int axis = 0; axis + 2 < q.ndim(); ++axis)
+    if (q.shape(axis) != k.shape(axis))
+      throw std::invalid_argument("flash_attention: q, k and v must share their leading (batch, head) axes");
+  auto s = mx::default_stream(mx::default_device());
+  auto lse_shape = q.shape();
+  lse_shape.pop_back();
+  return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
+                                std::make_shared<FlashAttention>(s, scale),
+                                {mx::contiguous(q, false, s), mx::contiguous(k, false, s), mx::contiguous(v, false, s)});
+}
+
+void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1]});
+  encoder.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]), k = mx::array::unsafe_weak_copy(inputs[1]),
+                    v = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = outputs[0].data<float>(),
+                    lse_ptr = outputs[1].data<float>(), scale = scale_]() {
+    FlashShape sh = flash_shape(q, k);
+    int64_t q_blocks = (sh.n + kFlashQueries - 1) / kFlashQueries;
+    const float *q_ptr = q.data<float>(), *k_ptr = k.data<float>(), *v_ptr = v.data<float>();
+    int d = static_cast<int>(sh.d);
+    run_tasks(sh.heads * q_blocks, [&](int64_t begin, int64_t end) {
+      std::vector<float> tile(kFlashQueries * kFlashKeys), m(kFlashQueries), l(kFlashQueries);
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t h = task / q_blocks, q0 = (task % q_blocks) * kFlashQueries;
+        int rows = static_cast<int>(std::min(kFlashQueries, sh.n - q0));
+        const float* qb = q_ptr + (h * sh.n + q0) * sh.d;
+        const float *kh = k_ptr + h * sh.m * sh.d, *vh = v_ptr + h * sh.m * sh.d;
+        float* ob = out_ptr + (h * sh.n + q0) * sh.d;
+        std::fill(ob, ob + rows * sh.d, 0.0f);
+        std::fill(m.begin(), m.end(), -INFINITY);
+        std::fill(l.begin(), l.end(), 0.0f);
+        for (int64_t k0 = 0; k0 < sh.m; k0 += kFlashKeys) {
+          int cols = static_cast<int>(std::min(kFlashKeys, sh.m - k0));
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, d, kh + k0 * sh.d, d, 0.0f, tile.data(),
+                      cols);
+          for (int r = 0; r < rows; ++r) {
+            float shrink;
+            float total = flash_row(tile.data() + int64_t(r) * cols, cols, scale, m[r], shrink);
+            l[r] = l[r] * shrink + total;
+            if (shrink != 1.0f) scale_row(ob + r * sh.d, sh.d, shrink);
+          }
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, tile.data(), cols, vh + k0 * sh.d, d, 1.0f,
+                      ob, d);
+        }
+        for (int r = 0; r < rows; ++r) {
+          scale_row(ob + r * sh.d, sh.d, 1.0f / l[r]);
+          lse_ptr[h * sh.n + q0 + r] = m[r] * scale + std::log(l[r]);
+        }
+      }
+    });
+  });
+}
+
+void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]});
+  std::array<mx::array, 6> in{mx::array::unsafe_weak_copy(inputs[0]), mx::array::unsafe_weak_copy(inputs[1]),
+                              mx::array::unsafe_weak_copy(inputs[2]), mx::array::unsafe_weak_copy(inputs[3]),
+                              mx::array::unsafe_weak_copy(inputs[4]), mx::array::unsafe_weak_copy(inputs[5])};
+  encoder.dispatch([in, dq_ptr = outputs[0].data<float>(), dk_ptr = outputs[1].data<float>(),
+                    dv_ptr = outputs[2].data<float>(), scale = scale_]() {
+    FlashShape sh = flash_shape(in[0], in[1]);
+    const float *q_ptr = in[0].data<float>(), *k_ptr = in[1].data<float>(), *v_ptr = in[2].data<float>(),
+                *o_ptr = in[3].data<float>(), *lse_ptr = in[4].data<float>(), *g_ptr = in[5].data<float>();
+    int d = static_cast<int>(sh.d);
+    std::fill(dq_ptr, dq_ptr + sh.heads * sh.n * sh.d, 0.0f);
+    std::fill(dk_ptr, dk_ptr + sh.heads * sh.m * sh.d, 0.0f);
+    std::fill(dv_ptr, dv_ptr + sh.heads * sh.m * sh.d, 0.0f);
+    run_tasks(sh.heads, [&](int64_t begin, int64_t end) {
+      std::vector<float> p(kFlashQueries * kFlashKeys), dp(kFlashQueries * kFlashKeys), delta(sh.n);
+      for (int64_t h = begin; h < end; ++h) {
+        int64_t qo = h * sh.n * sh.d, ko = h * sh.m * sh.d;
+        for (int64_t i = 0; i < sh.n; ++i)  // delta = rowsum(dO * O) = rowsum(P * dP)
+          delta[i] = dot(g_ptr + qo + i * sh.d, o_ptr + qo + i * sh.d, sh.d);
+        for (int64_t k0 = 0; k0 < sh.m; k0 += kFlashKeys) {
+          int cols = static_cast<int>(std::min(kFlashKeys, sh.m - k0));
+          const float *kb = k_ptr + ko + k0 * sh.d, *vb = v_ptr + ko + k0 * sh.d;
+          float *dkb = dk_ptr + ko + k0 * sh.d, *dvb = dv_ptr + ko + k0 * sh.d;
+          for (int64_t q0 = 0; q0 < sh.n; q0 += kFlashQueries) {
+            int rows = static_cast<int>(std::min(kFlashQueries, sh.n - q0));
+            const float *qb = q_ptr + qo + q0 * sh.d, *gb = g_ptr + qo + q0 * sh.d;
+            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, d, kb, d, 0.0f, p.data(), cols);
+            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, gb, d, vb, d, 0.0f, dp.data(), cols);
+            for (int r = 0; r < rows; ++r)
+              flash_backward_row(p.data() + int64_t(r) * cols, dp.data() + int64_t(r) * cols, cols, scale,
+                                 lse_ptr[h * sh.n + q0 + r], delta[q0 + r]);
+            // dV += P^T dO, dK += dS^T Q, dQ += dS K (dS in dp).
+            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, p.data(), cols, gb, d, 1.0f, dvb, d);
+            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, dp.data(), cols, qb, d, 1.0f, dkb, d);
+            cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, dp.data(), cols, kb, d, 1.0f,
+                        dq_ptr + qo + q0 * sh.d, d);
+          }
+        }
+      }
+    });
+  });
+}
+
+std::vector<mx::array> FlashAttention::vjp(const std::vector<mx::array>& primals,
+                                           const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                           const std::vector<mx::array>& outputs) {
+  // Only the output's cotangent counts: the logsumexp is the backward's, and mlx_aim.backend.native never returns it.
+  auto s = stream();
+  auto d_out = mx::contiguous(mx::astype(mx::broadcast_to(cotangents[0], primals[0].shape(), s), mx::float32, s),
+                              false, s);
+  auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                                      {mx::float32, mx::float32, mx::float32},
+                                      std::make_shared<FlashAttentionGrad>(s, scale_),
+                                      {primals[0], primals[1], primals[2], outputs[0], outputs[1], d_out});
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(grads[arg]);
+  return out;
+}
+
 }  // namespace
 
 NB_MODULE(_native_kernels, m) {
   nb::module_::import_("mlx.core");  // registers mx.array's type with nanobind before any call
-  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax, layer norm, AdamW) as MLX primitives; see "
+  m.doc() = "mlx_aim's native CPU kernels (GELU, attention softmax, blocked attention, layer norm, AdamW) as MLX primitives; see "
             "mlx_aim/backend/native.py";
   m.attr("built_mlx_version") = MLX_AIM_BUILT_MLX;
   m.attr("isa_dispatch") = bool(MLX_AIM_ISA_DISPATCH);
@@ -939,6 +1205,11 @@ NB_MODULE(_native_kernels, m) {
         "Layer norm over the last axis of float32 x with (D,) weight and bias.");
   m.def("softmax_grad", &softmax_grad, "probs"_a, "cotangent"_a, "scale"_a,
         "scale * p * (g - sum(p g)) over the last axis.");
+  m.def("flash_attention", &flash_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "softmax(scale q k^T) v over float32 (..., N, D) in blocks, without the (N, M) weights: [out, logsumexp].");
+  m.def("set_blas_thread_functions", &set_blas_thread_functions, "get"_a, "set"_a,
+        "Addresses of the BLAS's int get_threads() and void set_threads(int), which blocked attention uses to run "
+        "its tile products on one thread each (0, 0: none).");
   m.def("adamw_update", &adamw_update, "grads"_a, "params"_a, "ms"_a, "vs"_a, "scalars"_a, "b1"_a, "b2"_a, "eps"_a,
         "max_norm"_a, "decayed"_a,
         "One AdamW step with global-norm clipping over lists of float32 arrays: the new parameters, m and v (3n "

@@ -140,6 +140,19 @@ def get_num_threads() -> Optional[int]:
     return None
 
 
+def thread_functions() -> Optional[tuple[int, int]]:
+    """The addresses of the preloaded library's `int get_threads(void)` and `void set_threads(int)` (OpenBLAS's or
+    MKL's), for native code that sets them around its own threads' BLAS calls; None when no library was preloaded
+    or it has no such pair."""
+    for lib in _handles:
+        for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"),
+                          ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+            if hasattr(lib, get) and hasattr(lib, set_):
+                return (ctypes.cast(getattr(lib, get), ctypes.c_void_p).value,
+                        ctypes.cast(getattr(lib, set_), ctypes.c_void_p).value)
+    return None
+
+
 def _result(reason, name=None, path=None, **extra):
     return {"loaded": name is not None, "name": name, "path": path, "reason": reason, **extra}
 

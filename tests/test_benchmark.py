@@ -176,6 +176,19 @@ def test_block_profile_times_every_variant_and_restores_the_layers():
     assert all(kind == "block fwd+bwd" and seconds > 0 for kind, _, seconds in rows)
 
 
+def test_long_attention_benchmark_times_both_kernels_and_their_memory():
+    import bench_long_attention  # benchmarks/bench_long_attention.py
+
+    with mx.stream(mx.cpu):
+        row = bench_long_attention.measure(tokens=600, heads=2, dim=16, rounds=1)
+    assert row["tokens"] == 600
+    for mode in ("forward", "backward"):
+        for kernel in ("dense", "blocked"):
+            assert row[f"{mode}_{kernel}_ms"] > 0
+        # the dense path holds 2 x 600 x 600 float32 weights, the blocked one never does
+        assert row[f"{mode}_dense_peak_mib"] > 2 * 600 * 600 * 4 / 2**20 > row[f"{mode}_blocked_peak_mib"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # AIMv2: the encoder against transformers' Aimv2VisionModel
 

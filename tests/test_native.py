@@ -191,6 +191,148 @@ def test_attention_keeps_half_precision_dtype():
     assert out.dtype == mx.bfloat16 and rel(out, ref) < 2e-2
 
 
+# ----------------------------------------------------------------------------------------------------
+# Blocked attention (flash_attention): tiles of 64 queries x 512 keys in the kernel
+
+
+def attention64(q, k, v, scale, w):
+    """softmax(scale q k^T) v in float64 numpy, and the gradients of sum(out * w) for q, k and v."""
+    q, k, v, w = (np.array(t, dtype=np.float64) for t in (q, k, v, w))
+    s = scale * q @ k.swapaxes(-1, -2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ v
+    dp = w @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    return out, (ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ w)
+
+
+def flash_grads(scale, w):
+    return mx.grad(lambda a, b, c: (native.flash_attention(a, b, c, scale) * w).sum(), argnums=(0, 1, 2))
+
+
+# Fewer tokens than one tile; several query tiles and a part of one (N not a multiple of 64); two key tiles, the second
+# partial (N > 512); head dims 32, 64, 128; batch and heads above 1.
+FLASH_SHAPES = [(1, 1, 5, 32), (2, 3, 67, 64), (1, 2, 150, 128), (2, 2, 530, 64)]
+
+
+@pytest.mark.parametrize("shape", FLASH_SHAPES)
+def test_flash_attention_matches_float64_forward_and_backward(shape):
+    q, k, v = (mx.random.normal(shape) for _ in range(3))
+    w = mx.random.normal(shape)
+    scale = shape[-1] ** -0.5
+    out64, grads64 = attention64(q, k, v, scale, w)
+    assert rel(native.flash_attention(q, k, v, scale), mx.array(out64)) < 2e-6
+    for g, g64 in zip(flash_grads(scale, w)(q, k, v), grads64):
+        assert rel(g, mx.array(g64)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", FLASH_SHAPES)
+def test_flash_attention_matches_mlx_and_dense_attention_compiled(shape):
+    q, k, v = (mx.random.normal(shape) * 2.0 for _ in range(3))  # wider scores: the online maximum moves
+    w = mx.random.normal(shape)
+    scale = shape[-1] ** -0.5
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    assert rel(mx.compile(lambda a, b, c: native.flash_attention(a, b, c, scale))(q, k, v), fused) < 1e-5
+    assert rel(native.flash_attention(q, k, v, scale), ops.attention(q, k, v, scale)) < 1e-5
+    grads = flash_grads(scale, w)
+    refs = mx.grad(lambda a, b, c: (mx.fast.scaled_dot_product_attention(a, b, c, scale=scale) * w).sum(),
+                   argnums=(0, 1, 2))(q, k, v)
+    dense = mx.grad(lambda a, b, c: (native.attention(a, b, c, scale) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, g_compiled, g_ref, g_dense in zip(grads(q, k, v), mx.compile(grads)(q, k, v), refs, dense):
+        assert rel(g, g_ref) < 1e-5 and rel(g_compiled, g_ref) < 1e-5 and rel(g, g_dense) < 1e-5
+
+
+def test_flash_attention_reads_transposed_inputs_keeps_half_precision_and_propagates_nan():
+    x = mx.random.normal((1, 70, 2, 32))  # (batch, tokens, heads, dim), as the trunk's reshape leaves it
+    q = x.transpose(0, 2, 1, 3)
+    assert rel(native.flash_attention(q, q, q, 0.3), mx.fast.scaled_dot_product_attention(q, q, q, scale=0.3)) < 1e-5
+    half = q.astype(mx.bfloat16)
+    out = native.flash_attention(half, half, half, 0.3)
+    assert out.dtype == mx.bfloat16 and rel(out, mx.fast.scaled_dot_product_attention(half, half, half, scale=0.3)) < 2e-2
+    out = np.array(native.flash_attention(q, q.at[0, 1, 5].add(mx.nan), q, 0.3))
+    assert np.isnan(out[0, 1]).all() and not np.isnan(out[0, 0]).any()  # a nan key spoils its head's rows only
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flash_attention_with_a_one_thread_or_threaded_blas(threads):
+    """The kernel's threads share the tiles, each product on one BLAS thread; the BLAS's count is back after."""
+    q, k, v, w = (mx.random.normal((2, 3, 530, 32)) for _ in range(4))
+    with backend.compute_threads(threads):
+        out = native.flash_attention(q, k, v, 0.2)
+        grads = flash_grads(0.2, w)(q, k, v)
+        mx.eval(out, grads)
+        assert _blas.get_num_threads() in (None, threads)
+    assert rel(out, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2)) < 1e-5
+    refs = mx.grad(lambda a, b, c: (mx.fast.scaled_dot_product_attention(a, b, c, scale=0.2) * w).sum(),
+                   argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, refs):
+        assert rel(g, g_ref) < 1e-5
+
+
+def test_flash_attention_rejects_mismatched_shapes():
+    q = mx.zeros((1, 2, 8, 16))
+    with pytest.raises(ValueError, match="flash_attention"):
+        native.flash_attention(q, mx.zeros((1, 2, 8, 8)), mx.zeros((1, 2, 8, 8)), 1.0)
+    with pytest.raises(ValueError, match="flash_attention"):
+        native.flash_attention(q, mx.zeros((1, 3, 8, 16)), mx.zeros((1, 3, 8, 16)), 1.0)
+
+
+def peak_bytes_above_inputs(fn) -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(fn())
+    return mx.get_peak_memory() - before
+
+
+def test_flash_attention_never_holds_the_weights_forward_or_backward():
+    n, d = 4096, 32
+    q, k, v, w = (mx.random.normal((1, 1, n, d)) for _ in range(4))
+    mx.eval(q, k, v, w)
+    weights = n * n * 4  # one head's (N, N) float32 scores: 64 MiB
+    assert peak_bytes_above_inputs(lambda: native.attention(q, k, v, 0.2)) >= weights  # the check can fail
+    assert peak_bytes_above_inputs(lambda: native.flash_attention(q, k, v, 0.2)) < weights / 32
+    assert peak_bytes_above_inputs(lambda: flash_grads(0.2, w)(q, k, v)) < weights / 16
+
+
+def test_backend_takes_blocked_attention_only_unmasked_from_its_threshold(monkeypatch):
+    q = mx.random.normal((1, 2, 40, 16))
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 40)
+    assert "MlxAimFlashAttention" in graph_ops(backend.attention(q, q, q, 0.25))
+    for mask in ("causal", backend.prepare_mask(masks(1, 40)["prefix"], 40)):
+        ops_used = graph_ops(backend.attention(q, q, q, 0.25, mask))
+        assert "MlxAimFlashAttention" not in ops_used and "MlxAimMaskedSoftmax" in ops_used
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 41)
+    assert "MlxAimFlashAttention" not in graph_ops(backend.attention(q, q, q, 0.25))
+    with backend.native_kernels(False):
+        monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 1)
+        assert "MlxAimFlashAttention" not in graph_ops(backend.attention(q, q, q, 0.25))
+
+
+def test_a_native_resolution_encoder_through_blocked_attention_matches_dense(monkeypatch):
+    """A tiny native-resolution AIMv2 (100 tokens) with the threshold lowered: features and their gradients as the
+    dense path gives them, compiled."""
+    from mlx_aim.models.model import build_model
+    from test_aimv2 import tiny_native
+
+    model = build_model(tiny_native())
+    images = mx.random.normal((2, 40, 40, 3))
+    w = mx.random.normal((2, 100, 64))
+
+    def loss(x):  # the last block's features against fixed weights (the final norm's output is scale-free in x)
+        return (model.extract_features(x)[1][-1] * w).sum()
+
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 100)
+    assert "MlxAimFlashAttention" in graph_ops(loss(images))
+    blocked = mx.compile(mx.value_and_grad(loss))(images)
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 101)
+    assert "MlxAimFlashAttention" not in graph_ops(loss(images))
+    dense = mx.value_and_grad(loss)(images)
+    assert rel(blocked[0], dense[0]) < 1e-5 and rel(blocked[1], dense[1]) < 1e-5
+
+
 def test_a_training_step_through_native_and_ops_paths_agrees():
     """A tiny AIM block's loss and gradients (GELU and attention inside, prefix mask, compiled) on both CPU paths."""
     from mlx.utils import tree_flatten

@@ -8,7 +8,8 @@ and never looks at the device. The portable path, what Metal and CUDA run, is ML
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
 - GELU, the attention softmax and layer norm are `mlx_aim.backend.native`'s C++ kernels (MLX primitives, multithreaded and
-  vectorised for the running CPU), when that extension was built and matches the installed mlx;
+  vectorised for the running CPU), when that extension was built and matches the installed mlx; unmasked attention
+  over FLASH_ATTENTION_MIN_TOKENS keys or more is its blocked attention, which never holds the (N, N) weights;
 - otherwise, and with MLX_AIM_NATIVE=0, attention is `ops.attention` (a vectorised exp, a written-out backward,
   float32), GELU `ops.gelu`, erf as a rational polynomial (MLX's CPU erf is evaluated one element at a time), and
   layer norm `mx.fast.layer_norm`; when the extension is missing, the first layer that would have used it warns
@@ -157,12 +158,27 @@ def prepare_mask(mask, num_tokens: int):
     return mask
 
 
+# From this many keys on, unmasked attention on the native path is `native.flash_attention` (blocked, online softmax:
+# the (N, N) weights never held) instead of `native.attention` (the weights materialised, the softmax native).
+# Measured with benchmarks/bench_long_attention.py --threads 1 (batch 1 x 16 heads x 64 dims, the two alternating, best
+# of 4 rounds; 2-core AMD EPYC VM shared with other jobs, load average 7.2), blocked over dense time, forward and
+# forward+backward: 256 tokens 1.10x and 1.22x, 576 tokens 0.91x and 1.66x, 1024 tokens 0.26x and 0.62x, 2304 tokens
+# 0.41x and 0.41x. So from 1024 on both pay; below, dense keeps training faster (576: inference 9% slower dense).
+# With the BLAS on both cores (--threads 0, load 5.8) blocked was faster from 256 on (0.28x and 0.34x there), dense
+# attention's threaded products stalling under the load; the one-thread figures decide, as the steadier.
+FLASH_ATTENTION_MIN_TOKENS = 1024
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     """softmax(scale * q k^T + mask) v over (batch, heads, tokens, head_dim): the native kernel's or `ops.attention`
-    with the CPU workarounds, `mx.fast.scaled_dot_product_attention` elsewhere. Masks as the latter takes them."""
+    with the CPU workarounds, `mx.fast.scaled_dot_product_attention` elsewhere. Masks as the latter takes them. On
+    the native path, unmasked attention over at least FLASH_ATTENTION_MIN_TOKENS keys runs blocked
+    (`native.flash_attention`); masked attention (AIM's prefix-causal pre-training) keeps `native.attention`."""
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
         mask = mask.astype(q.dtype)  # an additive mask in the queries' dtype, as fused attention wants it
     if use_native_kernels():
+        if mask is None and k.shape[-2] >= FLASH_ATTENTION_MIN_TOKENS:
+            return native.flash_attention(q, k, v, scale)
         return native.attention(q, k, v, scale, mask)
     if use_cpu_workarounds():
         return ops.attention(q, k, v, scale, mask)

@@ -10,6 +10,8 @@ through them as through MLX's own ops:
   slope Phi(x) + x pdf(x);
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
   backward, native;
+- `flash_attention`: the same attention without a mask, in blocks with an online softmax (forward and backward, no
+  jvp), the (N, N) weights never held whole: for long sequences;
 - `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
   through it raise);
 - `adamw_update`: one AdamW step with global gradient-norm clipping over a whole parameter tree, one primitive over
@@ -29,7 +31,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .. import platforms
+from .. import _blas, platforms
 from .ops import additive_mask
 
 
@@ -52,6 +54,8 @@ def _load():
         kernels.gelu(mx.zeros((1,)))  # built, not evaluated: importing mlx_aim starts no thread (forking servers)
     except (TypeError, RuntimeError) as error:
         return None, f"the extension does not work with this mlx ({error})"
+    # Blocked attention runs its tile products on one BLAS thread each, from several threads of its own.
+    kernels.set_blas_thread_functions(*(_blas.thread_functions() or (0, 0)))
     return kernels, None
 
 
@@ -126,6 +130,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
     probs = softmax(q @ k.swapaxes(-1, -2), additive_mask(mask, k.shape[-2]), scale)
     return (probs @ v).astype(dtype)
+
+
+def flash_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(scale q k^T) v over (..., N, D) queries and (..., M, D) keys and values, bidirectional (no mask), in
+    blocks with an online softmax: neither the forward nor the backward holds the (N, M) weights. The forward keeps
+    only the output and each query's logsumexp for the backward, which recomputes the weights block by block. Half
+    precision is computed in float32 and rounded back."""
+    dtype = q.dtype
+    if dtype != mx.float32:
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    out, _ = _require().flash_attention(q, k, v, scale)
+    return out.astype(dtype)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
