@@ -367,8 +367,9 @@ def test_unreadable_images_are_skipped_and_reported(base, tmp_path, capsys):
     (data / "val" / "blue" / "broken.png").write_bytes(b"")
     out = tmp_path / "ft"
     # 25 training images in batches of 5: the first epoch meets the broken one.
-    rc = finetune_cli.main(["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "5",
-                            "--batch-size", "5", "--num-workers", "0", "--no-compile", "--no-progress", "--json"])
+    with pytest.warns(UserWarning, match="BatchLoader: skipping .*broken.png"):  # the loader says so as it happens
+        rc = finetune_cli.main(["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "5",
+                                "--batch-size", "5", "--num-workers", "0", "--no-compile", "--no-progress", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = last_json(captured.out)
