@@ -108,6 +108,11 @@ def test_finetune_comparison_on_the_quick_demo(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_cli.main(["--model", "aim-600M", "--finetune"])
     assert "drop --model" in capsys.readouterr().err
+    for bad in ("1,1", "a", "-1"):  # refused by the parser, before minutes of demo
+        with pytest.raises(SystemExit):
+            demo_cli.main(["--finetune", "--finetune-seeds", bad, "--out", str(tmp_path / "never")])
+        assert "expected distinct integer seeds" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):

@@ -523,6 +523,7 @@ def bench_finetune(config: Optional[AIMConfig], batch_size: int, mode: str = "lo
     probe trained with it; with `quantize`, QLoRA) or full (every weight, drop path off so that both frameworks do
     the same work), on random images and labels. With `compare_torch`, `benchmarks/torch_reference.py`'s
     `FinetuneStep` on the same weights and adapters, alternating: the first losses agree (the adapters' B is 0)."""
+    from ..models.lora import trainable_parameters
     from ..training.finetune import FinetuneConfig, finetune_model, make_optimizer, make_step
     from ..training.optim import Schedule
 
@@ -550,11 +551,10 @@ def bench_finetune(config: Optional[AIMConfig], batch_size: int, mode: str = "lo
         mx.eval(loss, model.state, optimizer.state)
         return loss
 
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     result = {"task": f"fine-tuning step ({'QLoRA' if quantize else mode})", "config": config.name or "custom",
               "image_size": config.image_size, "batch_size": batch_size, "dtype": dtype,
               "quantization": config.quantization, "grad_checkpoint": grad_checkpoint,
-              "trainable_parameters": trainable, "weight_bytes": weight_bytes(model), **info,
+              "trainable_parameters": trainable_parameters(model), "weight_bytes": weight_bytes(model), **info,
               "flops": finetune_flops(config, batch_size, mode)}
     fns = {"mlx": mlx_step}
     if compare_torch:

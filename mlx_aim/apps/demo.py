@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
-from mlx.utils import tree_flatten
 from PIL import Image
 
 from ..models.config import AIMConfig, get_config
 from ..data import ImageFolder, load_splits
 from ..fileio import write_json
+from ..models.lora import trainable_parameters
 from ..models.model import AIMEncoder, build_model
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.probe import ProbeConfig, train_probe, trunk_description
@@ -316,10 +316,6 @@ FINETUNE_METHODS = ("probe", "lora", "full")
 FINETUNE_DIR = "finetune"
 
 
-def _trained_count(module) -> int:
-    return sum(v.size for _, v in tree_flatten(module.trainable_parameters()))
-
-
 def _finetune_once(method: str, seed: int, model_dir: Path, data: tuple[ImageFolder, ImageFolder], folder: Path,
                    cfg: DemoConfig, progress: bool, echo: Callable) -> dict:
     """One method with one seed, from the pre-trained trunk: its validation top-1 and top-5, what it trained, its
@@ -331,7 +327,7 @@ def _finetune_once(method: str, seed: int, model_dir: Path, data: tuple[ImageFol
         model = mlx_aim.load(model_dir)
         result = train_probe(model, data, folder, cfg.probe_config(seed), trunk=trunk_description(model, str(model_dir)),
                              force=True, save_model_folder=False, progress=progress, echo=echo)
-        val, trained = result.metrics["val"], _trained_count(result.head)
+        val, trained = result.metrics["val"], trainable_parameters(result.head)
     else:
         result = finetune(model_dir, data, folder, cfg.finetune_config(method, seed), force=True, progress=progress,
                           echo=echo)

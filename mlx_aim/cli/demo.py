@@ -27,6 +27,17 @@ from .options import add_max_patches_option, add_model_options, add_output_optio
 from .output import EXIT_OK, CommandError, print_json, run_command
 
 
+def seed_list(text: str) -> list[int]:
+    """Comma-separated distinct seeds >= 0, e.g. 0,1,2: refused before the demo runs, not minutes into it."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct integer seeds >= 0, comma-separated (0,1,2)")
+    return seeds
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="mlx_aim_demo", help="working folder: data, runs, figure (default: %(default)s)")
@@ -37,7 +48,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--finetune", action="store_true",
                    help="then train the attentive probe, LoRA and full fine-tuning on the pre-trained trunk with each "
                         "--finetune-seeds seed, and compare them (AIM section 5.5)")
-    p.add_argument("--finetune-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2],
+    p.add_argument("--finetune-seeds", type=seed_list, default=[0, 1, 2],
                    metavar="S,S,...", help="seeds of the comparison (default: 0,1,2)")
     p.add_argument("--model", default=None,
                    help="instead of pre-training: classify the bundled sample images with this model "
