@@ -192,13 +192,108 @@ def test_attention_keeps_half_precision_dtype():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Attention on the packed qkv (packed_attention): the heads read from (B, N, 3 D) and written to (B, N, D) in place
+
+# One query block of the kernel (128 rows) and less; several, the last partial; head dims 16 to 128; one head.
+PACKED_SHAPES = [(2, 5, 2, 32), (3, 67, 4, 16), (2, 300, 2, 64), (1, 150, 3, 128), (1, 9, 1, 8)]
+
+
+def packed_masks(B, H, N):
+    """Every mask form the kernel takes: the model's (None, "causal", the boolean prefix mask, each additive as
+    backend.prepare_mask makes it), and additive ones of each broadcast shape."""
+    forms = dict(masks(B, N), per_head=mx.random.normal((B, H, N, N)), shared=mx.random.normal((N, N)))
+    forms["prefix"] = backend.prepare_mask(prefix_causal_mask(mx.array([3, N - 2, 1][:B]), N), N)
+    return forms
+
+
+def split64(qkv, H):
+    x = np.array(qkv, dtype=np.float64)
+    B, N, D3 = x.shape
+    return x.reshape(B, N, 3, H, D3 // (3 * H)).transpose(2, 0, 3, 1, 4)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "prefix", "additive", "per_head", "shared"])
+@pytest.mark.parametrize("shape", PACKED_SHAPES)
+def test_packed_attention_matches_float64_and_the_split_heads_path_compiled(shape, mask_kind):
+    B, N, H, hd = shape
+    qkv = mx.random.normal((B, N, 3 * H * hd)) * 1.5
+    mask = packed_masks(B, H, N)[mask_kind]
+    scale = hd**-0.5
+    w = mx.random.normal((B, N, H * hd))
+    q, k, v = split64(qkv, H)
+    w64 = np.array(w, dtype=np.float64).reshape(B, N, H, hd).transpose(0, 2, 1, 3)
+    additive = ops.additive_mask(mask, N)
+    out64, (dq, dk, dv) = attention64(q, k, v, scale, w64, None if additive is None else np.array(additive))
+    out64 = out64.transpose(0, 2, 1, 3).reshape(B, N, H * hd)
+    grad64 = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * hd)
+
+    out = native.packed_attention(qkv, H, scale, mask)
+    assert out.shape == (B, N, H * hd) and rel(out, mx.array(out64)) < 2e-6
+    grad = mx.grad(lambda x: (native.packed_attention(x, H, scale, mask) * w).sum())
+    assert rel(grad(qkv), mx.array(grad64)) < 1e-5
+    with backend.native_kernels(False):  # the ops path on split heads: what the model ran before
+        split = mx.grad(lambda x: (backend.qkv_attention(x, H, scale, mask) * w).sum())(qkv)
+    assert rel(mx.compile(grad)(qkv), split) < 1e-5
+    compiled = mx.compile(lambda x: native.packed_attention(x, H, scale, mask))(qkv)
+    assert rel(compiled, mx.fast.scaled_dot_product_attention(
+        *(mx.array(t.astype(np.float32)) for t in (q, k, v)), scale=scale,
+        mask=additive).transpose(0, 2, 1, 3).reshape(B, N, H * hd)) < 1e-5
+
+
+def test_packed_attention_reads_a_strided_qkv_keeps_half_precision_and_rejects_bad_shapes():
+    qkv = mx.random.normal((3 * 64, 20, 2)).transpose(2, 1, 0)  # (2, 20, 192), not row-contiguous
+    ref = native.packed_attention(mx.array(np.array(qkv)), 4, 0.25, "causal")
+    assert rel(native.packed_attention(qkv, 4, 0.25, "causal"), ref) == 0.0
+    half = native.packed_attention(qkv.astype(mx.bfloat16), 4, 0.25, "causal")
+    assert half.dtype == mx.bfloat16 and rel(half, ref) < 2e-2
+    with pytest.raises(ValueError, match="packed_attention"):
+        native.packed_attention(mx.zeros((2, 8, 30)), 4, 1.0)  # 30 is not 3 D with D divisible by 4 heads
+    with pytest.raises(ValueError, match="packed_attention"):
+        native.packed_attention(mx.zeros((8, 48)), 4, 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_attention_with_a_one_thread_or_threaded_blas(threads):
+    """The kernel's threads share the heads and query blocks, each product on one BLAS thread; the BLAS's count is
+    back after."""
+    qkv, w = mx.random.normal((2, 260, 3 * 96)), mx.random.normal((2, 260, 96))
+    mask = backend.prepare_mask(masks(2, 260)["prefix"], 260)
+    grad = mx.grad(lambda x: (native.packed_attention(x, 3, 0.2, mask) * w).sum())
+    with backend.compute_threads(threads):
+        out, g = native.packed_attention(qkv, 3, 0.2, mask), grad(qkv)
+        mx.eval(out, g)
+        assert _blas.get_num_threads() in (None, threads)
+    with backend.native_kernels(False):
+        assert rel(out, backend.qkv_attention(qkv, 3, 0.2, mask)) < 1e-5
+        assert rel(g, mx.grad(lambda x: (backend.qkv_attention(x, 3, 0.2, mask) * w).sum())(qkv)) < 1e-5
+
+
+def test_backend_takes_packed_attention_where_attention_would_not_run_blocked(monkeypatch):
+    qkv = mx.random.normal((1, 40, 3 * 32))
+    prefix = backend.prepare_mask(masks(1, 40)["prefix"], 40)
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 41)
+    for mask in (None, "causal", prefix):
+        assert "MlxAimPackedAttention" in graph_ops(backend.qkv_attention(qkv, 2, 0.25, mask))
+    monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 40)
+    ops_used = graph_ops(backend.qkv_attention(qkv, 2, 0.25))
+    assert "MlxAimFlashAttention" in ops_used and "MlxAimPackedAttention" not in ops_used
+    assert "MlxAimPackedAttention" in graph_ops(backend.qkv_attention(qkv, 2, 0.25, prefix))
+    with backend.native_kernels(False):
+        ops_used = graph_ops(backend.qkv_attention(qkv, 2, 0.25, prefix))
+        assert not any(name.startswith("MlxAim") for name in ops_used)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Blocked attention (flash_attention): tiles of 64 queries x 512 keys in the kernel
 
 
-def attention64(q, k, v, scale, w):
-    """softmax(scale q k^T) v in float64 numpy, and the gradients of sum(out * w) for q, k and v."""
+def attention64(q, k, v, scale, w, mask=None):
+    """softmax(scale q k^T + mask) v in float64 numpy (mask additive or None), and the gradients of sum(out * w) for q,
+    k and v."""
     q, k, v, w = (np.array(t, dtype=np.float64) for t in (q, k, v, w))
     s = scale * q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = s + np.array(mask, dtype=np.float64)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     out = p @ v

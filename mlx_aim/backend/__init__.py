@@ -1,6 +1,6 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.models.layers`) calls `Linear`, `LayerNorm`, `attention`, `gelu`, `silu` and `prepare_mask` from here
+The model (`mlx_aim.models.layers`) calls `Linear`, `LayerNorm`, `qkv_attention`, `gelu`, `silu` and `prepare_mask` from here
 and never looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`,
 `nn.QuantizedLinear`, `mx.fast.scaled_dot_product_attention`, `nn.LayerNorm` (`mx.fast.layer_norm`), `nn.gelu`
 (exact, erf) and `nn.silu`. On the CPU backend the workarounds replace the slow parts of MLX's CPU kernels:
@@ -16,6 +16,8 @@ and never looks at the device. The portable path, what Metal and CUDA run, is ML
   once, saying why;
 - AdamW with gradient clipping (`mlx_aim.training.optim`, which asks `use_native_kernels` when its step is traced) is
   `native.adamw_update`, one kernel over the whole parameter tree, else mlx's own optimizer;
+- multi-head attention on the qkv linear's packed output (`qkv_attention`) is `native.packed_attention` where the native
+  path would not run blocked: it reads the heads in place and writes the output as the proj linear takes it;
 - either way the trunk's mask is made additive once rather than in every block;
 - SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 
@@ -183,6 +185,27 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     if use_cpu_workarounds():
         return ops.attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
+    """The qkv linear's (B, N, 3 D) output as q, k and v of shape (B, heads, N, D / heads)."""
+    B, N, D3 = qkv.shape
+    qkv = qkv.reshape(B, N, 3, num_heads, D3 // (3 * num_heads)).transpose(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def qkv_attention(qkv: mx.array, num_heads: int, scale: float, mask=None) -> mx.array:
+    """Multi-head attention from the qkv linear's packed (B, N, 3 D) output to the (B, N, D) the proj linear takes:
+    `attention` per head on `split_heads`, the heads side by side again. On the native path the kernel works on the
+    packed layout itself (`native.packed_attention`: no copies of the heads out and back, forward or backward), except
+    where `attention` would run blocked (unmasked, at least FLASH_ATTENTION_MIN_TOKENS keys)."""
+    B, N, D3 = qkv.shape
+    if use_native_kernels() and (mask is not None or N < FLASH_ATTENTION_MIN_TOKENS):
+        if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
+            mask = mask.astype(mx.float32)
+        return native.packed_attention(qkv, num_heads, scale, mask)
+    out = attention(*split_heads(qkv, num_heads), scale, mask)
+    return out.transpose(0, 2, 1, 3).reshape(B, N, D3 // 3)
 
 
 def _float32_matmul(x: mx.array, weight: mx.array, bias: Optional[mx.array]) -> mx.array:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..backend import LayerNorm, Linear, attention, gelu, prepare_mask, silu
+from ..backend import LayerNorm, Linear, gelu, prepare_mask, qkv_attention, silu
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
@@ -161,11 +161,7 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array, mask: AttentionMask = None) -> mx.array:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        out = attention(q, k, v, self.scale, mask)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
+        return self.proj(qkv_attention(self.qkv(x), self.num_heads, self.scale, mask))
 
 
 class MLP(nn.Module):
