@@ -74,6 +74,12 @@ from typing import Optional
 from . import platforms
 
 ENV_VAR = "MLX_AIM_BLAS"
+# OpenBLAS's worker threads spin for 2^n cycles after each call before they sleep, n from this variable (default 28:
+# about 0.1 s here, measured as the CPU time an idle process spends after one threaded matmul). MLX runs its own
+# element-wise work and mlx_aim's native kernels between the matmuls, so a spinning worker holds a core those need
+# (three busy threads on two cores). Where the user has not set it, a loaded OpenBLAS gets OPENBLAS_THREAD_TIMEOUT.
+SPIN_ENV = "OPENBLAS_THREAD_TIMEOUT"
+OPENBLAS_THREAD_TIMEOUT = "16"
 _OFF = {"0", "off", "false", "no", "none"}
 _AUTO = {"", "1", "on", "auto", "true", "yes"}
 _INSTALL_HINT = ("`pip install mkl` (Linux x86-64), `pip install ngsolve-openblas` (faster on AMD CPUs) or "
@@ -213,6 +219,9 @@ def _load(name, path):
         coretype = _openblas_coretype()
         if coretype:
             os.environ["OPENBLAS_CORETYPE"] = coretype
+    spin_set = None
+    if name in ("openblas", "custom") and "openblas" in os.path.basename(path) and SPIN_ENV not in os.environ:
+        spin_set = os.environ[SPIN_ENV] = OPENBLAS_THREAD_TIMEOUT  # read once, when the library loads
     extra = {}
     try:
         if _is_pip_openblas(path):
@@ -223,6 +232,8 @@ def _load(name, path):
     except OSError as err:
         if coretype:
             os.environ.pop("OPENBLAS_CORETYPE", None)
+        if spin_set:
+            os.environ.pop(SPIN_ENV, None)
         return None, str(err)
     _handles.append(lib)
     if hasattr(lib, "openblas_get_corename"):
@@ -231,6 +242,8 @@ def _load(name, path):
         extra["threads"] = int(lib.openblas_get_num_threads())
         if coretype:
             extra["coretype_set"] = coretype
+        if spin_set:
+            extra["thread_timeout_set"] = spin_set
     how = f"named by {ENV_VAR}" if name == "custom" else "found"
     return _result(f"{how}: {path}", name=name, path=os.path.realpath(path) if os.path.exists(path) else path,
                    **extra), ""

@@ -455,3 +455,46 @@ def test_without_the_shim_the_library_is_made_global(tmp_path):
     bound = [line for f in glob.glob(f"{tmp_path / 'ld'}.*") for line in open(f, errors="replace")
              if "libmlx" in line and "`cblas_sgemm'" in line]
     assert bound and all(os.path.basename(path) in line for line in bound), bound
+
+
+SPIN_CHILD = """
+import json, resource, time
+import mlx_aim
+import mlx.core as mx
+from mlx_aim._blas import blas_info, set_num_threads
+set_num_threads(2)
+a = mx.random.normal((512, 512))
+mx.eval(a @ a)
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+mx.eval(a @ a)
+before = cpu_seconds()
+time.sleep(0.3)
+print(json.dumps({"info": blas_info(), "idle_cpu": cpu_seconds() - before}))
+"""
+
+
+@pytest.mark.skipif(not PIP_BLAS, reason="needs the pip OpenBLAS (declared on Linux x86-64)")
+def test_openblas_workers_sleep_after_a_call_unless_the_user_says_otherwise():
+    """The CPU time a process spends asleep right after a threaded matmul: nothing with the timeout mlx_aim sets,
+    while with OpenBLAS's longest spin (the user's OPENBLAS_THREAD_TIMEOUT=30, kept) its worker burns the whole
+    sleep, which shows the probe sees spinning."""
+    path = _blas._find_pip_openblas()
+    assert path, "ngsolve-openblas is a declared dependency on Linux x86-64 (pyproject.toml)"
+
+    def child(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("MLX_AIM_BLAS", _blas.SPIN_ENV)}
+        proc = subprocess.run([sys.executable, "-c", SPIN_CHILD], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**base, "MLX_AIM_BLAS": path, **env})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return last_json(proc.stdout)
+
+    ours = child()
+    assert ours["info"]["thread_timeout_set"] == _blas.OPENBLAS_THREAD_TIMEOUT and ours["info"]["threads"] >= 1
+    assert ours["idle_cpu"] < 0.05, ours
+    users = child(**{_blas.SPIN_ENV: "30"})
+    assert "thread_timeout_set" not in users["info"]
+    assert users["idle_cpu"] > 0.1, users

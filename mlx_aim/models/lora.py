@@ -109,6 +109,11 @@ class _LoRA(nn.Module):
         return _float_linear((base.weight.astype(mx.float32) + self.delta()).astype(base.weight.dtype), bias)
 
 
+def _add_low_rank(y: mx.array, u: mx.array, b: mx.array, scale: float) -> mx.array:
+    """y + scale * (u @ b) in y's dtype, as one matmul accumulating into y (`mx.addmm`)."""
+    return mx.addmm(y, u.astype(y.dtype), b.astype(y.dtype), alpha=scale)
+
+
 class LoRALinear(_LoRA):
     """A linear layer (float or quantized, frozen) plus scale * (dropout(x) @ lora_a) @ lora_b: the wrapped layer runs
     as it would alone (the backend's CPU workarounds included), then the low-rank term is added in its dtype."""
@@ -121,8 +126,7 @@ class LoRALinear(_LoRA):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(y.dtype)
+        return _add_low_rank(y, self.dropout(x) @ self.lora_a, self.lora_b, self.scale)
 
     def delta(self) -> mx.array:
         return self.scale * (self.lora_b.T @ self.lora_a.T).astype(mx.float32)
@@ -143,10 +147,16 @@ class LoRAQKV(_LoRA):
         self.lora_a, self.lora_b = _factors(in_dims, width, rank, pairs=3)
 
     def __call__(self, x: mx.array) -> mx.array:
+        # The three pairs as one product each way: x against the A factors side by side, (in, 3 rank), then against
+        # the B factors on a block diagonal, (3 rank, 3 width), accumulated into the base output: the values of the
+        # three products concatenated and added (the zero blocks add exact zeros), without the concatenation's copy
+        # and the separate scale and add passes over the (tokens, 3 width) output.
         y = self.linear(x)
-        x = self.dropout(x)
-        z = mx.concatenate([(x @ self.lora_a[i]) @ self.lora_b[i] for i in range(3)], axis=-1)
-        return y + (self.scale * z).astype(y.dtype)
+        in_dims, rank = self.lora_a.shape[1:]
+        a = self.lora_a.transpose(1, 0, 2).reshape(in_dims, 3 * rank)
+        width = self.lora_b.shape[-1]
+        b = mx.concatenate([mx.pad(self.lora_b[i], [(0, 0), (i * width, (2 - i) * width)]) for i in range(3)])
+        return _add_low_rank(y, self.dropout(x) @ a, b, self.scale)
 
     def delta(self) -> mx.array:
         parts = [self.lora_b[i].T @ self.lora_a[i].T for i in range(3)]  # each (width, input_dims)
