@@ -996,19 +996,26 @@ MLX_AIM_CLONES float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
+// Where each head of one operand starts and how far apart its rows are: head hh of (batch x heads) starts at
+// base + (hh / per_batch) batch + (hh % per_batch) head, its rows ld apart. The split layout (..., N, D), each head
+// contiguous, is per_batch 1 and ld D; the packed one (B, N, 3 D) of the qkv linear, per_batch the heads, head Dh,
+// ld 3 D (k and v from base + D and + 2 D), and its output (B, N, D), ld D.
+template <class T>
+struct Heads {
+  T* base;
+  int64_t per_batch, batch, head, ld;
+  T* at(int64_t hh, int64_t row = 0) const { return base + (hh / per_batch) * batch + (hh % per_batch) * head + row * ld; }
+};
+
 struct FlashShape {
   int64_t heads, n, m, d;  // batch x heads, queries, keys, head dim
 };
 
-FlashShape flash_shape(const mx::array& q, const mx::array& k) {
-  int64_t n = q.shape(-2), m = k.shape(-2), d = q.shape(-1);
-  return {n * d ? int64_t(q.size()) / (n * d) : 0, n, m, d};
-}
-
-// softmax(scale q k^T) v and each query's logsumexp of scale q k^T; inputs {q, k, v} row-contiguous.
+// softmax(scale q k^T) v and each query's logsumexp of scale q k^T; inputs {q, k, v} row-contiguous (heads_ 0, the
+// split layout) or {qkv} (B, N, 3 D) row-contiguous (heads_ > 0, the packed layout, outputs (B, N, D) and (B, H, N)).
 class FlashAttention : public mx::Primitive {
  public:
-  FlashAttention(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
+  FlashAttention(mx::Stream s, float scale, int heads) : Primitive(s), scale_(scale), heads_(heads) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("mlx_aim native FlashAttention runs on the CPU only");
@@ -1017,36 +1024,44 @@ class FlashAttention : public mx::Primitive {
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "MlxAimFlashAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const FlashAttention&>(other).scale_;
+    auto& o = static_cast<const FlashAttention&>(other);
+    return scale_ == o.scale_ && heads_ == o.heads_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    auto lse = inputs[0].shape();
+    auto& x = inputs[0].shape();
+    if (heads_ > 0) return {{x[0], x[1], x[2] / 3}, {x[0], heads_, x[1]}};
+    auto lse = x;
     lse.pop_back();
-    return {inputs[0].shape(), lse};
+    return {x, lse};
   }
 
  private:
   float scale_;
+  int heads_;
 };
 
-// Inputs {q, k, v, out, lse, d_out}, outputs {dq, dk, dv}.
+// Inputs {q, k, v, out, lse, d_out}, outputs {dq, dk, dv} (split); inputs {qkv, out, lse, d_out}, output {d qkv}
+// (packed).
 class FlashAttentionGrad : public mx::Primitive {
  public:
-  FlashAttentionGrad(mx::Stream s, float scale) : Primitive(s), scale_(scale) {}
+  FlashAttentionGrad(mx::Stream s, float scale, int heads) : Primitive(s), scale_(scale), heads_(heads) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("mlx_aim native FlashAttentionGrad runs on the CPU only");
   }
   const char* name() const override { return "MlxAimFlashAttentionGrad"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const FlashAttentionGrad&>(other).scale_;
+    auto& o = static_cast<const FlashAttentionGrad&>(other);
+    return scale_ == o.scale_ && heads_ == o.heads_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    if (heads_ > 0) return {inputs[0].shape()};
     return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
   }
 
  private:
   float scale_;
+  int heads_;
 };
 
 // The optimized BLAS's thread-count functions (openblas_get/set_num_threads or MKL's), from mlx_aim/_blas.py; null
@@ -1081,45 +1096,82 @@ std::vector<mx::array> flash_attention(const mx::array& q, const mx::array& k, c
   auto lse_shape = q.shape();
   lse_shape.pop_back();
   return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
-                                std::make_shared<FlashAttention>(s, scale),
+                                std::make_shared<FlashAttention>(s, scale, 0),
                                 {mx::contiguous(q, false, s), mx::contiguous(k, false, s), mx::contiguous(v, false, s)});
+}
+
+std::vector<mx::array> packed_flash_attention(const mx::array& qkv, int heads, float scale) {
+  check_float32(qkv, "packed_flash_attention");
+  if (qkv.ndim() != 3 || heads < 1 || qkv.shape(2) % (3 * heads))
+    throw std::invalid_argument("packed_flash_attention: expected qkv (B, N, 3 D) with D divisible by the heads");
+  auto s = mx::default_stream(mx::default_device());
+  int b = qkv.shape(0), n = qkv.shape(1);
+  return mx::array::make_arrays({{b, n, qkv.shape(2) / 3}, {b, heads, n}}, {mx::float32, mx::float32},
+                                std::make_shared<FlashAttention>(s, scale, heads), {mx::contiguous(qkv, false, s)});
+}
+
+// The operands of one attention in either layout: q, k, v from `in` (split: three arrays; packed: one), the output
+// (or d_out, same layout) from `out`.
+struct FlashOperands {
+  FlashShape sh;
+  Heads<const float> q, k, v;
+  int64_t out_per_batch, out_batch, out_head, out_ld;
+  template <class T>
+  Heads<T> like_out(T* base) const { return {base, out_per_batch, out_batch, out_head, out_ld}; }
+};
+
+FlashOperands flash_operands(const std::vector<mx::array>& in, int heads) {
+  if (heads == 0) {
+    FlashShape sh{in[0].shape(-2) * in[0].shape(-1) ? int64_t(in[0].size()) / (in[0].shape(-2) * in[0].shape(-1)) : 0,
+                  in[0].shape(-2), in[1].shape(-2), in[0].shape(-1)};
+    Heads<const float> q{in[0].data<float>(), 1, sh.n * sh.d, 0, sh.d}, k{in[1].data<float>(), 1, sh.m * sh.d, 0, sh.d},
+        v{in[2].data<float>(), 1, sh.m * sh.d, 0, sh.d};
+    return {sh, q, k, v, 1, sh.n * sh.d, 0, sh.d};
+  }
+  int64_t b = in[0].shape(0), n = in[0].shape(1), d = in[0].shape(2) / 3, dh = d / heads;
+  const float* x = in[0].data<float>();
+  FlashShape sh{b * heads, n, n, dh};
+  return {sh, {x, heads, n * 3 * d, dh, 3 * d}, {x + d, heads, n * 3 * d, dh, 3 * d}, {x + 2 * d, heads, n * 3 * d, dh, 3 * d},
+          heads, n * d, dh, d};
 }
 
 void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1]});
-  encoder.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]), k = mx::array::unsafe_weak_copy(inputs[1]),
-                    v = mx::array::unsafe_weak_copy(inputs[2]), out_ptr = outputs[0].data<float>(),
-                    lse_ptr = outputs[1].data<float>(), scale = scale_]() {
-    FlashShape sh = flash_shape(q, k);
+  std::vector<mx::array> in;
+  for (auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+  encoder.dispatch([in, out_ptr = outputs[0].data<float>(), lse_ptr = outputs[1].data<float>(), scale = scale_,
+                    heads = heads_]() {
+    FlashOperands f = flash_operands(in, heads);
+    const FlashShape& sh = f.sh;
+    Heads<float> out = f.like_out(out_ptr);
     int64_t q_blocks = (sh.n + kFlashQueries - 1) / kFlashQueries;
-    const float *q_ptr = q.data<float>(), *k_ptr = k.data<float>(), *v_ptr = v.data<float>();
-    int d = static_cast<int>(sh.d);
+    int d = static_cast<int>(sh.d), ldq = int(f.q.ld), ldk = int(f.k.ld), ldv = int(f.v.ld), ldo = int(out.ld);
     run_tasks(sh.heads * q_blocks, [&](int64_t begin, int64_t end) {
       std::vector<float> tile(kFlashQueries * kFlashKeys), m(kFlashQueries), l(kFlashQueries);
       for (int64_t task = begin; task < end; ++task) {
         int64_t h = task / q_blocks, q0 = (task % q_blocks) * kFlashQueries;
         int rows = static_cast<int>(std::min(kFlashQueries, sh.n - q0));
-        const float* qb = q_ptr + (h * sh.n + q0) * sh.d;
-        const float *kh = k_ptr + h * sh.m * sh.d, *vh = v_ptr + h * sh.m * sh.d;
-        float* ob = out_ptr + (h * sh.n + q0) * sh.d;
-        std::fill(ob, ob + rows * sh.d, 0.0f);
+        const float* qb = f.q.at(h, q0);
+        const float *kh = f.k.at(h), *vh = f.v.at(h);
+        float* ob = out.at(h, q0);
+        for (int r = 0; r < rows; ++r) std::fill(ob + r * out.ld, ob + r * out.ld + sh.d, 0.0f);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.0f);
         for (int64_t k0 = 0; k0 < sh.m; k0 += kFlashKeys) {
           int cols = static_cast<int>(std::min(kFlashKeys, sh.m - k0));
-          cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, d, kh + k0 * sh.d, d, 0.0f, tile.data(),
-                      cols);
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, ldq, kh + k0 * ldk, ldk, 0.0f,
+                      tile.data(), cols);
           for (int r = 0; r < rows; ++r) {
             float shrink;
             float total = flash_row(tile.data() + int64_t(r) * cols, cols, scale, m[r], shrink);
             l[r] = l[r] * shrink + total;
-            if (shrink != 1.0f) scale_row(ob + r * sh.d, sh.d, shrink);
+            if (shrink != 1.0f) scale_row(ob + r * out.ld, sh.d, shrink);
           }
-          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, tile.data(), cols, vh + k0 * sh.d, d, 1.0f,
-                      ob, d);
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, tile.data(), cols, vh + k0 * ldv, ldv, 1.0f,
+                      ob, ldo);
         }
         for (int r = 0; r < rows; ++r) {
-          scale_row(ob + r * sh.d, sh.d, 1.0f / l[r]);
+          scale_row(ob + r * out.ld, sh.d, 1.0f / l[r]);
           lse_ptr[h * sh.n + q0 + r] = m[r] * scale + std::log(l[r]);
         }
       }
@@ -1128,42 +1180,60 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
 }
 
 void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1], &outputs[2]});
-  std::array<mx::array, 6> in{mx::array::unsafe_weak_copy(inputs[0]), mx::array::unsafe_weak_copy(inputs[1]),
-                              mx::array::unsafe_weak_copy(inputs[2]), mx::array::unsafe_weak_copy(inputs[3]),
-                              mx::array::unsafe_weak_copy(inputs[4]), mx::array::unsafe_weak_copy(inputs[5])};
-  encoder.dispatch([in, dq_ptr = outputs[0].data<float>(), dk_ptr = outputs[1].data<float>(),
-                    dv_ptr = outputs[2].data<float>(), scale = scale_]() {
-    FlashShape sh = flash_shape(in[0], in[1]);
-    const float *q_ptr = in[0].data<float>(), *k_ptr = in[1].data<float>(), *v_ptr = in[2].data<float>(),
-                *o_ptr = in[3].data<float>(), *lse_ptr = in[4].data<float>(), *g_ptr = in[5].data<float>();
+  std::vector<mx::array*> outs;
+  for (auto& o : outputs) outs.push_back(&o);
+  for (auto* o : outs) o->set_data(mx::allocator::malloc(o->nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) encoder.set_input_array(a);
+  for (auto* o : outs) encoder.set_output_array(*o);
+  std::vector<mx::array> in;
+  for (auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
+  std::vector<float*> grad_ptrs;
+  std::vector<int64_t> grad_sizes;
+  for (auto* o : outs) {
+    grad_ptrs.push_back(o->data<float>());
+    grad_sizes.push_back(int64_t(o->size()));
+  }
+  encoder.dispatch([in, grad_ptrs, grad_sizes, scale = scale_, heads = heads_]() {
+    // Inputs after q, k, v (split) or qkv (packed): out, lse, d_out.
+    size_t rest = heads > 0 ? 1 : 3;
+    FlashOperands f = flash_operands(in, heads);
+    const FlashShape& sh = f.sh;
+    Heads<const float> o = f.like_out(in[rest].data<float>()), g = f.like_out(in[rest + 2].data<float>());
+    const float* lse_ptr = in[rest + 1].data<float>();
+    for (size_t i = 0; i < grad_ptrs.size(); ++i) std::fill(grad_ptrs[i], grad_ptrs[i] + grad_sizes[i], 0.0f);
+    auto grad_of = [&](const Heads<const float>& x, int which) {  // d q, d k or d v: x's layout in its gradient
+      float* base = heads > 0 ? grad_ptrs[0] + (x.base - f.q.base) : grad_ptrs[which];
+      return Heads<float>{base, x.per_batch, x.batch, x.head, x.ld};
+    };
+    Heads<float> dq = grad_of(f.q, 0), dk = grad_of(f.k, 1), dv = grad_of(f.v, 2);
     int d = static_cast<int>(sh.d);
-    std::fill(dq_ptr, dq_ptr + sh.heads * sh.n * sh.d, 0.0f);
-    std::fill(dk_ptr, dk_ptr + sh.heads * sh.m * sh.d, 0.0f);
-    std::fill(dv_ptr, dv_ptr + sh.heads * sh.m * sh.d, 0.0f);
     run_tasks(sh.heads, [&](int64_t begin, int64_t end) {
       std::vector<float> p(kFlashQueries * kFlashKeys), dp(kFlashQueries * kFlashKeys), delta(sh.n);
       for (int64_t h = begin; h < end; ++h) {
-        int64_t qo = h * sh.n * sh.d, ko = h * sh.m * sh.d;
         for (int64_t i = 0; i < sh.n; ++i)  // delta = rowsum(dO * O) = rowsum(P * dP)
-          delta[i] = dot(g_ptr + qo + i * sh.d, o_ptr + qo + i * sh.d, sh.d);
+          delta[i] = dot(g.at(h, i), o.at(h, i), sh.d);
         for (int64_t k0 = 0; k0 < sh.m; k0 += kFlashKeys) {
           int cols = static_cast<int>(std::min(kFlashKeys, sh.m - k0));
-          const float *kb = k_ptr + ko + k0 * sh.d, *vb = v_ptr + ko + k0 * sh.d;
-          float *dkb = dk_ptr + ko + k0 * sh.d, *dvb = dv_ptr + ko + k0 * sh.d;
+          const float *kb = f.k.at(h, k0), *vb = f.v.at(h, k0);
+          float *dkb = dk.at(h, k0), *dvb = dv.at(h, k0);
           for (int64_t q0 = 0; q0 < sh.n; q0 += kFlashQueries) {
             int rows = static_cast<int>(std::min(kFlashQueries, sh.n - q0));
-            const float *qb = q_ptr + qo + q0 * sh.d, *gb = g_ptr + qo + q0 * sh.d;
-            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, d, kb, d, 0.0f, p.data(), cols);
-            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, gb, d, vb, d, 0.0f, dp.data(), cols);
+            const float *qb = f.q.at(h, q0), *gb = g.at(h, q0);
+            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, qb, int(f.q.ld), kb, int(f.k.ld), 0.0f,
+                        p.data(), cols);
+            cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, cols, d, 1.0f, gb, int(g.ld), vb, int(f.v.ld), 0.0f,
+                        dp.data(), cols);
             for (int r = 0; r < rows; ++r)
               flash_backward_row(p.data() + int64_t(r) * cols, dp.data() + int64_t(r) * cols, cols, scale,
                                  lse_ptr[h * sh.n + q0 + r], delta[q0 + r]);
             // dV += P^T dO, dK += dS^T Q, dQ += dS K (dS in dp).
-            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, p.data(), cols, gb, d, 1.0f, dvb, d);
-            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, dp.data(), cols, qb, d, 1.0f, dkb, d);
-            cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, dp.data(), cols, kb, d, 1.0f,
-                        dq_ptr + qo + q0 * sh.d, d);
+            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, p.data(), cols, gb, int(g.ld), 1.0f, dvb,
+                        int(dv.ld));
+            cblas_sgemm(kRowMajor, kTrans, kNoTrans, cols, d, rows, 1.0f, dp.data(), cols, qb, int(f.q.ld), 1.0f, dkb,
+                        int(dk.ld));
+            cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, d, cols, 1.0f, dp.data(), cols, kb, int(f.k.ld), 1.0f,
+                        dq.at(h, q0), int(dq.ld));
           }
         }
       }
@@ -1176,12 +1246,17 @@ std::vector<mx::array> FlashAttention::vjp(const std::vector<mx::array>& primals
                                            const std::vector<mx::array>& outputs) {
   // Only the output's cotangent counts: the logsumexp is the backward's, and mlx_aim.backend.native never returns it.
   auto s = stream();
-  auto d_out = mx::contiguous(mx::astype(mx::broadcast_to(cotangents[0], primals[0].shape(), s), mx::float32, s),
+  auto d_out = mx::contiguous(mx::astype(mx::broadcast_to(cotangents[0], outputs[0].shape(), s), mx::float32, s),
                               false, s);
-  auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
-                                      {mx::float32, mx::float32, mx::float32},
-                                      std::make_shared<FlashAttentionGrad>(s, scale_),
-                                      {primals[0], primals[1], primals[2], outputs[0], outputs[1], d_out});
+  auto grad = std::make_shared<FlashAttentionGrad>(s, scale_, heads_);
+  std::vector<mx::array> grads;
+  if (heads_ > 0) {
+    grads = {mx::array(primals[0].shape(), mx::float32, grad, {primals[0], outputs[0], outputs[1], d_out})};
+  } else {
+    grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                                   {mx::float32, mx::float32, mx::float32}, grad,
+                                   {primals[0], primals[1], primals[2], outputs[0], outputs[1], d_out});
+  }
   std::vector<mx::array> out;
   for (int arg : argnums) out.push_back(grads[arg]);
   return out;
@@ -1381,6 +1456,9 @@ NB_MODULE(_native_kernels, m) {
         "softmax(scale q k^T + mask) v per head, q, k, v read from float32 qkv (B, N, 3 D) as the qkv linear packs "
         "them, the output (B, N, D) as the proj linear reads it; mask additive float32 broadcastable to (B, H, N, N), "
         "or None: [out, weights].");
+  m.def("packed_flash_attention", &packed_flash_attention, "qkv"_a, "heads"_a, "scale"_a,
+        "flash_attention per head on the qkv linear's packed float32 (B, N, 3 D), the output (B, N, D) as the proj "
+        "linear reads it: [out, logsumexp (B, H, N)].");
   m.def("set_blas_thread_functions", &set_blas_thread_functions, "get"_a, "set"_a,
         "Addresses of the BLAS's int get_threads() and void set_threads(int), which blocked attention uses to run "
         "its tile products on one thread each (0, 0: none).");

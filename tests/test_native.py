@@ -275,8 +275,8 @@ def test_backend_takes_packed_attention_where_attention_would_not_run_blocked(mo
     for mask in (None, "causal", prefix):
         assert "MlxAimPackedAttention" in graph_ops(backend.qkv_attention(qkv, 2, 0.25, mask))
     monkeypatch.setattr(backend, "FLASH_ATTENTION_MIN_TOKENS", 40)
-    ops_used = graph_ops(backend.qkv_attention(qkv, 2, 0.25))
-    assert "MlxAimFlashAttention" in ops_used and "MlxAimPackedAttention" not in ops_used
+    ops_used = graph_ops(backend.qkv_attention(qkv, 2, 0.25))  # blocked, on the packed layout: no copies
+    assert "MlxAimFlashAttention" in ops_used and not {"MlxAimPackedAttention", "Transpose", "Copy"} & ops_used
     assert "MlxAimPackedAttention" in graph_ops(backend.qkv_attention(qkv, 2, 0.25, prefix))
     with backend.native_kernels(False):
         ops_used = graph_ops(backend.qkv_attention(qkv, 2, 0.25, prefix))
@@ -382,6 +382,29 @@ def peak_bytes_above_inputs(fn) -> int:
     return mx.get_peak_memory() - before
 
 
+@pytest.mark.parametrize("shape", FLASH_SHAPES)
+def test_blocked_packed_attention_matches_float64_and_split_heads_blocked_compiled(shape):
+    """flash_attention on the qkv linear's packed layout: the (batch, heads) of FLASH_SHAPES as (B, N, 3 H Dh)."""
+    B, H, N, hd = shape
+    qkv, w = mx.random.normal((B, N, 3 * H * hd)) * 2.0, mx.random.normal((B, N, H * hd))
+    scale = hd**-0.5
+    q, k, v = split64(qkv, H)
+    out64, (dq, dk, dv) = attention64(q, k, v, scale, np.array(w, dtype=np.float64).reshape(B, N, H, hd)
+                                      .transpose(0, 2, 1, 3))
+    blocked = mx.grad(lambda x: (native.packed_attention(x, H, scale, blocked=True) * w).sum())
+    assert rel(native.packed_attention(qkv, H, scale, blocked=True),
+               mx.array(out64.transpose(0, 2, 1, 3).reshape(B, N, H * hd))) < 2e-6
+    assert rel(blocked(qkv), mx.array(np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(qkv.shape))) < 1e-5
+
+    def split(x):  # flash_attention on copies of the heads, the layout before
+        out = native.flash_attention(*backend.split_heads(x, H), scale)
+        return (out.transpose(0, 2, 1, 3).reshape(B, N, H * hd) * w).sum()
+
+    assert rel(mx.compile(blocked)(qkv), mx.grad(split)(qkv)) < 1e-5
+    with pytest.raises(ValueError, match="no mask"):
+        native.packed_attention(qkv, H, scale, "causal", blocked=True)
+
+
 def test_flash_attention_never_holds_the_weights_forward_or_backward():
     n, d = 4096, 32
     q, k, v, w = (mx.random.normal((1, 1, n, d)) for _ in range(4))
@@ -390,6 +413,11 @@ def test_flash_attention_never_holds_the_weights_forward_or_backward():
     assert peak_bytes_above_inputs(lambda: native.attention(q, k, v, 0.2)) >= weights  # the check can fail
     assert peak_bytes_above_inputs(lambda: native.flash_attention(q, k, v, 0.2)) < weights / 32
     assert peak_bytes_above_inputs(lambda: flash_grads(0.2, w)(q, k, v)) < weights / 16
+    qkv, w = mx.random.normal((1, n, 3 * d)), mx.random.normal((1, n, d))
+    mx.eval(qkv, w)
+    packed = mx.grad(lambda x: (native.packed_attention(x, 1, 0.2, blocked=True) * w).sum())
+    assert peak_bytes_above_inputs(lambda: native.packed_attention(qkv, 1, 0.2, blocked=True)) < weights / 32
+    assert peak_bytes_above_inputs(lambda: packed(qkv)) < weights / 16
 
 
 def test_backend_takes_blocked_attention_only_unmasked_from_its_threshold(monkeypatch):

@@ -16,8 +16,8 @@ and never looks at the device. The portable path, what Metal and CUDA run, is ML
   once, saying why;
 - AdamW with gradient clipping (`mlx_aim.training.optim`, which asks `use_native_kernels` when its step is traced) is
   `native.adamw_update`, one kernel over the whole parameter tree, else mlx's own optimizer;
-- multi-head attention on the qkv linear's packed output (`qkv_attention`) is `native.packed_attention` where the native
-  path would not run blocked: it reads the heads in place and writes the output as the proj linear takes it;
+- multi-head attention on the qkv linear's packed output (`qkv_attention`) is `native.packed_attention`, dense or
+  blocked as `attention` would choose: it reads the heads in place and writes the output as the proj linear takes it;
 - either way the trunk's mask is made additive once rather than in every block;
 - SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 
@@ -196,14 +196,15 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
 
 def qkv_attention(qkv: mx.array, num_heads: int, scale: float, mask=None) -> mx.array:
     """Multi-head attention from the qkv linear's packed (B, N, 3 D) output to the (B, N, D) the proj linear takes:
-    `attention` per head on `split_heads`, the heads side by side again. On the native path the kernel works on the
-    packed layout itself (`native.packed_attention`: no copies of the heads out and back, forward or backward), except
-    where `attention` would run blocked (unmasked, at least FLASH_ATTENTION_MIN_TOKENS keys)."""
+    `attention` per head on `split_heads`, the heads side by side again. On the native path the kernels work on the
+    packed layout itself (`native.packed_attention`: no copies of the heads out and back, forward or backward),
+    blocked where `attention` would be (unmasked, at least FLASH_ATTENTION_MIN_TOKENS keys)."""
     B, N, D3 = qkv.shape
-    if use_native_kernels() and (mask is not None or N < FLASH_ATTENTION_MIN_TOKENS):
+    if use_native_kernels():
         if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
             mask = mask.astype(mx.float32)
-        return native.packed_attention(qkv, num_heads, scale, mask)
+        blocked = mask is None and N >= FLASH_ATTENTION_MIN_TOKENS
+        return native.packed_attention(qkv, num_heads, scale, mask, blocked=blocked)
     out = attention(*split_heads(qkv, num_heads), scale, mask)
     return out.transpose(0, 2, 1, 3).reshape(B, N, D3 // 3)
 

@@ -10,8 +10,8 @@ through them as through MLX's own ops:
   slope Phi(x) + x pdf(x);
 - `attention`: softmax(scale q k^T + mask) v with the matmuls left to MLX (the BLAS) and the softmax, forward and
   backward, native;
-- `packed_attention`: the same, read from and written to the layout of the qkv and proj linears (B, N, 3 D) and
-  (B, N, D), so the heads are never transposed out and back;
+- `packed_attention`: either of the two, read from and written to the layout of the qkv and proj linears (B, N, 3 D)
+  and (B, N, D), so the heads are never transposed out and back;
 - `flash_attention`: the same attention without a mask, in blocks with an online softmax (forward and backward, no
   jvp), the (N, N) weights never held whole: for long sequences;
 - `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
@@ -134,16 +134,22 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     return (probs @ v).astype(dtype)
 
 
-def packed_attention(qkv: mx.array, num_heads: int, scale: float, mask=None) -> mx.array:
+def packed_attention(qkv: mx.array, num_heads: int, scale: float, mask=None, blocked: bool = False) -> mx.array:
     """Attention over the qkv linear's packed output, (B, N, 3 D) -> (B, N, D) as the proj linear takes it: q, k and v
     of head h are columns h Dh, D + h Dh and 2 D + h Dh (Dh = D / num_heads), as `mlx_aim.models.layers.Attention`
     splits them, and the result is the per-head softmax(scale q k^T + mask) v with the heads side by side again. The
-    kernel reads and writes those strided blocks in place, forward and backward, so the heads are never copied out and
-    back. Masks as `attention` takes them (constants). Half precision is computed in float32 and rounded back."""
+    kernels read and write those strided blocks in place, forward and backward, so the heads are never copied out and
+    back: the dense one (the weights held, as `attention`; masks as it takes them, constants) or, with `blocked`, the
+    blocked one (`flash_attention`'s, unmasked). Half precision is computed in float32 and rounded back."""
     dtype = qkv.dtype
     if dtype != mx.float32:
         qkv = qkv.astype(mx.float32)
-    out, _ = _require().packed_attention(qkv, additive_mask(mask, qkv.shape[1]), num_heads, scale)
+    if blocked:
+        if mask is not None:
+            raise ValueError("packed_attention: the blocked kernel takes no mask (bidirectional attention only)")
+        out, _ = _require().packed_flash_attention(qkv, num_heads, scale)
+    else:
+        out, _ = _require().packed_attention(qkv, additive_mask(mask, qkv.shape[1]), num_heads, scale)
     return out.astype(dtype)
 
 
