@@ -749,6 +749,236 @@ std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, con
 }
 
 // ------------------------------------------------------------------------------------------------------------------
+// AIMv2's RMSNorm (mx.fast.rms_norm with a weight: x rsqrt(mean(x^2) + eps) w) and its SwiGLU gate, silu(a) b.
+
+MLX_AIM_CLONES float mean_square(const float* x, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k] * x[j + k];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < n; ++j) total += x[j] * x[j];
+  return total / static_cast<float>(n);
+}
+
+MLX_AIM_CLONES void rms_norm_row(const float* x, const float* w, float eps, float* y, int64_t n) {
+  float r = 1.0f / std::sqrt(mean_square(x, n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// dx = r g w - x r^3 mean(g w x); adds g x r to dw.
+MLX_AIM_CLONES void rms_norm_backward_row(const float* x, const float* w, const float* g, float eps, float* dx,
+                                          float* dw, int64_t n) {
+  float r = 1.0f / std::sqrt(mean_square(x, n) + eps);
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += g[j + k] * w[j + k] * x[j + k];
+  float gwx = 0.0f;
+  for (int k = 0; k < kLanes; ++k) gwx += lanes[k];
+  for (; j < n; ++j) gwx += g[j] * w[j] * x[j];
+  float c = r * r * r * gwx / static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    dx[i] = r * g[i] * w[i] - x[i] * c;
+    dw[i] += g[i] * x[i] * r;
+  }
+}
+
+// silu(a) = a sigmoid(a) = (max(a, 0) + min(a, 0) e) / (1 + e), e = exp(-|a|) <= 1 (mlx_aim.backend.ops.silu's form);
+// silu(nan) = nan, silu(-inf) = nan as nn.silu.
+inline float silu_of(float a, float e) {
+  float v = ((a > 0.0f ? a : 0.0f) + (a < 0.0f ? a : 0.0f) * e) / (1.0f + e);
+  return __builtin_isnan(a) ? a : v;
+}
+
+MLX_AIM_CLONES void silu_gate_forward(const float* a, const float* b, float* __restrict out, int64_t begin,
+                                      int64_t end) {
+  for (int64_t i = begin; i < end; ++i) out[i] = silu_of(a[i], exp_nonpositive(-std::fabs(a[i]))) * b[i];
+}
+
+// d/da = g b s (1 + a (1 - s)), s = sigmoid(a); d/db = g silu(a).
+MLX_AIM_CLONES void silu_gate_backward(const float* a, const float* b, const float* g, float* __restrict da,
+                                       float* __restrict db, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float e = exp_nonpositive(-std::fabs(a[i]));
+    float s = (a[i] >= 0.0f ? 1.0f : e) / (1.0f + e);
+    da[i] = g[i] * b[i] * (s * (1.0f + a[i] * (1.0f - s)));
+    db[i] = g[i] * silu_of(a[i], e);
+  }
+}
+
+// Inputs {x, w}.
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream s, float eps) : UnaryPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native RmsNorm runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxAimRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float eps_;
+};
+
+// Inputs {x, w, cotangent}, outputs {dx, dw}.
+class RmsNormGrad : public mx::Primitive {
+ public:
+  RmsNormGrad(mx::Stream s, float eps) : Primitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native RmsNormGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimRmsNormGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNormGrad&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[1].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  for (auto* a : {&x, &weight}) check_float32(*a, "rms_norm");
+  if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("rms_norm: weight must be (D,) for x of shape (..., D)");
+  auto s = mx::default_stream(mx::default_device());
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, weight});
+}
+
+void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = start_eval(stream(), inputs, {&out});
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    out_ptr = out.data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> w_buffer(n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, w_buffer.data());
+    Rows xr = rows_of(x, x.shape());
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(n);
+      for (int64_t r = begin; r < end; ++r)
+        rms_norm_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr, eps,
+                     out_ptr + r * n, n);
+    });
+  });
+}
+
+void RmsNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1]});
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
+                    g = mx::array::unsafe_weak_copy(inputs[2]), dx_ptr = outputs[0].data<float>(),
+                    dw_ptr = outputs[1].data<float>(), eps = eps_]() {
+    int64_t n = x.shape().back(), n_rows = n ? int64_t(x.size()) / n : 0;
+    std::vector<float> w_buffer(n);
+    const float* w_ptr = gather_row(w.data<float>(), w.strides()[0], n, w_buffer.data());
+    Rows xr = rows_of(x, x.shape()), gr = rows_of(g, x.shape());
+    std::fill(dw_ptr, dw_ptr + n, 0.0f);
+    std::mutex merge;
+    pool().run(n_rows, std::max<int64_t>(1, kMinElements / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(2 * n), dw(n, 0.0f);  // this chunk's sums, added in once at the end
+      for (int64_t r = begin; r < end; ++r)
+        rms_norm_backward_row(gather_row(x.data<float>() + xr.offsets[r], xr.step, n, buffer.data()), w_ptr,
+                              gather_row(g.data<float>() + gr.offsets[r], gr.step, n, buffer.data() + n), eps,
+                              dx_ptr + r * n, dw.data(), n);
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t j = 0; j < n; ++j) dw_ptr[j] += dw[j];
+    });
+  });
+}
+
+std::vector<mx::array> RmsNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto s = stream();
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[1].shape()}, {mx::float32, mx::float32}, std::make_shared<RmsNormGrad>(s, eps_),
+      {primals[0], primals[1], mx::broadcast_to(mx::astype(cotangents[0], mx::float32, s), primals[0].shape(), s)});
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(grads[arg]);
+  return out;
+}
+
+// silu(a) b; inputs {a, b} of one shape.
+class SiluGate : public mx::UnaryPrimitive {
+ public:
+  explicit SiluGate(mx::Stream s) : UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_aim native SiluGate runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "MlxAimSiluGate"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+};
+
+// Inputs {a, b, cotangent}, outputs {da, db}.
+class SiluGateGrad : public mx::Primitive {
+ public:
+  explicit SiluGateGrad(mx::Stream s) : Primitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_aim native SiluGateGrad runs on the CPU only");
+  }
+  const char* name() const override { return "MlxAimSiluGateGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[0].shape()};
+  }
+};
+
+mx::array silu_gate(const mx::array& a, const mx::array& b) {
+  check_float32(a, "silu_gate");
+  check_float32(b, "silu_gate");
+  auto s = mx::default_stream(mx::default_device());
+  auto shape = mx::broadcast_shapes(a.shape(), b.shape());
+  return mx::array(shape, mx::float32, std::make_shared<SiluGate>(s),
+                   {mx::broadcast_to(a, shape, s), mx::broadcast_to(b, shape, s)});
+}
+
+void SiluGate::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = start_eval(stream(), inputs, {&out});
+  encoder.dispatch([a = mx::array::unsafe_weak_copy(inputs[0]), b = mx::array::unsafe_weak_copy(inputs[1]),
+                    out_ptr = out.data<float>()]() {
+    elementwise<2>({a, b}, out_ptr,
+                   [](auto& in, float* o, int64_t begin, int64_t end) { silu_gate_forward(in[0], in[1], o, begin, end); });
+  });
+}
+
+void SiluGateGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = start_eval(stream(), inputs, {&outputs[0], &outputs[1]});
+  encoder.dispatch([a = mx::array::unsafe_weak_copy(inputs[0]), b = mx::array::unsafe_weak_copy(inputs[1]),
+                    g = mx::array::unsafe_weak_copy(inputs[2]), da_ptr = outputs[0].data<float>(),
+                    db_ptr = outputs[1].data<float>()]() {
+    // elementwise hands the kernel da's pointer at the chunk's or row's start: db's is at the same offset.
+    elementwise<3>({a, b, g}, da_ptr, [&](auto& in, float* o, int64_t begin, int64_t end) {
+      silu_gate_backward(in[0], in[1], in[2], o, db_ptr + (o - da_ptr), begin, end);
+    });
+  });
+}
+
+std::vector<mx::array> SiluGate::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                     const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto s = stream();
+  auto grads = mx::array::make_arrays(
+      {primals[0].shape(), primals[0].shape()}, {mx::float32, mx::float32}, std::make_shared<SiluGateGrad>(s),
+      {primals[0], primals[1], mx::broadcast_to(mx::astype(cotangents[0], mx::float32, s), primals[0].shape(), s)});
+  std::vector<mx::array> out;
+  for (int arg : argnums) out.push_back(grads[arg]);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
 // AdamW with global gradient-norm clipping over a whole parameter tree, as one primitive over lists of arrays.
 //
 // Inputs: n gradients, n parameters, n first moments m, n second moments v (each row-contiguous float32, the four
@@ -1459,6 +1689,9 @@ NB_MODULE(_native_kernels, m) {
   m.def("packed_flash_attention", &packed_flash_attention, "qkv"_a, "heads"_a, "scale"_a,
         "flash_attention per head on the qkv linear's packed float32 (B, N, 3 D), the output (B, N, D) as the proj "
         "linear reads it: [out, logsumexp (B, H, N)].");
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a,
+        "RMS norm over the last axis of float32 x with a (D,) weight, as mx.fast.rms_norm.");
+  m.def("silu_gate", &silu_gate, "a"_a, "b"_a, "silu(a) * b over float32 arrays of one shape (SwiGLU's gate).");
   m.def("set_blas_thread_functions", &set_blas_thread_functions, "get"_a, "set"_a,
         "Addresses of the BLAS's int get_threads() and void set_threads(int), which blocked attention uses to run "
         "its tile products on one thread each (0, 0: none).");

@@ -192,6 +192,66 @@ def test_attention_keeps_half_precision_dtype():
 
 
 # ----------------------------------------------------------------------------------------------------
+# AIMv2's RMS norm and SwiGLU gate
+
+
+def rms_norm64(x, w, eps, g):
+    """x rsqrt(mean(x^2) + eps) w in float64 numpy, and the gradients of sum(out * g) for x and w."""
+    x, w, g = (np.array(t, dtype=np.float64) for t in (x, w, g))
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    gw = g * w
+    dx = r * gw - x * r**3 * (gw * x).mean(-1, keepdims=True)
+    return x * r * w, dx, (g * x * r).reshape(-1, x.shape[-1]).sum(0)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 5, 64), (4, 33, 1024), (1, 3)])
+def test_rms_norm_matches_float64_and_mlx_forward_backward_compiled(shape):
+    x, g = mx.random.normal(shape) * 3.0, mx.random.normal(shape)
+    w = mx.random.normal(shape[-1:])
+    out64, dx64, dw64 = rms_norm64(x, w, 1e-5, g)
+    assert rel(native.rms_norm(x, w, 1e-5), mx.array(out64)) < 2e-6
+    assert rel(native.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)) < 2e-6
+    grads = mx.grad(lambda a, b: (native.rms_norm(a, b, 1e-5) * g).sum(), argnums=(0, 1))
+    refs = mx.grad(lambda a, b: (mx.fast.rms_norm(a, b, 1e-5) * g).sum(), argnums=(0, 1))(x, w)
+    for got, compiled, ref, ref64 in zip(grads(x, w), mx.compile(grads)(x, w), refs, (dx64, dw64)):
+        assert rel(got, mx.array(ref64)) < 1e-5 and rel(compiled, ref) < 1e-5
+
+
+def test_rms_norm_reads_strided_input_and_keeps_half_precision():
+    x = mx.random.normal((64, 3, 40)).transpose(1, 0, 2)[:, :, ::2]  # neither row- nor column-contiguous
+    w = mx.random.normal((20,))
+    assert rel(native.rms_norm(x, w, 1e-6), mx.fast.rms_norm(mx.array(np.array(x)), w, 1e-6)) < 2e-6
+    half = native.rms_norm(x.astype(mx.bfloat16), w.astype(mx.bfloat16), 1e-6)
+    assert half.dtype == mx.bfloat16 and rel(half, mx.fast.rms_norm(x, w, 1e-6)) < 2e-2
+    with pytest.raises(ValueError, match="rms_norm"):
+        native.rms_norm(x, mx.ones((7,)), 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 33, 700)])
+def test_silu_gate_matches_float64_and_mlx_forward_backward_compiled(shape):
+    a, b, g = (mx.random.normal(shape) * 4.0 for _ in range(3))
+    a64, b64, g64 = (np.array(t, dtype=np.float64) for t in (a, b, g))
+    s = 1.0 / (1.0 + np.exp(-a64))
+    assert rel(native.silu_gate(a, b), mx.array(a64 * s * b64)) < 2e-6
+    grads = mx.grad(lambda x, y: (native.silu_gate(x, y) * g).sum(), argnums=(0, 1))
+    da64, db64 = g64 * b64 * s * (1 + a64 * (1 - s)), g64 * a64 * s
+    refs = mx.grad(lambda x, y: (nn.silu(x) * y * g).sum(), argnums=(0, 1))(a, b)
+    for got, compiled, ref, ref64 in zip(grads(a, b), mx.compile(grads)(a, b), refs, (da64, db64)):
+        assert rel(got, mx.array(ref64)) < 1e-5 and rel(compiled, ref) < 1e-5
+
+
+def test_silu_gate_broadcasts_strided_special_values_and_half_precision():
+    a = mx.array([np.inf, np.nan, 0.0, -200.0, -np.inf, 3.0], dtype=mx.float32)
+    y = np.array(native.silu_gate(a, mx.array(2.0)))  # b broadcast
+    assert y[0] == np.inf and np.isnan(y[1]) and y[2] == 0.0 and y[3] == 0.0 and np.isnan(y[4])
+    assert y[5] == pytest.approx(2 * 3.0 / (1 + np.exp(-3.0)), rel=1e-6)
+    x = mx.random.normal((30, 8)).T  # transposed
+    assert rel(native.silu_gate(x, x), nn.silu(x) * x) < 2e-6
+    half = native.silu_gate(x.astype(mx.bfloat16), x.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16 and rel(half, nn.silu(x) * x) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------------
 # Attention on the packed qkv (packed_attention): the heads read from (B, N, 3 D) and written to (B, N, D) in place
 
 # One query block of the kernel (128 rows) and less; several, the last partial; head dims 16 to 128; one head.

@@ -209,11 +209,12 @@ def silu_grid() -> np.ndarray:
 
 
 def test_silu_float32_within_a_few_ulps_of_float64(backend_path):
-    """ops.silu (with the workarounds, through backend.silu) and nn.silu (the portable path) alike: within a few
+    """SwiGLU's gate silu(a) * b with b = 1 (backend.silu_gate: the native kernel, ops.silu with the workarounds, nn.silu
+    on the portable path) alike: within a few
     float32 ulps of the float64 value, relative to the output itself, plus what exp's condition number |x| allows
     in the negative tail (exp(x) of a float32 x is only that exact)."""
     x = silu_grid()
-    out = backend.silu(mx.array(x))
+    out = backend.silu_gate(mx.array(x), mx.ones(x.shape))
     assert out.dtype == mx.float32
     ref = silu64(x)
     err = np.abs(np.array(out, dtype=np.float64) - ref)
@@ -238,5 +239,5 @@ def test_silu_special_values_and_half_precision():
 
 def test_silu_gradient_matches_analytic_derivative(backend_path):
     x = np.linspace(-30.0, 30.0, 60_001, dtype=np.float32)
-    grad = np.array(mx.grad(lambda v: backend.silu(v).sum())(mx.array(x)), dtype=np.float64)
+    grad = np.array(mx.grad(lambda v: backend.silu_gate(v, mx.ones_like(v)).sum())(mx.array(x)), dtype=np.float64)
     np.testing.assert_allclose(grad, silu_grad64(x), rtol=0, atol=2e-6)

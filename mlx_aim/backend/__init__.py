@@ -1,13 +1,14 @@
 """The one place that decides what runs on which MLX backend.
 
-The model (`mlx_aim.models.layers`) calls `Linear`, `LayerNorm`, `qkv_attention`, `gelu`, `silu` and `prepare_mask` from here
+The model (`mlx_aim.models.layers`) calls `Linear`, `LayerNorm`, `RMSNorm`, `qkv_attention`, `gelu`, `silu_gate` and
+`prepare_mask` from here
 and never looks at the device. The portable path, what Metal and CUDA run, is MLX's own: `nn.Linear`,
 `nn.QuantizedLinear`, `mx.fast.scaled_dot_product_attention`, `nn.LayerNorm` (`mx.fast.layer_norm`), `nn.gelu`
 (exact, erf) and `nn.silu`. On the CPU backend the workarounds replace the slow parts of MLX's CPU kernels:
 
 - half-precision and quantized linears multiply in float32 through the BLAS (MLX's CPU half-precision and
   quantized matmuls are its own loops), quantized weights unpacked by `ops.dequantizer`;
-- GELU, the attention softmax and layer norm are `mlx_aim.backend.native`'s C++ kernels (MLX primitives, multithreaded and
+- GELU, SwiGLU's gate, the attention softmax, layer norm and RMS norm are `mlx_aim.backend.native`'s C++ kernels (MLX primitives, multithreaded and
   vectorised for the running CPU), when that extension was built and matches the installed mlx; unmasked attention
   over FLASH_ATTENTION_MIN_TOKENS keys or more is its blocked attention, which never holds the (N, N) weights;
 - otherwise, and with MLX_AIM_NATIVE=0, attention is `ops.attention` (a vectorised exp, a written-out backward,
@@ -19,7 +20,7 @@ and never looks at the device. The portable path, what Metal and CUDA run, is ML
 - multi-head attention on the qkv linear's packed output (`qkv_attention`) is `native.packed_attention`, dense or
   blocked as `attention` would choose: it reads the heads in place and writes the output as the proj linear takes it;
 - either way the trunk's mask is made additive once rather than in every block;
-- SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
+- without the native kernels, SiLU is `ops.silu`, its sigmoid's exp vectorised as attention's is.
 
 Each gives the portable path's values up to float32 rounding. So three paths run on the CPU: native (the default
 where built), ops (the workarounds without the native kernels) and portable. Two switches choose, each an environment
@@ -147,9 +148,12 @@ def gelu(x: mx.array) -> mx.array:
     return ops.gelu(x) if use_cpu_workarounds() else nn.gelu(x)
 
 
-def silu(x: mx.array) -> mx.array:
-    """SiLU (AIMv2's SwiGLU gate): `ops.silu` with the CPU workarounds, `nn.silu` elsewhere."""
-    return ops.silu(x) if use_cpu_workarounds() else nn.silu(x)
+def silu_gate(a: mx.array, b: mx.array) -> mx.array:
+    """silu(a) * b, AIMv2's SwiGLU gate: the native kernel (one pass), else `ops.silu` with the CPU workarounds,
+    `nn.silu` elsewhere."""
+    if use_native_kernels():
+        return native.silu_gate(a, b)
+    return (ops.silu(a) if use_cpu_workarounds() else nn.silu(a)) * b
 
 
 def prepare_mask(mask, num_tokens: int):
@@ -240,6 +244,15 @@ class LayerNorm(nn.LayerNorm):
     def __call__(self, x: mx.array) -> mx.array:
         if "weight" in self and "bias" in self and use_native_kernels():
             return native.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm that runs `native.rms_norm` on the native path; `mx.fast.rms_norm` elsewhere. Same parameters."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if use_native_kernels():
+            return native.rms_norm(x, self.weight, self.eps)
         return super().__call__(x)
 
 

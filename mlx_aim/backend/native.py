@@ -15,7 +15,8 @@ through them as through MLX's own ops:
 - `flash_attention`: the same attention without a mask, in blocks with an online softmax (forward and backward, no
   jvp), the (N, N) weights never held whole: for long sequences;
 - `layer_norm`: `mx.fast.layer_norm` with a weight and a bias, forward and backward (no jvp: forward-mode derivatives
-  through it raise);
+  through it raise); `rms_norm`, AIMv2's, likewise; `silu_gate`: SwiGLU's silu(a) * b in one pass, forward and
+  backward;
 - `adamw_update`: one AdamW step with global gradient-norm clipping over a whole parameter tree, one primitive over
   lists of arrays (`mlx_aim.training.optim` feeds it; no derivatives: nothing differentiates an optimizer step).
 
@@ -174,6 +175,24 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
         return kernels.layer_norm(x, weight, bias, eps)
     f32 = mx.float32
     return kernels.layer_norm(x.astype(f32), weight.astype(f32), bias.astype(f32), eps).astype(dtype)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """`mx.fast.rms_norm(x, weight, eps)` over the last axis; weight (D,). Half precision is computed in float32 and
+    rounded back."""
+    kernels = _require()
+    if x.dtype == mx.float32 and weight.dtype == mx.float32:
+        return kernels.rms_norm(x, weight, eps)
+    return kernels.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps).astype(x.dtype)
+
+
+def silu_gate(a: mx.array, b: mx.array) -> mx.array:
+    """silu(a) * b (SwiGLU's gate) in one pass, the sigmoid's exp as `mlx_aim.backend.ops.silu` computes it. Half
+    precision is computed in float32 and rounded back."""
+    kernels = _require()
+    if a.dtype == mx.float32 and b.dtype == mx.float32:
+        return kernels.silu_gate(a, b)
+    return kernels.silu_gate(a.astype(mx.float32), b.astype(mx.float32)).astype(a.dtype)
 
 
 def adamw_update(grads: Sequence[mx.array], params: Sequence[mx.array], ms: Sequence[mx.array],

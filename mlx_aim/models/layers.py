@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..backend import LayerNorm, Linear, gelu, prepare_mask, qkv_attention, silu
+from ..backend import LayerNorm, Linear, RMSNorm, gelu, prepare_mask, qkv_attention, silu_gate
 
 
 # An attention mask as the trunk takes it: None (bidirectional), "causal", or a boolean array
@@ -60,8 +60,8 @@ def layer_norm(eps: float) -> Norm:
 
 
 def rms_norm(eps: float) -> Norm:
-    """RMSNorm with a weight and no bias (AIMv2); `nn.RMSNorm` is `mx.fast.rms_norm`."""
-    return functools.partial(nn.RMSNorm, eps=eps)
+    """RMSNorm with a weight and no bias (AIMv2): the backend's `RMSNorm` (`nn.RMSNorm`'s parameters)."""
+    return functools.partial(RMSNorm, eps=eps)
 
 
 @functools.lru_cache(maxsize=32)
@@ -186,7 +186,7 @@ class SwiGLU(nn.Module):
         self.fc3 = Linear(dim, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(silu(self.fc1(x)) * self.fc3(x))
+        return self.fc2(silu_gate(self.fc1(x), self.fc3(x)))
 
 
 class Block(nn.Module):
