@@ -66,7 +66,7 @@ from ..models.config import AIMConfig, check_int_fields
 from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
 from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
-from ..models.objective import aim_loss, counted_rows, counted_rows_loss, norm_pix_target, patchify
+from ..models.objective import aim_loss, counted_rows
 from .optim import AdamW, Schedule, adamw, clip_and_update, clip_gradients  # noqa: F401 (clip_gradients: the tests')
 from .runs import (
     LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, check_same_start, compare_settings, last_step, read_log,
@@ -277,14 +277,11 @@ class TrainStep:
 
 
 def _val_sum_fn(model: AIMForPretraining, attention: str) -> Callable:
-    """(images, prefix_len, rows, row_weights) -> the loss summed over the counted targets, the pixel head run on
-    the counted rows only (`objective.counted_rows`)."""
-    p = model.config.patch_size
+    """(images, prefix_len, rows, row_weights) -> the loss summed over the counted targets (divided by 1), the pixel
+    head run on the counted rows only (`objective.counted_rows`)."""
 
     def val_sum(images, prefix_len, rows, row_weights):
-        pred = model(images, prefix_len if attention == "prefix" else None, attention=attention, rows=rows)
-        target = norm_pix_target(patchify(images, p))
-        return counted_rows_loss(pred, target, rows, row_weights, num_targets=1.0)
+        return aim_loss(model, images, prefix_len, 1.0, attention, rows, row_weights)
 
     return mx.compile(val_sum, inputs=[model.state])
 
