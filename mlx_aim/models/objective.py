@@ -158,11 +158,11 @@ def counted_rows(
     MLX's CPU backend (a shared 2-core AMD EPYC, load average 3-4): one more length costs one trace and compile of
     the gradient function, about 0.06 s (median over 19 new lengths; the process's first trace 0.9 s), once per run;
     a padded row costs the head's forward and backward, about 1 ms (1.0-1.7 ms measured; 12 blocks of width 512),
-    every step. With
-    `ROW_BUCKETS` = 16 the step is ceil(4 * 255 / 16) = 64 rows, so padding averages about 32 rows (6% of the
-    average 510 counted rows, ~30 ms a step here) for at most 16 compiles (~1 s); 8 buckets would double the
-    padding to save ~0.5 s once, 32 would halve it for ~1 s more. On a GPU a row costs far less while a trace is
-    the same Python work, which argues against going finer. Causal attention always counts B * (N - 1) rows: one length.
+    every step. With `ROW_BUCKETS` = 16 the step is ceil(4 * 255 / 16) = 64 rows, so padding averages about 32 rows
+    (6% of the average 510 counted rows, ~30 ms a step here) for at most 16 compiles (~1 s); 8 buckets would double
+    the padding to save ~0.5 s once, 32 would halve it for ~1 s more. On a GPU a row costs far less while a trace is
+    the same Python work, which argues against going finer. Causal attention always counts B * (N - 1) rows: one
+    length.
     """
     prefix = np.asarray(prefix_len)
     if prefix.ndim != 1 or not np.issubdtype(prefix.dtype, np.integer):
