@@ -198,9 +198,11 @@ class PixelHead(tnn.Module):
         self.norm = tnn.LayerNorm(dim, eps=1e-6)
         self.out_proj = tnn.Linear(dim, out_dim)
 
-    def forward(self, x, grid):
+    def forward(self, x, grid, positions=None):
+        """(B, N, in_dim) tokens, or (K, in_dim) rows at grid `positions` (K,)."""
         x = self.in_proj(x)
-        x = x + sincos_2d(grid[0], grid[1], x.shape[-1]).to(x.device, x.dtype)
+        pos = sincos_2d(grid[0], grid[1], x.shape[-1]).to(x.device, x.dtype)
+        x = x + (pos if positions is None else pos[positions])
         for norm, mlp in zip(self.norms, self.mlps):
             x = x + mlp(norm(x))
         return self.out_proj(self.norm(x))
@@ -215,13 +217,18 @@ class AIMPretrainingReference(tnn.Module):
         self.trunk = Trunk(c.width, c.depth, c.num_heads, c.mlp_ratio)
         self.pixel_head = PixelHead(c.width, c.head_width, c.head_depth, c.patch_dim, c.mlp_ratio)
 
-    def forward(self, images_nchw, prefix_len):
+    def forward(self, images_nchw, prefix_len, rows=None):
+        """(B, N, patch_dim) predictions; with `rows` (K,) flat indices b * N + i, the head's (K, patch_dim) outputs at
+        those rows only."""
         x = self.preprocessor(images_nchw)
         mask = torch_mask("prefix", x.shape[1], prefix_len, device=x.device)
         for block in self.trunk.blocks:
             x = block(x, mask)
         grid = (images_nchw.shape[2] // self.patch, images_nchw.shape[3] // self.patch)
-        return self.pixel_head(self.trunk.post_trunk_norm(x), grid)
+        x = self.trunk.post_trunk_norm(x)
+        if rows is None:
+            return self.pixel_head(x, grid)
+        return self.pixel_head(x.flatten(0, 1)[rows], grid, positions=rows % x.shape[1])
 
 
 def patchify_nchw(images, p):
@@ -231,12 +238,26 @@ def patchify_nchw(images, p):
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def aim_loss(pred, images_nchw, prefix_len, patch):
-    """Next-patch squared error on per-patch normalised pixels, over targets outside the prefix."""
+def counted_outputs(prefix_len, num_patches, device):
+    """Boolean (B, N - 1): output i of image b counts when its target, patch i + 1, lies outside the prefix."""
+    return torch.arange(1, num_patches, device=device)[None, :] >= prefix_len.to(device).reshape(-1, 1)
+
+
+def counted_row_indices(prefix_len, num_patches, device):
+    """The counted outputs as flat row indices b * N + i, (K,) int64, in order."""
+    image, output = counted_outputs(prefix_len, num_patches, device).nonzero(as_tuple=True)
+    return image * num_patches + output
+
+
+def aim_loss(pred, images_nchw, prefix_len, patch, rows=None):
+    """Next-patch squared error on per-patch normalised pixels, over targets outside the prefix. `pred` is (B, N, D),
+    or with `rows` (the counted rows, `counted_row_indices`) the (K, D) predictions at those rows."""
     patches = patchify_nchw(images_nchw, patch).float()
     target = (patches - patches.mean(-1, keepdim=True)) / torch.sqrt(patches.var(-1, keepdim=True) + 1e-6)
+    counted = counted_outputs(prefix_len, target.shape[1], pred.device)
+    if rows is not None:
+        return (pred.float() - target.flatten(0, 1)[rows + 1]).square().mean(-1).sum() / counted.sum()
     err = (pred[:, :-1].float() - target[:, 1:]).square().mean(-1)
-    counted = torch.arange(1, pred.shape[1], device=pred.device)[None, :] >= prefix_len.to(pred.device).reshape(-1, 1)
     return (err * counted).sum() / counted.sum()
 
 
@@ -244,10 +265,12 @@ class PretrainStep:
     """One optimizer step as `mlx_aim.training.pretrain.TrainStep` takes it: forward, next-patch loss, backward, clip the
     global gradient norm at 1.0, AdamW (betas 0.9/0.95, eps 1e-8, weight decay 0.05 on matrices only).
     `dtype=torch.bfloat16` runs forward and backward under autocast (on the images' device), float32 masters, as
-    MLX's bfloat16."""
+    MLX's bfloat16. `counted_rows` (off by default: Apple's step runs the head on every token) runs the pixel head on
+    the rows the loss counts only, as mlx-aim's step does: the same loss and gradients for less work."""
 
-    def __init__(self, model: AIMPretrainingReference, lr=1e-3, grad_clip=1.0, dtype: Optional[torch.dtype] = None):
-        self.model, self.grad_clip, self.dtype = model, grad_clip, dtype
+    def __init__(self, model: AIMPretrainingReference, lr=1e-3, grad_clip=1.0, dtype: Optional[torch.dtype] = None,
+                 counted_rows: bool = False):
+        self.model, self.grad_clip, self.dtype, self.counted_rows = model, grad_clip, dtype, counted_rows
         decay = [p for p in model.parameters() if p.ndim >= 2]
         rest = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -262,12 +285,16 @@ class PretrainStep:
     def backward(self, images_nchw, prefix_len):
         """The step's first half: the loss, its gradients left in each parameter's `.grad` (before clipping)."""
         self.optimizer.zero_grad(set_to_none=True)
+        rows = None
+        if self.counted_rows:
+            num_patches = (images_nchw.shape[2] // self.model.patch) * (images_nchw.shape[3] // self.model.patch)
+            rows = counted_row_indices(prefix_len, num_patches, images_nchw.device)
         if self.dtype is not None and self.dtype != torch.float32:
             with torch.autocast(images_nchw.device.type, dtype=self.dtype):
-                pred = self.model(images_nchw, prefix_len)
+                pred = self.model(images_nchw, prefix_len, rows)
         else:
-            pred = self.model(images_nchw, prefix_len)
-        loss = aim_loss(pred, images_nchw, prefix_len, self.model.patch)
+            pred = self.model(images_nchw, prefix_len, rows)
+        loss = aim_loss(pred, images_nchw, prefix_len, self.model.patch, rows)
         loss.backward()
         return loss.detach()
 

@@ -28,8 +28,9 @@ def test_json_report_with_torch_and_training():
     assert set(result["matmul_peak_gflops"]) == {"mlx", "torch"}
     inference, training = result["runs"]
     assert inference["task"] == "inference" and training["task"] == "pretraining step"
+    assert set(inference["timings"]) == {"mlx", "torch"}
+    assert set(training["timings"]) == {"mlx", "torch", benchmark.TORCH_COUNTED_ROWS}  # Apple's step, and like with like
     for run in (inference, training):
-        assert set(run["timings"]) == {"mlx", "torch"}
         for t in run["timings"].values():
             assert len(t["times_s"]) == 2 and t["median_s"] > 0
             assert t["images_per_s"] == pytest.approx(2 / t["median_s"])
@@ -37,10 +38,21 @@ def test_json_report_with_torch_and_training():
             run["timings"]["mlx"]["images_per_s"] / run["timings"]["torch"]["images_per_s"])
     # Same model, same weights: the two frameworks agree on the output and on the first loss.
     assert inference["max_rel_diff"] < 1e-4
-    assert training["first_losses"]["mlx"] == pytest.approx(training["first_losses"]["torch"], rel=1e-4)
+    for name in ("torch", benchmark.TORCH_COUNTED_ROWS):
+        assert training["first_losses"]["mlx"] == pytest.approx(training["first_losses"][name], rel=1e-4)
+    t = training["timings"]
+    assert training["ratio_mlx_over_torch_counted_rows"] == pytest.approx(
+        t["mlx"]["images_per_s"] / t[benchmark.TORCH_COUNTED_ROWS]["images_per_s"])
     config = get_config("aim-tiny", image_size=32)
     assert inference["flops"] == benchmark.inference_flops(config, 2)
     assert training["flops"] == benchmark.pretraining_flops(config, 2)
+    # The heads on the counted rows do less work: each step's GFLOP/s counts its own rows.
+    rows = training["head_rows"]
+    assert rows["all"] == 2 * 16 and 1 <= rows["counted"] <= rows["mlx"] <= 2 * 15
+    assert training["flops_by_framework"] == {
+        "mlx": benchmark.pretraining_flops(config, 2, rows["mlx"]),
+        benchmark.TORCH_COUNTED_ROWS: benchmark.pretraining_flops(config, 2, rows["counted"])}
+    assert t["mlx"]["gflops"] == pytest.approx(training["flops_by_framework"]["mlx"] / t["mlx"]["median_s"] / 1e9)
     assert result["memory"]["peak_rss_bytes"] > result["memory"]["peak_mlx_bytes"] > 0
 
 
@@ -117,6 +129,7 @@ def test_inference_flops_by_hand():
     head = 2 * n * 384 * 512 + 12 * 4 * n * 512 * 2048 + 2 * n * 512 * 588
     trunk = 2 * n * 588 * 384 + 12 * (2 * n * 384 * (4 * 384 + 2 * 1536) + 4 * n * n * 384)
     assert benchmark.pretraining_flops(small, 2) == 3 * 2 * (trunk + head)
+    assert benchmark.pretraining_flops(small, 2, head_rows=100) == 3 * (2 * trunk + 100 * head // n)
 
 
 def test_time_calls_alternates_and_reports_medians():

@@ -147,14 +147,15 @@ def encoder_flops(config: AIMv2Config, batch_size: int, grid: tuple[int, int]) -
     return batch_size * per_image
 
 
-def pretraining_flops(config: AIMConfig, batch_size: int) -> int:
-    """Matmul FLOPs of one pre-training step: forward of every block and the pixel head, backward twice that."""
+def pretraining_flops(config: AIMConfig, batch_size: int, head_rows: Optional[int] = None) -> int:
+    """Matmul FLOPs of one pre-training step: forward of every block and the pixel head, backward twice that.
+    `head_rows`: the rows the pixel head runs on, over the whole batch (default: every token, as Apple's step)."""
     c, n = config, config.num_patches
     hidden, head_hidden = int(c.width * c.mlp_ratio), int(c.head_width * c.mlp_ratio)
-    forward = 2 * n * c.patch_dim * c.width + c.depth * _block_flops(n, c.width, hidden)
-    forward += 2 * n * c.width * c.head_width + c.head_depth * 2 * 2 * n * c.head_width * head_hidden
-    forward += 2 * n * c.head_width * c.patch_dim
-    return 3 * batch_size * forward
+    trunk = batch_size * (2 * n * c.patch_dim * c.width + c.depth * _block_flops(n, c.width, hidden))
+    head_row = 2 * c.width * c.head_width + c.head_depth * 2 * 2 * c.head_width * head_hidden
+    head_row += 2 * c.head_width * c.patch_dim
+    return 3 * (trunk + (batch_size * n if head_rows is None else head_rows) * head_row)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -471,8 +472,17 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
         runs.append(run)
     return runs
 
+TORCH_COUNTED_ROWS = "torch counted rows"  # the pre-training benchmark's torch step with its head on the counted rows
+
+
 def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32", compare_torch: bool = False,
                       warmup: int = 2, repeats: int = 5, torch_device: str = "cpu") -> dict:
+    """One pre-training step (`TrainStep`, compiled; its pixel head runs on the rows the loss counts, padded to
+    `objective.counted_rows`' length). With `compare_torch`, `benchmarks/torch_reference.py`'s `PretrainStep` on the
+    same weights twice: as Apple's step (the head on every token: "torch", the ratio's reference) and with its head on
+    the counted rows only (`TORCH_COUNTED_ROWS`, like with like). `flops` is Apple's step's work; each step's GFLOP/s
+    counts its own (`flops_by_framework`)."""
+    from ..models.objective import counted_rows
     from ..training.pretrain import TrainConfig, TrainStep, make_optimizer, step_prefix_len
 
     model = build_model(config, seed=0, pretraining=True)
@@ -489,19 +499,28 @@ def bench_pretraining(config: AIMConfig, batch_size: int, dtype: str = "float32"
               "batch_size": batch_size, "dtype": dtype, "quantization": None,
               "head": f"{config.head_depth} blocks x {config.head_width}",
               "weight_bytes": weight_bytes(model), "flops": pretraining_flops(config, batch_size)}
+    rows, _ = counted_rows(prefix, config.num_patches)
+    result["head_rows"] = {"counted": num_targets, "mlx": len(rows), "all": batch_size * config.num_patches}
+    result["flops_by_framework"] = {"mlx": pretraining_flops(config, batch_size, len(rows)),
+                                    TORCH_COUNTED_ROWS: pretraining_flops(config, batch_size, num_targets)}
     if compare_torch:
         import torch
 
         reference = torch_reference()
-        ref = reference.load_mlx_weights(reference.AIMPretrainingReference(config), float_weights(model))
-        torch_step = reference.PretrainStep(ref.to(torch_device), dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         images_t = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(torch_device)
         prefix_t = torch.from_numpy(prefix.astype(np.int64)).to(torch_device)
-        fns["torch"] = torch_synced(lambda: torch_step(images_t, prefix_t), torch_device)
-        # The same step on the same weights: the first losses agree (both computed before any update).
+        weights = float_weights(model)
+        torch_steps = {name: reference.PretrainStep(
+            reference.load_mlx_weights(reference.AIMPretrainingReference(config), weights).to(torch_device),
+            dtype=torch_dtype, counted_rows=on_counted_rows)
+            for name, on_counted_rows in (("torch", False), (TORCH_COUNTED_ROWS, True))}
+        # The same step on the same weights: the first losses agree (each computed before its own update).
         ours, _ = step(images_np, prefix, num_targets)
-        theirs, _ = torch_step(images_t, prefix_t)
-        result["first_losses"] = {"mlx": float(ours), "torch": float(theirs)}
+        result["first_losses"] = {"mlx": float(ours)}
+        for name, torch_step in torch_steps.items():
+            fns[name] = torch_synced(functools.partial(torch_step, images_t, prefix_t), torch_device)
+            result["first_losses"][name] = float(torch_step(images_t, prefix_t)[0])
         result["torch_dtype"] = "bfloat16 autocast" if dtype == "bfloat16" else "float32"
     result["timings"] = time_calls(fns, warmup, repeats)
     return result
@@ -582,13 +601,16 @@ def bench_finetune(config: Optional[AIMConfig], batch_size: int, mode: str = "lo
 
 
 def _rows(result: dict, peak: dict) -> None:
+    flops = result.get("flops_by_framework", {})  # where a framework's step does other work than `flops`
     for name, t in result["timings"].items():
         t["images_per_s"] = result["batch_size"] / t["median_s"]
-        t["gflops"] = result["flops"] / t["median_s"] / 1e9
+        t["gflops"] = flops.get(name, result["flops"]) / t["median_s"] / 1e9
         t["percent_of_peak"] = 100 * t["gflops"] / peak["mlx"]
-    if "torch" in result["timings"]:
-        t = result["timings"]
+    t = result["timings"]
+    if "torch" in t:
         result["ratio_mlx_over_torch"] = t["mlx"]["images_per_s"] / t["torch"]["images_per_s"]
+    if TORCH_COUNTED_ROWS in t:
+        result["ratio_mlx_over_torch_counted_rows"] = t["mlx"]["images_per_s"] / t[TORCH_COUNTED_ROWS]["images_per_s"]
 
 
 def machine_info() -> dict:

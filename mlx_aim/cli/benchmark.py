@@ -115,8 +115,15 @@ def format_table(result: dict) -> str:
             notes.append(f"outputs differ by {r['max_rel_diff']:.1e} (relative)")
         if "num_patches" in r:
             notes.append(f"{r['num_patches']} patches per image" + (" (native resolution)" if r["native"] else ""))
+        if "ratio_mlx_over_torch_counted_rows" in r:
+            notes.append(f"MLX / torch with its head on the counted rows too = "
+                         f"{r['ratio_mlx_over_torch_counted_rows']:.2f}x")
         if "first_losses" in r:
-            notes.append("first losses mlx {mlx:.5f} torch {torch:.5f}".format(**r["first_losses"]))
+            notes.append("first losses " + " ".join(f"{k} {v:.5f}" for k, v in r["first_losses"].items()))
+        if "head_rows" in r:
+            rows = r["head_rows"]
+            notes.append(f"pixel head on {rows['mlx']} rows of {rows['all']} ({rows['counted']} counted, the rest "
+                         "padding to a bucketed length)")
         if "load_s" in r:
             notes.append(f"load {r['load_s']:.1f} s ({r['weights']})")
         notes.append(f"weights {format_bytes(r['weight_bytes'])}")

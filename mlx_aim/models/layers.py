@@ -345,6 +345,9 @@ class PixelHead(nn.Module):
 
     Linear in (trunk width -> head width), the sin-cos position embedding added again, `depth` pre-norm
     residual MLP blocks, a final LayerNorm, a linear out to the patch's pixels.
+
+    Every step after the position embedding acts on each token alone, so the head runs as well on any chosen
+    tokens: `positions` (K,) gives the grid position of each row of a (K, in_dim) `x`.
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int, out_dim: int, mlp_ratio: float, eps: float):
@@ -355,9 +358,11 @@ class PixelHead(nn.Module):
         self.norm = LayerNorm(dim, eps=eps)
         self.out_proj = Linear(dim, out_dim)
 
-    def __call__(self, x: mx.array, grid: tuple[int, int]) -> mx.array:
+    def __call__(self, x: mx.array, grid: tuple[int, int], positions: Optional[mx.array] = None) -> mx.array:
+        """(B, N, in_dim) tokens, or (K, in_dim) rows at grid `positions` (K,) -> the same leading shape by out_dim."""
         x = self.in_proj(x)
-        x = x + sincos_pos_embed(grid[0], grid[1], x.shape[-1]).astype(x.dtype)
+        pos_embed = sincos_pos_embed(grid[0], grid[1], x.shape[-1])
+        x = x + (pos_embed if positions is None else pos_embed[positions]).astype(x.dtype)
         for norm, mlp in zip(self.norms, self.mlps):
             x = x + mlp(norm(x))
         return self.out_proj(self.norm(x))

@@ -392,12 +392,25 @@ class AIMForPretraining(_AIMBase):
         self.pixel_head = PixelHead(c.width, c.head_width, c.head_depth, c.patch_dim, c.mlp_ratio, c.norm_eps)
 
     def __call__(
-        self, images: mx.array, prefix_len: Optional[mx.array] = None, attention: str = "prefix"
+        self,
+        images: mx.array,
+        prefix_len: Optional[mx.array] = None,
+        attention: str = "prefix",
+        rows: Optional[mx.array] = None,
     ) -> mx.array:
-        """(B, H, W, C) images -> (B, N, patch_dim) predictions; position i predicts patch i + 1."""
+        """(B, H, W, C) images -> (B, N, patch_dim) predictions; position i predicts patch i + 1.
+
+        With `rows` (K,) int32, flat indices b * N + i into the trunk's (B * N) outputs, the pixel head runs on those
+        rows only, each with its own position's embedding, and the result is (K, patch_dim): what the full call
+        gives at those rows, for a fraction of the head's work (the loss counts about half the rows:
+        `mlx_aim.models.objective.counted_rows`).
+        """
         x, _ = self.extract_features(images, attention=attention, prefix_len=prefix_len)
         grid = (images.shape[1] // self.config.patch_size, images.shape[2] // self.config.patch_size)
-        return self.pixel_head(x, grid)
+        if rows is None:
+            return self.pixel_head(x, grid)
+        B, N, D = x.shape
+        return self.pixel_head(x.reshape(B * N, D)[rows], grid, positions=rows % N)
 
 
 # ---------------------------------------------------------------------------------------------------

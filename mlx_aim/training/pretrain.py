@@ -66,7 +66,7 @@ from ..models.config import AIMConfig, check_int_fields
 from ..data import BatchLoader, EvalTransform, TrainTransform, load_splits
 from ..fileio import read_json, write_json
 from ..models.model import AIMEncoder, AIMForPretraining, build_model, parse_dtype
-from ..models.objective import aim_loss, next_patch_loss, norm_pix_target, patchify
+from ..models.objective import aim_loss, counted_rows
 from .optim import AdamW, Schedule, adamw, clip_and_update, clip_gradients  # noqa: F401 (clip_gradients: the tests')
 from .runs import (
     LossWindow, RecipeConfig, RunFolder, RunLog, check_finite, check_same_start, compare_settings, last_step, read_log,
@@ -188,19 +188,20 @@ def step_prefix_len(seed: int, step: int, batch_size: int, num_patches: int, att
 
 
 def _loss_and_grad(model: nn.Module, compute_dtype: mx.Dtype, attention: str) -> Callable:
-    """(images, prefix_len, num_targets) -> (loss, grads w.r.t. the float32 parameters)."""
+    """(images, prefix_len, num_targets, rows, row_weights) -> (loss, grads w.r.t. the float32 parameters); the
+    pixel head runs on the counted rows only (`objective.counted_rows`)."""
 
-    def loss_of(params, images, prefix_len, divisor):
+    def loss_of(params, images, prefix_len, divisor, rows, row_weights):
         if compute_dtype != mx.float32:
             params = tree_map(lambda p: p.astype(compute_dtype), params)
         model.update(params)
-        return aim_loss(model, images, prefix_len, divisor, attention)
+        return aim_loss(model, images, prefix_len, divisor, attention, rows, row_weights)
 
     value_and_grad = mx.value_and_grad(loss_of)
 
-    def run(images, prefix_len, divisor):
+    def run(images, prefix_len, divisor, rows, row_weights):
         params = model.trainable_parameters()
-        loss, grads = value_and_grad(params, images, prefix_len, divisor)
+        loss, grads = value_and_grad(params, images, prefix_len, divisor, rows, row_weights)
         model.update(params)  # the float32 masters back in place of the compute-dtype copy
         return loss, grads
 
@@ -214,7 +215,10 @@ class TrainStep:
     them), their prefix lengths and the global batch's count of targets; returns (loss, grad_norm) of the
     global batch. Gradients of `grad_accum` micro-batches are summed, averaged across processes, clipped
     and applied. The gradient and update functions are compiled with the model and optimizer state as
-    implicit inputs (and outputs for the update).
+    implicit inputs (and outputs for the update). The pixel head runs on each micro-batch's counted rows
+    only, listed on the host (`objective.counted_rows`) and padded to a few lengths: the gradient function
+    compiles once per length (at most `objective.ROW_BUCKETS` per micro-batch size); processes may hold
+    different lengths, since only the gradients are averaged.
     """
 
     def __init__(self, model: AIMForPretraining, optimizer: optim.Optimizer, config: TrainConfig,
@@ -222,7 +226,7 @@ class TrainStep:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.group = group
         self.world_size = group.size() if group is not None else 1
-        attention = pretraining_attention(model.config)
+        self.attention = attention = pretraining_attention(model.config)
         grad_fn = _loss_and_grad(model, parse_dtype(config.dtype), attention)
         self._grad = mx.compile(grad_fn, inputs=[model.state])
         state = [model.state, optimizer.state]
@@ -245,13 +249,17 @@ class TrainStep:
         averaging across processes and clipping (the parity test reads them between the two halves)."""
         accum = self.config.grad_accum
         micro = len(images) // accum
+        p = self.model.config.patch_size
+        num_patches = (images.shape[1] // p) * (images.shape[2] // p)
         # Each process divides by its share of the global count, so that the average over processes of
         # the per-process losses (and gradients) is the global batch's loss.
         divisor = mx.array(num_targets / self.world_size, dtype=mx.float32)
         loss, grads = None, None
         for m in range(accum):
             part = slice(m * micro, (m + 1) * micro)
-            l, g = self._grad(mx.array(images[part]), mx.array(prefix_len[part]), divisor)
+            rows, row_weights = counted_rows(prefix_len[part], num_patches, self.attention)
+            l, g = self._grad(mx.array(images[part]), mx.array(prefix_len[part]), divisor, mx.array(rows),
+                              mx.array(row_weights))
             if grads is None:
                 loss, grads = l, g
             else:
@@ -269,12 +277,11 @@ class TrainStep:
 
 
 def _val_sum_fn(model: AIMForPretraining, attention: str) -> Callable:
-    p = model.config.patch_size
+    """(images, prefix_len, rows, row_weights) -> the loss summed over the counted targets (divided by 1), the pixel
+    head run on the counted rows only (`objective.counted_rows`)."""
 
-    def val_sum(images, prefix_len):
-        pred = model(images, prefix_len if attention == "prefix" else None, attention=attention)
-        target = norm_pix_target(patchify(images, p))
-        return next_patch_loss(pred, target, prefix_len, num_targets=1.0)  # the sum over counted targets
+    def val_sum(images, prefix_len, rows, row_weights):
+        return aim_loss(model, images, prefix_len, 1.0, attention, rows, row_weights)
 
     return mx.compile(val_sum, inputs=[model.state])
 
@@ -290,7 +297,7 @@ class Validator:
         self.model, self.group = model, group
         rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
         self.world_size = world
-        attention = pretraining_attention(c)
+        self.attention = attention = pretraining_attention(c)
         rng = np.random.default_rng([VAL_PREFIX_STREAM, config.seed])
         chosen = np.sort(rng.permutation(len(samples))[: config.val_images]) if len(samples) else []
         if attention == "prefix":
@@ -317,7 +324,8 @@ class Validator:
             for images, _, _ in loader:
                 prefix = self.prefix[start : start + len(images)]
                 start += len(images)
-                total = total + self._sum(mx.array(images), mx.array(prefix))
+                rows, row_weights = counted_rows(prefix, self.num_patches, self.attention)
+                total = total + self._sum(mx.array(images), mx.array(prefix), mx.array(rows), mx.array(row_weights))
                 count = count + float((self.num_patches - prefix).sum())
                 mx.eval(total)
         if self.world_size > 1:
