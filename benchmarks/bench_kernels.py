@@ -195,15 +195,15 @@ def block_profile(record, reps: int, with_torch: bool) -> None:
             record("block fwd+bwd", f"{label} {what}", best_seconds(step, reps))
 
         timed("whole")
-        gelu, attention = layers.gelu, layers.attention
+        gelu, attention = layers.gelu, layers.qkv_attention
         try:
             layers.gelu = lambda z: z
             timed("without GELU")
             layers.gelu = gelu
-            layers.attention = lambda q, k, v, scale, mask=None: v
+            layers.qkv_attention = lambda qkv, heads, scale, mask=None: qkv[..., 2 * dim:]  # v, as it is
             timed("without attention core")
         finally:
-            layers.gelu, layers.attention = gelu, attention
+            layers.gelu, layers.qkv_attention = gelu, attention
         # The block's four linears: forward, input gradient and weight gradient.
         mats = [(mx.random.normal((B * N, i)), mx.random.normal((o, i))) for o, i in
                 [(3 * dim, dim), (dim, dim), (4 * dim, dim), (dim, 4 * dim)]]

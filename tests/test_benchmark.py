@@ -179,10 +179,10 @@ def test_block_profile_times_every_variant_and_restores_the_layers():
     from mlx_aim.models import layers
 
     rows = []
-    gelu, attention = layers.gelu, layers.attention
+    gelu, attention = layers.gelu, layers.qkv_attention
     bench_kernels.block_profile(lambda kind, what, seconds: rows.append((kind, what, seconds)), reps=1,
                                 with_torch=False)
-    assert layers.gelu is gelu and layers.attention is attention
+    assert layers.gelu is gelu and layers.qkv_attention is attention
     variants = ["whole", "without GELU", "without attention core", "linears' matmuls only"]
     expected = [f"4x256x{dim} {v}" for dim, _ in bench_kernels.BLOCK_SHAPES for v in variants]
     assert [what for _, what, _ in rows] == expected
