@@ -344,7 +344,7 @@ def test_backend_takes_packed_attention_where_attention_would_not_run_blocked(mo
 
 
 # ----------------------------------------------------------------------------------------------------
-# Blocked attention (flash_attention): tiles of 64 queries x 512 keys in the kernel
+# Blocked attention (flash_attention): tiles of 128 queries x 512 keys in the kernel
 
 
 def attention64(q, k, v, scale, w, mask=None):
@@ -366,7 +366,7 @@ def flash_grads(scale, w):
     return mx.grad(lambda a, b, c: (native.flash_attention(a, b, c, scale) * w).sum(), argnums=(0, 1, 2))
 
 
-# Fewer tokens than one tile; several query tiles and a part of one (N not a multiple of 64); two key tiles, the second
+# Fewer tokens than one tile; several query tiles and a part of one (N not a multiple of 128); two key tiles, the second
 # partial (N > 512); head dims 32, 64, 128; batch and heads above 1.
 FLASH_SHAPES = [(1, 1, 5, 32), (2, 3, 67, 64), (1, 2, 150, 128), (2, 2, 530, 64)]
 
