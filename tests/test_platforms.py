@@ -166,10 +166,14 @@ def test_on_macos_the_native_loader_and_the_blas_preload_touch_nothing(monkeypat
     monkeypatch.setattr(platforms, "current", lambda: MACOS_ARM64)
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     monkeypatch.delenv("MLX_AIM_BLAS", raising=False)
+    for variable in (_blas.SPIN_ENV, "OPENBLAS_CORETYPE"):
+        monkeypatch.delenv(variable, raising=False)
     kernels, reason = native._load()
     assert kernels is None and reason.startswith("not built on macOS")
     result = _blas._preload()
     assert not result["loaded"] and "not needed on macOS" in result["reason"]
+    # Nor does it set OpenBLAS's variables there (Accelerate, not OpenBLAS, serves MLX on a Mac).
+    assert _blas.SPIN_ENV not in os.environ and "OPENBLAS_CORETYPE" not in os.environ
 
 
 def test_float64_weights_are_cast_on_the_cpu_stream():
