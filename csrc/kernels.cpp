@@ -429,7 +429,7 @@ void check_float32(const mx::array& a, const char* op) {
 // What every eval_cpu does before dispatching: allocates the outputs and registers inputs and outputs with the
 // stream's CPU command encoder, which then keeps them alive until the dispatched work has run.
 mx::cpu::CommandEncoder& start_eval(mx::Stream stream, const std::vector<mx::array>& inputs,
-                                   std::initializer_list<mx::array*> outputs) {
+                                   const std::vector<mx::array*>& outputs) {
   for (auto* o : outputs) o->set_data(mx::allocator::malloc(o->nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& in : inputs) encoder.set_input_array(in);
@@ -1414,12 +1414,9 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
 }
 
 void FlashAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  std::vector<mx::array*> outs;
+  std::vector<mx::array*> outs;  // three (split layout) or one (packed)
   for (auto& o : outputs) outs.push_back(&o);
-  for (auto* o : outs) o->set_data(mx::allocator::malloc(o->nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) encoder.set_input_array(a);
-  for (auto* o : outs) encoder.set_output_array(*o);
+  auto& encoder = start_eval(stream(), inputs, outs);
   std::vector<mx::array> in;
   for (auto& a : inputs) in.push_back(mx::array::unsafe_weak_copy(a));
   std::vector<float*> grad_ptrs;

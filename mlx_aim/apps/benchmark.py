@@ -472,6 +472,7 @@ def bench_lit(config: Optional[AIMv2LiTConfig], batch_size: int, text_batch_size
         runs.append(run)
     return runs
 
+
 TORCH_COUNTED_ROWS = "torch counted rows"  # the pre-training benchmark's torch step with its head on the counted rows
 
 

@@ -175,6 +175,11 @@ def prepare_mask(mask, num_tokens: int):
 FLASH_ATTENTION_MIN_TOKENS = 1024
 
 
+def _blocked(mask, num_keys: int) -> bool:
+    """Whether the native path runs attention blocked: unmasked, over at least FLASH_ATTENTION_MIN_TOKENS keys."""
+    return mask is None and num_keys >= FLASH_ATTENTION_MIN_TOKENS
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     """softmax(scale * q k^T + mask) v over (batch, heads, tokens, head_dim): the native kernel's or `ops.attention`
     with the CPU workarounds, `mx.fast.scaled_dot_product_attention` elsewhere. Masks as the latter takes them. On
@@ -183,7 +188,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
         mask = mask.astype(q.dtype)  # an additive mask in the queries' dtype, as fused attention wants it
     if use_native_kernels():
-        if mask is None and k.shape[-2] >= FLASH_ATTENTION_MIN_TOKENS:
+        if _blocked(mask, k.shape[-2]):
             return native.flash_attention(q, k, v, scale)
         return native.attention(q, k, v, scale, mask)
     if use_cpu_workarounds():
@@ -204,11 +209,8 @@ def qkv_attention(qkv: mx.array, num_heads: int, scale: float, mask=None) -> mx.
     packed layout itself (`native.packed_attention`: no copies of the heads out and back, forward or backward),
     blocked where `attention` would be (unmasked, at least FLASH_ATTENTION_MIN_TOKENS keys)."""
     B, N, D3 = qkv.shape
-    if use_native_kernels():
-        if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
-            mask = mask.astype(mx.float32)
-        blocked = mask is None and N >= FLASH_ATTENTION_MIN_TOKENS
-        return native.packed_attention(qkv, num_heads, scale, mask, blocked=blocked)
+    if use_native_kernels():  # the kernel makes the mask additive float32 itself
+        return native.packed_attention(qkv, num_heads, scale, mask, blocked=_blocked(mask, N))
     out = attention(*split_heads(qkv, num_heads), scale, mask)
     return out.transpose(0, 2, 1, 3).reshape(B, N, D3 // 3)
 
